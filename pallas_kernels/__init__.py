@@ -1,0 +1,1 @@
+"""Pallas kernels for jaxllm. Depends on jax alone: importable without flax or any jaxllm code."""

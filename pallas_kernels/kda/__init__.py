@@ -1,0 +1,36 @@
+"""Kimi Delta Attention (KDA): a gated delta rule with a per-channel forget gate.
+
+    from pallas_kernels.kda import kda
+    o, final_state = kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+q,k,g `[B,T,H,K]`, v `[B,T,H,V]`, g is the log-space decay (<= 0), beta `[B,T,H]`, state
+`[N,H,K,V]` float32. With `cu_seqlens` (packed varlen, B == 1) N = len(cu_seqlens) - 1 and every
+sequence has its own initial and final state. With `segment_ids` `[B,T]` the state resets to zero
+wherever the id changes along a row (packed training rows); initial/final state are per row.
+
+Implementations (`impl`): "recurrent" (lax.scan ground truth), "chunk" (pure-JAX chunkwise with a
+recompute-based custom VJP), "auto" (the fastest available on the current backend).
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.kda.common import l2_normalize
+from pallas_kernels.kda.reference import kda_recurrent, kda_step
+
+IMPLS = ("auto", "recurrent", "chunk")
+
+__all__ = ["kda", "kda_recurrent", "kda_step", "l2_normalize", "IMPLS"]
+
+
+def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+        cu_seqlens=None, use_qk_l2norm=False, impl="auto", segment_ids=None):
+    """KDA over a sequence; returns `(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] f32 or None)`."""
+    if impl not in IMPLS:
+        raise ValueError(f"kda: impl must be one of {IMPLS}, got {impl!r}")
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm)
+    if impl == "recurrent":
+        return kda_recurrent(q, k, v, g, beta, **kwargs)
+    from pallas_kernels.kda.chunk import kda_chunk
+
+    return kda_chunk(q, k, v, g, beta, **kwargs)
