@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS builders, tokenizers, packing."""

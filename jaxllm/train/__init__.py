@@ -1,0 +1,1 @@
+"""Training: steps, loops, optimizers, checkpoints."""
