@@ -1,0 +1,57 @@
+"""Short causal depthwise convolution with a decode state and segment resets.
+
+Tap order (as in the checkpoints' `q_conv1d.weight [C,1,W]`): out[t] = sum_j w[j] * x[t-W+1+j]
+(the last tap multiplies the current token), zero left padding. Our kernel layout is `w_W...`
+(taps first, then the channel dims). The decode state holds the last W-1 inputs `state_BW1...`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.kda.common import segment_resets
+
+
+def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
+    """Depthwise causal conv over T. Channel dims may be several (`...` after T).
+
+    x_BTC: [B,T,*C]; w_WC: [W,*C]; state_BSC: [B,W-1,*C] inputs that precede x (zeros if None);
+    segment_ids_BT: [B,T] ints, taps never reach into an earlier segment (the state counts as part of
+    the first segment of the row). Returns (y_BTC in x's dtype, new_state [B,W-1,*C]) where the new
+    state holds the last W-1 inputs of the current (last) segment, zeros before it.
+    """
+    W = w_WC.shape[0]
+    B, T = x_BTC.shape[:2]
+    chan = x_BTC.shape[2:]
+    if w_WC.shape[1:] != chan:
+        raise ValueError(f"causal_conv: kernel channels {w_WC.shape[1:]} != input channels {chan}")
+    if state_BSC is None:
+        state_BSC = jnp.zeros((B, W - 1) + chan, x_BTC.dtype)
+    if state_BSC.shape != (B, W - 1) + chan:
+        raise ValueError(f"causal_conv: state must be {(B, W - 1) + chan}, got {state_BSC.shape}")
+    xp = jnp.concatenate([state_BSC.astype(x_BTC.dtype), x_BTC], axis=1)  # [B, W-1+T, *C]
+    if segment_ids_BT is not None:
+        if segment_ids_BT.shape != (B, T):
+            raise ValueError(f"causal_conv: segment_ids must be {(B, T)}, got {segment_ids_BT.shape}")
+        run_BT = jnp.cumsum(segment_resets(segment_ids_BT).astype(jnp.int32), axis=1)
+        run_BP = jnp.concatenate([jnp.zeros((B, W - 1), jnp.int32), run_BT], axis=1)
+    bcast = (slice(None), slice(None)) + (None,) * len(chan)
+    y = jnp.zeros(x_BTC.shape, jnp.float32)
+    w32 = w_WC.astype(jnp.float32)
+    for j in range(W):
+        tap = xp[:, j:j + T].astype(jnp.float32)
+        if segment_ids_BT is not None and j < W - 1:
+            tap = tap * (run_BP[:, j:j + T] == run_BT)[bcast]
+        y = y + tap * w32[j]
+    new_state = xp[:, T:]
+    if segment_ids_BT is not None:
+        keep = run_BP[:, T:] == run_BT[:, -1:]
+        new_state = new_state * keep[bcast].astype(new_state.dtype)
+    return y.astype(x_BTC.dtype), new_state
+
+
+def causal_conv_step(x_BC, w_WC, state_BSC):
+    """One decode token: returns (y_BC, new_state_BSC)."""
+    window = jnp.concatenate([state_BSC.astype(x_BC.dtype), x_BC[:, None]], axis=1)
+    y = jnp.sum(window.astype(jnp.float32) * w_WC.astype(jnp.float32)[None], axis=1)
+    return y.astype(x_BC.dtype), window[:, 1:]

@@ -1,0 +1,131 @@
+"""The Kimi Delta Attention layer, as in the released Kimi-Linear checkpoints.
+
+    q,k,v = SiLU(ShortConv(W_{q,k,v} x))                 per head [H,K]; conv kernel W taps, no bias
+    g     = -exp(A_log[h]) * softplus(f_b(f_a(x)) + dt_bias)      float32, softplus linear above 20
+    beta  = sigmoid(b_proj x)                                       float32
+    o     = KDA(q, k, v, g, beta) with in-kernel q/k L2 norm, scale K^-1/2
+    y     = o_proj( RMSNorm_head(o) * sigmoid(g_b(g_a(x))) )         no biases anywhere
+
+Decode cache: `KDACache(state_BHKV float32, conv_q/conv_k/conv_v [B,W-1,H,K])`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.nn._params import fan_in_init, param, project
+from jaxllm.nn.conv import causal_conv, causal_conv_step
+from jaxllm.nn.norms import gated_rms_norm
+
+
+class KDACache(NamedTuple):
+    state_BHKV: jax.Array   # float32 recurrent state
+    conv_q: jax.Array       # [B, W-1, H, K] last inputs of the q short conv
+    conv_k: jax.Array
+    conv_v: jax.Array
+
+
+def kda_gate(graw_BTHK, A_log_H, dt_bias_HK):
+    """`-exp(A_log[h]) * softplus(graw + dt_bias)` in float32 (softplus = x above 20)."""
+    x = graw_BTHK.astype(jnp.float32) + dt_bias_HK.astype(jnp.float32)
+    sp = jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+    return -jnp.exp(A_log_H.astype(jnp.float32))[:, None] * sp
+
+
+def _a_log_init(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype):
+    lo, hi = math.log(1e-3), math.log(1e-1)
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (hi - lo) + lo)
+    dt = jnp.maximum(dt, 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class KimiDeltaAttention(nn.Module):
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    conv_kernel: int = 4
+    norm_eps: float = 1e-5
+    impl: str = "auto"              # passed to pallas_kernels.kda.kda ("auto" | "recurrent" | "chunk")
+    dtype: jnp.dtype = jnp.float32  # activations
+    param_dtype: jnp.dtype = jnp.float32
+
+    def init_cache(self, batch: int, dtype=None) -> KDACache:
+        return init_kda_cache(batch, self.num_heads, self.head_dim, self.conv_kernel, dtype or self.dtype)
+
+    @nn.compact
+    def __call__(self, x_BTD, *, segment_ids=None, cache: KDACache | None = None):
+        D, H, K, W = self.hidden_size, self.num_heads, self.head_dim, self.conv_kernel
+        pd = self.param_dtype
+        init_d = fan_in_init(D)
+        x = x_BTD.astype(self.dtype)
+        B, T = x.shape[:2]
+
+        def proj(name):
+            return param(self, name, (D, H, K), ("embed", "heads", "kv"), dtype=pd, init=init_d)
+
+        def conv_w(name):
+            return param(self, name, (W, H, K), ("conv", "heads", "kv"), dtype=pd,
+                         init=nn.initializers.normal(1.0 / math.sqrt(W)))
+
+        wq, wk, wv = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        cq, ck, cv = conv_w("q_conv"), conv_w("k_conv"), conv_w("v_conv")
+        A_log = param(self, "A_log", (H,), ("heads",), dtype=jnp.float32, init=_a_log_init)
+        dt_bias = param(self, "dt_bias", (H, K), ("heads", "kv"), dtype=jnp.float32, init=_dt_bias_init)
+        f_a = param(self, "f_a_proj", (D, K), ("embed", None), dtype=pd, init=init_d)
+        f_b = param(self, "f_b_proj", (K, H, K), (None, "heads", "kv"), dtype=pd, init=fan_in_init(K))
+        b_proj = param(self, "b_proj", (D, H), ("embed", "heads"), dtype=pd, init=init_d)
+        g_a = param(self, "g_a_proj", (D, K), ("embed", None), dtype=pd, init=init_d)
+        g_b = param(self, "g_b_proj", (K, H, K), (None, "heads", "kv"), dtype=pd, init=fan_in_init(K))
+        o_norm = param(self, "o_norm", (K,), ("kv",), dtype=pd, init=nn.initializers.ones)
+        o_proj = param(self, "o_proj", (H, K, D), ("heads", "kv", "embed"), dtype=pd,
+                       init=fan_in_init(H * K))
+
+        q, k, v = project(x, wq), project(x, wk), project(x, wv)   # [B,T,H,K]
+        graw = project(project(x, f_a), f_b)
+        g_BTHK = kda_gate(graw, A_log, dt_bias)
+        beta_BTH = jax.nn.sigmoid(project(x, b_proj, dtype=jnp.float32))
+        scale = 1.0 / math.sqrt(K)
+
+        from pallas_kernels.kda import kda, kda_step
+
+        new_cache = None
+        if cache is not None and T == 1 and segment_ids is None:
+            q1, sq = causal_conv_step(q[:, 0], cq, cache.conv_q)
+            k1, sk = causal_conv_step(k[:, 0], ck, cache.conv_k)
+            v1, sv = causal_conv_step(v[:, 0], cv, cache.conv_v)
+            q1, k1, v1 = jax.nn.silu(q1), jax.nn.silu(k1), jax.nn.silu(v1)
+            o1, state = kda_step(q1, k1, v1, g_BTHK[:, 0], beta_BTH[:, 0], cache.state_BHKV,
+                                 scale=scale, use_qk_l2norm=True)
+            o_BTHK = o1[:, None].astype(self.dtype)
+            new_cache = KDACache(state, sq, sk, sv)
+        else:
+            states = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
+            q, sq = causal_conv(q, cq, state_BSC=states[0], segment_ids_BT=segment_ids)
+            k, sk = causal_conv(k, ck, state_BSC=states[1], segment_ids_BT=segment_ids)
+            v, sv = causal_conv(v, cv, state_BSC=states[2], segment_ids_BT=segment_ids)
+            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+            o_BTHK, state = kda(q, k, v, g_BTHK, beta_BTH, scale=scale,
+                                initial_state=None if cache is None else cache.state_BHKV,
+                                output_final_state=cache is not None, use_qk_l2norm=True,
+                                impl=self.impl, segment_ids=segment_ids)
+            if cache is not None:
+                new_cache = KDACache(state, sq, sk, sv)
+
+        gate = project(project(x, g_a), g_b)
+        o_BTHK = gated_rms_norm(o_BTHK.astype(jnp.float32), o_norm, gate, self.norm_eps).astype(self.dtype)
+        y_BTD = project(o_BTHK, o_proj, n_in=2)
+        return y_BTD, new_cache
+
+
+def init_kda_cache(batch, num_heads, head_dim, conv_kernel, dtype=jnp.float32) -> KDACache:
+    conv = jnp.zeros((batch, conv_kernel - 1, num_heads, head_dim), dtype)
+    return KDACache(jnp.zeros((batch, num_heads, head_dim, head_dim), jnp.float32), conv, conv, conv)

@@ -1,0 +1,156 @@
+"""Multi-head Latent Attention with no positional encoding (Kimi Linear's full-attention layers).
+
+    q         = q_proj(x)  (or q_b(RMSNorm_1e-6(q_a(x))) with q_lora_rank)   [B,T,H, nope|rope]
+    c, k_rope = kv_a_proj_with_mqa(x)                                         [B,T, latent|rope]
+    c         = RMSNorm_1e-6(c)      (kv_a_layernorm)
+    k_nope, v = kv_b_proj(c)                                                  [B,T,H, nope|v]
+    k         = [k_nope, k_rope broadcast over heads]    no rotation (NoPE)
+    o         = o_proj(softmax(q k^T * (nope+rope)^-1/2, causal) v)
+
+Two paths, equal up to float rounding:
+- expanded: per-head K/V materialised (training, prefill);
+- absorbed: W_uk folded into the query and W_uv into the output, attention over the cached
+  (normalised) latent and shared rope key, no per-head K/V (decode).
+Decode cache: `MLACache(latent_BSR, k_rope_BSP)` of fixed capacity S; `pos` = tokens already in it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.nn._params import fan_in_init, param, project
+from jaxllm.nn.norms import rms_norm
+
+LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+class MLACache(NamedTuple):
+    latent_BSR: jax.Array   # kv_a_layernorm(latent) of every cached token
+    k_rope_BSP: jax.Array   # the shared (un-rotated) key part
+
+
+def init_mla_cache(batch, capacity, kv_lora_rank, qk_rope_head_dim, dtype=jnp.float32) -> MLACache:
+    return MLACache(jnp.zeros((batch, capacity, kv_lora_rank), dtype),
+                    jnp.zeros((batch, capacity, qk_rope_head_dim), dtype))
+
+
+def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
+    """Boolean mask [B or 1, T, S]: causal (+ same segment), or over a cache buffer at offset `pos`."""
+    if pos is None:
+        mask = jnp.tril(jnp.ones((T, T), bool))[None]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return mask
+    q_pos = pos + jnp.arange(T)
+    return (jnp.arange(capacity)[None, :] <= q_pos[:, None])[None]
+
+
+def softmax_attention(scores_BHTS, mask_BTS, v_BSHV=None):
+    """Masked softmax in float32 over the last axis."""
+    s = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _NEG)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def mla_expanded(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: int, scale: float):
+    """Attention with per-head K/V expanded from the latent. Returns o_BTHV (float32)."""
+    kv = project(latent_BSR, w_kvb_RHX, dtype=jnp.float32)          # [B,S,H,nope+v]
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    H = kv.shape[2]
+    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None].astype(jnp.float32),
+                              k_rope_BSP.shape[:2] + (H, k_rope_BSP.shape[-1]))
+    k = jnp.concatenate([k_nope, k_rope], axis=-1)
+    scores = jnp.einsum("bthd,bshd->bhts", q_BTHD.astype(jnp.float32), k) * scale
+    p = softmax_attention(scores, mask_BTS)
+    return jnp.einsum("bhts,bshv->bthv", p, v)
+
+
+def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: int, scale: float):
+    """Same result as `mla_expanded` without materialising per-head K/V. Returns o_BTHV (float32)."""
+    f32 = jnp.float32
+    w_uk, w_uv = w_kvb_RHX[..., :nope].astype(f32), w_kvb_RHX[..., nope:].astype(f32)
+    q = q_BTHD.astype(f32)
+    q_lat_BTHR = jnp.einsum("bthn,rhn->bthr", q[..., :nope], w_uk)
+    lat = latent_BSR.astype(f32)
+    scores = (jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, lat)
+              + jnp.einsum("bthp,bsp->bhts", q[..., nope:], k_rope_BSP.astype(f32))) * scale
+    p = softmax_attention(scores, mask_BTS)
+    ctx_BTHR = jnp.einsum("bhts,bsr->bthr", p, lat)
+    return jnp.einsum("bthr,rhv->bthv", ctx_BTHR, w_uv)
+
+
+class MLA(nn.Module):
+    hidden_size: int
+    num_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    latent_norm_eps: float = LATENT_NORM_EPS
+    impl: str = "auto"   # "auto" (absorbed for one-token decode, else expanded) | "expanded" | "absorbed"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def init_cache(self, batch, capacity, dtype=None) -> MLACache:
+        return init_mla_cache(batch, capacity, self.kv_lora_rank, self.qk_rope_head_dim,
+                              dtype or self.dtype)
+
+    @nn.compact
+    def __call__(self, x_BTD, *, segment_ids=None, cache: MLACache | None = None, pos=None):
+        if self.impl not in ("auto", "expanded", "absorbed"):
+            raise ValueError(f"MLA.impl must be 'auto', 'expanded' or 'absorbed', got {self.impl!r}")
+        D, H, R = self.hidden_size, self.num_heads, self.kv_lora_rank
+        N, P, Vd = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        pd = self.param_dtype
+        x = x_BTD.astype(self.dtype)
+        B, T = x.shape[:2]
+        if self.q_lora_rank:
+            Rq = self.q_lora_rank
+            q_a = param(self, "q_a_proj", (D, Rq), ("embed", "q_lora"), dtype=pd, init=fan_in_init(D))
+            q_a_norm = param(self, "q_a_layernorm", (Rq,), ("q_lora",), dtype=pd,
+                             init=nn.initializers.ones)
+            q_b = param(self, "q_b_proj", (Rq, H, N + P), ("q_lora", "heads", "kv"), dtype=pd,
+                        init=fan_in_init(Rq))
+            q_BTHD = project(rms_norm(project(x, q_a), q_a_norm, self.latent_norm_eps), q_b)
+        else:
+            q_w = param(self, "q_proj", (D, H, N + P), ("embed", "heads", "kv"), dtype=pd,
+                        init=fan_in_init(D))
+            q_BTHD = project(x, q_w)
+        kv_a = param(self, "kv_a_proj_with_mqa", (D, R + P), ("embed", "kv_lora"), dtype=pd,
+                     init=fan_in_init(D))
+        kv_a_norm = param(self, "kv_a_layernorm", (R,), ("kv_lora",), dtype=pd, init=nn.initializers.ones)
+        kv_b = param(self, "kv_b_proj", (R, H, N + Vd), ("kv_lora", "heads", "kv"), dtype=pd,
+                     init=fan_in_init(R))
+        o_w = param(self, "o_proj", (H, Vd, D), ("heads", "kv", "embed"), dtype=pd, init=fan_in_init(H * Vd))
+
+        ckv = project(x, kv_a)
+        latent_BTR = rms_norm(ckv[..., :R], kv_a_norm, self.latent_norm_eps)
+        k_rope_BTP = ckv[..., R:]
+        scale = 1.0 / math.sqrt(N + P)
+
+        new_cache = None
+        if cache is None:
+            lat, kr = latent_BTR, k_rope_BTP
+            mask = attention_mask(T, segment_ids=segment_ids)
+            absorbed = self.impl == "absorbed"
+        else:
+            if segment_ids is not None:
+                raise ValueError("MLA: segment_ids (packed rows) cannot be combined with a decode cache")
+            if pos is None:
+                raise ValueError("MLA: a cache needs `pos`, the number of tokens already cached")
+            lat = jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR.astype(cache.latent_BSR.dtype),
+                                               (0, pos, 0))
+            kr = jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP.astype(cache.k_rope_BSP.dtype),
+                                              (0, pos, 0))
+            new_cache = MLACache(lat, kr)
+            mask = attention_mask(T, pos=pos, capacity=lat.shape[1])
+            absorbed = self.impl == "absorbed" or (self.impl == "auto" and T == 1)
+        fn = mla_absorbed if absorbed else mla_expanded
+        o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
+        return project(o_BTHV, o_w, n_in=2), new_cache

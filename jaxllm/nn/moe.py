@@ -1,0 +1,187 @@
+"""Mixture of experts with a DeepSeek-V3 style router ("noaux_tc"), as in Kimi Linear.
+
+Router (float32): s = sigmoid(x W_g); experts chosen on s + e_score_correction_bias with grouped
+top-k (each of n_group groups scored by the sum of its two best corrected scores, the topk_group best
+groups kept, the rest at -inf, then top-k experts); weights = the *uncorrected* s of the chosen
+experts, renormalised as w / (sum(w) + 1e-20) when configured, times routed_scaling_factor.
+Experts: w2(silu(w1 x) * w3 x), stacked along an `expert` axis. Shared experts: one SwiGLU of width
+moe_intermediate_size * num_shared_experts, added unweighted.
+
+Dispatch implementations (all give the same result):
+- "onehot":  every expert on every token, combined by a dense [N,E] weight matrix (test reference);
+- "gather":  gather the chosen experts' weights per token (best for a few tokens, i.e. decode);
+- "ragged":  sort assignments by expert, `jax.lax.ragged_dot` grouped matmuls (GPU/TPU);
+- "blocked": sort by expert, pad each group to a block multiple, one matmul per block in `lax.map`
+             (skipping unused blocks); the fast sorted path on CPU where ragged_dot is dense;
+- "auto":    gather for N*k <= num_experts, else blocked on CPU, ragged elsewhere.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.nn._params import fan_in_init, param, project
+from jaxllm.nn.mlp import swiglu
+
+DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
+
+
+def route(x_ND, w_router_DE, bias_E, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+          renormalize: bool = True, scaling: float = 1.0, activation: str = "sigmoid"):
+    """Returns (weights_NK float32, experts_NK int32)."""
+    logits = jnp.dot(x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    if activation == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    elif activation == "softmax":
+        scores = jax.nn.softmax(logits, axis=-1)
+    else:
+        raise ValueError(f"route: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    choice = scores if bias_E is None else scores + bias_E.astype(jnp.float32)
+    N, E = choice.shape
+    if n_group > 1:
+        per = E // n_group
+        grouped = choice.reshape(N, n_group, per)
+        best2 = jax.lax.top_k(grouped, min(2, per))[0].sum(-1)                 # [N, G]
+        _, keep_g = jax.lax.top_k(best2, topk_group)
+        gmask = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], keep_g].set(True)
+        choice = jnp.where(jnp.repeat(gmask, per, axis=1), choice, -jnp.inf)
+    _, idx_NK = jax.lax.top_k(choice, top_k)
+    w = jnp.take_along_axis(scores, idx_NK, axis=-1)
+    if renormalize:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return w * scaling, idx_NK.astype(jnp.int32)
+
+
+def _expert(x, w1, w3, w2):
+    return swiglu(x, w1, w3, w2)
+
+
+def experts_onehot(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
+    E = w1_EDF.shape[0]
+    combine_NE = jnp.sum(jax.nn.one_hot(idx_NK, E, dtype=jnp.float32) * weights_NK[..., None], axis=1)
+    h = jax.nn.silu(jnp.einsum("nd,edf->nef", x_ND, w1_EDF)) * jnp.einsum("nd,edf->nef", x_ND, w3_EDF)
+    y_NED = jnp.einsum("nef,efd->ned", h, w2_EFD)
+    return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE)
+
+
+def experts_gather(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
+    w1, w3, w2 = w1_EDF[idx_NK], w3_EDF[idx_NK], w2_EFD[idx_NK]     # [N,K,D,F] ...
+    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x_ND, w1)) * jnp.einsum("nd,nkdf->nkf", x_ND, w3)
+    y_NKD = jnp.einsum("nkf,nkfd->nkd", h, w2)
+    return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
+
+
+def _sort_assignments(idx_NK, E):
+    flat_e = idx_NK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    return order, flat_e[order], group_sizes
+
+
+def _unsort_combine(y_sorted, order, weights_NK):
+    N, K = weights_NK.shape
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK)
+
+
+def experts_ragged(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
+    N, K = idx_NK.shape
+    order, _, gs = _sort_assignments(idx_NK, w1_EDF.shape[0])
+    xs = x_ND[order // K]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1_EDF, gs)) * jax.lax.ragged_dot(xs, w3_EDF, gs)
+    ys = jax.lax.ragged_dot(h.astype(x_ND.dtype), w2_EFD, gs)
+    return _unsort_combine(ys, order, weights_NK)
+
+
+def _block_rows(n_assign: int, n_experts: int) -> int:
+    per = max(1, n_assign // n_experts)
+    bm = 1 << (per.bit_length() - 1)
+    return int(min(128, max(8, bm)))
+
+
+def experts_blocked(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, block_rows=None):
+    N, K = idx_NK.shape
+    E, D = w1_EDF.shape[:2]
+    A = N * K
+    bm = block_rows or _block_rows(A, E)
+    order, sorted_e, gs = _sort_assignments(idx_NK, E)
+    padded = (gs + bm - 1) // bm * bm
+    pad_end = jnp.cumsum(padded)
+    pad_start = pad_end - padded
+    start = jnp.cumsum(gs) - gs
+    dest = pad_start[sorted_e] + jnp.arange(A) - start[sorted_e]        # row of each sorted assignment
+    n_blocks = -(-A // bm) + min(E, A)                                   # static upper bound
+    x_pad = jnp.zeros((n_blocks * bm, D), x_ND.dtype).at[dest].set(x_ND[order // K])
+    block_e = jnp.clip(jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bm, side="right"), 0, E - 1)
+    used = jnp.arange(n_blocks) * bm < pad_end[-1]
+
+    def one_block(args):
+        xb, e, u = args
+        return jax.lax.cond(u, lambda: _expert(xb, w1_EDF[e], w3_EDF[e], w2_EFD[e]),
+                            lambda: jnp.zeros((bm, w2_EFD.shape[-1]), xb.dtype))
+
+    y_pad = jax.lax.map(one_block, (x_pad.reshape(n_blocks, bm, D), block_e, used))
+    ys = y_pad.reshape(n_blocks * bm, -1)[dest]
+    return _unsort_combine(ys, order, weights_NK)
+
+
+_IMPLS = {"onehot": experts_onehot, "gather": experts_gather, "ragged": experts_ragged,
+          "blocked": experts_blocked}
+
+
+def moe_experts(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, dispatch="auto"):
+    """Weighted sum over each token's chosen experts; float32 out."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"moe dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    if dispatch == "auto":
+        N, K = idx_NK.shape
+        if N * K <= w1_EDF.shape[0]:
+            dispatch = "gather"
+        else:
+            dispatch = "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return _IMPLS[dispatch](x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)
+
+
+class MoE(nn.Module):
+    hidden_size: int
+    num_experts: int
+    num_experts_per_token: int
+    moe_intermediate_size: int
+    num_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    router_activation: str = "sigmoid"
+    dispatch: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        D, E, F, pd = self.hidden_size, self.num_experts, self.moe_intermediate_size, self.param_dtype
+        router = param(self, "router", (D, E), ("embed", None), dtype=pd, init=fan_in_init(D))
+        bias = param(self, "e_score_correction_bias", (E,), (None,), dtype=jnp.float32,
+                     init=nn.initializers.zeros)
+        w1 = param(self, "w1", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
+        w3 = param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
+        w2 = param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), dtype=pd, init=fan_in_init(F))
+        B, T = x_BTD.shape[:2]
+        x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
+        weights, idx = route(x_ND, router, bias, top_k=self.num_experts_per_token, n_group=self.n_group,
+                             topk_group=self.topk_group, renormalize=self.renormalize,
+                             scaling=self.routed_scaling_factor, activation=self.router_activation)
+        cd = self.dtype
+        y = moe_experts(x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd),
+                        dispatch=self.dispatch)
+        y = y.astype(cd).reshape(B, T, D)
+        if self.num_shared_experts:
+            Fs = F * self.num_shared_experts
+            sg = param(self, "shared_gate_proj", (D, Fs), ("embed", "mlp"), dtype=pd, init=fan_in_init(D))
+            su = param(self, "shared_up_proj", (D, Fs), ("embed", "mlp"), dtype=pd, init=fan_in_init(D))
+            sd = param(self, "shared_down_proj", (Fs, D), ("mlp", "embed"), dtype=pd, init=fan_in_init(Fs))
+            y = y + swiglu(x_BTD.astype(cd), sg, su, sd)
+        return y
