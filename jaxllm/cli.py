@@ -1,0 +1,137 @@
+"""``jaxllm`` command line: ``jaxllm train|generate|plot ...``.
+
+Subcommands live in one table, ``COMMANDS``; another module adds its own with
+``register_command(name, help, add_arguments, run)`` (e.g. ``jaxllm agent ...``).
+User errors (bad config, missing data, bad checkpoint, NaN loss) print one
+``error: ...`` line and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, NamedTuple
+
+
+class Command(NamedTuple):
+  help: str
+  add_arguments: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+# Modules that register more subcommands when imported (missing ones are skipped).
+PLUGIN_MODULES = ("jaxllm.agent.cli",)
+
+
+def register_command(name: str, help: str, add_arguments, run) -> None:
+  COMMANDS[name] = Command(help, add_arguments, run)
+
+
+# --------------------------------------------------------------------------- train
+def _train_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", help="run config JSON (fields of jaxllm.train.RunConfig)")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and run_config.json go here")
+  p.add_argument("--steps", type=int, help="total optimizer steps (same as steps=N)")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() first (multi-host TPU pod slices, GPU clusters)")
+  p.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. lr=1e-3 mesh_fsdp=4")
+
+
+def _maybe_distributed(args) -> None:
+  if getattr(args, "distributed", False) or os.environ.get("JAXLLM_DISTRIBUTED") == "1":
+    import jax
+    jax.distributed.initialize()
+
+
+def _train(args) -> int:
+  _maybe_distributed(args)
+  from jaxllm.train import load_config, train
+  overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+  config = load_config(args.config, overrides)
+  train(config, args.workdir)
+  return 0
+
+
+# --------------------------------------------------------------------------- generate
+def _generate_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="a training workdir (run_config.json + checkpoints)")
+  p.add_argument("--prompt", default="def ", help="text to continue")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+
+def _generate(args) -> int:
+  from jaxllm.train.inference import generate_text, load_trained
+  model, params, tokenizer = load_trained(args.workdir, step=args.step)
+  print(generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens))
+  return 0
+
+
+# --------------------------------------------------------------------------- plot
+def _plot_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("workdirs", nargs="+", help="training workdirs or metrics.jsonl files")
+  p.add_argument("--out", default="loss.png", help="output PNG path")
+  p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+
+
+def _plot(args) -> int:
+  from jaxllm.plot import plot_loss
+  path = plot_loss(args.workdirs, args.out, smooth=args.smooth)
+  print(path)
+  return 0
+
+
+register_command("train", "train a model (see docs/training.md)", _train_args, _train)
+register_command("generate", "generate text from a trained workdir", _generate_args, _generate)
+register_command("plot", "plot loss curves from metrics.jsonl as PNG", _plot_args, _plot)
+
+
+def _load_plugins() -> None:
+  for name in PLUGIN_MODULES:
+    try:
+      importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name is None or not name.startswith(e.name):
+        raise
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from jaxllm.data.pipeline import TokenIdError
+  from jaxllm.data.sources import DatasetError
+  from jaxllm.train.checkpoint import CheckpointError
+  from jaxllm.train.config import ConfigError
+  from jaxllm.train.loop import NonFiniteLossError
+  return (ConfigError, DatasetError, TokenIdError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  _load_plugins()
+  parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, cmd in COMMANDS.items():
+    cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return COMMANDS[args.command].run(args)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - only known user errors are caught below
+    errors = _user_errors()
+    if isinstance(e, errors):
+      from jaxllm.train.loop import NonFiniteLossError
+      print(f"error: {e}", file=sys.stderr)
+      return 3 if isinstance(e, NonFiniteLossError) else 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,307 @@
+"""The training loop: mesh, sharded state, data, jitted step, checkpoints, metrics, samples.
+
+``train(config, workdir)`` is the whole job. Each piece is a small function so that
+tests and other entry points can reuse it (``setup``, ``restore_or_init``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxllm import sharding as shd
+from jaxllm.data.pipeline import PackedBatches
+from jaxllm.data.sources import load_source
+from jaxllm.data.tokenizers import make_tokenizer
+from jaxllm.train import checkpoint as ckpt_lib
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train.config import ConfigError, RunConfig, save_config
+from jaxllm.train.models import build_model
+from jaxllm.train.optim import make_optimizer
+from jaxllm.train.step import DTYPES, make_train_step
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "run_config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss, gradient or parameter."""
+
+  def __init__(self, step: int, what: str, last_good: int | None, directory: str):
+    self.step, self.last_good = step, last_good
+    where = (f"last good checkpoint: step {last_good} in {directory}" if last_good is not None
+             else "no checkpoint was saved before it")
+    super().__init__(f"non-finite {what} at step {step}; training stopped, nothing after step "
+                     f"{step - 1} was saved; {where}")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step."""
+
+  config: RunConfig
+  mesh: Any
+  model: Any
+  tokenizer: Any
+  vocab_size: int
+  tx: Any
+  schedule: Callable
+  boxed: Any  # abstract variables with logical-axis boxes
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  init_fn: Callable
+
+
+def round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def model_vocab_size(config: RunConfig, tokenizer) -> int:
+  """The model vocab: ``model_args.vocab_size`` or the tokenizer's rounded up to 64."""
+  vocab = config.model_args.get("vocab_size")
+  if vocab is None:
+    return round_up(tokenizer.vocab_size, 64)
+  if not isinstance(vocab, int) or vocab < tokenizer.vocab_size:
+    raise ConfigError(f"model_args.vocab_size={vocab!r} is smaller than the tokenizer's vocabulary "
+                      f"({tokenizer.vocab_size} ids from tokenizer={config.tokenizer!r}); allowed: an int >= "
+                      f"{tokenizer.vocab_size}")
+  return vocab
+
+
+def make_run_mesh(config: RunConfig):
+  mesh_config = shd.MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert)
+  try:
+    return shd.make_mesh(mesh_config)
+  except ValueError as e:
+    raise ConfigError(f"mesh_data/mesh_fsdp/mesh_tensor/mesh_expert: {e}") from None
+
+
+def _cast_params(tree, dtype):
+  if dtype == jnp.float32:
+    return tree
+  return jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 and jnp.issubdtype(p.dtype, jnp.floating) else p,
+                      tree)
+
+
+def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
+  """Builds mesh, tokenizer, model, optimizer and all shardings (no arrays allocated)."""
+  mesh = mesh or make_run_mesh(config)
+  tokenizer = make_tokenizer(config.tokenizer)
+  vocab_size = model_vocab_size(config, tokenizer)
+  if model is None:
+    model = build_model(config.model, config.model_args, vocab_size=vocab_size,
+                        compute_dtype=config.compute_dtype, param_dtype=config.param_dtype, remat=config.remat)
+  vocab_size = getattr(getattr(model, "config", None), "vocab_size", vocab_size)
+  if vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"the model's vocab_size {vocab_size} is smaller than the tokenizer's "
+                      f"{tokenizer.vocab_size} (tokenizer={config.tokenizer!r})")
+  micro = config.batch_size // config.grad_accum
+  shards = shd.batch_shard_count(mesh)
+  if micro % shards:
+    raise ConfigError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
+                      f"microbatch must be divisible by the {shards} batch shards of mesh {dict(mesh.shape)} "
+                      "(data x fsdp x expert)")
+  if config.batch_size % jax.process_count():
+    raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
+  tx, schedule = make_optimizer(config)
+  ids = jnp.zeros((1, config.seq_len), jnp.int32)
+  param_dtype = DTYPES[config.param_dtype]
+
+  def init_fn(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = shd.unbox(model.init(init_rng, ids, segment_ids=jnp.ones_like(ids)))
+    variables = _cast_params(variables, param_dtype)
+    return {"step": jnp.zeros((), jnp.int32), "params": variables, "opt_state": tx.init(variables),
+            "rng": state_rng}
+
+  boxed = jax.eval_shape(lambda r: model.init(r, ids, segment_ids=jnp.ones_like(ids)), jax.random.PRNGKey(0))
+  param_sh = shd.tree_shardings(boxed, mesh)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  index = shd.path_index(abstract["params"], param_sh)
+  replicated = NamedSharding(mesh, P())
+  state_sh = {
+      "step": replicated,
+      "params": param_sh,
+      "opt_state": shd.match_shardings(abstract["opt_state"], index, mesh),
+      "rng": replicated,
+  }
+  batch_sh = NamedSharding(mesh, shd.batch_spec(extra_leading=1))
+  return Setup(config, mesh, model, tokenizer, vocab_size, tx, schedule, boxed, state_sh, batch_sh, init_fn)
+
+
+def abstract_state(s: Setup):
+  """ShapeDtypeStructs of the train state carrying this run's shardings."""
+  shapes = jax.eval_shape(s.init_fn, jax.random.PRNGKey(0))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, s.state_shardings)
+
+
+def init_state(s: Setup):
+  init = jax.jit(s.init_fn, out_shardings=s.state_shardings)
+  return init(jax.random.PRNGKey(s.config.seed))
+
+
+def make_data(s: Setup, split: str = "train") -> PackedBatches:
+  c = s.config
+  source = load_source(c.dataset, split, data_dir=c.data_dir or None, text_key=c.text_key)
+  hosts = jax.process_count()
+  return PackedBatches(source, s.tokenizer, seq_len=c.seq_len, local_batch=c.batch_size // hosts,
+                       grad_accum=c.grad_accum, seed=c.seed, host_index=jax.process_index(), host_count=hosts,
+                       vocab_size=s.vocab_size)
+
+
+def global_batch(s: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  c = s.config
+  shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
+  return {k: jax.make_array_from_process_local_data(s.batch_sharding, v, shape) for k, v in local.items()}
+
+
+def compile_step(s: Setup):
+  step = make_train_step(s.model.apply, s.tx, s.schedule, DTYPES[s.config.compute_dtype])
+  replicated = NamedSharding(s.mesh, P())
+  jitted = jax.jit(step, in_shardings=(s.state_shardings, s.batch_sharding), out_shardings=(s.state_shardings,
+                                                                                            replicated),
+                   donate_argnums=(0,))
+  c = s.config
+  shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s.batch_sharding)
+           for k in ("inputs", "targets", "segment_ids", "loss_mask")}
+  return jitted.lower(abstract_state(s), batch).compile()
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _finite_problem(m: dict) -> str | None:
+  if not math.isfinite(float(m["loss"])):
+    return f"loss ({float(m['loss'])})"
+  if not math.isfinite(float(m["grad_norm"])):
+    return f"gradient norm ({float(m['grad_norm'])})"
+  if not bool(m["params_finite"]):
+    return "parameters after the update"
+  return None
+
+
+@dataclasses.dataclass
+class TrainResult:
+  start_step: int
+  final_step: int
+  losses: dict[int, float]
+  checkpoint_dir: str
+  samples: list[str]
+
+
+def train(config: RunConfig, workdir: str, *, model=None, log: Callable[[str], None] | None = None) -> TrainResult:
+  """Runs (or resumes) training until ``config.steps``; returns losses and samples."""
+  log = log or (lambda msg: print(msg, flush=True) if _is_main() else None)
+  os.makedirs(workdir, exist_ok=True)
+  s = setup(config, model=model)
+  with jax.set_mesh(s.mesh):
+    return _train(s, workdir, log)
+
+
+def _train(s: Setup, workdir: str, log) -> TrainResult:
+  c = s.config
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=c.save_every,
+                               keep=c.keep_checkpoints, async_save=c.async_checkpoints)
+  data = make_data(s)
+  abstract = abstract_state(s)
+  meta = ckpt_lib.make_meta(c, abstract["params"])
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, abstract, meta)
+    data.set_state(data_state)
+    log(f"resumed from checkpoint step {start} in {ckpt.directory}")
+  else:
+    start = 0
+    state = init_state(s)
+  if _is_main():
+    save_config(c, os.path.join(workdir, CONFIG_FILE))
+  nparams = metrics_lib.param_count(abstract["params"])
+  log(shd.describe(s.mesh))
+  log(f"model {c.model}: {nparams:,} params; batch {c.batch_size} x {c.seq_len} tokens, "
+      f"{c.grad_accum} microbatch(es); steps {start} -> {c.steps}")
+  notes = shd.unsharded_dims(s.boxed, s.mesh)
+  if notes:
+    log("replicated (not divisible by the mesh): " + "; ".join(notes[:8]) + (" ..." if len(notes) > 8 else ""))
+  if start >= c.steps:
+    log(f"nothing to do: checkpoint step {start} >= steps={c.steps}")
+    ckpt.close()
+    return TrainResult(start, start, {}, ckpt.directory, [])
+
+  t_compile = time.perf_counter()
+  step_fn = compile_step(s)
+  flops = metrics_lib.compiled_flops(step_fn)
+  peak, peak_src = metrics_lib.peak_tflops_per_device(c.peak_tflops)
+  log(f"compiled train step in {time.perf_counter() - t_compile:.1f}s; "
+      f"{'%.3g' % flops if flops else 'unknown'} FLOPs/step/device; peak {peak:.3g} TFLOP/s/device ({peak_src})")
+
+  mlog = metrics_lib.MetricsLog(os.path.join(workdir, METRICS_FILE), resume_step=start) if _is_main() else None
+  bar = metrics_lib.Progress(c.steps, start, enabled=c.progress and _is_main())
+  losses: dict[int, float] = {}
+  tokens_per_step = c.batch_size * c.seq_len
+  try:
+    for step in range(start + 1, c.steps + 1):
+      t0 = time.perf_counter()
+      batch = global_batch(s, next(data))
+      state, m = step_fn(state, batch)
+      m = jax.device_get(m)
+      dt = time.perf_counter() - t0
+      problem = _finite_problem(m)
+      if problem:
+        ckpt.wait()
+        raise NonFiniteLossError(step, problem, ckpt.latest_step(), ckpt.directory)
+      loss = float(m["loss"])
+      losses[step] = loss
+      tok_s = tokens_per_step / dt
+      if mlog and (step % c.log_every == 0 or step == c.steps):
+        rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+               "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tok_s}
+        if flops:
+          rec["mfu"] = flops / dt / (peak * 1e12)
+        if float(m["aux_loss"]):
+          rec["aux_loss"] = float(m["aux_loss"])
+        mlog.write(rec)
+      bar.update(step, loss, tok_s)
+      ckpt.save(step, state, data.get_state(), meta, force=(step == c.steps))
+  finally:
+    bar.close()
+    if mlog:
+      mlog.close()
+    ckpt.close()
+  first, last = losses[min(losses)], losses[max(losses)]
+  log(f"trained steps {start + 1}-{c.steps}: loss {first:.4f} -> {last:.4f}; checkpoints in {ckpt.directory}")
+  samples = generate_samples(s, state["params"], log) if c.num_samples else []
+  return TrainResult(start, c.steps, losses, ckpt.directory, samples)
+
+
+def generate_samples(s: Setup, params, log) -> list[str]:
+  """A few continuations of ``sample_prompt`` (``|``-separated prompts) via ``jaxllm.decode``."""
+  c = s.config
+  try:
+    from jaxllm.decode import generate
+  except ImportError as e:
+    log(f"(no samples: jaxllm.decode.generate is not available: {e})")
+    return []
+  prompts = [p for p in c.sample_prompt.split("|") if p] or [""]
+  out = []
+  for i in range(c.num_samples):
+    prompt = prompts[i % len(prompts)]
+    ids = np.concatenate([[s.tokenizer.bos_id], s.tokenizer.encode(prompt)]).astype(np.int32)[None, :]
+    new = generate(s.model, params, jnp.asarray(ids), max_new_tokens=c.sample_tokens)
+    new = np.asarray(new)
+    if new.shape[-1] > ids.shape[-1] and np.array_equal(new[0, :ids.shape[1]], ids[0]):
+      new = new[:, ids.shape[1]:]
+    text = prompt + s.tokenizer.decode(new[0])
+    out.append(text)
+    log(f"--- sample {i + 1} ---\n{text}")
+  return out
