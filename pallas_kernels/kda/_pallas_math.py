@@ -1,0 +1,410 @@
+"""Backend-neutral pieces of the Pallas KDA kernels (`tpu.py`, `gpu.py`).
+
+Two halves:
+
+* **Per-chunk math on values** (`chunk_fwd`, `chunk_bwd`): what one grid step (TPU) or one loop
+  iteration (GPU) computes for one 64-token chunk of one (batch, head). Written in the subset of
+  `jax.numpy`/`lax` that both Pallas lowerings accept: 2-D arrays only, no slicing or
+  concatenation of values (Triton has neither), rows picked with masked reductions, masks built
+  from `broadcasted_iota`, matmuls as `lax.dot_general` with plain or transposed operands, loops
+  as `lax.fori_loop`. Everything is float32.
+* **The wrapper** (`kda_pallas`): argument checks, optional q/k L2 norm, the chunk-aligned
+  re-layout (`[B,T,H,K]` -> `[B,H,T',K]`, varlen sequences each starting a new chunk), the
+  chunk-local cumsum of the gate, and a `jax.custom_vjp` around a backend's forward and backward
+  `pallas_call`s. Everything outside the custom_vjp (layout, cumsum, L2 norm) is differentiated
+  by JAX itself.
+
+Chunk math (one chunk of C rows, chunk-initial state h [K,V], G = chunk-local cumsum of g, Gamma =
+exp(G), gl = G[C-1]; see docs/kernels.md and research/kda.md section 2.3):
+
+    P_ij  = sum_d k_id k_jd exp(G_id - G_jd)   (i > j)         L = diag(beta) P
+    T     = (I + L)^-1                                          (block forward substitution)
+    W     = T (beta Gamma k),  U = T (beta v),  D = U - W h
+    A_ij  = s sum_d q_id k_jd exp(G_id - G_jd)  (i >= j)
+    o     = s (q Gamma) h + A D
+    h'    = exp(gl) h + (k exp(gl - G))^T D
+
+Pairwise decays exp(G_i - G_j) are only formed for i >= j: across 16-token sub-chunks through a
+reference row n with j <= n <= i (two factors, each <= 1, then a matmul); inside a sub-chunk
+exactly, one column at a time. No exponent is ever positive, so per-step log decays of -20 or
+less are safe (they underflow to 0, as the true products do).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.kda.common import default_scale, l2_normalize, validate_inputs, varlen_layout
+
+CHUNK = 64       # C: tokens per chunk
+SUB = 16         # BC: tokens per secondary sub-chunk
+NSUB = CHUNK // SUB
+F32 = jnp.float32
+PRECISION = lax.Precision.HIGHEST  # f32 "ieee" dots: interpret mode == hardware numerics
+
+# chunk flags (int32 bit set per chunk)
+START = 1  # first chunk of a sequence: state := h0[seq] before it
+END = 2    # last chunk of a sequence: ht[seq] := state after it
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers (values only)
+
+def _dot(a, b):
+    """a @ b."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=PRECISION,
+                           preferred_element_type=F32)
+
+
+def _dot_tn(a, b):
+    """a^T @ b."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=PRECISION,
+                           preferred_element_type=F32)
+
+
+def _dot_nt(a, b):
+    """a @ b^T."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=PRECISION,
+                           preferred_element_type=F32)
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _row(x, r):
+    """Row r of a 2-D value as [1, n] (a masked reduction: values cannot be sliced in Triton)."""
+    return jnp.sum(jnp.where(_iota(x.shape, 0) == r, x, 0.0), axis=0, keepdims=True)
+
+
+def _rows_at(x, j):
+    """[C, n]: row i holds x[SUB * (i // SUB) + j] (row j of i's own sub-chunk)."""
+    blk = lax.div(_iota(x.shape, 0), SUB)
+    out = jnp.zeros_like(x)
+    for a in range(NSUB):
+        out = jnp.where(blk == a, _row(x, a * SUB + j), out)
+    return out
+
+
+def _pair(a, b, G, *, strict):
+    """M_ij = sum_d a_id b_jd exp(G_id - G_jd) for i > j (strict) or i >= j, else 0. [C, C]."""
+    C, _ = a.shape
+    rowK = _iota(a.shape, 0)
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    out = jnp.zeros((C, C), F32)
+    # sub-chunk blk against all earlier rows, through reference row n = first row of blk
+    for blk in range(1, NSUB):
+        n = blk * SUB
+        Gn = _row(G, n)
+        in_blk = lax.div(rowK, SUB) == blk
+        before = rowK < n
+        left = jnp.where(in_blk, a * jnp.exp(jnp.where(in_blk, G - Gn, 0.0)), 0.0)
+        right = jnp.where(before, b * jnp.exp(jnp.where(before, Gn - G, 0.0)), 0.0)
+        out = out + _dot_nt(left, right)
+    # diagonal 16x16 blocks, exact pairwise decay, one column (j within sub-chunk) at a time
+    sub_r = lax.rem(rowK, SUB)
+    col_of = lax.div(ri, SUB) * SUB
+
+    def body(j, acc):
+        bj, Gj = _rows_at(b, j), _rows_at(G, j)
+        ok = (sub_r > j) if strict else (sub_r >= j)
+        e = jnp.where(ok, jnp.exp(jnp.where(ok, G - Gj, 0.0)), 0.0)
+        vals = jnp.sum(a * bj * e, axis=1, keepdims=True)          # [C, 1]
+        return acc + jnp.where(ci == col_of + j, vals, 0.0)
+
+    return lax.fori_loop(0, SUB, body, out)
+
+
+def _pair_grads(dM, a, b, G, *, strict):
+    """Cotangents of `_pair` w.r.t. a and b: da_i = sum_j dM_ij b_j e_ij, db_j = sum_i dM_ij a_i e_ij.
+
+    (The G cotangent is a * da - b * db.)
+    """
+    C, _ = a.shape
+    rowK = _iota(a.shape, 0)
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    dM = jnp.where((ci < ri) if strict else (ci <= ri), dM, 0.0)
+    da = jnp.zeros(a.shape, F32)
+    db = jnp.zeros(b.shape, F32)
+    for blk in range(1, NSUB):
+        n = blk * SUB
+        Gn = _row(G, n)
+        in_blk = lax.div(rowK, SUB) == blk
+        before = rowK < n
+        ea = jnp.where(in_blk, jnp.exp(jnp.where(in_blk, G - Gn, 0.0)), 0.0)
+        eb = jnp.where(before, jnp.exp(jnp.where(before, Gn - G, 0.0)), 0.0)
+        dM_blk = jnp.where((lax.div(ri, SUB) == blk) & (ci < n), dM, 0.0)
+        da = da + ea * _dot(dM_blk, b * eb)
+        db = db + eb * _dot_tn(dM_blk, a * ea)
+    sub_r = lax.rem(rowK, SUB)
+    blkK = lax.div(rowK, SUB)
+    col_of = lax.div(ri, SUB) * SUB
+
+    def body(j, carry):
+        da, db = carry
+        bj, Gj = _rows_at(b, j), _rows_at(G, j)
+        ok = (sub_r > j) if strict else (sub_r >= j)
+        e = jnp.where(ok, jnp.exp(jnp.where(ok, G - Gj, 0.0)), 0.0)
+        dcol = jnp.sum(jnp.where(ci == col_of + j, dM, 0.0), axis=1, keepdims=True)  # dM[i, c(i)]
+        da = da + dcol * bj * e
+        t = dcol * a * e                       # belongs to db row c(i): sum it per sub-chunk
+        for s in range(NSUB):
+            r = jnp.sum(jnp.where(blkK == s, t, 0.0), axis=0, keepdims=True)
+            db = jnp.where(rowK == s * SUB + j, db + r, db)
+        return da, db
+
+    return lax.fori_loop(0, SUB, body, (da, db))
+
+
+def _unit_lower_inverse(L):
+    """(I + L)^-1 for strictly lower-triangular L [C, C]: 16-blocks by forward substitution,
+    then block rows merged with matmuls."""
+    C = L.shape[0]
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    eye = jnp.where(ri == ci, 1.0, 0.0).astype(F32)
+    same = lax.div(ri, SUB) == lax.div(ci, SUB)
+    Ld = jnp.where(same, L, 0.0)
+    Loff = jnp.where(same, 0.0, L)
+    sub_r = lax.rem(ri, SUB)
+
+    def body(i, X):  # row r (r % 16 == i) := e_r - sum_{j<r, same block} L_rj X_j
+        return jnp.where(sub_r == i, eye - _dot(Ld, X), X)
+
+    dinv = lax.fori_loop(1, SUB, body, eye)
+    X = dinv
+    blk = lax.div(ri, SUB)
+    for a in range(1, NSUB):
+        X = jnp.where(blk == a, X - _dot(dinv, _dot(Loff, X)), X)
+    return X
+
+
+class _Intra(NamedTuple):
+    gamma: jax.Array   # exp(G)            [C,K]
+    P: jax.Array       # k-k pair matrix   [C,C] strictly lower
+    T: jax.Array       # (I + diag(beta) P)^-1
+    kb: jax.Array      # beta Gamma k      [C,K]
+    vb: jax.Array      # beta v            [C,V]
+    W: jax.Array       # T kb
+    U: jax.Array       # T vb
+    A: jax.Array       # s * q-k pair matrix [C,C] lower incl. diagonal
+    kd: jax.Array      # k exp(gl - G)     [C,K]
+    egl: jax.Array     # exp(gl - G)       [C,K]
+
+
+def _intra(q, k, v, G, beta, scale):
+    C = q.shape[0]
+    gamma = jnp.exp(G)
+    P = _pair(k, k, G, strict=True)
+    T = _unit_lower_inverse(beta * P)
+    kb = beta * gamma * k
+    vb = beta * v
+    W, U = _dot(T, kb), _dot(T, vb)
+    A = scale * _pair(q, k, G, strict=False)
+    egl = jnp.exp(_row(G, C - 1) - G)
+    return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl)
+
+
+def chunk_fwd(q, k, v, G, beta, glc, h, scale):
+    """One chunk forward. q,k,G [C,K]; v [C,V]; beta [C,1]; glc [K,1] = G[C-1] as a column;
+    h [K,V] chunk-initial state. Returns (o [C,V], state after the chunk [K,V]); all float32."""
+    it = _intra(q, k, v, G, beta, scale)
+    D = it.U - _dot(it.W, h)
+    o = _dot(scale * q * it.gamma, h) + _dot(it.A, D)
+    h_next = jnp.exp(glc) * h + _dot_tn(it.kd, D)
+    return o, h_next
+
+
+def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale):
+    """One chunk backward, recomputing the intra-chunk part.
+
+    dhn [K,V] is the cotangent of the state after the chunk. Returns
+    (dq, dk, dv, dG, dbeta [C,1], dglc [K,1], dh [K,V] cotangent of the chunk-initial state).
+    dG holds the cotangent of the in-chunk cumsum G (incl. its last row's use as gl inside);
+    dglc is the cotangent of the glc input.
+    """
+    C = q.shape[0]
+    it = _intra(q, k, v, G, beta, scale)
+    D = it.U - _dot(it.W, h)
+    dD = _dot_tn(it.A, do) + _dot(it.kd, dhn)
+    dh = _dot_tn(scale * q * it.gamma, do) - _dot_tn(it.W, dD) + jnp.exp(glc) * dhn
+
+    # o = s (q Gamma) h + A D
+    dqi = _dot_nt(do, h)
+    dq = scale * it.gamma * dqi
+    dG = q * dq
+    dA = _dot_nt(do, D) * scale
+    dq_a, dk_a = _pair_grads(dA, q, k, G, strict=False)
+    dq = dq + dq_a
+    dk = dk_a
+    dG = dG + q * dq_a - k * dk_a
+
+    # D = U - W h;  W = T kb;  U = T vb
+    dW = -_dot_nt(dD, h)
+    dT = _dot_nt(dW, it.kb) + _dot_nt(dD, it.vb)
+    dkb = _dot_tn(it.T, dW)
+    dvb = _dot_tn(it.T, dD)
+    dk = dk + beta * it.gamma * dkb
+    dG = dG + beta * it.gamma * k * dkb
+    dbeta = (jnp.sum(it.gamma * k * dkb, axis=1, keepdims=True)
+             + jnp.sum(v * dvb, axis=1, keepdims=True))
+    dv = beta * dvb
+
+    # T = (I + L)^-1, L = diag(beta) P
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    dL = jnp.where(ci < ri, -_dot_nt(_dot_tn(it.T, dT), it.T), 0.0)
+    dbeta = dbeta + jnp.sum(dL * it.P, axis=1, keepdims=True)
+    dk_r, dk_c = _pair_grads(beta * dL, k, k, G, strict=True)
+    dk = dk + dk_r + dk_c
+    dG = dG + k * (dk_r - dk_c)
+
+    # h' = exp(gl) h + kd^T D,  kd = k exp(gl - G)
+    dkd = _dot_nt(D, dhn)
+    dk = dk + it.egl * dkd
+    t = it.kd * dkd
+    dG = dG - t
+    dG = jnp.where(_iota(dG.shape, 0) == C - 1, dG + jnp.sum(t, axis=0, keepdims=True), dG)
+    dglc = jnp.exp(glc) * jnp.sum(h * dhn, axis=1, keepdims=True)
+    return dq, dk, dv, dG, dbeta, dglc, dh
+
+
+# ----------------------------------------------------------------------------------------------
+# the wrapper: layout + custom_vjp around a backend's kernels
+
+class Chunked(NamedTuple):
+    """Kernel-side arrays: every per-token array as [B, H, NC*C, .], chunk metadata as [NC]."""
+
+    q: jax.Array      # [B,H,Tp,K]   input dtype (or f32 after L2 norm)
+    k: jax.Array
+    v: jax.Array      # [B,H,Tp,V]
+    G: jax.Array      # [B,H,Tp,K]   f32 chunk-local cumsum of g
+    beta: jax.Array   # [B,H,Tp,1]   f32
+    glc: jax.Array    # [B,H,NC,K,1] f32 G's last row per chunk, as a column
+    h0: jax.Array     # [N,H,K,V]    f32
+    seq: jax.Array    # [NC] int32   sequence of the chunk, relative to its batch row
+    flags: jax.Array  # [NC] int32   START | END bits
+
+
+# fwd(ch: Chunked, scale) -> (o [B,H,Tp,V] in v dtype, hs [B,H,NC,K,V] f32, ht [N,H,K,V] f32)
+# bwd(ch: Chunked, hs, do, dht, scale) -> (dq, dk, dv, dG, dbeta, dglc, dh0), f32
+FwdFn = Callable[..., tuple]
+BwdFn = Callable[..., tuple]
+
+
+def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float):
+    @jax.custom_vjp
+    def core(q, k, v, G, beta, glc, h0, seq, flags, seq_has_chunks):
+        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags)
+        o, _, ht = fwd(ch, scale)
+        return o, ht
+
+    def core_fwd(q, k, v, G, beta, glc, h0, seq, flags, seq_has_chunks):
+        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags)
+        o, hs, ht = fwd(ch, scale)
+        return (o, ht), (ch, hs, seq_has_chunks)
+
+    def core_bwd(res, cts):
+        ch, hs, has = res
+        do, dht = cts
+        dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale)
+        dh0 = jnp.where(has[:, None, None, None], dh0, 0.0)  # sequences with no chunk: never written
+        return (dq.astype(ch.q.dtype), dk.astype(ch.k.dtype), dv.astype(ch.v.dtype), dG,
+                dbeta, dglc, dh0, None, None, None)
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+def _pad_last(x, n):
+    pad = n - x.shape[-1]
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, segment_ids=None, use_qk_l2norm=False,
+               pad_kv_to=None, name="kda_pallas"):
+    """Shared driver of `kda_pallas_tpu` / `kda_pallas_gpu` (same contract as `kda_recurrent`).
+
+    pad_kv_to: optional fn(dim) -> padded dim (GPU: powers of two >= 16); zero padding of K/V
+    channels is exact (padded key channels never receive a write, padded value columns are dropped).
+    """
+    n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
+    if segment_ids is not None:
+        raise NotImplementedError(
+            f"{name}: segment_ids (in-row state resets) is not supported by the Pallas kernels yet; "
+            "pass cu_seqlens (packed varlen) or use impl='chunk' / 'recurrent'")
+    scale = default_scale(q, scale)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = CHUNK
+    h0 = (jnp.zeros((n_seq, H, K, V), F32) if initial_state is None
+          else initial_state.astype(F32))
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)          # f32, differentiated by JAX
+    g = g.astype(F32)
+    beta = beta.astype(F32)
+
+    Kp, Vp = (pad_kv_to(K), pad_kv_to(V)) if pad_kv_to else (K, V)
+    q, k, g = _pad_last(q, Kp), _pad_last(k, Kp), _pad_last(g, Kp)
+    v = _pad_last(v, Vp)
+    h0p = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)          # [B,T,H,.] -> [B,H,T,.]
+    beta4 = beta[..., None]
+    if cu_seqlens is None:
+        NC = max(1, -(-T // C))
+        Tp = NC * C
+
+        def to_chunks(x):
+            x = heads_major(x)
+            return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+
+        def from_chunks(x):
+            return heads_major(x[:, :, :T])
+
+        c = jnp.arange(NC, dtype=jnp.int32)
+        seq = jnp.zeros((NC,), jnp.int32)
+        flags = jnp.where(c == 0, START, 0) | jnp.where(c == NC - 1, END, 0)
+        has = jnp.ones((n_seq,), bool)
+    else:
+        lay = varlen_layout(cu_seqlens, T, C)
+        NC = lay.num_chunks
+        Tp = NC * C
+
+        def to_chunks(x):
+            x = heads_major(x)
+            return jnp.zeros(x.shape[:2] + (Tp,) + x.shape[3:], x.dtype).at[:, :, lay.dest].set(x)
+
+        def from_chunks(x):
+            return heads_major(x[:, :, lay.dest])
+
+        seq = lay.chunk_seq
+        flags = (jnp.where(lay.chunk_start, START, 0) | jnp.where(lay.chunk_end, END, 0))
+        has = jnp.zeros((n_seq,), bool).at[seq].max(lay.chunk_start)
+
+    flags = flags.astype(jnp.int32)
+    qL, kL, vL, gL, bL = (to_chunks(x) for x in (q, k, v, g, beta4))
+    GL = jnp.cumsum(gL.reshape(B, H, NC, C, Kp), axis=3)
+    glc = GL[:, :, :, C - 1, :, None]                      # [B,H,NC,Kp,1]
+    GL = GL.reshape(B, H, Tp, Kp)
+
+    core = _make_core(fwd, bwd, scale)
+    oL, ht = core(qL, kL, vL, GL, bL, glc, h0p, seq, flags, has)
+    o = from_chunks(oL)[..., :V].astype(v.dtype)
+    if not output_final_state:
+        return o, None
+    ht = ht[:, :, :K, :V]
+    ht = jnp.where(has[:, None, None, None], ht, h0)   # empty sequences keep their initial state
+    return o, ht
+
+
+def next_pow2_min16(n: int) -> int:
+    p = 16
+    while p < n:
+        p *= 2
+    return p
