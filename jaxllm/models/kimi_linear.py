@@ -55,9 +55,9 @@ def cache_bytes(cache: ModelCache) -> int:
 
 def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
     """Raise ValueError naming the bad ids when they are concrete and outside [0, vocab_size)."""
-    if not jnp.issubdtype(jnp.asarray(input_ids).dtype if not isinstance(input_ids, jax.core.Tracer)
-                          else input_ids.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {input_ids.dtype}")
+    dtype = getattr(input_ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got {type(input_ids).__name__} of dtype {dtype}")
     if isinstance(input_ids, jax.core.Tracer):
         return
     ids = np.asarray(input_ids)
@@ -66,6 +66,30 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
         where = np.argwhere(bad)[:5].tolist()
         raise ValueError(f"{name}: token ids must be in [0, {vocab_size}); got {ids[bad][:5].tolist()} "
                          f"at positions {where}")
+
+
+def count_params(config: KimiLinearConfig) -> dict[str, int]:
+    """Parameter counts from `jax.eval_shape` of init (nothing allocated).
+
+    total; active = parameters used for one token (routed experts: only num_experts_per_token of
+    num_experts per MoE layer); active_without_embeddings = active minus embedding and lm_head.
+    """
+    import math
+
+    model = KimiLinear(config)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    tree = nn.meta.unbox(shapes)["params"]
+    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+    inactive = 0
+    for i, t in enumerate(config.mlp_layer_types):
+        if t == "moe":
+            moe = tree[f"layers_{i}"]["moe"]
+            per_expert = sum(math.prod(moe[n].shape[1:]) for n in ("w1", "w2", "w3"))
+            inactive += (config.num_experts - config.num_experts_per_token) * per_expert
+    embed = math.prod(tree["embed_tokens"].shape) + (
+        0 if config.tie_word_embeddings else math.prod(tree["lm_head"].shape))
+    active = total - inactive
+    return {"total": total, "active": active, "active_without_embeddings": active - embed}
 
 
 class DecoderLayer(nn.Module):
@@ -144,5 +168,5 @@ class KimiLinear(nn.Module):
         return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
 
 
-__all__ = ["KimiLinear", "KimiLinearConfig", "ModelCache", "init_cache", "cache_bytes", "KDACache",
+__all__ = ["KimiLinear", "KimiLinearConfig", "ModelCache", "init_cache", "cache_bytes", "count_params", "KDACache",
            "MLACache"]
