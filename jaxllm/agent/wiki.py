@@ -254,7 +254,7 @@ def render_pages(world: World) -> list[Page]:
     body: list[list[str]] = [[] for _ in world.entities]
     for e in world.entities:
         kind_word = {"org": "organisation"}.get(e.kind, e.kind)
-        article = "an" if kind_word[0] in "aeiou" else "a"
+        article = "an" if kind_word == "organisation" else "a"
         body[e.id].append(f"{e.name} is {article} {kind_word}.")
         for key, _ in e.attrs:
             body[e.id].append(attribute_sentence(world, e.id, key))
