@@ -127,6 +127,7 @@ def _split_think(text: str) -> tuple[str | None, str, str | None]:
     if THINK_OPEN in think:
         return None, text, f"nested {THINK_OPEN} inside the thinking block"
     rest = text[close + len(THINK_CLOSE):]
+    think = think.strip()
     if THINK_OPEN in rest or THINK_CLOSE in rest:
         return None, text, f"more than one {THINK_OPEN} block in one turn"
     return think, rest, None
@@ -202,6 +203,10 @@ def parse_assistant(text: str) -> Action:
     if not isinstance(text, str):
         return ParseError(f"assistant turn must be text, got {type(text).__name__}")
     text = strip_forged_response(text)
+    n_calls = text.count(TOOL_CALL_OPEN)
+    if n_calls > 1:  # checked first: the most useful message for think/call/think/call turns
+        return ParseError(f"{n_calls} tool calls in one turn; make exactly one call per turn "
+                          "(search and visit take arrays, so batch inside one call)")
     think, rest, err = _split_think(text)
     if err:
         return ParseError(err)
