@@ -1,0 +1,138 @@
+"""KDA Pallas kernels (TPU/Mosaic and GPU/Triton) in interpret mode against golden data and the
+lax.scan recurrence: outputs, final state and all six gradients.
+
+One test class, run once per kernel (the way JAX's own Pallas suite re-runs a class in interpret
+mode). Accuracy as fla reports it: rms(ref - impl) / rms(ref), float32 bound 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.kda.gpu import kda_pallas_gpu
+from pallas_kernels.kda.reference import kda_recurrent
+from pallas_kernels.kda.tpu import kda_pallas_tpu
+
+TOL = 1e-4           # float32
+TOL_BF16_OUT = 8e-3  # values that are rounded to bfloat16 on the way out (2^-8 = 3.9e-3)
+
+KERNELS = {
+    "pallas_tpu": functools.partial(kda_pallas_tpu, interpret=True),
+    "pallas_gpu": functools.partial(kda_pallas_gpu, interpret=True),
+}
+GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+def rel_err(ref, got):
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    assert np.all(np.isfinite(got)), "non-finite values"
+    return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+
+
+def value_and_grads(fn, inputs, do, dht, cu_seqlens=None, **kw):
+    """(o, ht, grads of sum(o*do) + sum(ht*dht) w.r.t. q,k,v,g,beta,h0), jitted; cu_seqlens traced."""
+
+    def loss(q, k, v, g, beta, h0, cu):
+        o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, **kw)
+        val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht * dht)
+        return val, (o, ht)
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
+    grads, (o, ht) = grad_fn(*inputs, cu_seqlens)
+    return o, ht, grads
+
+
+def random_case(seed, B, T, H, K, V, *, n_seq=None, min_log_decay=-1.0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    N = B if n_seq is None else n_seq
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    q, k = f(B, T, H, K), f(B, T, H, K)
+    v = f(B, T, H, V)
+    # per-step log decay in [min_log_decay, 0], a quarter of the entries at the extreme end
+    u = rng.uniform(size=(B, T, H, K)).astype(np.float32)
+    g = np.where(rng.uniform(size=u.shape) < 0.25, min_log_decay * (0.9 + 0.1 * u), -0.1 * u)
+    beta = (1.0 / (1.0 + np.exp(-f(B, T, H)))).astype(np.float32)
+    h0 = 0.5 * f(N, H, K, V)
+    do, dht = f(B, T, H, V), f(N, H, K, V)
+    cast = lambda x: jnp.asarray(x).astype(dtype)
+    inputs = (cast(q), cast(k), cast(v), jnp.asarray(g.astype(np.float32)), jnp.asarray(beta),
+              jnp.asarray(h0))
+    return inputs, cast(do), jnp.asarray(dht)
+
+
+@pytest.fixture(params=sorted(KERNELS))
+def kernel(request):
+    return KERNELS[request.param]
+
+
+class TestKDAPallas:
+    """Each test runs for `pallas_tpu` and `pallas_gpu`, both in Pallas interpret mode."""
+
+    @pytest.mark.parametrize("case", ["kda_basic", "kda_nonorm_zero_state", "kda_varlen"])
+    def test_golden(self, kernel, golden_dir, case):
+        d = dict(np.load(golden_dir / "kda" / f"{case}.npz"))
+        inputs = tuple(jnp.asarray(d[n]) for n in ("q", "k", "v", "g", "beta", "h0"))
+        cu = jnp.asarray(d["cu_seqlens"]) if "cu_seqlens" in d else None
+        o, ht, grads = value_and_grads(kernel, inputs, jnp.asarray(d["do"]), jnp.asarray(d["dht"]),
+                                       cu, scale=float(d["scale"]),
+                                       use_qk_l2norm=bool(d["use_qk_l2norm"]))
+        assert rel_err(d["o"], o) <= TOL
+        assert rel_err(d["ht"], ht) <= TOL
+        for name, grad in zip(GRAD_NAMES, grads):
+            assert rel_err(d[name], grad) <= TOL, name
+
+    def _check_against_recurrent(self, kernel, inputs, do, dht, cu=None, tol_out=TOL, **kw):
+        ref = value_and_grads(kda_recurrent, inputs, do, dht, cu, **kw)
+        got = value_and_grads(kernel, inputs, do, dht, cu, **kw)
+        assert got[0].dtype == inputs[2].dtype and got[0].shape == ref[0].shape
+        assert got[1].dtype == jnp.float32
+        assert rel_err(ref[0], got[0]) <= tol_out, "o"
+        assert rel_err(ref[1], got[1]) <= TOL, "final state"
+        for name, x, r, g in zip(GRAD_NAMES, inputs, ref[2], got[2]):
+            assert g.dtype == x.dtype, name
+            bound = tol_out if x.dtype == jnp.bfloat16 else TOL
+            assert rel_err(r, g) <= bound, name
+
+    def test_extreme_gates_ragged_length(self, kernel):
+        # per-step log decay down to -20 (exp(-20*16) underflows: any exp(+G) would overflow),
+        # T = 80: one full chunk plus a padded one
+        inputs, do, dht = random_case(1, B=2, T=80, H=2, K=32, V=16, min_log_decay=-20.0)
+        self._check_against_recurrent(kernel, inputs, do, dht, use_qk_l2norm=True)
+
+    def test_short_sequence_odd_dims(self, kernel):
+        # T < 64 (a single padded chunk); K, V not powers of two (the GPU kernel pads them)
+        inputs, do, dht = random_case(2, B=1, T=37, H=2, K=24, V=20, min_log_decay=-5.0)
+        q, k = inputs[0] / 5.0, inputs[1] / 5.0   # no L2 norm: keep |k| ~ 1
+        self._check_against_recurrent(kernel, (q, k) + inputs[2:], do, dht, scale=0.3)
+
+    def test_varlen(self, kernel):
+        # 5 packed sequences (one empty, one spanning 2 chunks), cu_seqlens traced under jit
+        cu = jnp.asarray([0, 9, 9, 79, 100, 130], jnp.int32)
+        inputs, do, dht = random_case(3, B=1, T=130, H=2, K=16, V=32, n_seq=5, min_log_decay=-8.0)
+        self._check_against_recurrent(kernel, inputs, do, dht, cu, use_qk_l2norm=True)
+
+    def test_bf16_inputs(self, kernel):
+        # bf16 q/k/v (f32 gates, beta, state): o and dq/dk/dv come back in bf16
+        inputs, do, dht = random_case(4, B=1, T=70, H=2, K=16, V=16, min_log_decay=-3.0,
+                                      dtype=jnp.bfloat16)
+        self._check_against_recurrent(kernel, inputs, do, dht, tol_out=TOL_BF16_OUT,
+                                      use_qk_l2norm=True)
+
+    def test_without_final_state(self, kernel):
+        inputs, _, _ = random_case(5, B=1, T=20, H=1, K=16, V=16)
+        o, ht = kernel(*inputs[:5], use_qk_l2norm=True)
+        o_ref, _ = kda_recurrent(*inputs[:5], use_qk_l2norm=True)
+        assert ht is None
+        assert rel_err(o_ref, o) <= TOL
+
+    def test_bad_input_is_rejected(self, kernel):
+        inputs, _, _ = random_case(6, B=1, T=8, H=1, K=16, V=16)
+        with pytest.raises(ValueError, match="beta"):
+            kernel(*inputs[:4], inputs[4][..., None])
