@@ -233,11 +233,13 @@ def _checkpoint_files(path: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ loader
-def load_hf_checkpoint(path, dtype=jnp.float32, *, param_shardings=None, **config_overrides):
+def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_shardings=None,
+                       **config_overrides):
     """Load a KimiLinearForCausalLM checkpoint directory. Returns `(model, {"params": ...})`.
 
-    dtype: parameter dtype (A_log, dt_bias and the router bias stay float32); the compute dtype
-    follows unless `dtype="..."`/`param_dtype=` is given in config_overrides.
+    dtype: parameter dtype (A_log, dt_bias and the router bias stay float32).
+    compute_dtype: activation dtype (default: dtype); gates, norms, softmax and the KDA state are
+    float32 regardless. config_overrides: runtime config fields (kda_impl, mla_impl, moe_dispatch).
     param_shardings: optional pytree (like the params) of `jax.sharding.Sharding` to place each
     parameter on as it is built.
     """
@@ -245,7 +247,8 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, param_shardings=None, **confi
 
     path = os.fspath(path)
     dtype = jnp.dtype(dtype)
-    overrides = {"param_dtype": dtype.name, "dtype": dtype.name}
+    overrides = {"param_dtype": dtype.name,
+                 "dtype": jnp.dtype(compute_dtype if compute_dtype is not None else dtype).name}
     overrides.update(config_overrides)
     config = KimiLinearConfig.from_file(path, **overrides)
     model = KimiLinear(config)
