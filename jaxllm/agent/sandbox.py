@@ -164,23 +164,47 @@ def _symlinks() -> list[tuple[str, str]]:
     return links
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every process owned by ``uid`` (a fork that becomes ``uid`` and calls kill(-1))."""
-    if os.geteuid() != 0:
-        return
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked helper
+def _live_pids_of_uid(uid: int) -> list[int]:
+    """PIDs (host view) of non-zombie processes whose real uid is ``uid``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
         try:
-            os.setgid(uid)
-            os.setuid(uid)
-            for _ in range(3):
-                try:
-                    os.kill(-1, signal.SIGKILL)
-                except ProcessLookupError:
-                    break
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+            with open(f"/proc/{d}/status") as f:
+                fields = dict(ln.split(":", 1) for ln in f if ln.startswith(("State:", "Uid:")))
+        except (OSError, ValueError):
+            continue
+        alive = fields.get("State", "X").split()[0] != "Z"
+        if alive and int(fields.get("Uid", "-1").split()[0]) == uid:
+            pids.append(int(d))
+    return pids
+
+
+def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
+    """Kill every process owned by ``uid``; wait until none is left (zombies aside).
+
+    A forked helper becomes ``uid`` and calls kill(-1, SIGKILL), which reaches every process of
+    that uid, including stragglers that left the process group and processes of a PID namespace
+    still being torn down. Returns True when none is left.
+    """
+    if os.geteuid() != 0:
+        return True
+    deadline = time.monotonic() + wait_s
+    while _live_pids_of_uid(uid):
+        if time.monotonic() > deadline:
+            return False
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the forked helper
+            try:
+                os.setgid(uid)
+                os.setuid(uid)
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.01)
+    return True
 
 
 def run_python(

@@ -1,0 +1,216 @@
+"""Hostile-code tests of the PythonInterpreter sandbox. Short limits keep them fast and safe."""
+
+import os
+import resource
+import socket
+import time
+
+import pytest
+
+from jaxllm.agent import sandbox
+from jaxllm.agent.sandbox import run_python
+
+HAS_NS = sandbox.namespaces_available()
+# Every configuration the host supports: the default ("auto"), and each layer on its own where
+# that can be tested (namespace mode with the audit hook off shows the OS layer alone).
+CONFIGS = [pytest.param({}, id="default")]
+if HAS_NS:
+    CONFIGS.append(pytest.param({"isolation": "namespace", "audit": False}, id="os_only"))
+CONFIGS.append(pytest.param({"isolation": "process"}, id="process_audit"))
+
+
+def _sandbox_uid_processes():
+    """Live (non-zombie) processes running as a throwaway sandbox uid; none may outlive a run."""
+    lo, hi = sandbox._UID_BASE, sandbox._UID_BASE + 1_000_000
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        uid = next((int(ln.split()[1]) for ln in lines if ln.startswith("Uid:")), -1)
+        state = next((ln.split()[1] for ln in lines if ln.startswith("State:")), "?")
+        if lo <= uid < hi and state != "Z":
+            pids.append(int(d))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def host_unharmed():
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    assert _sandbox_uid_processes() == []
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grown_mb < 64, f"host RSS grew by {grown_mb:.0f} MB"
+
+
+def test_runs_ordinary_code_and_captures_output():
+    r = run_python("import math\nprint(math.factorial(10))\nprint('x', flush=True)", timeout_s=5)
+    assert r.ok and r.error is None and r.output == "3628800\nx\n" and r.exit_code == 0
+    assert sandbox.format_observation(r) == "stdout:\n3628800\nx\n"
+
+
+def test_private_workdir_is_writable_and_fresh():
+    code = "import os\nopen('a.txt','w').write('hi')\nprint(sorted(os.listdir('.')), open('a.txt').read())"
+    r1 = run_python(code, timeout_s=5)
+    r2 = run_python(code, timeout_s=5)
+    assert r1.ok and r1.output == "['a.txt'] hi\n"
+    assert r2.output == r1.output  # nothing left over from the previous run
+
+
+def test_errors_are_reported_not_raised():
+    r = run_python("raise ValueError('boom')", timeout_s=5)
+    assert not r.ok and r.exit_code == 1 and "ValueError: boom" in r.error
+    assert "Traceback" in r.stderr
+    r = run_python("import sys; sys.exit(3)", timeout_s=5)
+    assert not r.ok and r.exit_code == 3 and r.error == "exit status 3"
+    r = run_python("def f(:\n pass", timeout_s=5)
+    assert not r.ok and "SyntaxError" in r.error
+    assert "error: " in sandbox.format_observation(r)
+    assert sandbox.format_observation(run_python("x = 1", timeout_s=5)) == "Finished execution."
+
+
+def test_numpy_is_usable():
+    r = run_python("import numpy as np\nprint(int(np.arange(5).sum()))", timeout_s=10)
+    assert r.ok, r.error
+    assert r.output == "10\n"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_infinite_loop_is_killed_at_the_wall_clock_limit(cfg):
+    t0 = time.monotonic()
+    r = run_python("while True:\n    pass", timeout_s=1.0, **cfg)
+    assert time.monotonic() - t0 < 6
+    assert not r.ok and r.timed_out and "timed out" in r.error
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_fork_bomb_is_contained(cfg):
+    bomb = ("import os\nn = 0\nwhile True:\n    try:\n        os.fork()\n        n += 1\n"
+            "    except OSError:\n        pass\n")
+    t0 = time.monotonic()
+    r = run_python(bomb, timeout_s=1.5, max_processes=8, **cfg)
+    assert time.monotonic() - t0 < 8
+    assert not r.ok and r.error
+    # (the autouse fixture checks that no process of the sandbox uid survives)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_huge_allocation_fails_with_memory_error(cfg):
+    r = run_python("x = bytearray(10 * 1024**3)\nprint('allocated')", timeout_s=5,
+                   memory_mb=256, **cfg)
+    assert not r.ok and "MemoryError" in r.error and "allocated" not in r.output
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_reading_host_secrets_is_denied(cfg, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    os.chmod(secret, 0o644)
+    os.chmod(tmp_path, 0o755)
+    for target in (str(secret), "/etc/passwd", os.path.expanduser("~/.ssh/id_rsa"),
+                   "/etc/shadow"):
+        r = run_python(f"print(open({target!r}).read())", timeout_s=5, **cfg)
+        assert not r.ok, target
+        assert "TOPSECRET" not in r.output and "root:" not in r.output
+        assert "Error" in r.error, r.error
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_listing_the_host_filesystem_reveals_nothing(cfg, tmp_path):
+    (tmp_path / "marker_file_xyz").write_text("x")
+    r = run_python(f"import os\nprint(os.listdir({str(tmp_path)!r}))", timeout_s=5, **cfg)
+    assert not r.ok and "marker_file_xyz" not in r.output
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_writing_outside_the_workdir_is_denied(cfg, tmp_path):
+    os.chmod(tmp_path, 0o777)
+    target = tmp_path / "pwned.txt"
+    for t in (str(target), "/tmp/jaxllm_sandbox_pwned.txt", "../escape.txt"):
+        r = run_python(f"open({t!r}, 'w').write('x')", timeout_s=5, **cfg)
+        assert not r.ok, t
+    assert not target.exists() and not os.path.exists("/tmp/jaxllm_sandbox_pwned.txt")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_network_is_unreachable_even_to_a_host_listener(cfg):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "print('connected')")
+    r = run_python(code, timeout_s=5, **cfg)
+    srv.setblocking(False)
+    try:  # a completed connection would wait in the backlog
+        conn, _ = srv.accept()
+        conn.close()
+        accepted = True
+    except BlockingIOError:
+        accepted = False
+    finally:
+        srv.close()
+    assert not r.ok and "connected" not in r.output and not accepted
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_printing_100_mb_is_truncated_and_killed(cfg):
+    cap = 10_000
+    r = run_python("import sys\nfor _ in range(100):\n    sys.stdout.write('a' * 1_000_000)\n",
+                   timeout_s=10, max_output_bytes=cap, **cfg)
+    assert not r.ok and r.output_truncated and "output limit exceeded" in r.error
+    assert len(r.output) == cap and set(r.output) == {"a"}
+
+
+def test_disk_filling_is_limited():
+    r = run_python("f = open('big', 'wb')\nfor _ in range(64):\n    f.write(b'0' * 1024**2)\n"
+                   "f.close()\nprint('wrote')", timeout_s=10, disk_mb=4)
+    assert not r.ok and "wrote" not in r.output
+    assert "file size limit" in r.error or "No space" in r.error or "Errno" in r.error
+
+
+@pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
+def test_namespace_mode_hides_the_host_filesystem():
+    r = run_python("import os\nprint(sorted(os.listdir('/')))\nprint(os.getcwd(), os.getuid())",
+                   timeout_s=5, isolation="namespace", audit=False)
+    assert r.ok and r.isolation == "namespace"
+    listing, cwd_uid = r.output.splitlines()
+    runtime_tops = {p.split("/")[1] for p in sandbox._readonly_paths()}
+    assert set(eval(listing)) <= runtime_tops | {"dev", "sandbox", "tmp", "lib", "lib64", "bin"}
+    cwd, uid = cwd_uid.split()
+    assert cwd == "/sandbox" and int(uid) >= sandbox._UID_BASE
+
+
+@pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
+def test_only_the_runtime_is_visible_below_its_parents():
+    venv_parent = os.path.dirname(os.path.realpath(sandbox.sys.prefix))
+    r = run_python(f"import os\nprint(os.listdir({venv_parent!r}))", timeout_s=5,
+                   isolation="namespace", audit=False)
+    assert r.ok
+    visible = set(eval(r.output))
+    assert visible <= {os.path.basename(p) for p in sandbox._readonly_paths()}
+    assert len(os.listdir(venv_parent)) > len(visible)  # the host has more there
+
+
+@pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
+def test_background_children_die_with_the_run():
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "print('parent done')")
+    t0 = time.monotonic()
+    r = run_python(code, timeout_s=5, isolation="namespace", audit=False)
+    assert r.ok and r.output == "parent done\n" and time.monotonic() - t0 < 4
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="timeout_s"):
+        run_python("print(1)", timeout_s=0)
+    with pytest.raises(ValueError, match="memory_mb"):
+        run_python("print(1)", memory_mb=1.5)
+    with pytest.raises(ValueError, match="isolation"):
+        run_python("print(1)", isolation="vm")
+    with pytest.raises(ValueError, match="code must be a str"):
+        run_python(b"print(1)")
