@@ -183,7 +183,7 @@ def _unit_lower_inverse(L):
 
 
 class _Intra(NamedTuple):
-    gamma: jax.Array   # exp(G)            [C,K]
+    gamma: jax.Array   # exp(G) on rows that read the chunk-initial state, else 0   [C,K]
     P: jax.Array       # k-k pair matrix   [C,C] strictly lower
     T: jax.Array       # (I + diag(beta) P)^-1
     kb: jax.Array      # beta Gamma k      [C,K]
@@ -192,33 +192,55 @@ class _Intra(NamedTuple):
     U: jax.Array       # T vb
     A: jax.Array       # s * q-k pair matrix [C,C] lower incl. diagonal
     kd: jax.Array      # k exp(gl - G)     [C,K]
-    egl: jax.Array     # exp(gl - G)       [C,K]
+    egl: jax.Array     # exp(gl - G) on rows that write the next state, else 0    [C,K]
+    decay: jax.Array   # exp(gl) if the chunk-initial state survives the chunk, else 0  [K,1]
+    same: jax.Array | None  # [C,C] rows i, j in the same segment (None: no segments)
 
 
-def _intra(q, k, v, G, beta, scale):
+def _segment_masks(seg):
+    """seg = (rc [C,1], rr [1,C]): per row, the number of segment resets in the chunk up to and
+    including it (float32), as a column and as a row. Returns (same [C,C], reads_s0 [C,1],
+    in_last [C,1], carries [1,1])."""
+    rc, rr = seg
+    last = _row(rc, rc.shape[0] - 1)
+    return rc == rr, rc == 0.0, rc == last, last == 0.0
+
+
+def _intra(q, k, v, G, beta, glc, scale, seg=None):
     C = q.shape[0]
     gamma = jnp.exp(G)
+    egl = jnp.exp(_row(G, C - 1) - G)
+    decay = jnp.exp(glc)
     P = _pair(k, k, G, strict=True)
+    A = scale * _pair(q, k, G, strict=False)
+    same = None
+    if seg is not None:
+        same, reads_s0, in_last, carries = _segment_masks(seg)
+        P = jnp.where(same, P, 0.0)
+        A = jnp.where(same, A, 0.0)
+        gamma = jnp.where(reads_s0, gamma, 0.0)
+        egl = jnp.where(in_last, egl, 0.0)
+        decay = jnp.where(carries, decay, 0.0)
     T = _unit_lower_inverse(beta * P)
     kb = beta * gamma * k
     vb = beta * v
     W, U = _dot(T, kb), _dot(T, vb)
-    A = scale * _pair(q, k, G, strict=False)
-    egl = jnp.exp(_row(G, C - 1) - G)
-    return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl)
+    return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl, decay, same)
 
 
-def chunk_fwd(q, k, v, G, beta, glc, h, scale):
+def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None):
     """One chunk forward. q,k,G [C,K]; v [C,V]; beta [C,1]; glc [K,1] = G[C-1] as a column;
-    h [K,V] chunk-initial state. Returns (o [C,V], state after the chunk [K,V]); all float32."""
-    it = _intra(q, k, v, G, beta, scale)
+    h [K,V] chunk-initial state; seg: optional segment ranks (see `_segment_masks`): the state
+    resets to zero where the rank steps up. Returns (o [C,V], state after the chunk [K,V]),
+    all float32."""
+    it = _intra(q, k, v, G, beta, glc, scale, seg)
     D = it.U - _dot(it.W, h)
     o = _dot(scale * q * it.gamma, h) + _dot(it.A, D)
-    h_next = jnp.exp(glc) * h + _dot_tn(it.kd, D)
+    h_next = it.decay * h + _dot_tn(it.kd, D)
     return o, h_next
 
 
-def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale):
+def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None):
     """One chunk backward, recomputing the intra-chunk part.
 
     dhn [K,V] is the cotangent of the state after the chunk. Returns
@@ -227,16 +249,18 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale):
     dglc is the cotangent of the glc input.
     """
     C = q.shape[0]
-    it = _intra(q, k, v, G, beta, scale)
+    it = _intra(q, k, v, G, beta, glc, scale, seg)
     D = it.U - _dot(it.W, h)
     dD = _dot_tn(it.A, do) + _dot(it.kd, dhn)
-    dh = _dot_tn(scale * q * it.gamma, do) - _dot_tn(it.W, dD) + jnp.exp(glc) * dhn
+    dh = _dot_tn(scale * q * it.gamma, do) - _dot_tn(it.W, dD) + it.decay * dhn
 
     # o = s (q Gamma) h + A D
     dqi = _dot_nt(do, h)
     dq = scale * it.gamma * dqi
     dG = q * dq
     dA = _dot_nt(do, D) * scale
+    if it.same is not None:
+        dA = jnp.where(it.same, dA, 0.0)
     dq_a, dk_a = _pair_grads(dA, q, k, G, strict=False)
     dq = dq + dq_a
     dk = dk_a
@@ -256,6 +280,8 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale):
     # T = (I + L)^-1, L = diag(beta) P
     ri, ci = _iota((C, C), 0), _iota((C, C), 1)
     dL = jnp.where(ci < ri, -_dot_nt(_dot_tn(it.T, dT), it.T), 0.0)
+    if it.same is not None:
+        dL = jnp.where(it.same, dL, 0.0)
     dbeta = dbeta + jnp.sum(dL * it.P, axis=1, keepdims=True)
     dk_r, dk_c = _pair_grads(beta * dL, k, k, G, strict=True)
     dk = dk + dk_r + dk_c
@@ -267,7 +293,7 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale):
     t = it.kd * dkd
     dG = dG - t
     dG = jnp.where(_iota(dG.shape, 0) == C - 1, dG + jnp.sum(t, axis=0, keepdims=True), dG)
-    dglc = jnp.exp(glc) * jnp.sum(h * dhn, axis=1, keepdims=True)
+    dglc = it.decay * jnp.sum(h * dhn, axis=1, keepdims=True)
     return dq, dk, dv, dG, dbeta, dglc, dh
 
 
@@ -286,6 +312,8 @@ class Chunked(NamedTuple):
     h0: jax.Array     # [N,H,K,V]    f32
     seq: jax.Array    # [NC] int32   sequence of the chunk, relative to its batch row
     flags: jax.Array  # [NC] int32   START | END bits
+    rc: jax.Array | None = None  # [B,Tp,1] f32  segment resets so far in the chunk (segment_ids)
+    rr: jax.Array | None = None  # [B,NC,1,C] f32 the same, one row per chunk
 
 
 # fwd(ch: Chunked, scale) -> (o [B,H,Tp,V] in v dtype, hs [B,H,NC,K,V] f32, ht [N,H,K,V] f32)
@@ -296,13 +324,13 @@ BwdFn = Callable[..., tuple]
 
 def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float):
     @jax.custom_vjp
-    def core(q, k, v, G, beta, glc, h0, seq, flags, seq_has_chunks):
-        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags)
+    def core(q, k, v, G, beta, glc, h0, seq, flags, rc, rr, seq_has_chunks):
+        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags, rc, rr)
         o, _, ht = fwd(ch, scale)
         return o, ht
 
-    def core_fwd(q, k, v, G, beta, glc, h0, seq, flags, seq_has_chunks):
-        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags)
+    def core_fwd(q, k, v, G, beta, glc, h0, seq, flags, rc, rr, seq_has_chunks):
+        ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags, rc, rr)
         o, hs, ht = fwd(ch, scale)
         return (o, ht), (ch, hs, seq_has_chunks)
 
@@ -312,7 +340,7 @@ def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float):
         dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale)
         dh0 = jnp.where(has[:, None, None, None], dh0, 0.0)  # sequences with no chunk: never written
         return (dq.astype(ch.q.dtype), dk.astype(ch.k.dtype), dv.astype(ch.v.dtype), dG,
-                dbeta, dglc, dh0, None, None, None)
+                dbeta, dglc, dh0, None, None, None, None, None)
 
     core.defvjp(core_fwd, core_bwd)
     return core
@@ -334,10 +362,6 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     channels is exact (padded key channels never receive a write, padded value columns are dropped).
     """
     n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
-    if segment_ids is not None:
-        raise NotImplementedError(
-            f"{name}: segment_ids (in-row state resets) is not supported by the Pallas kernels yet; "
-            "pass cu_seqlens (packed varlen) or use impl='chunk' / 'recurrent'")
     scale = default_scale(q, scale)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -371,6 +395,13 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
         seq = jnp.zeros((NC,), jnp.int32)
         flags = jnp.where(c == 0, START, 0) | jnp.where(c == NC - 1, END, 0)
         has = jnp.ones((n_seq,), bool)
+        rc = rr = None
+        if segment_ids is not None:
+            # resets so far in the chunk, per token; padding continues the row's last segment
+            seg = jnp.pad(segment_ids, ((0, 0), (0, Tp - T)), mode="edge")
+            reset = seg != jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
+            r = jnp.cumsum(reset.reshape(B, NC, C).astype(F32), axis=2)
+            rc, rr = r.reshape(B, Tp, 1), r.reshape(B, NC, 1, C)
     else:
         lay = varlen_layout(cu_seqlens, T, C)
         NC = lay.num_chunks
@@ -386,6 +417,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
         seq = lay.chunk_seq
         flags = (jnp.where(lay.chunk_start, START, 0) | jnp.where(lay.chunk_end, END, 0))
         has = jnp.zeros((n_seq,), bool).at[seq].max(lay.chunk_start)
+        rc = rr = None
 
     flags = flags.astype(jnp.int32)
     qL, kL, vL, gL, bL = (to_chunks(x) for x in (q, k, v, g, beta4))
@@ -394,7 +426,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     GL = GL.reshape(B, H, Tp, Kp)
 
     core = _make_core(fwd, bwd, scale)
-    oL, ht = core(qL, kL, vL, GL, bL, glc, h0p, seq, flags, has)
+    oL, ht = core(qL, kL, vL, GL, bL, glc, h0p, seq, flags, rc, rr, has)
     o = from_chunks(oL)[..., :V].astype(v.dtype)
     if not output_final_state:
         return o, None

@@ -56,8 +56,16 @@ def jax_triton_available() -> bool:
     return importlib.util.find_spec("jax_triton") is not None
 
 
-def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref,
-                o_ref, hs_ref, ht_ref, *, scale, num_chunks, K, V):
+def _seg(rc_ref, rr_ref, c, rows):
+    return (rc_ref[rows, :], rr_ref[c, :, :]) if rc_ref is not None else None
+
+
+def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs,
+                scale, num_chunks, K, V, segmented):
+    rc_ref = rr_ref = None
+    if segmented:
+        rc_ref, rr_ref, *refs = refs
+    o_ref, hs_ref, ht_ref = refs
     b = pl.program_id(0)
     hh = pl.program_id(1)
     C = pm.CHUNK
@@ -70,7 +78,7 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
         rows = pl.ds(pl.multiple_of(c * C, C), C)
         o, h_next = pm.chunk_fwd(q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
                                  v_ref[rows, :].astype(_F32), G_ref[rows, :], beta_ref[rows, :],
-                                 glc_ref[c, :, :], h, scale)
+                                 glc_ref[c, :, :], h, scale, _seg(rc_ref, rr_ref, c, rows))
         o_ref[rows, :] = o.astype(o_ref.dtype)
 
         @pl.when((flags & pm.END) != 0)
@@ -83,8 +91,11 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
 
 def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, hs_ref, do_ref,
-                dht_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref,
-                *, scale, num_chunks, K, V):
+                dht_ref, *refs, scale, num_chunks, K, V, segmented):
+    rc_ref = rr_ref = None
+    if segmented:
+        rc_ref, rr_ref, *refs = refs
+    dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref = refs
     b = pl.program_id(0)
     hh = pl.program_id(1)
     C = pm.CHUNK
@@ -98,7 +109,7 @@ def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
         dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
             q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), v_ref[rows, :].astype(_F32),
             G_ref[rows, :], beta_ref[rows, :], glc_ref[c, :, :], hs_ref[c, :, :],
-            do_ref[rows, :], dhn, scale)
+            do_ref[rows, :], dhn, scale, _seg(rc_ref, rr_ref, c, rows))
         dq_ref[rows, :] = dq
         dk_ref[rows, :] = dk
         dv_ref[rows, :] = dv
@@ -120,6 +131,11 @@ def _bh(*block):
     return pl.BlockSpec((None, None) + block, lambda b, h: (b, h) + (0,) * len(block))
 
 
+def _b(*block):
+    """Whole per-batch-row slab (segment ranks are shared by the heads)."""
+    return pl.BlockSpec((None,) + block, lambda b, h: (b,) + (0,) * len(block))
+
+
 def _whole(shape):
     return pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
 
@@ -133,12 +149,16 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
     N = ch.h0.shape[0]
-    kernel = functools.partial(_fwd_kernel, scale=scale, num_chunks=NC, K=K, V=V)
+    segmented = ch.rc is not None
+    kernel = functools.partial(_fwd_kernel, scale=scale, num_chunks=NC, K=K, V=V,
+                               segmented=segmented)
+    seg_specs = [_b(Tp, 1), _b(NC, 1, pm.CHUNK)] if segmented else []
+    seg_args = (ch.rc, ch.rr) if segmented else ()
     return pl.pallas_call(
         kernel,
         grid=(B, H),
         in_specs=[_whole((NC,)), _whole((NC,)), _bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K),
-                  _bh(Tp, 1), _bh(NC, K, 1), _whole((N, H, K, V))],
+                  _bh(Tp, 1), _bh(NC, K, 1), _whole((N, H, K, V))] + seg_specs,
         out_specs=[_bh(Tp, V), _bh(NC, K, V), _whole((N, H, K, V))],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
                    jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
@@ -146,7 +166,7 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_fwd_gpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0)
+    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0, *seg_args)
 
 
 def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
@@ -154,13 +174,18 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
     N = ch.h0.shape[0]
-    kernel = functools.partial(_bwd_kernel, scale=scale, num_chunks=NC, K=K, V=V)
+    segmented = ch.rc is not None
+    kernel = functools.partial(_bwd_kernel, scale=scale, num_chunks=NC, K=K, V=V,
+                               segmented=segmented)
+    seg_specs = [_b(Tp, 1), _b(NC, 1, pm.CHUNK)] if segmented else []
+    seg_args = (ch.rc, ch.rr) if segmented else ()
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
         kernel,
         grid=(B, H),
         in_specs=[_whole((NC,)), _whole((NC,)), _bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K),
-                  _bh(Tp, 1), _bh(NC, K, 1), _bh(NC, K, V), _bh(Tp, V), _whole((N, H, K, V))],
+                  _bh(Tp, 1), _bh(NC, K, 1), _bh(NC, K, V), _bh(Tp, V), _whole((N, H, K, V))]
+        + seg_specs,
         out_specs=[_bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K), _bh(Tp, 1), _bh(NC, K, 1),
                    _whole((N, H, K, V))],
         out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
@@ -168,7 +193,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_bwd_gpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht)
+    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht, *seg_args)
 
 
 def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -177,7 +202,7 @@ def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_f
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas
-    interpret mode on any backend. `segment_ids` is not supported yet (NotImplementedError).
+    interpret mode on any backend.
     """
     return pm.kda_pallas(
         q, k, v, g, beta,

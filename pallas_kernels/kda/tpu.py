@@ -18,7 +18,10 @@ state `[K, V]` (float32) lives in a VMEM scratch buffer across it.
 
 Varlen (`cu_seqlens`) uses the chunk-aligned layout of `common.varlen_layout`: every sequence
 starts a new chunk; per-chunk sequence ids and START/END flags arrive by scalar prefetch (SMEM)
-and drive both the state resets and the index maps of `h0`/`ht`/`dht`/`dh0`.
+and drive both the state resets and the index maps of `h0`/`ht`/`dht`/`dh0`. `segment_ids`
+(resets anywhere inside a row) arrive as per-token "resets so far in this chunk" counts; the
+kernels mask the pair matrices to same-segment pairs, the state read to the chunk's first
+segment and the state write to its last.
 
 Blocks are `(64, K)` / `(64, V)` / `(K, V)`: the last two dims are full array dims or multiples of
 8, so they tile on real hardware; K = V = 128 (Kimi Linear) fills the MXU. Interpret mode checks
@@ -49,8 +52,12 @@ def _interpret_arg(interpret):
     return interpret
 
 
-def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref,
-                o_ref, hs_ref, ht_ref, state_ref, *, scale):
+def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs,
+                scale, segmented):
+    if segmented:
+        rc_ref, rr_ref, *refs = refs
+    o_ref, hs_ref, ht_ref, state_ref = refs
+    seg = (rc_ref[...], rr_ref[...]) if segmented else None
     c = pl.program_id(2)
     flags = flags_ref[c]
 
@@ -62,7 +69,7 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
     hs_ref[...] = h
     o, h_next = pm.chunk_fwd(q_ref[...].astype(_F32), k_ref[...].astype(_F32),
                              v_ref[...].astype(_F32), G_ref[...], beta_ref[...], glc_ref[...],
-                             h, scale)
+                             h, scale, seg)
     o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = h_next
 
@@ -72,8 +79,11 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
 
 def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, hs_ref, do_ref,
-                dht_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref, dstate_ref,
-                *, scale):
+                dht_ref, *refs, scale, segmented):
+    if segmented:
+        rc_ref, rr_ref, *refs = refs
+    dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref, dstate_ref = refs
+    seg = (rc_ref[...], rr_ref[...]) if segmented else None
     c = pl.num_programs(2) - 1 - pl.program_id(2)
     flags = flags_ref[c]
 
@@ -83,7 +93,7 @@ def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
     dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
         q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32), G_ref[...],
-        beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale)
+        beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale, seg)
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = dv
@@ -112,7 +122,10 @@ def _specs(B, H, NC, K, V, reverse):
                                    lambda b, h, c, seq, fl: (b, h, ch(c), 0, 0))
     per_seq_state = pl.BlockSpec((None, None, K, V),
                                  lambda b, h, c, seq, fl: (b + seq[ch(c)], h, 0, 0))
-    return tok, per_chunk_col, per_chunk_state, per_seq_state
+    # segment ranks (per batch row, shared by heads): a column and a row per chunk
+    seg_specs = [pl.BlockSpec((None, C, 1), lambda b, h, c, seq, fl: (b, ch(c), 0)),
+                 pl.BlockSpec((None, None, 1, C), lambda b, h, c, seq, fl: (b, ch(c), 0, 0))]
+    return tok, per_chunk_col, per_chunk_state, per_seq_state, seg_specs
 
 
 def _fwd(ch: pm.Chunked, scale, *, interpret):
@@ -120,16 +133,18 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
     N = ch.h0.shape[0]
-    tok, col, cstate, sstate = _specs(B, H, NC, K, V, reverse=False)
+    tok, col, cstate, sstate, seg_specs = _specs(B, H, NC, K, V, reverse=False)
+    segmented = ch.rc is not None
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(B, H, NC),
-        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, sstate],
+        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, sstate]
+        + (seg_specs if segmented else []),
         out_specs=[tok(V), cstate, sstate],
         scratch_shapes=[pltpu.VMEM((K, V), _F32)],
     )
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, scale=scale),
+        functools.partial(_fwd_kernel, scale=scale, segmented=segmented),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
                    jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
@@ -137,7 +152,8 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="kda_chunk_fwd_tpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0)
+    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0,
+      *((ch.rc, ch.rr) if segmented else ()))
 
 
 def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
@@ -145,24 +161,27 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
     N = ch.h0.shape[0]
-    tok, col, cstate, sstate = _specs(B, H, NC, K, V, reverse=True)
+    tok, col, cstate, sstate, seg_specs = _specs(B, H, NC, K, V, reverse=True)
+    segmented = ch.rc is not None
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(B, H, NC),
-        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, cstate, tok(V), sstate],
+        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, cstate, tok(V), sstate]
+        + (seg_specs if segmented else []),
         out_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, sstate],
         scratch_shapes=[pltpu.VMEM((K, V), _F32)],
     )
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
-        functools.partial(_bwd_kernel, scale=scale),
+        functools.partial(_bwd_kernel, scale=scale, segmented=segmented),
         grid_spec=grid_spec,
         out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
                    f32(B, H, Tp, 1), f32(B, H, NC, K, 1), f32(N, H, K, V)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="kda_chunk_bwd_tpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht)
+    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht,
+      *((ch.rc, ch.rr) if segmented else ()))
 
 
 def kda_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -172,7 +191,7 @@ def kda_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_f
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas TPU
     interpret mode (`pltpu.InterpretParams()`) on any backend; an `InterpretParams` instance is
-    passed through as is. `segment_ids` is not supported yet (NotImplementedError).
+    passed through as is.
     """
     interp = _interpret_arg(interpret)
     return pm.kda_pallas(

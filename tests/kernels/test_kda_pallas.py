@@ -36,16 +36,17 @@ def rel_err(ref, got):
     return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
 
 
-def value_and_grads(fn, inputs, do, dht, cu_seqlens=None, **kw):
+def value_and_grads(fn, inputs, do, dht, cu_seqlens=None, segment_ids=None, **kw):
     """(o, ht, grads of sum(o*do) + sum(ht*dht) w.r.t. q,k,v,g,beta,h0), jitted; cu_seqlens traced."""
 
-    def loss(q, k, v, g, beta, h0, cu):
-        o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, **kw)
+    def loss(q, k, v, g, beta, h0, cu, seg):
+        o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                   segment_ids=seg, **kw)
         val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht * dht)
         return val, (o, ht)
 
     grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
-    grads, (o, ht) = grad_fn(*inputs, cu_seqlens)
+    grads, (o, ht) = grad_fn(*inputs, cu_seqlens, segment_ids)
     return o, ht, grads
 
 
@@ -68,8 +69,13 @@ def random_case(seed, B, T, H, K, V, *, n_seq=None, min_log_decay=-1.0, dtype=jn
 
 
 @pytest.fixture(params=sorted(KERNELS))
-def kernel(request):
-    return KERNELS[request.param]
+def kernel_name(request):
+    return request.param
+
+
+@pytest.fixture
+def kernel(kernel_name):
+    return KERNELS[kernel_name]
 
 
 class TestKDAPallas:
@@ -88,9 +94,10 @@ class TestKDAPallas:
         for name, grad in zip(GRAD_NAMES, grads):
             assert rel_err(d[name], grad) <= TOL, name
 
-    def _check_against_recurrent(self, kernel, inputs, do, dht, cu=None, tol_out=TOL, **kw):
-        ref = value_and_grads(kda_recurrent, inputs, do, dht, cu, **kw)
-        got = value_and_grads(kernel, inputs, do, dht, cu, **kw)
+    def _check_against_recurrent(self, kernel, inputs, do, dht, cu=None, seg=None, tol_out=TOL,
+                                 **kw):
+        ref = value_and_grads(kda_recurrent, inputs, do, dht, cu, seg, **kw)
+        got = value_and_grads(kernel, inputs, do, dht, cu, seg, **kw)
         assert got[0].dtype == inputs[2].dtype and got[0].shape == ref[0].shape
         assert got[1].dtype == jnp.float32
         assert rel_err(ref[0], got[0]) <= tol_out, "o"
@@ -118,6 +125,18 @@ class TestKDAPallas:
         inputs, do, dht = random_case(3, B=1, T=130, H=2, K=16, V=32, n_seq=5, min_log_decay=-8.0)
         self._check_against_recurrent(kernel, inputs, do, dht, cu, use_qk_l2norm=True)
 
+    def test_segment_ids(self, kernel):
+        # in-row resets: mid-chunk, exactly at the chunk boundary (t=64), a 1-token segment,
+        # none in row 1; ids traced under jit
+        seg = np.zeros((2, 100), np.int32)
+        seg[0, 10:] += 1
+        seg[0, 64:] += 1
+        seg[0, 65:] += 1
+        seg[0, 90:] += 1
+        inputs, do, dht = random_case(7, B=2, T=100, H=2, K=16, V=16, min_log_decay=-6.0)
+        self._check_against_recurrent(kernel, inputs, do, dht, seg=jnp.asarray(seg),
+                                      use_qk_l2norm=True)
+
     def test_bf16_inputs(self, kernel):
         # bf16 q/k/v (f32 gates, beta, state): o and dq/dk/dv come back in bf16
         inputs, do, dht = random_case(4, B=1, T=70, H=2, K=16, V=16, min_log_decay=-3.0,
@@ -136,3 +155,36 @@ class TestKDAPallas:
         inputs, _, _ = random_case(6, B=1, T=8, H=1, K=16, V=16)
         with pytest.raises(ValueError, match="beta"):
             kernel(*inputs[:4], inputs[4][..., None])
+
+    @pytest.mark.parametrize("mode", ["segment_ids", "cu_seqlens"])
+    def test_lowers_for_hardware(self, kernel_name, mode):
+        """Forward+backward lower through the real Pallas lowering (Mosaic TPU / Triton) on CPU.
+
+        `jax.export` for platform tpu / cuda runs the kernel lowering to Mosaic / Triton IR, which
+        interpret mode skips; the hardware compilers (Mosaic layouts, VMEM limits, PTX) still only
+        run on a device.
+        """
+        from jax import export
+
+        B, T, H, K, V = (2, 128, 2, 128, 128) if mode == "segment_ids" else (1, 200, 2, 128, 128)
+        platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[kernel_name]
+        fn = {"pallas_tpu": kda_pallas_tpu, "pallas_gpu": kda_pallas_gpu}[kernel_name]
+        disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        sds = jax.ShapeDtypeStruct
+        bf16, f32 = jnp.bfloat16, jnp.float32
+        N = B if mode == "segment_ids" else 3
+
+        def loss(q, k, v, g, beta, h0, ids):
+            kw = {mode: ids}
+            o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                       use_qk_l2norm=True, **kw)
+            return jnp.sum(o.astype(f32)) + jnp.sum(ht)
+
+        ids = sds((B, T), jnp.int32) if mode == "segment_ids" else sds((N + 1,), jnp.int32)
+        exported = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(6)))),
+                                 platforms=[platform], disabled_checks=disabled)(
+            sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
+            sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
+        text = exported.mlir_module()
+        marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
+        assert text.count(marker) >= 2   # the forward and the backward kernel
