@@ -1,0 +1,116 @@
+import json
+import random
+
+import pytest
+
+from jaxllm.agent import protocol as P
+from jaxllm.agent import synth, tools
+from jaxllm.agent.wiki import RELATIONS, SimulatedWiki, WikiConfig
+
+
+@pytest.fixture(scope="module")
+def wk():
+    return SimulatedWiki(WikiConfig(seed=5))
+
+
+@pytest.fixture(scope="module")
+def records(wk):
+    return synth.synthesize(24, seed=5, hops=(1, 2, 3), obfuscate_prob=0.5, wiki=wk)
+
+
+def _answer_by_walk(wk, q):
+    """Follow the question's relations in the graph independently of the trajectory."""
+    cur = q.anchor
+    for rel in q.relations:
+        cur = wk.world.edges[(cur, rel)]
+    e = wk.world.entities[cur]
+    return str(e.attr(q.attribute)) if q.attribute else e.name
+
+
+def test_sampled_questions_have_the_graph_answer(wk):
+    rng = random.Random(0)
+    n = 0
+    for _ in range(300):
+        q = synth.sample_question(wk.world, rng, rng.choice([1, 2, 3, 4]))
+        if q is None:
+            continue
+        n += 1
+        assert q.answer == _answer_by_walk(wk, q)
+        assert q.hops == len(q.relations) + (q.attribute is not None)
+        for rel in q.relations:
+            assert f"the {RELATIONS[rel].phrase} of" in q.question
+        assert wk.world.entities[q.anchor].name in q.question
+    assert n > 200
+
+
+def test_obfuscated_anchor_is_described_uniquely_and_not_named(wk):
+    rng = random.Random(1)
+    seen = 0
+    for _ in range(300):
+        q = synth.sample_question(wk.world, rng, 2, obfuscate=True)
+        if q is None:
+            continue
+        seen += 1
+        anchor = wk.world.entities[q.anchor]
+        assert anchor.name not in q.question and q.anchor_text in q.question
+        same_kind = [e for e in wk.world.entities if e.kind == anchor.kind]
+        matches = [e for e in same_kind if synth.describe_anchor(wk.world, e.id) == q.anchor_text]
+        assert matches == [anchor]
+    assert seen > 50
+
+
+def test_synthesis_is_deterministic_and_distinct(wk, records):
+    again = synth.synthesize(24, seed=5, hops=(1, 2, 3), obfuscate_prob=0.5, wiki=wk)
+    assert again == records
+    assert len({r["question"] for r in records}) == len(records)
+    other = synth.synthesize(24, seed=6, hops=(1, 2, 3), obfuscate_prob=0.5, wiki=wk)
+    assert [r["question"] for r in other] != [r["question"] for r in records]
+    assert {r["hops"] for r in records} == {1, 2, 3}
+    assert any(r["obfuscated"] for r in records) and not all(r["obfuscated"] for r in records)
+
+
+def test_trajectories_follow_the_protocol_and_end_with_the_answer(records):
+    for r in records:
+        traj = r["trajectory"]
+        assert traj[0]["role"] == "system" and traj[1] == {"role": "user", "content": r["question"]}
+        steps = P.split_turns(traj)
+        for action, _ in steps[:-1]:
+            assert isinstance(action, P.ToolCall) and tools.validate_call(action) == []
+        final = steps[-1][0]
+        assert isinstance(final, P.Answer) and final.text == r["answer"]
+        assert P.parse_chat(P.render_chat(traj)) == traj
+        assert len(steps) - 1 >= r["hops"]  # at least one call per hop
+
+
+def test_trajectories_replay_identically_against_the_environment(wk, records):
+    ex = tools.ToolExecutor(wk.backends())
+    for r in records:
+        traj = r["trajectory"]
+        for i in range(2, len(traj) - 1, 2):
+            obs = ex.step(traj[i]["content"])
+            assert not obs.error
+            assert P.wrap_tool_response(obs.text) == traj[i + 1]["content"]
+
+
+def test_answer_appears_in_an_observation_before_it_is_given(records):
+    for r in records:
+        obs = " ".join(m["content"] for m in r["trajectory"][2:] if m["role"] == "user")
+        assert r["answer"] in obs
+
+
+def test_jsonl_export_round_trips(records, tmp_path):
+    path = tmp_path / "synth.jsonl"
+    synth.write_jsonl(records, str(path))
+    back = list(synth.read_jsonl(str(path)))
+    assert back == records
+    for line in path.read_text().splitlines():
+        assert {"question", "answer", "hops", "trajectory"} <= set(json.loads(line))
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="hops must be positive"):
+        synth.synthesize(1, hops=(0,))
+    with pytest.raises(ValueError, match="obfuscate_prob"):
+        synth.synthesize(1, obfuscate_prob=2.0)
+    with pytest.raises(ValueError, match="hops must be >= 1"):
+        synth.sample_question(SimulatedWiki(WikiConfig(seed=0)).world, random.Random(0), 0)
