@@ -213,7 +213,7 @@ def run_python(
     timeout_s: float = 10.0,
     memory_mb: int = 512,
     max_output_bytes: int = 64_000,
-    max_processes: int = 16,
+    max_processes: int = 8,
     disk_mb: int = 32,
     isolation: str = "auto",
     audit: bool = True,
@@ -518,7 +518,8 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
     realpath, fspath, normcase = os.path.realpath, os.fspath, os.path.normcase
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     work = realpath(workdir)
-    reads = tuple(realpath(p) for p in read_prefixes) + ("/dev/null", "/dev/urandom")
+    reads = tuple(realpath(p) for p in read_prefixes) + ("/dev/urandom", "/dev/zero")
+    writes = (work, "/dev/null")
     busy = [False]
 
     def within(path, roots):
@@ -535,7 +536,7 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
     def check(path, write, event):
         if path is None:
             return
-        if within(path, (work,)) or (not write and within(path, reads)):
+        if within(path, writes) or (not write and within(path, reads)):
             return
         raise PermissionError(f"sandbox: {event} of {path!r} denied (outside the working "
                               "directory)")

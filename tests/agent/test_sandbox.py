@@ -214,3 +214,28 @@ def test_argument_validation():
         run_python("print(1)", isolation="vm")
     with pytest.raises(ValueError, match="code must be a str"):
         run_python(b"print(1)")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_common_stdlib_use_works(cfg):
+    code = ("import os, json, re, math, datetime, collections, itertools, fractions, decimal, "
+            "statistics, random, hashlib, tempfile, io, csv, threading\n"
+            "open(os.devnull, 'w').write('x')\n"
+            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
+            "t = threading.Thread(target=lambda: print('thread ok'))\nt.start()\nt.join()\n"
+            "print(len(os.urandom(8)), statistics.mean([1, 2, 3]), "
+            "os.path.dirname(f.name) == os.getcwd())")
+    r = run_python(code, timeout_s=5, **cfg)
+    assert r.ok, r.error
+    assert r.output == "thread ok\n8 2 True\n"
+
+
+def test_symlink_out_of_the_workdir_is_denied(tmp_path):
+    secret = tmp_path / "s.txt"
+    secret.write_text("TOPSECRET")
+    os.chmod(tmp_path, 0o755)
+    code = f"import os\nos.symlink({str(secret)!r}, 'link')\nprint(open('link').read())"
+    for cfg in ({"isolation": "process"},) + (({"isolation": "namespace", "audit": False},)
+                                              if HAS_NS else ()):
+        r = run_python(code, timeout_s=5, **cfg)
+        assert not r.ok and "TOPSECRET" not in r.output
