@@ -178,3 +178,20 @@ def evaluate_jsonl(gold_path: str, pred_path: str | None = None, ks: Sequence[in
             raise ValueError(f"{pred_path}: no prediction for question {g['question'][:80]!r}")
         merged.append({**p, "answer": g["answer"]})
     return evaluate_records(merged, ks)
+
+
+def main(argv=None) -> int:
+    """``python -m jaxllm.agent.evaluate GOLD [PRED] --k 1 3``: print metrics as one JSON line."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="jaxllm.agent.evaluate", description=main.__doc__)
+    ap.add_argument("gold", help="JSONL of {question, answer[, prediction(s)]}")
+    ap.add_argument("pred", nargs="?", help="JSONL of {question, prediction(s)}, joined by question")
+    ap.add_argument("--k", type=int, nargs="+", default=[1], help="k values for pass@k")
+    args = ap.parse_args(argv)
+    print(json.dumps(evaluate_jsonl(args.gold, args.pred, ks=tuple(args.k))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -260,3 +260,25 @@ def read_jsonl(path: str) -> Iterator[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def main(argv=None) -> int:
+    """``python -m jaxllm.agent.synth --out F --n N --seed S``: write synthesized JSONL."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="jaxllm.agent.synth", description=main.__doc__)
+    ap.add_argument("--out", required=True, help="output JSONL path")
+    ap.add_argument("--n", type=int, required=True, help="number of questions")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the wiki and the sampler")
+    ap.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3], help="hop counts to draw")
+    ap.add_argument("--obfuscate-prob", type=float, default=0.3)
+    args = ap.parse_args(argv)
+    records = synthesize(args.n, seed=args.seed, hops=tuple(args.hops),
+                         obfuscate_prob=args.obfuscate_prob)
+    write_jsonl(records, args.out)
+    print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

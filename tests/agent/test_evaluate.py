@@ -66,3 +66,12 @@ def test_evaluate_records_and_files(tmp_path):
         E.evaluate_jsonl(str(gp), str(pp))
     with pytest.raises(ValueError, match="needs 'prediction' or 'predictions'"):
         E.evaluate_records([{"question": "q", "answer": "a"}])
+
+
+def test_module_entry_point(tmp_path, capsys):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"question": "q", "answer": "Paris", "predictions": ["paris", "x"]})
+                 + "\n")
+    assert E.main([str(p), "--k", "1", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["em"] == 0.5 and out["pass@2"] == 1.0

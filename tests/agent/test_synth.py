@@ -114,3 +114,11 @@ def test_argument_validation():
         synth.synthesize(1, obfuscate_prob=2.0)
     with pytest.raises(ValueError, match="hops must be >= 1"):
         synth.sample_question(SimulatedWiki(WikiConfig(seed=0)).world, random.Random(0), 0)
+
+
+def test_module_entry_point_writes_jsonl(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert synth.main(["--out", str(out), "--n", "3", "--seed", "2"]) == 0
+    rows = list(synth.read_jsonl(str(out)))
+    assert len(rows) == 3 and rows == synth.synthesize(3, seed=2)
+    assert json.loads(capsys.readouterr().out)["n"] == 3
