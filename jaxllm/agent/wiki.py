@@ -1,10 +1,13 @@
 """An offline "simulated wiki": seeded fictional entities and relations rendered as pages, with
 BM25 ``search`` and goal-focused ``visit``.
 
-Everything is deterministic for a seed. Retrieval is written as pure ``jnp`` functions on fixed-
-shape integer arrays (``bm25_topk``, ``visit_topk``), so a compiled rollout can run the
-environment step inside ``lax.scan``; the Python tools (``SimulatedWiki.search`` / ``visit``) call
-the very same jitted functions, so both paths rank identically by construction.
+Everything is deterministic for a seed. The environment step is written as pure ``jnp``
+functions on fixed-shape integer arrays: ``bm25_topk`` / ``visit_topk`` rank pages and sentences,
+and ``search_step`` / ``visit_step`` turn term ids of a call's queries (or URLs and goal) into the
+observation as a row of *piece ids* from a finite inventory (headers, rank numbers, titles,
+sentences). The Python tools (``SimulatedWiki.search`` / ``visit``) run the very same jitted step
+and join the pieces, so a compiled rollout inside ``lax.scan`` that gathers pre-tokenised pieces
+reproduces the Python observations exactly.
 
 World: countries, cities, people, organisations and universities. Every relation is functional
 (one object per subject), so a chain of relations from an entity has exactly one answer:
@@ -24,6 +27,7 @@ import dataclasses
 import functools
 import random
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +35,8 @@ import numpy as np
 
 __all__ = ["WikiConfig", "Entity", "Page", "Relation", "RELATIONS", "ATTRIBUTES", "World",
            "generate_world", "SimulatedWiki", "terms", "bm25_weights", "bm25_topk",
-           "visit_topk"]
+           "visit_topk",
+           "WikiArrays", "PieceLayout", "search_step", "visit_step", "match_titles"]
 
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the to was were "
@@ -59,6 +64,8 @@ class WikiConfig:
     n_distractors: int = 2      # distractor sentences per page
     search_top_k: int = 5       # results per search query
     visit_top_k: int = 3        # sentences per visited page
+    max_queries: int = 4        # queries run per search call
+    max_urls: int = 4           # pages opened per visit call
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -174,8 +181,8 @@ def generate_world(config: WikiConfig = WikiConfig()) -> World:
     def unique(make):
         for _ in range(1000):
             name = make()
-            key = " ".join(terms(name))
-            if name not in used and key and all(key != " ".join(terms(u)) for u in used):
+            key = frozenset(terms(name))  # visit resolves URLs by this set: keep it unique
+            if name not in used and key and all(key != frozenset(terms(u)) for u in used):
                 used.add(name)
                 return name
         raise RuntimeError("generate_world: could not draw a unique name; use fewer entities")
@@ -343,6 +350,170 @@ def visit_topk(sent_terms_DSL, sent_valid_DS, idf_V, doc_B, goal_terms_BG, goal_
     return jnp.where(valid, order, -1).astype(jnp.int32), jnp.where(valid, score, 0.0)
 
 
+class WikiArrays(NamedTuple):
+    """Device arrays of a wiki for the jnp environment step."""
+
+    weights_DV: jax.Array      # BM25 weight per (page, term)
+    idf_V: jax.Array
+    sent_terms_DSL: jax.Array  # distinct term ids of each sentence, -1 padded
+    sent_valid_DS: jax.Array
+    title_terms_DT: jax.Array  # sorted distinct term ids of each title, padded with V
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceLayout:
+    """Ids of the observation pieces (static, hashable: a jit static argument).
+
+    0 query separator, 1 newline, 2 snippet indent, 3 bullet, 4 page not found, 5 "only the
+    first N queries", 6 "only the first N URLs", then per query slot a header and a no-results
+    line, per rank a number, per page a search title line and a visit header, and per
+    (page, sentence slot) the sentence.
+    """
+
+    n_docs: int
+    max_sents: int
+    top_k: int
+    visit_k: int
+    max_queries: int
+    max_urls: int
+
+    SEP, NL, INDENT, BULLET, NOT_FOUND, MORE_QUERIES, MORE_URLS = range(7)
+
+    @property
+    def header(self):
+        return 7
+
+    @property
+    def no_results(self):
+        return self.header + self.max_queries
+
+    @property
+    def rank(self):
+        return self.no_results + self.max_queries
+
+    @property
+    def title(self):
+        return self.rank + self.top_k
+
+    @property
+    def visit_head(self):
+        return self.title + self.n_docs
+
+    @property
+    def sentence(self):
+        return self.visit_head + self.n_docs
+
+    @property
+    def size(self):
+        return self.sentence + self.n_docs * self.max_sents
+
+    @property
+    def search_len(self):
+        return self.max_queries * (2 + 5 * self.top_k) + 1
+
+    @property
+    def visit_len(self):
+        return self.max_urls * (2 + 2 * self.visit_k) + 1
+
+    def pieces(self, pages) -> list[str]:
+        out = ["\n=======\n", "\n", "\n   ", "\n- ", "The page could not be found.",
+               f"\n=======\n(Only the first {self.max_queries} queries were run.)",
+               f"\n=======\n(Only the first {self.max_urls} pages were opened.)"]
+        out += [f"Results for query {q + 1}:" for q in range(self.max_queries)]
+        out += [f"No results for query {q + 1}." for q in range(self.max_queries)]
+        out += [f"{r + 1}. " for r in range(self.top_k)]
+        out += [f"[{p.title}]({p.url})" for p in pages]
+        out += [f"From [{p.title}]({p.url}):" for p in pages]
+        for p in pages:
+            out += list(p.sentences) + [""] * (self.max_sents - len(p.sentences))
+        assert len(out) == self.size
+        return out
+
+
+def _compact(ids):
+    """Move the -1 entries of a 1-D id row to its end, keeping the order of the rest."""
+    return ids[jnp.argsort(ids < 0, stable=True)]
+
+
+@functools.partial(jax.jit, static_argnames=("n_vocab",))
+def match_titles(title_terms_DT, url_terms_UL, url_mask_UL, n_vocab: int):
+    """The page each URL names (its set of known terms equals a title's), or -1.
+
+    ``title_terms_DT`` holds sorted distinct term ids padded with ``n_vocab``.
+    """
+    n_vocab_pad = n_vocab
+    t = title_terms_DT.shape[1]
+    ids = jnp.sort(jnp.where(url_mask_UL, url_terms_UL, n_vocab_pad), axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] == ids[:, :-1]], -1)
+    ids = jnp.sort(jnp.where(dup, n_vocab_pad, ids), axis=-1)
+    n_distinct = (ids < n_vocab_pad).sum(-1)
+    if ids.shape[1] < t:
+        ids = jnp.pad(ids, ((0, 0), (0, t - ids.shape[1])), constant_values=n_vocab_pad)
+    match_UD = (ids[:, None, :t] == title_terms_DT[None]).all(-1)
+    match_UD &= ((n_distinct <= t) & (n_distinct > 0))[:, None]
+    return jnp.where(match_UD.any(-1), jnp.argmax(match_UD, -1), -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def search_step(arrays: WikiArrays, qterms_QL, qmask_QL, qvalid_Q, more, *, layout: PieceLayout):
+    """Piece ids ``[layout.search_len]`` (-1 padded at the end) of one ``search`` call.
+
+    Rows of ``qterms_QL`` are the call's queries (``qvalid_Q`` marks the real ones, at most
+    ``layout.max_queries``); ``more`` says more queries were asked than were run. vmap over a
+    batch of calls for a batched rollout.
+    """
+    lay = layout
+    k = lay.top_k
+    docs_QK, scores_QK = bm25_topk(arrays.weights_DV, qterms_QL, qmask_QL, k=k)
+    nq, nl = qterms_QL.shape
+    snip, _ = visit_topk(arrays.sent_terms_DSL, arrays.sent_valid_DS, arrays.idf_V,
+                         docs_QK.reshape(-1), jnp.repeat(qterms_QL, k, axis=0),
+                         jnp.repeat(qmask_QL, k, axis=0), k=1)
+    snip_QK = snip.reshape(nq, k)
+    hit_QK = (scores_QK > 0) & qvalid_Q[:, None]
+    q_idx = jnp.arange(nq)
+    r_idx = jnp.arange(k)
+    hits = jnp.stack([
+        jnp.full((nq, k), lay.NL), jnp.broadcast_to(lay.rank + r_idx, (nq, k)),
+        lay.title + docs_QK, jnp.full((nq, k), lay.INDENT),
+        lay.sentence + docs_QK * lay.max_sents + snip_QK], -1)          # [Q, K, 5]
+    hits = jnp.where(hit_QK[..., None], hits, -1).reshape(nq, 5 * k)
+    any_hit = hit_QK.any(-1)
+    sep = jnp.where((q_idx > 0) & qvalid_Q, lay.SEP, -1)
+    head = jnp.where(any_hit, lay.header + q_idx, lay.no_results + q_idx)
+    head = jnp.where(qvalid_Q, head, -1)
+    block = jnp.concatenate([sep[:, None], head[:, None], hits], -1).reshape(-1)
+    ids = jnp.concatenate([block, jnp.where(more, lay.MORE_QUERIES, -1)[None]])
+    return _compact(ids.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def visit_step(arrays: WikiArrays, url_terms_UL, url_mask_UL, uvalid_U, goal_terms_G,
+               goal_mask_G, more, *, layout: PieceLayout):
+    """Piece ids ``[layout.visit_len]`` (-1 padded at the end) of one ``visit`` call."""
+    lay = layout
+    nu = url_terms_UL.shape[0]
+    doc_U = match_titles(arrays.title_terms_DT, url_terms_UL, url_mask_UL,
+                         n_vocab=arrays.idf_V.shape[0])
+    found = (doc_U >= 0) & uvalid_U
+    sents_UK, _ = visit_topk(arrays.sent_terms_DSL, arrays.sent_valid_DS, arrays.idf_V,
+                             jnp.maximum(doc_U, 0), jnp.broadcast_to(goal_terms_G, (nu,) +
+                             goal_terms_G.shape), jnp.broadcast_to(goal_mask_G, (nu,) +
+                             goal_mask_G.shape), k=lay.visit_k)
+    ok_UK = (sents_UK >= 0) & found[:, None]
+    lines = jnp.stack([jnp.full(sents_UK.shape, lay.BULLET),
+                       lay.sentence + jnp.maximum(doc_U, 0)[:, None] * lay.max_sents + sents_UK],
+                      -1)
+    lines = jnp.where(ok_UK[..., None], lines, -1).reshape(nu, -1)
+    u_idx = jnp.arange(nu)
+    sep = jnp.where((u_idx > 0) & uvalid_U, lay.SEP, -1)
+    head = jnp.where(found, lay.visit_head + doc_U, lay.NOT_FOUND)
+    head = jnp.where(uvalid_U, head, -1)
+    block = jnp.concatenate([sep[:, None], head[:, None], lines], -1).reshape(-1)
+    ids = jnp.concatenate([block, jnp.where(more, lay.MORE_URLS, -1)[None]])
+    return _compact(ids.astype(jnp.int32))
+
+
 # ------------------------------------------------------------------------------------------
 # The environment
 # ------------------------------------------------------------------------------------------
@@ -350,9 +521,12 @@ def visit_topk(sent_terms_DSL, sent_valid_DS, idf_V, doc_B, goal_terms_BG, goal_
 class SimulatedWiki:
     """World + pages + BM25 index; ``search``/``visit`` return observation text.
 
-    Arrays for a compiled environment step: ``weights_DV`` (BM25), ``idf_V``,
-    ``sent_terms_DSL`` / ``sent_valid_DS`` (each page's sentences as distinct term ids), and
-    ``vocab`` (term -> id); ``encode(text, length)`` turns text into padded term ids.
+    Observations are sequences of *pieces* from a finite inventory (``pieces``, laid out by
+    ``layout``): headers, rank numbers, page titles, sentences. The environment step computes
+    piece ids with pure jnp (``search_step`` / ``visit_step`` on ``arrays()``), and ``search`` /
+    ``visit`` are exactly ``join`` of those ids, so a compiled rollout that tokenises each piece
+    once and gathers piece tokens produces the same observation as this Python path.
+    ``vocab`` maps terms to ids; ``encode(text, length)`` turns text into padded term ids.
     """
 
     def __init__(self, config: WikiConfig = WikiConfig()):
@@ -380,6 +554,16 @@ class SimulatedWiki:
             for s, ids in enumerate(page):
                 self.sent_terms_DSL[d, s, :len(ids)] = ids
                 self.sent_valid_DS[d, s] = True
+        titles = [sorted({vocab[w] for w in terms(p.title)}) for p in self.pages]
+        max_t = max(len(t) for t in titles)
+        self.title_terms_DT = np.full((len(self.pages), max_t), len(vocab), np.int32)
+        for d, ids in enumerate(titles):
+            self.title_terms_DT[d, :len(ids)] = ids
+        self.layout = PieceLayout(n_docs=len(self.pages), max_sents=max_s,
+                                  top_k=config.search_top_k, visit_k=config.visit_top_k,
+                                  max_queries=config.max_queries, max_urls=config.max_urls)
+        self.pieces = self.layout.pieces(self.pages)
+        self._arrays = self.arrays()
 
     # -- term ids ---------------------------------------------------------------------------
     def encode(self, text: str, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -411,41 +595,75 @@ class SimulatedWiki:
         return [int(s) for s in np.asarray(sents[0]) if s >= 0]
 
     # -- tools ------------------------------------------------------------------------------
-    def _snippet(self, doc: int, query: str) -> str:
-        return self.pages[doc].sentences[self.relevant_sentences(doc, query, k=1)[0]]
+    def arrays(self) -> "WikiArrays":
+        return WikiArrays(jnp.asarray(self.weights_DV), jnp.asarray(self.idf_V),
+                          jnp.asarray(self.sent_terms_DSL), jnp.asarray(self.sent_valid_DS),
+                          jnp.asarray(self.title_terms_DT))
+
+    def _encode_many(self, texts: list[str], rows: int):
+        ids = [i[m] for i, m in map(self.encode, texts)]
+        length = 16 * max(1, -(-max([len(i) for i in ids] + [1]) // 16))
+        out = np.zeros((rows, length), np.int32)
+        mask = np.zeros((rows, length), bool)
+        for r, i in enumerate(ids):
+            out[r, :len(i)] = i
+            mask[r, :len(i)] = True
+        valid = np.zeros((rows,), bool)
+        valid[:len(texts)] = True
+        return out, mask, valid
+
+    def join(self, piece_ids) -> str:
+        """Observation text of a piece-id row (``-1`` entries are padding)."""
+        return "".join(self.pieces[int(i)] for i in np.asarray(piece_ids) if i >= 0)
+
+    def search_ids(self, queries: list[str]) -> np.ndarray:
+        """Piece ids of the ``search`` observation (the jnp environment step, run once)."""
+        lay = self.layout
+        q, m, valid = self._encode_many(list(queries[:lay.max_queries]), lay.max_queries)
+        return np.asarray(search_step(self._arrays, jnp.asarray(q), jnp.asarray(m),
+                                      jnp.asarray(valid), len(queries) > lay.max_queries,
+                                      layout=lay))
+
+    def visit_ids(self, urls, goal: str) -> np.ndarray:
+        """Piece ids of the ``visit`` observation (the jnp environment step, run once)."""
+        lay = self.layout
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        u, um, valid = self._encode_many(urls[:lay.max_urls], lay.max_urls)
+        g, gm, _ = self._encode_many([goal], 1)
+        return np.asarray(visit_step(self._arrays, jnp.asarray(u), jnp.asarray(um),
+                                     jnp.asarray(valid), jnp.asarray(g[0]), jnp.asarray(gm[0]),
+                                     len(urls) > lay.max_urls, layout=lay))
 
     def search(self, queries: list[str]) -> str:
-        """Observation for ``search(query=[...])``: per query, titles, URLs and best snippet."""
-        blocks = []
-        for q in queries:
-            hits = self.rank(q)
-            if not hits:
-                blocks.append(f"No results for '{q}'.")
-                continue
-            lines = [f"Results for '{q}' ({len(hits)}):"]
-            for i, (d, _) in enumerate(hits, 1):
-                p = self.pages[d]
-                lines.append(f"{i}. [{p.title}]({p.url})\n   {self._snippet(d, q)}")
-            blocks.append("\n".join(lines))
-        return "\n=======\n".join(blocks)
+        """Observation for ``search(query=[...])``: per query, the top pages' titles, URLs and
+        the sentence of each page most relevant to the query. At most ``max_queries`` queries
+        are run (a note says so when more were given)."""
+        return self.join(self.search_ids(queries))
 
     def visit(self, urls, goal: str) -> str:
-        """Observation for ``visit(url=..., goal=...)``: the goal-relevant sentences per page."""
-        if isinstance(urls, str):
-            urls = [urls]
-        blocks = []
-        for url in urls:
-            doc = self.url_to_doc.get(url)
-            if doc is None:
-                blocks.append(f"The page {url} could not be found.")
-                continue
-            p = self.pages[doc]
-            sents = [p.sentences[i] for i in self.relevant_sentences(doc, goal)]
-            blocks.append(f"From {p.url} ({p.title}), for the goal '{goal}':\n"
-                          + "\n".join(f"- {s}" for s in sents))
-        return "\n=======\n".join(blocks)
+        """Observation for ``visit(url=..., goal=...)``: the goal-relevant sentences per page.
+        A URL names a page by the set of known words in it (``wiki://Title_Words``)."""
+        return self.join(self.visit_ids(urls, goal))
+
+    def resolve_url(self, url: str) -> int:
+        """The page a URL names, or -1 (same rule as the jnp ``visit_step``)."""
+        u, um, _ = self._encode_many([url], 1)
+        return int(np.asarray(match_titles(self._arrays.title_terms_DT, jnp.asarray(u),
+                                           jnp.asarray(um), n_vocab=len(self.vocab)))[0])
 
     def backends(self) -> dict:
         """``tools.ToolExecutor`` backends for ``search`` and ``visit``."""
         return {"search": lambda args, code: self.search(args["query"]),
                 "visit": lambda args, code: self.visit(args["url"], args["goal"])}
+
+    def term_table(self, token_strings) -> np.ndarray:
+        """For a tokenizer vocabulary (``token_strings[i]`` = text of token i): the wiki term id
+        each token stands for, or -1. A token maps when its text analyses to exactly one known
+        term; a compiled rollout uses this table to turn generated query tokens into term ids
+        (exact for word-level vocabularies; sub-word pieces map to -1)."""
+        out = np.full((len(token_strings),), -1, np.int32)
+        for i, t in enumerate(token_strings):
+            ws = terms(t)
+            if len(ws) == 1 and ws[0] in self.vocab:
+                out[i] = self.vocab[ws[0]]
+        return out

@@ -165,3 +165,54 @@ def test_backends_plug_into_the_executor(wk):
     obs = ex.step('<think>x</think><tool_call>{"name": "visit", "arguments": {"url": '
                   f'"{wk.pages[5].url}", "goal": "capital"}}}}</tool_call>')
     assert not obs.error and wk.pages[5].title in obs.text
+
+
+def test_observations_are_joins_of_piece_ids_from_the_jnp_step(wk):
+    lay = wk.layout
+    assert len(wk.pieces) == lay.size
+    queries = [wk.pages[3].title, "capital of nowhere zzz", "zzz", f"where {wk.pages[70].title} was born"]
+    ids = wk.search_ids(queries)
+    assert ids.shape == (lay.search_len,) and (ids[(ids >= 0).sum():] == -1).all()
+    text = wk.search(queries)
+    assert text == wk.join(ids)
+    assert "No results for query 3." in text and text.count("=======") == 3
+    assert wk.search(["capital"] * (lay.max_queries + 2)).endswith(
+        f"(Only the first {lay.max_queries} queries were run.)")
+    urls = [wk.pages[9].url, "wiki://No_Such_Page", wk.pages[9].url.lower().replace("_", " ")]
+    vtext = wk.visit(urls, "where founded")
+    assert vtext == wk.join(wk.visit_ids(urls, "where founded"))
+    assert vtext.count(f"From [{wk.pages[9].title}]({wk.pages[9].url}):") == 2
+    assert "The page could not be found." in vtext
+
+
+def test_batched_search_step_under_vmap_and_scan_equals_the_python_tool(wk):
+    lay = wk.layout
+    calls = [[wk.pages[i].title, f"the capital of {wk.pages[i].title}"] for i in range(0, 40, 5)]
+    enc = [wk._encode_many(c, lay.max_queries) for c in calls]
+    length = max(e[0].shape[1] for e in enc)
+    pad = lambda a: np.pad(a, ((0, 0), (0, length - a.shape[1])))
+    q = jnp.asarray(np.stack([pad(e[0]) for e in enc]))
+    m = jnp.asarray(np.stack([pad(e[1]) for e in enc]))
+    v = jnp.asarray(np.stack([e[2] for e in enc]))
+    arrays = wk.arrays()
+    step = jax.vmap(lambda a, b, c: W.search_step(arrays, a, b, c, False, layout=lay))
+    ids_B = jax.jit(step)(q, m, v)
+    _, scanned = jax.lax.scan(
+        lambda c, x: (c, W.search_step(arrays, *x, False, layout=lay)), 0, (q, m, v))
+    np.testing.assert_array_equal(ids_B, scanned)
+    for b, c in enumerate(calls):
+        assert wk.join(ids_B[b]) == wk.search(c)
+
+
+def test_url_resolution(wk):
+    p = wk.pages[17]
+    assert wk.resolve_url(p.url) == p.doc
+    assert wk.resolve_url("https://" + p.title.upper().replace(" ", "-")) == p.doc
+    assert wk.resolve_url(p.url + "_Extra_" + wk.pages[18].title) == -1
+    assert wk.resolve_url("wiki://") == -1
+
+
+def test_term_table_maps_word_tokens(wk):
+    name_word = W.terms(wk.pages[0].title)[0]
+    table = wk.term_table([name_word, " " + name_word.capitalize(), "the", "zz", "a b"])
+    assert table.tolist() == [wk.vocab[name_word], wk.vocab[name_word], -1, -1, -1]
