@@ -273,7 +273,9 @@ def run_python(
             "memory_bytes": memory_mb * 1024 * 1024,
             "fsize_bytes": disk_mb * 1024 * 1024,
             "disk_mb": disk_mb,
-            "nproc": max_processes,
+            # RLIMIT_NPROC counts every process of the real uid, so it is only meaningful for
+            # the throwaway uid; for a shared uid it would count unrelated processes.
+            "nproc": max_processes if uid is not None else None,
             "audit": audit,
             "readonly": _readonly_paths(),
             "symlinks": _symlinks(),
@@ -479,7 +481,8 @@ def _set_limits(spec) -> None:
     lim(resource.RLIMIT_FSIZE, spec["fsize_bytes"])
     lim(resource.RLIMIT_NOFILE, 64)
     lim(resource.RLIMIT_CORE, 0)
-    lim(resource.RLIMIT_NPROC, spec["nproc"])
+    if spec["nproc"] is not None:
+        lim(resource.RLIMIT_NPROC, spec["nproc"])
 
 
 def _drop_privileges(spec) -> None:
