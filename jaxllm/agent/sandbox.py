@@ -184,25 +184,22 @@ def _live_pids_of_uid(uid: int) -> list[int]:
 def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
     """Kill every process owned by ``uid``; wait until none is left (zombies aside).
 
-    A forked helper becomes ``uid`` and calls kill(-1, SIGKILL), which reaches every process of
+    A helper process started as ``uid`` calls kill(-1, SIGKILL), which reaches every process of
     that uid, including stragglers that left the process group and processes of a PID namespace
-    still being torn down. Returns True when none is left.
+    still being torn down. The helper is spawned with ``subprocess`` (fork+exec in C), not
+    ``os.fork``, because the host process may be multi-threaded (JAX). Returns True when none
+    is left.
     """
     if os.geteuid() != 0:
         return True
+    killer = ["/bin/sh", "-c", "kill -9 -1"]  # the shell's builtin kill: kill(-1, SIGKILL)
     deadline = time.monotonic() + wait_s
     while _live_pids_of_uid(uid):
         if time.monotonic() > deadline:
             return False
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the forked helper
-            try:
-                os.setgid(uid)
-                os.setuid(uid)
-                os.kill(-1, signal.SIGKILL)
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+        subprocess.run(killer, user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                       env={}, cwd="/")
         time.sleep(0.01)
     return True
 

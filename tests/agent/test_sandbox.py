@@ -239,3 +239,19 @@ def test_symlink_out_of_the_workdir_is_denied(tmp_path):
                                               if HAS_NS else ()):
         r = run_python(code, timeout_s=5, **cfg)
         assert not r.ok and "TOPSECRET" not in r.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
+def test_kill_uid_kills_processes_that_left_the_process_group():
+    import subprocess
+
+    uid = sandbox._UID_BASE + 999_999
+    procs = [subprocess.Popen(["/bin/sh", "-c", "sleep 60"], user=uid, group=uid,
+                              extra_groups=[], start_new_session=True, cwd="/")
+             for _ in range(3)]
+    assert len(sandbox._live_pids_of_uid(uid)) >= 3
+    t0 = time.monotonic()
+    assert sandbox._kill_uid(uid)
+    assert time.monotonic() - t0 < 3
+    assert [p.wait(timeout=5) for p in procs] == [-9, -9, -9]
+    assert sandbox._live_pids_of_uid(uid) == []
