@@ -228,16 +228,39 @@ def _intra(q, k, v, G, beta, glc, scale, seg=None):
     return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl, decay, same)
 
 
+def chunk_intra(q, k, v, G, beta, glc, scale, seg=None):
+    """The state-independent part of a chunk (parallel over chunks).
+
+    Returns (W [C,K], U [C,V], A [C,C], qg [C,K] = s q Gamma, kd [C,K] = k exp(gl - G),
+    decay [K,1] = exp(gl)), with segment masks applied when `seg` is given.
+    """
+    it = _intra(q, k, v, G, beta, glc, scale, seg)
+    return it.W, it.U, it.A, scale * q * it.gamma, it.kd, it.decay
+
+
+def state_fwd_step(W, U, A, qg, kd, decay, h):
+    """One chunk of the sequential state pass: (o [C,V], state after the chunk [K,V]).
+
+    Column-separable in V: any V-slice of U and h gives that slice of o and of the new state.
+    """
+    D = U - _dot(W, h)
+    o = _dot(qg, h) + _dot(A, D)
+    return o, decay * h + _dot_tn(kd, D)
+
+
+def state_bwd_step(W, A, qg, kd, decay, do, dhn):
+    """One chunk of the reverse state-cotangent pass: dh (cotangent of the chunk-initial state)
+    from dhn (cotangent of the state after the chunk). Column-separable in V like the forward."""
+    dD = _dot_tn(A, do) + _dot(kd, dhn)
+    return _dot_tn(qg, do) - _dot_tn(W, dD) + decay * dhn
+
+
 def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None):
     """One chunk forward. q,k,G [C,K]; v [C,V]; beta [C,1]; glc [K,1] = G[C-1] as a column;
     h [K,V] chunk-initial state; seg: optional segment ranks (see `_segment_masks`): the state
     resets to zero where the rank steps up. Returns (o [C,V], state after the chunk [K,V]),
     all float32."""
-    it = _intra(q, k, v, G, beta, glc, scale, seg)
-    D = it.U - _dot(it.W, h)
-    o = _dot(scale * q * it.gamma, h) + _dot(it.A, D)
-    h_next = it.decay * h + _dot_tn(it.kd, D)
-    return o, h_next
+    return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg), h)
 
 
 def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None):

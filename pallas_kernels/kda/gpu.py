@@ -56,144 +56,226 @@ def jax_triton_available() -> bool:
     return importlib.util.find_spec("jax_triton") is not None
 
 
-def _seg(rc_ref, rr_ref, c, rows):
-    return (rc_ref[rows, :], rr_ref[c, :, :]) if rc_ref is not None else None
+BLOCK_V = 64   # V-slice per program of the sequential state passes
 
 
-def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs,
-                scale, num_chunks, K, V, segmented):
-    rc_ref = rr_ref = None
-    if segmented:
-        rc_ref, rr_ref, *refs = refs
-    o_ref, hs_ref, ht_ref = refs
-    b = pl.program_id(0)
-    hh = pl.program_id(1)
+def _chunk_refs(refs, segmented):
+    """Split the per-chunk input refs (q, k, v, G, beta, glc[, rc, rr]) from the rest."""
+    n = 8 if segmented else 6
+    ins, rest = refs[:n], refs[n:]
+    q, k, v, G, beta, glc = (r[...] for r in ins[:6])
+    seg = (ins[6][...], ins[7][...]) if segmented else None
+    return (q.astype(_F32), k.astype(_F32), v.astype(_F32), G, beta, glc, seg), rest
+
+
+def _intra_kernel(*refs, scale, segmented):
+    """Grid (B, H, NC), all parallel: the state-independent part of one chunk."""
+    (q, k, v, G, beta, glc, seg), outs = _chunk_refs(refs, segmented)
+    W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref = outs
+    W, U, A, qg, kd, decay = pm.chunk_intra(q, k, v, G, beta, glc, scale, seg)
+    W_ref[...] = W
+    U_ref[...] = U
+    A_ref[...] = A
+    qg_ref[...] = qg
+    kd_ref[...] = kd
+    decay_ref[...] = decay
+
+
+def _state_fwd_kernel(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref, h0_ref,
+                      o_ref, hs_ref, ht_ref, *, num_chunks, K, BV):
+    """Grid (B, H, V/BV): one program walks all chunks of one (batch, head, V-slice)."""
+    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     C = pm.CHUNK
+    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
 
     def body(c, state):
         flags = flags_ref[c]
         n = b + seq_ref[c]
-        h = jnp.where((flags & pm.START) != 0, h0_ref[n, hh, :, :], state)
+        h = jnp.where((flags & pm.START) != 0, h0_ref[n, hh, :, cols], state)
         hs_ref[c, :, :] = h
         rows = pl.ds(pl.multiple_of(c * C, C), C)
-        o, h_next = pm.chunk_fwd(q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
-                                 v_ref[rows, :].astype(_F32), G_ref[rows, :], beta_ref[rows, :],
-                                 glc_ref[c, :, :], h, scale, _seg(rc_ref, rr_ref, c, rows))
+        o, h_next = pm.state_fwd_step(W_ref[rows, :], U_ref[rows, :], A_ref[rows, :],
+                                      qg_ref[rows, :], kd_ref[rows, :], decay_ref[c, :, :], h)
         o_ref[rows, :] = o.astype(o_ref.dtype)
 
         @pl.when((flags & pm.END) != 0)
         def _():
-            ht_ref[n, hh, :, :] = h_next
+            ht_ref[n, hh, :, cols] = h_next
 
         return h_next
 
-    lax.fori_loop(0, num_chunks, body, jnp.zeros((K, V), _F32))
+    lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, hs_ref, do_ref,
-                dht_ref, *refs, scale, num_chunks, K, V, segmented):
-    rc_ref = rr_ref = None
-    if segmented:
-        rc_ref, rr_ref, *refs = refs
-    dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref = refs
-    b = pl.program_id(0)
-    hh = pl.program_id(1)
+def _state_bwd_kernel(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, decay_ref, do_ref, dht_ref,
+                      dhs_ref, dh0_ref, *, num_chunks, K, BV):
+    """Grid (B, H, V/BV), chunks in reverse: dhs[c] = cotangent of the state after chunk c."""
+    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     C = pm.CHUNK
+    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
 
     def body(i, dstate):
         c = num_chunks - 1 - i
         flags = flags_ref[c]
         n = b + seq_ref[c]
-        dhn = jnp.where((flags & pm.END) != 0, dht_ref[n, hh, :, :], dstate)
+        dhn = jnp.where((flags & pm.END) != 0, dht_ref[n, hh, :, cols], dstate)
+        dhs_ref[c, :, :] = dhn
         rows = pl.ds(pl.multiple_of(c * C, C), C)
-        dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
-            q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), v_ref[rows, :].astype(_F32),
-            G_ref[rows, :], beta_ref[rows, :], glc_ref[c, :, :], hs_ref[c, :, :],
-            do_ref[rows, :], dhn, scale, _seg(rc_ref, rr_ref, c, rows))
-        dq_ref[rows, :] = dq
-        dk_ref[rows, :] = dk
-        dv_ref[rows, :] = dv
-        dG_ref[rows, :] = dG
-        dbeta_ref[rows, :] = dbeta
-        dglc_ref[c, :, :] = dglc
+        dh = pm.state_bwd_step(W_ref[rows, :], A_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :],
+                               decay_ref[c, :, :], do_ref[rows, :].astype(_F32), dhn)
 
         @pl.when((flags & pm.START) != 0)
         def _():
-            dh0_ref[n, hh, :, :] = dh
+            dh0_ref[n, hh, :, cols] = dh
 
         return dh
 
-    lax.fori_loop(0, num_chunks, body, jnp.zeros((K, V), _F32))
+    lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _bh(*block):
-    """Whole per-(batch, head) slab: leading two dims squeezed, the rest full."""
-    return pl.BlockSpec((None, None) + block, lambda b, h: (b, h) + (0,) * len(block))
+def _grads_kernel(*refs, scale, segmented):
+    """Grid (B, H, NC), all parallel: every input gradient of one chunk, given the chunk's
+    initial state and the cotangent of the state after it (the intra part is recomputed)."""
+    (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
+    hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
+    dq, dk, dv, dG, dbeta, dglc, _ = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...],
+                                                  dhs_ref[...], scale, seg)
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+    dG_ref[...] = dG
+    dbeta_ref[...] = dbeta
+    dglc_ref[...] = dglc
 
 
-def _b(*block):
-    """Whole per-batch-row slab (segment ranks are shared by the heads)."""
-    return pl.BlockSpec((None,) + block, lambda b, h: (b,) + (0,) * len(block))
+# BlockSpecs --------------------------------------------------------------------------------------
+
+def _chunk_spec(width):
+    """[B,H,Tp,width] -> one chunk (64 rows) per (b, h, c)."""
+    return pl.BlockSpec((None, None, pm.CHUNK, width), lambda b, h, c: (b, h, c, 0))
+
+
+def _per_chunk_spec(*block):
+    """[B,H,NC,*block] -> one chunk's entry per (b, h, c)."""
+    return pl.BlockSpec((None, None, None) + block, lambda b, h, c: (b, h, c) + (0,) * len(block))
+
+
+def _chunk_input_specs(K, V, segmented):
+    C = pm.CHUNK
+    specs = [_chunk_spec(K), _chunk_spec(K), _chunk_spec(V), _chunk_spec(K), _chunk_spec(1),
+             _per_chunk_spec(K, 1)]
+    if segmented:  # segment ranks are per batch row, shared by the heads
+        specs += [pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0)),
+                  pl.BlockSpec((None, None, 1, C), lambda b, h, c: (b, c, 0, 0))]
+    return specs
+
+
+def _chunk_inputs(ch: pm.Chunked):
+    seg = (ch.rc, ch.rr) if ch.rc is not None else ()
+    return (ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc) + seg
+
+
+def _seq_spec(*block):
+    """[B,H,*block] -> the whole slab of one (b, h), for programs that walk the chunks."""
+    return pl.BlockSpec((None, None) + block, lambda b, h, vb: (b, h) + (0,) * len(block))
+
+
+def _seq_vspec(*block, BV):
+    """[B,H,*block] with V last -> one (b, h) and one V-slice."""
+    nd = len(block)
+    return pl.BlockSpec((None, None) + block[:-1] + (BV,),
+                        lambda b, h, vb: (b, h) + (0,) * (nd - 1) + (vb,))
 
 
 def _whole(shape):
-    return pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 def _params():
     return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
+def _intra(ch: pm.Chunked, scale, interpret):
+    B, H, Tp, K = ch.q.shape
+    V = ch.v.shape[-1]
+    C = pm.CHUNK
+    NC = Tp // C
+    segmented = ch.rc is not None
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+    return pl.pallas_call(
+        functools.partial(_intra_kernel, scale=scale, segmented=segmented),
+        grid=(B, H, NC),
+        in_specs=_chunk_input_specs(K, V, segmented),
+        out_specs=[_chunk_spec(K), _chunk_spec(V), _chunk_spec(C), _chunk_spec(K), _chunk_spec(K),
+                   _per_chunk_spec(K, 1)],
+        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, C), f32(B, H, Tp, K),
+                   f32(B, H, Tp, K), f32(B, H, NC, K, 1)],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="kda_chunk_intra_gpu",
+    )(*_chunk_inputs(ch))
+
+
 def _fwd(ch: pm.Chunked, scale, *, interpret):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
-    NC = Tp // pm.CHUNK
+    C = pm.CHUNK
+    NC = Tp // C
     N = ch.h0.shape[0]
-    segmented = ch.rc is not None
-    kernel = functools.partial(_fwd_kernel, scale=scale, num_chunks=NC, K=K, V=V,
-                               segmented=segmented)
-    seg_specs = [_b(Tp, 1), _b(NC, 1, pm.CHUNK)] if segmented else []
-    seg_args = (ch.rc, ch.rr) if segmented else ()
+    BV = min(BLOCK_V, V)
+    W, U, A, qg, kd, decay = _intra(ch, scale, interpret)
     return pl.pallas_call(
-        kernel,
-        grid=(B, H),
-        in_specs=[_whole((NC,)), _whole((NC,)), _bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K),
-                  _bh(Tp, 1), _bh(NC, K, 1), _whole((N, H, K, V))] + seg_specs,
-        out_specs=[_bh(Tp, V), _bh(NC, K, V), _whole((N, H, K, V))],
+        functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV),
+        grid=(B, H, V // BV),
+        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_vspec(Tp, V, BV=BV),
+                  _seq_spec(Tp, C), _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
+                  _whole((N, H, K, V))],
+        out_specs=[_seq_vspec(Tp, V, BV=BV), _seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
                    jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
                    jax.ShapeDtypeStruct((N, H, K, V), _F32)],
         compiler_params=_params(),
         interpret=interpret,
-        name="kda_chunk_fwd_gpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0, *seg_args)
+        name="kda_state_fwd_gpu",
+    )(ch.seq, ch.flags, W, U, A, qg, kd, decay, ch.h0)
 
 
 def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
-    NC = Tp // pm.CHUNK
+    C = pm.CHUNK
+    NC = Tp // C
     N = ch.h0.shape[0]
+    BV = min(BLOCK_V, V)
     segmented = ch.rc is not None
-    kernel = functools.partial(_bwd_kernel, scale=scale, num_chunks=NC, K=K, V=V,
-                               segmented=segmented)
-    seg_specs = [_b(Tp, 1), _b(NC, 1, pm.CHUNK)] if segmented else []
-    seg_args = (ch.rc, ch.rr) if segmented else ()
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-    return pl.pallas_call(
-        kernel,
-        grid=(B, H),
-        in_specs=[_whole((NC,)), _whole((NC,)), _bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K),
-                  _bh(Tp, 1), _bh(NC, K, 1), _bh(NC, K, V), _bh(Tp, V), _whole((N, H, K, V))]
-        + seg_specs,
-        out_specs=[_bh(Tp, K), _bh(Tp, K), _bh(Tp, V), _bh(Tp, K), _bh(Tp, 1), _bh(NC, K, 1),
-                   _whole((N, H, K, V))],
-        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
-                   f32(B, H, Tp, 1), f32(B, H, NC, K, 1), f32(N, H, K, V)],
+    W, _, A, qg, kd, decay = _intra(ch, scale, interpret)   # recompute (U is unused here)
+    dhs, dh0 = pl.pallas_call(
+        functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV),
+        grid=(B, H, V // BV),
+        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_spec(Tp, C),
+                  _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
+                  _seq_vspec(Tp, V, BV=BV), _whole((N, H, K, V))],
+        out_specs=[_seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
+        out_shape=[f32(B, H, NC, K, V), f32(N, H, K, V)],
         compiler_params=_params(),
         interpret=interpret,
-        name="kda_chunk_bwd_gpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht, *seg_args)
+        name="kda_state_bwd_gpu",
+    )(ch.seq, ch.flags, W, A, qg, kd, decay, do, dht)
+    grads = pl.pallas_call(
+        functools.partial(_grads_kernel, scale=scale, segmented=segmented),
+        grid=(B, H, NC),
+        in_specs=_chunk_input_specs(K, V, segmented)
+        + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],
+        out_specs=[_chunk_spec(K), _chunk_spec(K), _chunk_spec(V), _chunk_spec(K),
+                   _chunk_spec(1), _per_chunk_spec(K, 1)],
+        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
+                   f32(B, H, Tp, 1), f32(B, H, NC, K, 1)],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="kda_chunk_grads_gpu",
+    )(*_chunk_inputs(ch), hs, dhs, do)
+    return (*grads, dh0)
 
 
 def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
