@@ -255,3 +255,15 @@ def test_kill_uid_kills_processes_that_left_the_process_group():
     assert time.monotonic() - t0 < 3
     assert [p.wait(timeout=5) for p in procs] == [-9, -9, -9]
     assert sandbox._live_pids_of_uid(uid) == []
+
+
+@pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
+def test_user_process_has_no_way_back_to_privileges():
+    code = ("import ctypes, os\nlibc = ctypes.CDLL('libc.so.6', use_errno=True)\n"
+            "print(libc.prctl(39, 0, 0, 0, 0))\n"           # PR_GET_NO_NEW_PRIVS
+            "print(libc.unshare(0x10000000))\n"             # CLONE_NEWUSER: refused when chrooted
+            "print(libc.unshare(0x00020000))\n"             # CLONE_NEWNS: needs CAP_SYS_ADMIN
+            "try:\n    os.chroot('.')\nexcept PermissionError:\n    print('chroot denied')\n")
+    r = run_python(code, timeout_s=5, isolation="namespace", audit=False)
+    assert r.ok, r.error
+    assert r.output.split("\n")[:4] == ["1", "-1", "-1", "chroot denied"]
