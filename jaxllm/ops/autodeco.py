@@ -26,8 +26,9 @@ the nucleus they set the gradient's size by orders of magnitude.
 
 Everything is computed in float32 at least (float64 when the inputs are float64 under
 ``jax_enable_x64``). Positions are processed in chunks (``chunk_size`` rows of ``[V]`` at a time,
-each chunk rematerialised in the backward pass), so peak memory is ``O(chunk_size * V)`` rather
-than ``O(B * S * V)`` for the sort, cumsum and softmax.
+upcast per chunk, each chunk rematerialised in the backward pass), so the temporaries of the
+softmax, sort and cumsum take ``O(chunk_size * V)`` memory rather than ``O(B * S * V)``; the logits
+themselves are never copied.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import numpy as np
 
 IGNORE_INDEX = -100
 VARIANTS = ("hf", "megatron")
-# Elements of a [chunk, V] float32 temporary (~64 MiB); sets the default chunk size.
-_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [chunk, V] float32 temporary (16 MiB); sets the default chunk size.
+_CHUNK_ELEMENTS = 1 << 22
 
 Variant = Literal["hf", "megatron"]
 
@@ -152,9 +153,9 @@ def prob_stats(logits_BSV, temperature_BS1, *, chunk_size: int | None = None):
         )
     _check_chunk_size(chunk_size)
     dtype = _compute_dtype(jnp.result_type(logits_BSV.dtype, temperature_BS1.dtype))
-    logits_NV = jax.lax.stop_gradient(logits_BSV).reshape(B * S, V).astype(dtype)
+    logits_NV = jax.lax.stop_gradient(logits_BSV).reshape(B * S, V)
     t_N = jax.lax.stop_gradient(temperature_BS1).reshape(B * S).astype(dtype)
-    stats_N4 = _map_rows(lambda r: _prob_stats_row(*r), (logits_NV, t_N), V, chunk_size)
+    stats_N4 = _map_rows(lambda r: _prob_stats_row(r[0].astype(dtype), r[1]), (logits_NV, t_N), V, chunk_size)
     return stats_N4.reshape(B, S, 4)
 
 
@@ -194,6 +195,7 @@ def _row_terms(row, *, alpha, variant, with_top_p=True):
     ``with_top_p=False`` skips the sort (the temperature loss alone does not need it).
     """
     logits_V, temperature, top_p, label = row
+    logits_V = logits_V.astype(temperature.dtype)  # upcast (e.g. bf16 -> f32) one chunk at a time
     base_gold_prob = jax.lax.stop_gradient(jnp.exp(_gold_logprob(logits_V, label)))
     is_easy = (jnp.argmax(logits_V) == label).astype(logits_V.dtype)
     if variant == "hf":
@@ -221,14 +223,30 @@ def _default_chunk(V: int) -> int:
 def _map_rows(fn, rows, V, chunk_size):
     """Apply a per-row function over N rows, ``chunk_size`` rows at a time.
 
-    Each chunk is rematerialised in the backward pass so that only the inputs, not the [chunk, V]
-    temporaries of every chunk, are kept alive between the forward and backward passes.
+    A loop over chunk *indices*: each step slices its rows out of the full arrays and is
+    rematerialised in the backward pass, so only the index is saved per step and neither the
+    [chunk, V] temporaries nor slices of the logits pile up. When N is not a multiple of the
+    chunk, the last chunk is shifted back to end at row N (overlapping its neighbour) instead of
+    padding or slicing, either of which would copy the whole [N, V] logits.
     """
     n = rows[0].shape[0]
     chunk = _default_chunk(V) if chunk_size is None else chunk_size
     if n <= chunk:
         return jax.vmap(fn)(rows)
-    return jax.lax.map(jax.checkpoint(fn), rows, batch_size=chunk)
+    n_chunks = -(-n // chunk)
+
+    @jax.checkpoint
+    def one_chunk(i):
+        start = jnp.minimum(i * chunk, n - chunk)
+        part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, 0), rows)
+        return jax.vmap(fn)(part)
+
+    out_CK = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # [n_chunks, chunk, ...]
+    # Row r lives in chunk min(r // chunk, last) at offset r - that chunk's start.
+    r = jnp.arange(n)
+    c = jnp.minimum(r // chunk, n_chunks - 1)
+    offset = r - jnp.minimum(c * chunk, n - chunk)
+    return out_CK[c, offset]
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,17 +254,26 @@ def _map_rows(fn, rows, V, chunk_size):
 
 
 def _prepare(logits_BSV, temperature_BS1, top_p_BS1, labels_BS, rand_vals_BS, dtype):
-    """Shift (logits at t predict labels[t+1]) and flatten to N = B * (S - 1) rows."""
+    """Flatten to N = B * S rows with the shift moved onto the labels.
+
+    Row (b, t) is scored against labels[b, t + 1]; the last position of each sequence gets the
+    ignore label. Shifting the labels instead of slicing logits[:, :-1] keeps the [B, S, V]
+    logits a free reshape instead of a copy; the float32 upcast happens per chunk.
+    """
     B, S, V = logits_BSV.shape
-    n = B * (S - 1)
+    n = B * S
     # The base model is frozen: no gradient flows into the logits.
-    logits_NV = jax.lax.stop_gradient(logits_BSV[:, :-1, :]).astype(dtype).reshape(n, V)
-    t_N = temperature_BS1[:, :-1, 0].astype(dtype).reshape(n)
-    p_N = top_p_BS1[:, :-1, 0].astype(dtype).reshape(n)
-    labels_N = labels_BS[:, 1:].reshape(n)
+    logits_NV = jax.lax.stop_gradient(logits_BSV).reshape(n, V)
+    t_N = temperature_BS1.astype(dtype).reshape(n)
+    p_N = top_p_BS1.astype(dtype).reshape(n)
+    pad_B1 = jnp.full((B, 1), IGNORE_INDEX, labels_BS.dtype)
+    labels_N = jnp.concatenate([labels_BS[:, 1:], pad_B1], axis=1).reshape(n)
     valid_N = labels_N != IGNORE_INDEX
     safe_labels_N = jnp.where(valid_N, labels_N, 0).astype(jnp.int32)
-    rand_N = None if rand_vals_BS is None else rand_vals_BS.astype(dtype).reshape(n)
+    rand_N = None
+    if rand_vals_BS is not None:
+        ones_B1 = jnp.ones((B, 1), dtype)  # never read: the padded position is not valid
+        rand_N = jnp.concatenate([rand_vals_BS.astype(dtype), ones_B1], axis=1).reshape(n)
     return logits_NV, t_N, p_N, safe_labels_N, valid_N, rand_N
 
 

@@ -388,3 +388,25 @@ def test_bad_options_name_the_option():
         A.soft_top_p_loss(args[0], args[1], args[2], args[3].at[1, 1].set(10_000))
     with pytest.raises(ValueError, match="temperature"):
         A.prob_stats(args[0], args[1][:, :2])
+
+
+def test_chunking_bounds_memory():
+    # Compile only (no run): XLA's buffer assignment for the gradient of both losses.
+    # N = 2 * 129 = 258 rows is not a multiple of the chunk, the case where slicing or padding
+    # would copy the whole logits.
+    B, S, V = 2, 129, 8192
+    shapes = (jax.ShapeDtypeStruct((B, S, 1), jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct((B, S, V), jnp.float32),
+        jax.ShapeDtypeStruct((B, S), jnp.int32),
+        jax.ShapeDtypeStruct((B, S - 1), jnp.float32),
+    )
+    logits_bytes = B * S * V * 4
+
+    def temp_bytes(chunk_size):
+        f = lambda t, p, lg, y, r: A.autodeco_loss(lg, t, p, y, r, chunk_size=chunk_size)["loss"]  # noqa: E731
+        compiled = jax.jit(jax.grad(f, (0, 1))).lower(*shapes).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    chunked, whole = temp_bytes(4), temp_bytes(None)
+    assert chunked < 0.25 * logits_bytes, (chunked, logits_bytes)
+    assert whole > 3 * logits_bytes, (whole, logits_bytes)
