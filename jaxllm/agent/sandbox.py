@@ -62,6 +62,7 @@ class SandboxResult:
     timed_out, output_truncated: which host-side limit fired, if any.
     isolation: "namespace" or "process" (which layer 1 applied; see the module docstring).
     wall_s: wall-clock seconds the child ran.
+    uid: the throwaway uid the code ran as (None: no uid switch was possible).
     """
 
     ok: bool
@@ -74,6 +75,7 @@ class SandboxResult:
     output_truncated: bool = False
     isolation: str = "process"
     wall_s: float = 0.0
+    uid: int | None = None
 
 
 def format_observation(result: SandboxResult) -> str:
@@ -214,7 +216,6 @@ def run_python(
     disk_mb: int = 32,
     isolation: str = "auto",
     audit: bool = True,
-    python: str | None = None,
 ) -> SandboxResult:
     """Run ``code`` in a contained child process and capture what it prints.
 
@@ -229,7 +230,6 @@ def run_python(
       isolation: "auto" (namespace if available, else process), "namespace" (fail if
         unavailable), or "process".
       audit: install the Python audit hook in the child (layer 3).
-      python: interpreter for the child (default: this one).
 
     Never raises for anything the code does; raises ``ValueError`` for bad arguments and
     ``RuntimeError`` if ``isolation="namespace"`` is requested where it is unavailable.
@@ -280,8 +280,7 @@ def run_python(
         spec_path = os.path.join(jobdir, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        exe = python or sys.executable
-        cmd = [exe, "-I", _THIS_FILE, "--child", spec_path]
+        cmd = [sys.executable, "-I", _THIS_FILE, "--child", spec_path]
         if isolation == "namespace":
             cmd = [shutil.which("unshare"), "--net", "--mount", "--pid", "--ipc", "--uts",
                    "--fork", "--kill-child", *cmd]
@@ -301,8 +300,9 @@ def run_python(
                 status = json.load(f)
         except (OSError, ValueError):
             status = None
-        return _result(proc.returncode, status, out, err, timed_out, truncated, isolation, wall,
-                       timeout_s, max_output_bytes, memory_mb)
+        result = _result(proc.returncode, status, out, err, timed_out, truncated, isolation,
+                         wall, timeout_s, max_output_bytes, memory_mb)
+        return dataclasses.replace(result, uid=uid)
     finally:
         shutil.rmtree(jobdir, ignore_errors=True)
 

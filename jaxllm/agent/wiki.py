@@ -276,7 +276,9 @@ def render_pages(world: World) -> list[Page]:
         sents = body[e.id]
         for _ in range(world.config.n_distractors):
             if rng.random() < 0.5:
-                other = world.entities[rng.randrange(len(world.entities))]
+                other = world.entities[rng.randrange(len(world.entities) - 1)]
+                if other.id >= e.id:  # any entity but this one
+                    other = world.entities[other.id + 1]
                 sents.append(rng.choice(_FILLER).format(s=e.name, o=other.name))
             else:
                 sents.append(rng.choice(_FILLER_SOLO).format(s=e.name, a=rng.choice(_ADJ),

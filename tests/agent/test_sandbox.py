@@ -8,7 +8,6 @@ import time
 import pytest
 
 from jaxllm.agent import sandbox
-from jaxllm.agent.sandbox import run_python
 
 HAS_NS = sandbox.namespaces_available()
 # Every configuration the host supports: the default ("auto"), and each layer on its own where
@@ -19,30 +18,23 @@ if HAS_NS:
 CONFIGS.append(pytest.param({"isolation": "process"}, id="process_audit"))
 
 
-def _sandbox_uid_processes():
-    """Live (non-zombie) processes running as a throwaway sandbox uid; none may outlive a run."""
-    lo, hi = sandbox._UID_BASE, sandbox._UID_BASE + 1_000_000
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/status") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        uid = next((int(ln.split()[1]) for ln in lines if ln.startswith("Uid:")), -1)
-        state = next((ln.split()[1] for ln in lines if ln.startswith("State:")), "?")
-        if lo <= uid < hi and state != "Z":
-            pids.append(int(d))
-    return pids
+_USED_UIDS: list = []
+
+
+def run_python(code, **kw):
+    """``sandbox.run_python`` that records the throwaway uid each run used."""
+    r = sandbox.run_python(code, **kw)
+    _USED_UIDS.append(r.uid)
+    return r
 
 
 @pytest.fixture(autouse=True)
 def host_unharmed():
+    _USED_UIDS.clear()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     yield
-    assert _sandbox_uid_processes() == []
+    # no live process of any uid this test's runs used (other xdist workers run their own)
+    assert [u for u in _USED_UIDS if u is not None and sandbox._live_pids_of_uid(u)] == []
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grown_mb < 64, f"host RSS grew by {grown_mb:.0f} MB"
 
