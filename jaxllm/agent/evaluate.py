@@ -186,7 +186,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="jaxllm.agent.evaluate", description=main.__doc__)
     ap.add_argument("gold", help="JSONL of {question, answer[, prediction(s)]}")
-    ap.add_argument("pred", nargs="?", help="JSONL of {question, prediction(s)}, joined by question")
+    ap.add_argument("pred", nargs="?",
+                    help="JSONL of {question, prediction(s)}, joined with GOLD by question")
     ap.add_argument("--k", type=int, nargs="+", default=[1], help="k values for pass@k")
     args = ap.parse_args(argv)
     print(json.dumps(evaluate_jsonl(args.gold, args.pred, ks=tuple(args.k))))

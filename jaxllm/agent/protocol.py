@@ -31,7 +31,8 @@ __all__ = [
     "ANSWER_CLOSE", "TOOL_RESPONSE_OPEN", "TOOL_RESPONSE_CLOSE", "CODE_OPEN", "CODE_CLOSE",
     "STOP_STRINGS", "IM_START", "IM_END", "ROLES",
     "ToolCall", "Answer", "ParseError", "Action",
-    "truncate_at_stop", "strip_forged_response", "parse_assistant", "render_tool_call", "render_assistant",
+    "truncate_at_stop", "strip_forged_response", "parse_assistant", "render_tool_call",
+    "render_assistant",
     "wrap_tool_response", "unwrap_tool_response", "is_tool_response", "error_observation",
     "render_chat", "render_segments", "parse_chat", "build_system_prompt", "initial_messages",
     "split_turns", "TrajectoryError",
@@ -197,8 +198,9 @@ def parse_assistant(text: str) -> Action:
 
     A ``<tool_response>`` the model wrote itself is cut off first, with everything after it
     (``strip_forged_response``); the other stop strings are *not* applied here, so a text holding
-    several calls (e.g. from a server that ignores stop strings) is reported as such. Prose between ``</think>`` and the action is allowed; text after the action is not.
-    Never raises on any string input.
+    several calls (e.g. from a server that ignores stop strings) is reported as such. Prose
+    between ``</think>`` and the action is allowed; text after the action is not. Never raises
+    on any string input.
     """
     if not isinstance(text, str):
         return ParseError(f"assistant turn must be text, got {type(text).__name__}")
@@ -402,7 +404,7 @@ def build_system_prompt(tool_specs: Iterable[dict], date: str | datetime.date | 
         f"signatures:\n<tools>\n{sigs}\n</tools>\n\nTo call a tool, write one JSON object with "
         f"the tool's name and its arguments between tool-call tags:\n{TOOL_CALL_OPEN}\n"
         '{"name": <tool name>, "arguments": <JSON object of arguments>}\n'
-        f"{TOOL_CALL_OPEN.replace('<', '</')}\nFor PythonInterpreter the arguments are {{}} and the "
+        f"{TOOL_CALL_CLOSE}\nFor PythonInterpreter the arguments are {{}} and the "
         f"program goes right after the JSON, still inside the tool call, between {CODE_OPEN} and "
         f"{CODE_CLOSE}; print what you want to see. The result of each call comes back in "
         f"{TOOL_RESPONSE_OPEN}{TOOL_RESPONSE_CLOSE} tags.\n\nCurrent date: {date}"

@@ -79,7 +79,7 @@ class SandboxResult:
 
 
 def format_observation(result: SandboxResult) -> str:
-    """Render a result as the PythonInterpreter observation text (``stdout:``/``stderr:`` blocks)."""
+    """A result as PythonInterpreter observation text (``stdout:``/``stderr:``/``error:``)."""
     parts = []
     if result.output:
         parts.append("stdout:\n" + result.output)
@@ -100,7 +100,7 @@ _NS_CACHE: dict[str, bool] = {}
 
 
 def namespaces_available() -> bool:
-    """True when this process can start children in new net/mount/pid namespaces (root + unshare)."""
+    """True when this process can start children in new net/mount/pid namespaces."""
     if "ok" not in _NS_CACHE:
         unshare = shutil.which("unshare")
         ok = False
