@@ -32,6 +32,8 @@ less are safe (they underflow to 0, as the true products do).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, NamedTuple
 
 import jax
@@ -45,6 +47,21 @@ SUB = 16         # BC: tokens per secondary sub-chunk
 NSUB = CHUNK // SUB
 F32 = jnp.float32
 PRECISION = lax.Precision.HIGHEST  # f32 "ieee" dots: interpret mode == hardware numerics
+_DOT_PRECISION = contextvars.ContextVar("kda_dot_precision", default=PRECISION)
+
+
+@contextlib.contextmanager
+def dot_precision(precision):
+    """Precision of the in-kernel matmuls while a kernel body is traced (default HIGHEST).
+
+    Kernel bodies enter this themselves, with the precision bound into the kernel function,
+    so the traced kernel depends only on its own arguments.
+    """
+    token = _DOT_PRECISION.set(lax.Precision(precision) if isinstance(precision, str) else precision)
+    try:
+        yield
+    finally:
+        _DOT_PRECISION.reset(token)
 
 # chunk flags (int32 bit set per chunk)
 START = 1  # first chunk of a sequence: state := h0[seq] before it
@@ -56,19 +73,19 @@ END = 2    # last chunk of a sequence: ht[seq] := state after it
 
 def _dot(a, b):
     """a @ b."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=PRECISION,
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_DOT_PRECISION.get(),
                            preferred_element_type=F32)
 
 
 def _dot_tn(a, b):
     """a^T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=PRECISION,
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_DOT_PRECISION.get(),
                            preferred_element_type=F32)
 
 
 def _dot_nt(a, b):
     """a @ b^T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=PRECISION,
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_DOT_PRECISION.get(),
                            preferred_element_type=F32)
 
 

@@ -68,7 +68,7 @@ def _chunk_refs(refs, segmented):
     return (q.astype(_F32), k.astype(_F32), v.astype(_F32), G, beta, glc, seg), rest
 
 
-def _intra_kernel(*refs, scale, segmented):
+def _intra_kernel_body(*refs, scale, segmented):
     """Grid (B, H, NC), all parallel: the state-independent part of one chunk."""
     (q, k, v, G, beta, glc, seg), outs = _chunk_refs(refs, segmented)
     W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref = outs
@@ -81,7 +81,7 @@ def _intra_kernel(*refs, scale, segmented):
     decay_ref[...] = decay
 
 
-def _state_fwd_kernel(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref, h0_ref,
+def _state_fwd_kernel_body(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref, h0_ref,
                       o_ref, hs_ref, ht_ref, *, num_chunks, K, BV):
     """Grid (B, H, V/BV): one program walks all chunks of one (batch, head, V-slice)."""
     b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -107,7 +107,7 @@ def _state_fwd_kernel(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, d
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _state_bwd_kernel(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, decay_ref, do_ref, dht_ref,
+def _state_bwd_kernel_body(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, decay_ref, do_ref, dht_ref,
                       dhs_ref, dh0_ref, *, num_chunks, K, BV):
     """Grid (B, H, V/BV), chunks in reverse: dhs[c] = cotangent of the state after chunk c."""
     b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -133,7 +133,7 @@ def _state_bwd_kernel(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, decay_re
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _grads_kernel(*refs, scale, segmented):
+def _grads_kernel_body(*refs, scale, segmented):
     """Grid (B, H, NC), all parallel: every input gradient of one chunk, given the chunk's
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
@@ -146,6 +146,20 @@ def _grads_kernel(*refs, scale, segmented):
     dG_ref[...] = dG
     dbeta_ref[...] = dbeta
     dglc_ref[...] = dglc
+
+
+def _with_precision(body):
+    def kernel(*refs, precision, **kw):
+        with pm.dot_precision(precision):
+            body(*refs, **kw)
+    kernel.__name__ = body.__name__.removesuffix("_body")
+    return kernel
+
+
+_intra_kernel = _with_precision(_intra_kernel_body)
+_state_fwd_kernel = _with_precision(_state_fwd_kernel_body)
+_state_bwd_kernel = _with_precision(_state_bwd_kernel_body)
+_grads_kernel = _with_precision(_grads_kernel_body)
 
 
 # BlockSpecs --------------------------------------------------------------------------------------
@@ -195,7 +209,7 @@ def _params():
     return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _intra(ch: pm.Chunked, scale, interpret):
+def _intra(ch: pm.Chunked, scale, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
@@ -203,7 +217,7 @@ def _intra(ch: pm.Chunked, scale, interpret):
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, segmented=segmented),
+        functools.partial(_intra_kernel, scale=scale, segmented=segmented, precision=precision),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented),
         out_specs=[_chunk_spec(K), _chunk_spec(V), _chunk_spec(C), _chunk_spec(K), _chunk_spec(K),
@@ -216,16 +230,16 @@ def _intra(ch: pm.Chunked, scale, interpret):
     )(*_chunk_inputs(ch))
 
 
-def _fwd(ch: pm.Chunked, scale, *, interpret):
+def _fwd(ch: pm.Chunked, scale, *, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
     NC = Tp // C
     N = ch.h0.shape[0]
     BV = min(BLOCK_V, V)
-    W, U, A, qg, kd, decay = _intra(ch, scale, interpret)
+    W, U, A, qg, kd, decay = _intra(ch, scale, interpret, precision)
     return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV),
+        functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
         in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_vspec(Tp, V, BV=BV),
                   _seq_spec(Tp, C), _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
@@ -240,7 +254,7 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
     )(ch.seq, ch.flags, W, U, A, qg, kd, decay, ch.h0)
 
 
-def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
+def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
@@ -249,9 +263,9 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
     BV = min(BLOCK_V, V)
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-    W, _, A, qg, kd, decay = _intra(ch, scale, interpret)   # recompute (U is unused here)
+    W, _, A, qg, kd, decay = _intra(ch, scale, interpret, precision)   # recompute (U is unused here)
     dhs, dh0 = pl.pallas_call(
-        functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV),
+        functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
         in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_spec(Tp, C),
                   _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
@@ -263,7 +277,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
         name="kda_state_bwd_gpu",
     )(ch.seq, ch.flags, W, A, qg, kd, decay, do, dht)
     grads = pl.pallas_call(
-        functools.partial(_grads_kernel, scale=scale, segmented=segmented),
+        functools.partial(_grads_kernel, scale=scale, segmented=segmented, precision=precision),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented)
         + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],
@@ -279,17 +293,20 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
 
 
 def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, segment_ids=None, use_qk_l2norm=False, interpret=False):
+                   cu_seqlens=None, segment_ids=None, use_qk_l2norm=False, interpret=False,
+                   dot_precision="highest"):
     """KDA on Pallas GPU (Triton backend) kernels; same contract as `kda_recurrent`.
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas
-    interpret mode on any backend.
+    interpret mode on any backend. `dot_precision`: the in-kernel float32 matmuls, "highest"
+    (IEEE fp32, the default and what the tests check) or "default"/"high" (TF32 tensor cores on
+    Ampere+, faster, ~1e-3 relative error).
     """
     return pm.kda_pallas(
         q, k, v, g, beta,
-        fwd=functools.partial(_fwd, interpret=interpret),
-        bwd=functools.partial(_bwd, interpret=interpret),
+        fwd=functools.partial(_fwd, interpret=interpret, precision=dot_precision),
+        bwd=functools.partial(_bwd, interpret=interpret, precision=dot_precision),
         scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm,
         pad_kv_to=pm.next_pow2_min16, name="kda_pallas_gpu")

@@ -9,10 +9,10 @@ Run from the repository root on the GPU machine (no network needed):
 
 1. Correctness: `kda_pallas_gpu` (Pallas, Triton backend, compiled for the GPU, not interpreted)
    against the pure-JAX/XLA path (`impl="chunk"` if present, else the lax.scan recurrence) for
-   outputs, final state and all six gradients, float32 and bfloat16, plain and varlen.
-   Accuracy as rms(ref - impl) / rms(ref).
+   outputs, final state and all six gradients, float32 and bfloat16, plain and varlen, plus the
+   TF32-matmul variant (`dot_precision="default"`, bound 1e-2). Accuracy as rms(ref - impl) / rms(ref).
 2. Timing, B=8, H=16, K=V=128, bf16 q/k/v (f32 g, beta, state), T in 2048, 8192, 32768:
-   forward and forward+backward for our Pallas kernel, our pure-JAX chunk path, and
+   forward and forward+backward for our Pallas kernel (IEEE fp32 matmuls, and TF32), our pure-JAX chunk path, and
    flash-linear-attention's Triton `chunk_kda` (torch). fla is installed offline from the wheel
    committed under tools/device/wheels/ (`pip install --no-deps`); if it cannot be imported the
    fla column says why. fla runs in a subprocess so torch and JAX do not share a CUDA context
@@ -161,6 +161,7 @@ def main():
     from pallas_kernels.kda.reference import kda_recurrent
     if args.smoke:
         kda_pallas_gpu = functools.partial(kda_pallas_gpu, interpret=True)
+    kda_pallas_gpu_tf32 = functools.partial(kda_pallas_gpu, dot_precision="default")
     try:
         from pallas_kernels.kda.chunk import kda_chunk
         xla_name = "chunk"
@@ -204,12 +205,14 @@ def main():
              ("f32_varlen", jnp.float32, 1, 400, jnp.asarray([0, 50, 50, 250, 400], jnp.int32))]
     if args.smoke:
         cases = [("f32", jnp.float32, 1, 70, None)]
+    cases.append(("bf16_tf32dots", jnp.bfloat16, 2, 300, None))
     for name, dtype, Bn, T, cu in cases:
+        ours = kda_pallas_gpu_tf32 if name.endswith("tf32dots") else kda_pallas_gpu
         try:
             n_seq = None if cu is None else cu.shape[0] - 1
             x, do, dht = inputs(jax.random.PRNGKey(1), Bn, T, dtype, n_seq)
             ref_g, (ref_o, ref_ht) = grads_fn(kda_chunk, cu)(*x, do, dht)
-            got_g, (o, ht) = grads_fn(kda_pallas_gpu, cu)(*x, do, dht)
+            got_g, (o, ht) = grads_fn(ours, cu)(*x, do, dht)
             errs = {"o": rel(o, ref_o), "ht": rel(ht, ref_ht)}
             errs.update({n: rel(gg, rg) for n, gg, rg in
                          zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), got_g, ref_g)})
@@ -249,7 +252,8 @@ def main():
         return jax.jit(jax.grad(loss, argnums=tuple(range(5))))
 
     timings = {}
-    impls = {"pallas_gpu": kda_pallas_gpu, f"jax_{xla_name}": kda_chunk}
+    impls = {"pallas_gpu": kda_pallas_gpu, "pallas_gpu_tf32": kda_pallas_gpu_tf32,
+             f"jax_{xla_name}": kda_chunk}
     for T in T_list:
         x, do, _ = inputs(jax.random.PRNGKey(2), B, T, jnp.bfloat16)
         g = -jax.random.uniform(jax.random.PRNGKey(3), x[3].shape) * 0.5   # as the fla run
@@ -280,12 +284,13 @@ def main():
 
     ratios = {}
     for T, row in timings.items():
-        ours = row.get("pallas_gpu", {})
-        for other in (f"jax_{xla_name}", "fla_chunk_kda"):
-            theirs = row.get(other, {})
-            for m in ("fwd", "fwd_bwd"):
-                if m in ours and m in theirs:
-                    ratios[f"T{T}_{m}_{other}_over_pallas"] = round(theirs[m] / ours[m], 3)
+        for mine in ("pallas_gpu", "pallas_gpu_tf32"):
+            ours = row.get(mine, {})
+            for other in (f"jax_{xla_name}", "fla_chunk_kda"):
+                theirs = row.get(other, {})
+                for m in ("fwd", "fwd_bwd"):
+                    if m in ours and m in theirs:
+                        ratios[f"T{T}_{m}_{other}_over_{mine}"] = round(theirs[m] / ours[m], 3)
     report["ratios"] = ratios
     report["wall_s"] = round(time.time() - t_start, 1)
     print(json.dumps(report))
@@ -293,7 +298,7 @@ def main():
     # short table, last
     print(f"\nKDA B={B} H={H} K={K} V={V} bf16 on {report['device']}, jax {jax.__version__}; "
           f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})")
-    cols = ["pallas_gpu", f"jax_{xla_name}", "fla_chunk_kda"]
+    cols = ["pallas_gpu", "pallas_gpu_tf32", f"jax_{xla_name}", "fla_chunk_kda"]
     print(f"{'T':>6} {'':<8}" + "".join(f"{c:>18}" for c in cols))
     for T in map(str, T_list):
         for m in ("fwd", "fwd_bwd"):
