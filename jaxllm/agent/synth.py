@@ -210,11 +210,14 @@ def demonstrate(wiki: SimulatedWiki, q: Question, system_prompt: str | None = No
 
 def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: float = 0.3,
                wiki: SimulatedWiki | None = None, system_prompt: str | None = None,
-               max_tries_per_item: int = 50) -> list[dict]:
-    """``n`` records ``{question, answer, hops, trajectory, anchor, obfuscated, seed}``.
+               max_tries_per_item: int = 50, exclude=()) -> list[dict]:
+    """``n`` records ``{question, answer, hops, trajectory, anchor, obfuscated, seed,
+    wiki_seed}``.
 
-    Deterministic for (``n``, ``seed``, ``hops``, ``obfuscate_prob``, wiki config); the default
-    wiki is ``SimulatedWiki(WikiConfig(seed=seed))``. Questions are distinct.
+    Deterministic for (``n``, ``seed``, ``hops``, ``obfuscate_prob``, wiki config, ``exclude``);
+    the default wiki is ``SimulatedWiki(WikiConfig(seed=seed))``. Questions are distinct and not
+    in ``exclude`` (e.g. a training set's questions, to draw a disjoint held-out set on the same
+    world with another ``seed``).
     """
     if n < 0:
         raise ValueError(f"synthesize: n must be >= 0, got {n}")
@@ -225,7 +228,7 @@ def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: f
     wiki = wiki or SimulatedWiki(WikiConfig(seed=seed))
     executor = wiki_executor(wiki)
     rng = random.Random(seed * 1_000_003 + 7)
-    out, seen = [], set()
+    out, seen = [], set(exclude)
     for _ in range(n):
         for _ in range(max_tries_per_item):
             h = rng.choice(hops)
@@ -238,7 +241,8 @@ def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: f
             seen.add(q.question)
             out.append({"question": q.question, "answer": q.answer, "hops": q.hops,
                         "trajectory": traj, "anchor": wiki.world.entities[q.anchor].name,
-                        "obfuscated": q.obfuscated, "seed": seed})
+                        "obfuscated": q.obfuscated, "seed": seed,
+                        "wiki_seed": wiki.config.seed})
             break
         else:
             raise RuntimeError(f"synthesize: no solvable question after {max_tries_per_item} "
@@ -263,7 +267,12 @@ def read_jsonl(path: str) -> Iterator[dict]:
 
 
 def main(argv=None) -> int:
-    """``python -m jaxllm.agent.synth --out F --n N --seed S``: write synthesized JSONL."""
+    """``python -m jaxllm.agent.synth --out F --n N --seed S``: write synthesized JSONL.
+
+    ``--wiki-seed W`` (default: S) picks the world; ``--exclude F2`` skips the questions of an
+    existing JSONL, so ``--seed 1 --wiki-seed 0 --exclude train.jsonl`` draws a disjoint
+    held-out set on the training world.
+    """
     import argparse
 
     ap = argparse.ArgumentParser(prog="jaxllm.agent.synth", description=main.__doc__)
@@ -272,11 +281,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the wiki and the sampler")
     ap.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3], help="hop counts to draw")
     ap.add_argument("--obfuscate-prob", type=float, default=0.3)
+    ap.add_argument("--wiki-seed", type=int, default=None,
+                    help="seed of the world (default: --seed)")
+    ap.add_argument("--exclude", default=None, help="JSONL whose questions must not be drawn")
     args = ap.parse_args(argv)
+    wiki_seed = args.seed if args.wiki_seed is None else args.wiki_seed
+    exclude = {r["question"] for r in read_jsonl(args.exclude)} if args.exclude else set()
     records = synthesize(args.n, seed=args.seed, hops=tuple(args.hops),
-                         obfuscate_prob=args.obfuscate_prob)
+                         obfuscate_prob=args.obfuscate_prob,
+                         wiki=SimulatedWiki(WikiConfig(seed=wiki_seed)), exclude=exclude)
     write_jsonl(records, args.out)
-    print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed}))
+    print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed,
+                      "wiki_seed": wiki_seed}))
     return 0
 
 

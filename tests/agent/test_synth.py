@@ -122,3 +122,20 @@ def test_module_entry_point_writes_jsonl(tmp_path, capsys):
     rows = list(synth.read_jsonl(str(out)))
     assert len(rows) == 3 and rows == synth.synthesize(3, seed=2)
     assert json.loads(capsys.readouterr().out)["n"] == 3
+
+
+def test_held_out_set_on_the_same_world_is_disjoint(wk, records, tmp_path):
+    train = tmp_path / "train.jsonl"
+    synth.write_jsonl(records, str(train))
+    out = tmp_path / "test.jsonl"
+    assert synth.main(["--out", str(out), "--n", "20", "--seed", "9", "--wiki-seed", "5",
+                       "--exclude", str(train)]) == 0
+    test = list(synth.read_jsonl(str(out)))
+    assert len(test) == 20 and all(r["wiki_seed"] == 5 for r in test)
+    assert not {r["question"] for r in test} & {r["question"] for r in records}
+    # same world: the held-out trajectories replay against the training wiki
+    ex = tools.ToolExecutor(wk.backends())
+    for r in test[:5]:
+        traj = r["trajectory"]
+        for i in range(2, len(traj) - 1, 2):
+            assert P.wrap_tool_response(ex.step(traj[i]["content"]).text) == traj[i + 1]["content"]
