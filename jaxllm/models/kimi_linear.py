@@ -156,11 +156,11 @@ class KimiLinear(nn.Module):
             new_layers.append(nc)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
         if c.tie_word_embeddings:
-            logits = project(hidden, embed.T)
+            logits = project(hidden, embed.T, out_dtype=jnp.float32)
         else:
             head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=pd,
                          init=nn.initializers.normal(0.02))
-            logits = project(hidden, head)
+            logits = project(hidden, head, out_dtype=jnp.float32)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return (logits, hidden) if return_hidden else logits

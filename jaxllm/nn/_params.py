@@ -19,13 +19,19 @@ def param(module: nn.Module, name: str, shape, axes, *, dtype=jnp.float32, init=
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def project(x, kernel, n_in: int = 1, *, dtype=None):
-    """Contract the last `n_in` dims of x with the first `n_in` dims of kernel (a Dense layer)."""
+def project(x, kernel, n_in: int = 1, *, dtype=None, out_dtype=None):
+    """Contract the last `n_in` dims of x with the first `n_in` dims of kernel (a Dense layer).
+
+    Inputs are cast to `dtype` (default x's), accumulation is float32, the result is `out_dtype`
+    (default `dtype`).
+    """
     dtype = dtype or x.dtype
     x = x.astype(dtype)
     kernel = kernel.astype(dtype)
-    return jax.lax.dot_general(
-        x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+    y = jax.lax.dot_general(
+        x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
+        preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or dtype)
 
 
 def fan_in_init(fan_in: int):
