@@ -44,7 +44,9 @@ from pallas_kernels.kda.common import default_scale, l2_normalize, validate_inpu
 
 CHUNK = 64       # C: tokens per chunk
 SUB = 16         # BC: tokens per secondary sub-chunk
+SUB_SHIFT = 4    # log2(SUB): sub-chunk index = row >> 4, row in sub-chunk = row & 15
 NSUB = CHUNK // SUB
+assert SUB == 1 << SUB_SHIFT
 F32 = jnp.float32
 PRECISION = lax.Precision.HIGHEST  # f32 "ieee" dots: interpret mode == hardware numerics
 _DOT_PRECISION = contextvars.ContextVar("kda_dot_precision", default=PRECISION)
@@ -93,6 +95,16 @@ def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def _sub_of(i):
+    """Sub-chunk index of row/column ids (shift, not division: cheap on every backend)."""
+    return lax.shift_right_logical(i, SUB_SHIFT)
+
+
+def _in_sub(i):
+    """Position of row/column ids inside their sub-chunk."""
+    return lax.bitwise_and(i, SUB - 1)
+
+
 def _row(x, r):
     """Row r of a 2-D value as [1, n] (a masked reduction: values cannot be sliced in Triton)."""
     return jnp.sum(jnp.where(_iota(x.shape, 0) == r, x, 0.0), axis=0, keepdims=True)
@@ -100,7 +112,7 @@ def _row(x, r):
 
 def _rows_at(x, j):
     """[C, n]: row i holds x[SUB * (i // SUB) + j] (row j of i's own sub-chunk)."""
-    blk = lax.div(_iota(x.shape, 0), SUB)
+    blk = _sub_of(_iota(x.shape, 0))
     out = jnp.zeros_like(x)
     for a in range(NSUB):
         out = jnp.where(blk == a, _row(x, a * SUB + j), out)
@@ -117,14 +129,14 @@ def _pair(a, b, G, *, strict):
     for blk in range(1, NSUB):
         n = blk * SUB
         Gn = _row(G, n)
-        in_blk = lax.div(rowK, SUB) == blk
+        in_blk = _sub_of(rowK) == blk
         before = rowK < n
         left = jnp.where(in_blk, a * jnp.exp(jnp.where(in_blk, G - Gn, 0.0)), 0.0)
         right = jnp.where(before, b * jnp.exp(jnp.where(before, Gn - G, 0.0)), 0.0)
         out = out + _dot_nt(left, right)
     # diagonal 16x16 blocks, exact pairwise decay, one column (j within sub-chunk) at a time
-    sub_r = lax.rem(rowK, SUB)
-    col_of = lax.div(ri, SUB) * SUB
+    sub_r = _in_sub(rowK)
+    col_of = _sub_of(ri) * SUB
 
     def body(j, acc):
         bj, Gj = _rows_at(b, j), _rows_at(G, j)
@@ -150,16 +162,16 @@ def _pair_grads(dM, a, b, G, *, strict):
     for blk in range(1, NSUB):
         n = blk * SUB
         Gn = _row(G, n)
-        in_blk = lax.div(rowK, SUB) == blk
+        in_blk = _sub_of(rowK) == blk
         before = rowK < n
         ea = jnp.where(in_blk, jnp.exp(jnp.where(in_blk, G - Gn, 0.0)), 0.0)
         eb = jnp.where(before, jnp.exp(jnp.where(before, Gn - G, 0.0)), 0.0)
-        dM_blk = jnp.where((lax.div(ri, SUB) == blk) & (ci < n), dM, 0.0)
+        dM_blk = jnp.where((_sub_of(ri) == blk) & (ci < n), dM, 0.0)
         da = da + ea * _dot(dM_blk, b * eb)
         db = db + eb * _dot_tn(dM_blk, a * ea)
-    sub_r = lax.rem(rowK, SUB)
-    blkK = lax.div(rowK, SUB)
-    col_of = lax.div(ri, SUB) * SUB
+    sub_r = _in_sub(rowK)
+    blkK = _sub_of(rowK)
+    col_of = _sub_of(ri) * SUB
 
     def body(j, carry):
         da, db = carry
@@ -183,17 +195,17 @@ def _unit_lower_inverse(L):
     C = L.shape[0]
     ri, ci = _iota((C, C), 0), _iota((C, C), 1)
     eye = jnp.where(ri == ci, 1.0, 0.0).astype(F32)
-    same = lax.div(ri, SUB) == lax.div(ci, SUB)
+    same = _sub_of(ri) == _sub_of(ci)
     Ld = jnp.where(same, L, 0.0)
     Loff = jnp.where(same, 0.0, L)
-    sub_r = lax.rem(ri, SUB)
+    sub_r = _in_sub(ri)
 
     def body(i, X):  # row r (r % 16 == i) := e_r - sum_{j<r, same block} L_rj X_j
         return jnp.where(sub_r == i, eye - _dot(Ld, X), X)
 
     dinv = lax.fori_loop(1, SUB, body, eye)
     X = dinv
-    blk = lax.div(ri, SUB)
+    blk = _sub_of(ri)
     for a in range(1, NSUB):
         X = jnp.where(blk == a, X - _dot(dinv, _dot(Loff, X)), X)
     return X

@@ -6,29 +6,40 @@
 
 **Backend situation.** These kernels use `pl.pallas_call` with `BlockSpec`s and
 `plt.CompilerParams` (`jax.experimental.pallas.triton`), i.e. Pallas's Triton lowering. JAX 0.11
-deprecated that lowering (still shipped through 0.12); it is what runs on every NVIDIA GPU Colab
-offers (T4/L4/A100) and on H100/H200, across the JAX range we support (0.10-0.12), and it runs
-in interpret mode on CPU, so CI checks it. Its successors:
+deprecated that lowering, but every JAX release we support (0.10-0.12) ships it; Triton targets
+every NVIDIA GPU Colab offers (T4/L4/A100) as well as H100/H200, where Mosaic GPU is Hopper-first;
+and it runs in interpret mode on CPU, so CI checks it. Its successors:
 
 * **Mosaic GPU** (`plgpu.kernel`, `plgpu.emit_pipeline`, Hopper first, Ampere `mma` since
   0.11): the planned second GPU kernel behind the same `kda_pallas_gpu` entry point, written once
   a GPU machine is available to check it (interpret mode does not check Mosaic GPU lowering).
 * **jax-triton** (optional `[gpu]` extra, imported lazily, never at module import): the route
   JAX recommends for hand-written Triton. It gives what Pallas does not: real Triton/Gluon
-  kernels (fla's `chunk_kda` kernels run through `jax_triton.triton_call` as they are),
-  autotuning, and TMA descriptors on Hopper/Blackwell. It has no autodiff, vmap or interpret
+  kernels (fla's `chunk_kda` Triton kernels could be launched with `jax_triton.triton_call`
+  with little change, minus their torch-side autotune wrappers), Triton autotuning, and TMA
+  descriptors on Hopper/Blackwell. It has no autodiff, vmap or interpret
   mode, so it would sit behind this same custom_vjp, and it is not used by this module yet:
   `jax_triton_available()` only reports whether the extra is installed.
   `docs/kernels.md` has the removal plan.
 
-**Kernel shape.** Grid `(B, H)`: one program per (batch, head) walks the chunks of its sequence
-with a `fori_loop`, the running state `[K, V]` float32 carried in registers (the forward), or its
-cotangent (the backward, chunks in reverse). Per chunk it runs the same math as the TPU kernels
-(`_pallas_math.chunk_fwd` / `chunk_bwd`): 16-token sub-chunked pair matrices, the UT transform,
-state step, output; the backward recomputes the intra-chunk part. Triton needs power-of-two
-tensor sizes: K and V are zero-padded to a power of two >= 16 in the wrapper (exact).
-Matmuls run in float32 with "ieee" input precision (no TF32): correctness first, speed is
-measured by `tools/device/kda_gpu.py`.
+**Kernel shape** (four `pallas_call`s, the split fla uses, so that only the cheap part is
+sequential):
+
+1. `kda_chunk_intra_gpu`, grid (B, H, NC), all parallel: per 64-token chunk the 16-token
+   sub-chunked pair matrices, the UT transform `T = (I + diag(beta) P)^-1` and
+   W, U, A (= scaled q-k scores), qg, kd and the chunk decay (`_pallas_math.chunk_intra`).
+2. `kda_state_fwd_gpu`, grid (B, H, V/64): one program walks the chunks with a `fori_loop`, its
+   [K, 64] slice of the float32 state carried in registers: D = U - W h, o = qg h + A D,
+   h' = decay h + kd^T D (column-separable in V). Stores each chunk's initial state `hs`.
+3. Backward: the intra kernel again (recompute), then `kda_state_bwd_gpu` (grid (B, H, V/64),
+   chunks in reverse) carries the state cotangent and stores it per chunk, then
+   `kda_chunk_grads_gpu` (grid (B, H, NC), parallel) gives every input gradient of a chunk from
+   its inputs, `hs` and that cotangent (`_pallas_math.chunk_bwd`).
+
+Triton needs power-of-two tensor sizes: K and V are zero-padded to a power of two >= 16 in the
+wrapper (exact). Matmuls run in float32 with IEEE input precision by default (what CI checks);
+`dot_precision="default"` switches them to TF32 tensor cores. Speed on hardware is measured by
+`tools/device/kda_gpu.py`; none has been measured yet (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from pallas_kernels.kda import _pallas_math as pm
 __all__ = ["kda_pallas_gpu", "jax_triton_available"]
 
 _F32 = jnp.float32
-NUM_WARPS = 8
+NUM_WARPS = 8   # not tuned: no GPU has run this yet
 NUM_STAGES = 1
 
 
