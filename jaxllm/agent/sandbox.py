@@ -253,7 +253,8 @@ def run_python(
     uid = _UID_BASE + int.from_bytes(os.urandom(4), "little") % 1_000_000 if can_drop else None
     jobdir = tempfile.mkdtemp(prefix="jaxllm-sandbox-")
     try:
-        os.chmod(jobdir, 0o700)
+        # traversable but not listable, so a throwaway uid (process mode) reaches its workdir
+        os.chmod(jobdir, 0o711)
         workdir = os.path.join(jobdir, "work")
         os.mkdir(workdir, 0o700)
         if uid is not None:
@@ -278,7 +279,7 @@ def run_python(
             "symlinks": _symlinks(),
         }
         spec_path = os.path.join(jobdir, "spec.json")
-        with open(spec_path, "w") as f:
+        with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(spec, f)
         cmd = [sys.executable, "-I", _THIS_FILE, "--child", spec_path]
         if isolation == "namespace":
@@ -486,13 +487,12 @@ def _drop_privileges(spec) -> None:
     uid = spec["uid"]
     if uid is None:
         return
+    libc = _libc()  # loaded while the runtime is still readable (process mode may lose that)
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
-    try:  # PR_SET_NO_NEW_PRIVS = 38
-        _libc().prctl(38, 1, 0, 0, 0)
-    except OSError:
-        pass
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 _DENY_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",

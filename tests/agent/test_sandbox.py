@@ -259,3 +259,34 @@ def test_user_process_has_no_way_back_to_privileges():
     r = run_python(code, timeout_s=5, isolation="namespace", audit=False)
     assert r.ok, r.error
     assert r.output.split("\n")[:4] == ["1", "-1", "-1", "chroot denied"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
+def test_process_mode_with_a_throwaway_uid(monkeypatch, tmp_path):
+    # Here the Python runtime lives under a 0700 /root, so "auto" process mode cannot switch
+    # uids; pretend it can and run code that needs no further imports.
+    monkeypatch.setattr(sandbox, "_runtime_world_readable", lambda: True)
+    secret = tmp_path / "root_only.txt"
+    secret.write_text("TOPSECRET")
+    os.chmod(secret, 0o600)
+    os.chmod(tmp_path, 0o755)
+    code = ("import os, tempfile\nprint(os.getuid())\n"
+            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
+            "print(os.path.dirname(f.name) == os.getcwd())\n"
+            f"try:\n    open({str(secret)!r}).read()\nexcept PermissionError:\n"
+            "    print('denied by the OS')\n")
+    r = run_python(code, timeout_s=5, isolation="process", audit=False)
+    assert r.ok, r.error
+    uid, same_dir, denied = r.output.splitlines()
+    assert int(uid) == r.uid and r.uid >= sandbox._UID_BASE
+    assert same_dir == "True" and denied == "denied by the OS"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
+def test_process_mode_fork_bomb_and_escaped_children_are_killed(monkeypatch):
+    monkeypatch.setattr(sandbox, "_runtime_world_readable", lambda: True)
+    bomb = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    r = run_python(bomb, timeout_s=1.5, isolation="process", audit=False, max_processes=8)
+    assert not r.ok and r.timed_out and r.uid is not None
+    # the autouse fixture checks that no process of r.uid is left, the setsid child included
