@@ -35,7 +35,7 @@ __all__ = [
     "render_assistant",
     "wrap_tool_response", "unwrap_tool_response", "is_tool_response", "error_observation",
     "render_chat", "render_segments", "parse_chat", "build_system_prompt", "initial_messages",
-    "split_turns", "TrajectoryError",
+    "split_turns", "TrajectoryError", "FORCE_ANSWER", "force_answer_message",
 ]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -409,6 +409,19 @@ def build_system_prompt(tool_specs: Iterable[dict], date: str | datetime.date | 
         f"{CODE_CLOSE}; print what you want to see. The result of each call comes back in "
         f"{TOOL_RESPONSE_OPEN}{TOOL_RESPONSE_CLOSE} tags.\n\nCurrent date: {date}"
     )
+
+
+#: User turn that forces a final answer when a budget (context tokens, turns) is used up; the
+#: next assistant turn should be an answer, and anything else counts as a format error.
+FORCE_ANSWER = (
+    "The budget for this task is used up, so no more tools can be called. Based on everything "
+    "found so far, reason once more and give your best answer now, as "
+    "<think>your final reasoning</think> followed by <answer>your answer</answer>."
+)
+
+
+def force_answer_message(text: str = FORCE_ANSWER) -> dict:
+    return {"role": "user", "content": text}
 
 
 def initial_messages(question: str, system_prompt: str) -> list[dict]:

@@ -234,3 +234,11 @@ def test_system_prompt_lists_the_tools_one_per_line():
     assert prompt.endswith("Current date: 2025-03-04")
     custom = P.build_system_prompt([T.SEARCH], date="2025-03-04", preamble="Be brief.")
     assert custom.startswith("Be brief.")
+
+
+def test_force_answer_message_is_a_user_turn_that_is_not_a_tool_response():
+    m = P.force_answer_message()
+    assert m["role"] == "user" and not P.is_tool_response(m["content"])
+    assert "<answer>" in m["content"]
+    msgs = [{"role": "user", "content": "q"}, m]
+    assert P.parse_chat(P.render_chat(msgs)) == msgs
