@@ -66,9 +66,14 @@ class WikiConfig:
     visit_top_k: int = 3        # sentences per visited page
     max_queries: int = 4        # queries run per search call
     max_urls: int = 4           # pages opened per visit call
+    snippets: bool = True       # search results show each page's most relevant sentence
 
     def __post_init__(self):
+        if not isinstance(self.snippets, bool):
+            raise ValueError(f"WikiConfig.snippets must be a bool, got {self.snippets!r}")
         for f in dataclasses.fields(self):
+            if f.name == "snippets":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"WikiConfig.{f.name} must be an int, got {v!r}")
@@ -378,6 +383,7 @@ class PieceLayout:
     visit_k: int
     max_queries: int
     max_urls: int
+    snippets: bool = True
 
     SEP, NL, INDENT, BULLET, NOT_FOUND, MORE_QUERIES, MORE_URLS = range(7)
 
@@ -479,6 +485,8 @@ def search_step(arrays: WikiArrays, qterms_QL, qmask_QL, qvalid_Q, more, *, layo
         jnp.full((nq, k), lay.NL), jnp.broadcast_to(lay.rank + r_idx, (nq, k)),
         lay.title + docs_QK, jnp.full((nq, k), lay.INDENT),
         lay.sentence + docs_QK * lay.max_sents + snip_QK], -1)          # [Q, K, 5]
+    if not lay.snippets:
+        hits = hits.at[..., 3:].set(-1)
     hits = jnp.where(hit_QK[..., None], hits, -1).reshape(nq, 5 * k)
     any_hit = hit_QK.any(-1)
     sep = jnp.where((q_idx > 0) & qvalid_Q, lay.SEP, -1)
@@ -563,7 +571,8 @@ class SimulatedWiki:
             self.title_terms_DT[d, :len(ids)] = ids
         self.layout = PieceLayout(n_docs=len(self.pages), max_sents=max_s,
                                   top_k=config.search_top_k, visit_k=config.visit_top_k,
-                                  max_queries=config.max_queries, max_urls=config.max_urls)
+                                  max_queries=config.max_queries, max_urls=config.max_urls,
+                                  snippets=config.snippets)
         self.pieces = self.layout.pieces(self.pages)
         self._arrays = self.arrays()
 

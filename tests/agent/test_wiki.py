@@ -216,3 +216,17 @@ def test_term_table_maps_word_tokens(wk):
     name_word = W.terms(wk.pages[0].title)[0]
     table = wk.term_table([name_word, " " + name_word.capitalize(), "the", "zz", "a b"])
     assert table.tolist() == [wk.vocab[name_word], wk.vocab[name_word], -1, -1, -1]
+
+
+def test_search_without_snippets_forces_visits():
+    from jaxllm.agent import synth
+
+    wk = W.SimulatedWiki(W.WikiConfig(seed=3, snippets=False))
+    text = wk.search([wk.pages[2].title])
+    assert wk.pages[2].url in text and wk.pages[2].sentences[0] not in text
+    recs = synth.synthesize(6, seed=1, hops=(2,), obfuscate_prob=0.0, wiki=wk)
+    for r in recs:  # every hop needs a search and a visit
+        calls = [m for m in r["trajectory"] if m["role"] == "assistant"][:-1]
+        assert sum('"name": "visit"' in m["content"] for m in calls) == 2
+    with pytest.raises(ValueError, match="snippets must be a bool"):
+        W.WikiConfig(snippets=1)
