@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.nn.moe import MoE, moe_experts, route
+
+
+def _route_numpy(x, w, bias, k, n_group, topk_group, renorm, scale):
+    s = 1 / (1 + np.exp(-(x.astype(np.float64) @ w.astype(np.float64))))
+    choice = s + bias
+    N, E = s.shape
+    idx, wts = [], []
+    for n in range(N):
+        c = choice[n].copy()
+        if n_group > 1:
+            g = c.reshape(n_group, -1)
+            gs = np.sort(g, axis=1)[:, -2:].sum(1)
+            keep = np.argsort(-gs, kind="stable")[:topk_group]
+            mask = np.zeros(n_group, bool)
+            mask[keep] = True
+            c = np.where(np.repeat(mask, E // n_group), c, -np.inf)
+        top = np.argsort(-c, kind="stable")[:k]
+        ww = s[n, top]
+        if renorm:
+            ww = ww / (ww.sum() + 1e-20)
+        idx.append(top)
+        wts.append(ww * scale)
+    return np.array(wts), np.array(idx)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_route_matches_numpy(n_group, topk_group):
+    rng = np.random.default_rng(0)
+    N, D, E, K = 32, 16, 16, 3
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    w = rng.normal(size=(D, E)).astype(np.float32) * 0.3
+    bias = rng.normal(size=E).astype(np.float32) * 0.5
+    wts, idx = route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias), top_k=K, n_group=n_group,
+                     topk_group=topk_group, renormalize=True, scaling=2.446)
+    rw, ri = _route_numpy(x, w, bias, K, n_group, topk_group, True, 2.446)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), 1), np.sort(ri, 1))
+    order = np.argsort(np.asarray(idx), 1)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(wts), order, 1),
+                               np.take_along_axis(rw, np.argsort(ri, 1), 1), rtol=1e-5)
+    assert wts.dtype == jnp.float32
+
+
+def test_weights_use_uncorrected_scores():
+    x = jnp.ones((1, 2))
+    w = jnp.zeros((2, 4))                       # every score sigmoid(0) = 0.5
+    bias = jnp.array([0.0, 5.0, 0.0, 5.0])      # bias picks experts 1 and 3 ...
+    wts, idx = route(x, w, bias, top_k=2, renormalize=False, scaling=1.0)
+    assert sorted(np.asarray(idx)[0].tolist()) == [1, 3]
+    np.testing.assert_allclose(wts, 0.5)        # ... but weights are the unbiased 0.5
+
+
+@pytest.mark.parametrize("dispatch", ["ragged", "blocked", "gather"])
+@pytest.mark.parametrize("N", [3, 40])
+def test_dispatch_matches_onehot(dispatch, N):
+    rng = np.random.default_rng(1)
+    E, D, F, K = 8, 12, 10, 2
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, D, F)) * 0.3, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, F, D)) * 0.3, jnp.float32)
+    wts, idx = route(x, jnp.asarray(rng.normal(size=(D, E)), jnp.float32), None, top_k=K)
+    if N == 40:   # make the load uneven (some experts empty)
+        idx = jnp.where(idx == 5, 0, idx)
+        idx = idx.at[:, 1].set(jnp.where(idx[:, 0] == idx[:, 1], (idx[:, 0] + 1) % 5, idx[:, 1]))
+    ref = moe_experts(x, wts, idx, w1, w3, w2, dispatch="onehot")
+    out = jax.jit(lambda *a: moe_experts(*a, dispatch=dispatch))(x, wts, idx, w1, w3, w2)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_blocked_with_small_blocks_many_groups():
+    from jaxllm.nn.moe import experts_blocked, experts_onehot
+    rng = np.random.default_rng(2)
+    E, D, F, K, N = 16, 8, 6, 4, 50
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, D, F)), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, F, D)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.permutation(E)[:K] for _ in range(N)]), jnp.int32)
+    wts = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
+    ref = experts_onehot(x, wts, idx, w1, w3, w2)
+    for bm in (1, 3, 8, 64):
+        np.testing.assert_allclose(experts_blocked(x, wts, idx, w1, w3, w2, block_rows=bm), ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_moe_module_shared_expert_and_axes():
+    import flax.linen as nn
+    m = MoE(hidden_size=12, num_experts=4, num_experts_per_token=2, moe_intermediate_size=8,
+            num_shared_experts=2, routed_scaling_factor=2.0, dispatch="onehot")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 12))
+    v = m.init(jax.random.PRNGKey(1), x)
+    assert v["params"]["shared_gate_proj"].value.shape == (12, 16)
+    assert v["params"]["w2"].names == ("expert", "mlp", "embed")
+    y1 = m.apply(v, x)
+    y2 = m.clone(dispatch="blocked").apply(v, x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
+    assert isinstance(v["params"]["w1"], nn.LogicallyPartitioned)
+
+
+def test_bad_dispatch_named():
+    with pytest.raises(ValueError, match="dispatch"):
+        moe_experts(jnp.ones((1, 2)), jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32),
+                    jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2)), dispatch="sparse")
