@@ -34,13 +34,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import selectors
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
+
+# Host-only modules (selectors, shutil, subprocess, tempfile) are imported inside the host
+# functions: the child runs this file as a script and must not have ``subprocess`` (and with it
+# the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
 
 __all__ = ["SandboxResult", "run_python", "namespaces_available", "format_observation"]
 
@@ -101,6 +101,9 @@ _NS_CACHE: dict[str, bool] = {}
 
 def namespaces_available() -> bool:
     """True when this process can start children in new net/mount/pid namespaces."""
+    import shutil
+    import subprocess
+
     if "ok" not in _NS_CACHE:
         unshare = shutil.which("unshare")
         ok = False
@@ -192,6 +195,8 @@ def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
     ``os.fork``, because the host process may be multi-threaded (JAX). Returns True when none
     is left.
     """
+    import subprocess
+
     if os.geteuid() != 0:
         return True
     killer = ["/bin/sh", "-c", "kill -9 -1"]  # the shell's builtin kill: kill(-1, SIGKILL)
@@ -234,6 +239,10 @@ def run_python(
     Never raises for anything the code does; raises ``ValueError`` for bad arguments and
     ``RuntimeError`` if ``isolation="namespace"`` is requested where it is unavailable.
     """
+    import shutil
+    import subprocess
+    import tempfile
+
     if not isinstance(code, str):
         raise ValueError(f"run_python: code must be a str, got {type(code).__name__}")
     _check_positive("timeout_s", timeout_s)
@@ -308,15 +317,18 @@ def run_python(
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
-def _killpg(proc: subprocess.Popen) -> None:
+def _killpg(proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _collect(proc: subprocess.Popen, timeout_s: float, cap: int):
+def _collect(proc, timeout_s: float, cap: int):
     """Read stdout/stderr up to ``cap`` bytes each until exit, timeout, or overflow."""
+    import selectors
+    import subprocess
+
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for f in bufs:
@@ -513,6 +525,12 @@ _PATH_EVENTS = {  # event -> indices of path arguments, whether they write
 }
 
 
+#: modules whose import the audit hook refuses (process spawning without audit events, native
+#: code); the child makes sure none of them is loaded before the user code starts
+_DENY_IMPORTS = frozenset({"_posixsubprocess", "subprocess", "multiprocessing", "_ctypes",
+                           "pty", "_xxsubinterpreters", "_testcapi", "_testinternalcapi"})
+
+
 def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
     """Layer 3: deny file access outside ``workdir`` and process/network/ctypes escapes."""
     realpath, fspath, normcase = os.path.realpath, os.fspath, os.path.normcase
@@ -548,6 +566,8 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
         try:
             if event.startswith(_DENY_PREFIXES):
                 raise PermissionError(f"sandbox: {event} is not allowed")
+            if event == "import" and args and str(args[0]).split(".")[0] in _DENY_IMPORTS:
+                raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
             if event == "open":
                 path, mode, flags = args
                 write = bool(flags & write_flags) if isinstance(flags, int) and flags else False
@@ -589,6 +609,8 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
     if pid == 0:
         os.close(status_fd)
         try:
+            import traceback  # noqa: F401  loaded before any uid switch, for error reports
+
             _set_limits(spec)
             _drop_privileges(spec)
             os.environ.clear()
@@ -599,6 +621,9 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
                 sys.path.pop(0)
             import ctypes  # noqa: F401  pre-imported: numpy probes it; later ctypes use is denied
             if spec["audit"]:
+                loaded = sorted(_DENY_IMPORTS.intersection(sys.modules) - {"_ctypes"})
+                if loaded:  # imported already, they would bypass the import check
+                    raise RuntimeError(f"modules loaded before the user code: {loaded}")
                 _install_audit_hook(workdir, [sys.base_prefix, sys.prefix, sys.exec_prefix])
         except BaseException as e:  # noqa: BLE001
             os.write(2, f"sandbox setup failed in the user process: {e!r}\n".encode())

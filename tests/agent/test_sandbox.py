@@ -270,9 +270,10 @@ def test_process_mode_with_a_throwaway_uid(monkeypatch, tmp_path):
     secret.write_text("TOPSECRET")
     os.chmod(secret, 0o600)
     os.chmod(tmp_path, 0o755)
-    code = ("import os, tempfile\nprint(os.getuid())\n"
-            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
-            "print(os.path.dirname(f.name) == os.getcwd())\n"
+    code = ("import os\nprint(os.getuid())\n"
+            "path = os.path.join(os.environ['TMPDIR'], 'f.txt')\n"
+            "with open(path, 'w') as f:\n    f.write('x')\n"
+            "print(os.path.dirname(path) == os.getcwd() and os.listdir('.') == ['f.txt'])\n"
             f"try:\n    open({str(secret)!r}).read()\nexcept PermissionError:\n"
             "    print('denied by the OS')\n")
     r = run_python(code, timeout_s=5, isolation="process", audit=False)
@@ -290,3 +291,15 @@ def test_process_mode_fork_bomb_and_escaped_children_are_killed(monkeypatch):
     r = run_python(bomb, timeout_s=1.5, isolation="process", audit=False, max_processes=8)
     assert not r.ok and r.timed_out and r.uid is not None
     # the autouse fixture checks that no process of r.uid is left, the setsid child included
+
+
+def test_audit_hook_blocks_unaudited_process_spawning():
+    # _posixsubprocess.fork_exec raises no audit event: it must be neither loaded nor importable
+    code = ("import sys\nprint('_posixsubprocess' in sys.modules, 'subprocess' in sys.modules)\n"
+            "for name in ('_posixsubprocess', 'subprocess', 'multiprocessing'):\n"
+            "    try:\n        __import__(name)\n        print(name, 'imported')\n"
+            "    except PermissionError:\n        print(name, 'denied')\n")
+    r = run_python(code, timeout_s=5, isolation="process")
+    assert r.ok, r.error
+    assert r.output.splitlines() == ["False False", "_posixsubprocess denied",
+                                     "subprocess denied", "multiprocessing denied"]
