@@ -532,22 +532,33 @@ _DENY_IMPORTS = frozenset({"_posixsubprocess", "subprocess", "multiprocessing", 
 
 
 def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
-    """Layer 3: deny file access outside ``workdir`` and process/network/ctypes escapes."""
+    """Layer 3: deny file access outside ``workdir`` and process/network/ctypes escapes.
+
+    Everything the hook uses is bound in its closure at install time (functions, builtins, the
+    deny lists), so user code cannot switch it off by rebinding module globals or builtins. The
+    re-entrancy guard is per thread, so one thread inside the hook does not let another through.
+    """
+    import _thread
+
     realpath, fspath, normcase = os.path.realpath, os.fspath, os.path.normcase
+    get_ident, _isinstance, _any, _len, _str = _thread.get_ident, isinstance, any, len, str
+    _bytes, _int, _denied = bytes, int, PermissionError
+    deny_prefixes, deny_imports = tuple(_DENY_PREFIXES), frozenset(_DENY_IMPORTS)
+    path_events = {k: (tuple(v[0]), bool(v[1])) for k, v in _PATH_EVENTS.items()}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     work = realpath(workdir)
     reads = tuple(realpath(p) for p in read_prefixes) + ("/dev/urandom", "/dev/zero")
     writes = (work, "/dev/null")
-    busy = [False]
+    busy: set = set()
 
     def within(path, roots):
-        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+        return _any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
     def resolve(p):
-        if isinstance(p, int):
+        if _isinstance(p, _int):
             return None  # already-open descriptor: its open was checked
         p = fspath(p)
-        if isinstance(p, bytes):
+        if _isinstance(p, _bytes):
             p = p.decode("utf-8", "surrogateescape")
         return normcase(realpath(p))
 
@@ -556,31 +567,31 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
             return
         if within(path, writes) or (not write and within(path, reads)):
             return
-        raise PermissionError(f"sandbox: {event} of {path!r} denied (outside the working "
-                              "directory)")
+        raise _denied(f"sandbox: {event} of {path!r} denied (outside the working directory)")
 
     def hook(event, args):
-        if busy[0]:
+        me = get_ident()
+        if me in busy:
             return
-        busy[0] = True
+        busy.add(me)
         try:
-            if event.startswith(_DENY_PREFIXES):
-                raise PermissionError(f"sandbox: {event} is not allowed")
-            if event == "import" and args and str(args[0]).split(".")[0] in _DENY_IMPORTS:
-                raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
+            if event.startswith(deny_prefixes):
+                raise _denied(f"sandbox: {event} is not allowed")
+            if event == "import" and args and _str(args[0]).split(".")[0] in deny_imports:
+                raise _denied(f"sandbox: import of {args[0]} is not allowed")
             if event == "open":
                 path, mode, flags = args
-                write = bool(flags & write_flags) if isinstance(flags, int) and flags else False
-                if isinstance(mode, str) and any(c in mode for c in "wax+"):
+                write = _isinstance(flags, _int) and (flags & write_flags) != 0
+                if _isinstance(mode, _str) and _any(c in mode for c in "wax+"):
                     write = True
                 check(resolve(path) if path is not None else None, write, "open")
-            elif event in _PATH_EVENTS:
-                idxs, write = _PATH_EVENTS[event]
+            elif event in path_events:
+                idxs, write = path_events[event]
                 for i in idxs:
-                    if i < len(args) and args[i] is not None and not isinstance(args[i], int):
+                    if i < _len(args) and args[i] is not None and not _isinstance(args[i], _int):
                         check(resolve(args[i]), write, event)
         finally:
-            busy[0] = False
+            busy.discard(me)
 
     sys.addaudithook(hook)
 

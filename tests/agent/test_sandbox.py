@@ -303,3 +303,22 @@ def test_audit_hook_blocks_unaudited_process_spawning():
     assert r.ok, r.error
     assert r.output.splitlines() == ["False False", "_posixsubprocess denied",
                                      "subprocess denied", "multiprocessing denied"]
+
+
+def test_audit_hook_survives_rebinding_globals_and_builtins_and_threads():
+    code = ("import sys, builtins, threading\nmain = sys.modules['__main__']\n"
+            "for name in ('_DENY_PREFIXES', '_PATH_EVENTS', '_DENY_IMPORTS'):\n"
+            "    if hasattr(main, name):\n        setattr(main, name, type(getattr(main, name))())\n"
+            "orig = builtins.isinstance, builtins.any\n"
+            "builtins.isinstance = lambda *a: True\nbuiltins.any = lambda *a: False\n"
+            "open('ok.txt', 'w').write('ok')\nleaks, oks = [], []\n"
+            "def grab():\n    for _ in range(300):\n        oks.append(open('ok.txt').read())\n"
+            "        try:\n            leaks.append(open('/etc/passwd').read())\n"
+            "        except Exception:\n            pass\n"
+            "ts = [threading.Thread(target=grab) for _ in range(3)]\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\n"
+            "builtins.isinstance, builtins.any = orig\nprint(len(leaks), len(oks))\n"
+            "try:\n    import socket\n    socket.socket()\n    print('socket created')\n"
+            "except PermissionError:\n    print('socket denied')\n")
+    r = run_python(code, timeout_s=10, isolation="process")
+    assert r.output.splitlines() == ["0 900", "socket denied"], (r.output, r.error)
