@@ -305,20 +305,27 @@ def test_audit_hook_blocks_unaudited_process_spawning():
                                      "subprocess denied", "multiprocessing denied"]
 
 
-def test_audit_hook_survives_rebinding_globals_and_builtins_and_threads():
-    code = ("import sys, builtins, threading\nmain = sys.modules['__main__']\n"
+def test_audit_hook_survives_rebinding_globals_and_threads():
+    code = ("import sys, threading\nmain = sys.modules['__main__']\n"
             "for name in ('_DENY_PREFIXES', '_PATH_EVENTS', '_DENY_IMPORTS'):\n"
-            "    if hasattr(main, name):\n        setattr(main, name, type(getattr(main, name))())\n"
-            "orig = builtins.isinstance, builtins.any\n"
-            "builtins.isinstance = lambda *a: True\nbuiltins.any = lambda *a: False\n"
+            "    setattr(main, name, type(getattr(main, name))())\n"
             "open('ok.txt', 'w').write('ok')\nleaks, oks = [], []\n"
             "def grab():\n    for _ in range(300):\n        oks.append(open('ok.txt').read())\n"
             "        try:\n            leaks.append(open('/etc/passwd').read())\n"
-            "        except Exception:\n            pass\n"
+            "        except PermissionError:\n            pass\n"
             "ts = [threading.Thread(target=grab) for _ in range(3)]\n"
-            "[t.start() for t in ts]\n[t.join() for t in ts]\n"
-            "builtins.isinstance, builtins.any = orig\nprint(len(leaks), len(oks))\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(len(leaks), len(oks))\n"
             "try:\n    import socket\n    socket.socket()\n    print('socket created')\n"
             "except PermissionError:\n    print('socket denied')\n")
     r = run_python(code, timeout_s=10, isolation="process")
     assert r.output.splitlines() == ["0 900", "socket denied"], (r.output, r.error)
+
+
+def test_audit_hook_fails_closed_when_builtins_are_broken():
+    # the stdlib helpers the hook calls (realpath) use builtins; breaking them makes the hook
+    # raise, which aborts the audited operation instead of allowing it
+    code = ("import builtins\nbuiltins.isinstance = lambda *a: True\n"
+            "try:\n    data = open('/etc/passwd').read()\nexcept BaseException:\n    data = ''\n"
+            "import os\nos.write(1, b'leaked' if 'root' in data else b'contained')\n")
+    r = run_python(code, timeout_s=5, isolation="process")
+    assert r.output == "contained", (r.output, r.error)
