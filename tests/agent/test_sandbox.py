@@ -84,7 +84,7 @@ def test_fork_bomb_is_contained(cfg):
     bomb = ("import os\nn = 0\nwhile True:\n    try:\n        os.fork()\n        n += 1\n"
             "    except OSError:\n        pass\n")
     t0 = time.monotonic()
-    r = run_python(bomb, timeout_s=1.5, max_processes=8, **cfg)
+    r = run_python(bomb, timeout_s=1.0, max_processes=8, **cfg)
     assert time.monotonic() - t0 < 8
     assert not r.ok and r.error
     # (the autouse fixture checks that no process of the sandbox uid survives)
@@ -288,7 +288,7 @@ def test_process_mode_fork_bomb_and_escaped_children_are_killed(monkeypatch):
     monkeypatch.setattr(sandbox, "_runtime_world_readable", lambda: True)
     bomb = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
             "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
-    r = run_python(bomb, timeout_s=1.5, isolation="process", audit=False, max_processes=8)
+    r = run_python(bomb, timeout_s=1.0, isolation="process", audit=False, max_processes=8)
     assert not r.ok and r.timed_out and r.uid is not None
     # the autouse fixture checks that no process of r.uid is left, the setsid child included
 
