@@ -36,7 +36,8 @@ import numpy as np
 __all__ = ["WikiConfig", "Entity", "Page", "Relation", "RELATIONS", "ATTRIBUTES", "World",
            "generate_world", "SimulatedWiki", "terms", "bm25_weights", "bm25_topk",
            "visit_topk",
-           "WikiArrays", "PieceLayout", "search_step", "visit_step", "match_titles"]
+           "WikiArrays", "PieceLayout", "search_step", "visit_step", "match_titles",
+           "term_hashes", "bytes_to_terms"]
 
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the to was were "
@@ -44,9 +45,66 @@ _STOP = frozenset(
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def terms(text: str) -> list[str]:
-    """Lower-cased alphanumeric words without stop words (the wiki's term analyser)."""
-    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+    """Words of ASCII letters and digits, lower-cased, without stop words (the wiki's analyser).
+
+    Only ASCII is lower-cased and every other character separates words, so the byte-level jnp
+    analyser (``bytes_to_terms``) gives exactly the same terms for any UTF-8 text.
+    """
+    return [w for w in _WORD.findall(text.translate(_ASCII_LOWER)) if w not in _STOP]
+
+
+_HASH_P = (16777619, 2654435761)  # two odd multipliers; words are hashed twice (64 bits)
+
+
+def term_hashes(words) -> np.ndarray:
+    """``[2, len(words)]`` uint32 polynomial hashes ``sum_i byte_i * P**i mod 2**32``."""
+    out = np.zeros((2, len(words)), np.uint32)
+    for j, w in enumerate(words):
+        for k, p in enumerate(_HASH_P):
+            h, pw = 0, 1
+            for ch in w.encode("ascii"):
+                h = (h + ch * pw) % 2**32
+                pw = (pw * p) % 2**32
+            out[k, j] = h
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("max_terms",))
+def bytes_to_terms(term_hashes_2V, bytes_L, mask_L, max_terms: int):
+    """The jnp twin of ``SimulatedWiki.encode`` for UTF-8 bytes (e.g. byte-tokenizer ids - 3).
+
+    Splits ``bytes_L`` (``mask_L`` marks real bytes) into ASCII alphanumeric words, lower-cases
+    them, hashes each word twice and looks it up among the vocabulary's hashes. Returns
+    ``(terms, mask)`` of shape ``[max_terms]``: the known terms in order of appearance (stop words
+    and unknown words dropped), padded with 0 / False. vmap it for batches.
+    """
+    n = bytes_L.shape[0]
+    c = jnp.where(mask_L, bytes_L, 32).astype(jnp.int32)
+    c = jnp.where((c >= 65) & (c <= 90), c + 32, c)
+    alnum = ((c >= 48) & (c <= 57)) | ((c >= 97) & (c <= 122))
+    prev = jnp.concatenate([jnp.zeros((1,), bool), alnum[:-1]])
+    start = alnum & ~prev
+    word = jnp.cumsum(start) - 1
+    idx = jnp.arange(n)
+    pos = idx - jax.lax.cummax(jnp.where(start, idx, 0))
+    seg = jnp.where(alnum, word, n)
+    hashes = []
+    for p in _HASH_P:
+        pw = jnp.cumprod(jnp.full((n,), p, jnp.uint32).at[0].set(1))   # P**i mod 2**32
+        contrib = jnp.where(alnum, c.astype(jnp.uint32) * pw[pos], 0).astype(jnp.uint32)
+        hashes.append(jax.ops.segment_sum(contrib, seg, num_segments=n + 1)[:n])
+    eq = ((hashes[0][:, None] == term_hashes_2V[0][None, :])
+          & (hashes[1][:, None] == term_hashes_2V[1][None, :]))
+    is_word = jnp.arange(n) < start.sum()
+    found = eq.any(-1) & is_word
+    term = jnp.where(found, jnp.argmax(eq, -1), -1)
+    order = jnp.argsort(~found, stable=True)[:max_terms]
+    ok = found[order]
+    return jnp.where(ok, term[order], 0).astype(jnp.int32), ok
 
 
 # ------------------------------------------------------------------------------------------
@@ -569,6 +627,9 @@ class SimulatedWiki:
         self.title_terms_DT = np.full((len(self.pages), max_t), len(vocab), np.int32)
         for d, ids in enumerate(titles):
             self.title_terms_DT[d, :len(ids)] = ids
+        self.term_hashes_2V = term_hashes(list(vocab))
+        if len({(int(a), int(b)) for a, b in self.term_hashes_2V.T}) != len(vocab):
+            raise RuntimeError("SimulatedWiki: two terms share a hash; change the seed")
         self.layout = PieceLayout(n_docs=len(self.pages), max_sents=max_s,
                                   top_k=config.search_top_k, visit_k=config.visit_top_k,
                                   max_queries=config.max_queries, max_urls=config.max_urls,
@@ -666,6 +727,19 @@ class SimulatedWiki:
         """``tools.ToolExecutor`` backends for ``search`` and ``visit``."""
         return {"search": lambda args, code: self.search(args["query"]),
                 "visit": lambda args, code: self.visit(args["url"], args["goal"])}
+
+    def encode_bytes(self, data: bytes, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """``encode`` done by the jnp byte analyser (``bytes_to_terms``); for checks and for
+        byte-level tokenizers."""
+        arr = np.frombuffer(data, np.uint8).astype(np.int32)
+        n = 64 * max(1, -(-len(arr) // 64))
+        b = np.zeros((n,), np.int32)
+        m = np.zeros((n,), bool)
+        b[:len(arr)] = arr
+        m[:len(arr)] = True
+        ids, ok = bytes_to_terms(jnp.asarray(self.term_hashes_2V), jnp.asarray(b),
+                                 jnp.asarray(m), max_terms=length)
+        return np.asarray(ids), np.asarray(ok)
 
     def term_table(self, token_strings) -> np.ndarray:
         """For a tokenizer vocabulary (``token_strings[i]`` = text of token i): the wiki term id

@@ -230,3 +230,36 @@ def test_search_without_snippets_forces_visits():
         assert sum('"name": "visit"' in m["content"] for m in calls) == 2
     with pytest.raises(ValueError, match="snippets must be a bool"):
         W.WikiConfig(snippets=1)
+
+
+def test_byte_level_jnp_analyser_equals_the_python_one(wk):
+    import random
+
+    rng = random.Random(0)
+    words = list(wk.vocab) + ["the", "of", "Zzz", "ÉCOLE", "kelvin\u212a", "naïve", "İstanbul"]
+    junk = ["!!", "-", "é", "\n", "12", "A1b", "_", "\t", "ß"]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) if rng.random() < 0.8 else rng.choice(junk)
+                        for _ in range(rng.randrange(0, 20)))
+        if rng.random() < 0.3:
+            text = text.upper()
+        a, am = wk.encode(text, 24)
+        b, bm = wk.encode_bytes(text.encode(), 24)
+        assert a[am].tolist() == b[bm].tolist(), text
+    # batched, as a rollout would call it on byte-tokenizer ids
+    texts = [wk.pages[i].title + " capital" for i in range(4)]
+    raw = [np.frombuffer(t.encode(), np.uint8).astype(np.int32) for t in texts]
+    b_BL = np.zeros((4, 64), np.int32)
+    m_BL = np.zeros((4, 64), bool)
+    for i, r in enumerate(raw):
+        b_BL[i, :len(r)] = r
+        m_BL[i, :len(r)] = True
+    ids, ok = jax.vmap(lambda b, m: W.bytes_to_terms(jnp.asarray(wk.term_hashes_2V), b, m,
+                                                     max_terms=8))(b_BL, m_BL)
+    for i, t in enumerate(texts):
+        e, em = wk.encode(t, 8)
+        assert np.asarray(ids[i])[np.asarray(ok[i])].tolist() == e[em].tolist()
+
+
+def test_terms_lower_cases_ascii_only():
+    assert W.terms("The Kelvin\u212a ÉCOLE x2") == ["kelvin", "cole", "x2"]
