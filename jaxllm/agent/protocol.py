@@ -175,6 +175,9 @@ def _parse_call_body(body: str) -> ToolCall | ParseError:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ParseError(_json_error(body, e))
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, 100000-deep nesting
+        return ParseError(f"the tool call JSON cannot be read: {type(e).__name__}: "
+                          f"{str(e)[:120]}")
     if not isinstance(obj, dict):
         return ParseError(f"the tool call must be a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("name", "arguments") if k not in obj]

@@ -672,8 +672,12 @@ class SimulatedWiki:
                           jnp.asarray(self.sent_terms_DSL), jnp.asarray(self.sent_valid_DS),
                           jnp.asarray(self.title_terms_DT))
 
+    #: terms kept per query / URL / goal (the rest is ignored), which also bounds the number of
+    #: shapes the jitted steps compile for (16, 32, 48, 64)
+    max_terms = 64
+
     def _encode_many(self, texts: list[str], rows: int):
-        ids = [i[m] for i, m in map(self.encode, texts)]
+        ids = [i[m][: self.max_terms] for i, m in map(self.encode, texts)]
         length = 16 * max(1, -(-max([len(i) for i in ids] + [1]) // 16))
         out = np.zeros((rows, length), np.int32)
         mask = np.zeros((rows, length), bool)

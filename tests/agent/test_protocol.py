@@ -242,3 +242,14 @@ def test_force_answer_message_is_a_user_turn_that_is_not_a_tool_response():
     assert "<answer>" in m["content"]
     msgs = [{"role": "user", "content": "q"}, m]
     assert P.parse_chat(P.render_chat(msgs)) == msgs
+
+
+def test_pathological_json_is_an_error_not_a_crash():
+    wrap = '<think>x</think><tool_call>{}</tool_call>'
+    deep = '{"name": "search", "arguments": {"query": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    huge = '{"name": "search", "arguments": {"query": [' + "9" * 10_000 + "]}}"
+    for body in (deep, huge):
+        a = P.parse_assistant(wrap.replace("{}", body))
+        assert isinstance(a, P.ParseError) and "cannot be read" in a.message
+    nan = P.parse_assistant(wrap.replace("{}", '{"name": "search", "arguments": {"query": [NaN]}}'))
+    assert "search.query[0] must be string, got number" in "".join(T.validate_call(nan))

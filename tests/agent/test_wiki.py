@@ -263,3 +263,10 @@ def test_byte_level_jnp_analyser_equals_the_python_one(wk):
 
 def test_terms_lower_cases_ascii_only():
     assert W.terms("The Kelvin\u212a ÉCOLE x2") == ["kelvin", "cole", "x2"]
+
+
+def test_very_long_queries_are_cut_not_fatal(wk):
+    long_q = " ".join([wk.pages[1].title] + list(wk.vocab)[:300])
+    text = wk.search([long_q])
+    assert text.startswith("Results for query 1:")
+    assert wk.visit(wk.pages[1].url, long_q).startswith(f"From [{wk.pages[1].title}]")
