@@ -1,5 +1,6 @@
 """Hostile-code tests of the PythonInterpreter sandbox. Short limits keep them fast and safe."""
 
+import ast
 import os
 import resource
 import socket
@@ -172,7 +173,8 @@ def test_namespace_mode_hides_the_host_filesystem():
     assert r.ok and r.isolation == "namespace"
     listing, cwd_uid = r.output.splitlines()
     runtime_tops = {p.split("/")[1] for p in sandbox._readonly_paths()}
-    assert set(eval(listing)) <= runtime_tops | {"dev", "sandbox", "tmp", "lib", "lib64", "bin"}
+    allowed = runtime_tops | {"dev", "sandbox", "tmp", "lib", "lib64", "bin"}
+    assert set(ast.literal_eval(listing)) <= allowed
     cwd, uid = cwd_uid.split()
     assert cwd == "/sandbox" and int(uid) >= sandbox._UID_BASE
 
@@ -183,7 +185,7 @@ def test_only_the_runtime_is_visible_below_its_parents():
     r = run_python(f"import os\nprint(os.listdir({venv_parent!r}))", timeout_s=5,
                    isolation="namespace", audit=False)
     assert r.ok
-    visible = set(eval(r.output))
+    visible = set(ast.literal_eval(r.output))
     assert visible <= {os.path.basename(p) for p in sandbox._readonly_paths()}
     assert len(os.listdir(venv_parent)) > len(visible)  # the host has more there
 
