@@ -8,11 +8,11 @@ Two halves:
   concatenation of values (Triton has neither), rows picked with masked reductions, masks built
   from `broadcasted_iota`, matmuls as `lax.dot_general` with plain or transposed operands, loops
   as `lax.fori_loop`. Everything is float32.
-* **The wrapper** (`kda_pallas`): argument checks, optional q/k L2 norm, the chunk-aligned
+* **The wrapper** (`kda_pallas`): argument checks, the chunk-aligned
   re-layout (`[B,T,H,K]` -> `[B,H,T',K]`, varlen sequences each starting a new chunk), the
   chunk-local cumsum of the gate, and a `jax.custom_vjp` around a backend's forward and backward
-  `pallas_call`s. Everything outside the custom_vjp (layout, cumsum, L2 norm) is differentiated
-  by JAX itself.
+  `pallas_call`s. Everything outside the custom_vjp (layout, cumsum) is differentiated by JAX
+  itself; the optional q/k L2 norm runs inside the kernels, forward and backward.
 
 Chunk math (one chunk of C rows, chunk-initial state h [K,V], G = chunk-local cumsum of g, Gamma =
 exp(G), gl = G[C-1]; see docs/kernels.md and research/kda.md section 2.3):
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kda.common import default_scale, l2_normalize, validate_inputs, varlen_layout
+from pallas_kernels.kda.common import L2NORM_EPS, default_scale, validate_inputs, varlen_layout
 
 CHUNK = 64       # C: tokens per chunk
 SUB = 16         # BC: tokens per secondary sub-chunk
@@ -257,12 +257,26 @@ def _intra(q, k, v, G, beta, glc, scale, seg=None):
     return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl, decay, same)
 
 
-def chunk_intra(q, k, v, G, beta, glc, scale, seg=None):
+def _l2norm(x):
+    """Row-wise x / sqrt(sum x^2 + 1e-6) (fla's eps on the sum) and the factor used."""
+    r = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
+    return x * r, r
+
+
+def _l2norm_bwd(y, r, dy):
+    """Cotangent of x from that of y = x r: r (dy - y (y . dy))."""
+    return r * (dy - y * jnp.sum(y * dy, axis=1, keepdims=True))
+
+
+def chunk_intra(q, k, v, G, beta, glc, scale, seg=None, l2norm=False):
     """The state-independent part of a chunk (parallel over chunks).
 
     Returns (W [C,K], U [C,V], A [C,C], qg [C,K] = s q Gamma, kd [C,K] = k exp(gl - G),
-    decay [K,1] = exp(gl)), with segment masks applied when `seg` is given.
+    decay [K,1] = exp(gl)), with segment masks applied when `seg` is given. With `l2norm`
+    q and k are L2-normalised per row first (in-kernel, float32).
     """
+    if l2norm:
+        q, k = _l2norm(q)[0], _l2norm(k)[0]
     it = _intra(q, k, v, G, beta, glc, scale, seg)
     return it.W, it.U, it.A, scale * q * it.gamma, it.kd, it.decay
 
@@ -284,15 +298,15 @@ def state_bwd_step(W, A, qg, kd, decay, do, dhn):
     return _dot_tn(qg, do) - _dot_tn(W, dD) + decay * dhn
 
 
-def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None):
+def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None, l2norm=False):
     """One chunk forward. q,k,G [C,K]; v [C,V]; beta [C,1]; glc [K,1] = G[C-1] as a column;
     h [K,V] chunk-initial state; seg: optional segment ranks (see `_segment_masks`): the state
     resets to zero where the rank steps up. Returns (o [C,V], state after the chunk [K,V]),
     all float32."""
-    return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg), h)
+    return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm), h)
 
 
-def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None):
+def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
     """One chunk backward, recomputing the intra-chunk part.
 
     dhn [K,V] is the cotangent of the state after the chunk. Returns
@@ -301,6 +315,8 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None):
     dglc is the cotangent of the glc input.
     """
     C = q.shape[0]
+    if l2norm:
+        (q, rq), (k, rk) = _l2norm(q), _l2norm(k)
     it = _intra(q, k, v, G, beta, glc, scale, seg)
     D = it.U - _dot(it.W, h)
     dD = _dot_tn(it.A, do) + _dot(it.kd, dhn)
@@ -346,6 +362,8 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None):
     dG = dG - t
     dG = jnp.where(_iota(dG.shape, 0) == C - 1, dG + jnp.sum(t, axis=0, keepdims=True), dG)
     dglc = it.decay * jnp.sum(h * dhn, axis=1, keepdims=True)
+    if l2norm:
+        dq, dk = _l2norm_bwd(q, rq, dq), _l2norm_bwd(k, rk, dk)
     return dq, dk, dv, dG, dbeta, dglc, dh
 
 
@@ -368,28 +386,30 @@ class Chunked(NamedTuple):
     rr: jax.Array | None = None  # [B,NC,1,C] f32 the same, one row per chunk
 
 
-# fwd(ch: Chunked, scale) -> (o [B,H,Tp,V] in v dtype, hs [B,H,NC,K,V] f32, ht [N,H,K,V] f32)
-# bwd(ch: Chunked, hs, do, dht, scale) -> (dq, dk, dv, dG, dbeta, dglc, dh0), f32
+# fwd(ch: Chunked, scale, l2norm) -> (o [B,H,Tp,V] in v dtype, hs [B,H,NC,K,V] f32, ht [N,H,K,V] f32)
+# bwd(ch: Chunked, hs, do, dht, scale, l2norm) -> (dq, dk, dv, dG, dbeta, dglc, dh0), f32
+# (l2norm: q/k L2 norm inside the kernels; dq/dk are then w.r.t. the raw q/k)
 FwdFn = Callable[..., tuple]
 BwdFn = Callable[..., tuple]
 
 
-def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float):
+def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float, l2norm: bool):
     @jax.custom_vjp
     def core(q, k, v, G, beta, glc, h0, seq, flags, rc, rr, seq_has_chunks):
         ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags, rc, rr)
-        o, _, ht = fwd(ch, scale)
+        o, _, ht = fwd(ch, scale, l2norm)
         return o, ht
 
     def core_fwd(q, k, v, G, beta, glc, h0, seq, flags, rc, rr, seq_has_chunks):
         ch = Chunked(q, k, v, G, beta, glc, h0, seq, flags, rc, rr)
-        o, hs, ht = fwd(ch, scale)
+        o, hs, ht = fwd(ch, scale, l2norm)
         return (o, ht), (ch, hs, seq_has_chunks)
 
     def core_bwd(res, cts):
         ch, hs, has = res
         do, dht = cts
-        dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale)
+        dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale,
+                                               l2norm)
         dh0 = jnp.where(has[:, None, None, None], dh0, 0.0)  # sequences with no chunk: never written
         return (dq.astype(ch.q.dtype), dk.astype(ch.k.dtype), dv.astype(ch.v.dtype), dG,
                 dbeta, dglc, dh0, None, None, None, None, None)
@@ -420,8 +440,6 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     C = CHUNK
     h0 = (jnp.zeros((n_seq, H, K, V), F32) if initial_state is None
           else initial_state.astype(F32))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)          # f32, differentiated by JAX
     g = g.astype(F32)
     beta = beta.astype(F32)
 
@@ -477,7 +495,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     glc = GL[:, :, :, C - 1, :, None]                      # [B,H,NC,Kp,1]
     GL = GL.reshape(B, H, Tp, Kp)
 
-    core = _make_core(fwd, bwd, scale)
+    core = _make_core(fwd, bwd, scale, bool(use_qk_l2norm))
     oL, ht = core(qL, kL, vL, GL, bL, glc, h0p, seq, flags, rc, rr, has)
     o = from_chunks(oL)[..., :V].astype(v.dtype)
     if not output_final_state:

@@ -79,11 +79,11 @@ def _chunk_refs(refs, segmented):
     return (q.astype(_F32), k.astype(_F32), v.astype(_F32), G, beta, glc, seg), rest
 
 
-def _intra_kernel_body(*refs, scale, segmented):
+def _intra_kernel_body(*refs, scale, segmented, l2norm):
     """Grid (B, H, NC), all parallel: the state-independent part of one chunk."""
     (q, k, v, G, beta, glc, seg), outs = _chunk_refs(refs, segmented)
     W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref = outs
-    W, U, A, qg, kd, decay = pm.chunk_intra(q, k, v, G, beta, glc, scale, seg)
+    W, U, A, qg, kd, decay = pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm)
     W_ref[...] = W
     U_ref[...] = U
     A_ref[...] = A
@@ -144,13 +144,13 @@ def _state_bwd_kernel_body(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, dec
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _grads_kernel_body(*refs, scale, segmented):
+def _grads_kernel_body(*refs, scale, segmented, l2norm):
     """Grid (B, H, NC), all parallel: every input gradient of one chunk, given the chunk's
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
     hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
     dq, dk, dv, dG, dbeta, dglc, _ = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...],
-                                                  dhs_ref[...], scale, seg)
+                                                  dhs_ref[...], scale, seg, l2norm)
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = dv
@@ -220,7 +220,7 @@ def _params():
     return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _intra(ch: pm.Chunked, scale, interpret, precision):
+def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
@@ -228,7 +228,8 @@ def _intra(ch: pm.Chunked, scale, interpret, precision):
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, segmented=segmented, precision=precision),
+        functools.partial(_intra_kernel, scale=scale, segmented=segmented, l2norm=l2norm,
+                          precision=precision),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented),
         out_specs=[_chunk_spec(K), _chunk_spec(V), _chunk_spec(C), _chunk_spec(K), _chunk_spec(K),
@@ -241,14 +242,14 @@ def _intra(ch: pm.Chunked, scale, interpret, precision):
     )(*_chunk_inputs(ch))
 
 
-def _fwd(ch: pm.Chunked, scale, *, interpret, precision):
+def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
     NC = Tp // C
     N = ch.h0.shape[0]
     BV = min(BLOCK_V, V)
-    W, U, A, qg, kd, decay = _intra(ch, scale, interpret, precision)
+    W, U, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)
     return pl.pallas_call(
         functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
@@ -265,7 +266,7 @@ def _fwd(ch: pm.Chunked, scale, *, interpret, precision):
     )(ch.seq, ch.flags, W, U, A, qg, kd, decay, ch.h0)
 
 
-def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret, precision):
+def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     C = pm.CHUNK
@@ -274,7 +275,8 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret, precision):
     BV = min(BLOCK_V, V)
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-    W, _, A, qg, kd, decay = _intra(ch, scale, interpret, precision)   # recompute (U is unused here)
+    # recompute the intra part (U is unused here)
+    W, _, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)
     dhs, dh0 = pl.pallas_call(
         functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
@@ -288,7 +290,8 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret, precision):
         name="kda_state_bwd_gpu",
     )(ch.seq, ch.flags, W, A, qg, kd, decay, do, dht)
     grads = pl.pallas_call(
-        functools.partial(_grads_kernel, scale=scale, segmented=segmented, precision=precision),
+        functools.partial(_grads_kernel, scale=scale, segmented=segmented, l2norm=l2norm,
+                          precision=precision),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented)
         + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],

@@ -53,7 +53,7 @@ def _interpret_arg(interpret):
 
 
 def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs,
-                scale, segmented):
+                scale, segmented, l2norm):
     if segmented:
         rc_ref, rr_ref, *refs = refs
     o_ref, hs_ref, ht_ref, state_ref = refs
@@ -69,7 +69,7 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
     hs_ref[...] = h
     o, h_next = pm.chunk_fwd(q_ref[...].astype(_F32), k_ref[...].astype(_F32),
                              v_ref[...].astype(_F32), G_ref[...], beta_ref[...], glc_ref[...],
-                             h, scale, seg)
+                             h, scale, seg, l2norm)
     o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = h_next
 
@@ -79,7 +79,7 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
 
 def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, hs_ref, do_ref,
-                dht_ref, *refs, scale, segmented):
+                dht_ref, *refs, scale, segmented, l2norm):
     if segmented:
         rc_ref, rr_ref, *refs = refs
     dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref, dstate_ref = refs
@@ -93,7 +93,7 @@ def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
     dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
         q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32), G_ref[...],
-        beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale, seg)
+        beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale, seg, l2norm)
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = dv
@@ -128,7 +128,7 @@ def _specs(B, H, NC, K, V, reverse):
     return tok, per_chunk_col, per_chunk_state, per_seq_state, seg_specs
 
 
-def _fwd(ch: pm.Chunked, scale, *, interpret):
+def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
@@ -144,7 +144,7 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
         scratch_shapes=[pltpu.VMEM((K, V), _F32)],
     )
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, scale=scale, segmented=segmented),
+        functools.partial(_fwd_kernel, scale=scale, segmented=segmented, l2norm=l2norm),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
                    jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
@@ -156,7 +156,7 @@ def _fwd(ch: pm.Chunked, scale, *, interpret):
       *((ch.rc, ch.rr) if segmented else ()))
 
 
-def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
+def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
     NC = Tp // pm.CHUNK
@@ -173,7 +173,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, *, interpret):
     )
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
-        functools.partial(_bwd_kernel, scale=scale, segmented=segmented),
+        functools.partial(_bwd_kernel, scale=scale, segmented=segmented, l2norm=l2norm),
         grid_spec=grid_spec,
         out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
                    f32(B, H, Tp, 1), f32(B, H, NC, K, 1), f32(N, H, K, V)],
