@@ -36,7 +36,8 @@ sequential):
    `kda_chunk_grads_gpu` (grid (B, H, NC), parallel) gives every input gradient of a chunk from
    its inputs, `hs` and that cotangent (`_pallas_math.chunk_bwd`).
 
-Triton needs power-of-two tensor sizes: K and V are zero-padded to a power of two >= 16 in the
+With `use_qk_l2norm` the intra and grads kernels normalise q/k rows in-kernel (and apply the
+norm's VJP). Triton needs power-of-two tensor sizes: K and V are zero-padded to a power of two >= 16 in the
 wrapper (exact). Matmuls run in float32 with IEEE input precision by default (what CI checks);
 `dot_precision="default"` switches them to TF32 tensor cores. Speed on hardware is measured by
 `tools/device/kda_gpu.py`; none has been measured yet (docs/kernels.md).

@@ -23,6 +23,9 @@ and drive both the state resets and the index maps of `h0`/`ht`/`dht`/`dh0`. `se
 kernels mask the pair matrices to same-segment pairs, the state read to the chunk's first
 segment and the state write to its last.
 
+With `use_qk_l2norm` the kernels normalise the loaded q/k rows themselves (float32) and the
+backward applies the norm's VJP, so q/k stay in their input dtype in HBM.
+
 Blocks are `(64, K)` / `(64, V)` / `(K, V)`: the last two dims are full array dims or multiples of
 8, so they tile on real hardware; K = V = 128 (Kimi Linear) fills the MXU. Interpret mode checks
 semantics, DMAs and (with `detect_races`) races, not Mosaic layouts or VMEM limits (docs/kernels.md).
