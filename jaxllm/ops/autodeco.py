@@ -33,6 +33,7 @@ themselves are never copied.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -152,6 +153,14 @@ def prob_stats(logits_BSV, temperature_BS1, *, chunk_size: int | None = None):
             f"temperature must be [B, S, 1] = {(B, S, 1)}, got shape {tuple(temperature_BS1.shape)}"
         )
     _check_chunk_size(chunk_size)
+    return _prob_stats_impl(logits_BSV, temperature_BS1, chunk_size)
+
+
+# Validation runs outside; the array work is one jitted computation, so eager callers compile
+# once per shape instead of dispatching op by op (inside an outer jit it simply inlines).
+@functools.partial(jax.jit, static_argnums=(2,))
+def _prob_stats_impl(logits_BSV, temperature_BS1, chunk_size):
+    B, S, V = logits_BSV.shape
     dtype = _compute_dtype(jnp.result_type(logits_BSV.dtype, temperature_BS1.dtype))
     logits_NV = jax.lax.stop_gradient(logits_BSV).reshape(B * S, V)
     t_N = jax.lax.stop_gradient(temperature_BS1).reshape(B * S).astype(dtype)
@@ -173,18 +182,26 @@ def _soft_top_p_nll_row(logits_V, temperature, top_p, label, alpha):
     p = softmax(logits / T); sort descending; inclusive cumsum c; mask = exp(-alpha relu(c - P))
     (the crossing token is itself partly suppressed, unlike hard top-p);
     q = p * mask / (sum(p * mask) + 1e-9); nll = -log(q_gold + 1e-9).
-    Only q_gold is needed, so the mask stays in sorted order and is read at the gold token's rank
-    instead of being scattered back over the vocabulary.
+
+    Two choices that give the same value and gradient as the official scatter-based code:
+    * Only q_gold is needed, so the mask stays in sorted order and is read at the gold token's
+      rank (from the actual permutation, so tied tokens still get distinct cumsum slots).
+    * The cumsum runs over unnormalised exponentials divided once by their total, instead of
+      over already-normalised probabilities. Through alpha * (c - P) the loss's gradient is
+      ~60x more sensitive to rounding in c than to anything else here; one rounding instead of
+      V + log V keeps float32 gradients within a few 1e-6 of the float64 official values.
     """
-    p_V = jax.nn.softmax(logits_V / temperature)
-    order_V = jnp.argsort(p_V, descending=True)
-    p_sorted_V = p_V[order_V]
-    cum_V = jnp.cumsum(p_sorted_V)
+    z_V = logits_V / temperature
+    # Softmax is shift invariant, so the shift needs no gradient.
+    e_V = jnp.exp(z_V - jax.lax.stop_gradient(jnp.max(z_V)))
+    order_V = jnp.argsort(e_V, descending=True)
+    e_sorted_V = e_V[order_V]
+    total_e = jnp.sum(e_sorted_V)
+    cum_V = jnp.cumsum(e_sorted_V) / total_e
     mask_sorted_V = jnp.exp(-alpha * jax.nn.relu(cum_V - top_p))
-    total = jnp.sum(p_sorted_V * mask_sorted_V)
-    # Rank of the gold token in the actual permutation (ties then still share one cumsum slot).
+    masked_total = jnp.sum(e_sorted_V * mask_sorted_V) / total_e
     rank = jnp.argmax(order_V == label)
-    q_gold = p_V[label] * mask_sorted_V[rank] / (total + 1e-9)
+    q_gold = (e_V[label] / total_e) * mask_sorted_V[rank] / (masked_total + 1e-9)
     return -jnp.log(q_gold + 1e-9)
 
 
@@ -326,6 +343,13 @@ def autodeco_loss(
     _check_chunk_size(chunk_size)
     if not float(alpha) > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    return _autodeco_loss_impl(logits, temperature, top_p, labels, rand_vals, variant, float(alpha),
+                               float(drop_prob), chunk_size, _with_top_p)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _autodeco_loss_impl(logits, temperature, top_p, labels, rand_vals, variant, alpha, drop_prob,
+                        chunk_size, _with_top_p):
     dtype = _compute_dtype(jnp.result_type(logits.dtype, temperature.dtype, top_p.dtype))
     V = logits.shape[-1]
     logits_NV, t_N, p_N, labels_N, valid_N, rand_N = _prepare(

@@ -29,6 +29,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -221,6 +222,11 @@ def sampling_probs(logits_BV, config: SamplingConfig, *, prev_tokens_BT=None, pr
     scoring (e.g. the probability AutoDeco's decoding gives a reference token).
     """
     extra = _validate(logits_BV, config, prev_tokens_BT, prev_mask_BT, temperature_B, top_p_B)
+    return _sampling_probs_impl(logits_BV, config, **extra)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _sampling_probs_impl(logits_BV, config, **extra):
     final_BV, greedy_B, argmax_B = processed_logits(logits_BV, config, **extra)
     onehot_BV = jax.nn.one_hot(argmax_B, logits_BV.shape[-1], dtype=final_BV.dtype)
     return jnp.where(greedy_B[:, None], onehot_BV, jax.nn.softmax(final_BV, axis=-1))
@@ -311,6 +317,12 @@ def sample_next(logits_BV, rng, config: SamplingConfig, *, prev_tokens_BT=None, 
     """
     rng = _validate_rng(rng)
     extra = _validate(logits_BV, config, prev_tokens_BT, prev_mask_BT, temperature_B, top_p_B)
+    return _sample_impl(logits_BV, rng, config, **extra)
+
+
+# Validation runs outside; the array work is one jitted computation (inlined under an outer jit).
+@functools.partial(jax.jit, static_argnames=("config",))
+def _sample_impl(logits_BV, rng, config, **extra):
     final_BV, greedy_B, argmax_B = processed_logits(logits_BV, config, **extra)
     if config.is_greedy:
         return argmax_B
