@@ -198,13 +198,18 @@ class TrainResult:
   losses: dict[int, float]
   checkpoint_dir: str
   samples: list[str]
+  params: Any = None
 
 
-def train(config: RunConfig, workdir: str, *, model=None, log: Callable[[str], None] | None = None) -> TrainResult:
-  """Runs (or resumes) training until ``config.steps``; returns losses and samples."""
+def train(config: RunConfig, workdir: str, *, model=None, mesh=None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+  """Runs (or resumes) training until ``config.steps``; returns losses, final params and samples.
+
+  ``model`` (a Linen module) replaces ``config.model``; ``mesh`` replaces the config's mesh.
+  """
   log = log or (lambda msg: print(msg, flush=True) if _is_main() else None)
   os.makedirs(workdir, exist_ok=True)
-  s = setup(config, model=model)
+  s = setup(config, model=model, mesh=mesh)
   with jax.set_mesh(s.mesh):
     return _train(s, workdir, log)
 
@@ -236,7 +241,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
   if start >= c.steps:
     log(f"nothing to do: checkpoint step {start} >= steps={c.steps}")
     ckpt.close()
-    return TrainResult(start, start, {}, ckpt.directory, [])
+    return TrainResult(start, start, {}, ckpt.directory, [], state["params"])
 
   t_compile = time.perf_counter()
   step_fn = compile_step(s)
@@ -272,7 +277,8 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
           rec["aux_loss"] = float(m["aux_loss"])
         mlog.write(rec)
       bar.update(step, loss, tok_s)
-      ckpt.save(step, state, data.get_state(), meta, force=(step == c.steps))
+      if step % c.save_every == 0 or step == c.steps:
+        ckpt.save(step, state, data.get_state(), meta, force=True)
   finally:
     bar.close()
     if mlog:
@@ -281,7 +287,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
   first, last = losses[min(losses)], losses[max(losses)]
   log(f"trained steps {start + 1}-{c.steps}: loss {first:.4f} -> {last:.4f}; checkpoints in {ckpt.directory}")
   samples = generate_samples(s, state["params"], log) if c.num_samples else []
-  return TrainResult(start, c.steps, losses, ckpt.directory, samples)
+  return TrainResult(start, c.steps, losses, ckpt.directory, samples, state["params"])
 
 
 def generate_samples(s: Setup, params, log) -> list[str]:

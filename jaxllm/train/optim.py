@@ -34,11 +34,14 @@ def decay_mask(params):
 
 
 def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> optax.Schedule:
-  """Linear warmup from 0 to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+  """lr of update ``count`` (0-based): linear warmup reaching ``lr`` at update ``warmup_steps``
+  (update 0 already uses ``lr / warmup_steps``), then cosine decay to ``lr * min_lr_ratio`` at
+  the last update."""
   warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
+  base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=lr * min_lr_ratio)
+  return lambda count: base(count + 1)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

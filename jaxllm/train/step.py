@@ -51,6 +51,11 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite (no overflow from squaring, unlike a norm)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                     compute_dtype=jnp.float32):
   """train_step(state, batch) -> (new_state, metrics)."""
@@ -69,7 +74,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
     (grads, loss_sum, count, aux_sum), _ = jax.lax.scan(micro, init, batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     accum = batch["inputs"].shape[0]
@@ -80,7 +85,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
         "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
         "tokens": count,
-        "params_finite": jnp.isfinite(optax.global_norm(new_params)),
+        "params_finite": all_finite(new_params),
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": jax.random.split(state["rng"])[0]}
     return new_state, metrics

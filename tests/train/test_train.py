@@ -1,0 +1,92 @@
+"""End-to-end training on a tiny LM (1 device): metrics, accumulation, checkpoint errors, NaN stop."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import tiny_lm
+from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, RunConfig, train
+from jaxllm.train.config import apply_overrides
+
+tiny_lm.register()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def cfg(data_dir, *overrides):
+  base = RunConfig(model="tiny_test", seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2, save_every=4,
+                   data_dir=data_dir, num_samples=0, progress=False, async_checkpoints=False)
+  return apply_overrides(base, overrides)
+
+
+def quiet(_msg):
+  pass
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path, data_dir):
+  r = train(cfg(data_dir, "steps=25"), str(tmp_path), log=quiet)
+  losses = [r.losses[s] for s in sorted(r.losses)]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+  recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [x["step"] for x in recs] == list(range(1, 26))
+  for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu"):
+    assert all(np.isfinite(x[key]) for x in recs), key
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 24, 25]  # keep_checkpoints=3
+  assert json.load(open(tmp_path / "run_config.json"))["model"] == "tiny_test"
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
+  a = train(cfg(data_dir, "steps=4", "grad_accum=1"), str(tmp_path / "a"), log=quiet)
+  b = train(cfg(data_dir, "steps=4", "grad_accum=4"), str(tmp_path / "b"), log=quiet)
+  np.testing.assert_allclose([a.losses[s] for s in range(1, 5)], [b.losses[s] for s in range(1, 5)], rtol=1e-5)
+
+
+def test_bf16_compute_and_remat_run(tmp_path, data_dir):
+  r = train(cfg(data_dir, "steps=3", "compute_dtype=bfloat16", "remat=dots"), str(tmp_path), log=quiet)
+  assert all(np.isfinite(v) for v in r.losses.values())
+  leaf = r.params["params"]["embed"]
+  assert leaf.dtype == np.float32  # master weights stay float32
+
+
+def test_rerun_after_finish_does_nothing_and_longer_run_resumes(tmp_path, data_dir):
+  train(cfg(data_dir, "steps=4"), str(tmp_path), log=quiet)
+  again = train(cfg(data_dir, "steps=4"), str(tmp_path), log=quiet)
+  assert again.start_step == 4 and again.losses == {}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  c = cfg(data_dir, "steps=12", "save_every=1", "lr=1e25", "warmup_steps=0")
+  with pytest.raises(NonFiniteLossError) as e:
+    train(c, str(tmp_path), log=quiet)
+  msg = str(e.value)
+  assert f"at step {e.value.step}" in msg and f"last good checkpoint: step {e.value.last_good}" in msg
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) == e.value.last_good == e.value.step - 1
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, data_dir):
+  train(cfg(data_dir, "steps=4"), str(tmp_path), log=quiet)
+  with pytest.raises(CheckpointError, match=r"does not match this run's model:(.|\n)*model_args"):
+    train(cfg(data_dir, "steps=8", "model_args.dim=48"), str(tmp_path), log=quiet)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, data_dir):
+  train(cfg(data_dir, "steps=4"), str(tmp_path), log=quiet)
+  state_dir = tmp_path / "checkpoints" / "4" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* is corrupted"):
+    train(cfg(data_dir, "steps=8"), str(tmp_path), log=quiet)
+
+
+def test_model_vocab_smaller_than_tokenizer_is_rejected(tmp_path, data_dir):
+  with pytest.raises(ConfigError, match=r"vocab_size=100 is smaller than the tokenizer's vocabulary \(259"):
+    train(cfg(data_dir, "model_args.vocab_size=100"), str(tmp_path), log=quiet)
