@@ -22,6 +22,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.norms import rms_norm
@@ -41,47 +42,85 @@ def init_mla_cache(batch, capacity, kv_lora_rank, qk_rope_head_dim, dtype=jnp.fl
 
 
 def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
-    """Boolean mask [B or 1, T, S]: causal (+ same segment), or over a cache buffer at offset `pos`."""
+    """Boolean mask [B or 1, T, S].
+
+    Without `pos`: causal over the T tokens (and same segment when `segment_ids` is given).
+    With `pos`: T new tokens at positions pos.. over a cache buffer of `capacity` that holds the
+    `pos` earlier tokens (key s visible iff s < pos).
+    """
     if pos is None:
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         return mask
-    q_pos = pos + jnp.arange(T)
-    return (jnp.arange(capacity)[None, :] <= q_pos[:, None])[None]
+    return jnp.broadcast_to((jnp.arange(capacity) < pos)[None, None, :], (1, T, capacity))
 
 
-def softmax_attention(scores_BHTS, mask_BTS, v_BSHV=None):
+def softmax_attention(scores_BHTS, mask_BTS):
     """Masked softmax in float32 over the last axis."""
     s = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _NEG)
     return jax.nn.softmax(s, axis=-1)
 
 
+def _blocks(latent, k_rope, mask):
+    """Key/value blocks sharing one softmax: arrays, or tuples of arrays (e.g. cache + new tokens)."""
+    if isinstance(latent, (tuple, list)):
+        return list(zip(latent, k_rope, mask))
+    return [(latent, k_rope, mask)]
+
+
+def _joint_softmax(scores, masks):
+    sizes = [s.shape[-1] for s in scores]
+    p = softmax_attention(jnp.concatenate(scores, -1), jnp.concatenate(masks, -1))
+    return jnp.split(p, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+
 def mla_expanded(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: int, scale: float):
-    """Attention with per-head K/V expanded from the latent. Returns o_BTHV (float32)."""
-    kv = project(latent_BSR, w_kvb_RHX, dtype=jnp.float32)          # [B,S,H,nope+v]
-    k_nope, v = kv[..., :nope], kv[..., nope:]
-    H = kv.shape[2]
-    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None].astype(jnp.float32),
-                              k_rope_BSP.shape[:2] + (H, k_rope_BSP.shape[-1]))
-    k = jnp.concatenate([k_nope, k_rope], axis=-1)
-    scores = jnp.einsum("bthd,bshd->bhts", q_BTHD.astype(jnp.float32), k) * scale
-    p = softmax_attention(scores, mask_BTS)
-    return jnp.einsum("bhts,bshv->bthv", p, v)
+    """Attention with per-head K/V expanded from the latent. Returns o_BTHV (float32).
+
+    latent/k_rope/mask may be tuples of blocks attended under one softmax.
+    """
+    f32 = jnp.float32
+    q_BHTD = jnp.swapaxes(q_BTHD.astype(f32), 1, 2)
+    scores, vs, masks = [], [], []
+    for lat, kr, m in _blocks(latent_BSR, k_rope_BSP, mask_BTS):
+        kv = project(lat, w_kvb_RHX, dtype=f32)                       # [B,S,H,nope+v]
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        s = (jnp.einsum("bhtn,bshn->bhts", q_BHTD[..., :nope], k_nope)
+             + jnp.transpose(jnp.einsum("bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]),
+                             (0, 2, 3, 1)))
+        scores.append(s * scale)
+        vs.append(v)
+        masks.append(m)
+    ps = _joint_softmax(scores, masks)
+    o_BHTV = sum(jnp.einsum("bhts,bshv->bhtv", p, v) for p, v in zip(ps, vs))
+    return jnp.swapaxes(o_BHTV, 1, 2)
 
 
 def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: int, scale: float):
-    """Same result as `mla_expanded` without materialising per-head K/V. Returns o_BTHV (float32)."""
+    """Same result as `mla_expanded` without materialising per-head K/V. Returns o_BTHV (float32).
+
+    latent/k_rope/mask may be tuples of blocks attended under one softmax (decode attends the
+    cache as it was and the new tokens as a second block, so the step never reads the buffer it
+    updates: reading an updated buffer made XLA:CPU copy the whole cache several times a step).
+    """
     f32 = jnp.float32
     w_uk, w_uv = w_kvb_RHX[..., :nope].astype(f32), w_kvb_RHX[..., nope:].astype(f32)
-    q = q_BTHD.astype(f32)
-    q_lat_BTHR = jnp.einsum("bthn,rhn->bthr", q[..., :nope], w_uk)
-    lat = latent_BSR.astype(f32)
-    scores = (jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, lat)
-              + jnp.einsum("bthp,bsp->bhts", q[..., nope:], k_rope_BSP.astype(f32))) * scale
-    p = softmax_attention(scores, mask_BTS)
-    ctx_BTHR = jnp.einsum("bhts,bsr->bthr", p, lat)
-    return jnp.einsum("bthr,rhv->bthv", ctx_BTHR, w_uv)
+    q_BHTD = jnp.swapaxes(q_BTHD.astype(f32), 1, 2)
+    q_lat_BHTR = jnp.einsum("bhtn,rhn->bhtr", q_BHTD[..., :nope], w_uk)
+    scores, lats, masks = [], [], []
+    for lat, kr, m in _blocks(latent_BSR, k_rope_BSP, mask_BTS):
+        lat = lat.astype(f32)
+        # The cache is the lhs of its dot_general and the output keeps the natural order (batch,
+        # lhs free, rhs free): other orders make XLA:CPU transpose the [S,R] cache, ~10x slower.
+        s_BSHT = (jnp.einsum("bsr,bhtr->bsht", lat, q_lat_BHTR)
+                  + jnp.einsum("bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]))
+        scores.append(jnp.transpose(s_BSHT, (0, 2, 3, 1)) * scale)
+        lats.append(lat)
+        masks.append(m)
+    ps = _joint_softmax(scores, masks)
+    ctx_BHTR = sum(jnp.einsum("bhts,bsr->bhtr", p, lat) for p, lat in zip(ps, lats))
+    return jnp.einsum("bhtr,rhv->bthv", ctx_BHTR, w_uv)
 
 
 class MLA(nn.Module):
@@ -144,13 +183,17 @@ class MLA(nn.Module):
                 raise ValueError("MLA: segment_ids (packed rows) cannot be combined with a decode cache")
             if pos is None:
                 raise ValueError("MLA: a cache needs `pos`, the number of tokens already cached")
-            lat = jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR.astype(cache.latent_BSR.dtype),
-                                               (0, pos, 0))
-            kr = jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP.astype(cache.k_rope_BSP.dtype),
-                                              (0, pos, 0))
-            new_cache = MLACache(lat, kr)
-            mask = attention_mask(T, pos=pos, capacity=lat.shape[1])
+            S = cache.latent_BSR.shape[1]
+            # new tokens at the cache's precision, as later steps will read them
+            latent_BTR = latent_BTR.astype(cache.latent_BSR.dtype)
+            k_rope_BTP = k_rope_BTP.astype(cache.k_rope_BSP.dtype)
+            lat = (cache.latent_BSR, latent_BTR)
+            kr = (cache.k_rope_BSP, k_rope_BTP)
+            mask = (attention_mask(T, pos=pos, capacity=S), attention_mask(T))
             absorbed = self.impl == "absorbed" or (self.impl == "auto" and T == 1)
         fn = mla_absorbed if absorbed else mla_expanded
         o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
+        if cache is not None:
+            new_cache = MLACache(jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR, (0, pos, 0)),
+                                 jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP, (0, pos, 0)))
         return project(o_BTHV, o_w, n_in=2), new_cache
