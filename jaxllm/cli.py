@@ -62,12 +62,16 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt", default="def ", help="text to continue")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
 
 
 def _generate(args) -> int:
   from jaxllm.train.inference import generate_text, load_trained
   model, params, tokenizer = load_trained(args.workdir, step=args.step)
-  print(generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens))
+  print(generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed))
   return 0
 
 

@@ -72,6 +72,8 @@ class RunConfig:
   num_samples: int = 3
   sample_prompt: str = "def "
   sample_tokens: int = 64
+  sample_temperature: float = 0.8  # 0 = greedy
+  sample_top_p: float = 0.95
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -86,6 +88,9 @@ class RunConfig:
     for name in ("warmup_steps", "num_samples", "sample_tokens"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+    if self.sample_temperature < 0 or not 0 < self.sample_top_p <= 1:
+      raise ConfigError(f"sample_temperature={self.sample_temperature} must be >= 0 and "
+                        f"sample_top_p={self.sample_top_p} in (0, 1]")
     if not self.lr > 0:
       raise ConfigError(f"lr={self.lr} must be > 0")
     if not 0 <= self.min_lr_ratio <= 1:

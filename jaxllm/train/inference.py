@@ -40,10 +40,17 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
   return s.model, state["params"], s.tokenizer
 
 
-def generate_text(model, params, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def generate_text(model, params, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0) -> str:
+  """Continues ``prompt``; greedy when ``temperature`` is 0, else nucleus sampling."""
   from jaxllm.decode import generate
   ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)[None, :]
-  out = np.asarray(generate(model, params, jnp.asarray(ids), max_new_tokens=max_new_tokens))
+  kwargs = {}
+  if temperature > 0:
+    from jaxllm.ops.sampling import SamplingConfig
+    kwargs = {"sampling": SamplingConfig(mode="sample", temperature=temperature, top_p=top_p),
+              "rng": jax.random.PRNGKey(seed)}
+  out = np.asarray(generate(model, params, jnp.asarray(ids), max_new_tokens=max_new_tokens, **kwargs))
   if out.shape[-1] > ids.shape[-1] and np.array_equal(out[0, :ids.shape[1]], ids[0]):
     out = out[:, ids.shape[1]:]
   return prompt + tokenizer.decode(out[0])

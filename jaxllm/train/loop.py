@@ -284,8 +284,10 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
     if mlog:
       mlog.close()
     ckpt.close()
-  first, last = losses[min(losses)], losses[max(losses)]
-  log(f"trained steps {start + 1}-{c.steps}: loss {first:.4f} -> {last:.4f}; checkpoints in {ckpt.directory}")
+  ordered = [losses[k] for k in sorted(losses)]
+  n = max(1, min(10, len(ordered) // 2))
+  log(f"trained steps {start + 1}-{c.steps}: loss {ordered[0]:.4f} -> {ordered[-1]:.4f} (mean of first {n}: "
+      f"{np.mean(ordered[:n]):.4f}, last {n}: {np.mean(ordered[-n:]):.4f}); checkpoints in {ckpt.directory}")
   samples = generate_samples(s, state["params"], log) if c.num_samples else []
   return TrainResult(start, c.steps, losses, ckpt.directory, samples, state["params"])
 
@@ -294,20 +296,16 @@ def generate_samples(s: Setup, params, log) -> list[str]:
   """A few continuations of ``sample_prompt`` (``|``-separated prompts) via ``jaxllm.decode``."""
   c = s.config
   try:
-    from jaxllm.decode import generate
+    from jaxllm.train.inference import generate_text
+    import jaxllm.decode  # noqa: F401
   except ImportError as e:
     log(f"(no samples: jaxllm.decode.generate is not available: {e})")
     return []
   prompts = [p for p in c.sample_prompt.split("|") if p] or [""]
   out = []
   for i in range(c.num_samples):
-    prompt = prompts[i % len(prompts)]
-    ids = np.concatenate([[s.tokenizer.bos_id], s.tokenizer.encode(prompt)]).astype(np.int32)[None, :]
-    new = generate(s.model, params, jnp.asarray(ids), max_new_tokens=c.sample_tokens)
-    new = np.asarray(new)
-    if new.shape[-1] > ids.shape[-1] and np.array_equal(new[0, :ids.shape[1]], ids[0]):
-      new = new[:, ids.shape[1]:]
-    text = prompt + s.tokenizer.decode(new[0])
+    text = generate_text(s.model, params, s.tokenizer, prompts[i % len(prompts)], c.sample_tokens,
+                         temperature=c.sample_temperature, top_p=c.sample_top_p, seed=c.seed + i)
     out.append(text)
     log(f"--- sample {i + 1} ---\n{text}")
   return out
