@@ -1,7 +1,9 @@
 """``jaxllm`` command line: ``jaxllm train|generate|plot ...``.
 
 Subcommands live in one table, ``COMMANDS``; another module adds its own with
-``register_command(name, help, add_arguments, run)`` (e.g. ``jaxllm agent ...``).
+``register_command(name, help, add_arguments, run)``. Modules listed in ``PLUGIN_MODULES``
+are imported before parsing: ``jaxllm agent ...`` only needs a ``jaxllm/agent/cli.py`` that calls
+``register_command("agent", ...)`` at import time.
 User errors (bad config, missing data, bad checkpoint, NaN loss) print one
 ``error: ...`` line and exit non-zero, without a traceback.
 """
@@ -99,8 +101,8 @@ def _load_plugins() -> None:
     try:
       importlib.import_module(name)
     except ModuleNotFoundError as e:
-      if e.name is None or not name.startswith(e.name):
-        raise
+      if e.name is None or not name.startswith(e.name):  # the plugin exists but lacks a dependency
+        print(f"warning: `jaxllm` subcommands from {name} are unavailable: {e}", file=sys.stderr)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
