@@ -24,7 +24,6 @@ so the [C,C]/[C,16,K]-shaped intermediates live only inside one backward call.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -35,8 +34,12 @@ from pallas_kernels.kda.common import (default_scale, l2_normalize, validate_inp
 
 CHUNK = 64
 SUB = 16
-_HI = jax.lax.Precision.HIGHEST
-_dot = functools.partial(jnp.einsum, precision=_HI)
+
+
+def _dot(spec, *operands):
+    # Full float32 matmuls on GPU/TPU (their default f32 precision is TF32/bf16 passes); CPU is exact.
+    precision = None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+    return jnp.einsum(spec, *operands, precision=precision)
 
 
 class IntraParts(NamedTuple):
@@ -59,31 +62,142 @@ class SegmentMasks(NamedTuple):
     carries: jax.Array    # [...] the whole chunk is one continuing segment (S0 survives)
 
 
-def _intra_scores(x_NCK, k_NCK, g_cum_NCK, strict: bool):
-    """sum_d x_id k_jd exp(G_id - G_jd) for i >= j (i > j when strict), as [..., C, C]."""
+# Largest in-sub-chunk log-decay span for which the diagonal blocks may be factorised around a
+# mid-row reference: each factor stays below exp(60) ~ 1e26, far from float32 overflow.
+SAFE_SPAN = 60.0
+
+
+def _masked_decay(mask, log_decay):
+    """exp(log_decay) where mask, else 0, for log_decay <= 0 where mask holds.
+
+    The exponent is clamped, not masked with -inf: XLA may evaluate exp on both sides of a select
+    (and a vmapped cond runs every branch), so no exp argument may ever overflow.
+    """
+    return jnp.where(mask, jnp.exp(jnp.minimum(log_decay, 0.0)), 0.0)
+
+
+def _bounded_exp(x):
+    """exp for the factorised paths; |x| <= SAFE_SPAN when the path is chosen, clipped otherwise."""
+    return jnp.exp(jnp.clip(x, -SAFE_SPAN, SAFE_SPAN))
+
+
+def _diag_pairwise(xs, ks, gs):
+    """Diagonal-block scores with exact pairwise decays, masked before exp (any gate magnitude)."""
+    i = jnp.arange(SUB)
+    lower = i[:, None] >= i[None, :]
+    diff = gs[..., :, None, :] - gs[..., None, :, :]                 # [..., n, S, S, K]
+    decay = _masked_decay(lower[:, :, None], diff)
+    return jnp.sum(xs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1)
+
+
+def _diag_factorised(xs, ks, gs):
+    """Diagonal-block scores as a matmul: exp(G_i - G_m) exp(G_m - G_j), m = mid row (span-limited)."""
+    g_mid = gs[..., SUB // 2: SUB // 2 + 1, :]
+    left = xs * _bounded_exp(gs - g_mid)
+    right = ks * _bounded_exp(g_mid - gs)
+    return _dot("...id,...jd->...ij", left, right)
+
+
+def _subchunks_factorisable(gs):
+    return jnp.max(gs[..., 0, :] - gs[..., -1, :]) <= SAFE_SPAN
+
+
+@jax.custom_vjp
+def _diag_scores(xs, ks, gs):
+    return jax.lax.cond(_subchunks_factorisable(gs), _diag_factorised, _diag_pairwise, xs, ks, gs)
+
+
+def _diag_scores_fwd(xs, ks, gs):
+    return _diag_scores(xs, ks, gs), (xs, ks, gs)
+
+
+def _diag_scores_bwd(res, ct):
+    def branch_vjp(fn):
+        return lambda args, ct: jax.vjp(fn, *args)[1](ct)
+
+    return jax.lax.cond(_subchunks_factorisable(res[2]), branch_vjp(_diag_factorised),
+                        branch_vjp(_diag_pairwise), res, ct)
+
+
+_diag_scores.defvjp(_diag_scores_fwd, _diag_scores_bwd)
+
+
+def _use_whole_chunk(g_cum_NCK):
+    return jnp.max(g_cum_NCK[..., 0, :] - g_cum_NCK[..., -1, :]) <= SAFE_SPAN
+
+
+@jax.custom_vjp
+def intra_scores(q_NCK, k_NCK, g_cum_NCK):
+    """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
+
+    Three exact evaluations, picked by the largest log-decay span (a scalar predicate, so one
+    branch runs): the whole chunk as one matmul around its mid row; 16-row sub-chunks with
+    matmul diagonal blocks; or exact pairwise diagonal blocks for any gate magnitude. The custom
+    VJP re-runs only the chosen branch (autodiff of `cond` would zero-fill the others' residuals).
+    """
+    return jax.lax.cond(_use_whole_chunk(g_cum_NCK), _scores_whole_chunk, _scores_by_subchunk,
+                        q_NCK, k_NCK, g_cum_NCK)
+
+
+def _intra_scores_fwd(q_NCK, k_NCK, g_cum_NCK):
+    return intra_scores(q_NCK, k_NCK, g_cum_NCK), (q_NCK, k_NCK, g_cum_NCK)
+
+
+def _intra_scores_bwd(res, cotangents):
+    def branch_vjp(scores_fn):
+        return lambda args, ct: jax.vjp(scores_fn, *args)[1](ct)
+
+    return jax.lax.cond(_use_whole_chunk(res[2]), branch_vjp(_scores_whole_chunk),
+                        branch_vjp(_scores_by_subchunk), res, cotangents)
+
+
+intra_scores.defvjp(_intra_scores_fwd, _intra_scores_bwd)
+
+
+def _causal_masks(C, dtype):
+    i = jnp.arange(C)
+    return (i[:, None] > i[None, :]).astype(dtype), (i[:, None] >= i[None, :]).astype(dtype)
+
+
+def _scores_whole_chunk(q_NCK, k_NCK, g_cum_NCK):
+    C = k_NCK.shape[-2]
+    g_mid = g_cum_NCK[..., C // 2: C // 2 + 1, :]
+    right = k_NCK * _bounded_exp(g_mid - g_cum_NCK)
+    rows = jnp.concatenate([k_NCK, q_NCK], axis=-2) * _bounded_exp(
+        jnp.concatenate([g_cum_NCK, g_cum_NCK], axis=-2) - g_mid)
+    scores = _dot("...id,...jd->...ij", rows, right)
+    strict, lower = _causal_masks(C, scores.dtype)
+    return scores[..., :C, :] * strict, scores[..., C:, :] * lower
+
+
+def _scores_by_subchunk(q_NCK, k_NCK, g_cum_NCK):
+    C = k_NCK.shape[-2]
+    strict, _ = _causal_masks(C, k_NCK.dtype)
+    return (_subchunk_scores(k_NCK, k_NCK, g_cum_NCK) * strict,
+            _subchunk_scores(q_NCK, k_NCK, g_cum_NCK))
+
+
+def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK):
+    """sum_d x_id k_jd exp(G_id - G_jd) for i >= j, by 16-row sub-chunks."""
     *lead, C, K = k_NCK.shape
     n = C // SUB
     sub = lambda a: a.reshape(*lead, n, SUB, K)
     xs, ks, gs = sub(x_NCK), sub(k_NCK), sub(g_cum_NCK)
 
-    # Diagonal 16x16 blocks: exact pairwise decays, masked before exp.
+    # Diagonal 16x16 blocks, placed on the block diagonal of a [C,C] matrix.
     i = jnp.arange(SUB)
-    lower = (i[:, None] > i[None, :]) if strict else (i[:, None] >= i[None, :])
-    diff = gs[..., :, None, :] - gs[..., None, :, :]            # [..., n, S, S, K]
-    decay = jnp.exp(jnp.where(lower[:, :, None], diff, -jnp.inf))
-    diag = _dot("...nid,...njd,...nijd->...nij", xs, ks, decay)  # [..., n, S, S]
+    diag = _diag_scores(xs, ks, gs) * (i[:, None] >= i[None, :])
     eye_n = jnp.eye(n, dtype=diag.dtype)
-    diag_full = (diag[..., :, :, None, :] * eye_n[:, None, :, None]).reshape(*lead, C, C)
+    diag = (diag[..., :, :, None, :] * eye_n[:, None, :, None]).reshape(*lead, C, C)
 
     # Off-diagonal blocks: reference row r_a = first row of sub-chunk a; both factors <= 1.
-    g_ref = gs[..., :, 0, :]                                      # [..., n, K]
-    x_ref = xs * jnp.exp(gs - g_ref[..., :, None, :])             # [..., n, S, K]
-    col = jnp.arange(C)
-    before = col[None, :] < (jnp.arange(n) * SUB)[:, None]        # [n, C]: column j is in an earlier sub-chunk
-    k_exp = jnp.where(before[:, :, None], g_ref[..., :, None, :] - g_cum_NCK[..., None, :, :], -jnp.inf)
-    k_ref = k_NCK[..., None, :, :] * jnp.exp(k_exp)               # [..., n, C, K]
+    g_ref = gs[..., :, 0, :]                                          # [..., n, K]
+    x_ref = xs * _masked_decay(True, gs - g_ref[..., :, None, :])
+    before = jnp.arange(C)[None, :] < (jnp.arange(n) * SUB)[:, None]  # [n, C]
+    k_ref = k_NCK[..., None, :, :] * _masked_decay(
+        before[:, :, None], g_ref[..., :, None, :] - g_cum_NCK[..., None, :, :])  # [..., n, C, K]
     off = _dot("...nid,...njd->...nij", x_ref, k_ref).reshape(*lead, C, C)
-    return off + diag_full
+    return off + diag
 
 
 def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
@@ -91,8 +205,7 @@ def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
     G = jnp.cumsum(g, axis=-2)
     G_last = G[..., -1:, :]
     gamma = jnp.exp(G)
-    akk = _intra_scores(k, k, G, strict=True)
-    aqk = _intra_scores(q, k, G, strict=False)
+    akk, aqk = intra_scores(q, k, G)
     qg = q * gamma
     kg = k * jnp.exp(G_last - G)
     k_read = k * gamma
@@ -104,12 +217,40 @@ def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
         k_read = k_read * masks.reads_s0[..., None]
         kg = kg * masks.in_last[..., None]
         decay = decay * masks.carries[..., None]
-    C = k.shape[-2]
-    system = jnp.eye(C, dtype=k.dtype) + beta[..., :, None] * akk
     rhs = beta[..., :, None] * jnp.concatenate([v, k_read], axis=-1)
-    uw = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    uw = solve_unit_lower(beta[..., :, None] * akk, rhs)
     V = v.shape[-1]
     return IntraParts(w=uw[..., V:], u=uw[..., :V], qg=qg, kg=kg, aqk=aqk, decay=decay)
+
+
+def _invert_unit_lower_blocks(l_NSS):
+    """(I + L)^-1 for strictly lower L [..., S, S] by row-wise forward substitution (stable: no
+    powers of L are formed, unlike a Neumann/doubling product, which cancels catastrophically)."""
+    S = l_NSS.shape[-1]
+    inv = jnp.broadcast_to(jnp.eye(S, dtype=l_NSS.dtype), l_NSS.shape)
+    for r in range(1, S):
+        row = inv[..., r, :] - jnp.einsum("...j,...jc->...c", l_NSS[..., r, :r], inv[..., :r, :])
+        inv = inv.at[..., r, :].set(row)
+    return inv
+
+
+def solve_unit_lower(l_CC, rhs_CW):
+    """Solve (I + L) X = R for strictly lower L [..., C, C]: 16-row block forward substitution.
+
+    XLA's batched triangular_solve is slow on CPU for many small systems; this is matmul-shaped.
+    """
+    C = l_CC.shape[-1]
+    n = C // SUB
+    blocks = [slice(a * SUB, (a + 1) * SUB) for a in range(n)]
+    diag_inv = _invert_unit_lower_blocks(
+        jnp.stack([l_CC[..., b, b] for b in blocks], axis=-3))      # [..., n, S, S]
+    xs = []
+    for a, rows in enumerate(blocks):
+        r = rhs_CW[..., rows, :]
+        if a:
+            r = r - _dot("...ij,...jw->...iw", l_CC[..., rows, : a * SUB], jnp.concatenate(xs, axis=-2))
+        xs.append(_dot("...ij,...jw->...iw", diag_inv[..., a, :, :], r))
+    return jnp.concatenate(xs, axis=-2)
 
 
 class Varlen(NamedTuple):
