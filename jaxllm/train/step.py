@@ -34,15 +34,17 @@ def token_loss_sum(logits_BTV, targets_BT, mask_BT):
 
 
 def make_loss_fn(apply_fn: Callable, compute_dtype=jnp.float32):
-  """loss_fn(params, microbatch) -> (loss_sum, (count, aux_loss))."""
+  """loss_fn(params, microbatch) -> (objective, (ce_sum, count, aux_loss)).
+
+  objective = summed token cross-entropy + aux_loss * count (aux losses are per-microbatch means).
+  """
 
   def loss_fn(params, mb):
     out = apply_fn(cast_for_compute(params, compute_dtype), mb["inputs"], segment_ids=mb["segment_ids"])
     logits, aux = (out if isinstance(out, tuple) else (out, 0.0))
     loss_sum, count = token_loss_sum(logits, mb["targets"], mb["loss_mask"])
     aux = jnp.asarray(aux, jnp.float32)
-    # Auxiliary losses (e.g. MoE balance) are per-microbatch means; weight them by tokens.
-    return loss_sum + aux * count, (count, aux)
+    return loss_sum + aux * count, (loss_sum, count, aux)
 
   return loss_fn
 
@@ -65,29 +67,28 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
     params = state["params"]
 
     def micro(carry, mb):
-      grads, loss_sum, count, aux_sum = carry
-      (l, (n, aux)), g = grad_fn(params, mb)
-      return (_tree_add(grads, g), loss_sum + l, count + n, aux_sum + aux), None
+      grads, ce_sum, count, aux_sum = carry
+      (_, (ce, n, aux)), g = grad_fn(params, mb)
+      return (_tree_add(grads, g), ce_sum + ce, count + n, aux_sum + aux), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss_sum, count, aux_sum), _ = jax.lax.scan(micro, init, batch)
+    (grads, ce_sum, count, aux_sum), _ = jax.lax.scan(micro, init, batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    accum = batch["inputs"].shape[0]
-    aux = aux_sum / accum
     metrics = {
-        "loss": loss_sum / denom - aux,  # cross-entropy only
-        "aux_loss": aux,
+        "loss": ce_sum / denom,  # token cross-entropy (without aux losses)
+        "aux_loss": aux_sum / batch["inputs"].shape[0],
         "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
         "tokens": count,
         "params_finite": all_finite(new_params),
     }
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": jax.random.split(state["rng"])[0]}
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+                 "rng": jax.random.split(state["rng"])[0]}
     return new_state, metrics
 
   return train_step
@@ -98,8 +99,8 @@ def make_eval_step(apply_fn: Callable, compute_dtype=jnp.float32):
 
   def eval_step(params, batch):
     def micro(carry, mb):
-      l, (n, aux) = loss_fn(params, mb)
-      return (carry[0] + l - aux * n, carry[1] + n), None
+      _, (ce, n, _) = loss_fn(params, mb)
+      return (carry[0] + ce, carry[1] + n), None
 
     (l, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
     return l / jnp.maximum(n, 1.0)
