@@ -8,29 +8,55 @@ q,k,g `[B,T,H,K]`, v `[B,T,H,V]`, g is the log-space decay (<= 0), beta `[B,T,H]
 sequence has its own initial and final state. With `segment_ids` `[B,T]` the state resets to zero
 wherever the id changes along a row (packed training rows); initial/final state are per row.
 
-Implementations (`impl`): "recurrent" (lax.scan ground truth), "chunk" (pure-JAX chunkwise with a
-recompute-based custom VJP), "auto" (the fastest available on the current backend).
+Implementations (`impl`):
+  "recurrent"  lax.scan over tokens: the ground truth (and `kda_step`, the decode step)
+  "chunk"      pure-JAX chunkwise form with a recompute-based custom VJP (any backend)
+  "pallas_tpu" Pallas Mosaic TPU kernels, forward and backward
+  "pallas_gpu" Pallas GPU (Triton backend) kernels, forward and backward
+  "auto"       the TPU kernel on TPU, the pure-JAX chunk elsewhere (the GPU kernel has no
+               measured speed yet, see docs/kernels.md)
+`interpret=True` runs either Pallas kernel in interpret mode on any backend (CPU tests).
 """
 
 from __future__ import annotations
 
+import jax
+
 from pallas_kernels.kda.common import l2_normalize
 from pallas_kernels.kda.reference import kda_recurrent, kda_step
 
-IMPLS = ("auto", "recurrent", "chunk")
+IMPLS = ("auto", "recurrent", "chunk", "pallas_tpu", "pallas_gpu")
 
-__all__ = ["kda", "kda_recurrent", "kda_step", "l2_normalize", "IMPLS"]
+__all__ = ["kda", "kda_recurrent", "kda_step", "l2_normalize", "IMPLS", "resolve_impl"]
+
+
+def resolve_impl(impl: str) -> str:
+    """The concrete implementation `impl` stands for on the current default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"kda: impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "pallas_tpu" if jax.default_backend() == "tpu" else "chunk"
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None, use_qk_l2norm=False, impl="auto", segment_ids=None):
+        cu_seqlens=None, use_qk_l2norm=False, impl="auto", segment_ids=None, interpret=False):
     """KDA over a sequence; returns `(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] f32 or None)`."""
-    if impl not in IMPLS:
-        raise ValueError(f"kda: impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl)
+    if interpret and not impl.startswith("pallas"):
+        raise ValueError(f"kda: interpret=True applies to the Pallas kernels only, not impl={impl!r}")
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm)
     if impl == "recurrent":
         return kda_recurrent(q, k, v, g, beta, **kwargs)
-    from pallas_kernels.kda.chunk import kda_chunk
+    if impl == "chunk":
+        from pallas_kernels.kda.chunk import kda_chunk
 
-    return kda_chunk(q, k, v, g, beta, **kwargs)
+        return kda_chunk(q, k, v, g, beta, **kwargs)
+    if impl == "pallas_tpu":
+        from pallas_kernels.kda.tpu import kda_pallas_tpu
+
+        return kda_pallas_tpu(q, k, v, g, beta, interpret=interpret, **kwargs)
+    from pallas_kernels.kda.gpu import kda_pallas_gpu
+
+    return kda_pallas_gpu(q, k, v, g, beta, interpret=interpret, **kwargs)

@@ -228,10 +228,14 @@ def _invert_unit_lower_blocks(l_NSS):
     powers of L are formed, unlike a Neumann/doubling product, which cancels catastrophically)."""
     S = l_NSS.shape[-1]
     inv = jnp.broadcast_to(jnp.eye(S, dtype=l_NSS.dtype), l_NSS.shape)
-    for r in range(1, S):
-        row = inv[..., r, :] - jnp.einsum("...j,...jc->...c", l_NSS[..., r, :r], inv[..., :r, :])
-        inv = inv.at[..., r, :].set(row)
-    return inv
+
+    def substitute_row(r, inv):  # rows >= r of inv are still identity rows; L's row r is zero from r on
+        l_row = jax.lax.dynamic_index_in_dim(l_NSS, r, axis=-2, keepdims=False)
+        row = jax.lax.dynamic_index_in_dim(inv, r, axis=-2, keepdims=False)
+        row = row - jnp.einsum("...j,...jc->...c", l_row, inv)
+        return jax.lax.dynamic_update_index_in_dim(inv, row, r, axis=-2)
+
+    return jax.lax.fori_loop(1, S, substitute_row, inv)
 
 
 def solve_unit_lower(l_CC, rhs_CW):

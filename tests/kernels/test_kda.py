@@ -36,10 +36,14 @@ def run_with_grads(case, impl, dtype=jnp.float32):
                    output_final_state=True, cu_seqlens=cu,
                    use_qk_l2norm=bool(case["use_qk_l2norm"]), impl=impl)
 
+    @jax.jit  # under jit, as users run it (XLA fuses differently than op-by-op)
+    def outputs_and_grads(args, do, dht):
+        (o, ht), vjp = jax.vjp(fn, *args)
+        return o, ht, vjp((do.astype(o.dtype), dht))
+
     args = [jnp.asarray(case[n]).astype(dtype) for n in ("q", "k", "v", "g", "beta")]
     args.append(jnp.asarray(case["h0"]))
-    (o, ht), vjp = jax.vjp(fn, *args)
-    grads = vjp((jnp.asarray(case["do"]).astype(o.dtype), jnp.asarray(case["dht"])))
+    o, ht, grads = outputs_and_grads(args, jnp.asarray(case["do"]), jnp.asarray(case["dht"]))
     return {"o": o, "ht": ht, **dict(zip(GRAD_NAMES, grads))}
 
 
@@ -91,10 +95,14 @@ def outputs_and_grads(impl, inputs, **kw):
         return kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                    use_qk_l2norm=True, impl=impl, **kw)
 
-    (o, ht), vjp = jax.vjp(fn, q, k, v, g, beta, h0)
-    do = jax.random.normal(jax.random.PRNGKey(99), o.shape)
-    dht = jax.random.normal(jax.random.PRNGKey(98), ht.shape)
-    return (o, ht) + tuple(vjp((do, dht)))
+    @jax.jit
+    def run(*args):
+        (o, ht), vjp = jax.vjp(fn, *args)
+        do = jax.random.normal(jax.random.PRNGKey(99), o.shape)
+        dht = jax.random.normal(jax.random.PRNGKey(98), ht.shape)
+        return (o, ht) + tuple(vjp((do, dht)))
+
+    return run(q, k, v, g, beta, h0)
 
 
 @pytest.mark.parametrize("T,g_min,zero_state", [
@@ -162,6 +170,35 @@ def test_chunk_backward_keeps_linear_memory():
     assert sum(x.size for x in jax.tree.leaves(vjp_rec)) > 4 * saved  # autodiff of the scan keeps states
 
 
+@pytest.mark.parametrize("step_decay", [0.01, 2.0, 20.0])
+def test_score_tiers_agree_with_exact_pairwise(step_decay):
+    """Whole-chunk, sub-chunk and pairwise evaluations of the intra-chunk scores (and their
+    gradients, under jit) equal the naive masked [C,C,K] formula, whichever tier the span picks."""
+    from pallas_kernels.kda import chunk
+
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q = jax.random.normal(ks[0], (1, 2, 3, 64, 16))
+    k = jax.random.normal(ks[1], (1, 2, 3, 64, 16))
+    G = jnp.cumsum(-step_decay * jax.random.uniform(ks[2], (1, 2, 3, 64, 16)), axis=-2)
+    cts = tuple(jax.random.normal(kk, (1, 2, 3, 64, 64)) for kk in jax.random.split(ks[3]))
+
+    def naive(q, k, G):
+        i = jnp.arange(64)
+        lower = i[:, None] >= i[None, :]
+        decay = jnp.where(lower[:, :, None], jnp.exp(jnp.minimum(G[..., :, None, :] - G[..., None, :, :], 0)), 0)
+        score = lambda x: jnp.sum(x[..., :, None, :] * k[..., None, :, :] * decay, -1)
+        return score(k) * (i[:, None] > i[None, :]), score(q)
+
+    def with_grads(f):
+        return jax.jit(lambda *a: (f(*a), jax.vjp(f, *a)[1](cts)))(q, k, G)
+
+    ref_out, ref_grads = with_grads(naive)
+    for out, grads in (with_grads(chunk.intra_scores), with_grads(chunk._scores_by_subchunk)):
+        for r, c in zip(ref_out + ref_grads, out + grads):
+            assert np.isfinite(np.asarray(c)).all()
+            assert rel_rms(r, c) <= 1e-5
+
+
 def test_import_pulls_in_jax_only():
     code = ("import sys; from pallas_kernels.kda import kda; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('flax', 'jaxllm', 'optax', 'orbax', 'torch')]; "
@@ -209,3 +246,5 @@ def test_bad_batch_and_state_with_cu_seqlens(small):
             initial_state=jnp.zeros((1, 2, 8, 8)))
     with pytest.raises(ValueError, match="impl must be one of"):
         kda(q, k, v, g, beta, impl="fast")
+    with pytest.raises(ValueError, match="interpret=True applies to the Pallas kernels only"):
+        kda(q, k, v, g, beta, impl="chunk", interpret=True)

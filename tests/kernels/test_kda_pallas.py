@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.kda import kda
 from pallas_kernels.kda.gpu import kda_pallas_gpu
 from pallas_kernels.kda.reference import kda_recurrent
 from pallas_kernels.kda.tpu import kda_pallas_tpu
@@ -21,9 +22,10 @@ from pallas_kernels.kda.tpu import kda_pallas_tpu
 TOL = 1e-4           # float32
 TOL_BF16_OUT = 8e-3  # values that are rounded to bfloat16 on the way out (2^-8 = 3.9e-3)
 
+# Through the public dispatcher, so the impl= / interpret= wiring is what is tested.
 KERNELS = {
-    "pallas_tpu": functools.partial(kda_pallas_tpu, interpret=True),
-    "pallas_gpu": functools.partial(kda_pallas_gpu, interpret=True),
+    "pallas_tpu": functools.partial(kda, impl="pallas_tpu", interpret=True),
+    "pallas_gpu": functools.partial(kda, impl="pallas_gpu", interpret=True),
 }
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
