@@ -218,7 +218,7 @@ def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
         kg = kg * masks.in_last[..., None]
         decay = decay * masks.carries[..., None]
     rhs = beta[..., :, None] * jnp.concatenate([v, k_read], axis=-1)
-    uw = solve_unit_lower(beta[..., :, None] * akk, rhs)
+    uw = _dot("...ij,...jw->...iw", unit_lower_inverse(beta[..., :, None] * akk), rhs)
     V = v.shape[-1]
     return IntraParts(w=uw[..., V:], u=uw[..., :V], qg=qg, kg=kg, aqk=aqk, decay=decay)
 
@@ -255,6 +255,29 @@ def solve_unit_lower(l_CC, rhs_CW):
             r = r - _dot("...ij,...jw->...iw", l_CC[..., rows, : a * SUB], jnp.concatenate(xs, axis=-2))
         xs.append(_dot("...ij,...jw->...iw", diag_inv[..., a, :, :], r))
     return jnp.concatenate(xs, axis=-2)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(l_CC):
+    """(I + L)^-1 for strictly lower L [..., C, C] (block forward substitution on I)."""
+    eye = jnp.broadcast_to(jnp.eye(l_CC.shape[-1], dtype=l_CC.dtype), l_CC.shape)
+    return solve_unit_lower(l_CC, eye)
+
+
+def _unit_lower_inverse_fwd(l_CC):
+    inv = unit_lower_inverse(l_CC)
+    return inv, inv
+
+
+def _unit_lower_inverse_bwd(inv, d_inv):
+    # d(M) = -M dL M  =>  dL = -M^T dM M^T, kept on L's strictly lower support. Two matmuls,
+    # instead of differentiating through the substitution loop.
+    strict, _ = _causal_masks(inv.shape[-1], inv.dtype)
+    m_t = jnp.swapaxes(inv, -1, -2)
+    return (-_dot("...ij,...jk,...kl->...il", m_t, d_inv, m_t) * strict,)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 class Varlen(NamedTuple):
