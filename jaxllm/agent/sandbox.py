@@ -473,7 +473,7 @@ def _build_root(spec) -> None:
            f"size={spec['disk_mb']}m,mode=0700")
     if spec["uid"] is not None:
         os.chown(root + "/sandbox", spec["uid"], spec["uid"])
-    os.makedirs(root + "/tmp")
+    os.makedirs(root + "/tmp", exist_ok=True)  # exists already when the runtime lives under /tmp
     os.chmod(root + "/tmp", 0o1777)  # read-only below: present for libraries that probe it
     os.chroot(root)
     os.chdir("/sandbox")
