@@ -98,60 +98,33 @@ def _diag_factorised(xs, ks, gs):
     return _dot("...id,...jd->...ij", left, right)
 
 
-def _subchunks_factorisable(gs):
-    return jnp.max(gs[..., 0, :] - gs[..., -1, :]) <= SAFE_SPAN
+def _span_within(g_cum):
+    """True when every block's log-decay span (first row minus last row) is <= SAFE_SPAN."""
+    return jnp.max(g_cum[..., 0, :] - g_cum[..., -1, :]) <= SAFE_SPAN
 
 
-@jax.custom_vjp
-def _diag_scores(xs, ks, gs):
-    return jax.lax.cond(_subchunks_factorisable(gs), _diag_factorised, _diag_pairwise, xs, ks, gs)
+def _select_by_span(fast_fn, exact_fn):
+    """`cond(span ok, fast_fn, exact_fn)(x, k, g_cum)` whose VJP re-runs only the chosen branch.
 
+    Autodiff of `cond` would zero-fill the other branch's residuals (a [..,16,16,K] tensor for
+    the pairwise branch); here the backward recomputes the chosen branch under `jax.vjp`.
+    """
 
-def _diag_scores_fwd(xs, ks, gs):
-    return _diag_scores(xs, ks, gs), (xs, ks, gs)
+    @jax.custom_vjp
+    def select(x, k, g_cum):
+        return jax.lax.cond(_span_within(g_cum), fast_fn, exact_fn, x, k, g_cum)
 
-
-def _diag_scores_bwd(res, ct):
     def branch_vjp(fn):
         return lambda args, ct: jax.vjp(fn, *args)[1](ct)
 
-    return jax.lax.cond(_subchunks_factorisable(res[2]), branch_vjp(_diag_factorised),
-                        branch_vjp(_diag_pairwise), res, ct)
+    def bwd(res, ct):
+        return jax.lax.cond(_span_within(res[2]), branch_vjp(fast_fn), branch_vjp(exact_fn), res, ct)
+
+    select.defvjp(lambda *args: (select(*args), args), bwd)
+    return select
 
 
-_diag_scores.defvjp(_diag_scores_fwd, _diag_scores_bwd)
-
-
-def _use_whole_chunk(g_cum_NCK):
-    return jnp.max(g_cum_NCK[..., 0, :] - g_cum_NCK[..., -1, :]) <= SAFE_SPAN
-
-
-@jax.custom_vjp
-def intra_scores(q_NCK, k_NCK, g_cum_NCK):
-    """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
-
-    Three exact evaluations, picked by the largest log-decay span (a scalar predicate, so one
-    branch runs): the whole chunk as one matmul around its mid row; 16-row sub-chunks with
-    matmul diagonal blocks; or exact pairwise diagonal blocks for any gate magnitude. The custom
-    VJP re-runs only the chosen branch (autodiff of `cond` would zero-fill the others' residuals).
-    """
-    return jax.lax.cond(_use_whole_chunk(g_cum_NCK), _scores_whole_chunk, _scores_by_subchunk,
-                        q_NCK, k_NCK, g_cum_NCK)
-
-
-def _intra_scores_fwd(q_NCK, k_NCK, g_cum_NCK):
-    return intra_scores(q_NCK, k_NCK, g_cum_NCK), (q_NCK, k_NCK, g_cum_NCK)
-
-
-def _intra_scores_bwd(res, cotangents):
-    def branch_vjp(scores_fn):
-        return lambda args, ct: jax.vjp(scores_fn, *args)[1](ct)
-
-    return jax.lax.cond(_use_whole_chunk(res[2]), branch_vjp(_scores_whole_chunk),
-                        branch_vjp(_scores_by_subchunk), res, cotangents)
-
-
-intra_scores.defvjp(_intra_scores_fwd, _intra_scores_bwd)
+_diag_scores = _select_by_span(_diag_factorised, _diag_pairwise)
 
 
 def _causal_masks(C, dtype):
@@ -198,6 +171,16 @@ def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK):
         before[:, :, None], g_ref[..., :, None, :] - g_cum_NCK[..., None, :, :])  # [..., n, C, K]
     off = _dot("...nid,...njd->...nij", x_ref, k_ref).reshape(*lead, C, C)
     return off + diag
+
+
+intra_scores = _select_by_span(_scores_whole_chunk, _scores_by_subchunk)
+intra_scores.__doc__ = """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
+
+Three exact evaluations, picked by the largest log-decay span (a scalar predicate, so one branch
+runs): the whole chunk as one matmul around its mid row (span over the chunk <= SAFE_SPAN);
+16-row sub-chunks with matmul diagonal blocks (span over each sub-chunk <= SAFE_SPAN); or exact
+pairwise diagonal blocks for any gate magnitude.
+"""
 
 
 def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
