@@ -1,0 +1,389 @@
+"""A Python-segmented ReAct rollout with a Kimi Linear model and its decode caches.
+
+Per turn every running row decodes with its cache until a stop string (``protocol.STOP_STRINGS``,
+plus ``<|im_end|>`` for a model that closes its own chatml turn) or the per-turn token cap; the
+turn is parsed with ``protocol`` and executed by a ``tools.ToolExecutor`` (any backends: the
+simulated wiki, the sandbox, real web tools); the observation's tokens (chat framing included) are
+appended to the row's cache. Rows run batched and stop independently:
+
+    from jaxllm.agent import rollout, synth
+    from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
+    wiki = SimulatedWiki(WikiConfig(seed=0))
+    out = rollout.segmented_rollout(model, params, ByteTokenizer(), synth.wiki_executor(wiki),
+                                    ["What is the capital of Velonia?"] * 4,
+                                    config=rollout.RolloutConfig(max_turns=8, turn_tokens=256,
+                                                                 token_budget=8192))
+    out.tokens, out.kind, out.status, out.answers, out.messages
+
+Statuses: ``ANSWERED`` (a well-formed ``<answer>``), ``MAX_TURNS`` (``max_turns`` assistant turns
+without an answer), ``MAX_TOKENS`` (the token budget forced a final-answer turn, and that turn did
+not answer), ``TOOL_ERROR`` (``max_tool_errors`` error observations in a row).
+
+**Token budget.** ``token_budget`` bounds every row's length (prompt, model turns, observations;
+it is also the MLA cache capacity). Before appending an observation the loop checks that the
+observation plus one more full turn still leaves room for a forced final turn; if not, the
+observation is replaced (as Tongyi DeepResearch does) by the user message
+``protocol.FORCE_ANSWER`` and the row gets exactly one more turn (``forced_answer`` is set).
+
+**Per-row caches.** ``ModelCache.pos`` is one scalar for the whole batch (decode.py assumes
+equal-length rows), but rows of a rollout have different lengths. The loop therefore keeps one
+batch-1 cache per row, stacked on a leading axis, and ``jax.vmap``s the model over rows (each row
+its own ``pos``); a row that does not take part in a call keeps its cache unchanged (a per-row
+select), so rows never see each other's padding. Token sequences of any length are appended
+exactly: full chunks of ``chunk`` tokens through the prefill path, the rest one token at a time,
+so only two shapes are ever compiled.
+
+**Masks.** ``kind[b, t]`` says who wrote each token: ``KIND_PROMPT`` (system + question + the
+first generation prompt), ``KIND_MODEL`` (sampled by the model), ``KIND_FORCED`` (written into an
+assistant turn by ``forced_turns``, not sampled), ``KIND_TOOL`` (observations and the chat framing
+around them, the forced-answer message), ``KIND_PAD``. ``model_mask`` (sampled tokens) is the RL
+loss mask; ``logprobs`` holds the model's log-probability of each sampled token (raw logits, before
+any sampling transform).
+
+**Text vs tokens.** The tokens of a turn are exactly what the model wrote (the stop token is fed to
+the cache too); the parser and ``messages`` see ``truncate_at_stop`` of the turn's text. With the
+byte tokenizer ``tokenizer.encode(protocol.render_chat(messages, add_generation_prompt=...))``
+equals the token row whenever every turn ended at ``</tool_call>``/``</answer>``/``<|im_end|>``;
+a turn cut at a ``<tool_response>`` the model forged, or at the per-turn cap, keeps those tokens in
+the row but not in ``messages`` (they are never executed or trusted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.agent import protocol, tools
+
+__all__ = ["RolloutConfig", "RolloutResult", "segmented_rollout", "TURN_STOPS", "cut_turn",
+           "RUNNING", "ANSWERED", "MAX_TURNS", "MAX_TOKENS", "TOOL_ERROR", "STATUS_NAMES",
+           "KIND_PAD", "KIND_PROMPT", "KIND_MODEL", "KIND_FORCED", "KIND_TOOL"]
+
+RUNNING, ANSWERED, MAX_TURNS, MAX_TOKENS, TOOL_ERROR = 0, 1, 2, 3, 4
+STATUS_NAMES = {RUNNING: "running", ANSWERED: "answered", MAX_TURNS: "max_turns",
+                MAX_TOKENS: "max_tokens", TOOL_ERROR: "tool_error"}
+KIND_PAD, KIND_PROMPT, KIND_MODEL, KIND_FORCED, KIND_TOOL = 0, 1, 2, 3, 4
+
+#: Strings that end an assistant turn: the protocol's stops, and ``<|im_end|>`` (a chatml model
+#: closing its own turn; the text before it is the turn).
+TURN_STOPS = protocol.STOP_STRINGS + (protocol.IM_END,)
+
+
+def cut_turn(text: str) -> tuple[str, str | None]:
+    """The turn text the parser sees and the stop that ended it (None: no stop, e.g. the cap).
+
+    The first of ``TURN_STOPS`` anywhere decides: ``</tool_call>`` / ``</answer>`` are kept,
+    a forged ``<tool_response>`` is cut with everything after it (``protocol.truncate_at_stop``),
+    ``<|im_end|>`` is cut (it is the chat template's, not the content's).
+    """
+    i_end = text.find(protocol.IM_END)
+    kept, stop = protocol.truncate_at_stop(text)
+    if i_end >= 0:
+        first = min((text.find(s) for s in protocol.STOP_STRINGS if s in text), default=len(text))
+        if i_end < first:
+            return text[:i_end], protocol.IM_END
+    return kept, stop
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """max_turns: assistant turns per row. turn_tokens: tokens per turn at most.
+    token_budget: tokens per row at most, prompt included (also the cache capacity).
+    chunk: tokens per prefill call when appending prompts and observations.
+    max_tool_errors: stop a row with TOOL_ERROR after this many error observations in a row
+    (None: never; errors are observations the model can react to)."""
+
+    max_turns: int = 8
+    turn_tokens: int = 256
+    token_budget: int = 8192
+    chunk: int = 32
+    max_tool_errors: int | None = None
+
+    def __post_init__(self):
+        for f in ("max_turns", "turn_tokens", "token_budget", "chunk"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"RolloutConfig.{f} must be an int >= 1, got {v!r}")
+        v = self.max_tool_errors
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"RolloutConfig.max_tool_errors must be None or an int >= 1, got {v!r}")
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    tokens: np.ndarray          # [B, token_budget] int32, pad_id after `lengths`
+    kind: np.ndarray            # [B, token_budget] int8, KIND_*
+    logprobs: np.ndarray        # [B, token_budget] float32, log p of sampled tokens (else 0)
+    lengths: np.ndarray         # [B] int32
+    status: np.ndarray          # [B] int32, ANSWERED | MAX_TURNS | MAX_TOKENS | TOOL_ERROR
+    turns: np.ndarray           # [B] int32, assistant turns taken
+    tool_errors: np.ndarray     # [B] int32, error observations received
+    forced_answer: np.ndarray   # [B] bool, the budget forced a final-answer turn
+    answers: list               # [B] answer text or None
+    messages: list              # [B] chat messages (system, question, turns)
+
+    @property
+    def model_mask(self) -> np.ndarray:
+        """Tokens the model sampled (the RL loss mask)."""
+        return self.kind == KIND_MODEL
+
+    @property
+    def assistant_mask(self) -> np.ndarray:
+        """Tokens of assistant turns, sampled or forced."""
+        return (self.kind == KIND_MODEL) | (self.kind == KIND_FORCED)
+
+    @property
+    def tool_mask(self) -> np.ndarray:
+        """Observation tokens and the chat framing the environment added."""
+        return self.kind == KIND_TOOL
+
+    def status_names(self) -> list[str]:
+        return [STATUS_NAMES[int(s)] for s in self.status]
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled pieces: per-row caches under vmap
+# ------------------------------------------------------------------------------------------
+
+def _select_rows(active_R, new, old):
+    return jax.tree_util.tree_map(
+        lambda n, o: jnp.where(active_R.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _row_logits(model, params, caches, toks_RC):
+    def one(cache, toks_C):
+        logits, new_cache = model.apply(params, toks_C[None], cache=cache)
+        return logits[0, -1], new_cache
+    return jax.vmap(one)(caches, toks_RC)
+
+
+@functools.lru_cache(maxsize=16)
+def _feed_fn(model_cls, config):
+    model = model_cls(config)
+
+    def feed(params, caches, last_logits_RV, toks_RC, active_R):
+        logits_RV, new = _row_logits(model, params, caches, toks_RC)
+        return (jnp.where(active_R[:, None], logits_RV, last_logits_RV),
+                _select_rows(active_R, new, caches))
+
+    return jax.jit(feed, donate_argnums=(1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _step_fn(model_cls, config, sampling):
+    model = model_cls(config)
+
+    def step(params, caches, last_logits_RV, forced_R, active_R, rng):
+        if sampling is None:
+            tok = jnp.argmax(last_logits_RV, axis=-1).astype(jnp.int32)
+        else:
+            from jaxllm.ops.sampling import sample_next
+            tok = sample_next(last_logits_RV, rng, sampling).astype(jnp.int32)
+        tok = jnp.where(forced_R >= 0, forced_R, tok)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits_RV, axis=-1), tok[:, None], -1)[:, 0]
+        logits_RV, new = _row_logits(model, params, caches, tok[:, None])
+        return (tok, logp, jnp.where(active_R[:, None], logits_RV, last_logits_RV),
+                _select_rows(active_R, new, caches))
+
+    return jax.jit(step, donate_argnums=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+
+def _framing(observation_content: str, model_closed_turn: bool) -> str:
+    """Text between an assistant turn's content and the next assistant turn's content."""
+    head = "" if model_closed_turn else protocol.IM_END
+    return (f"{head}\n{protocol.IM_START}user\n{observation_content}{protocol.IM_END}\n"
+            f"{protocol.IM_START}assistant\n")
+
+
+def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
+                      questions: Sequence[str], *, config: RolloutConfig = RolloutConfig(),
+                      system_prompt: str | None = None, sampling=None, rng=None,
+                      forced_turns: Sequence[Sequence[str]] | None = None) -> RolloutResult:
+    """Run one ReAct episode per question, batched; see the module docstring.
+
+    Args:
+      model, params: a ``KimiLinear`` and its params.
+      tokenizer: ``encode(text) -> ids`` / ``decode(ids) -> text`` (e.g. ``ByteTokenizer``);
+        ``pad_id`` pads the returned rows.
+      executor: runs parsed actions (``synth.wiki_executor(wiki)`` for the simulated wiki).
+      questions: one per row.
+      system_prompt: default ``protocol.build_system_prompt(executor.tool_specs(),
+        date=synth.SYNTH_DATE)``, the prompt synthesized trajectories carry.
+      sampling: None for greedy, else a ``SamplingConfig`` (modes "greedy"/"sample", no
+        penalties) with ``rng``.
+      forced_turns: optional, per row a list of texts; turn i of that row starts with the tokens
+        of ``forced_turns[row][i]`` (written, not sampled: ``KIND_FORCED``) and the model
+        continues from there unless a stop string is already complete. For scripted episodes,
+        replaying demonstrations, or forcing a ``<think>\\n`` prefix.
+    """
+    from jaxllm.agent import synth
+
+    cfg = config
+    questions = list(questions)
+    B = len(questions)
+    if B == 0:
+        raise ValueError("segmented_rollout: no questions")
+    if not isinstance(executor, tools.ToolExecutor):
+        raise ValueError(f"segmented_rollout: executor must be a tools.ToolExecutor, got "
+                         f"{type(executor).__name__}")
+    if sampling is not None:
+        if sampling.mode not in ("greedy", "sample") or sampling.presence_penalty != 0 or \
+                sampling.repetition_penalty != 1:
+            raise ValueError("segmented_rollout: sampling supports modes 'greedy'/'sample' without "
+                             f"presence/repetition penalties, got {sampling}")
+        if rng is None:
+            raise ValueError("segmented_rollout: sampling needs an `rng` key")
+    if forced_turns is not None:
+        if len(forced_turns) != B or any(isinstance(f, str) for f in forced_turns):
+            raise ValueError(f"segmented_rollout: forced_turns must hold one list of turn texts per "
+                             f"question ({B}), got {len(forced_turns)} entries")
+        forced_ids = [[np.asarray(tokenizer.encode(t), np.int32) for t in row] for row in forced_turns]
+    else:
+        forced_ids = [[] for _ in range(B)]
+    if system_prompt is None:
+        system_prompt = protocol.build_system_prompt(executor.tool_specs(), date=synth.SYNTH_DATE)
+
+    vocab = model.config.vocab_size
+    enc = lambda text: np.asarray(tokenizer.encode(text), np.int32)  # noqa: E731
+    messages = [protocol.initial_messages(q, system_prompt) for q in questions]
+    prompts = [enc(protocol.render_chat(m, add_generation_prompt=True)) for m in messages]
+    force_len = len(enc(_framing(protocol.FORCE_ANSWER, False)))
+    reserve = force_len + cfg.turn_tokens        # room a forced final turn needs
+    limit = cfg.token_budget - reserve           # a normal turn must end by here
+    for r, p in enumerate(prompts):
+        if len(p) + cfg.turn_tokens > limit:
+            raise ValueError(
+                f"segmented_rollout: token_budget {cfg.token_budget} is too small for row {r}: the "
+                f"prompt has {len(p)} tokens, a turn up to {cfg.turn_tokens}, and {reserve} must "
+                f"stay free for a forced final answer (turn_tokens + {force_len})")
+    for r, row in enumerate(forced_ids):
+        for i, ids in enumerate(row):
+            if len(ids) > cfg.turn_tokens:
+                raise ValueError(f"segmented_rollout: forced_turns[{r}][{i}] has {len(ids)} tokens, "
+                                 f"more than turn_tokens={cfg.turn_tokens}")
+    for ids in prompts + [i for row in forced_ids for i in row]:
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"segmented_rollout: the tokenizer gives ids outside the model's "
+                             f"vocabulary [0, {vocab})")
+
+    T = cfg.token_budget
+    pad = getattr(tokenizer, "pad_id", 0) or 0
+    tokens = np.full((B, T), pad, np.int32)
+    kind = np.zeros((B, T), np.int8)
+    logprobs = np.zeros((B, T), np.float32)
+    length = np.zeros((B,), np.int32)
+    status = np.full((B,), RUNNING, np.int32)
+    turns = np.zeros((B,), np.int32)
+    n_err = np.zeros((B,), np.int32)
+    consec_err = np.zeros((B,), np.int32)
+    forced_answer = np.zeros((B,), bool)
+    answers: list = [None] * B
+
+    def push(r, ids, k, lp=None):
+        n = len(ids)
+        tokens[r, length[r]:length[r] + n] = ids
+        kind[r, length[r]:length[r] + n] = k
+        if lp is not None:
+            logprobs[r, length[r]:length[r] + n] = lp
+        length[r] += n
+
+    from jaxllm.models.kimi_linear import init_cache
+    mcfg = model.config
+    one = init_cache(mcfg, 1, T)
+    caches = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), one)
+    last_logits = jnp.zeros((B, vocab), jnp.float32)
+    feed = _feed_fn(type(model), mcfg)
+    step = _step_fn(type(model), mcfg, sampling)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    C = cfg.chunk
+
+    def feed_rows(pending):
+        """Append each row's pending ids (rows with none are left alone)."""
+        nonlocal caches, last_logits
+        n_full = np.array([len(p) // C for p in pending])
+        for j in range(int(n_full.max(initial=0))):
+            act = n_full > j
+            toks = np.stack([p[j * C:(j + 1) * C] if a else np.full((C,), pad, np.int32)
+                             for p, a in zip(pending, act)])
+            last_logits, caches = feed(params, caches, last_logits, jnp.asarray(toks), jnp.asarray(act))
+        rest = [p[n * C:] for p, n in zip(pending, n_full)]
+        for i in range(max(len(x) for x in rest)):
+            act = np.array([len(x) > i for x in rest])
+            toks = np.array([[x[i] if len(x) > i else pad] for x in rest], np.int32)
+            last_logits, caches = feed(params, caches, last_logits, jnp.asarray(toks), jnp.asarray(act))
+
+    pending = []
+    for r, p in enumerate(prompts):
+        push(r, p, KIND_PROMPT)
+        pending.append(p)
+    while (status == RUNNING).any():
+        feed_rows(pending)
+        running = status == RUNNING
+        gen: list[list[int]] = [[] for _ in range(B)]
+        stop_of: list = [None] * B
+        generating = running.copy()
+        while generating.any():
+            forced = np.full((B,), -1, np.int32)
+            for r in np.flatnonzero(generating):
+                script = forced_ids[r][turns[r]] if turns[r] < len(forced_ids[r]) else ()
+                if len(gen[r]) < len(script):
+                    forced[r] = script[len(gen[r])]
+            rng, sub = jax.random.split(rng)
+            tok, lp, last_logits, caches = step(params, caches, last_logits, jnp.asarray(forced),
+                                                jnp.asarray(generating), sub)
+            tok, lp = np.asarray(tok), np.asarray(lp)
+            for r in np.flatnonzero(generating):
+                gen[r].append(int(tok[r]))
+                was_forced = forced[r] >= 0
+                push(r, [tok[r]], KIND_FORCED if was_forced else KIND_MODEL,
+                     None if was_forced else [lp[r]])
+                _, stop = cut_turn(tokenizer.decode(gen[r]))
+                if stop is not None or len(gen[r]) >= cfg.turn_tokens:
+                    generating[r] = False
+                    stop_of[r] = stop
+        pending = [np.zeros((0,), np.int32) for _ in range(B)]
+        for r in np.flatnonzero(running):
+            turns[r] += 1
+            text, stop = cut_turn(tokenizer.decode(gen[r]))
+            messages[r].append({"role": "assistant", "content": text})
+            action = protocol.parse_assistant(text)
+            if isinstance(action, protocol.Answer):
+                status[r], answers[r] = ANSWERED, action.text
+                continue
+            if forced_answer[r]:
+                status[r] = MAX_TOKENS
+                continue
+            obs = executor.execute(action)
+            if obs.error:
+                n_err[r] += 1
+                consec_err[r] += 1
+            else:
+                consec_err[r] = 0
+            if cfg.max_tool_errors is not None and consec_err[r] >= cfg.max_tool_errors:
+                status[r] = TOOL_ERROR
+                continue
+            if turns[r] >= cfg.max_turns:
+                status[r] = MAX_TURNS
+                continue
+            closed = stop == protocol.IM_END
+            content = protocol.wrap_tool_response(obs.text)
+            ids = enc(_framing(content, closed))
+            if length[r] + len(ids) + cfg.turn_tokens > limit:
+                content = protocol.FORCE_ANSWER
+                ids = enc(_framing(content, closed))
+                forced_answer[r] = True
+            messages[r].append({"role": "user", "content": content})
+            push(r, ids, KIND_TOOL)
+            pending[r] = ids
+    return RolloutResult(tokens=tokens, kind=kind, logprobs=logprobs, lengths=length, status=status,
+                         turns=turns, tool_errors=n_err, forced_answer=forced_answer,
+                         answers=answers, messages=messages)

@@ -1,0 +1,189 @@
+"""Segmented rollout: a tiny random Kimi Linear model, the byte tokenizer and the simulated wiki.
+
+Scripted turns (``forced_turns``) drive the tool path through the real model and caches; free
+greedy turns are checked against a no-cache forward pass of the finished rows.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.agent import protocol as P
+from jaxllm.agent import rollout as R
+from jaxllm.agent import synth
+from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
+from jaxllm.data.tokenizers import ByteTokenizer
+from jaxllm.models import KimiLinear, KimiLinearConfig
+
+TOK = ByteTokenizer()
+SYSTEM = "Answer with tools."
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    cfg = KimiLinearConfig(vocab_size=TOK.vocab_size, hidden_size=32, num_hidden_layers=2,
+                           layer_types=("kda", "mla"), mlp_layer_types=("dense", "dense"),
+                           kda_num_heads=2, kda_head_dim=8, num_attention_heads=2, kv_lora_rank=8,
+                           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=32,
+                           kda_impl="recurrent")  # compiles faster than the chunked kernel
+    model = KimiLinear(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    return SimulatedWiki(WikiConfig(seed=0))
+
+
+def call(name, arguments, think="t"):
+    return P.render_assistant(think, P.ToolCall(name, arguments))
+
+
+def answer(text, think="done"):
+    return P.render_assistant(think, P.Answer(text))
+
+
+CFG = R.RolloutConfig(max_turns=3, turn_tokens=256, token_budget=2000, chunk=32, max_tool_errors=2)
+
+
+@pytest.fixture(scope="module")
+def scripted(model_params, wiki):
+    """Five rows, one per way an episode ends."""
+    model, params = model_params
+    person = wiki.world.by_kind("person")[0]
+    qs = ["Q answered?", "Q max turns?", "Q tool error?", "Q budget then answer?", "Q budget, no answer?"]
+    many = [f"the {w} of {person.name}" for w in ("birthplace", "employer", "profession", "birth year")]
+    forced = [
+        [call("search", {"query": [person.name]}), answer(person.name)],
+        [call("visit", {"url": "wiki://Nowhere_Qqq", "goal": "x"})] * 3,
+        ['<tool_call>\n{"name": "search", "arguments": {"query": ["a",]}}\n</tool_call>',
+         call("serach", {"query": ["b"]})],
+        [call("search", {"query": many}), answer("1900")],
+        [call("search", {"query": many}), call("search", {"query": ["more"]})],
+    ]
+    ex = synth.wiki_executor(wiki)
+    out = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                              forced_turns=forced)
+    return out, qs, forced, ex
+
+
+def expected_messages(q, forced_row, observations):
+    msgs = P.initial_messages(q, SYSTEM)
+    for i, turn in enumerate(forced_row[:len(observations) + 1]):
+        msgs.append({"role": "assistant", "content": turn})
+        if i < len(observations):
+            msgs.append({"role": "user", "content": observations[i]})
+    return msgs
+
+
+def test_statuses_turns_errors_and_answers(scripted, wiki):
+    out, *_ = scripted
+    person = wiki.world.by_kind("person")[0]
+    assert out.status_names() == ["answered", "max_turns", "tool_error", "answered", "max_tokens"]
+    assert out.turns.tolist() == [2, 3, 2, 2, 2]
+    assert out.tool_errors.tolist() == [0, 0, 2, 0, 0]
+    assert out.forced_answer.tolist() == [False, False, False, True, True]
+    assert out.answers == [person.name, None, None, "1900", None]
+    assert (out.lengths <= CFG.token_budget).all()
+
+
+def test_rows_are_the_chat_template_of_the_real_observations(scripted, wiki):
+    out, qs, forced, ex = scripted
+    person = wiki.world.by_kind("person")[0]
+    search = P.wrap_tool_response(wiki.search([person.name]))
+    nowhere = P.wrap_tool_response(wiki.visit("wiki://Nowhere_Qqq", "x"))
+    assert "could not be found" in nowhere
+    bad_json = P.wrap_tool_response(ex.step(forced[2][0]).text)
+    assert "not valid JSON" in bad_json
+    obs = [[search], [nowhere, nowhere], [bad_json], [P.FORCE_ANSWER], [P.FORCE_ANSWER]]
+    for r in range(len(qs)):
+        msgs = expected_messages(qs[r], forced[r], obs[r])
+        assert out.messages[r] == msgs, r
+        text = P.render_chat(msgs, add_generation_prompt=False)
+        # the row ends right after the last assistant turn's stop string (no framing after it)
+        want = TOK.encode(text[: -len(P.IM_END + "\n")])
+        n = out.lengths[r]
+        np.testing.assert_array_equal(out.tokens[r, :n], want)
+        assert (out.tokens[r, n:] == TOK.pad_id).all() and (out.kind[r, n:] == R.KIND_PAD).all()
+        # kinds: the prompt, the scripted assistant contents, the rest is environment text
+        k = np.full((n,), R.KIND_TOOL)
+        pos = 0
+        for piece, is_model in P.render_segments(msgs):
+            m = len(TOK.encode(piece))
+            if is_model:
+                k[pos:pos + m - len(P.IM_END)] = R.KIND_FORCED
+            pos += m
+        k[:len(TOK.encode(P.render_chat(msgs[:2], add_generation_prompt=True)))] = R.KIND_PROMPT
+        np.testing.assert_array_equal(out.kind[r, :n], k[:n])
+        assert not out.model_mask[r].any()
+        assert out.tool_mask[r].sum() == (k[:n] == R.KIND_TOOL).sum() > 0
+
+
+def test_budget_forcing_leaves_room_and_the_long_observation_is_dropped(scripted):
+    out, *_ = scripted
+    # the 4-query search observation did not fit with a further turn; the force message replaced it
+    for r in (3, 4):
+        assert out.messages[r][3] == {"role": "user", "content": P.FORCE_ANSWER}
+    assert out.lengths[3] + CFG.turn_tokens <= CFG.token_budget
+
+
+def test_free_greedy_turns_equal_the_argmax_of_a_full_forward(model_params, wiki):
+    model, params = model_params
+    # same batch size and budget as CFG: the compiled steps are reused
+    cfg = dataclasses.replace(CFG, max_turns=2, turn_tokens=80, max_tool_errors=None)
+    qs = ["Where was Ada born?", "Who founded the Guild of Bakers, and when?", "x", "y?", "Capital?"]
+    forced = [["<think>\n"], [], ["<think>\nsearch</think>\n<tool_call>\n{\"name\": \"search\", "], [],
+              ["<think>\n", "<think>\n"]]
+    out = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,
+                              system_prompt=SYSTEM, forced_turns=forced)
+    assert set(out.status.tolist()) <= {R.ANSWERED, R.MAX_TURNS, R.MAX_TOKENS}
+    assert out.model_mask.sum() > 20
+    logits = np.asarray(model.apply(params, jnp.asarray(out.tokens)))       # causal: padding is harmless
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
+    for r in range(len(qs)):
+        t = np.flatnonzero(out.model_mask[r])
+        prev = logits[r, t - 1]
+        chosen = prev[np.arange(len(t)), out.tokens[r, t]]
+        # greedy: each sampled token is the argmax given everything before it (ties within float noise)
+        assert (chosen >= prev.max(-1) - 1e-4).all(), r
+        np.testing.assert_allclose(out.logprobs[r, t], logp[r, t - 1, out.tokens[r, t]], atol=1e-4)
+        assert (out.logprobs[r][~out.model_mask[r]] == 0).all()
+    # each row's episode is the same alone as in the batch (no cross-row leakage through padding)
+    solo = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs[::-1], config=cfg,
+                               system_prompt=SYSTEM, forced_turns=forced[::-1])
+    np.testing.assert_array_equal(solo.tokens[::-1], out.tokens)
+    np.testing.assert_array_equal(solo.kind[::-1], out.kind)
+    # a turn that hit the cap without a stop string is an error observation, not a crash
+    for r in range(len(qs)):
+        if out.turns[r] == 2 and out.status[r] == R.MAX_TURNS:
+            assert out.messages[r][3]["content"].startswith(P.TOOL_RESPONSE_OPEN + "\nError: ")
+
+
+def test_cut_turn_positional_rule():
+    assert R.cut_turn("a</answer>b") == ("a</answer>", "</answer>")
+    assert R.cut_turn("a <tool_response>x</tool_call>") == ("a", "<tool_response>")
+    assert R.cut_turn("a<|im_end|></tool_call>") == ("a", "<|im_end|>")
+    assert R.cut_turn("<tool_call>{}</tool_call><|im_end|>") == ("<tool_call>{}</tool_call>", "</tool_call>")
+    assert R.cut_turn("no stop") == ("no stop", None)
+
+
+def test_argument_errors(model_params, wiki):
+    model, params = model_params
+    ex = synth.wiki_executor(wiki)
+    with pytest.raises(ValueError, match="token_budget 300 is too small for row 0"):
+        R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM,
+                            config=R.RolloutConfig(turn_tokens=100, token_budget=300))
+    with pytest.raises(ValueError, match="forced_turns must hold one list"):
+        R.segmented_rollout(model, params, TOK, ex, ["q", "r"], system_prompt=SYSTEM, forced_turns=[["x"]])
+    with pytest.raises(ValueError, match=r"forced_turns\[0\]\[0\] has 9 tokens"):
+        R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, forced_turns=[["123456789"]],
+                            config=R.RolloutConfig(turn_tokens=8, token_budget=600))
+    with pytest.raises(ValueError, match="RolloutConfig.max_tool_errors"):
+        R.RolloutConfig(max_tool_errors=0)
+    from jaxllm.ops.sampling import SamplingConfig
+    with pytest.raises(ValueError, match="needs an `rng`"):
+        R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, sampling=SamplingConfig())
