@@ -146,26 +146,6 @@ class TestKDAPallas:
         self._check_against_recurrent(kernel, inputs, do, dht, tol_out=TOL_BF16_OUT,
                                       use_qk_l2norm=True)
 
-    def test_megacore_no_races(self, kernel_name, golden_dir):
-        """TPU only: two simulated TensorCores share the "parallel" batch/head axes; the
-        interpreter's race detector must find nothing and the results must not change."""
-        if kernel_name != "pallas_tpu":
-            pytest.skip("TPU megacore semantics; the GPU interpreter has no race detector")
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
-        from jax.experimental.pallas import tpu as pltpu
-
-        params = pltpu.InterpretParams(num_cores_or_threads=2, detect_races=True)
-        fn = functools.partial(kda_pallas_tpu, interpret=params)
-        d = dict(np.load(golden_dir / "kda" / "kda_varlen.npz"))
-        inputs = tuple(jnp.asarray(d[n]) for n in ("q", "k", "v", "g", "beta", "h0"))
-        o, ht, grads = value_and_grads(fn, inputs, jnp.asarray(d["do"]), jnp.asarray(d["dht"]),
-                                       jnp.asarray(d["cu_seqlens"]), scale=float(d["scale"]),
-                                       use_qk_l2norm=bool(d["use_qk_l2norm"]))
-        assert not tpu_interpret.races.races_found
-        assert rel_err(d["o"], o) <= TOL and rel_err(d["ht"], ht) <= TOL
-        for name, grad in zip(GRAD_NAMES, grads):
-            assert rel_err(d[name], grad) <= TOL, name
-
     def test_without_final_state(self, kernel):
         inputs, _, _ = random_case(5, B=1, T=20, H=1, K=16, V=16)
         o, ht = kernel(*inputs[:5], use_qk_l2norm=True)
@@ -210,3 +190,22 @@ class TestKDAPallas:
         text = exported.mlir_module()
         marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
         assert text.count(marker) >= 2   # the forward and the backward kernel
+
+
+def test_tpu_megacore_no_races(golden_dir):
+    """TPU only (megacore has no GPU counterpart): two simulated TensorCores share the "parallel"
+    batch/head axes; the interpreter's race detector must find nothing, results must not change."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+    from jax.experimental.pallas import tpu as pltpu
+
+    params = pltpu.InterpretParams(num_cores_or_threads=2, detect_races=True)
+    fn = functools.partial(kda_pallas_tpu, interpret=params)
+    d = dict(np.load(golden_dir / "kda" / "kda_varlen.npz"))
+    inputs = tuple(jnp.asarray(d[n]) for n in ("q", "k", "v", "g", "beta", "h0"))
+    o, ht, grads = value_and_grads(fn, inputs, jnp.asarray(d["do"]), jnp.asarray(d["dht"]),
+                                   jnp.asarray(d["cu_seqlens"]), scale=float(d["scale"]),
+                                   use_qk_l2norm=bool(d["use_qk_l2norm"]))
+    assert not tpu_interpret.races.races_found
+    assert rel_err(d["o"], o) <= TOL and rel_err(d["ht"], ht) <= TOL
+    for name, grad in zip(GRAD_NAMES, grads):
+        assert rel_err(d[name], grad) <= TOL, name
