@@ -187,3 +187,24 @@ def test_argument_errors(model_params, wiki):
     from jaxllm.ops.sampling import SamplingConfig
     with pytest.raises(ValueError, match="needs an `rng`"):
         R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, sampling=SamplingConfig())
+
+
+def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki):
+    from jaxllm.ops.sampling import SamplingConfig
+    model, params = model_params
+    cfg = dataclasses.replace(CFG, max_turns=1, turn_tokens=40, max_tool_errors=None)
+    qs = ["a?", "b?", "c?", "d?", "e?"]
+    run = lambda key: R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,  # noqa
+                                          system_prompt=SYSTEM, sampling=SamplingConfig(temperature=1.0),
+                                          rng=jax.random.PRNGKey(key))
+    a, b, c = run(7), run(7), run(8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    greedy = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,
+                                 system_prompt=SYSTEM)
+    assert not np.array_equal(a.tokens, greedy.tokens)   # sampling really samples
+    logits = model.apply(params, jnp.asarray(a.tokens))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    for r in range(len(qs)):
+        t = np.flatnonzero(a.model_mask[r])
+        np.testing.assert_allclose(a.logprobs[r, t], logp[r, t - 1, a.tokens[r, t]], atol=1e-4)
