@@ -197,8 +197,11 @@ def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki)
     run = lambda key: R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,  # noqa
                                           system_prompt=SYSTEM, sampling=SamplingConfig(temperature=1.0),
                                           rng=jax.random.PRNGKey(key))
-    a, b, c = run(7), run(7), run(8)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
+    a, c = run(7), run(8)
+    # same key: the compiled scan loop draws the same samples (and is reproducible)
+    b = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg, system_prompt=SYSTEM,
+                       sampling=SamplingConfig(temperature=1.0), rng=jax.random.PRNGKey(7))
+    _assert_same(a, b)
     assert not np.array_equal(a.tokens, c.tokens)
     greedy = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,
                                  system_prompt=SYSTEM)
@@ -208,3 +211,30 @@ def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki)
     for r in range(len(qs)):
         t = np.flatnonzero(a.model_mask[r])
         np.testing.assert_allclose(a.logprobs[r, t], logp[r, t - 1, a.tokens[r, t]], atol=1e-4)
+
+
+def _assert_same(a, b):
+    for f in ("tokens", "kind", "lengths", "status", "turns", "tool_errors", "forced_answer"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert a.answers == b.answers and a.messages == b.messages
+
+
+def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki):
+    """lax.scan over turns + io_callback to the wiki tools == the Python-segmented loop."""
+    model, params = model_params
+    seg, qs, forced, _ = scripted
+    scan = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=CFG, system_prompt=SYSTEM,
+                          forced_turns=forced)
+    _assert_same(seg, scan)
+    # free greedy turns too (same compiled program: same config and batch size)
+    qs2 = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
+    forced2 = [["<think>\n"], [], ['<think>\nok</think>\n<tool_call>\n{"name": "search", '], [], []]
+    seg2 = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs2, config=CFG,
+                               system_prompt=SYSTEM, forced_turns=forced2)
+    scan2 = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs2, config=CFG,
+                           system_prompt=SYSTEM, forced_turns=forced2)
+    assert seg2.model_mask.sum() > 200
+    _assert_same(seg2, scan2)
+    with pytest.raises(ValueError, match="needs a ByteTokenizer"):
+        R.scan_rollout(model, params, object(), synth.wiki_executor(wiki), ["q"])
