@@ -1,4 +1,4 @@
-"""``jaxllm`` command line: ``jaxllm train|generate|plot ...``.
+"""``jaxllm`` command line: ``jaxllm train|generate|autodeco-train|plot ...``.
 
 Subcommands live in one table, ``COMMANDS``; another module adds its own with
 ``register_command(name, help, add_arguments, run)``. Modules listed in ``PLUGIN_MODULES``
@@ -64,14 +64,30 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt", default="def ", help="text to continue")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--temperature", type=float, default=None,
+                 help="0 = greedy (default 0; with --autodeco/--fixed-mean it multiplies the heads' T, default 1)")
+  p.add_argument("--top-p", type=float, default=1.0, help="with --autodeco/--fixed-mean: multiplies the heads' P")
   p.add_argument("--seed", type=int, default=0)
+  heads = p.add_mutually_exclusive_group()
+  heads.add_argument("--autodeco", action="store_true",
+                     help="per-token T and top-p from the heads of `jaxllm autodeco-train` (<workdir>/autodeco)")
+  heads.add_argument("--fixed-mean", action="store_true",
+                     help="the mean T and top-p of those heads as fixed values (the 'MeanShift' baseline)")
 
 
 def _generate(args) -> int:
   from jaxllm.train.inference import generate_text, load_trained
   model, params, tokenizer = load_trained(args.workdir, step=args.step)
+  if args.autodeco or args.fixed_mean:
+    from jaxllm.train import autodeco_run as ad
+    heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=model.config.hidden_size)
+    t = 1.0 if args.temperature is None else args.temperature
+    sampling = ad.sampling_config("autodeco" if args.autodeco else "fixed_mean", info, temperature=t,
+                                  top_p=args.top_p)
+    print(ad.generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens, sampling,
+                           heads=(heads_module, heads_vars), seed=args.seed))
+    return 0
+  args.temperature = 0.0 if args.temperature is None else args.temperature
   print(generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed))
   return 0
@@ -93,6 +109,27 @@ def _plot(args) -> int:
 
 register_command("train", "train a model (see docs/training.md)", _train_args, _train)
 register_command("generate", "generate text from a trained workdir", _generate_args, _generate)
+# --------------------------------------------------------------------------- autodeco-train
+def _autodeco_train_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="a trained workdir; heads go to <workdir>/autodeco")
+  p.add_argument("--steps", type=int, default=200, help="head optimizer steps")
+  p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (official recipe: 5e-6 on pretrained heads)")
+  p.add_argument("--batch-size", type=int, help="rows per step (default: the run's batch_size)")
+  p.add_argument("--base-step", type=int, help="base checkpoint step (default: latest)")
+  p.add_argument("--eval-batches", type=int, default=4, help="batches for the eval loss and the mean T / top-p")
+  p.add_argument("--variant", default="hf", help="loss conventions: hf or megatron")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _autodeco_train(args) -> int:
+  from jaxllm.train.autodeco_run import train_heads
+  train_heads(args.workdir, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+              base_step=args.base_step, eval_batches=args.eval_batches, variant=args.variant, seed=args.seed)
+  return 0
+
+
+register_command("autodeco-train", "train AutoDeco heads on a trained workdir's frozen model (docs/autodeco.md)",
+                 _autodeco_train_args, _autodeco_train)
 register_command("plot", "plot loss curves from metrics.jsonl as PNG", _plot_args, _plot)
 
 
