@@ -177,4 +177,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the imported module's main: plugins register into `jaxllm.cli`, not into `__main__`.
+  from jaxllm.cli import main as _main
+
+  sys.exit(_main())
