@@ -111,24 +111,32 @@ def train_heads(workdir: str, *, steps: int = 200, learning_rate: float = 1e-3, 
                                        jnp.zeros((1, 1, V), jnp.float32)))
   tx = make_optimizer(tcfg)
   state = init_state(init_vars, tx, jax.random.PRNGKey(seed + 1))
-  fwd = _base_outputs(model)
+  # The frozen base forward is compiled once and shared by training and evaluation (same shapes);
+  # the head step and the eval loss are separate small programs.
+  fwd = jax.jit(_base_outputs(model))
   inner = make_train_step(heads, tx, tcfg)
 
   @jax.jit
+  def head_step(state, logits, hidden, targets, loss_mask):
+    labels = shifted_labels(targets, loss_mask)
+    return inner(state, {"hidden": hidden, "logits": logits, "labels": labels})
+
   def step_fn(state, base_params, batch):
     logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
-    labels = shifted_labels(batch["targets"], batch["loss_mask"])
-    return inner(state, {"hidden": hidden, "logits": logits, "labels": labels})
+    return head_step(state, logits, hidden, batch["targets"], batch["loss_mask"])
 
   loss_fn = make_loss_fn(heads, tcfg)
 
   @jax.jit
-  def eval_fn(head_params, base_params, batch, rand_vals):
-    logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
-    labels = shifted_labels(batch["targets"], batch["loss_mask"])
+  def eval_heads(head_params, logits, hidden, targets, loss_mask, rand_vals):
+    labels = shifted_labels(targets, loss_mask)
     loss, (out, t, p) = loss_fn(head_params, {"hidden": hidden, "logits": logits, "labels": labels}, rand_vals)
     valid = (labels[:, 1:] != -100).astype(jnp.float32)
     return loss, jnp.sum(t[:, :-1, 0] * valid), jnp.sum(p[:, :-1, 0] * valid), valid.sum()
+
+  def eval_fn(head_params, base_params, batch, rand_vals):
+    logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
+    return eval_heads(head_params, logits, hidden, batch["targets"], batch["loss_mask"], rand_vals)
 
   out_dir = heads_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
