@@ -80,7 +80,8 @@ def _generate(args) -> int:
   model, params, tokenizer = load_trained(args.workdir, step=args.step)
   if args.autodeco or args.fixed_mean:
     from jaxllm.train import autodeco_run as ad
-    heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=model.config.hidden_size)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=hidden)
     t = 1.0 if args.temperature is None else args.temperature
     sampling = ad.sampling_config("autodeco" if args.autodeco else "fixed_mean", info, temperature=t,
                                   top_p=args.top_p)
