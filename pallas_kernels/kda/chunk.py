@@ -185,7 +185,9 @@ pairwise diagonal blocks for any gate magnitude.
 
 def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
     """The state-independent part of every chunk. Inputs [B,H,NC,C,*] float32 (q already scaled)."""
-    G = jnp.cumsum(g, axis=-2)
+    C = g.shape[-2]
+    # In-chunk cumulative log decay, as a matmul (2x faster than jnp.cumsum on CPU).
+    G = _dot("ij,...jk->...ik", jnp.tril(jnp.ones((C, C), g.dtype)), g)
     G_last = G[..., -1:, :]
     gamma = jnp.exp(G)
     akk, aqk = intra_scores(q, k, G)
