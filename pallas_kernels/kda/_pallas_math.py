@@ -91,6 +91,12 @@ def _dot_nt(a, b):
                            preferred_element_type=F32)
 
 
+def store(refs, values):
+    """Write each kernel result into its output ref (`ref[...] = value`)."""
+    for ref, value in zip(refs, values, strict=True):
+        ref[...] = value
+
+
 def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 

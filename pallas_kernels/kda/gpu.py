@@ -83,14 +83,7 @@ def _chunk_refs(refs, segmented):
 def _intra_kernel_body(*refs, scale, segmented, l2norm):
     """Grid (B, H, NC), all parallel: the state-independent part of one chunk."""
     (q, k, v, G, beta, glc, seg), outs = _chunk_refs(refs, segmented)
-    W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref = outs
-    W, U, A, qg, kd, decay = pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm)
-    W_ref[...] = W
-    U_ref[...] = U
-    A_ref[...] = A
-    qg_ref[...] = qg
-    kd_ref[...] = kd
-    decay_ref[...] = decay
+    pm.store(outs, pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm))
 
 
 def _state_fwd_kernel_body(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref, h0_ref,
@@ -150,14 +143,9 @@ def _grads_kernel_body(*refs, scale, segmented, l2norm):
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
     hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
-    dq, dk, dv, dG, dbeta, dglc, _ = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...],
-                                                  dhs_ref[...], scale, seg, l2norm)
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dv_ref[...] = dv
-    dG_ref[...] = dG
-    dbeta_ref[...] = dbeta
-    dglc_ref[...] = dglc
+    grads = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...], dhs_ref[...], scale,
+                         seg, l2norm)[:-1]  # the state cotangent is the state pass's job
+    pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref), grads)
 
 
 def _with_precision(body):

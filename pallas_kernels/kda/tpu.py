@@ -97,13 +97,8 @@ def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
     dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
         q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32), G_ref[...],
         beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale, seg, l2norm)
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dv_ref[...] = dv
-    dG_ref[...] = dG
-    dbeta_ref[...] = dbeta
-    dglc_ref[...] = dglc
-    dstate_ref[...] = dh
+    pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dstate_ref),
+             (dq, dk, dv, dG, dbeta, dglc, dh))
 
     @pl.when((flags & pm.START) != 0)
     def _():
