@@ -125,8 +125,15 @@ class DecoderLayer(nn.Module):
         return x + f.astype(x.dtype), new_cache
 
 
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
 class KimiLinear(nn.Module):
+    """The hybrid stack. `remat`: rematerialise each decoder layer in the backward pass —
+    "none", "full" (save only layer inputs) or "dots" (also save matmul outputs)."""
+
     config: KimiLinearConfig
+    remat: str = "none"
 
     def init_cache(self, batch: int, capacity: int, dtype=None) -> ModelCache:
         return init_cache(self.config, batch, capacity, dtype)
@@ -147,12 +154,16 @@ class KimiLinear(nn.Module):
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=pd,
                       init=nn.initializers.normal(0.02))
         x = jnp.take(embed, input_ids_BT, axis=0).astype(cd)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        layer_cls = (DecoderLayer if self.remat == "none"
+                     else nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat]))
         new_layers = []
         pos = None if cache is None else cache.pos
         for i in range(c.num_hidden_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, nc = DecoderLayer(c, i, name=f"layers_{i}")(x, segment_ids=segment_ids, cache=layer_cache,
-                                                          pos=pos)
+            x, nc = layer_cls(c, i, name=f"layers_{i}")(x, segment_ids=segment_ids, cache=layer_cache,
+                                                       pos=pos)
             new_layers.append(nc)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
         if c.tie_word_embeddings:

@@ -74,11 +74,8 @@ def kimi_config(model_args: dict, *, vocab_size: int, compute_dtype: str, param_
 
 def _kimi_linear(model_args: dict, *, vocab_size: int, compute_dtype: str, param_dtype: str, remat: str):
   from jaxllm.models.kimi_linear import KimiLinear
-  if remat != "none":
-    raise ConfigError(f"remat={remat!r}: the kimi_linear model has no rematerialisation hook yet; "
-                      "allowed for this model: none")
   return KimiLinear(kimi_config(model_args, vocab_size=vocab_size, compute_dtype=compute_dtype,
-                                param_dtype=param_dtype))
+                                param_dtype=param_dtype), remat=remat)
 
 
 register_model("kimi_linear", _kimi_linear)

@@ -161,3 +161,23 @@ def test_cache_bytes_kda_constant_mla_grows():
     small, big = cache_bytes(init_cache(config, 1, 100)), cache_bytes(init_cache(config, 1, 200))
     per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * 4 * len(config.mla_layers)
     assert big - small == 100 * per_token
+
+
+def test_remat_keeps_loss_and_gradients():
+    """Rematerialised decoder layers ("full", "dots") give the same loss and gradients."""
+    config, model, params = _model(two_layers=True)
+    ids = jax.random.randint(jax.random.PRNGKey(3), (2, 24), 0, config.vocab_size)
+
+    def loss_and_grads(remat):
+        m = KimiLinear(config, remat=remat)
+        loss = lambda p: jnp.mean(jax.nn.log_softmax(m.apply(p, ids))[..., 0])
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref_loss, ref_grads = loss_and_grads("none")
+    for remat in ("full", "dots"):
+        loss, grads = loss_and_grads(remat)
+        assert abs(float(loss - ref_loss)) <= 1e-6 * abs(float(ref_loss))
+        for r, g in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+            assert rel_rms(r, g) <= 1e-5
+    with pytest.raises(ValueError, match="remat must be one of"):
+        KimiLinear(config, remat="some").apply(params, ids)
