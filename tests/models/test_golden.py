@@ -14,17 +14,10 @@ def rel_rms(ref, x):
     return float(np.sqrt(np.mean((ref - x) ** 2)) / np.sqrt(np.mean(ref ** 2)))
 
 
-def _kda_impls():
-    impls = ["recurrent"]
-    try:
-        import pallas_kernels.kda.chunk  # noqa: F401
-        impls.append("chunk")
-    except ImportError:
-        pass
-    return impls
+KDA_IMPLS = ("recurrent", "chunk")  # both always ship; a broken import must fail, not drop cases
 
 
-@pytest.mark.parametrize("impl", _kda_impls())
+@pytest.mark.parametrize("impl", KDA_IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_golden_logits(golden_dir, case, impl):
     model, params = jaxllm.load_hf_checkpoint(golden_dir / case, dtype=jnp.float32, kda_impl=impl)

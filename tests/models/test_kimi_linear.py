@@ -13,14 +13,7 @@ from jaxllm.models.kimi_linear import KimiLinear, cache_bytes, init_cache
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 
 
-def _kda_impls():
-    impls = ["recurrent"]
-    try:
-        import pallas_kernels.kda.chunk  # noqa: F401
-        impls.append("chunk")
-    except ImportError:
-        pass
-    return impls
+KDA_IMPLS = ("recurrent", "chunk")  # both always ship; a broken import must fail, not drop cases
 
 
 def rel_rms(ref, x):
@@ -38,7 +31,7 @@ def _model(two_layers=False, **kw):
     return config, model, params
 
 
-@pytest.mark.parametrize("impl", _kda_impls())
+@pytest.mark.parametrize("impl", KDA_IMPLS)
 @pytest.mark.parametrize("T,k", [(70, 8), (131, 4)])
 def test_prefill_equals_prefill_then_decode(impl, T, k):
     """prefill(T) == prefill(T-k) + k one-token steps: logits and every cache entry (64-chunk crossed)."""
@@ -72,7 +65,7 @@ def test_prefill_equals_prefill_then_decode(impl, T, k):
                                                   config.kda_head_dim)
 
 
-@pytest.mark.parametrize("impl", _kda_impls())
+@pytest.mark.parametrize("impl", KDA_IMPLS)
 def test_packed_equals_separate(impl):
     config, model, params = _model(kda_impl=impl)
     lens = [[5, 9, 3], [11, 6, 0]]
