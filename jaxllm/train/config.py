@@ -68,6 +68,12 @@ class RunConfig:
   log_every: int = 1
   progress: bool = True
   peak_tflops: float = 0.0  # per device; 0 = known accelerator table, or measured matmul peak on CPU
+  tensorboard: bool = False  # also write TensorBoard scalars to <workdir>/tensorboard (needs tensorboardX)
+  # Validation: every eval_every steps (0 = never; when > 0 also at the last step), the mean token loss over
+  # the first eval_batches batches of the held-out split (the same batches every time).
+  eval_every: int = 0
+  eval_batches: int = 4
+  eval_split: str = "validation"
   # Samples printed at the end of training.
   num_samples: int = 3
   sample_prompt: str = "def "
@@ -85,7 +91,12 @@ class RunConfig:
     for name in positive:
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-    for name in ("warmup_steps", "num_samples", "sample_tokens"):
+    if self.eval_batches < 1:
+      raise ConfigError(f"eval_batches={self.eval_batches} must be a positive integer")
+    if not self.eval_split or self.eval_split == "train":
+      raise ConfigError(f"eval_split={self.eval_split!r} is not allowed; allowed: a held-out split name of the "
+                        "dataset other than 'train' (e.g. validation, test)")
+    for name in ("warmup_steps", "num_samples", "sample_tokens", "eval_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
     if self.sample_temperature < 0 or not 0 < self.sample_top_p <= 1:

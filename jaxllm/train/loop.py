@@ -19,14 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import PackedBatches
-from jaxllm.data.sources import load_source
+from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import ConfigError, RunConfig, save_config
 from jaxllm.train.models import build_model
 from jaxllm.train.optim import make_optimizer
-from jaxllm.train.step import DTYPES, make_train_step
+from jaxllm.train.step import DTYPES, make_eval_step, make_train_step
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
@@ -177,6 +177,38 @@ def compile_step(s: Setup):
   return jitted.lower(abstract_state(s), batch).compile()
 
 
+class Validation:
+  """The held-out loss: the first ``eval_batches`` batches of ``eval_split``, the same ones every time."""
+
+  def __init__(self, s: Setup, train_data: PackedBatches, log):
+    c = s.config
+    try:
+      self.data = make_data(s, c.eval_split)
+    except DatasetError:
+      raise
+    except Exception as e:  # noqa: BLE001 - TFDS raises several kinds for a missing split
+      raise DatasetError(f"eval_split={c.eval_split!r}: dataset {c.dataset!r} has no such split or it cannot be "
+                         f"read ({type(e).__name__}: {e}); set eval_split to one of its held-out splits") from None
+    src, train_src = self.data.source, train_data.source
+    if len(src) == 1 and len(train_src) and src[0] == train_src[len(train_src) - 1]:
+      log(f"warning: dataset {c.dataset!r} is too small for a held-out split (1 in 50 documents); its "
+          f"'{c.eval_split}' split repeats a training document, so val_loss is not held-out")
+    self.s = s
+    self.batches = c.eval_batches
+    step = make_eval_step(s.model.apply, DTYPES[c.compute_dtype])
+    replicated = NamedSharding(s.mesh, P())
+    self._fn = jax.jit(step, in_shardings=(s.state_shardings["params"], s.batch_sharding),
+                       out_shardings=(replicated, replicated))
+
+  def __call__(self, params) -> float:
+    self.data.set_state({"epoch": 0, "cursor": 0, "offset": 0})
+    total, count = 0.0, 0.0
+    for _ in range(self.batches):
+      l, n = jax.device_get(self._fn(params, global_batch(self.s, next(self.data))))
+      total, count = total + float(l), count + float(n)
+    return total / max(count, 1.0)
+
+
 def _is_main() -> bool:
   return jax.process_index() == 0
 
@@ -199,6 +231,7 @@ class TrainResult:
   checkpoint_dir: str
   samples: list[str]
   params: Any = None
+  val_losses: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def train(config: RunConfig, workdir: str, *, model=None, mesh=None,
@@ -243,6 +276,9 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
     ckpt.close()
     return TrainResult(start, start, {}, ckpt.directory, [], state["params"])
 
+  if c.tensorboard:
+    metrics_lib.require_tensorboardx()  # fail before compiling, not after
+  validate = Validation(s, data, log) if c.eval_every else None
   t_compile = time.perf_counter()
   step_fn = compile_step(s)
   flops = metrics_lib.compiled_flops(step_fn)
@@ -251,6 +287,9 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
       f"{'%.3g' % flops if flops else 'unknown'} FLOPs/step/device; peak {peak:.3g} TFLOP/s/device ({peak_src})")
 
   mlog = metrics_lib.MetricsLog(os.path.join(workdir, METRICS_FILE), resume_step=start) if _is_main() else None
+  tblog = (metrics_lib.TensorBoardLog(os.path.join(workdir, metrics_lib.TENSORBOARD_DIR), resume_step=start)
+           if c.tensorboard and _is_main() else None)
+  val_losses: dict[int, float] = {}
   bar = metrics_lib.Progress(c.steps, start, enabled=c.progress and _is_main())
   losses: dict[int, float] = {}
   tokens_per_step = c.batch_size * c.seq_len
@@ -268,14 +307,26 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
       loss = float(m["loss"])
       losses[step] = loss
       tok_s = tokens_per_step / dt
-      if mlog and (step % c.log_every == 0 or step == c.steps):
+      val_loss = None
+      if validate and (step % c.eval_every == 0 or step == c.steps):
+        val_loss = val_losses[step] = validate(state["params"])
+        msg = f"step {step}: val_loss {val_loss:.4f} ({c.eval_batches} batch(es) of split '{c.eval_split}')"
+        if bar.enabled:
+          bar.write(msg)
+        else:
+          log(msg)
+      if mlog and (step % c.log_every == 0 or step == c.steps or val_loss is not None):
         rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tok_s}
         if flops:
           rec["mfu"] = flops / dt / (peak * 1e12)
         if float(m["aux_loss"]):
           rec["aux_loss"] = float(m["aux_loss"])
+        if val_loss is not None:
+          rec["val_loss"] = val_loss
         mlog.write(rec)
+        if tblog:
+          tblog.write(rec)
       bar.update(step, loss, tok_s)
       if step % c.save_every == 0 or step == c.steps:
         ckpt.save(step, state, data.get_state(), meta, force=True)
@@ -283,13 +334,15 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
     bar.close()
     if mlog:
       mlog.close()
+    if tblog:
+      tblog.close()
     ckpt.close()
   ordered = [losses[k] for k in sorted(losses)]
   n = max(1, min(10, len(ordered) // 2))
   log(f"trained steps {start + 1}-{c.steps}: loss {ordered[0]:.4f} -> {ordered[-1]:.4f} (mean of first {n}: "
       f"{np.mean(ordered[:n]):.4f}, last {n}: {np.mean(ordered[-n:]):.4f}); checkpoints in {ckpt.directory}")
   samples = generate_samples(s, state["params"], log) if c.num_samples else []
-  return TrainResult(start, c.steps, losses, ckpt.directory, samples, state["params"])
+  return TrainResult(start, c.steps, losses, ckpt.directory, samples, state["params"], val_losses)
 
 
 def generate_samples(s: Setup, params, log) -> list[str]:

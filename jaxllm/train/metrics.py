@@ -39,6 +39,47 @@ class MetricsLog:
     self._f.close()
 
 
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl key -> TensorBoard tag.
+TENSORBOARD_TAGS = {
+    "loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr", "aux_loss": "train/aux_loss",
+    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
+    "val_loss": "val/loss",
+}
+
+
+def require_tensorboardx():
+  """tensorboardX's ``SummaryWriter``, or a ConfigError that says how to install it."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    from jaxllm.train.config import ConfigError
+    raise ConfigError("tensorboard=true needs the tensorboardX package, which is not installed; "
+                      "pip install 'jaxllm[tb]' (or pip install tensorboardX), or set tensorboard=false") from None
+  return SummaryWriter
+
+
+class TensorBoardLog:
+  """The metrics.jsonl scalars as TensorBoard events (``TENSORBOARD_TAGS``), via tensorboardX.
+
+  On resume from step ``resume_step`` the events of later steps from the interrupted run are
+  purged (TensorBoard hides them), as ``MetricsLog`` drops their JSONL lines.
+  """
+
+  def __init__(self, logdir: str, resume_step: int = 0):
+    writer_cls = require_tensorboardx()
+    self._w = writer_cls(logdir=logdir, purge_step=resume_step + 1 if resume_step else None, flush_secs=10)
+
+  def write(self, record: dict[str, Any]) -> None:
+    step = int(record["step"])
+    for key, tag in TENSORBOARD_TAGS.items():
+      if key in record:
+        self._w.add_scalar(tag, float(record[key]), step)
+
+  def close(self) -> None:
+    self._w.close()
+
+
 def read_jsonl(path: str) -> list[dict]:
   out = []
   with open(path, encoding="utf-8") as f:

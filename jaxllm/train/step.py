@@ -95,6 +95,10 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, schedu
 
 
 def make_eval_step(apply_fn: Callable, compute_dtype=jnp.float32):
+  """eval_step(params, batch) -> (summed token cross-entropy, token count) over all microbatches.
+
+  Sums, not a mean, so that several batches combine weighted by their token counts.
+  """
   loss_fn = make_loss_fn(apply_fn, compute_dtype)
 
   def eval_step(params, batch):
@@ -103,6 +107,6 @@ def make_eval_step(apply_fn: Callable, compute_dtype=jnp.float32):
       return (carry[0] + ce, carry[1] + n), None
 
     (l, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
-    return l / jnp.maximum(n, 1.0)
+    return l, n
 
   return eval_step
