@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,7 @@ from jax.experimental import io_callback
 from jaxllm.agent import protocol, tools
 
 __all__ = ["RolloutConfig", "RolloutResult", "segmented_rollout", "scan_rollout", "TURN_STOPS", "cut_turn",
+           "ENVS", "wiki_of",
            "RUNNING", "ANSWERED", "MAX_TURNS", "MAX_TOKENS", "TOOL_ERROR", "STATUS_NAMES",
            "KIND_PAD", "KIND_PROMPT", "KIND_MODEL", "KIND_FORCED", "KIND_TOOL"]
 
@@ -130,6 +131,7 @@ class RolloutResult:
     forced_answer: np.ndarray   # [B] bool, the budget forced a final-answer turn
     answers: list               # [B] answer text or None
     messages: list              # [B] chat messages (system, question, turns)
+    host_callbacks: int | None = None   # scan_rollout: io_callback calls made (None: segmented)
 
     @property
     def model_mask(self) -> np.ndarray:
@@ -231,7 +233,8 @@ class _Episodes:
         cfg = self.cfg
         self.turns[r] += 1
         text, stop = cut_turn(self.tokenizer.decode(np.asarray(gen_ids, np.int32)))
-        self.messages[r].append({"role": "assistant", "content": text})
+        if self.messages is not None:   # scan_rollout rebuilds the messages from the tokens
+            self.messages[r].append({"role": "assistant", "content": text})
         action = protocol.parse_assistant(text)
         if isinstance(action, protocol.Answer):
             self.status[r], self.answers[r] = ANSWERED, action.text
@@ -258,14 +261,15 @@ class _Episodes:
             content = protocol.FORCE_ANSWER
             ids = self.enc(_framing(content, closed))
             self.forced_answer[r] = True
-        self.messages[r].append({"role": "user", "content": content})
+        if self.messages is not None:
+            self.messages[r].append({"role": "user", "content": content})
         return ids
 
-    def result(self, tokens, kind, logprobs, length):
+    def result(self, tokens, kind, logprobs, length, host_callbacks=None):
         return RolloutResult(tokens=tokens, kind=kind, logprobs=logprobs, lengths=length,
                              status=self.status, turns=self.turns, tool_errors=self.n_err,
                              forced_answer=self.forced_answer, answers=self.answers,
-                             messages=self.messages)
+                             messages=self.messages, host_callbacks=host_callbacks)
 
 
 def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns,
@@ -428,7 +432,305 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
 
 
 # ------------------------------------------------------------------------------------------
-# The compiled loop: lax.scan over turns, io_callback to the tools
+# The simulated wiki's environment step in jnp (for scan_rollout)
+# ------------------------------------------------------------------------------------------
+
+ENVS = ("auto", "jnp", "host")
+_A_NONE, _A_ANSWER, _A_SEARCH, _A_VISIT = 0, 1, 2, 3
+_WS_JSON = (9, 10, 13, 32)            # JSON whitespace; also stripped by str.strip
+_WS_LEAD = (9, 10, 11, 12, 13, 32)    # ASCII whitespace that str.lstrip removes before <think>
+#: skeletons of the canonical calls (``json.dumps`` of ``render_tool_call``, string contents
+#: removed): name, tool, "arguments", then the argument object; [LIST] is ``""(, "")*``
+_CALL_HEAD = '{"": "", "": {"": '
+_PERIOD = '"", '
+
+
+def _b(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def wiki_of(executor) -> "object | None":
+    """The ``SimulatedWiki`` behind ``executor`` when the jnp environment step reproduces its
+    ``search``/``visit`` exactly (a plain ``tools.ToolExecutor`` whose search and visit backends
+    are the wiki's ``WikiTool``s with the released schemas), else None."""
+    from jaxllm.agent import wiki as wk
+
+    if not isinstance(executor, tools.ToolExecutor) or \
+            type(executor).execute is not tools.ToolExecutor.execute:
+        return None
+    s, v = executor.backends.get("search"), executor.backends.get("visit")
+    if not (isinstance(s, wk.WikiTool) and isinstance(v, wk.WikiTool) and s.wiki is v.wiki
+            and s.name == "search" and v.name == "visit" and type(s) is wk.WikiTool
+            and type(v) is wk.WikiTool):
+        return None
+    if executor.specs.get("search") != tools.SEARCH or executor.specs.get("visit") != tools.VISIT:
+        return None
+    w = s.wiki
+    methods = ("search", "visit", "join", "search_ids", "visit_ids", "encode", "_encode_many")
+    if any(getattr(type(w), m) is not getattr(wk.SimulatedWiki, m) for m in methods):
+        return None
+    if any("<" in p for p in w.pieces):   # wrap_tool_response would escape tags: keep it on the host
+        return None
+    return w
+
+
+class _EnvArrays(NamedTuple):
+    """Device arrays of the jnp wiki environment (a jit argument)."""
+
+    wiki: object            # wiki.WikiArrays
+    hashes_2V: jax.Array    # term hashes for bytes_to_terms
+    piece_flat: jax.Array   # tokens of all pieces, concatenated
+    piece_start: jax.Array  # [P + 3]
+    piece_len: jax.Array    # [P + 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class _EnvStatic:
+    """Static side of the jnp wiki environment (part of the compiled program's key)."""
+
+    layout: object          # wiki.PieceLayout
+    n_terms: int            # terms kept per query / URL / goal (SimulatedWiki.max_terms)
+    cap: int                # executor.max_observation_chars
+    prefix_len: int
+    suffix_len: int
+
+    @property
+    def prefix(self):       # piece ids of the framing around an observation, and the force message
+        return self.layout.size
+
+    @property
+    def suffix(self):
+        return self.layout.size + 1
+
+    @property
+    def force(self):
+        return self.layout.size + 2
+
+
+def _wiki_env(wiki, tokenizer, executor):
+    """Piece tokens (the wiki's pieces, then the chat framing before and after a tool response
+    and the framed force-answer message) as device arrays, and the static side."""
+    head = (f"{protocol.IM_END}\n{protocol.IM_START}user\n{protocol.TOOL_RESPONSE_OPEN}\n")
+    tail = f"\n{protocol.TOOL_RESPONSE_CLOSE}{protocol.IM_END}\n{protocol.IM_START}assistant\n"
+    assert _framing(protocol.wrap_tool_response("x"), False) == head + "x" + tail
+    texts = list(wiki.pieces) + [head, tail, _framing(protocol.FORCE_ANSWER, False)]
+    toks = [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
+    lens = np.array([len(t) for t in toks], np.int32)
+    start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    flat = np.concatenate(toks + [np.zeros((1,), np.int32)])
+    arrays = _EnvArrays(wiki._arrays, jnp.asarray(wiki.term_hashes_2V), jnp.asarray(flat),
+                        jnp.asarray(start), jnp.asarray(lens))
+    static = _EnvStatic(wiki.layout, int(wiki.max_terms), int(executor.max_observation_chars),
+                        int(lens[-3]), int(lens[-2]))
+    return arrays, static
+
+
+class _Action(NamedTuple):
+    kind: jax.Array                  # _A_*
+    ans_lo: jax.Array                # answer body span in the turn
+    ans_hi: jax.Array
+    q_terms: jax.Array               # [Q, n_terms] search queries
+    q_mask: jax.Array
+    q_valid: jax.Array               # [Q]
+    q_more: jax.Array
+    u_terms: jax.Array               # [U, n_terms] visit URLs
+    u_mask: jax.Array
+    u_valid: jax.Array               # [U]
+    u_more: jax.Array
+    g_terms: jax.Array               # [n_terms] visit goal
+    g_mask: jax.Array
+
+
+def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _Action:
+    """One turn's byte tokens (``n`` of them) as a canonical action, in jnp.
+
+    Accepted (``kind != _A_NONE``) are only turns that ``protocol.parse_assistant`` parses into
+    an ``Answer`` with a non-blank body, or a ``search``/``visit`` ``ToolCall`` that
+    ``ToolExecutor`` validates and runs: no special ids; optional leading ASCII whitespace and
+    one ``<think>...</think>``; any prose; the action last, ending the turn. A call's body must be
+    the ``json.dumps`` form (``", "`` and ``": "`` separators, keys name/arguments, then
+    query | url,goal | goal,url) with plain strings (no escapes, no control characters). Everything
+    else (malformed or odd JSON, other tools, ``<code>``, several tags) is left to the host
+    judge, which gives the same result as always.
+    """
+    from jaxllm.agent.wiki import bytes_to_terms
+    from jaxllm.data.tokenizers import ByteTokenizer
+
+    L = tok_L.shape[0]
+    PADW = 64
+    pos = jnp.arange(L)
+    inside = pos < n
+    b = jnp.where(inside, tok_L - ByteTokenizer.offset, -1)
+    plain = (~inside | (tok_L >= ByteTokenizer.offset)).all()
+    bp = jnp.concatenate([b, jnp.full((PADW,), -1, b.dtype)])
+
+    def occ(s):
+        p = _b(s)
+        hit = inside & (pos + len(p) <= n)
+        for j, c in enumerate(p):
+            hit &= bp[j:j + L] == c
+        return hit
+
+    def at(arr_p, i, s):
+        p = _b(s)
+        got = jax.lax.dynamic_slice(arr_p, (jnp.clip(i, 0, L),), (len(p),))
+        return (got == p).all() & (i >= 0)
+
+    def isin(x, vals):
+        return functools.reduce(jnp.logical_or, [x == v for v in vals])
+
+    o_think, c_think = occ(protocol.THINK_OPEN), occ(protocol.THINK_CLOSE)
+    n_ot, n_ct = o_think.sum(), c_think.sum()
+    p0, p1 = jnp.argmax(o_think), jnp.argmax(c_think)
+    think_a = (n_ot == 0) & (n_ct == 0)
+    think_b = ((n_ot == 1) & (n_ct == 1) & (isin(b, _WS_LEAD) | (pos >= p0)).all()
+               & (p1 >= p0 + len(protocol.THINK_OPEN)))
+    act_min = jnp.where(think_b, p1 + len(protocol.THINK_CLOSE), 0)
+    o_call, o_ans = occ(protocol.TOOL_CALL_OPEN), occ(protocol.ANSWER_OPEN)
+    n_call, n_ans = o_call.sum(), o_ans.sum()
+    c0, a0 = jnp.argmax(o_call), jnp.argmax(o_ans)
+    n_ccall, n_cans = occ(protocol.TOOL_CALL_CLOSE).sum(), occ(protocol.ANSWER_CLOSE).sum()
+    others = (occ(protocol.TOOL_RESPONSE_OPEN).any() | occ(protocol.IM_END).any()
+              | occ(protocol.CODE_OPEN).any() | occ(protocol.CODE_CLOSE).any())
+    base = plain & (think_a | think_b) & ~others
+    # an answer: <answer> once, after the thinking, </answer> once, ending the turn
+    e_ans = n - len(protocol.ANSWER_CLOSE)
+    lo_a = a0 + len(protocol.ANSWER_OPEN)
+    is_ans = (base & at(bp, e_ans, protocol.ANSWER_CLOSE) & (n_ans == 1) & (n_cans == 1)
+              & (n_call == 0) & (n_ccall == 0) & (a0 >= act_min) & (e_ans >= lo_a))
+    is_ans &= ((pos >= lo_a) & (pos < e_ans) & (b >= 0x21) & (b <= 0x7e)).any()   # strip() != ""
+    # a tool call: <tool_call> once, after the thinking, </tool_call> once, ending the turn
+    e_call = n - len(protocol.TOOL_CALL_CLOSE)
+    lo_c = c0 + len(protocol.TOOL_CALL_OPEN)
+    is_call = (base & at(bp, e_call, protocol.TOOL_CALL_CLOSE) & (n_call == 1) & (n_ccall == 1)
+               & (n_ans == 0) & (n_cans == 0) & (c0 >= act_min) & (e_call >= lo_c))
+    in_body = (pos >= lo_c) & (pos < e_call)
+    solid = in_body & ~isin(b, _WS_JSON)
+    bs = jnp.argmax(solid)
+    be = L - jnp.argmax(solid[::-1])
+    region = (pos >= bs) & (pos < be) & solid.any()
+    quote = region & (b == 34)
+    content = region & ~quote & ((jnp.cumsum(quote) - quote) % 2 == 1)
+    is_call &= ~(content & (b < 32)).any() & ~(region & (b == 92)).any()
+    keep = region & ~content
+    m = keep.sum()
+    skel = jnp.where(pos < m, b[jnp.argsort(~keep, stable=True)], -1)
+    sp = jnp.concatenate([skel, jnp.full((PADW,), -1, skel.dtype)])
+    qpos = jnp.argsort(~quote, stable=True)
+    n_q = quote.sum()
+
+    def span(j):
+        j = jnp.asarray(j)
+        return (qpos[jnp.clip(2 * j, 0, L - 1)] + 1, qpos[jnp.clip(2 * j + 1, 0, L - 1)],
+                2 * j + 1 < n_q)
+
+    def str_is(j, lit):
+        lo, hi, ok = span(j)
+        return ok & (hi - lo == len(_b(lit))) & at(bp, lo, lit)
+
+    def template(head, tail, listed):
+        hp, tp = _b(head), _b(tail)
+        mm = m - len(hp) - len(tp)
+        ok = (sp[:len(hp)] == hp).all() & (mm >= 0)
+        if len(tp):
+            ok &= (jax.lax.dynamic_slice(sp, (jnp.clip(m - len(tp), 0, L),), (len(tp),)) == tp).all()
+        if not listed:
+            return ok & (mm == 0), jnp.int32(1)
+        j = pos - len(hp)
+        per = jnp.asarray(_b(_PERIOD))[j % 4]
+        ok &= ((j < 0) | (j >= mm) | (skel == per)).all() & (mm >= 2) & (mm % 4 == 2)
+        return ok, (mm + 2) // 4
+
+    common = is_call & str_is(0, "name") & str_is(2, "arguments")
+    f_s, k_s = template(_CALL_HEAD + "[", "]}}", True)
+    f_v1, _ = template(_CALL_HEAD + '"", "": ""}}', "", False)
+    f_vug, k_ug = template(_CALL_HEAD + "[", '], "": ""}}', True)
+    f_vgu, k_gu = template(_CALL_HEAD + '"", "": [', "]}}", True)
+    search = common & str_is(1, "search") & f_s & str_is(3, "query")
+    vis = common & str_is(1, "visit")
+    v1_ug = vis & f_v1 & str_is(3, "url") & str_is(5, "goal")
+    v1_gu = vis & f_v1 & str_is(3, "goal") & str_is(5, "url")
+    vl_ug = vis & f_vug & str_is(3, "url") & str_is(4 + k_ug, "goal")
+    vl_gu = vis & f_vgu & str_is(3, "goal") & str_is(5, "url")
+    visit = v1_ug | v1_gu | vl_ug | vl_gu
+    url0 = jnp.where(v1_ug | vl_ug, 4, 6)
+    n_url = jnp.where(vl_ug, k_ug, jnp.where(vl_gu, k_gu, 1))
+    goal_j = jnp.where(v1_ug, 6, jnp.where(vl_ug, 5 + k_ug, 4))
+
+    bb = jnp.clip(b, 0, 255)
+
+    def terms_of(j, valid):
+        lo, hi, _ = span(j)
+        return bytes_to_terms(hashes_2V, bb, (pos >= lo) & (pos < hi) & valid, max_terms=n_terms)
+
+    qv = search & (jnp.arange(Q) < k_s)
+    q_terms, q_mask = jax.vmap(terms_of)(4 + jnp.arange(Q), qv)
+    uv = visit & (jnp.arange(U) < n_url)
+    u_terms, u_mask = jax.vmap(terms_of)(url0 + jnp.arange(U), uv)
+    g_terms, g_mask = terms_of(goal_j, visit)
+    kind = jnp.where(is_ans, _A_ANSWER, jnp.where(search, _A_SEARCH,
+                                                   jnp.where(visit, _A_VISIT, _A_NONE)))
+    return _Action(kind.astype(jnp.int32), lo_a, e_ans, q_terms, q_mask, qv, search & (k_s > Q),
+                   u_terms, u_mask, uv, visit & (n_url > U), g_terms, g_mask)
+
+
+def _gather_pieces(env: _EnvArrays, ids_BP, T: int, pad: int):
+    """Tokens ``[B, T]`` of each row's piece ids (-1: none) and their total lengths ``[B]``."""
+    n_p = env.piece_len.shape[0]
+    lens = jnp.where(ids_BP >= 0, env.piece_len[jnp.clip(ids_BP, 0, n_p - 1)], 0)
+    cum = jnp.cumsum(lens, axis=-1)
+    t = jnp.arange(T)
+    j = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum)      # piece holding t
+    j = jnp.clip(j, 0, ids_BP.shape[1] - 1)
+    off = t[None] - (jnp.take_along_axis(cum, j, -1) - jnp.take_along_axis(lens, j, -1))
+    pid = jnp.clip(jnp.take_along_axis(ids_BP, j, -1), 0, n_p - 1)
+    src = jnp.clip(env.piece_start[pid] + off, 0, env.piece_flat.shape[0] - 1)
+    total = cum[:, -1]
+    return jnp.where(t[None] < total[:, None], env.piece_flat[src], pad), total
+
+
+def _jnp_judge(env: _EnvArrays, st: _EnvStatic, turn_ids, turn_len, length, running, status, turns,
+               consec, forced, limit, *, T: int, L: int, max_turns: int, pad: int):
+    """``_Episodes.judge`` for canonical turns (see ``_canonical_action``) on the simulated
+    wiki: ``search_step``/``visit_step`` and the piece tokens of their observation, the chat
+    framing, the budget and status rules. Returns ``ok`` (rows it judged) and their new state."""
+    from jaxllm.agent.wiki import search_step, visit_step
+
+    lay = st.layout
+    act = jax.vmap(functools.partial(_canonical_action, Q=lay.max_queries, U=lay.max_urls,
+                                     n_terms=st.n_terms), in_axes=(0, 0, None))(
+        turn_ids, turn_len, env.hashes_2V)
+    s_ids = jax.vmap(lambda q, m, v, more: search_step(env.wiki, q, m, v, more, layout=lay))(
+        act.q_terms, act.q_mask, act.q_valid, act.q_more)
+    v_ids = jax.vmap(lambda u, um, uv, g, gm, more: visit_step(env.wiki, u, um, uv, g, gm, more,
+                                                               layout=lay))(
+        act.u_terms, act.u_mask, act.u_valid, act.g_terms, act.g_mask, act.u_more)
+    W = max(s_ids.shape[1], v_ids.shape[1])
+    padw = lambda x: jnp.pad(x, ((0, 0), (0, W - x.shape[1])), constant_values=-1)  # noqa: E731
+    obs = jnp.where((act.kind == _A_SEARCH)[:, None], padw(s_ids), padw(v_ids))
+    B = turn_ids.shape[0]
+    row = jnp.concatenate([jnp.full((B, 1), st.prefix), obs, jnp.full((B, 1), st.suffix)], 1)
+    n_p = env.piece_len.shape[0]
+    total = jnp.where(row >= 0, env.piece_len[jnp.clip(row, 0, n_p - 1)], 0).sum(-1)
+    is_ans = act.kind == _A_ANSWER
+    is_call = (act.kind == _A_SEARCH) | (act.kind == _A_VISIT)
+    too_long = is_call & ~forced & (total - st.prefix_len - st.suffix_len > st.cap)
+    ok = running & (act.kind != _A_NONE) & ~too_long
+    turns1 = turns + 1
+    new_status = jnp.where(is_ans, ANSWERED, jnp.where(
+        forced, MAX_TOKENS, jnp.where(turns1 >= max_turns, MAX_TURNS, RUNNING)))
+    consec1 = jnp.where(is_call & ~forced, 0, consec)
+    emit = is_call & ~forced & (turns1 < max_turns)
+    force = length + total + L > limit
+    force_row = jnp.full_like(row, -1).at[:, 0].set(st.force)
+    row = jnp.where(force[:, None], force_row, row)
+    pending, n_pending = _gather_pieces(env, row, T, pad)
+    return (ok, new_status.astype(jnp.int32), turns1, consec1, forced | (emit & force), pending,
+            jnp.where(emit, n_pending, 0).astype(jnp.int32), is_ans, act.ans_lo, act.ans_hi)
+
+
+# ------------------------------------------------------------------------------------------
+# The compiled loop: lax.scan over turns; jnp wiki step, io_callback to the host judge
 # ------------------------------------------------------------------------------------------
 
 def _stop_patterns(tokenizer):
@@ -450,9 +752,11 @@ def _host_trampoline(call_id, *args):
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, sampling):
-    """The jitted scan rollout (byte tokenizer). The io_callback reaches the host judge of the
-    call named by ``call_id``, which returns (status, pending ids [B, T], pending lengths)."""
+def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, sampling,
+             env_static: _EnvStatic | None = None, pad: int = 0):
+    """The jitted scan rollout (byte tokenizer). Per turn, rows the jnp wiki judge does not take
+    (all rows without ``env_static``) go through one io_callback to the host judge of the call
+    named by ``call_id``, under a ``lax.cond`` (no callback when there are none)."""
     from jaxllm.data.tokenizers import ByteTokenizer
 
     model = model_cls(config)
@@ -497,14 +801,17 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
         return caches, last_logits
 
     def run(params, caches, tokens, kind, logprobs, length, pending, n_pending, forced_BNL, rng,
-            call_id):
-        status = jnp.zeros((B,), jnp.int32)
+            call_id, env, limit):
+        zB = jnp.zeros((B,), jnp.int32)
+        zBN = jnp.zeros((B, max_turns), jnp.int32)
 
         def turn(carry, n):
-            caches, last_logits, tokens, kind, logprobs, length, pending, n_pending, status, rng = carry
+            (caches, last_logits, tokens, kind, logprobs, length, pending, n_pending, status, turns,
+             n_err, consec, forced_ans, rec, ans_span, rng) = carry
             running = status == RUNNING
             caches, last_logits = feed_pending(params, caches, last_logits, pending, n_pending, running)
             forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
+            start = length
 
             def dec_body(c):
                 (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, text,
@@ -540,46 +847,119 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
                         text_len, gen, rng)
 
             init = (caches, last_logits, tokens, kind, logprobs, length,
-                    jnp.zeros((B, L), jnp.int32), jnp.zeros((B,), jnp.int32),
-                    jnp.full((B, K), -1, jnp.int32), jnp.zeros((B,), jnp.int32), running, rng)
+                    jnp.zeros((B, L), jnp.int32), zB,
+                    jnp.full((B, K), -1, jnp.int32), zB, running, rng)
             (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _,
              rng) = jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
-            shapes = (jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.int32),
-                      jax.ShapeDtypeStruct((B,), jnp.int32))
-            status, pending, n_pending = io_callback(
-                _host_trampoline, shapes, call_id, turn_ids, turn_len, length, running, ordered=True)
+
+            state = (status, turns, n_err, consec, forced_ans)
+            if env_static is not None:
+                (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo,
+                 a_hi) = _jnp_judge(env, env_static, turn_ids, turn_len, length, running, *state[:2],
+                                    consec, forced_ans, limit, T=T, L=L, max_turns=max_turns, pad=pad)
+                need_host = running & ~ok
+                use_j = running & ok
+            else:
+                need_host = running
+                use_j = jnp.zeros((B,), bool)
+            shapes = (jax.ShapeDtypeStruct((B,), jnp.int32),) * 4 + (
+                jax.ShapeDtypeStruct((B,), jnp.bool_), jax.ShapeDtypeStruct((B, T), jnp.int32),
+                jax.ShapeDtypeStruct((B,), jnp.int32))
+            h = jax.lax.cond(
+                need_host.any(),
+                lambda: io_callback(_host_trampoline, shapes, call_id, turn_ids, turn_len, length,
+                                    need_host, *state, ordered=True),
+                lambda: (*state, jnp.full((B, T), pad, jnp.int32), zB))
+            h_status, h_turns, h_err, h_consec, h_forced, pending, n_pending = h
+            status, turns, n_err, consec, forced_ans = (
+                jnp.where(need_host, hv, old) for hv, old in zip(h[:5], state))
+            if env_static is not None:
+                status = jnp.where(use_j, j_status, status)
+                turns = jnp.where(use_j, j_turns, turns)
+                consec = jnp.where(use_j, j_consec, consec)
+                forced_ans = jnp.where(use_j, j_forced, forced_ans)
+                pending = jnp.where(use_j[:, None], j_pending, pending)
+                n_pending = jnp.where(use_j, j_n, jnp.where(need_host, n_pending, 0))
+                hit = use_j & j_ans
+                ans_span = jnp.where(hit[:, None], jnp.stack([start + a_lo, start + a_hi], 1), ans_span)
+            else:
+                n_pending = jnp.where(need_host, n_pending, 0)
+            rec_start, rec_len, rec_obs = rec
+            rec = (rec_start.at[:, n].set(jnp.where(running, start, 0)),
+                   rec_len.at[:, n].set(jnp.where(running, turn_len, 0)),
+                   rec_obs.at[:, n].set(n_pending))
             tokens = write(tokens, length, pending, n_pending)
             kind = write(kind, length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending)
             length = length + n_pending
             return (caches, last_logits, tokens, kind, logprobs, length, pending, n_pending, status,
-                    rng), None
+                    turns, n_err, consec, forced_ans, rec, ans_span, rng), None
 
         carry = (caches, jnp.zeros((B, model.config.vocab_size), jnp.float32), tokens, kind, logprobs,
-                 length, pending, n_pending, status, rng)
+                 length, pending, n_pending, zB, zB, zB, zB, jnp.zeros((B,), bool),
+                 (zBN, zBN, zBN), jnp.full((B, 2), -1, jnp.int32), rng)
         carry, _ = jax.lax.scan(turn, carry, jnp.arange(max_turns))
-        return carry[2], carry[3], carry[4], carry[5], carry[8]
+        (_, _, tokens, kind, logprobs, length, _, _, status, turns, n_err, _, forced_ans, rec,
+         ans_span, _) = carry
+        return tokens, kind, logprobs, length, status, turns, n_err, forced_ans, rec, ans_span
 
     return jax.jit(run)
+
+
+def _rebuild_messages(tokenizer, initial, tokens_r, turns_r, start_r, len_r, obs_r):
+    """A row's chat messages from its tokens and turn records (what ``_Episodes.judge`` appends
+    in the segmented loop: each turn's ``cut_turn`` text and the observation content)."""
+    msgs = list(initial)
+    for i in range(int(turns_r)):
+        s, n, o = int(start_r[i]), int(len_r[i]), int(obs_r[i])
+        text, stop = cut_turn(tokenizer.decode(tokens_r[s:s + n]))
+        msgs.append({"role": "assistant", "content": text})
+        if o:
+            framed = tokenizer.decode(tokens_r[s + n:s + n + o])
+            head = ("" if stop == protocol.IM_END else protocol.IM_END) + f"\n{protocol.IM_START}user\n"
+            tail = f"{protocol.IM_END}\n{protocol.IM_START}assistant\n"
+            if not (framed.startswith(head) and framed.endswith(tail)):
+                raise AssertionError(f"scan_rollout: unexpected framing {framed[:40]!r}...")
+            msgs.append({"role": "user", "content": framed[len(head):len(framed) - len(tail)]})
+    return msgs
 
 
 def scan_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
                  questions: Sequence[str], *, config: RolloutConfig = RolloutConfig(),
                  system_prompt: str | None = None, sampling=None, rng=None,
-                 forced_turns: Sequence[Sequence[str]] | None = None) -> RolloutResult:
+                 forced_turns: Sequence[Sequence[str]] | None = None,
+                 env: str = "auto") -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
-    decode per turn with the stop strings matched on byte tokens in jnp, and the tools reached
-    through ``jax.experimental.io_callback`` (the same host-side judging as the segmented loop).
-    Same arguments and result; byte-level tokenizers only (``ByteTokenizer``), since the stop
-    match runs on tokens. Compiled once per (model config, batch size, budget, chunk, turn cap, max turns, sampling).
+    decode per turn with the stop strings matched on byte tokens in jnp, then the environment.
+
+    ``env`` picks the environment step: ``"jnp"`` runs the simulated wiki in jnp inside the scan
+    (turns parsed from their bytes, ``search_step``/``visit_step``, observation piece tokens
+    gathered, budget and statuses applied) and sends only turns its canonical parser does not
+    accept (malformed or unusual calls, other tools) to the host through ``io_callback`` under a
+    ``lax.cond``; it needs an executor from ``synth.wiki_executor`` (see ``wiki_of``).
+    ``"host"`` sends every turn to the host (any executor: sandbox, real tools). ``"auto"``
+    (default): ``"jnp"`` when the executor is the simulated wiki, else ``"host"``. Results are
+    identical either way, and identical to ``segmented_rollout``; ``host_callbacks`` counts the
+    callbacks made. Byte-level tokenizers only (``ByteTokenizer``), since stops and calls are
+    matched on tokens. Compiled once per (model config, batch size, budget, chunk, turn cap, max
+    turns, sampling, env).
     """
     from jaxllm.data.tokenizers import ByteTokenizer
 
     if not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(f"scan_rollout: needs a ByteTokenizer (stop strings are matched on byte "
                          f"tokens), got {type(tokenizer).__name__}; use segmented_rollout")
+    if env not in ENVS:
+        raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")
     cfg = config
     prompts, forced_ids, ep = _prepare(model, tokenizer, executor, questions, cfg, system_prompt,
                                        sampling, rng, forced_turns, "scan_rollout")
+    wiki = wiki_of(executor) if env != "host" else None
+    if env == "jnp" and wiki is None:
+        raise ValueError("scan_rollout: env='jnp' needs an executor made by "
+                         "synth.wiki_executor(wiki) (search and visit of a SimulatedWiki)")
+    env_arrays, env_static = _wiki_env(wiki, tokenizer, executor) if wiki is not None else (None, None)
+    initial = [list(m) for m in ep.messages]
+    ep.messages = None
     B, T, L = len(prompts), cfg.token_budget, cfg.turn_tokens
     pad = tokenizer.pad_id
     tokens = np.full((B, T), pad, np.int32)
@@ -594,28 +974,43 @@ def scan_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
     for r, row in enumerate(forced_ids):
         for i, ids in enumerate(row[:cfg.max_turns]):
             forced[r, i, :len(ids)] = ids
+    calls = [0]
 
-    def host(turn_ids, turn_len, length, running):
+    def host(turn_ids, turn_len, length, need, status, turns, n_err, consec, forced_ans):
+        calls[0] += 1
+        ep.status, ep.turns, ep.n_err, ep.consec_err = (np.array(a, np.int32) for a in
+                                                        (status, turns, n_err, consec))
+        ep.forced_answer = np.array(forced_ans, bool)
         out = np.full((B, T), pad, np.int32)
         n = np.zeros((B,), np.int32)
-        for r in np.flatnonzero(np.asarray(running)):
+        for r in np.flatnonzero(np.asarray(need)):
             ids = ep.judge(r, np.asarray(turn_ids)[r, :int(turn_len[r])], int(length[r]))
             if ids is not None:
                 out[r, :len(ids)] = ids
                 n[r] = len(ids)
-        return ep.status.copy(), out, n
+        return (ep.status.copy(), ep.turns.copy(), ep.n_err.copy(), ep.consec_err.copy(),
+                ep.forced_answer.copy(), out, n)
 
-    fn = _scan_fn(type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling)
+    fn = _scan_fn(type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling,
+                  env_static, pad)
     call_id = next(_CALL_IDS)
     _HOSTS[call_id] = host
     try:
-        toks, knd, lps, length, _ = fn(params, _init_caches(model, B, T), jnp.asarray(tokens),
-                                       jnp.asarray(kind), jnp.zeros((B, T), jnp.float32),
-                                       jnp.asarray(n_pending), jnp.asarray(pending),
-                                       jnp.asarray(n_pending), jnp.asarray(forced),
-                                       jax.random.PRNGKey(0) if rng is None else rng,
-                                       jnp.int32(call_id))
-        toks, knd, lps, length = map(np.asarray, (toks, knd, lps, length))
+        out = fn(params, _init_caches(model, B, T), jnp.asarray(tokens), jnp.asarray(kind),
+                 jnp.zeros((B, T), jnp.float32), jnp.asarray(n_pending), jnp.asarray(pending),
+                 jnp.asarray(n_pending), jnp.asarray(forced),
+                 jax.random.PRNGKey(0) if rng is None else rng, jnp.int32(call_id), env_arrays,
+                 jnp.int32(ep.limit))
+        out = jax.tree_util.tree_map(np.asarray, out)
     finally:
         del _HOSTS[call_id]
-    return ep.result(toks, knd, lps, length)
+    toks, knd, lps, length, status, turns, n_err, forced_ans, rec, ans_span = out
+    ep.status, ep.turns, ep.n_err = (np.array(a, np.int32) for a in (status, turns, n_err))
+    ep.forced_answer = np.array(forced_ans, bool)
+    ep.messages = [_rebuild_messages(tokenizer, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec))
+                   for r in range(B)]
+    for r in range(B):
+        if ep.status[r] == ANSWERED and ep.answers[r] is None:   # answered in the jnp judge
+            lo, hi = ans_span[r]
+            ep.answers[r] = tokenizer.decode(toks[r, lo:hi]).strip()
+    return ep.result(toks, knd, lps, length, host_callbacks=calls[0])

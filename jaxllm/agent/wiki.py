@@ -37,7 +37,7 @@ __all__ = ["WikiConfig", "Entity", "Page", "Relation", "RELATIONS", "ATTRIBUTES"
            "generate_world", "SimulatedWiki", "terms", "bm25_weights", "bm25_topk",
            "visit_topk",
            "WikiArrays", "PieceLayout", "search_step", "visit_step", "match_titles",
-           "term_hashes", "bytes_to_terms"]
+           "term_hashes", "bytes_to_terms", "WikiTool"]
 
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the to was were "
@@ -728,9 +728,9 @@ class SimulatedWiki:
                                            jnp.asarray(um), n_vocab=len(self.vocab)))[0])
 
     def backends(self) -> dict:
-        """``tools.ToolExecutor`` backends for ``search`` and ``visit``."""
-        return {"search": lambda args, code: self.search(args["query"]),
-                "visit": lambda args, code: self.visit(args["url"], args["goal"])}
+        """``tools.ToolExecutor`` backends for ``search`` and ``visit`` (``WikiTool`` objects, so a
+        compiled rollout can recognise the wiki behind an executor and run its jnp step)."""
+        return {"search": WikiTool(self, "search"), "visit": WikiTool(self, "visit")}
 
     def encode_bytes(self, data: bytes, length: int) -> tuple[np.ndarray, np.ndarray]:
         """``encode`` done by the jnp byte analyser (``bytes_to_terms``); for checks and for
@@ -756,3 +756,22 @@ class SimulatedWiki:
             if len(ws) == 1 and ws[0] in self.vocab:
                 out[i] = self.vocab[ws[0]]
         return out
+
+
+class WikiTool:
+    """A ``tools.ToolExecutor`` backend ``(arguments, code) -> str`` bound to one wiki's
+    ``search`` or ``visit``. ``wiki`` and ``name`` let ``rollout.scan_rollout`` see that an
+    executor is the simulated wiki and run the jnp environment step instead of calling back."""
+
+    def __init__(self, wiki: SimulatedWiki, name: str):
+        if name not in ("search", "visit"):
+            raise ValueError(f"WikiTool: name must be 'search' or 'visit', got {name!r}")
+        self.wiki, self.name = wiki, name
+
+    def __call__(self, arguments: dict, code=None) -> str:
+        if self.name == "search":
+            return self.wiki.search(arguments["query"])
+        return self.wiki.visit(arguments["url"], arguments["goal"])
+
+    def __repr__(self):
+        return f"WikiTool({self.name})"

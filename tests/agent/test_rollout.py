@@ -5,6 +5,7 @@ greedy turns are checked against a no-cache forward pass of the finished rows.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 
 from jaxllm.agent import protocol as P
 from jaxllm.agent import rollout as R
-from jaxllm.agent import synth
+from jaxllm.agent import synth, tools
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.tokenizers import ByteTokenizer
 from jaxllm.models import KimiLinear, KimiLinearConfig
@@ -238,3 +239,123 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     _assert_same(seg2, scan2)
     with pytest.raises(ValueError, match="needs a ByteTokenizer"):
         R.scan_rollout(model, params, object(), synth.wiki_executor(wiki), ["q"])
+
+
+# ------------------------------------------------------------------------------------------
+# The jnp environment step of scan_rollout (simulated wiki)
+# ------------------------------------------------------------------------------------------
+
+def _canonical_rows(wiki):
+    """Five rows whose turns are all canonical search/visit/answer turns: a search with more
+    queries than are run (its long observation forces the final answer), visits of a known and an
+    unknown page, url/goal in both orders, url as string and list, a non-ASCII query, prose and
+    leading blanks around the thinking, an answer without thinking, a call after the force."""
+    p, q = wiki.world.by_kind("person")[:2]
+    many = [p.name, "capital", "born", "Velonia", "x"]
+    return (["Q many?", "Q visits?", "Q short?", "Q turns?", "Q forced call?"], [
+        [call("search", {"query": many}), answer("1900")],
+        [call("visit", {"url": [p.url, "wiki://Nowhere_Qqq"], "goal": "where born"}),
+         call("visit", {"goal": "employer", "url": q.url}), answer(q.name, think="")],
+        [call("search", {"query": ["café " + p.name]}), "<answer>no thinking</answer>"],
+        ['  <think>café</think> prose <tool_call>\n{"name": "visit", "arguments": {"url": '
+         '"wiki://Nowhere", "goal": "café"}}\n</tool_call>',
+         call("visit", {"goal": "x", "url": [q.url]}), call("visit", {"url": p.url, "goal": "y"})],
+        [call("search", {"query": many}), call("search", {"query": ["more"]})],
+    ])
+
+
+def test_scan_rollout_jnp_env_needs_no_callback_for_canonical_turns(model_params, wiki):
+    """All turns canonical: the jnp wiki step judges every one (zero io_callbacks) and the result
+    equals the segmented loop and the host-callback scan loop."""
+    model, params = model_params
+    qs, forced = _canonical_rows(wiki)
+    ex = synth.wiki_executor(wiki)
+    assert R.wiki_of(ex) is wiki
+    seg = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                              forced_turns=forced)
+    assert seg.status_names() == ["answered", "answered", "answered", "max_turns", "max_tokens"]
+    assert seg.forced_answer.tolist() == [True, False, False, False, True]
+    assert "could not be found" in seg.messages[1][3]["content"]
+    assert "(Only the first 4 queries were run.)" not in seg.messages[0][3]["content"]  # forced instead
+    jnp_env = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                             forced_turns=forced, env="jnp")
+    _assert_same(seg, jnp_env)
+    assert jnp_env.host_callbacks == 0
+    host_env = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                              forced_turns=forced, env="host")
+    _assert_same(seg, host_env)
+    assert host_env.host_callbacks == CFG.max_turns
+    assert seg.host_callbacks is None
+
+
+def test_scan_rollout_env_argument(model_params, wiki):
+    model, params = model_params
+    plain = tools.ToolExecutor({"search": lambda a, c: "x"})
+    assert R.wiki_of(plain) is None
+    assert R.wiki_of(tools.ToolExecutor(wiki.backends(), max_observation_chars=100)) is wiki
+    with pytest.raises(ValueError, match="env='jnp' needs an executor made by"):
+        R.scan_rollout(model, params, TOK, plain, ["q"], system_prompt=SYSTEM, env="jnp")
+    with pytest.raises(ValueError, match="env must be one of"):
+        R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), ["q"], env="wiki")
+
+
+def _mutate(rng, text):
+    alphabet = list('"\\{}[],: <>/\nabcq') + ["\x0b", "\t", "é", "\x01", "\u00a0"]
+    for _ in range(rng.integers(1, 3)):
+        i = int(rng.integers(0, len(text) + 1))
+        op = rng.integers(0, 3)
+        ch = alphabet[rng.integers(0, len(alphabet))]
+        text = (text[:i] + ch + text[i + 1:] if op == 0 else text[:i] + ch + text[i:] if op == 1
+                else text[:i] + text[i + 1:])
+    return text
+
+
+def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
+    """Soundness of the jnp parser: every turn it accepts is, for protocol.parse_assistant and
+    the wiki executor, the same answer or the same non-error observation (token for token); the
+    canonical forms are all accepted; random mutations of them are either accepted that way or
+    left to the host."""
+    ex = synth.wiki_executor(wiki)
+    arrays, st = R._wiki_env(wiki, TOK, ex)
+    B, L, T = 48, 256, 4000
+    judge = jax.jit(functools.partial(R._jnp_judge, T=T, L=L, max_turns=8, pad=0), static_argnums=1)
+    _, rows = _canonical_rows(wiki)
+    p = wiki.world.by_kind("person")[3]
+    canon = [t for row in rows for t in row] + [
+        call("search", {"query": [""]}), call("visit", {"url": ["a", "b", "c", "d", "e"], "goal": ""}),
+        call("visit", {"goal": p.name, "url": [p.url, p.url]}), "<think></think><answer>.</answer>"]
+    rng = np.random.default_rng(0)
+    texts = canon + [_mutate(rng, canon[int(rng.integers(0, len(canon)))])
+                     for _ in range(2 * B - len(canon))]
+    taken = []
+    for lo in range(0, len(texts), B):
+        batch = texts[lo:lo + B]
+        ids = [TOK.encode(t)[:L] for t in batch]
+        tok = np.zeros((B, L), np.int32)
+        for i, x in enumerate(ids):
+            tok[i, :len(x)] = x
+        n = jnp.asarray([len(x) for x in ids] + [0] * (B - len(ids)))
+        zeros = jnp.zeros((B,), jnp.int32)
+        ok, status, turns, consec, forced, pend, n_pend, is_ans, a_lo, a_hi = map(np.asarray, judge(
+            arrays, st, jnp.asarray(tok), n, jnp.full((B,), 100), jnp.arange(B) < len(batch), zeros,
+            zeros, zeros, jnp.zeros((B,), bool), jnp.int32(T - 300)))
+        for i, text in enumerate(batch):
+            action = P.parse_assistant(R.cut_turn(TOK.decode(ids[i]))[0])
+            taken.append(bool(ok[i]))
+            if not ok[i]:
+                continue
+            assert turns[i] == 1, text
+            if is_ans[i]:
+                assert isinstance(action, P.Answer), text
+                assert TOK.decode(ids[i][a_lo[i]:a_hi[i]]).strip() == action.text
+                assert status[i] == R.ANSWERED and n_pend[i] == 0
+            else:
+                assert isinstance(action, P.ToolCall) and action.name in ("search", "visit"), text
+                obs = ex.execute(action)
+                assert not obs.error, text
+                want = TOK.encode(R._framing(P.wrap_tool_response(obs.text), False))
+                np.testing.assert_array_equal(pend[i, :n_pend[i]], want, err_msg=text)
+                assert status[i] == R.RUNNING and consec[i] == 0 and not forced[i]
+    assert all(taken[:len(canon)]), [t for t, k in zip(canon, taken) if not k]
+    mutated = taken[len(canon):]
+    assert 5 < sum(mutated) < len(mutated) - 20, sum(mutated)
