@@ -5,21 +5,25 @@ Per chunk of C = 64 tokens (rows i, j), chunk-initial state S0 [K,V], G = in-chu
     Akk_ij = sum_d k_id k_jd exp(G_id - G_jd)   (i > j)      L = Diag(beta) Akk
     Aqk_ij = sum_d q_id k_jd exp(G_id - G_jd)   (i >= j)
     [U | W] = (I + L)^-1 Diag(beta) [V | K*exp(G)]           (the WY/UT transform: one triangular solve)
-    D = U - W S0                                              (per-row delta-rule errors)
-    O = (q*exp(G)) S0 + Aqk D
-    S_next = exp(G_C) * S0 + (K*exp(G_C - G))^T D
+    A = Diag(exp(G_C)) - (K*exp(G_C - G))^T W,   B = (K*exp(G_C - G))^T U         [K,K], [K,V]
+    Qp = q*exp(G) - Aqk W,   Up = Aqk U                                            [C,K], [C,V]
+    S_next = A S0 + B,   O = Qp S0 + Up
 
-Only the middle two lines are sequential over chunks (`lax.scan`); everything else is batched matmuls.
+Only S_next is sequential over chunks: one [K,K] x [K,V] matmul per chunk; everything else is
+batched matmuls. One `fori_loop` step handles a group of consecutive chunks for all heads (parts,
+then the state steps, then the outputs), so working tensors are group-sized: on CPU that keeps
+them in cache and keeps XLA's per-call temp buffer small (a large one is freshly mmapped and
+page-faulted on every call, which cost about as much as the arithmetic).
 
 Stability: a decay is only ever formed as exp(G_i - G_j) with i >= j (<= 1). Inside a 16-token
 sub-chunk the pairwise exponent is masked *before* exp; between sub-chunks a reference row r (first
 row of the later sub-chunk) splits it as exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1, so the
 off-diagonal blocks are plain matmuls. exp(+G) is never formed, so log-decays of -20 per step are safe.
 
-Backward: the forward keeps only its inputs, the chunk-initial states h and the errors D (all
-O(T*(K+V)) per head). The backward runs the state cotangent as a reverse scan over chunks
-(closed form), then differentiates the parallel intra-chunk part by recomputing it under `jax.vjp`,
-so the [C,C]/[C,16,K]-shaped intermediates live only inside one backward call.
+Backward: the forward keeps only its inputs and the chunk-initial states (O(T*(K+V)) per head).
+A reverse loop over the same groups recomputes each group's parts under `jax.vjp`, runs the state
+cotangent back through the group (dS0 = A^T dS_next + Qp^T dO), and pulls the parts' cotangents
+back to the inputs, so the [C,C]-shaped intermediates only ever exist for one group.
 """
 
 from __future__ import annotations
@@ -42,26 +46,6 @@ def _dot(spec, *operands):
     return jnp.einsum(spec, *operands, precision=precision)
 
 
-class IntraParts(NamedTuple):
-    """Per-chunk quantities that do not depend on the running state. Leading dims [B,H,NC]."""
-
-    w: jax.Array      # [..., C, K] how each row reads S0 (after the UT transform)
-    u: jax.Array      # [..., C, V] effective values
-    qg: jax.Array     # [..., C, K] scale*q*exp(G): the inter-chunk read of S0
-    kg: jax.Array     # [..., C, K] k*exp(G_C - G): write of each row into S_next
-    aqk: jax.Array    # [..., C, C] intra-chunk query-key scores (lower incl. diagonal)
-    decay: jax.Array  # [..., K] exp(G_C): decay of S0 over the whole chunk
-
-
-class SegmentMasks(NamedTuple):
-    """Segment-reset masks per chunk (None when there are no resets). Leading dims [B,1,NC]."""
-
-    same: jax.Array       # [..., C, C] rows i and j are in the same segment
-    reads_s0: jax.Array   # [..., C] row i is in the segment that the chunk-initial state belongs to
-    in_last: jax.Array    # [..., C] row j is in the chunk's last segment (writes into S_next)
-    carries: jax.Array    # [...] the whole chunk is one continuing segment (S0 survives)
-
-
 # Largest in-sub-chunk log-decay span for which the diagonal blocks may be factorised around a
 # mid-row reference: each factor stays below exp(60) ~ 1e26, far from float32 overflow.
 SAFE_SPAN = 60.0
@@ -81,13 +65,27 @@ def _bounded_exp(x):
     return jnp.exp(jnp.clip(x, -SAFE_SPAN, SAFE_SPAN))
 
 
+PAIRWISE_BATCH = 16  # 16x16 blocks per step of the exact pairwise evaluation
+
+
 def _diag_pairwise(xs, ks, gs):
-    """Diagonal-block scores with exact pairwise decays, masked before exp (any gate magnitude)."""
+    """Diagonal-block scores with exact pairwise decays, masked before exp (any gate magnitude).
+
+    The [S,S,K] decay tensor is built PAIRWISE_BATCH blocks at a time (`lax.map` of a
+    rematerialised body), so neither this nor its VJP holds it for all blocks at once.
+    """
     i = jnp.arange(SUB)
-    lower = i[:, None] >= i[None, :]
-    diff = gs[..., :, None, :] - gs[..., None, :, :]                 # [..., n, S, S, K]
-    decay = _masked_decay(lower[:, :, None], diff)
-    return jnp.sum(xs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1)
+    lower = (i[:, None] >= i[None, :])[:, :, None]
+
+    @jax.checkpoint
+    def block(args):
+        x, k, g = args                                                # [S, K] each
+        decay = _masked_decay(lower, g[:, None, :] - g[None, :, :])  # [S, S, K]
+        return jnp.sum(x[:, None, :] * k[None, :, :] * decay, axis=-1)
+
+    flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+    out = jax.lax.map(block, (flat(xs), flat(ks), flat(gs)), batch_size=PAIRWISE_BATCH)
+    return out.reshape(xs.shape[:-1] + (SUB,))
 
 
 def _diag_factorised(xs, ks, gs):
@@ -183,31 +181,6 @@ pairwise diagonal blocks for any gate magnitude.
 """
 
 
-def intra_chunk(q, k, v, g, beta, masks: SegmentMasks | None) -> IntraParts:
-    """The state-independent part of every chunk. Inputs [B,H,NC,C,*] float32 (q already scaled)."""
-    C = g.shape[-2]
-    # In-chunk cumulative log decay, as a matmul (2x faster than jnp.cumsum on CPU).
-    G = _dot("ij,...jk->...ik", jnp.tril(jnp.ones((C, C), g.dtype)), g)
-    G_last = G[..., -1:, :]
-    gamma = jnp.exp(G)
-    akk, aqk = intra_scores(q, k, G)
-    qg = q * gamma
-    kg = k * jnp.exp(G_last - G)
-    k_read = k * gamma
-    decay = jnp.exp(G_last[..., 0, :])
-    if masks is not None:
-        akk = akk * masks.same
-        aqk = aqk * masks.same
-        qg = qg * masks.reads_s0[..., None]
-        k_read = k_read * masks.reads_s0[..., None]
-        kg = kg * masks.in_last[..., None]
-        decay = decay * masks.carries[..., None]
-    rhs = beta[..., :, None] * jnp.concatenate([v, k_read], axis=-1)
-    uw = _dot("...ij,...jw->...iw", unit_lower_inverse(beta[..., :, None] * akk), rhs)
-    V = v.shape[-1]
-    return IntraParts(w=uw[..., V:], u=uw[..., :V], qg=qg, kg=kg, aqk=aqk, decay=decay)
-
-
 def _invert_unit_lower_blocks(l_NSS):
     """(I + L)^-1 for strictly lower L [..., S, S] by row-wise forward substitution (stable: no
     powers of L are formed, unlike a Neumann/doubling product, which cancels catastrophically)."""
@@ -265,7 +238,35 @@ def _unit_lower_inverse_bwd(inv, d_inv):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-class Varlen(NamedTuple):
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk loop. One `fori_loop` step handles a group of `n` consecutive chunks for all batch
+# rows and heads: the state-independent intra-chunk part batched over the group, then the n
+# sequential state steps, then the outputs. Working tensors are group-sized (a few MB, cache- and
+# allocator-friendly) instead of sequence-sized; the loop reads the [B,T,H,*] inputs in place.
+
+GROUP_ROWS = 1024  # B*H*n*C rows per loop step (n >= 1); 2048+ made fwd+bwd slower on CPU
+
+
+class Parts(NamedTuple):
+    """State-independent per-chunk quantities, leading dims [B,H,n]. With S0 the chunk-initial
+    state: S_next = a @ S0 + b and O = qp @ S0 + up."""
+
+    a: jax.Array   # [..., K, K] diag(exp(G_C)) - kg^T W
+    b: jax.Array   # [..., K, V] kg^T U
+    qp: jax.Array  # [..., C, K] q*exp(G) - Aqk W
+    up: jax.Array  # [..., C, V] Aqk U
+
+
+class Config(NamedTuple):
+    chunk: int
+    group: int      # chunks per loop step
+    scale: float
+    l2norm: bool
+
+
+class Flags(NamedTuple):
     """Per-chunk flags of a packed (B == 1) stream; see common.varlen_layout."""
 
     seq: jax.Array    # [NC] int32
@@ -273,117 +274,186 @@ class Varlen(NamedTuple):
     end: jax.Array    # [NC] bool
 
 
-def _to_scan(x):
-    """[B,H,NC,...] -> [NC,B,H,...] for lax.scan over chunks."""
-    return jnp.moveaxis(x, 2, 0)
+def _to_chunks(x, C):
+    """[B, n*C, H, D] -> [B, H, n, C, D]."""
+    B, L, H, D = x.shape
+    return x.reshape(B, L // C, C, H, D).transpose(0, 3, 1, 2, 4)
 
 
-def _from_scan(x):
-    return jnp.moveaxis(x, 0, 2)
+def _from_chunks(x):
+    B, H, n, C, D = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, D)
 
 
-def _state_pass(parts: IntraParts, h0, varlen: Varlen | None):
-    """Sequential pass over chunks: returns (errors D [B,H,NC,C,V], chunk-initial states h, final)."""
-
-    def step(carry, xs):
-        state, finals = carry
-        w, u, kg, decay, flags = xs
-        if varlen is not None:
-            seq, start, end = flags
-            state = jnp.where(start, h0[seq][None], state)
-        err = u - _dot("bhck,bhkv->bhcv", w, state)
-        new_state = decay[..., None] * state + _dot("bhck,bhcv->bhkv", kg, err)
-        if varlen is not None:
-            finals = finals.at[seq].set(jnp.where(end, new_state[0], finals[seq]))
-        return (new_state, finals), (err, state)
-
-    NC = parts.w.shape[2]
-    flags = (tuple(varlen) if varlen is not None else (jnp.zeros((NC,), jnp.int32),) * 3)
-    B = parts.w.shape[0]
-    state0 = jnp.zeros((B,) + h0.shape[1:], h0.dtype) if varlen is not None else h0
-    xs = (_to_scan(parts.w), _to_scan(parts.u), _to_scan(parts.kg), _to_scan(parts.decay), flags)
-    (last, finals), (err, h) = jax.lax.scan(step, (state0, h0), xs)
-    final = finals if varlen is not None else last
-    return _from_scan(err), _from_scan(h), final
-
-
-def _output(parts: IntraParts, err, h):
-    return _dot("...ck,...kv->...cv", parts.qg, h) + _dot("...ij,...jv->...iv", parts.aqk, err)
-
-
-@jax.custom_vjp
-def _chunk_core(q, k, v, g, beta, h0, masks, varlen):
-    parts = intra_chunk(q, k, v, g, beta, masks)
-    err, h, final = _state_pass(parts, h0, varlen)
-    return _output(parts, err, h), final
-
-
-def _chunk_core_fwd(q, k, v, g, beta, h0, masks, varlen):
-    parts = intra_chunk(q, k, v, g, beta, masks)
-    err, h, final = _state_pass(parts, h0, varlen)
-    return (_output(parts, err, h), final), (q, k, v, g, beta, h0, masks, varlen, err, h)
-
-
-def _state_cotangent_pass(parts: IntraParts, d_out, d_final, varlen: Varlen | None):
-    """Reverse scan for the cotangent of each chunk's output state. Returns (d_err, d_state_out, dh0)."""
-    d_err_local = _dot("...ij,...iv->...jv", parts.aqk, d_out)    # Aqk^T dO
-    qg_t_dout = _dot("...ck,...cv->...kv", parts.qg, d_out)       # read of S0 by the outputs
-
-    def step(carry, xs):
-        d_state, dh0 = carry
-        w, kg, decay, d_err_loc, qdo, flags = xs
-        if varlen is not None:
-            seq, start, end = flags
-            d_state = jnp.where(end, d_final[seq][None], d_state)
-        d_err = d_err_loc + _dot("bhck,bhkv->bhcv", kg, d_state)
-        d_state_in = decay[..., None] * d_state + qdo - _dot("bhck,bhcv->bhkv", w, d_err)
-        if varlen is not None:
-            dh0 = dh0.at[seq].set(jnp.where(start, d_state_in[0], dh0[seq]))
-            d_state_in = jnp.where(start, 0.0, d_state_in)
-        return (d_state_in, dh0), (d_err, d_state)
-
-    NC = parts.w.shape[2]
-    flags = (tuple(varlen) if varlen is not None else (jnp.zeros((NC,), jnp.int32),) * 3)
-    B = parts.w.shape[0]
-    init = jnp.zeros((B,) + d_final.shape[1:], d_final.dtype) if varlen is not None else d_final
-    xs = (_to_scan(parts.w), _to_scan(parts.kg), _to_scan(parts.decay), _to_scan(d_err_local),
-          _to_scan(qg_t_dout), flags)
-    (d_first, dh0), (d_err, d_state_out) = jax.lax.scan(step, (init, d_final), xs, reverse=True)
-    return _from_scan(d_err), _from_scan(d_state_out), (dh0 if varlen is not None else d_first)
-
-
-def _chunk_core_bwd(res, cotangents):
-    q, k, v, g, beta, h0, masks, varlen, err, h = res
-    d_out, d_final = cotangents
-    parts, intra_vjp = jax.vjp(lambda *a: intra_chunk(*a, masks), q, k, v, g, beta)
-    d_err, d_state_out, dh0 = _state_cotangent_pass(parts, d_out, d_final, varlen)
-    d_parts = IntraParts(
-        w=-_dot("...cv,...kv->...ck", d_err, h),
-        u=d_err,
-        qg=_dot("...cv,...kv->...ck", d_out, h),
-        kg=_dot("...cv,...kv->...ck", err, d_state_out),
-        aqk=_dot("...iv,...jv->...ij", d_out, err),
-        decay=jnp.sum(h * d_state_out, axis=-1),
-    )
-    dq, dk, dv, dg, dbeta = intra_vjp(d_parts)
-    zeros_like_tree = lambda t: None if t is None else jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.floating)
-        else jnp.zeros_like(x), t)
-    return dq, dk, dv, dg, dbeta, dh0, zeros_like_tree(masks), zeros_like_tree(varlen)
-
-
-_chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
-
-
-def _segment_masks(seg_BNC) -> SegmentMasks:
-    """Masks from padded segment ids [B,NC,C]; broadcast over heads."""
-    last_prev = jnp.concatenate([seg_BNC[:, :1, 0], seg_BNC[:, :-1, -1]], axis=1)  # [B,NC]
-    same = seg_BNC[..., :, None] == seg_BNC[..., None, :]
-    reads = seg_BNC == last_prev[..., None]
-    in_last = seg_BNC == seg_BNC[..., -1:]
-    carries = seg_BNC[..., -1] == last_prev
+def _segment_masks(seg_BnC, prev_B):
+    """Segment-reset masks of n chunks from segment ids [B,n,C] and the id of the row before the
+    first chunk [B]; broadcast over heads (dim 1)."""
+    last_prev = jnp.concatenate([prev_B[:, None], seg_BnC[:, :-1, -1]], axis=1)  # [B,n]
     f32 = lambda x: x.astype(jnp.float32)[:, None]
-    return SegmentMasks(f32(same), f32(reads), f32(in_last), f32(carries))
+    return (f32(seg_BnC[..., :, None] == seg_BnC[..., None, :]),    # same segment [B,1,n,C,C]
+            f32(seg_BnC == last_prev[..., None]),                    # row reads S0 [B,1,n,C]
+            f32(seg_BnC == seg_BnC[..., -1:]),                       # row writes S_next
+            f32(seg_BnC[..., -1] == last_prev))                      # S0 survives the chunk
+
+
+def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
+    """Parts of n chunks from raw input rows q,k,g [B,n*C,H,K], v [B,n*C,H,V], beta [B,n*C,H]."""
+    C = cfg.chunk
+    f32 = jnp.float32
+    q, k, v, g = (_to_chunks(x.astype(f32), C) for x in (q, k, v, g))
+    beta = _to_chunks(beta.astype(f32)[..., None], C)                # [B,H,n,C,1]
+    if cfg.l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    q = q * cfg.scale
+    K = k.shape[-1]
+    # In-chunk cumulative log decay, as a matmul (faster than jnp.cumsum on CPU).
+    G = _dot("ij,...jk->...ik", jnp.tril(jnp.ones((C, C), f32)), g)
+    G_last = G[..., -1:, :]
+    akk, aqk = intra_scores(q, k, G)
+    gamma = jnp.exp(G)
+    qg = q * gamma
+    k_read = k * gamma
+    kg = k * jnp.exp(G_last - G)
+    decay = jnp.exp(G_last)                                          # [..., 1, K]
+    if seg is not None:
+        B, n = seg.shape[0], seg.shape[1] // C
+        same, reads, in_last, carries = _segment_masks(seg.reshape(B, n, C), seg_prev)
+        akk, aqk = akk * same, aqk * same
+        qg, k_read = qg * reads[..., None], k_read * reads[..., None]
+        kg = kg * in_last[..., None]
+        decay = decay * carries[..., None, None]
+    # [W | U] = (I + Diag(beta) Akk)^-1 Diag(beta) [K*exp(G) | V]
+    wu = _dot("...ij,...jw->...iw", unit_lower_inverse(beta * akk),
+              beta * jnp.concatenate([k_read, v], axis=-1))
+    ab = _dot("...ck,...cw->...kw", kg, wu)                          # kg^T [W | U]
+    aw = _dot("...ij,...jw->...iw", aqk, wu)                         # Aqk [W | U]
+    eye = jnp.eye(K, dtype=f32)
+    return Parts(a=eye * jnp.swapaxes(decay, -1, -2) - ab[..., :K], b=ab[..., K:],
+                 qp=qg - aw[..., :K], up=aw[..., K:])
+
+
+def _group_inputs(xs, seg, i, cfg: Config):
+    """Rows of loop step i: the five inputs, their segment ids and the id of the row before."""
+    rows = cfg.group * cfg.chunk
+    t0 = i * rows
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, rows, axis=1)
+    if seg is None:
+        return tuple(map(sl, xs)), None, None
+    prev = jax.lax.dynamic_index_in_dim(seg, jnp.maximum(t0 - 1, 0), axis=1, keepdims=False)
+    return tuple(map(sl, xs)), sl(seg), prev
+
+
+def _group_flags(flags: Flags | None, i, n):
+    if flags is None:
+        return None
+    return Flags(*(jax.lax.dynamic_slice_in_dim(f, i * n, n) for f in flags))
+
+
+def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
+    q, k, v, g, beta = xs
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    n = cfg.group
+    NG = Tp // (n * cfg.chunk)
+    f32 = jnp.float32
+
+    def body(i, carry):
+        out, states, state, finals = carry
+        group, seg_i, prev = _group_inputs(xs, seg, i, cfg)
+        parts = _intra(*group, seg_i, prev, cfg)
+        fl = _group_flags(flags, i, n)
+        hs = []
+        for c in range(n):
+            if fl is not None:
+                state = jnp.where(fl.start[c], h0[fl.seq[c]][None], state)
+            hs.append(state)
+            state = _dot("bhkj,bhjv->bhkv", parts.a[:, :, c], state) + parts.b[:, :, c]
+            if fl is not None:
+                seq = fl.seq[c]
+                finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
+        hs = jnp.stack(hs, axis=2)                                   # [B,H,n,K,V]
+        o = _dot("bhnck,bhnkv->bhncv", parts.qp, hs) + parts.up
+        out = jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(o), i * n * cfg.chunk, axis=1)
+        if save_states:
+            states = jax.lax.dynamic_update_index_in_dim(states, hs, i, axis=0)
+        return out, states, state, finals
+
+    state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else h0
+    states0 = jnp.zeros((NG, B, H, n, K, V), f32) if save_states else None
+    out, states, last, finals = jax.lax.fori_loop(
+        0, NG, body, (jnp.zeros((B, Tp, H, V), f32), states0, state0, h0))
+    return out, (finals if flags is not None else last), states
+
+
+def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Config):
+    q, k, v, g, beta = xs
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    n = cfg.group
+    NG = Tp // (n * cfg.chunk)
+    f32 = jnp.float32
+
+    def body(j, carry):
+        grads, d_state, dh0 = carry
+        i = NG - 1 - j
+        group, seg_i, prev = _group_inputs(xs, seg, i, cfg)
+        parts, intra_vjp = jax.vjp(lambda *a: _intra(*a, seg_i, prev, cfg), *group)
+        fl = _group_flags(flags, i, n)
+        hs = jax.lax.dynamic_index_in_dim(states, i, axis=0, keepdims=False)   # [B,H,n,K,V]
+        rows = n * cfg.chunk
+        do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
+                        cfg.chunk)
+        d_qp = _dot("bhncv,bhnkv->bhnck", do, hs)
+        dh_read = _dot("bhnck,bhncv->bhnkv", parts.qp, do)            # outputs' read of S0
+        d_next = [None] * n                                          # cotangent of each S_next
+        for c in reversed(range(n)):
+            if fl is not None:
+                d_state = jnp.where(fl.end[c], d_final[fl.seq[c]][None], d_state)
+            d_next[c] = d_state
+            d_state = _dot("bhjk,bhjv->bhkv", parts.a[:, :, c], d_state) + dh_read[:, :, c]
+            if fl is not None:
+                seq = fl.seq[c]
+                dh0 = dh0.at[seq].set(jnp.where(fl.start[c], d_state[0], dh0[seq]))
+                d_state = jnp.where(fl.start[c], 0.0, d_state)
+        d_next = jnp.stack(d_next, axis=2)
+        d_parts = Parts(a=_dot("bhnkv,bhnjv->bhnkj", d_next, hs), b=d_next, qp=d_qp, up=do)
+        d_group = intra_vjp(d_parts)
+        grads = tuple(jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
+                      for gr, dx in zip(grads, d_group))
+        return grads, d_state, dh0
+
+    d_state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else d_final
+    grads, d_first, dh0 = jax.lax.fori_loop(
+        0, NG, body, (tuple(jnp.zeros_like(x) for x in xs), d_state0, jnp.zeros_like(h0)))
+    return grads, (dh0 if flags is not None else d_first)
+
+
+def _float0_like(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0), tree)
+
+
+_chunk_core = jax.custom_vjp(
+    lambda xs, h0, seg, flags, cfg: _chunk_core_impl(xs, h0, seg, flags, cfg), nondiff_argnums=(4,))
+
+
+def _chunk_core_impl(xs, h0, seg, flags, cfg):
+    out, final, _ = _forward(xs, h0, seg, flags, cfg, save_states=False)
+    return out, final
+
+
+def _core_fwd(xs, h0, seg, flags, cfg):
+    out, final, states = _forward(xs, h0, seg, flags, cfg, save_states=True)
+    return (out, final), (xs, h0, seg, flags, states)
+
+
+def _core_bwd(cfg, res, cotangents):
+    xs, h0, seg, flags, states = res
+    d_out, d_final = cotangents
+    d_xs, dh0 = _backward(xs, h0, seg, flags, states, d_out, d_final, cfg)
+    return d_xs, dh0, _float0_like(seg), _float0_like(flags)
+
+
+_chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
 def _pad_time(x, total):
@@ -397,35 +467,33 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
     if chunk_size % SUB:
         raise ValueError(f"kda: chunk_size must be a multiple of {SUB}, got {chunk_size}")
-    scale = default_scale(q, scale)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    f32 = jnp.float32
-    qf, kf = q.astype(f32), k.astype(f32)
-    if use_qk_l2norm:
-        qf, kf = l2_normalize(qf), l2_normalize(kf)
-    xs = [qf * scale, kf, v.astype(f32), g.astype(f32), beta.astype(f32)[..., None]]
-    h0 = (jnp.zeros((n_seq, H, K, V), f32) if initial_state is None else initial_state.astype(f32))
+    h0 = (jnp.zeros((n_seq, H, K, V), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    xs = (q, k, v, g, beta)
 
-    varlen = masks = None
+    flags = seg = None
     if cu_seqlens is not None:
         layout = varlen_layout(cu_seqlens, T, chunk_size)
-        total = layout.num_chunks * chunk_size
-        xs = [jnp.zeros((1, total) + x.shape[2:], f32).at[:, layout.dest].set(x) for x in xs]
-        varlen = Varlen(layout.chunk_seq, layout.chunk_start, layout.chunk_end)
+        num_chunks = layout.num_chunks
+        xs = tuple(jnp.zeros((1, num_chunks * chunk_size) + x.shape[2:], x.dtype).at[:, layout.dest].set(x)
+                   for x in xs)
+        flags = Flags(layout.chunk_seq, layout.chunk_start, layout.chunk_end)
     else:
-        total = -(-T // chunk_size) * chunk_size
-        xs = [_pad_time(x, total) for x in xs]
-        if segment_ids is not None:
-            seg = jnp.pad(segment_ids, [(0, 0), (0, total - T)], mode="edge")
-            masks = _segment_masks(seg.reshape(B, -1, chunk_size))
+        num_chunks = -(-T // chunk_size)
+    group = max(1, min(num_chunks, GROUP_ROWS // (B * H * chunk_size)))
+    num_chunks = -(-num_chunks // group) * group
+    total = num_chunks * chunk_size
+    xs = tuple(_pad_time(x, total) for x in xs)
+    if flags is not None:
+        pad = num_chunks - flags.seq.shape[0]
+        flags = Flags(jnp.pad(flags.seq, (0, pad)), jnp.pad(flags.start, (0, pad)),
+                      jnp.pad(flags.end, (0, pad)))
+    elif segment_ids is not None:
+        seg = jnp.pad(segment_ids, [(0, 0), (0, total - T)], mode="edge")
 
-    def to_chunks(x):  # [B,Tp,H,D] -> [B,H,NC,C,D]
-        b, tp, h, d = x.shape
-        return x.reshape(b, tp // chunk_size, chunk_size, h, d).transpose(0, 3, 1, 2, 4)
-
-    qc, kc, vc, gc, bc = map(to_chunks, xs)
-    o_c, final = _chunk_core(qc, kc, vc, gc, bc[..., 0], h0, masks, varlen)
-    o = o_c.transpose(0, 2, 3, 1, 4).reshape(o_c.shape[0], total, H, V)
+    cfg = Config(chunk_size, group, default_scale(q, scale), bool(use_qk_l2norm))
+    o, final = _chunk_core(xs, h0, seg, flags, cfg)
     o = o[:, layout.dest] if cu_seqlens is not None else o[:, :T]
     return o.astype(v.dtype), (final if output_final_state else None)
