@@ -110,3 +110,109 @@ def test_installed_entry_point_runs_agent_synth(tmp_path):
     p = subprocess.run([*ENTRY, "agent", "--help"], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 0 and "synth" in p.stdout and "eval" in p.stdout
+
+
+# ------------------------------------------------------------------------------------ sft / rl / run
+
+TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "layer_types": ["kda", "mla"],
+              "mlp_layer_types": ["dense", "dense"], "kda_num_heads": 2, "kda_head_dim": 16,
+              "num_attention_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+              "qk_rope_head_dim": 0, "v_head_dim": 16, "intermediate_size": 64}
+WIKI = '{"search_top_k": 1, "n_distractors": 1, "visit_top_k": 1, "max_queries": 1, "max_urls": 1}'
+
+
+@pytest.fixture(scope="module")
+def agent_runs(tmp_path_factory):
+    """synth -> sft (2 steps) -> rl (1 step) through the CLI, once for the module's tests."""
+    d = tmp_path_factory.mktemp("agent")
+    cfg = d / "tiny.json"
+    cfg.write_text(json.dumps({"model": "kimi_linear", "model_args": TINY_MODEL, "tokenizer": "byte",
+                               "seq_len": 512, "batch_size": 2, "steps": 2, "warmup_steps": 1,
+                               "progress": False, "num_samples": 0, "async_checkpoints": False}))
+    data = d / "train.jsonl"
+    assert cli.main(["agent", "synth", "--out", str(data), "--n", "4", "--seed", "0", "--hops", "1",
+                     "--obfuscate-prob", "0", "--wiki", WIKI, "--system-prompt", "Use the tools."]) == 0
+    sft, rl = d / "sft", d / "rl"
+    assert cli.main(["agent", "sft", "--data", str(data), "--workdir", str(sft), "--config", str(cfg),
+                     "--strip-think", "--max-turns", "2", "--turn-tokens", "12",
+                     "--token-budget", "512"]) == 0
+    assert cli.main(["agent", "rl", "--init", str(sft), "--data", str(data), "--workdir", str(rl),
+                     "--steps", "1", "--group", "2", "--questions-per-step", "1",
+                     "--rollout", "segmented"]) == 0
+    return d, data, sft, rl
+
+
+def test_synth_with_wiki_and_system_prompt_records_the_world(agent_runs):
+    from jaxllm.agent import protocol
+    _, data, _, _ = agent_runs
+    recs = _lines(data)
+    assert all(r["wiki"] == {"seed": 0, **json.loads(WIKI)} for r in recs)
+    assert all(r["trajectory"][0] == {"role": "system", "content": "Use the tools."} for r in recs)
+    wiki = SimulatedWiki(WikiConfig(seed=0, **json.loads(WIKI)))
+    want = synth.synthesize(4, seed=0, hops=(1,), obfuscate_prob=0.0, wiki=wiki, system_prompt="Use the tools.")
+    assert [r["trajectory"] for r in recs] == json.loads(json.dumps([w["trajectory"] for w in want]))
+    assert protocol.parse_chat(protocol.render_chat(recs[0]["trajectory"])) == recs[0]["trajectory"]
+
+
+def test_sft_then_rl_write_workdirs(agent_runs, capsys):
+    from jaxllm.agent import train
+    _, _, sft, rl = agent_runs
+    for w in (sft, rl):
+        assert (w / "run_config.json").exists() and (w / "agent.json").exists()
+        assert any((w / "checkpoints").iterdir())
+    s = train.load_settings(str(rl))
+    assert s.system_prompt == "Use the tools." and s.wiki["search_top_k"] == 1 and s.turn_tokens == 12
+    m = _lines(sft / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2] and all(r["tokens"] > 0 for r in m)
+    (rec,) = _lines(rl / "metrics.jsonl")
+    assert rec["step"] == 1 and 0 <= rec["reward"] <= 1 and rec["ratio_dev"] < 1e-3
+    assert json.loads((rl / "run_config.json").read_text())["lr"] == 1e-4
+
+
+def test_run_writes_predictions_and_trajectories(agent_runs, capsys):
+    d, data, _, rl = agent_runs
+    out = d / "preds.jsonl"
+    capsys.readouterr()
+    assert cli.main(["agent", "run", "--workdir", str(rl), "--data", str(data), "--out", str(out),
+                     "--limit", "3", "--batch-size", "2", "--rollout", "segmented"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    preds = _lines(out)
+    assert summary["n"] == 3 and summary["scored"] == 3 and sum(summary["status"].values()) == 3
+    assert 0 <= summary["em_ci95"][0] <= summary["em"] <= summary["em_ci95"][1] <= 1
+    gold = _lines(data)[:3]
+    assert [p["question"] for p in preds] == [g["question"] for g in gold]
+    assert [p["answer"] for p in preds] == [g["answer"] for g in gold]
+    for p in preds:
+        assert p["trajectory"][0]["content"] == "Use the tools." and p["status"] in (
+            "answered", "max_turns", "max_tokens", "tool_error")
+    # The predictions file is what `agent eval` reads.
+    assert cli.main(["agent", "eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert cli.main(["agent", "run", "--workdir", str(rl), "--question", "What is the country of X?",
+                     "--rollout", "segmented", "--batch-size", "2"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["n"] == 1 and "prediction" in one and "em" not in one
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["agent", "sft", "--data", "/nonexistent.jsonl", "--workdir", "W"], "/nonexistent.jsonl: no such file"),
+    (["agent", "sft", "--data", "NOTRAJ", "--workdir", "W"], "missing 'trajectory'"),
+    (["agent", "sft", "--data", "NOTRAJ", "--workdir", "W", "--config", "/nonexistent.json"],
+     "does not exist"),
+    (["agent", "rl", "--init", "W", "--data", "NOTRAJ", "--workdir", "W2"], "not a training workdir"),
+    (["agent", "run", "--workdir", "W", "--question", "q"], "not an agent workdir"),
+    (["agent", "run", "--workdir", "W", "--data", "/nonexistent.jsonl"], "no such file"),
+    (["agent", "run", "--workdir", "W", "--question", "q", "--temperature", "-1"], "--temperature"),
+    (["agent", "synth", "--out", "OUT", "--n", "2", "--wiki", "[1]"], "--wiki must be a JSON object"),
+    (["agent", "synth", "--out", "OUT", "--n", "2", "--wiki", '{"bogus": 1}'], "bogus"),
+])
+def test_train_and_run_user_errors(tmp_path, capsys, argv, message):
+    notraj = tmp_path / "q.jsonl"
+    notraj.write_text('{"question": "q", "answer": "a"}\n')
+    subs = {"W": str(tmp_path / "w"), "W2": str(tmp_path / "w2"), "NOTRAJ": str(notraj),
+            "OUT": str(tmp_path / "o.jsonl")}
+    argv = [subs.get(a, a) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: agent ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

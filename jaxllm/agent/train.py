@@ -1,0 +1,558 @@
+"""SFT and agentic RL for the ReAct agent (Tongyi DeepResearch recipe, report §3.4), on top of
+``jaxllm.train`` (model registry, ``RunConfig``, optimizer, train step, orbax checkpoints).
+
+Pure pieces (numpy / jnp, tested against hand-computed numbers):
+
+* SFT data: ``strip_think`` (optional: drop ``<think>`` blocks of a demonstration),
+  ``sft_example`` (chat template -> token ids + a mask of the assistant tokens, from
+  ``protocol.render_segments``), ``pack_examples`` (first-fit packing into rows of ``seq_len + 1``
+  slots with segment ids), ``sft_batch`` (rows -> ``{inputs, targets, segment_ids, loss_mask}``, the
+  batch layout of ``jaxllm.train.step``: the loss counts a target only when it is an assistant
+  token of the same segment; system, user and tool-response tokens never count).
+* RL: ``exact_match_rewards`` (0/1), ``loo_advantages`` (A_i = r_i - mean_{j != i} r_j over the
+  group, no std division), ``keep_mask`` (drop trajectories that hit a turn or token limit without
+  an answer: statuses ``MAX_TURNS`` / ``MAX_TOKENS``), ``token_logprobs`` and
+  ``clipped_policy_loss`` (PPO-style ratio against the rollout's logprobs, clipped to
+  ``[1 - eps_low, 1 + eps_high]``, token-mean over all kept model tokens of the batch), and
+  ``make_rl_step`` (one optimizer update; no KL, no entropy term).
+
+Drivers: ``train_sft`` (SFT from scratch on synthesized trajectories), ``train_rl`` (on-policy RL
+from an SFT workdir), ``run_questions`` (roll out a trained agent on questions). Workdirs have the
+layout of ``jaxllm train`` (``run_config.json``, ``checkpoints/``, ``metrics.jsonl``) plus
+``agent.json`` (system prompt, wiki config, rollout limits), so ``jaxllm.train.inference.
+load_trained`` loads them.
+
+**On-policy.** Each RL step samples a fresh batch (``questions_per_step`` questions x ``group``
+rollouts, temperature 1, raw logits, current params), then makes exactly one optimizer update on
+it, so the ratio is 1 up to the numerical difference between cached decoding and the full forward
+pass (logged as ``ratio_dev``); the clip is implemented and tested but inactive in practice, as in
+the report.
+
+**Dropped rows.** A dropped trajectory still counts in its group's leave-one-out baseline (it is a
+sample of the policy with reward 0), but contributes no tokens to the loss or its denominator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxllm.agent import evaluate, protocol, rollout, synth, tools
+from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
+
+__all__ = ["AgentSettings", "strip_think", "sft_example", "pack_examples", "sft_batch",
+           "exact_match_rewards", "loo_advantages", "keep_mask", "token_logprobs",
+           "clipped_policy_loss", "rl_batch", "make_rl_step", "train_sft", "train_rl",
+           "run_questions", "load_settings", "wilson_interval", "AGENT_FILE", "DROP_STATUSES"]
+
+AGENT_FILE = "agent.json"
+#: Statuses whose trajectories are left out of the RL loss: a turn or token limit was hit and no
+#: answer was given. A wrong answer (ANSWERED, reward 0) and TOOL_ERROR stay in as negatives.
+DROP_STATUSES = (rollout.MAX_TURNS, rollout.MAX_TOKENS)
+
+
+# ------------------------------------------------------------------------------------------
+# Settings stored with a workdir
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    """What a trained agent needs besides its weights: the prompt it was trained on, the world
+    it acts in and the rollout limits."""
+
+    system_prompt: str
+    wiki: dict                       # WikiConfig fields
+    max_turns: int = 4
+    turn_tokens: int = 128
+    token_budget: int = 1536
+    chunk: int = 32
+
+    def wiki_config(self) -> WikiConfig:
+        try:
+            return WikiConfig(**self.wiki)
+        except TypeError as e:
+            raise ValueError(f"wiki config {self.wiki}: {e}") from None
+
+    def rollout_config(self) -> rollout.RolloutConfig:
+        return rollout.RolloutConfig(max_turns=self.max_turns, turn_tokens=self.turn_tokens,
+                                     token_budget=self.token_budget, chunk=self.chunk)
+
+    def save(self, workdir: str) -> None:
+        with open(os.path.join(workdir, AGENT_FILE), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def load_settings(workdir: str) -> AgentSettings:
+    path = os.path.join(workdir, AGENT_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{workdir!r} is not an agent workdir: {AGENT_FILE} not found "
+                         "(train one with `jaxllm agent sft`)")
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    try:
+        return AgentSettings(**d)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# SFT data
+# ------------------------------------------------------------------------------------------
+
+def strip_think(messages: Sequence[dict]) -> list[dict]:
+    """The trajectory with every assistant turn re-rendered as its bare action (no ``<think>``
+    block): shorter sequences for a small model. Observations are unchanged."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            out.append(dict(m))
+            continue
+        action = protocol.parse_assistant(m["content"])
+        if isinstance(action, protocol.ToolCall):
+            text = protocol.render_tool_call(action.name, action.arguments, action.code)
+        elif isinstance(action, protocol.Answer):
+            text = f"{protocol.ANSWER_OPEN}\n{action.text}\n{protocol.ANSWER_CLOSE}"
+        else:
+            raise ValueError(f"message {i}: assistant turn does not parse ({action.message})")
+        out.append({"role": "assistant", "content": text})
+    return out
+
+
+def sft_example(messages: Sequence[dict], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n] int32, model [n] bool): the chat template's tokens and which of them the assistant
+    wrote (its turn contents and their ``<|im_end|>``). No BOS, as the rollout's prompts."""
+    ids, model = [], []
+    for piece, is_model in protocol.render_segments(messages):
+        t = np.asarray(tokenizer.encode(piece), np.int32)
+        ids.append(t)
+        model.append(np.full(t.shape, is_model, bool))
+    return np.concatenate(ids), np.concatenate(model)
+
+
+def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
+                  pad_id: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """First-fit packing of (ids, model) examples into rows of ``seq_len + 1`` slots.
+
+    Returns ``tokens``/``segments``/``model`` [R, seq_len + 1] (segments 1, 2, ... per example,
+    0 = padding). Examples are placed in a seeded random order. An example longer than
+    ``seq_len + 1`` is an error (never silently cut).
+    """
+    S = seq_len + 1
+    for i, (ids, _) in enumerate(examples):
+        if len(ids) > S:
+            raise ValueError(f"example {i} has {len(ids)} tokens, more than seq_len + 1 = {S}; "
+                             "raise seq_len or shorten the trajectories")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[list[int]] = []     # example indices per row
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        for r, f in enumerate(free):
+            if f >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(S - n)
+    R = len(rows)
+    tokens = np.full((R, S), pad_id, np.int32)
+    segments = np.zeros((R, S), np.int32)
+    model = np.zeros((R, S), bool)
+    for r, idx in enumerate(rows):
+        p = 0
+        for s, i in enumerate(idx, 1):
+            ids, m = examples[i]
+            tokens[r, p:p + len(ids)] = ids
+            segments[r, p:p + len(ids)] = s
+            model[r, p:p + len(ids)] = m
+            p += len(ids)
+    return {"tokens": tokens, "segments": segments, "model": model}
+
+
+def sft_batch(packed: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """``{inputs, targets, segment_ids, loss_mask}`` [len(rows), seq_len] for ``jaxllm.train.step``:
+    a target counts when it is an assistant token in the same segment as its input."""
+    t, s, m = (packed[k][np.asarray(rows)] for k in ("tokens", "segments", "model"))
+    return {"inputs": t[:, :-1], "targets": t[:, 1:], "segment_ids": s[:, :-1],
+            "loss_mask": ((s[:, 1:] == s[:, :-1]) & (s[:, :-1] > 0) & m[:, 1:]).astype(np.int32)}
+
+
+# ------------------------------------------------------------------------------------------
+# RL pieces
+# ------------------------------------------------------------------------------------------
+
+def exact_match_rewards(predictions: Sequence[str | None], golds: Sequence) -> np.ndarray:
+    """0/1 per row: SQuAD-normalised exact match of the answer (None, no answer, scores 0)."""
+    return np.array([0.0 if p is None else evaluate.exact_match(p, g)
+                     for p, g in zip(predictions, golds)], np.float32)
+
+
+def loo_advantages(rewards_NG) -> jax.Array:
+    """Leave-one-out advantage per group (axis -1): A_i = r_i - mean_{j != i} r_j. No std
+    division. Equal to G/(G-1) * (r_i - mean_j r_j)."""
+    r = jnp.asarray(rewards_NG, jnp.float32)
+    G = r.shape[-1]
+    if G < 2:
+        raise ValueError(f"loo_advantages: a group needs at least 2 rollouts, got {G}")
+    return r - (jnp.sum(r, axis=-1, keepdims=True) - r) / (G - 1)
+
+
+def keep_mask(status, drop_statuses: Sequence[int] = DROP_STATUSES) -> np.ndarray:
+    """True for trajectories that enter the loss."""
+    return ~np.isin(np.asarray(status), np.asarray(list(drop_statuses), np.int32))
+
+
+def token_logprobs(logits_BTV, tokens_BT) -> jax.Array:
+    """logp[b, t] = log p(tokens[b, t] | tokens[b, :t]) from the logits of position t - 1; the
+    first position (no prediction) is 0. Same alignment as ``RolloutResult.logprobs``."""
+    lp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(lp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def clipped_policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT, eps_low: float = 0.2,
+                        eps_high: float = 0.28):
+    """PPO-style clipped surrogate with clip-higher, token-mean over the batch's masked tokens:
+
+        loss = -(1 / sum mask) * sum_{b,t} mask * min(rho * A_b, clip(rho, 1 - eps_low, 1 + eps_high) * A_b)
+
+    with rho = exp(logp - old_logp). Returns (loss, stats) where stats holds the token count, the
+    fractions of tokens clipped below / above, and the mean |rho - 1|.
+    """
+    mask = mask_BT.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    ratio = jnp.exp(logp_BT - old_logp_BT)
+    adv = adv_B[:, None].astype(jnp.float32)
+    obj = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    loss = -jnp.sum(obj * mask) / n
+    clipped_low = (adv < 0) & (ratio < 1.0 - eps_low)
+    clipped_high = (adv > 0) & (ratio > 1.0 + eps_high)
+    stats = {"tokens": jnp.sum(mask),
+             "clip_low": jnp.sum(clipped_low * mask) / n,
+             "clip_high": jnp.sum(clipped_high * mask) / n,
+             "ratio_dev": jnp.sum(jnp.abs(ratio - 1.0) * mask) / n}
+    return loss, stats
+
+
+def rl_batch(result: rollout.RolloutResult, golds: Sequence, group: int, *,
+             drop_statuses: Sequence[int] = DROP_STATUSES, length_multiple: int = 128) -> dict:
+    """Training arrays from a rollout whose rows are ``N`` questions x ``group`` consecutive
+    rollouts: ``tokens``, ``mask`` (sampled tokens of kept rows), ``old_logp``, ``adv`` [B],
+    and host-side ``rewards``/``keep``. Rows are cut to the longest row rounded up to
+    ``length_multiple`` (fewer shapes to compile)."""
+    B = len(golds)
+    if B % group:
+        raise ValueError(f"rl_batch: {B} rows are not a multiple of group={group}")
+    rewards = exact_match_rewards(result.answers, golds)
+    keep = keep_mask(result.status, drop_statuses)
+    adv = np.asarray(loo_advantages(rewards.reshape(-1, group))).reshape(-1)
+    T = min(result.tokens.shape[1],
+            max(length_multiple, -(-int(result.lengths.max()) // length_multiple) * length_multiple))
+    mask = result.model_mask[:, :T] & keep[:, None]
+    return {"tokens": result.tokens[:, :T].astype(np.int32), "mask": mask.astype(np.int32),
+            "old_logp": result.logprobs[:, :T].astype(np.float32), "adv": adv.astype(np.float32),
+            "rewards": rewards, "keep": keep}
+
+
+def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule: Callable, *,
+                 eps_low: float = 0.2, eps_high: float = 0.28, compute_dtype=jnp.float32):
+    """rl_step(state, batch) -> (new_state, metrics): one optimizer update on the clipped
+    token-mean objective (no KL, no entropy bonus). ``batch``: tokens, mask, old_logp [B, T] and
+    adv [B]. State as ``jaxllm.train.step``: {step, params, opt_state, rng}."""
+    from jaxllm.train.step import all_finite, cast_for_compute
+
+    def loss_fn(params, batch):
+        tokens = batch["tokens"]
+        out = apply_fn(cast_for_compute(params, compute_dtype), tokens,
+                       segment_ids=jnp.ones_like(tokens))
+        logits, aux = out if isinstance(out, tuple) else (out, 0.0)
+        logp = token_logprobs(logits, tokens)
+        loss, stats = clipped_policy_loss(logp, batch["old_logp"], batch["adv"], batch["mask"],
+                                          eps_low, eps_high)
+        return loss + jnp.asarray(aux, jnp.float32), (loss, stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def rl_step(state, batch):
+        (_, (loss, stats)), grads = grad_fn(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+                   "params_finite": all_finite(params), **stats}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                "rng": jax.random.split(state["rng"])[0]}, metrics
+
+    return rl_step
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        raise ValueError("wilson_interval: n must be > 0")
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+# ------------------------------------------------------------------------------------------
+# Drivers
+# ------------------------------------------------------------------------------------------
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def read_records(path: str, need_trajectory: bool = False) -> list[dict]:
+    """Records of a JSONL file with ``question`` and ``answer`` (and ``trajectory``)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    recs = list(synth.read_jsonl(path))
+    if not recs:
+        raise ValueError(f"{path}: no records")
+    keys = ("question", "answer") + (("trajectory",) if need_trajectory else ())
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{i}: a record must be a JSON object")
+        for k in keys:
+            if k not in r:
+                raise ValueError(f"{path}:{i}: missing '{k}'")
+    return recs
+
+
+def settings_from_records(records: Sequence[dict], wiki: dict | None, **limits) -> AgentSettings:
+    """Settings for training on ``records``: their system prompt (all must share one) and world
+    (``wiki_seed``; the records' ``wiki`` config when they carry one; then the ``wiki``
+    overrides)."""
+    prompts = {r["trajectory"][0]["content"] for r in records
+               if r["trajectory"] and r["trajectory"][0].get("role") == "system"}
+    if len(prompts) != 1:
+        raise ValueError(f"the trajectories must share one system prompt, found {len(prompts)}")
+    seeds = {r.get("wiki_seed", r.get("seed")) for r in records}
+    if len(seeds) != 1 or None in seeds:
+        raise ValueError(f"the records must come from one world (wiki_seed), found {sorted(map(str, seeds))}")
+    stored = {json.dumps(r["wiki"], sort_keys=True) for r in records if "wiki" in r}
+    if len(stored) > 1:
+        raise ValueError(f"the records carry {len(stored)} different wiki configs")
+    w = json.loads(stored.pop()) if stored else {}
+    w.update(wiki or {})
+    seed = seeds.pop()
+    if "seed" in w and w["seed"] != seed:
+        raise ValueError(f"wiki seed {w['seed']} differs from the records' wiki_seed {seed}")
+    w["seed"] = seed
+    s = AgentSettings(system_prompt=prompts.pop(), wiki=w, **limits)
+    s.wiki_config()
+    s.rollout_config()
+    return s
+
+
+def _make_run_config(config, workdir: str):
+    from jaxllm.train.config import save_config
+    os.makedirs(workdir, exist_ok=True)
+    save_config(config, os.path.join(workdir, "run_config.json"))
+
+
+def _save_checkpoint(workdir: str, config, state) -> str:
+    from jaxllm.train import checkpoint as ckpt_lib
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1,
+                               async_save=False)
+    try:
+        ck.save(int(state["step"]), state, {}, ckpt_lib.make_meta(config, state["params"]), force=True)
+    finally:
+        ck.close()
+    return ck.directory
+
+
+def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSettings, *,
+              strip: bool = False, log: Callable[[str], None] = _log_default) -> dict:
+    """SFT from scratch on synthesized trajectories with ``config`` (a ``RunConfig``: model,
+    seq_len, batch_size, steps, lr, ...). Saves the final checkpoint, ``run_config.json`` and
+    ``agent.json`` in ``workdir``; returns a summary."""
+    from jaxllm.train import loop
+    from jaxllm.train import metrics as metrics_lib
+
+    t0 = time.perf_counter()
+    s = loop.setup(config)
+    tok = s.tokenizer
+    examples = []
+    for i, r in enumerate(records):
+        msgs = strip_think(r["trajectory"]) if strip else r["trajectory"]
+        try:
+            examples.append(sft_example(msgs, tok))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"record {i}: {e}") from None
+    packed = pack_examples(examples, config.seq_len, pad_id=tok.pad_id, seed=config.seed)
+    R = packed["tokens"].shape[0]
+    rows_per_step = config.batch_size
+    _make_run_config(config, workdir)
+    settings.save(workdir)
+    mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    lengths = [len(e[0]) for e in examples]
+    log(f"sft: {len(examples)} trajectories ({np.mean(lengths):.0f} tokens on average, max "
+        f"{max(lengths)}), packed into {R} rows of {config.seq_len + 1}; {config.steps} steps of "
+        f"{rows_per_step} rows")
+    rng = np.random.default_rng(config.seed)
+    with jax.set_mesh(s.mesh):
+        step_fn = loop.compile_step(s)
+        state = loop.init_state(s)
+        order = rng.permutation(R)
+        pos, losses = 0, []
+        for step in range(1, config.steps + 1):
+            idx = []
+            while len(idx) < rows_per_step:
+                if pos == len(order):
+                    order, pos = rng.permutation(R), 0
+                idx.append(order[pos])
+                pos += 1
+            b = sft_batch(packed, idx)
+            b = {k: v.reshape((config.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
+            ts = time.perf_counter()
+            state, m = step_fn(state, loop.global_batch(s, b))
+            m = jax.device_get(m)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise RuntimeError(f"sft: non-finite loss at step {step}")
+            losses.append(loss)
+            mlog.write({"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                        "lr": float(m["lr"]), "tokens": int(m["tokens"]),
+                        "step_time_s": time.perf_counter() - ts})
+            if step % max(1, config.log_every) == 0 or step == config.steps:
+                log(f"sft step {step}/{config.steps}: loss {loss:.4f}")
+        mlog.close()
+        ckpt_dir = _save_checkpoint(workdir, config, state)
+    return {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1],
+            "trajectories": len(examples), "rows": R, "checkpoints": ckpt_dir,
+            "seconds": time.perf_counter() - t0}
+
+
+def _rollout_fn(impl: str):
+    if impl not in ("scan", "segmented"):
+        raise ValueError(f"rollout impl must be 'scan' or 'segmented', got {impl!r}")
+    return rollout.scan_rollout if impl == "scan" else rollout.segmented_rollout
+
+
+def run_questions(model, params, tokenizer, settings: AgentSettings, questions: Sequence[str], *,
+                  batch_size: int = 32, sampling=None, seed: int = 0, impl: str = "scan",
+                  wiki: SimulatedWiki | None = None) -> list[dict]:
+    """Roll the agent out on ``questions`` (fixed-size batches; the last one is padded with
+    repeats so only one shape compiles). Returns per question {question, prediction, status,
+    turns, trajectory}."""
+    fn = _rollout_fn(impl)
+    wiki = wiki or SimulatedWiki(settings.wiki_config())
+    executor = synth.wiki_executor(wiki)
+    questions = list(questions)
+    if not questions:
+        raise ValueError("run_questions: no questions")
+    B = min(batch_size, len(questions))
+    out = []
+    key = jax.random.PRNGKey(seed)
+    for i in range(0, len(questions), B):
+        chunk = questions[i:i + B]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (B - n)
+        key, sub = jax.random.split(key)
+        res = fn(model, params, tokenizer, executor, chunk, config=settings.rollout_config(),
+                 system_prompt=settings.system_prompt, sampling=sampling,
+                 rng=sub if sampling is not None else None)
+        names = res.status_names()
+        for r in range(n):
+            out.append({"question": chunk[r], "prediction": res.answers[r], "status": names[r],
+                        "turns": int(res.turns[r]), "trajectory": res.messages[r]})
+    return out
+
+
+def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *, group: int = 8,
+             questions_per_step: int = 8, eps_low: float = 0.2, eps_high: float = 0.28,
+             impl: str = "scan", drop_statuses: Sequence[int] = DROP_STATUSES,
+             log: Callable[[str], None] = _log_default) -> dict:
+    """On-policy RL from the checkpoint in ``init_workdir`` (an SFT or RL workdir) for
+    ``config.steps`` updates with ``config.lr`` etc.; each step draws ``questions_per_step``
+    questions (epochs over a seeded shuffle of ``records``), samples ``group`` rollouts of each at
+    temperature 1 and makes one update. Writes ``metrics.jsonl`` (reward, answered, kept, loss,
+    clip fractions, ratio deviation, times per step) and the final checkpoint in ``workdir``."""
+    from jaxllm.ops.sampling import SamplingConfig
+    from jaxllm.train import metrics as metrics_lib
+    from jaxllm.train.inference import load_trained
+    from jaxllm.train.optim import make_optimizer
+
+    if group < 2:
+        raise ValueError(f"group must be >= 2 (leave-one-out baseline), got {group}")
+    if questions_per_step < 1:
+        raise ValueError(f"questions_per_step must be >= 1, got {questions_per_step}")
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    t0 = time.perf_counter()
+    settings = load_settings(init_workdir)
+    model, params, tok = load_trained(init_workdir)
+    wiki = SimulatedWiki(settings.wiki_config())
+    executor = synth.wiki_executor(wiki)
+    tx, schedule = make_optimizer(config)
+    _make_run_config(config, workdir)
+    settings.save(workdir)
+    step_fn = jax.jit(make_rl_step(model.apply, tx, schedule, eps_low=eps_low, eps_high=eps_high),
+                      donate_argnums=(0,))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.PRNGKey(config.seed)}
+    key = jax.random.PRNGKey(config.seed + 1)
+    sampling = SamplingConfig(mode="sample", temperature=1.0)
+    fn = _rollout_fn(impl)
+    rng = random.Random(config.seed)
+    order, pos = list(range(len(records))), len(records)
+    mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    rewards_hist = []
+    log(f"rl: {len(records)} questions; {config.steps} steps x {questions_per_step} questions x "
+        f"group {group}; lr {config.lr}; eps {eps_low}/{eps_high}; rollout {impl}")
+    for step in range(1, config.steps + 1):
+        picked = []
+        while len(picked) < questions_per_step:
+            if pos == len(order):
+                rng.shuffle(order)
+                pos = 0
+            picked.append(records[order[pos]])
+            pos += 1
+        qs = [r["question"] for r in picked for _ in range(group)]
+        golds = [r["answer"] for r in picked for _ in range(group)]
+        key, sub = jax.random.split(key)
+        ts = time.perf_counter()
+        res = fn(model, state["params"], tok, executor, qs, config=settings.rollout_config(),
+                 system_prompt=settings.system_prompt, sampling=sampling, rng=sub)
+        t_roll = time.perf_counter() - ts
+        b = rl_batch(res, golds, group, drop_statuses=drop_statuses)
+        ts = time.perf_counter()
+        state, m = step_fn(state, {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "old_logp", "adv")})
+        m = jax.device_get(m)
+        t_upd = time.perf_counter() - ts
+        if not (math.isfinite(float(m["loss"])) and bool(m["params_finite"])):
+            raise RuntimeError(f"rl: non-finite loss or parameters at step {step}")
+        rec = {"step": step, "reward": float(b["rewards"].mean()),
+               "answered": float(np.mean(res.status == rollout.ANSWERED)),
+               "kept": float(b["keep"].mean()),
+               "solved_groups": float(np.mean(b["rewards"].reshape(-1, group).max(-1))),
+               "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+               "tokens": int(m["tokens"]), "clip_low": float(m["clip_low"]),
+               "clip_high": float(m["clip_high"]), "ratio_dev": float(m["ratio_dev"]),
+               "mean_length": float(res.lengths.mean()), "rollout_s": t_roll, "update_s": t_upd}
+        mlog.write(rec)
+        rewards_hist.append(rec["reward"])
+        if step % max(1, config.log_every) == 0 or step == config.steps:
+            log(f"rl step {step}/{config.steps}: reward {rec['reward']:.3f} answered "
+                f"{rec['answered']:.2f} kept {rec['kept']:.2f} loss {rec['loss']:+.4f} "
+                f"ratio_dev {rec['ratio_dev']:.1e} ({t_roll:.1f}s rollout, {t_upd:.1f}s update)")
+    mlog.close()
+    _save_checkpoint(workdir, config, state)
+    return {"steps": config.steps, "reward_first": rewards_hist[0], "reward_last": rewards_hist[-1],
+            "reward_mean_last10": float(np.mean(rewards_hist[-10:])),
+            "seconds": time.perf_counter() - t0}
