@@ -1,6 +1,7 @@
 """ReAct rollouts with a Kimi Linear model and its decode caches: a Python-segmented loop
 (``segmented_rollout``, any tokenizer) and the same loop compiled as one ``lax.scan`` over turns
-with ``io_callback`` to the tools (``scan_rollout``, byte tokenizer); both give identical results.
+(``scan_rollout``, byte tokenizer), where the simulated wiki's environment step runs in jnp and
+``io_callback`` is the bridge to Python tools; both give identical results.
 
 Per turn every running row decodes with its cache until a stop string (``protocol.STOP_STRINGS``,
 plus ``<|im_end|>`` for a model that closes its own chatml turn) or the per-turn token cap; the
@@ -48,6 +49,22 @@ byte tokenizer ``tokenizer.encode(protocol.render_chat(messages, add_generation_
 equals the token row whenever every turn ended at ``</tool_call>``/``</answer>``/``<|im_end|>``;
 a turn cut at a ``<tool_response>`` the model forged, or at the per-turn cap, keeps those tokens in
 the row but not in ``messages`` (they are never executed or trusted).
+
+**The environment inside the scan** (``scan_rollout(env=...)``). With an executor from
+``synth.wiki_executor(wiki)`` (``wiki_of`` recognises it) each finished turn is first judged in
+jnp: ``_canonical_action`` matches the turn's bytes against the canonical forms (an ``<answer>``
+with a non-blank body, or one ``<tool_call>`` whose JSON is the ``json.dumps`` form of a
+``search``/``visit`` call, with plain strings), ``bytes_to_terms`` turns the query/URL/goal spans
+into wiki terms, ``search_step``/``visit_step`` give the observation's piece ids, and the
+pre-tokenised pieces plus the chat framing are gathered into the tokens to append; the budget,
+force-answer, max-turns and status rules are the host judge's. Every other turn (malformed JSON,
+escapes, other tools, ``PythonInterpreter``, several tags, a cap without a stop, special ids) goes
+to the host judge through ``io_callback`` under a ``lax.cond``, so a batch of canonical turns makes
+no callback at all, and the result is the same as the segmented loop's in every case (the jnp parser
+only accepts what ``protocol.parse_assistant`` and ``ToolExecutor`` turn into the same answer or
+observation; a fuzz test checks that). ``env="host"`` judges every turn on the host (any executor);
+``"auto"`` picks ``"jnp"`` when it can. ``RolloutResult.host_callbacks`` counts the callbacks.
+Messages and answers of the scan loop are rebuilt from the tokens and per-turn spans afterwards.
 """
 
 from __future__ import annotations

@@ -228,6 +228,8 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     scan = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=CFG, system_prompt=SYSTEM,
                           forced_turns=forced)
     _assert_same(seg, scan)
+    # the jnp wiki step judged every canonical turn; only row 2's two bad calls went to the host
+    assert scan.host_callbacks == 2
     # free greedy turns too (same compiled program: same config and batch size)
     qs2 = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
     forced2 = [["<think>\n"], [], ['<think>\nok</think>\n<tool_call>\n{"name": "search", '], [], []]
