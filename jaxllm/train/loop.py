@@ -307,6 +307,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
       loss = float(m["loss"])
       losses[step] = loss
       tok_s = tokens_per_step / dt
+      bar.update(step, loss, tok_s)
       val_loss = None
       if validate and (step % c.eval_every == 0 or step == c.steps):
         val_loss = val_losses[step] = validate(state["params"])
@@ -327,7 +328,6 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
         mlog.write(rec)
         if tblog:
           tblog.write(rec)
-      bar.update(step, loss, tok_s)
       if step % c.save_every == 0 or step == c.steps:
         ckpt.save(step, state, data.get_state(), meta, force=True)
   finally:
