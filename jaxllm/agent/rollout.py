@@ -578,7 +578,7 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
     pos = jnp.arange(L)
     inside = pos < n
     b = jnp.where(inside, tok_L - ByteTokenizer.offset, -1)
-    plain = (~inside | (tok_L >= ByteTokenizer.offset)).all()
+    plain = (~inside | ((tok_L >= ByteTokenizer.offset) & (tok_L < ByteTokenizer.vocab_size))).all()
     bp = jnp.concatenate([b, jnp.full((PADW,), -1, b.dtype)])
 
     def occ(s):
@@ -853,8 +853,9 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
                 turn_ids = turn_ids.at[row_idx, jnp.clip(turn_len, 0, L - 1)].set(
                     jnp.where(gen, tok, turn_ids[row_idx, jnp.clip(turn_len, 0, L - 1)]))
                 turn_len = turn_len + one
-                # decoded text drops special ids: match stops on the text bytes only
-                is_text = gen & (tok >= special_below)
+                # decoded text drops special ids (and ids past the byte vocabulary, which a model
+                # with a larger vocab can sample): match stops on the text bytes only
+                is_text = gen & (tok >= special_below) & (tok < ByteTokenizer.vocab_size)
                 text = jnp.where(is_text[:, None], jnp.concatenate([text[:, 1:], tok[:, None]], 1), text)
                 text_len = text_len + is_text.astype(jnp.int32)
                 tail_ok = ((text[:, None, :] == stop_pats[None]) | (stop_pats[None] < 0)).all(-1)

@@ -359,5 +359,19 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
                 np.testing.assert_array_equal(pend[i, :n_pend[i]], want, err_msg=text)
                 assert status[i] == R.RUNNING and consec[i] == 0 and not forced[i]
     assert all(taken[:len(canon)]), [t for t, k in zip(canon, taken) if not k]
+    # ids that decode() drops (specials, ids past the byte vocabulary of a bigger model) are the
+    # host's: the same canonical search with one such id inside its query is not taken
+    ids = TOK.encode(canon[0])
+    q = canon[0].index('"query": ["') + 12
+    tok = np.zeros((B, L), np.int32)
+    for i, bad in enumerate((None, TOK.eos_id, TOK.vocab_size + 40)):
+        tok[i, :len(ids)] = ids
+        if bad is not None:
+            tok[i, q] = bad
+    zeros = jnp.zeros((B,), jnp.int32)
+    ok = np.asarray(judge(arrays, st, jnp.asarray(tok), jnp.full((B,), len(ids)), jnp.full((B,), 100),
+                          jnp.arange(B) < 3, zeros, zeros, zeros, jnp.zeros((B,), bool),
+                          jnp.int32(T - 300))[0])
+    assert ok[:3].tolist() == [True, False, False]
     mutated = taken[len(canon):]
     assert 5 < sum(mutated) < len(mutated) - 20, sum(mutated)
