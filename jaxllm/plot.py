@@ -16,14 +16,20 @@ def _metrics_path(path: str) -> str:
   return full
 
 
-def loss_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, losses) of one run, last record per step winning."""
+def metric_curve(path: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of one metric of one run, last record per step winning (a resumed run
+  rewrites the steps after its checkpoint)."""
   by_step = {}
   for rec in read_jsonl(_metrics_path(path)):
-    if "step" in rec and "loss" in rec:
-      by_step[int(rec["step"])] = float(rec["loss"])
+    if "step" in rec and key in rec:
+      by_step[int(rec["step"])] = float(rec[key])
   steps = np.array(sorted(by_step), dtype=np.int64)
   return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+def loss_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, training losses) of one run."""
+  return metric_curve(path, "loss")
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -45,9 +51,12 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
   for path in ([paths] if isinstance(paths, str) else paths):
     steps, losses = loss_curve(path)
     label = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))) or path
-    ax.plot(steps, moving_average(losses, smooth), label=label)
+    (line,) = ax.plot(steps, moving_average(losses, smooth), label=label)
+    val_steps, val_losses = metric_curve(path, "val_loss")
+    if len(val_steps):  # runs with eval_every > 0: held-out loss, same colour, markers
+      ax.plot(val_steps, val_losses, "o--", color=line.get_color(), label=f"{label} (validation)")
   ax.set_xlabel("step")
-  ax.set_ylabel("train loss (nats/token)")
+  ax.set_ylabel("loss (nats/token)")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
