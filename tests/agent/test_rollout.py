@@ -373,5 +373,46 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
                           jnp.arange(B) < 3, zeros, zeros, zeros, jnp.zeros((B,), bool),
                           jnp.int32(T - 300))[0])
     assert ok[:3].tolist() == [True, False, False]
+    # an observation over the executor's character cap is cut by the host (with its note)
+    small = tools.ToolExecutor(wiki.backends(), max_observation_chars=100)
+    assert R.wiki_of(small) is wiki
+    _, st_small = R._wiki_env(wiki, TOK, small)
+    tok[1:3] = 0
+    last = TOK.encode(rows[0][1])   # an answer turn
+    tok[1, :len(last)] = last
+    n = jnp.asarray([len(ids), len(last)] + [0] * (B - 2))
+    ok = np.asarray(judge(arrays, st_small, jnp.asarray(tok), n, jnp.full((B,), 100), jnp.arange(B) < 2,
+                          zeros, zeros, zeros, jnp.zeros((B,), bool), jnp.int32(T - 300))[0])
+    assert ok[:2].tolist() == [False, True]
+    assert small.step(canon[0]).text.endswith("more characters]")
     mutated = taken[len(canon):]
     assert 5 < sum(mutated) < len(mutated) - 20, sum(mutated)
+
+
+def test_scan_rollout_jnp_env_sends_other_turns_to_the_host(model_params, wiki):
+    """Valid calls in a non-canonical form (compact JSON, an escaped quote), a PythonInterpreter
+    call run by the sandbox, and a malformed turn go through the host callback in the same turn
+    as canonical rows judged in jnp; later all-canonical turns make no callback; same result as
+    the segmented loop."""
+    model, params = model_params
+    p = wiki.world.by_kind("person")[1]
+    ex = tools.ToolExecutor({**wiki.backends(), "PythonInterpreter": tools.python_backend(timeout_s=10)})
+    assert R.wiki_of(ex) is wiki
+    qs = ["Q python?", "Q compact?", "Q escape?", "Q canonical?", "Q malformed?"]
+    forced = [
+        [P.render_assistant("run", P.ToolCall("PythonInterpreter", {}, code="print(6 * 7)")), answer("42")],
+        ['<tool_call>\n{"name":"search","arguments":{"query":["' + p.name + '"]}}\n</tool_call>',
+         call("visit", {"url": [p.url], "goal": "born"}), answer(p.name)],
+        [call("search", {"query": ['"' + p.name + '" born']}), answer("x")],
+        [call("search", {"query": [p.name]}), answer("y")],
+        ["<think>use <tool_call></think><tool_call>\n{}\n</tool_call>", answer("z")],
+    ]
+    seg = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                              forced_turns=forced)
+    assert seg.tool_errors.tolist() == [0, 0, 0, 0, 1]
+    assert "42" in seg.messages[0][3]["content"]
+    assert seg.messages[1][3]["content"] == seg.messages[3][3]["content"]   # same search, either form
+    scan = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
+                          forced_turns=forced)
+    _assert_same(seg, scan)
+    assert scan.host_callbacks == 1
