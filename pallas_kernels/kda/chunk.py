@@ -28,12 +28,13 @@ back to the inputs, so the [C,C]-shaped intermediates only ever exist for one gr
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kda.common import (default_scale, l2_normalize, validate_inputs,
+from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, validate_inputs,
                                        varlen_layout)
 
 CHUNK = 64
@@ -44,6 +45,102 @@ def _dot(spec, *operands):
     # Full float32 matmuls on GPU/TPU (their default f32 precision is TF32/bf16 passes); CPU is exact.
     precision = None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
     return jnp.einsum(spec, *operands, precision=precision)
+
+
+def _t(x):
+    """x with its last two dims swapped, materialised. XLA would otherwise fold a transpose into the
+    dot as a contraction over a non-minor dim of the left operand, which XLA:CPU runs on a path ~3x
+    slower than its (YNNPACK) matmul for these batched 64x64 products."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@jax.custom_vjp
+def _mm(a, b):
+    """a @ b over the last two dims; the VJP keeps every product in the fast form."""
+    return _dot("...ij,...jk->...ik", a, b)
+
+
+def _mm_fwd(a, b):
+    return _mm(a, b), (a, b)
+
+
+def _mm_bwd(res, dc):
+    a, b = res
+    return _dot("...ik,...jk->...ij", dc, b), _dot("...ji,...ik->...jk", _t(a), dc)
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
+
+
+@jax.custom_vjp
+def _mm_tn(a, b):
+    """a^T @ b over the last two dims (a contraction over rows), via a materialised a^T."""
+    return _dot("...ij,...jk->...ik", _t(a), b)
+
+
+def _mm_tn_fwd(a, b):
+    return _mm_tn(a, b), (a, b)
+
+
+def _mm_tn_bwd(res, dc):
+    a, b = res
+    return _dot("...ck,...wk->...cw", b, dc), _dot("...ck,...kw->...cw", a, dc)
+
+
+_mm_tn.defvjp(_mm_tn_fwd, _mm_tn_bwd)
+
+
+# Reductions. XLA:CPU (JAX 0.10) sends reduce(multiply(..)) and reductions over a non-minor dim to
+# a YNNPACK path that ran ~8x slower than the same sum written as a dot; so every reduction here,
+# including those in hand-written VJPs, is an einsum, and broadcasts whose autodiff would produce
+# such a reduction get their own VJP.
+
+def _rowdot(a, b):
+    """sum over the last dim of a * b."""
+    return jnp.einsum("...x,...x->...", a, b)
+
+
+def _colsum(x):
+    """sum over the second-to-last dim."""
+    return jnp.einsum("c,...cx->...x", jnp.ones(x.shape[-2], x.dtype), x)
+
+
+@jax.custom_vjp
+def _scale_rows(x, s):
+    """x * s[..., None]."""
+    return x * s[..., None]
+
+
+def _scale_rows_fwd(x, s):
+    return _scale_rows(x, s), (x, s)
+
+
+def _scale_rows_bwd(res, ct):
+    x, s = res
+    return ct * s[..., None], _rowdot(ct, x)
+
+
+_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
+
+
+@jax.custom_vjp
+def _l2norm(x):
+    """common.l2_normalize (x / sqrt(sum(x^2) + eps) over the last dim), reductions as dots."""
+    return x * jax.lax.rsqrt(_rowdot(x, x) + L2NORM_EPS)[..., None]
+
+
+def _l2norm_fwd(x):
+    r = jax.lax.rsqrt(_rowdot(x, x) + L2NORM_EPS)[..., None]
+    y = x * r
+    return y, (y, r)
+
+
+def _l2norm_bwd(res, dy):
+    y, r = res
+    return (r * (dy - y * _rowdot(y, dy)[..., None]),)
+
+
+_l2norm.defvjp(_l2norm_fwd, _l2norm_bwd)
 
 
 # Largest in-sub-chunk log-decay span for which the diagonal blocks may be factorised around a
@@ -101,11 +198,12 @@ def _span_within(g_cum):
     return jnp.max(g_cum[..., 0, :] - g_cum[..., -1, :]) <= SAFE_SPAN
 
 
-def _select_by_span(fast_fn, exact_fn):
+def _select_by_span(fast_fn, exact_fn, fast_bwd=None):
     """`cond(span ok, fast_fn, exact_fn)(x, k, g_cum)` whose VJP re-runs only the chosen branch.
 
     Autodiff of `cond` would zero-fill the other branch's residuals (a [..,16,16,K] tensor for
-    the pairwise branch); here the backward recomputes the chosen branch under `jax.vjp`.
+    the pairwise branch); here the backward recomputes the chosen branch under `jax.vjp`, or calls
+    `fast_bwd(x, k, g_cum, ct)` for the fast branch when given.
     """
 
     @jax.custom_vjp
@@ -115,8 +213,10 @@ def _select_by_span(fast_fn, exact_fn):
     def branch_vjp(fn):
         return lambda args, ct: jax.vjp(fn, *args)[1](ct)
 
+    fast = branch_vjp(fast_fn) if fast_bwd is None else (lambda args, ct: fast_bwd(*args, ct))
+
     def bwd(res, ct):
-        return jax.lax.cond(_span_within(res[2]), branch_vjp(fast_fn), branch_vjp(exact_fn), res, ct)
+        return jax.lax.cond(_span_within(res[2]), fast, branch_vjp(exact_fn), res, ct)
 
     select.defvjp(lambda *args: (select(*args), args), bwd)
     return select
@@ -139,6 +239,29 @@ def _scores_whole_chunk(q_NCK, k_NCK, g_cum_NCK):
     scores = _dot("...id,...jd->...ij", rows, right)
     strict, lower = _causal_masks(C, scores.dtype)
     return scores[..., :C, :] * strict, scores[..., C:, :] * lower
+
+
+def _scores_whole_chunk_bwd(q_NCK, k_NCK, g_cum_NCK, cts):
+    """VJP of `_scores_whole_chunk` by hand: two matmuls, no re-run of the forward product."""
+    d_akk, d_aqk = cts
+    C = k_NCK.shape[-2]
+    g_mid = g_cum_NCK[..., C // 2: C // 2 + 1, :]
+    e_row = _bounded_exp(g_cum_NCK - g_mid)          # |G - G_mid| <= SAFE_SPAN on this path,
+    e_col = _bounded_exp(g_mid - g_cum_NCK)          # so the clip is inactive (derivative 1)
+    right = k_NCK * e_col
+    rows = jnp.concatenate([k_NCK, q_NCK], axis=-2) * jnp.concatenate([e_row, e_row], axis=-2)
+    strict, lower = _causal_masks(C, d_akk.dtype)
+    d_scores = jnp.concatenate([d_akk * strict, d_aqk * lower], axis=-2)       # [..., 2C, C]
+    d_rows = _dot("...ij,...jd->...id", d_scores, right)                         # [..., 2C, K]
+    d_right = _dot("...ji,...id->...jd", _t(d_scores), rows)                    # [..., C, K]
+    d_rows_k, d_rows_q = d_rows[..., :C, :], d_rows[..., C:, :]
+    dq = d_rows_q * e_row
+    dk = d_rows_k * e_row + d_right * e_col
+    # G enters as exp(G_i - G_mid) in the rows and exp(G_mid - G_j) in the columns.
+    dg = (d_rows_k * rows[..., :C, :] + d_rows_q * rows[..., C:, :]) - d_right * right
+    mid = (jnp.arange(C) == C // 2)[:, None].astype(dg.dtype)
+    dg = dg - mid * _colsum(dg)[..., None, :]
+    return dq, dk, dg
 
 
 def _scores_by_subchunk(q_NCK, k_NCK, g_cum_NCK):
@@ -171,7 +294,7 @@ def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK):
     return off + diag
 
 
-intra_scores = _select_by_span(_scores_whole_chunk, _scores_by_subchunk)
+intra_scores = _select_by_span(_scores_whole_chunk, _scores_by_subchunk, _scores_whole_chunk_bwd)
 intra_scores.__doc__ = """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
 
 Three exact evaluations, picked by the largest log-decay span (a scalar predicate, so one branch
@@ -182,18 +305,24 @@ pairwise diagonal blocks for any gate magnitude.
 
 
 def _invert_unit_lower_blocks(l_NSS):
-    """(I + L)^-1 for strictly lower L [..., S, S] by row-wise forward substitution (stable: no
-    powers of L are formed, unlike a Neumann/doubling product, which cancels catastrophically)."""
+    """(I + L)^-1 for strictly lower L [..., S, S] by recursive block doubling: with M_s the inverse
+    of L's s x s diagonal blocks and L_s the lower-left s-blocks inside each 2s-block,
+    M_2s = M_s - M_s L_s M_s exactly (M_s L_s is nilpotent). This is block forward substitution
+    (stable; no powers of L are formed, unlike a Neumann/doubling product, which cancels
+    catastrophically), in log2(S) steps of two matmuls each instead of S row updates."""
     S = l_NSS.shape[-1]
-    inv = jnp.broadcast_to(jnp.eye(S, dtype=l_NSS.dtype), l_NSS.shape)
+    i = jnp.arange(S)
 
-    def substitute_row(r, inv):  # rows >= r of inv are still identity rows; L's row r is zero from r on
-        l_row = jax.lax.dynamic_index_in_dim(l_NSS, r, axis=-2, keepdims=False)
-        row = jax.lax.dynamic_index_in_dim(inv, r, axis=-2, keepdims=False)
-        row = row - jnp.einsum("...j,...jc->...c", l_row, inv)
-        return jax.lax.dynamic_update_index_in_dim(inv, row, r, axis=-2)
+    def off_blocks(s):  # (r, c) in the same 2s-block but different s-blocks
+        return (((i[:, None] // (2 * s)) == (i[None, :] // (2 * s)))
+                & ((i[:, None] // s) != (i[None, :] // s))).astype(l_NSS.dtype)
 
-    return jax.lax.fori_loop(1, S, substitute_row, inv)
+    inv = jnp.eye(S, dtype=l_NSS.dtype) - l_NSS * off_blocks(1)     # M_2 (M_1 = I)
+    s = 2
+    while s < S:
+        inv = inv - _dot("...ij,...jk->...ik", inv, _dot("...ij,...jk->...ik", l_NSS * off_blocks(s), inv))
+        s *= 2
+    return inv
 
 
 def solve_unit_lower(l_CC, rhs_CW):
@@ -231,8 +360,8 @@ def _unit_lower_inverse_bwd(inv, d_inv):
     # d(M) = -M dL M  =>  dL = -M^T dM M^T, kept on L's strictly lower support. Two matmuls,
     # instead of differentiating through the substitution loop.
     strict, _ = _causal_masks(inv.shape[-1], inv.dtype)
-    m_t = jnp.swapaxes(inv, -1, -2)
-    return (-_dot("...ij,...jk,...kl->...il", m_t, d_inv, m_t) * strict,)
+    m_t = _t(inv)
+    return (-_dot("...ij,...jk->...ik", _dot("...ij,...jk->...ik", m_t, d_inv), m_t) * strict,)
 
 
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
@@ -251,9 +380,10 @@ GROUP_ROWS = 1024  # B*H*n*C rows per loop step (n >= 1); 2048+ made fwd+bwd slo
 
 class Parts(NamedTuple):
     """State-independent per-chunk quantities, leading dims [B,H,n]. With S0 the chunk-initial
-    state: S_next = a @ S0 + b and O = qp @ S0 + up."""
+    state: S_next = decay * S0 + a @ S0 + b and O = qp @ S0 + up."""
 
-    a: jax.Array   # [..., K, K] diag(exp(G_C)) - kg^T W
+    decay: jax.Array  # [..., K] exp(G_C), per key row of the state
+    a: jax.Array   # [..., K, K] -kg^T W
     b: jax.Array   # [..., K, V] kg^T U
     qp: jax.Array  # [..., C, K] q*exp(G) - Aqk W
     up: jax.Array  # [..., C, V] Aqk U
@@ -296,40 +426,75 @@ def _segment_masks(seg_BnC, prev_B):
             f32(seg_BnC[..., -1] == last_prev))                      # S0 survives the chunk
 
 
+def _tril_batch(C, batch, dtype, transpose=False):
+    """[batch, C, C] lower-triangular ones (or its transpose), materialised per batch entry so XLA
+    keeps a plain batched matmul instead of folding the broadcast away and transposing g element
+    by element to make one big matmul."""
+    i = jnp.arange(C)
+    m = (i[:, None] >= i[None, :]).astype(dtype)
+    m = m.T if transpose else m
+    return jax.lax.optimization_barrier(jnp.broadcast_to(m, (batch,) + m.shape))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _chunk_sums(g, C):
+    """In-chunk cumulative log decay G_i = sum_{t<=i} g_t and the rest of the chunk's decay
+    E_i = G_C - G_i, from raw rows g [B,n*C,H,K]; each [B,H,n,C,K]. The cumsum is one matmul in
+    g's own layout (cheaper than jnp.cumsum or a transpose first)."""
+    B, L, H, K = g.shape
+    n = L // C
+    G = _dot("bij,bjx->bix", _tril_batch(C, B * n, g.dtype), g.reshape(B * n, C, H * K))
+    G = G.reshape(B, n, C, H, K).transpose(0, 3, 1, 2, 4)
+    return G, G[..., -1:, :] - G
+
+
+def _chunk_sums_fwd(g, C):
+    return _chunk_sums(g, C), None
+
+
+def _chunk_sums_bwd(C, _, cts):
+    dG, dE = cts
+    B, H, n, _, K = dG.shape
+    last = (jnp.arange(C) == C - 1)[:, None].astype(dG.dtype)
+    dG = dG - dE + last * _colsum(dE)[..., None, :]
+    ct = dG.transpose(0, 2, 3, 1, 4).reshape(B * n, C, H * K)
+    dg = _dot("bji,bix->bjx", _tril_batch(C, B * n, ct.dtype, transpose=True), ct)
+    return (dg.reshape(B, n * C, H, K),)
+
+
+_chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
+
+
 def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
     """Parts of n chunks from raw input rows q,k,g [B,n*C,H,K], v [B,n*C,H,V], beta [B,n*C,H]."""
     C = cfg.chunk
     f32 = jnp.float32
-    q, k, v, g = (_to_chunks(x.astype(f32), C) for x in (q, k, v, g))
-    beta = _to_chunks(beta.astype(f32)[..., None], C)                # [B,H,n,C,1]
+    q, k, v = (_to_chunks(x.astype(f32), C) for x in (q, k, v))
+    G, E = _chunk_sums(g.astype(f32), C)
+    beta = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]       # [B,H,n,C]
     if cfg.l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k = _l2norm(q), _l2norm(k)
     q = q * cfg.scale
     K = k.shape[-1]
-    # In-chunk cumulative log decay, as a matmul (faster than jnp.cumsum on CPU).
-    G = _dot("ij,...jk->...ik", jnp.tril(jnp.ones((C, C), f32)), g)
-    G_last = G[..., -1:, :]
     akk, aqk = intra_scores(q, k, G)
     gamma = jnp.exp(G)
     qg = q * gamma
     k_read = k * gamma
-    kg = k * jnp.exp(G_last - G)
-    decay = jnp.exp(G_last)                                          # [..., 1, K]
+    kg = k * jnp.exp(E)
+    decay = gamma[..., -1, :]                                        # [..., K]
     if seg is not None:
         B, n = seg.shape[0], seg.shape[1] // C
         same, reads, in_last, carries = _segment_masks(seg.reshape(B, n, C), seg_prev)
         akk, aqk = akk * same, aqk * same
         qg, k_read = qg * reads[..., None], k_read * reads[..., None]
         kg = kg * in_last[..., None]
-        decay = decay * carries[..., None, None]
+        decay = decay * carries[..., None]
     # [W | U] = (I + Diag(beta) Akk)^-1 Diag(beta) [K*exp(G) | V]
-    wu = _dot("...ij,...jw->...iw", unit_lower_inverse(beta * akk),
-              beta * jnp.concatenate([k_read, v], axis=-1))
-    ab = _dot("...ck,...cw->...kw", kg, wu)                          # kg^T [W | U]
-    aw = _dot("...ij,...jw->...iw", aqk, wu)                         # Aqk [W | U]
-    eye = jnp.eye(K, dtype=f32)
-    return Parts(a=eye * jnp.swapaxes(decay, -1, -2) - ab[..., :K], b=ab[..., K:],
-                 qp=qg - aw[..., :K], up=aw[..., K:])
+    wu = _mm(unit_lower_inverse(_scale_rows(akk, beta)),
+             _scale_rows(jnp.concatenate([k_read, v], axis=-1), beta))
+    ab = _mm_tn(kg, wu)                                              # kg^T [W | U]
+    aw = _mm(aqk, wu)                                                # Aqk [W | U]
+    return Parts(decay=decay, a=-ab[..., :K], b=ab[..., K:], qp=qg - aw[..., :K], up=aw[..., K:])
 
 
 def _group_inputs(xs, seg, i, cfg: Config):
@@ -367,7 +532,8 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
             if fl is not None:
                 state = jnp.where(fl.start[c], h0[fl.seq[c]][None], state)
             hs.append(state)
-            state = _dot("bhkj,bhjv->bhkv", parts.a[:, :, c], state) + parts.b[:, :, c]
+            state = (parts.decay[:, :, c, :, None] * state + parts.b[:, :, c]
+                     + _dot("bhkj,bhjv->bhkv", parts.a[:, :, c], state))
             if fl is not None:
                 seq = fl.seq[c]
                 finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
@@ -404,19 +570,22 @@ def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Con
         do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
                         cfg.chunk)
         d_qp = _dot("bhncv,bhnkv->bhnck", do, hs)
-        dh_read = _dot("bhnck,bhncv->bhnkv", parts.qp, do)            # outputs' read of S0
+        dh_read = _dot("bhnkc,bhncv->bhnkv", _t(parts.qp), do)        # outputs' read of S0
+        a_t = _t(parts.a)
         d_next = [None] * n                                          # cotangent of each S_next
         for c in reversed(range(n)):
             if fl is not None:
                 d_state = jnp.where(fl.end[c], d_final[fl.seq[c]][None], d_state)
             d_next[c] = d_state
-            d_state = _dot("bhjk,bhjv->bhkv", parts.a[:, :, c], d_state) + dh_read[:, :, c]
+            d_state = (parts.decay[:, :, c, :, None] * d_state + dh_read[:, :, c]
+                       + _dot("bhkj,bhjv->bhkv", a_t[:, :, c], d_state))
             if fl is not None:
                 seq = fl.seq[c]
                 dh0 = dh0.at[seq].set(jnp.where(fl.start[c], d_state[0], dh0[seq]))
                 d_state = jnp.where(fl.start[c], 0.0, d_state)
         d_next = jnp.stack(d_next, axis=2)
-        d_parts = Parts(a=_dot("bhnkv,bhnjv->bhnkj", d_next, hs), b=d_next, qp=d_qp, up=do)
+        d_parts = Parts(decay=_rowdot(d_next, hs), a=_dot("bhnkv,bhnjv->bhnkj", d_next, hs),
+                        b=d_next, qp=d_qp, up=do)
         d_group = intra_vjp(d_parts)
         grads = tuple(jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
                       for gr, dx in zip(grads, d_group))
