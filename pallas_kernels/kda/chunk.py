@@ -592,8 +592,10 @@ def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Con
         return grads, d_state, dh0
 
     d_state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else d_final
+    # Varlen: a sequence without chunks (empty) passes its initial state through as its final one.
+    dh0 = d_final if flags is not None else jnp.zeros_like(h0)
     grads, d_first, dh0 = jax.lax.fori_loop(
-        0, NG, body, (tuple(jnp.zeros_like(x) for x in xs), d_state0, jnp.zeros_like(h0)))
+        0, NG, body, (tuple(jnp.zeros_like(x) for x in xs), d_state0, dh0))
     return grads, (dh0 if flags is not None else d_first)
 
 
