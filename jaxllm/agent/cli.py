@@ -6,11 +6,12 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
                        [--wiki-seed W] [--exclude other.jsonl] [--wiki JSON] [--system-prompt TEXT]
     jaxllm agent eval gold.jsonl [preds.jsonl] [--k 1 3]
     jaxllm agent sft --data train.jsonl --workdir W [--config configs/agent_tiny.json] [--steps N]
-                     [--lr LR] [--batch-size B] [--seed S] [--strip-think] [--set field=value ...]
+                     [--lr LR] [--batch-size B] [--seed S] [--strip-think] [--init WORKDIR]
+                     [--set field=value ...]
     jaxllm agent rl --init SFT_WORKDIR --data train.jsonl --workdir W [--steps N] [--lr LR]
                     [--group G] [--questions-per-step Q] [--eps-low 0.2] [--eps-high 0.28] [--seed S]
     jaxllm agent run --workdir W (--data questions.jsonl | --question TEXT) [--out preds.jsonl]
-                     [--temperature T] [--batch-size B] [--seed S]
+                     [--temperature T] [--batch-size B] [--seed S] [--step N]
 
 ``synth`` and ``eval`` delegate to the modules' own ``main`` (``jaxllm.agent.synth.main``,
 ``jaxllm.agent.evaluate.main``) unless ``--wiki``/``--system-prompt`` are given (then the records
@@ -144,6 +145,8 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/agent_tiny.json", help="RunConfig JSON (model, seq_len, ...)")
     p.add_argument("--batch-size", type=int, default=None, help="packed rows per step")
     p.add_argument("--strip-think", action="store_true", help="train on the bare actions (no <think>)")
+    p.add_argument("--init", default=None, help="start from the params of this agent workdir "
+                   "(fresh optimizer); its agent settings must match")
     p.add_argument("--wiki", default=None, help="WikiConfig fields as JSON (default: the records' own)")
     p.add_argument("--max-turns", type=int, default=4, help="rollout limit stored with the agent")
     p.add_argument("--turn-tokens", type=int, default=128, help="rollout limit stored with the agent")
@@ -159,7 +162,13 @@ def _sft(args) -> int:
     settings = train.settings_from_records(
         records, _json_object(args.wiki) if args.wiki else None, max_turns=args.max_turns,
         turn_tokens=args.turn_tokens, token_budget=args.token_budget)
-    out = train.train_sft(config, args.workdir, records, settings, strip=args.strip_think)
+    if args.init is not None:
+        base = train.load_settings(args.init)
+        if base != settings:
+            raise ValueError(f"--init {args.init!r} was trained with other agent settings "
+                             f"({base}) than these ({settings})")
+    out = train.train_sft(config, args.workdir, records, settings, strip=args.strip_think,
+                          init_workdir=args.init)
     print(json.dumps(out))
     return 0
 
@@ -204,6 +213,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
 
 
@@ -231,7 +241,7 @@ def _run(args) -> int:
     if args.limit is not None:
         records = records[:args.limit]
     settings = train.load_settings(args.workdir)
-    model, params, tok = load_trained(args.workdir)
+    model, params, tok = load_trained(args.workdir, args.step)
     sampling = None
     if args.temperature > 0:
         from jaxllm.ops.sampling import SamplingConfig

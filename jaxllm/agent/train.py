@@ -377,10 +377,14 @@ def _save_checkpoint(workdir: str, config, state) -> str:
 
 
 def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSettings, *,
-              strip: bool = False, log: Callable[[str], None] = _log_default) -> dict:
-    """SFT from scratch on synthesized trajectories with ``config`` (a ``RunConfig``: model,
-    seq_len, batch_size, steps, lr, ...). Saves the final checkpoint, ``run_config.json`` and
-    ``agent.json`` in ``workdir``; returns a summary."""
+              strip: bool = False, init_workdir: str | None = None,
+              log: Callable[[str], None] = _log_default) -> dict:
+    """SFT on synthesized trajectories with ``config`` (a ``RunConfig``: model, seq_len,
+    batch_size, steps, lr, save_every, ...), from scratch or from the params of ``init_workdir``
+    (fresh optimizer state and schedule). Saves checkpoints every ``config.save_every`` steps and
+    at the end (keeping ``config.keep_checkpoints``), ``run_config.json`` and ``agent.json`` in
+    ``workdir``; returns a summary."""
+    from jaxllm.train import checkpoint as ckpt_lib
     from jaxllm.train import loop
     from jaxllm.train import metrics as metrics_lib
 
@@ -408,6 +412,15 @@ def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSett
     with jax.set_mesh(s.mesh):
         step_fn = loop.compile_step(s)
         state = loop.init_state(s)
+        if init_workdir is not None:
+            from jaxllm.train.inference import load_trained
+            _, params, _ = load_trained(init_workdir)
+            state = jax.device_put({**state, "params": params, "opt_state": s.tx.init(params)},
+                                   s.state_shardings)
+            log(f"sft: starting from the params of {init_workdir}")
+        ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                                   keep=config.keep_checkpoints, async_save=False)
+        meta = ckpt_lib.make_meta(config, state["params"])
         order = rng.permutation(R)
         pos, losses = 0, []
         for step in range(1, config.steps + 1):
@@ -431,8 +444,11 @@ def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSett
                         "step_time_s": time.perf_counter() - ts})
             if step % max(1, config.log_every) == 0 or step == config.steps:
                 log(f"sft step {step}/{config.steps}: loss {loss:.4f}")
+            if step % config.save_every == 0 or step == config.steps:
+                ck.save(step, state, {}, meta, force=True)
         mlog.close()
-        ckpt_dir = _save_checkpoint(workdir, config, state)
+        ck.close()
+        ckpt_dir = ck.directory
     return {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1],
             "trajectories": len(examples), "rows": R, "checkpoints": ckpt_dir,
             "seconds": time.perf_counter() - t0}
@@ -477,12 +493,14 @@ def run_questions(model, params, tokenizer, settings: AgentSettings, questions: 
 def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *, group: int = 8,
              questions_per_step: int = 8, eps_low: float = 0.2, eps_high: float = 0.28,
              impl: str = "scan", drop_statuses: Sequence[int] = DROP_STATUSES,
-             log: Callable[[str], None] = _log_default) -> dict:
+             length_multiple: int = 512, log: Callable[[str], None] = _log_default) -> dict:
     """On-policy RL from the checkpoint in ``init_workdir`` (an SFT or RL workdir) for
     ``config.steps`` updates with ``config.lr`` etc.; each step draws ``questions_per_step``
     questions (epochs over a seeded shuffle of ``records``), samples ``group`` rollouts of each at
     temperature 1 and makes one update. Writes ``metrics.jsonl`` (reward, answered, kept, loss,
-    clip fractions, ratio deviation, times per step) and the final checkpoint in ``workdir``."""
+    clip fractions, ratio deviation, times per step) and the final checkpoint in ``workdir``.
+    The update's rows are padded to a multiple of ``length_multiple`` tokens, so only a few
+    shapes compile."""
     from jaxllm.ops.sampling import SamplingConfig
     from jaxllm.train import metrics as metrics_lib
     from jaxllm.train.inference import load_trained
@@ -530,7 +548,7 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
         res = fn(model, state["params"], tok, executor, qs, config=settings.rollout_config(),
                  system_prompt=settings.system_prompt, sampling=sampling, rng=sub)
         t_roll = time.perf_counter() - ts
-        b = rl_batch(res, golds, group, drop_statuses=drop_statuses)
+        b = rl_batch(res, golds, group, drop_statuses=drop_statuses, length_multiple=length_multiple)
         ts = time.perf_counter()
         state, m = step_fn(state, {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "old_logp", "adv")})
         m = jax.device_get(m)
