@@ -367,6 +367,30 @@ def _unit_lower_inverse_bwd(inv, d_inv):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+@jax.custom_vjp
+def apply_unit_lower_inverse(l_CC, rhs_CW):
+    """X = (I + L)^-1 R for strictly lower L [..., C, C] and R [..., C, W], via the explicit inverse."""
+    return _dot("...ij,...jw->...iw", unit_lower_inverse(l_CC), rhs_CW)
+
+
+def _apply_unit_lower_inverse_fwd(l_CC, rhs_CW):
+    inv = unit_lower_inverse(l_CC)
+    x = _dot("...ij,...jw->...iw", inv, rhs_CW)
+    return x, (inv, x)
+
+
+def _apply_unit_lower_inverse_bwd(res, d_x):
+    # dR = M^T dX and dL = -M^T (dX R^T) M^T = -dR X^T (on L's strictly lower support): two
+    # matmuls, where the VJPs of "inverse" and "apply" separately take four.
+    inv, x = res
+    d_rhs = _dot("...ij,...jw->...iw", _t(inv), d_x)
+    strict, _ = _causal_masks(inv.shape[-1], inv.dtype)
+    return -_dot("...iw,...jw->...ij", d_rhs, x) * strict, d_rhs
+
+
+apply_unit_lower_inverse.defvjp(_apply_unit_lower_inverse_fwd, _apply_unit_lower_inverse_bwd)
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,8 +514,8 @@ def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
         kg = kg * in_last[..., None]
         decay = decay * carries[..., None]
     # [W | U] = (I + Diag(beta) Akk)^-1 Diag(beta) [K*exp(G) | V]
-    wu = _mm(unit_lower_inverse(_scale_rows(akk, beta)),
-             _scale_rows(jnp.concatenate([k_read, v], axis=-1), beta))
+    wu = apply_unit_lower_inverse(_scale_rows(akk, beta),
+                                  _scale_rows(jnp.concatenate([k_read, v], axis=-1), beta))
     ab = _mm_tn(kg, wu)                                              # kg^T [W | U]
     aw = _mm(aqk, wu)                                                # Aqk [W | U]
     return Parts(decay=decay, a=-ab[..., :K], b=ab[..., K:], qp=qg - aw[..., :K], up=aw[..., K:])
