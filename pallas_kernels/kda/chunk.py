@@ -5,9 +5,9 @@ Per chunk of C = 64 tokens (rows i, j), chunk-initial state S0 [K,V], G = in-chu
     Akk_ij = sum_d k_id k_jd exp(G_id - G_jd)   (i > j)      L = Diag(beta) Akk
     Aqk_ij = sum_d q_id k_jd exp(G_id - G_jd)   (i >= j)
     [U | W] = (I + L)^-1 Diag(beta) [V | K*exp(G)]           (the WY/UT transform: one triangular solve)
-    A = Diag(exp(G_C)) - (K*exp(G_C - G))^T W,   B = (K*exp(G_C - G))^T U         [K,K], [K,V]
+    A = -(K*exp(G_C - G))^T W,   B = (K*exp(G_C - G))^T U                         [K,K], [K,V]
     Qp = q*exp(G) - Aqk W,   Up = Aqk U                                            [C,K], [C,V]
-    S_next = A S0 + B,   O = Qp S0 + Up
+    S_next = exp(G_C) * S0 + A S0 + B,   O = Qp S0 + Up
 
 Only S_next is sequential over chunks: one [K,K] x [K,V] matmul per chunk; everything else is
 batched matmuls. One `fori_loop` step handles a group of consecutive chunks for all heads (parts,
@@ -22,7 +22,7 @@ off-diagonal blocks are plain matmuls. exp(+G) is never formed, so log-decays of
 
 Backward: the forward keeps only its inputs and the chunk-initial states (O(T*(K+V)) per head).
 A reverse loop over the same groups recomputes each group's parts under `jax.vjp`, runs the state
-cotangent back through the group (dS0 = A^T dS_next + Qp^T dO), and pulls the parts' cotangents
+cotangent back through the group (dS0 = exp(G_C) dS_next + A^T dS_next + Qp^T dO), and pulls the parts' cotangents
 back to the inputs, so the [C,C]-shaped intermediates only ever exist for one group.
 """
 
