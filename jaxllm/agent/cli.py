@@ -10,6 +10,7 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
                      [--set field=value ...]
     jaxllm agent rl --init SFT_WORKDIR --data train.jsonl --workdir W [--steps N] [--lr LR]
                     [--group G] [--questions-per-step Q] [--eps-low 0.2] [--eps-high 0.28] [--seed S]
+                    [--keep-limit-hits]
     jaxllm agent run --workdir W (--data questions.jsonl | --question TEXT) [--out preds.jsonl]
                      [--temperature T] [--batch-size B] [--seed S] [--step N]
 
@@ -181,6 +182,9 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below: 1 - eps_low")
     p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above: 1 + eps_high")
     p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
+    p.add_argument("--keep-limit-hits", action="store_true",
+                   help="keep trajectories that hit a turn/token limit in the loss as reward-0 "
+                        "negatives (an ablation; the report drops them)")
 
 
 def _rl(args) -> int:
@@ -197,7 +201,8 @@ def _rl(args) -> int:
     records = train.read_records(args.data)
     out = train.train_rl(config, args.workdir, args.init, records, group=args.group,
                          questions_per_step=args.questions_per_step, eps_low=args.eps_low,
-                         eps_high=args.eps_high, impl=args.rollout)
+                         eps_high=args.eps_high, impl=args.rollout,
+                         drop_statuses=() if args.keep_limit_hits else train.DROP_STATUSES)
     print(json.dumps(out))
     return 0
 
