@@ -9,25 +9,16 @@ import numpy as np
 import pytest
 
 import tiny_lm
-from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, RunConfig, train
-from jaxllm.train.config import apply_overrides
+from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, train
 
 tiny_lm.register()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def cfg(data_dir, *overrides):
-  base = RunConfig(model="tiny_test", seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2, save_every=4,
-                   data_dir=data_dir, num_samples=0, progress=False, async_checkpoints=False)
-  return apply_overrides(base, overrides)
+  return tiny_lm.run_config(data_dir, *overrides)
 
 
-def quiet(_msg):
-  pass
+quiet = tiny_lm.quiet
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path, data_dir):

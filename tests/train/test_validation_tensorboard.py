@@ -12,26 +12,17 @@ import pytest
 
 import tiny_lm
 from jaxllm.data.sources import DatasetError, load_source
-from jaxllm.train import ConfigError, RunConfig, train
+from jaxllm.train import ConfigError, train
 from jaxllm.train import loop
-from jaxllm.train.config import apply_overrides
 
 tiny_lm.register()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def cfg(data_dir, *overrides):
-  base = RunConfig(model="tiny_test", seq_len=32, batch_size=8, steps=6, lr=1e-2, warmup_steps=2, save_every=100,
-                   data_dir=data_dir, num_samples=0, progress=False, async_checkpoints=False)
-  return apply_overrides(base, overrides)
+  return tiny_lm.run_config(data_dir, *overrides, steps=6, save_every=100)
 
 
-def quiet(_msg):
-  pass
+quiet = tiny_lm.quiet
 
 
 def read_scalars(logdir):

@@ -88,3 +88,18 @@ def tiny_factory(model_args, *, vocab_size, compute_dtype, param_dtype, remat):
 def register():
   from jaxllm.train.models import register_model
   register_model("tiny_test", tiny_factory)
+
+
+def run_config(data_dir, *overrides, **fields):
+  """A quick RunConfig for the tiny test LM (1 device, no samples, no progress bar, sync checkpoints);
+  ``fields`` replace the defaults, ``overrides`` are ``key=value`` strings as on the command line."""
+  from jaxllm.train import RunConfig
+  from jaxllm.train.config import apply_overrides
+
+  base = dict(model="tiny_test", seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2, save_every=4,
+              data_dir=data_dir, num_samples=0, progress=False, async_checkpoints=False)
+  return apply_overrides(RunConfig(**{**base, **fields}), overrides)
+
+
+def quiet(_msg):
+  pass
