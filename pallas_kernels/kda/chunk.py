@@ -538,12 +538,15 @@ def _group_flags(flags: Flags | None, i, n):
     return Flags(*(jax.lax.dynamic_slice_in_dim(f, i * n, n) for f in flags))
 
 
-def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
-    q, k, v, g, beta = xs
+def _loop_dims(xs, cfg: Config):
+    """(B, padded T, H, K, V, chunks per loop step, loop steps) of the chunk loop."""
+    q, _, v, _, _ = xs
     B, Tp, H, K = q.shape
-    V = v.shape[-1]
-    n = cfg.group
-    NG = Tp // (n * cfg.chunk)
+    return B, Tp, H, K, v.shape[-1], cfg.group, Tp // (cfg.group * cfg.chunk)
+
+
+def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
+    B, Tp, H, K, V, n, NG = _loop_dims(xs, cfg)
     f32 = jnp.float32
 
     def body(i, carry):
@@ -576,11 +579,7 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
 
 
 def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Config):
-    q, k, v, g, beta = xs
-    B, Tp, H, K = q.shape
-    V = v.shape[-1]
-    n = cfg.group
-    NG = Tp // (n * cfg.chunk)
+    B, Tp, H, K, V, n, NG = _loop_dims(xs, cfg)
     f32 = jnp.float32
 
     def body(j, carry):
