@@ -47,6 +47,15 @@ def main(argv=None) -> int:
     o = args.out
     os.makedirs(o, exist_ok=True)
     J = jaxllm_cmd()
+
+    def evaluations(stage):
+        """Held-out evaluation of one stage's model, greedy and at temperature 1."""
+        run = ["agent", "run", "--workdir", f"{o}/{stage}", "--data", f"{o}/heldout.jsonl", "--batch-size", "50"]
+        return [(f"eval {stage} (greedy)", f"{o}/pred_{stage}_greedy.jsonl",
+                 run + ["--out", f"{o}/pred_{stage}_greedy.jsonl"]),
+                (f"eval {stage} (T=1)", f"{o}/pred_{stage}_t1.jsonl",
+                 run + ["--out", f"{o}/pred_{stage}_t1.jsonl", "--temperature", "1", "--seed", "0"])]
+
     steps = [
         ("synth train", f"{o}/train.jsonl",
          ["agent", "synth", "--out", f"{o}/train.jsonl", "--n", str(args.n_train), "--seed", "0",
@@ -59,22 +68,12 @@ def main(argv=None) -> int:
          ["agent", "sft", "--data", f"{o}/train.jsonl", "--workdir", f"{o}/sft", "--config",
           "configs/agent_tiny.json", "--steps", str(args.sft_steps), "--strip-think",
           "--seed", str(args.seed)]),
-        ("eval sft (greedy)", f"{o}/pred_sft_greedy.jsonl",
-         ["agent", "run", "--workdir", f"{o}/sft", "--data", f"{o}/heldout.jsonl", "--out",
-          f"{o}/pred_sft_greedy.jsonl", "--batch-size", "50"]),
-        ("eval sft (T=1)", f"{o}/pred_sft_t1.jsonl",
-         ["agent", "run", "--workdir", f"{o}/sft", "--data", f"{o}/heldout.jsonl", "--out",
-          f"{o}/pred_sft_t1.jsonl", "--batch-size", "50", "--temperature", "1", "--seed", "0"]),
+        *evaluations("sft"),
         ("rl", f"{o}/rl/checkpoints",
          ["agent", "rl", "--init", f"{o}/sft", "--data", f"{o}/train.jsonl", "--workdir", f"{o}/rl",
           "--steps", str(args.rl_steps), "--lr", repr(args.rl_lr), "--group", str(args.group),
           "--questions-per-step", str(args.questions_per_step), "--seed", str(args.seed)]),
-        ("eval rl (greedy)", f"{o}/pred_rl_greedy.jsonl",
-         ["agent", "run", "--workdir", f"{o}/rl", "--data", f"{o}/heldout.jsonl", "--out",
-          f"{o}/pred_rl_greedy.jsonl", "--batch-size", "50"]),
-        ("eval rl (T=1)", f"{o}/pred_rl_t1.jsonl",
-         ["agent", "run", "--workdir", f"{o}/rl", "--data", f"{o}/heldout.jsonl", "--out",
-          f"{o}/pred_rl_t1.jsonl", "--batch-size", "50", "--temperature", "1", "--seed", "0"]),
+        *evaluations("rl"),
     ]
     times_path = os.path.join(o, "times.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
@@ -96,13 +95,13 @@ def main(argv=None) -> int:
 
 
 def summarize(o: str, times: dict) -> dict:
-    from jaxllm.agent import train
+    from jaxllm.agent import evaluate, train
 
     def em(path):
         recs = [json.loads(x) for x in open(path) if x.strip()]
         r = train.exact_match_rewards([x["prediction"] for x in recs], [x["answer"] for x in recs])
         k, n = int(r.sum()), len(recs)
-        lo, hi = train.wilson_interval(k, n)
+        lo, hi = evaluate.wilson_interval(k, n)
         answered = sum(x["status"] == "answered" for x in recs) / n
         by_hops = {}
         held = {json.loads(x)["question"]: json.loads(x)["hops"] for x in open(f"{o}/heldout.jsonl")}

@@ -225,7 +225,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _run(args) -> int:
     from collections import Counter
 
-    from jaxllm.agent import synth, train
+    from jaxllm.agent import evaluate, synth, train
     from jaxllm.train.inference import load_trained
 
     if args.temperature < 0:
@@ -268,7 +268,7 @@ def _run(args) -> int:
     if golds:
         rewards = train.exact_match_rewards([r["prediction"] for r in golds], [r["answer"] for r in golds])
         k = int(rewards.sum())
-        lo, hi = train.wilson_interval(k, len(golds))
+        lo, hi = evaluate.wilson_interval(k, len(golds))
         summary.update({"em": k / len(golds), "em_ci95": [lo, hi], "scored": len(golds)})
     if args.question is not None:
         summary["prediction"] = out[0]["prediction"]

@@ -16,7 +16,7 @@ import re
 import string
 from typing import Iterable, Sequence
 
-__all__ = ["normalize_answer", "exact_match", "f1_score", "pass_at_k", "mean_ci",
+__all__ = ["normalize_answer", "exact_match", "f1_score", "pass_at_k", "mean_ci", "wilson_interval",
            "score_record", "evaluate_records", "evaluate_jsonl", "load_jsonl"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -88,6 +88,17 @@ def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, z * math.sqrt(var / n)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        raise ValueError("wilson_interval: n must be > 0")
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
 
 
 def _predictions(record: dict, i: int) -> list[str]:

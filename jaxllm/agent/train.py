@@ -40,20 +40,20 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm.agent import evaluate, protocol, rollout, synth, tools
+from jaxllm.agent import evaluate, protocol, rollout, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 
 __all__ = ["AgentSettings", "strip_think", "sft_example", "pack_examples", "sft_batch",
            "exact_match_rewards", "loo_advantages", "keep_mask", "token_logprobs",
            "clipped_policy_loss", "rl_batch", "make_rl_step", "train_sft", "train_rl",
-           "run_questions", "load_settings", "wilson_interval", "AGENT_FILE", "DROP_STATUSES"]
+           "run_questions", "load_settings", "AGENT_FILE", "DROP_STATUSES"]
 
 AGENT_FILE = "agent.json"
 #: Statuses whose trajectories are left out of the RL loss: a turn or token limit was hit and no
@@ -295,17 +295,6 @@ def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule:
                 "rng": jax.random.split(state["rng"])[0]}, metrics
 
     return rl_step
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n."""
-    if n <= 0:
-        raise ValueError("wilson_interval: n must be > 0")
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 # ------------------------------------------------------------------------------------------

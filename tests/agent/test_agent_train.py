@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.agent import protocol, rollout
+from jaxllm.agent import evaluate, protocol, rollout
 from jaxllm.agent import train as at
 from jaxllm.data.tokenizers import ByteTokenizer
 
@@ -179,9 +179,9 @@ def test_token_logprobs_alignment():
 
 
 def test_wilson_interval():
-    lo, hi = at.wilson_interval(50, 100)
+    lo, hi = evaluate.wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
-    assert at.wilson_interval(0, 10)[0] == 0.0
+    assert evaluate.wilson_interval(0, 10)[0] == 0.0
 
 
 # ------------------------------------------------------------------------------------ one real update
