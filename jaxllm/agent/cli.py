@@ -3,7 +3,8 @@
 Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registers ``agent``.
 
     jaxllm agent synth --out train.jsonl --n 1000 --seed 0 [--hops 1 2 3] [--obfuscate-prob 0.3]
-                       [--wiki-seed W] [--exclude other.jsonl] [--wiki JSON] [--system-prompt TEXT]
+                       [--wiki-seed W] [--worlds N] [--exclude other.jsonl] [--wiki JSON]
+                       [--system-prompt TEXT]
     jaxllm agent eval gold.jsonl [preds.jsonl] [--k 1 3]
     jaxllm agent sft --data train.jsonl --workdir W [--config configs/agent_tiny.json] [--steps N]
                      [--lr LR] [--batch-size B] [--seed S] [--strip-think] [--init WORKDIR]
@@ -55,6 +56,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wiki", default=None,
                    help='WikiConfig fields as JSON, e.g. \'{"search_top_k": 1, "n_people": 200}\'')
     p.add_argument("--system-prompt", default=None, help="system prompt of the trajectories")
+    p.add_argument("--worlds", type=int, default=None,
+                   help="spread the questions over this many worlds, seeds W, W+1, ... (default 1)")
 
 
 def _synth_argv(args) -> list[str]:
@@ -67,29 +70,32 @@ def _synth_argv(args) -> list[str]:
         argv += ["--wiki-seed", str(args.wiki_seed)]
     if args.exclude is not None:
         argv += ["--exclude", args.exclude]
+    if args.worlds is not None:
+        argv += ["--worlds", str(args.worlds)]
     return argv
 
 
 def _synth_custom(args) -> int:
     """synth with a custom wiki config / system prompt (records carry ``wiki``)."""
     from jaxllm.agent import synth
-    from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
+    from jaxllm.agent.wiki import WikiConfig
 
     wiki = _json_object(args.wiki) if args.wiki else {}
     if "seed" in wiki:
         raise ValueError("--wiki must not hold 'seed'; use --wiki-seed")
     wiki_seed = args.seed if args.wiki_seed is None else args.wiki_seed
     try:
-        wcfg = WikiConfig(seed=wiki_seed, **wiki)
+        WikiConfig(seed=wiki_seed, **wiki)
     except TypeError as e:
         raise ValueError(f"--wiki: {e}") from None
     exclude = {r["question"] for r in synth.read_jsonl(args.exclude)} if args.exclude else set()
-    records = synth.synthesize(args.n, seed=args.seed, hops=tuple(args.hops or (1, 2, 3)),
-                               obfuscate_prob=0.3 if args.obfuscate_prob is None else args.obfuscate_prob,
-                               wiki=SimulatedWiki(wcfg), system_prompt=args.system_prompt,
-                               exclude=exclude)
+    records = synth.synthesize_worlds(
+        args.n, args.worlds or 1, seed=args.seed, wiki_seed=wiki_seed, wiki_fields=wiki,
+        hops=tuple(args.hops or (1, 2, 3)),
+        obfuscate_prob=0.3 if args.obfuscate_prob is None else args.obfuscate_prob,
+        system_prompt=args.system_prompt, exclude=exclude)
     for r in records:
-        r["wiki"] = {"seed": wiki_seed, **wiki}
+        r["wiki"] = {"seed": r["wiki_seed"], **wiki}
     synth.write_jsonl(records, args.out)
     print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed, "wiki_seed": wiki_seed}))
     return 0
@@ -149,6 +155,9 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="start from the params of this agent workdir "
                    "(fresh optimizer); its agent settings must match")
     p.add_argument("--wiki", default=None, help="WikiConfig fields as JSON (default: the records' own)")
+    p.add_argument("--wiki-seed", type=int, default=None,
+                   help="the world the agent acts in (default: the records'; required when they "
+                        "come from several worlds, e.g. synth --worlds N)")
     p.add_argument("--max-turns", type=int, default=4, help="rollout limit stored with the agent")
     p.add_argument("--turn-tokens", type=int, default=128, help="rollout limit stored with the agent")
     p.add_argument("--token-budget", type=int, default=1536, help="rollout limit stored with the agent")
@@ -161,8 +170,8 @@ def _sft(args) -> int:
     config = load_config(args.config, _overrides(args, ["log_every=50"]))
     records = train.read_records(args.data, need_trajectory=True)
     settings = train.settings_from_records(
-        records, _json_object(args.wiki) if args.wiki else None, max_turns=args.max_turns,
-        turn_tokens=args.turn_tokens, token_budget=args.token_budget)
+        records, _json_object(args.wiki) if args.wiki else None, world=args.wiki_seed,
+        max_turns=args.max_turns, turn_tokens=args.turn_tokens, token_budget=args.token_budget)
     if args.init is not None:
         base = train.load_settings(args.init)
         if base != settings:
@@ -246,6 +255,7 @@ def _run(args) -> int:
     if args.limit is not None:
         records = records[:args.limit]
     settings = train.load_settings(args.workdir)
+    train.check_world(records, settings, "questions")
     model, params, tok = load_trained(args.workdir, args.step)
     sampling = None
     if args.temperature > 0:

@@ -250,6 +250,32 @@ def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: f
     return out
 
 
+def synthesize_worlds(n: int, worlds: int, seed: int = 0, wiki_seed: int | None = None,
+                      wiki_fields: dict | None = None, **kwargs) -> list[dict]:
+    """``n`` records spread over ``worlds`` worlds with consecutive seeds ``wiki_seed``,
+    ``wiki_seed + 1``, ... (default ``wiki_seed = seed``): world w gets ``n // worlds`` questions
+    (the first ``n % worlds`` worlds one more), drawn by ``synthesize`` with sampler seed
+    ``seed + w``. Every record carries its own ``wiki_seed``.
+
+    Training on many worlds stops a small model from memorising one world's names: the only way
+    to fit the demonstrations is to copy names from the question and the observations.
+    ``wiki_fields`` are the other ``WikiConfig`` fields, shared by all worlds; ``kwargs`` go to
+    ``synthesize`` (``hops``, ``obfuscate_prob``, ``system_prompt``, ``exclude``).
+    """
+    if worlds < 1:
+        raise ValueError(f"synthesize_worlds: worlds must be >= 1, got {worlds}")
+    wiki_fields = dict(wiki_fields or {})
+    if "seed" in wiki_fields:
+        raise ValueError("synthesize_worlds: wiki_fields must not hold 'seed'; use wiki_seed")
+    base = seed if wiki_seed is None else wiki_seed
+    out = []
+    for w in range(worlds):
+        n_w = n // worlds + (w < n % worlds)
+        wiki = SimulatedWiki(WikiConfig(seed=base + w, **wiki_fields))
+        out += synthesize(n_w, seed=seed + w, wiki=wiki, **kwargs)
+    return out
+
+
 def write_jsonl(records, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -269,7 +295,7 @@ def read_jsonl(path: str) -> Iterator[dict]:
 def main(argv=None) -> int:
     """``python -m jaxllm.agent.synth --out F --n N --seed S``: write synthesized JSONL.
 
-    ``--wiki-seed W`` (default: S) picks the world; ``--exclude F2`` skips the questions of an
+    ``--wiki-seed W`` (default: S) picks the world (``--worlds N``: worlds W .. W+N-1); ``--exclude F2`` skips the questions of an
     existing JSONL, so ``--seed 1 --wiki-seed 0 --exclude train.jsonl`` draws a disjoint
     held-out set on the training world.
     """
@@ -284,12 +310,14 @@ def main(argv=None) -> int:
     ap.add_argument("--wiki-seed", type=int, default=None,
                     help="seed of the world (default: --seed)")
     ap.add_argument("--exclude", default=None, help="JSONL whose questions must not be drawn")
+    ap.add_argument("--worlds", type=int, default=1,
+                    help="spread the questions over this many worlds (seeds W, W+1, ...)")
     args = ap.parse_args(argv)
     wiki_seed = args.seed if args.wiki_seed is None else args.wiki_seed
     exclude = {r["question"] for r in read_jsonl(args.exclude)} if args.exclude else set()
-    records = synthesize(args.n, seed=args.seed, hops=tuple(args.hops),
-                         obfuscate_prob=args.obfuscate_prob,
-                         wiki=SimulatedWiki(WikiConfig(seed=wiki_seed)), exclude=exclude)
+    records = synthesize_worlds(args.n, args.worlds, seed=args.seed, wiki_seed=wiki_seed,
+                                hops=tuple(args.hops), obfuscate_prob=args.obfuscate_prob,
+                                exclude=exclude)
     write_jsonl(records, args.out)
     print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed,
                       "wiki_seed": wiki_seed}))

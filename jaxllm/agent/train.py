@@ -322,30 +322,46 @@ def read_records(path: str, need_trajectory: bool = False) -> list[dict]:
     return recs
 
 
-def settings_from_records(records: Sequence[dict], wiki: dict | None, **limits) -> AgentSettings:
-    """Settings for training on ``records``: their system prompt (all must share one) and world
-    (``wiki_seed``; the records' ``wiki`` config when they carry one; then the ``wiki``
-    overrides)."""
+def settings_from_records(records: Sequence[dict], wiki: dict | None, world: int | None = None,
+                          **limits) -> AgentSettings:
+    """Settings for training on ``records``: their system prompt (all must share one) and the
+    world the agent acts in: the records' own (``wiki_seed``; their ``wiki`` config when they
+    carry one), or ``world`` (a wiki seed), which records from several worlds require; then the
+    ``wiki`` overrides. Records from several worlds must agree on every other wiki field."""
     prompts = {r["trajectory"][0]["content"] for r in records
                if r["trajectory"] and r["trajectory"][0].get("role") == "system"}
     if len(prompts) != 1:
         raise ValueError(f"the trajectories must share one system prompt, found {len(prompts)}")
     seeds = {r.get("wiki_seed", r.get("seed")) for r in records}
-    if len(seeds) != 1 or None in seeds:
-        raise ValueError(f"the records must come from one world (wiki_seed), found {sorted(map(str, seeds))}")
-    stored = {json.dumps(r["wiki"], sort_keys=True) for r in records if "wiki" in r}
-    if len(stored) > 1:
-        raise ValueError(f"the records carry {len(stored)} different wiki configs")
-    w = json.loads(stored.pop()) if stored else {}
+    if None in seeds:
+        raise ValueError("every record needs its world's seed (wiki_seed)")
+    if world is None and len(seeds) != 1:
+        raise ValueError(f"the records come from {len(seeds)} worlds (wiki_seed "
+                         f"{', '.join(map(str, sorted(seeds)[:5]))}{', ...' if len(seeds) > 5 else ''}); "
+                         "name the one the agent acts in (--wiki-seed)")
+    shapes = {json.dumps({k: v for k, v in r["wiki"].items() if k != "seed"}, sort_keys=True)
+              for r in records if "wiki" in r}
+    if len(shapes) > 1:
+        raise ValueError(f"the records carry {len(shapes)} different wiki configs")
+    w = json.loads(shapes.pop()) if shapes else {}
     w.update(wiki or {})
-    seed = seeds.pop()
+    seed = seeds.pop() if world is None else world
     if "seed" in w and w["seed"] != seed:
-        raise ValueError(f"wiki seed {w['seed']} differs from the records' wiki_seed {seed}")
+        raise ValueError(f"wiki seed {w['seed']} differs from the agent's world {seed}")
     w["seed"] = seed
     s = AgentSettings(system_prompt=prompts.pop(), wiki=w, **limits)
     s.wiki_config()
     s.rollout_config()
     return s
+
+
+def check_world(records: Sequence[dict], settings: AgentSettings, what: str = "records") -> None:
+    """Refuse questions from another world than the agent's (their answers would be wrong there)."""
+    other = sorted({str(r["wiki_seed"]) for r in records
+                    if r.get("wiki_seed") is not None and r["wiki_seed"] != settings.wiki["seed"]})
+    if other:
+        raise ValueError(f"the {what} come from world(s) {', '.join(other[:5])}, but the agent acts "
+                         f"in world {settings.wiki['seed']}")
 
 
 def _make_run_config(config, workdir: str):
@@ -503,6 +519,7 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
     t0 = time.perf_counter()
     settings = load_settings(init_workdir)
+    check_world(records, settings, "RL questions")
     model, params, tok = load_trained(init_workdir)
     wiki = SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)

@@ -194,6 +194,31 @@ def test_run_writes_predictions_and_trajectories(agent_runs, capsys):
     assert one["n"] == 1 and "prediction" in one and "em" not in one
 
 
+def test_several_worlds_need_the_agents_world_named(agent_runs, tmp_path, capsys):
+    from jaxllm.agent import train
+    _, _, sft, _ = agent_runs
+    data = tmp_path / "worlds.jsonl"
+    assert cli.main(["agent", "synth", "--out", str(data), "--n", "4", "--seed", "0", "--hops", "1",
+                     "--worlds", "2", "--obfuscate-prob", "0", "--wiki", WIKI,
+                     "--system-prompt", "Use the tools."]) == 0
+    recs = _lines(data)
+    assert [(r["wiki_seed"], r["wiki"]["seed"]) for r in recs] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    capsys.readouterr()
+    for argv, message in (
+            (["agent", "sft", "--data", str(data), "--workdir", str(tmp_path / "w")],
+             "come from 2 worlds (wiki_seed 0, 1); name the one the agent acts in (--wiki-seed)"),
+            # the module's agent acts in world 0: world-1 questions are refused, not mis-scored
+            (["agent", "rl", "--init", str(sft), "--data", str(data), "--workdir", str(tmp_path / "r")],
+             "RL questions come from world(s) 1, but the agent acts in world 0"),
+            (["agent", "run", "--workdir", str(sft), "--data", str(data)],
+             "questions come from world(s) 1, but the agent acts in world 0")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: agent ") and message in err, err
+    # named, the world is the one the single-world run trained for
+    assert train.settings_from_records(recs, None, world=0).wiki == train.load_settings(str(sft)).wiki
+
+
 @pytest.mark.parametrize("argv, message", [
     (["agent", "sft", "--data", "/nonexistent.jsonl", "--workdir", "W"], "/nonexistent.jsonl: no such file"),
     (["agent", "sft", "--data", "NOTRAJ", "--workdir", "W"], "missing 'trajectory'"),

@@ -219,3 +219,35 @@ def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
     d = ((new - old) * mask).sum(1) / mask.sum(1)
     assert float(d[0]) > 0 > float(d[1])
     assert math.isfinite(float(m["grad_norm"]))
+
+
+def _record(wiki_seed, wiki=None, prompt="P"):
+    r = {"question": "q", "answer": "a", "wiki_seed": wiki_seed,
+         "trajectory": [{"role": "system", "content": prompt}, {"role": "user", "content": "q"}]}
+    if wiki is not None:
+        r["wiki"] = {"seed": wiki_seed, **wiki}
+    return r
+
+
+def test_settings_name_the_world_the_agent_acts_in():
+    one = [_record(3, {"n_people": 20}), _record(3, {"n_people": 20})]
+    s = at.settings_from_records(one, None)
+    assert s.wiki == {"seed": 3, "n_people": 20} and s.system_prompt == "P"
+    with pytest.raises(ValueError, match="differs from the agent's world 3"):
+        at.settings_from_records(one, {"seed": 4})
+    many = [_record(w, {"n_people": 20}) for w in (1, 2, 3)]
+    with pytest.raises(ValueError, match=r"come from 3 worlds \(wiki_seed 1, 2, 3\).*--wiki-seed"):
+        at.settings_from_records(many, None)
+    s = at.settings_from_records(many, {"search_top_k": 2}, world=7)
+    assert s.wiki == {"seed": 7, "n_people": 20, "search_top_k": 2}
+    with pytest.raises(ValueError, match="2 different wiki configs"):
+        at.settings_from_records([_record(1, {"n_people": 20}), _record(2, {"n_people": 30})],
+                                    None, world=1)
+    with pytest.raises(ValueError, match="share one system prompt"):
+        at.settings_from_records([_record(1, prompt="A"), _record(1, prompt="B")], None)
+    with pytest.raises(ValueError, match="needs its world's seed"):
+        at.settings_from_records([{"question": "q", "trajectory": one[0]["trajectory"]}], None)
+    # questions from another world are refused where the agent runs; unmarked ones are taken
+    at.check_world([_record(7), {"question": "q"}], s)
+    with pytest.raises(ValueError, match=r"RL questions come from world\(s\) 2, 3, but the agent acts in world 7"):
+        at.check_world([_record(7), _record(2), _record(3)], s, "RL questions")

@@ -139,3 +139,32 @@ def test_held_out_set_on_the_same_world_is_disjoint(wk, records, tmp_path):
         traj = r["trajectory"]
         for i in range(2, len(traj) - 1, 2):
             assert P.wrap_tool_response(ex.step(traj[i]["content"]).text) == traj[i + 1]["content"]
+
+
+def test_records_spread_over_several_worlds():
+    fields = {"search_top_k": 1, "n_distractors": 1, "n_people": 20}
+    recs = synth.synthesize_worlds(7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2),
+                                   obfuscate_prob=0.0)
+    assert [r["wiki_seed"] for r in recs] == [10, 10, 10, 11, 11, 12, 12]
+    assert synth.synthesize_worlds(7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2),
+                                   obfuscate_prob=0.0) == recs
+    # each world's records are synthesize's on that world (sampler seed + w), replayable there
+    for w, n in ((0, 3), (1, 2), (2, 2)):
+        wiki = SimulatedWiki(WikiConfig(seed=10 + w, **fields))
+        mine = [r for r in recs if r["wiki_seed"] == 10 + w]
+        assert mine == synth.synthesize(n, seed=4 + w, wiki=wiki, hops=(1, 2), obfuscate_prob=0.0)
+    # different worlds have different people: the names a model must copy differ
+    assert len({r["anchor"] for r in recs}) > 3
+    assert synth.synthesize_worlds(5, 1, seed=2) == synth.synthesize(5, seed=2)
+    with pytest.raises(ValueError, match="worlds must be >= 1"):
+        synth.synthesize_worlds(2, 0)
+    with pytest.raises(ValueError, match="must not hold 'seed'"):
+        synth.synthesize_worlds(2, 2, wiki_fields={"seed": 3})
+
+
+def test_module_entry_point_spreads_over_worlds(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert synth.main(["--out", str(out), "--n", "4", "--seed", "2", "--worlds", "2"]) == 0
+    rows = list(synth.read_jsonl(str(out)))
+    assert rows == json.loads(json.dumps(synth.synthesize_worlds(4, 2, seed=2)))
+    assert [r["wiki_seed"] for r in rows] == [2, 2, 3, 3]
