@@ -13,7 +13,7 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
                     [--group G] [--questions-per-step Q] [--eps-low 0.2] [--eps-high 0.28] [--seed S]
                     [--keep-limit-hits]
     jaxllm agent run --workdir W (--data questions.jsonl | --question TEXT) [--out preds.jsonl]
-                     [--temperature T] [--batch-size B] [--seed S] [--step N]
+                     [--temperature T] [--batch-size B] [--seed S] [--step N] [--wiki-seed W]
 
 ``synth`` and ``eval`` delegate to the modules' own ``main`` (``jaxllm.agent.synth.main``,
 ``jaxllm.agent.evaluate.main``) unless ``--wiki``/``--system-prompt`` are given (then the records
@@ -229,9 +229,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
+    p.add_argument("--wiki-seed", type=int, default=None,
+                   help="act in this world instead of the one the agent was trained for (same "
+                        "wiki config otherwise): tests whether it reads or remembers")
 
 
 def _run(args) -> int:
+    import dataclasses
     from collections import Counter
 
     from jaxllm.agent import evaluate, synth, train
@@ -255,6 +259,8 @@ def _run(args) -> int:
     if args.limit is not None:
         records = records[:args.limit]
     settings = train.load_settings(args.workdir)
+    if args.wiki_seed is not None:
+        settings = dataclasses.replace(settings, wiki={**settings.wiki, "seed": args.wiki_seed})
     train.check_world(records, settings, "questions")
     model, params, tok = load_trained(args.workdir, args.step)
     sampling = None

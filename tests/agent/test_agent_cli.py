@@ -215,6 +215,13 @@ def test_several_worlds_need_the_agents_world_named(agent_runs, tmp_path, capsys
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: agent ") and message in err, err
+    # `run --wiki-seed` moves the agent to another world (same wiki config otherwise)
+    w1 = tmp_path / "world1.jsonl"
+    w1.write_text("".join(json.dumps(r) + "\n" for r in recs if r["wiki_seed"] == 1))
+    out = tmp_path / "p1.jsonl"
+    assert cli.main(["agent", "run", "--workdir", str(sft), "--data", str(w1), "--wiki-seed", "1",
+                     "--out", str(out), "--batch-size", "2", "--rollout", "segmented"]) == 0
+    assert [p["question"] for p in _lines(out)] == [r["question"] for r in recs[2:]]
     # named, the world is the one the single-world run trained for
     assert train.settings_from_records(recs, None, world=0).wiki == train.load_settings(str(sft)).wiki
 
