@@ -9,7 +9,7 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
     jaxllm agent sft --data train.jsonl --workdir W [--config configs/agent_tiny.json] [--steps N]
                      [--lr LR] [--batch-size B] [--seed S] [--strip-think] [--init WORKDIR]
                      [--set field=value ...]
-    jaxllm agent rl --init SFT_WORKDIR --data train.jsonl --workdir W [--steps N] [--lr LR]
+    jaxllm agent rl --init SFT_WORKDIR [--init-step N] --data train.jsonl --workdir W [--steps N] [--lr LR]
                     [--group G] [--questions-per-step Q] [--eps-low 0.2] [--eps-high 0.28] [--seed S]
                     [--keep-limit-hits]
     jaxllm agent run --workdir W (--data questions.jsonl | --question TEXT) [--out preds.jsonl]
@@ -186,6 +186,8 @@ def _sft(args) -> int:
 def _rl_args(p: argparse.ArgumentParser) -> None:
     _common_train_args(p)
     p.add_argument("--init", required=True, help="workdir to start from (an `agent sft` or `agent rl` run)")
+    p.add_argument("--init-step", type=int, default=None,
+                   help="checkpoint step of --init to start from (default: the latest)")
     p.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
     p.add_argument("--questions-per-step", type=int, default=8, help="questions per update")
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below: 1 - eps_low")
@@ -208,7 +210,8 @@ def _rl(args) -> int:
     defaults = ["lr=1e-4", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.0", "log_every=1"]
     config = load_config(path, _overrides(args, defaults))
     records = train.read_records(args.data)
-    out = train.train_rl(config, args.workdir, args.init, records, group=args.group,
+    out = train.train_rl(config, args.workdir, args.init, records, init_step=args.init_step,
+                         group=args.group,
                          questions_per_step=args.questions_per_step, eps_low=args.eps_low,
                          eps_high=args.eps_high, impl=args.rollout,
                          drop_statuses=() if args.keep_limit_hits else train.DROP_STATUSES)

@@ -495,11 +495,13 @@ def run_questions(model, params, tokenizer, settings: AgentSettings, questions: 
     return out
 
 
-def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *, group: int = 8,
+def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *,
+             init_step: int | None = None, group: int = 8,
              questions_per_step: int = 8, eps_low: float = 0.2, eps_high: float = 0.28,
              impl: str = "scan", drop_statuses: Sequence[int] = DROP_STATUSES,
              length_multiple: int = 512, log: Callable[[str], None] = _log_default) -> dict:
-    """On-policy RL from the checkpoint in ``init_workdir`` (an SFT or RL workdir) for
+    """On-policy RL from the checkpoint in ``init_workdir`` (an SFT or RL workdir; its latest
+    checkpoint, or step ``init_step``) for
     ``config.steps`` updates with ``config.lr`` etc.; each step draws ``questions_per_step``
     questions (epochs over a seeded shuffle of ``records``), samples ``group`` rollouts of each at
     temperature 1 and makes one update. Writes ``metrics.jsonl`` (reward, answered, kept, loss,
@@ -520,7 +522,7 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
     t0 = time.perf_counter()
     settings = load_settings(init_workdir)
     check_world(records, settings, "RL questions")
-    model, params, tok = load_trained(init_workdir)
+    model, params, tok = load_trained(init_workdir, init_step)
     wiki = SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)
     tx, schedule = make_optimizer(config)

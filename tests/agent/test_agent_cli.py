@@ -203,6 +203,8 @@ def test_several_worlds_need_the_agents_world_named(agent_runs, tmp_path, capsys
                      "--system-prompt", "Use the tools."]) == 0
     recs = _lines(data)
     assert [(r["wiki_seed"], r["wiki"]["seed"]) for r in recs] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    w0 = tmp_path / "world0.jsonl"
+    w0.write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
     capsys.readouterr()
     for argv, message in (
             (["agent", "sft", "--data", str(data), "--workdir", str(tmp_path / "w")],
@@ -211,7 +213,9 @@ def test_several_worlds_need_the_agents_world_named(agent_runs, tmp_path, capsys
             (["agent", "rl", "--init", str(sft), "--data", str(data), "--workdir", str(tmp_path / "r")],
              "RL questions come from world(s) 1, but the agent acts in world 0"),
             (["agent", "run", "--workdir", str(sft), "--data", str(data)],
-             "questions come from world(s) 1, but the agent acts in world 0")):
+             "questions come from world(s) 1, but the agent acts in world 0"),
+            (["agent", "rl", "--init", str(sft), "--init-step", "999", "--data", str(w0),
+              "--workdir", str(tmp_path / "r")], "no checkpoint step 999")):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: agent ") and message in err, err
