@@ -1,8 +1,18 @@
 """The SFT -> RL experiment of docs/agent.md ("SFT and RL"), as a sequence of `jaxllm agent`
-commands: synthesize disjoint train / held-out questions on one small simulated wiki, SFT a tiny
-Kimi Linear model on the demonstrations, evaluate it on the held-out questions, run on-policy RL
-from the SFT checkpoint, evaluate again. Prints the commands, their wall times and a markdown
-table (exact match with Wilson 95% intervals); writes results.json and rl_reward.png in --out.
+commands. The question: can on-policy RL on question/answer pairs alone teach what the
+demonstrations barely show?
+
+1. SFT demonstrations on many small worlds (seeds 1..--worlds): 1- and 2-hop questions, plus a
+   few (--n-sft-3hop) 3-hop ones. Names differ per world, so the model can only fit them by
+   copying names from the question and the observations (one world's names get memorised).
+2. RL questions (no demonstrations used) and held-out questions on world 0, which is in no SFT
+   demonstration: 1-2 hop and 3-hop, disjoint; plus held-out 3-hop questions on world 1000.
+3. SFT a tiny Kimi Linear model (`configs/agent_tiny.json`, rows of 1280 tokens: a 3-hop
+   demonstration is ~1,100 bytes), then on-policy RL from it on the world-0 RL questions.
+4. Evaluate both models on the held-out sets (greedy; 3-hop world 0 also at T = 1).
+
+Prints the commands, their wall times and a markdown table (exact match with Wilson 95%
+intervals); writes results.json and rl_reward.png in --out.
 
     python tools/agent_sft_rl.py --out /tmp/agent_sft_rl
 
@@ -22,6 +32,14 @@ import time
 WIKI = ('{"search_top_k": 1, "n_distractors": 1, "visit_top_k": 1, "max_queries": 1, "max_urls": 1, '
         '"n_people": 30, "n_orgs": 10, "n_cities": 12, "n_countries": 4, "n_universities": 4}')
 SYSTEM = "Answer with the tools."
+UNSEEN_WORLD = 1000
+#: evaluation name -> (question file, label, extra `agent run` arguments)
+EVALS = {"h12": ("heldout.jsonl", "world 0, 1-2 hop, greedy", []),
+         "h3": ("heldout_3hop.jsonl", "world 0, 3 hop, greedy", []),
+         "h3_t1": ("heldout_3hop.jsonl", "world 0, 3 hop, T = 1", ["--temperature", "1", "--seed", "0"]),
+         "unseen3": ("unseen_3hop.jsonl", f"world {UNSEEN_WORLD}, 3 hop, greedy",
+                     ["--wiki-seed", str(UNSEEN_WORLD)])}
+STAGES = {"sft": "SFT", "rl": "SFT + RL"}
 
 
 def jaxllm_cmd() -> list[str]:
@@ -34,43 +52,58 @@ def jaxllm_cmd() -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/agent_sft_rl")
-    ap.add_argument("--n-train", type=int, default=220)
-    ap.add_argument("--n-heldout", type=int, default=200)
-    ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--rl-steps", type=int, default=60)
-    ap.add_argument("--rl-lr", type=float, default=1e-4)
+    ap.add_argument("--worlds", type=int, default=60, help="SFT worlds (seeds 1..N)")
+    ap.add_argument("--n-sft", type=int, default=4800, help="1-2 hop SFT demonstrations")
+    ap.add_argument("--n-sft-3hop", type=int, default=72, help="3-hop SFT demonstrations")
+    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--rl-steps", type=int, default=50)
+    ap.add_argument("--rl-lr", type=float, default=2e-4)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--questions-per-step", type=int, default=4)
+    ap.add_argument("--questions-per-step", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     o = args.out
     os.makedirs(o, exist_ok=True)
     J = jaxllm_cmd()
+    synth = ["agent", "synth", "--obfuscate-prob", "0", "--wiki", WIKI, "--system-prompt", SYSTEM]
 
     def evaluations(stage):
-        """Held-out evaluation of one stage's model, greedy and at temperature 1."""
-        run = ["agent", "run", "--workdir", f"{o}/{stage}", "--data", f"{o}/heldout.jsonl", "--batch-size", "50"]
-        return [(f"eval {stage} (greedy)", f"{o}/pred_{stage}_greedy.jsonl",
-                 run + ["--out", f"{o}/pred_{stage}_greedy.jsonl"]),
-                (f"eval {stage} (T=1)", f"{o}/pred_{stage}_t1.jsonl",
-                 run + ["--out", f"{o}/pred_{stage}_t1.jsonl", "--temperature", "1", "--seed", "0"])]
+        run = ["agent", "run", "--workdir", f"{o}/{stage}", "--batch-size", "50"]
+        return [(f"eval {stage} ({label})", f"{o}/pred_{stage}_{name}.jsonl",
+                 run + ["--data", f"{o}/{data}", "--out", f"{o}/pred_{stage}_{name}.jsonl", *extra])
+                for name, (data, label, extra) in EVALS.items()]
 
     steps = [
-        ("synth train", f"{o}/train.jsonl",
-         ["agent", "synth", "--out", f"{o}/train.jsonl", "--n", str(args.n_train), "--seed", "0",
-          "--hops", "1", "2", "--obfuscate-prob", "0", "--wiki", WIKI, "--system-prompt", SYSTEM]),
-        ("synth held-out", f"{o}/heldout.jsonl",
-         ["agent", "synth", "--out", f"{o}/heldout.jsonl", "--n", str(args.n_heldout), "--seed", "1",
-          "--wiki-seed", "0", "--exclude", f"{o}/train.jsonl", "--hops", "1", "2",
-          "--obfuscate-prob", "0", "--wiki", WIKI, "--system-prompt", SYSTEM]),
+        ("synth sft 1-2 hop", f"{o}/sft_12.jsonl",
+         synth + ["--out", f"{o}/sft_12.jsonl", "--n", str(args.n_sft), "--seed", "1",
+                  "--worlds", str(args.worlds), "--hops", "1", "2"]),
+        ("synth sft 3 hop", f"{o}/sft_3.jsonl",
+         synth + ["--out", f"{o}/sft_3.jsonl", "--n", str(args.n_sft_3hop), "--seed", "101",
+                  "--wiki-seed", "1", "--worlds", str(args.worlds), "--hops", "3"]),
+        ("synth rl 1-2 hop", f"{o}/train.jsonl",
+         synth + ["--out", f"{o}/train.jsonl", "--n", "220", "--seed", "0", "--hops", "1", "2"]),
+        ("synth rl 3 hop", f"{o}/train_3hop.jsonl",
+         synth + ["--out", f"{o}/train_3hop.jsonl", "--n", "130", "--seed", "0", "--hops", "3"]),
+        ("synth held-out 1-2 hop", f"{o}/heldout.jsonl",
+         synth + ["--out", f"{o}/heldout.jsonl", "--n", "200", "--seed", "1", "--wiki-seed", "0",
+                  "--exclude", f"{o}/train.jsonl", "--hops", "1", "2"]),
+        ("synth held-out 3 hop", f"{o}/heldout_3hop.jsonl",
+         synth + ["--out", f"{o}/heldout_3hop.jsonl", "--n", "130", "--seed", "1", "--wiki-seed", "0",
+                  "--exclude", f"{o}/train_3hop.jsonl", "--hops", "3"]),
+        ("synth unseen world 3 hop", f"{o}/unseen_3hop.jsonl",
+         synth + ["--out", f"{o}/unseen_3hop.jsonl", "--n", "150", "--seed", str(UNSEEN_WORLD),
+                  "--hops", "3"]),
+        ("join sft data", f"{o}/sft_mix.jsonl", ("cat", [f"{o}/sft_12.jsonl", f"{o}/sft_3.jsonl"])),
+        ("join rl data", f"{o}/rl_mix.jsonl", ("cat", [f"{o}/train.jsonl", f"{o}/train_3hop.jsonl"])),
         ("sft", f"{o}/sft/checkpoints",
-         ["agent", "sft", "--data", f"{o}/train.jsonl", "--workdir", f"{o}/sft", "--config",
-          "configs/agent_tiny.json", "--steps", str(args.sft_steps), "--strip-think",
-          "--seed", str(args.seed)]),
+         ["agent", "sft", "--data", f"{o}/sft_mix.jsonl", "--wiki-seed", "0", "--workdir", f"{o}/sft",
+          "--config", "configs/agent_tiny.json", "--steps", str(args.sft_steps), "--strip-think",
+          "--seed", str(args.seed), "--set", "seq_len=1280", "--set", "save_every=250",
+          "--set", "keep_checkpoints=20", "--token-budget", "2048"]),
         *evaluations("sft"),
         ("rl", f"{o}/rl/checkpoints",
-         ["agent", "rl", "--init", f"{o}/sft", "--data", f"{o}/train.jsonl", "--workdir", f"{o}/rl",
+         ["agent", "rl", "--init", f"{o}/sft", "--data", f"{o}/rl_mix.jsonl", "--workdir", f"{o}/rl",
           "--steps", str(args.rl_steps), "--lr", repr(args.rl_lr), "--group", str(args.group),
           "--questions-per-step", str(args.questions_per_step), "--seed", str(args.seed)]),
         *evaluations("rl"),
@@ -78,10 +111,15 @@ def main(argv=None) -> int:
     times_path = os.path.join(o, "times.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     for name, output, cmd in steps:
-        line = "jaxllm " + " ".join(shlex.quote(c) for c in cmd)
         if os.path.exists(output) and not args.force:
             print(f"[skip] {name}: {output} exists", flush=True)
             continue
+        if cmd[0] == "cat":
+            with open(output, "w") as f:
+                for part in cmd[1]:
+                    f.write(open(part).read())
+            continue
+        line = "jaxllm " + " ".join(shlex.quote(c) for c in cmd)
         print(f"[run] {name}: {line}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(J + cmd)
@@ -103,19 +141,14 @@ def summarize(o: str, times: dict) -> dict:
         k, n = int(r.sum()), len(recs)
         lo, hi = evaluate.wilson_interval(k, n)
         answered = sum(x["status"] == "answered" for x in recs) / n
-        by_hops = {}
-        held = {json.loads(x)["question"]: json.loads(x)["hops"] for x in open(f"{o}/heldout.jsonl")}
-        for x, ri in zip(recs, r):
-            by_hops.setdefault(held[x["question"]], []).append(float(ri))
-        return {"em": k / n, "k": k, "n": n, "ci95": [lo, hi], "answered": answered,
-                "em_by_hops": {h: sum(v) / len(v) for h, v in sorted(by_hops.items())}}
+        return {"em": k / n, "k": k, "n": n, "ci95": [lo, hi], "answered": answered}
 
     res = {}
-    for stage in ("sft", "rl"):
-        for mode in ("greedy", "t1"):
-            p = f"{o}/pred_{stage}_{mode}.jsonl"
+    for stage in STAGES:
+        for name in EVALS:
+            p = f"{o}/pred_{stage}_{name}.jsonl"
             if os.path.exists(p):
-                res[f"{stage}_{mode}"] = em(p)
+                res[f"{stage}_{name}"] = em(p)
     rl_metrics = f"{o}/rl/metrics.jsonl"
     if os.path.exists(rl_metrics):
         m = [json.loads(x) for x in open(rl_metrics) if x.strip()]
@@ -142,15 +175,14 @@ def summarize(o: str, times: dict) -> dict:
             pass
     res["times"] = times
     json.dump(res, open(f"{o}/results.json", "w"), indent=1)
-    print("\n| stage | decoding | held-out EM | 95% CI (Wilson) | answered | EM 1-hop / 2-hop |")
-    print("|---|---|---|---|---|---|")
-    for stage in ("sft", "rl"):
-        for mode, label in (("greedy", "greedy"), ("t1", "T = 1")):
-            r = res.get(f"{stage}_{mode}")
+    print("\n| held-out set | stage | EM | 95% CI (Wilson) | answered |")
+    print("|---|---|---|---|---|")
+    for name, (_, label, _) in EVALS.items():
+        for stage, stage_name in STAGES.items():
+            r = res.get(f"{stage}_{name}")
             if r:
-                hops = " / ".join(f"{v:.3f}" for v in r["em_by_hops"].values())
-                print(f"| {stage.upper()} | {label} | {r['em']:.3f} ({r['k']}/{r['n']}) | "
-                      f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['answered']:.3f} | {hops} |")
+                print(f"| {label} | {stage_name} | {r['em']:.3f} ({r['k']}/{r['n']}) | "
+                      f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['answered']:.3f} |")
     for name, t in times.items():
         print(f"- {name}: {t['seconds']:.0f} s: `{t['command']}`")
     return res
