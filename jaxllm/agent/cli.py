@@ -8,7 +8,7 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
     jaxllm agent eval gold.jsonl [preds.jsonl] [--k 1 3]
     jaxllm agent sft --data train.jsonl --workdir W [--config configs/agent_tiny.json] [--steps N]
                      [--lr LR] [--batch-size B] [--seed S] [--strip-think] [--init WORKDIR]
-                     [--set field=value ...]
+                     [--wiki-seed W] [--token-budget T] [--set field=value ...]
     jaxllm agent rl --init SFT_WORKDIR [--init-step N] --data train.jsonl --workdir W [--steps N] [--lr LR]
                     [--group G] [--questions-per-step Q] [--eps-low 0.2] [--eps-high 0.28] [--seed S]
                     [--keep-limit-hits]

@@ -295,9 +295,9 @@ def read_jsonl(path: str) -> Iterator[dict]:
 def main(argv=None) -> int:
     """``python -m jaxllm.agent.synth --out F --n N --seed S``: write synthesized JSONL.
 
-    ``--wiki-seed W`` (default: S) picks the world (``--worlds N``: worlds W .. W+N-1); ``--exclude F2`` skips the questions of an
-    existing JSONL, so ``--seed 1 --wiki-seed 0 --exclude train.jsonl`` draws a disjoint
-    held-out set on the training world.
+    ``--wiki-seed W`` (default: S) picks the world (``--worlds N``: worlds W .. W+N-1);
+    ``--exclude F2`` skips the questions of an existing JSONL, so ``--seed 1 --wiki-seed 0
+    --exclude train.jsonl`` draws a disjoint held-out set on the training world.
     """
     import argparse
 
