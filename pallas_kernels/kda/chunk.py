@@ -9,11 +9,12 @@ Per chunk of C = 64 tokens (rows i, j), chunk-initial state S0 [K,V], G = in-chu
     Qp = q*exp(G) - Aqk W,   Up = Aqk U                                            [C,K], [C,V]
     S_next = exp(G_C) * S0 + A S0 + B,   O = Qp S0 + Up
 
-Only S_next is sequential over chunks: one [K,K] x [K,V] matmul per chunk; everything else is
-batched matmuls. One `fori_loop` step handles a group of consecutive chunks for all heads (parts,
-then the state steps, then the outputs), so working tensors are group-sized: on CPU that keeps
-them in cache and keeps XLA's per-call temp buffer small (a large one is freshly mmapped and
-page-faulted on every call, which cost about as much as the arithmetic).
+Only S_next is sequential over chunks; everything else is batched matmuls. The forward loop steps
+the state in an equivalent form with fewer FLOPs (see `_forward`); the backward uses the one above.
+One `fori_loop` step handles a group of consecutive chunks for all heads (parts, then the state
+steps, then the outputs), so working tensors are group-sized: on CPU that keeps them in cache and
+keeps XLA's per-call temp buffer small (a large one is freshly mmapped and page-faulted on every
+call, which cost about as much as the arithmetic).
 
 Stability: a decay is only ever formed as exp(G_i - G_j) with i >= j (<= 1). Inside a 16-token
 sub-chunk the pairwise exponent is masked *before* exp; between sub-chunks a reference row r (first
@@ -399,7 +400,8 @@ apply_unit_lower_inverse.defvjp(_apply_unit_lower_inverse_fwd, _apply_unit_lower
 # sequential state steps, then the outputs. Working tensors are group-sized (a few MB, cache- and
 # allocator-friendly) instead of sequence-sized; the loop reads the [B,T,H,*] inputs in place.
 
-GROUP_ROWS = 1024  # B*H*n*C rows per loop step (n >= 1); 2048+ made fwd+bwd slower on CPU
+GROUP_ROWS = 1024  # B*H*n*C rows per backward loop step (n >= 1); 2048+ made it slower on CPU
+FORWARD_GROUP_ROWS = 2048  # the forward's leaner loop step is fastest on twice as many rows
 
 
 class Parts(NamedTuple):
@@ -415,7 +417,8 @@ class Parts(NamedTuple):
 
 class Config(NamedTuple):
     chunk: int
-    group: int      # chunks per loop step
+    group: int      # chunks per backward loop step
+    fwd_group: int  # chunks per forward loop step, a multiple of `group`
     scale: float
     l2norm: bool
 
@@ -489,8 +492,21 @@ def _chunk_sums_bwd(C, _, cts):
 _chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
 
 
-def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
-    """Parts of n chunks from raw input rows q,k,g [B,n*C,H,K], v [B,n*C,H,V], beta [B,n*C,H]."""
+class Terms(NamedTuple):
+    """Gated, masked per-chunk inputs of the parts, leading dims [B,H,n] (see `_terms`)."""
+
+    decay: jax.Array  # [..., K]    exp(G_C), zero where the state does not survive the chunk
+    qg: jax.Array     # [..., C, K] q*exp(G), rows that read S0
+    k_read: jax.Array  # [..., C, K] k*exp(G), rows that read S0
+    kg: jax.Array     # [..., C, K] k*exp(G_C - G), rows that write S_next
+    v: jax.Array      # [..., C, V]
+    beta: jax.Array   # [..., C]
+    akk: jax.Array    # [..., C, C] strictly lower
+    aqk: jax.Array    # [..., C, C] lower
+
+
+def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
+    """Terms of n chunks from raw input rows q,k,g [B,n*C,H,K], v [B,n*C,H,V], beta [B,n*C,H]."""
     C = cfg.chunk
     f32 = jnp.float32
     q, k, v = (_to_chunks(x.astype(f32), C) for x in (q, k, v))
@@ -499,7 +515,6 @@ def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
     if cfg.l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * cfg.scale
-    K = k.shape[-1]
     akk, aqk = intra_scores(q, k, G)
     gamma = jnp.exp(G)
     qg = q * gamma
@@ -513,17 +528,24 @@ def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
         qg, k_read = qg * reads[..., None], k_read * reads[..., None]
         kg = kg * in_last[..., None]
         decay = decay * carries[..., None]
+    return Terms(decay, qg, k_read, kg, v, beta, akk, aqk)
+
+
+def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
+    """Parts of n chunks from raw input rows (as `_terms`); differentiable, used by the backward."""
+    t = _terms(q, k, v, g, beta, seg, seg_prev, cfg)
+    K = t.k_read.shape[-1]
     # [W | U] = (I + Diag(beta) Akk)^-1 Diag(beta) [K*exp(G) | V]
-    wu = apply_unit_lower_inverse(_scale_rows(akk, beta),
-                                  _scale_rows(jnp.concatenate([k_read, v], axis=-1), beta))
-    ab = _mm_tn(kg, wu)                                              # kg^T [W | U]
-    aw = _mm(aqk, wu)                                                # Aqk [W | U]
-    return Parts(decay=decay, a=-ab[..., :K], b=ab[..., K:], qp=qg - aw[..., :K], up=aw[..., K:])
+    wu = apply_unit_lower_inverse(_scale_rows(t.akk, t.beta),
+                                  _scale_rows(jnp.concatenate([t.k_read, t.v], axis=-1), t.beta))
+    ab = _mm_tn(t.kg, wu)                                            # kg^T [W | U]
+    aw = _mm(t.aqk, wu)                                              # Aqk [W | U]
+    return Parts(decay=t.decay, a=-ab[..., :K], b=ab[..., K:], qp=t.qg - aw[..., :K], up=aw[..., K:])
 
 
-def _group_inputs(xs, seg, i, cfg: Config):
-    """Rows of loop step i: the five inputs, their segment ids and the id of the row before."""
-    rows = cfg.group * cfg.chunk
+def _group_inputs(xs, seg, i, rows):
+    """Rows of loop step i (`rows` each): the five inputs, their segment ids and the id of the row
+    before."""
     t0 = i * rows
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, rows, axis=1)
     if seg is None:
@@ -538,57 +560,77 @@ def _group_flags(flags: Flags | None, i, n):
     return Flags(*(jax.lax.dynamic_slice_in_dim(f, i * n, n) for f in flags))
 
 
-def _loop_dims(xs, cfg: Config):
-    """(B, padded T, H, K, V, chunks per loop step, loop steps) of the chunk loop."""
+def _loop_dims(xs, chunk, n):
+    """(B, padded T, H, K, V, loop steps) of a chunk loop with n chunks per step."""
     q, _, v, _, _ = xs
     B, Tp, H, K = q.shape
-    return B, Tp, H, K, v.shape[-1], cfg.group, Tp // (cfg.group * cfg.chunk)
+    return B, Tp, H, K, v.shape[-1], Tp // (n * chunk)
 
 
 def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
-    B, Tp, H, K, V, n, NG = _loop_dims(xs, cfg)
+    """The chunk loop, forward only. With M = (I + Diag(beta) Akk)^-1 it steps the state through
+    the corrected values R = Diag(beta) (V - K*exp(G) S0) of each chunk:
+
+        S_next = exp(G_C) * S0 + P R,   O = q*exp(G) S0 + Q R,   P = kg^T M,  Q = Aqk M,
+
+    the same S_next and O as the Parts form (U - W S0 = M R; the backward keeps that form) with
+    a sixth fewer matmul FLOPs per chunk (5.2 vs 6.3 MFLOP per chunk and head at C=K=V=64): W and
+    U are never formed, and [P; Q] is one [K+C,C]x[C,C] product where kg^T [W | U] and Aqk [W | U]
+    were [*,C]x[C,K+V] ones; the state steps take two [C,K]x[K,V]-sized products instead of one."""
+    n = cfg.fwd_group
+    B, Tp, H, K, V, NG = _loop_dims(xs, cfg.chunk, n)
     f32 = jnp.float32
 
     def body(i, carry):
         out, states, state, finals = carry
-        group, seg_i, prev = _group_inputs(xs, seg, i, cfg)
-        parts = _intra(*group, seg_i, prev, cfg)
+        group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
+        t = _terms(*group, seg_i, prev, cfg)
+        inv = unit_lower_inverse(t.akk * t.beta[..., None])
+        # kg materialised before its transpose: fused, XLA re-derives it from the raw rows
+        # through two transposes inside the concatenation, which ran ~2x slower.
+        kg_t = _t(jax.lax.optimization_barrier(t.kg))
+        pq = _dot("...ij,...jk->...ik", jnp.concatenate([kg_t, t.aqk], axis=-2), inv)  # [P; Q]
+        p, qm = pq[..., :K, :], pq[..., K:, :]
+        bk, bv = t.k_read * t.beta[..., None], t.v * t.beta[..., None]
         fl = _group_flags(flags, i, n)
-        hs = []
+        hs, rs = [], []
         for c in range(n):
             if fl is not None:
                 state = jnp.where(fl.start[c], h0[fl.seq[c]][None], state)
             hs.append(state)
-            state = (parts.decay[:, :, c, :, None] * state + parts.b[:, :, c]
-                     + _dot("bhkj,bhjv->bhkv", parts.a[:, :, c], state))
+            r = bv[:, :, c] - _dot("bhck,bhkv->bhcv", bk[:, :, c], state)
+            rs.append(r)
+            state = t.decay[:, :, c, :, None] * state + _dot("bhkc,bhcv->bhkv", p[:, :, c], r)
             if fl is not None:
                 seq = fl.seq[c]
                 finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
         hs = jnp.stack(hs, axis=2)                                   # [B,H,n,K,V]
-        o = _dot("bhnck,bhnkv->bhncv", parts.qp, hs) + parts.up
+        o = (_dot("bhnck,bhnkv->bhncv", t.qg, hs)
+             + _dot("bhncj,bhnjv->bhncv", qm, jnp.stack(rs, axis=2)))
         out = jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(o), i * n * cfg.chunk, axis=1)
         if save_states:
-            states = jax.lax.dynamic_update_index_in_dim(states, hs, i, axis=0)
+            states = jax.lax.dynamic_update_slice_in_dim(states, hs, i * n, axis=2)
         return out, states, state, finals
 
     state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else h0
-    states0 = jnp.zeros((NG, B, H, n, K, V), f32) if save_states else None
+    states0 = jnp.zeros((B, H, NG * n, K, V), f32) if save_states else None
     out, states, last, finals = jax.lax.fori_loop(
         0, NG, body, (jnp.zeros((B, Tp, H, V), f32), states0, state0, h0))
     return out, (finals if flags is not None else last), states
 
 
 def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Config):
-    B, Tp, H, K, V, n, NG = _loop_dims(xs, cfg)
+    n = cfg.group
+    B, Tp, H, K, V, NG = _loop_dims(xs, cfg.chunk, n)
     f32 = jnp.float32
 
     def body(j, carry):
         grads, d_state, dh0 = carry
         i = NG - 1 - j
-        group, seg_i, prev = _group_inputs(xs, seg, i, cfg)
+        group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
         parts, intra_vjp = jax.vjp(lambda *a: _intra(*a, seg_i, prev, cfg), *group)
         fl = _group_flags(flags, i, n)
-        hs = jax.lax.dynamic_index_in_dim(states, i, axis=0, keepdims=False)   # [B,H,n,K,V]
+        hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=2)           # [B,H,n,K,V]
         rows = n * cfg.chunk
         do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
                         cfg.chunk)
@@ -650,6 +692,15 @@ def _core_bwd(cfg, res, cotangents):
 _chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
+def _largest_factor(n, at_most):
+    """The largest divisor of n that is <= max(1, at_most): the forward loop steps over whole
+    backward groups, so both loops tile the same padded sequence."""
+    k = max(1, min(n, at_most))
+    while n % k:
+        k -= 1
+    return k
+
+
 def _pad_time(x, total):
     pad = total - x.shape[1]
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
@@ -676,8 +727,10 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
         flags = Flags(layout.chunk_seq, layout.chunk_start, layout.chunk_end)
     else:
         num_chunks = -(-T // chunk_size)
-    group = max(1, min(num_chunks, GROUP_ROWS // (B * H * chunk_size)))
+    rows = B * H * chunk_size
+    group = max(1, min(num_chunks, GROUP_ROWS // rows))
     num_chunks = -(-num_chunks // group) * group
+    fwd_group = group * _largest_factor(num_chunks // group, FORWARD_GROUP_ROWS // (rows * group))
     total = num_chunks * chunk_size
     xs = tuple(_pad_time(x, total) for x in xs)
     if flags is not None:
@@ -687,7 +740,7 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     elif segment_ids is not None:
         seg = jnp.pad(segment_ids, [(0, 0), (0, total - T)], mode="edge")
 
-    cfg = Config(chunk_size, group, default_scale(q, scale), bool(use_qk_l2norm))
+    cfg = Config(chunk_size, group, fwd_group, default_scale(q, scale), bool(use_qk_l2norm))
     o, final = _chunk_core(xs, h0, seg, flags, cfg)
     o = o[:, layout.dest] if cu_seqlens is not None else o[:, :T]
     return o.astype(v.dtype), (final if output_final_state else None)

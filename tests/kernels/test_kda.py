@@ -160,19 +160,22 @@ def test_segment_ids_chunk_gradients_match_recurrent():
 
 
 @pytest.mark.parametrize("mode", ["plain", "segments", "varlen"])
-def test_chunk_group_loop_matches_recurrent(monkeypatch, mode):
-    """The chunk loop handles several chunks per step; with 2 chunks per step and 5 chunks, the
-    state crosses steps and the last step is half padding. Outputs, state and all gradients."""
+@pytest.mark.parametrize("fwd_rows, T", [(2 * 2 * 64, 300), (4 * 2 * 64, 500)])
+def test_chunk_group_loop_matches_recurrent(monkeypatch, mode, fwd_rows, T):
+    """The chunk loops handle several chunks per step. With 2 chunks per backward step (B*H*n*C
+    rows, B=1, H=2) and T=300 (5 chunks) the state crosses steps and the last step is half
+    padding; with T=500 (8 chunks) the forward steps over 4 chunks at a time, the backward over 2.
+    Outputs, state and all gradients."""
     from pallas_kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "GROUP_ROWS", 2 * 2 * 64)  # B*H*n*C with B=1, H=2 -> n = 2
-    T = 300
+    monkeypatch.setattr(chunk, "GROUP_ROWS", 2 * 2 * 64)
+    monkeypatch.setattr(chunk, "FORWARD_GROUP_ROWS", fwd_rows)
     inputs = random_inputs(7, 1, T, 2, 16, 16, -6.0)
     kw = {}
     if mode == "segments":
-        kw["segment_ids"] = jnp.asarray([[0] * 70 + [1] * 150 + [2] * 80])
+        kw["segment_ids"] = jnp.asarray([[0] * 70 + [1] * 150 + [2] * (T - 220)])
     if mode == "varlen":
-        kw["cu_seqlens"] = jnp.asarray([0, 70, 70, 220, 300], jnp.int32)
+        kw["cu_seqlens"] = jnp.asarray([0, 70, 70, 220, T], jnp.int32)
         h0 = jax.random.normal(jax.random.PRNGKey(3), (4, 2, 16, 16))
         inputs = inputs[:5] + (h0,)
     ref = outputs_and_grads("recurrent", inputs, **kw)
@@ -180,6 +183,14 @@ def test_chunk_group_loop_matches_recurrent(monkeypatch, mode):
     for name, r, c in zip(("o", "ht") + GRAD_NAMES, ref, got):
         assert np.isfinite(np.asarray(c)).all(), f"{mode} {name} not finite"
         assert rel_rms(r, c) <= 1e-4, f"{mode} {name}: {rel_rms(r, c):.2e}"
+
+
+def test_forward_and_backward_groups_tile_the_same_chunks():
+    """The forward's group is a multiple of the backward's that divides the padded chunk count."""
+    from pallas_kernels.kda.chunk import _largest_factor
+
+    assert [_largest_factor(n, 2) for n in (1, 2, 3, 4, 16)] == [1, 2, 1, 2, 2]
+    assert _largest_factor(9, 4) == 3 and _largest_factor(7, 0) == 1 and _largest_factor(2, 8) == 2
 
 
 def test_chunk_backward_keeps_linear_memory():
