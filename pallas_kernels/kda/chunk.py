@@ -405,7 +405,7 @@ FORWARD_GROUP_ROWS = 2048  # the forward's leaner loop step is fastest on twice 
 
 
 class Parts(NamedTuple):
-    """State-independent per-chunk quantities, leading dims [B,H,n]. With S0 the chunk-initial
+    """State-independent per-chunk quantities, leading dims [n,B,H]. With S0 the chunk-initial
     state: S_next = decay * S0 + a @ S0 + b and O = qp @ S0 + up."""
 
     decay: jax.Array  # [..., K] exp(G_C), per key row of the state
@@ -432,25 +432,27 @@ class Flags(NamedTuple):
 
 
 def _to_chunks(x, C):
-    """[B, n*C, H, D] -> [B, H, n, C, D]."""
+    """[B, n*C, H, D] -> [n, B, H, C, D]. Chunk-major, so the state steps' per-chunk slices are
+    contiguous views rather than strided copies."""
     B, L, H, D = x.shape
-    return x.reshape(B, L // C, C, H, D).transpose(0, 3, 1, 2, 4)
+    return x.reshape(B, L // C, C, H, D).transpose(1, 0, 3, 2, 4)
 
 
 def _from_chunks(x):
-    B, H, n, C, D = x.shape
-    return x.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, D)
+    n, B, H, C, D = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(B, n * C, H, D)
 
 
 def _segment_masks(seg_BnC, prev_B):
     """Segment-reset masks of n chunks from segment ids [B,n,C] and the id of the row before the
-    first chunk [B]; broadcast over heads (dim 1)."""
-    last_prev = jnp.concatenate([prev_B[:, None], seg_BnC[:, :-1, -1]], axis=1)  # [B,n]
-    f32 = lambda x: x.astype(jnp.float32)[:, None]
-    return (f32(seg_BnC[..., :, None] == seg_BnC[..., None, :]),    # same segment [B,1,n,C,C]
-            f32(seg_BnC == last_prev[..., None]),                    # row reads S0 [B,1,n,C]
-            f32(seg_BnC == seg_BnC[..., -1:]),                       # row writes S_next
-            f32(seg_BnC[..., -1] == last_prev))                      # S0 survives the chunk
+    first chunk [B]; chunk-major and broadcast over heads (dim 2)."""
+    last_prev = jnp.concatenate([prev_B[:, None], seg_BnC[:, :-1, -1]], axis=1).T  # [n,B]
+    seg = seg_BnC.transpose(1, 0, 2)                                                # [n,B,C]
+    f32 = lambda x: x.astype(jnp.float32)[:, :, None]
+    return (f32(seg[..., :, None] == seg[..., None, :]),    # same segment [n,B,1,C,C]
+            f32(seg == last_prev[..., None]),                # row reads S0 [n,B,1,C]
+            f32(seg == seg[..., -1:]),                       # row writes S_next
+            f32(seg[..., -1] == last_prev))                  # S0 survives the chunk
 
 
 def _tril_batch(C, batch, dtype, transpose=False):
@@ -466,12 +468,12 @@ def _tril_batch(C, batch, dtype, transpose=False):
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _chunk_sums(g, C):
     """In-chunk cumulative log decay G_i = sum_{t<=i} g_t and the rest of the chunk's decay
-    E_i = G_C - G_i, from raw rows g [B,n*C,H,K]; each [B,H,n,C,K]. The cumsum is one matmul in
+    E_i = G_C - G_i, from raw rows g [B,n*C,H,K]; each [n,B,H,C,K]. The cumsum is one matmul in
     g's own layout (cheaper than jnp.cumsum or a transpose first)."""
     B, L, H, K = g.shape
     n = L // C
     G = _dot("bij,bjx->bix", _tril_batch(C, B * n, g.dtype), g.reshape(B * n, C, H * K))
-    G = G.reshape(B, n, C, H, K).transpose(0, 3, 1, 2, 4)
+    G = G.reshape(B, n, C, H, K).transpose(1, 0, 3, 2, 4)
     return G, G[..., -1:, :] - G
 
 
@@ -481,10 +483,10 @@ def _chunk_sums_fwd(g, C):
 
 def _chunk_sums_bwd(C, _, cts):
     dG, dE = cts
-    B, H, n, _, K = dG.shape
+    n, B, H, _, K = dG.shape
     last = (jnp.arange(C) == C - 1)[:, None].astype(dG.dtype)
     dG = dG - dE + last * _colsum(dE)[..., None, :]
-    ct = dG.transpose(0, 2, 3, 1, 4).reshape(B * n, C, H * K)
+    ct = dG.transpose(1, 0, 3, 2, 4).reshape(B * n, C, H * K)
     dg = _dot("bji,bix->bjx", _tril_batch(C, B * n, ct.dtype, transpose=True), ct)
     return (dg.reshape(B, n * C, H, K),)
 
@@ -493,7 +495,7 @@ _chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
 
 
 class Terms(NamedTuple):
-    """Gated, masked per-chunk inputs of the parts, leading dims [B,H,n] (see `_terms`)."""
+    """Gated, masked per-chunk inputs of the parts, leading dims [n,B,H] (see `_terms`)."""
 
     decay: jax.Array  # [..., K]    exp(G_C), zero where the state does not survive the chunk
     qg: jax.Array     # [..., C, K] q*exp(G), rows that read S0
@@ -511,7 +513,7 @@ def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
     f32 = jnp.float32
     q, k, v = (_to_chunks(x.astype(f32), C) for x in (q, k, v))
     G, E = _chunk_sums(g.astype(f32), C)
-    beta = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]       # [B,H,n,C]
+    beta = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]       # [n,B,H,C]
     if cfg.l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * cfg.scale
@@ -598,22 +600,22 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
             if fl is not None:
                 state = jnp.where(fl.start[c], h0[fl.seq[c]][None], state)
             hs.append(state)
-            r = bv[:, :, c] - _dot("bhck,bhkv->bhcv", bk[:, :, c], state)
+            r = bv[c] - _dot("bhck,bhkv->bhcv", bk[c], state)
             rs.append(r)
-            state = t.decay[:, :, c, :, None] * state + _dot("bhkc,bhcv->bhkv", p[:, :, c], r)
+            state = t.decay[c, ..., None] * state + _dot("bhkc,bhcv->bhkv", p[c], r)
             if fl is not None:
                 seq = fl.seq[c]
                 finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
-        hs = jnp.stack(hs, axis=2)                                   # [B,H,n,K,V]
-        o = (_dot("bhnck,bhnkv->bhncv", t.qg, hs)
-             + _dot("bhncj,bhnjv->bhncv", qm, jnp.stack(rs, axis=2)))
+        hs = jnp.stack(hs)                                           # [n,B,H,K,V]
+        o = (_dot("...ck,...kv->...cv", t.qg, hs)
+             + _dot("...cj,...jv->...cv", qm, jnp.stack(rs)))
         out = jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(o), i * n * cfg.chunk, axis=1)
         if save_states:
-            states = jax.lax.dynamic_update_slice_in_dim(states, hs, i * n, axis=2)
+            states = jax.lax.dynamic_update_slice_in_dim(states, hs, i * n, axis=0)
         return out, states, state, finals
 
     state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else h0
-    states0 = jnp.zeros((B, H, NG * n, K, V), f32) if save_states else None
+    states0 = jnp.zeros((NG * n, B, H, K, V), f32) if save_states else None
     out, states, last, finals = jax.lax.fori_loop(
         0, NG, body, (jnp.zeros((B, Tp, H, V), f32), states0, state0, h0))
     return out, (finals if flags is not None else last), states
@@ -630,26 +632,26 @@ def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Con
         group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
         parts, intra_vjp = jax.vjp(lambda *a: _intra(*a, seg_i, prev, cfg), *group)
         fl = _group_flags(flags, i, n)
-        hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=2)           # [B,H,n,K,V]
+        hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=0)           # [n,B,H,K,V]
         rows = n * cfg.chunk
         do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
                         cfg.chunk)
-        d_qp = _dot("bhncv,bhnkv->bhnck", do, hs)
-        dh_read = _dot("bhnkc,bhncv->bhnkv", _t(parts.qp), do)        # outputs' read of S0
+        d_qp = _dot("...cv,...kv->...ck", do, hs)
+        dh_read = _dot("...kc,...cv->...kv", _t(parts.qp), do)        # outputs' read of S0
         a_t = _t(parts.a)
         d_next = [None] * n                                          # cotangent of each S_next
         for c in reversed(range(n)):
             if fl is not None:
                 d_state = jnp.where(fl.end[c], d_final[fl.seq[c]][None], d_state)
             d_next[c] = d_state
-            d_state = (parts.decay[:, :, c, :, None] * d_state + dh_read[:, :, c]
-                       + _dot("bhkj,bhjv->bhkv", a_t[:, :, c], d_state))
+            d_state = (parts.decay[c, ..., None] * d_state + dh_read[c]
+                       + _dot("bhkj,bhjv->bhkv", a_t[c], d_state))
             if fl is not None:
                 seq = fl.seq[c]
                 dh0 = dh0.at[seq].set(jnp.where(fl.start[c], d_state[0], dh0[seq]))
                 d_state = jnp.where(fl.start[c], 0.0, d_state)
-        d_next = jnp.stack(d_next, axis=2)
-        d_parts = Parts(decay=_rowdot(d_next, hs), a=_dot("bhnkv,bhnjv->bhnkj", d_next, hs),
+        d_next = jnp.stack(d_next)
+        d_parts = Parts(decay=_rowdot(d_next, hs), a=_dot("...kv,...jv->...kj", d_next, hs),
                         b=d_next, qp=d_qp, up=do)
         d_group = intra_vjp(d_parts)
         grads = tuple(jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
