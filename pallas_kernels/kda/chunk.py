@@ -577,8 +577,9 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
 
     the same S_next and O as the Parts form (U - W S0 = M R; the backward keeps that form) with
     a sixth fewer matmul FLOPs per chunk (5.2 vs 6.3 MFLOP per chunk and head at C=K=V=64): W and
-    U are never formed, and [P; Q] is one [K+C,C]x[C,C] product where kg^T [W | U] and Aqk [W | U]
-    were [*,C]x[C,K+V] ones; the state steps take two [C,K]x[K,V]-sized products instead of one."""
+    U are never formed, and P, Q are [K,C]x[C,C] and [C,C]x[C,C] products where kg^T [W | U] and
+    Aqk [W | U] were [*,C]x[C,K+V] ones; the state steps take two [C,K]x[K,V]-sized products
+    instead of one."""
     n = cfg.fwd_group
     B, Tp, H, K, V, NG = _loop_dims(xs, cfg.chunk, n)
     f32 = jnp.float32
@@ -588,11 +589,10 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
         group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
         t = _terms(*group, seg_i, prev, cfg)
         inv = unit_lower_inverse(t.akk * t.beta[..., None])
-        # kg materialised before its transpose: fused, XLA re-derives it from the raw rows
-        # through two transposes inside the concatenation, which ran ~2x slower.
-        kg_t = _t(jax.lax.optimization_barrier(t.kg))
-        pq = _dot("...ij,...jk->...ik", jnp.concatenate([kg_t, t.aqk], axis=-2), inv)  # [P; Q]
-        p, qm = pq[..., :K, :], pq[..., K:, :]
+        # Two matmuls rather than one of [kg^T; Aqk]: building that concatenation cost more than
+        # the second call (0.6 ms of 13 at the benchmark shape).
+        p = _dot("...ij,...jk->...ik", _t(t.kg), inv)
+        qm = _dot("...ij,...jk->...ik", t.aqk, inv)
         bk, bv = t.k_read * t.beta[..., None], t.v * t.beta[..., None]
         fl = _group_flags(flags, i, n)
         hs, rs = [], []
