@@ -326,30 +326,36 @@ def _invert_unit_lower_blocks(l_NSS):
     return inv
 
 
-def solve_unit_lower(l_CC, rhs_CW):
-    """Solve (I + L) X = R for strictly lower L [..., C, C]: 16-row block forward substitution.
-
-    XLA's batched triangular_solve is slow on CPU for many small systems; this is matmul-shaped.
-    """
-    C = l_CC.shape[-1]
-    n = C // SUB
-    blocks = [slice(a * SUB, (a + 1) * SUB) for a in range(n)]
-    diag_inv = _invert_unit_lower_blocks(
-        jnp.stack([l_CC[..., b, b] for b in blocks], axis=-3))      # [..., n, S, S]
-    xs = []
-    for a, rows in enumerate(blocks):
-        r = rhs_CW[..., rows, :]
-        if a:
-            r = r - _dot("...ij,...jw->...iw", l_CC[..., rows, : a * SUB], jnp.concatenate(xs, axis=-2))
-        xs.append(_dot("...ij,...jw->...iw", diag_inv[..., a, :, :], r))
-    return jnp.concatenate(xs, axis=-2)
+def _merge_block_pairs(blocks, l_CC):
+    """Inverses of (I + L)'s diagonal 2s-blocks from those of its s-blocks, `blocks` [..., m, s, s]:
+    each pair gives [[A, 0], [-B L21 A, B]] (A, B the pair's inverses, L21 the block of L between
+    them): one step of block forward substitution, two small matmuls for all pairs at once."""
+    *lead, m, s, _ = blocks.shape
+    pairs = blocks.reshape(*lead, m // 2, 2, s, s)
+    a, b = pairs[..., 0, :, :], pairs[..., 1, :, :]
+    l_blocks = l_CC.reshape(*lead, m, s, m, s)
+    l21 = jnp.stack([l_blocks[..., 2 * p + 1, :, 2 * p, :] for p in range(m // 2)], axis=-3)
+    x = -_dot("...ij,...jk->...ik", b, _dot("...ij,...jk->...ik", l21, a))
+    top = jnp.concatenate([a, jnp.zeros_like(a)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([x, b], axis=-1)], axis=-2)
 
 
 @jax.custom_vjp
 def unit_lower_inverse(l_CC):
-    """(I + L)^-1 for strictly lower L [..., C, C] (block forward substitution on I)."""
-    eye = jnp.broadcast_to(jnp.eye(l_CC.shape[-1], dtype=l_CC.dtype), l_CC.shape)
-    return solve_unit_lower(l_CC, eye)
+    """(I + L)^-1 for strictly lower L [..., C, C]: the 16x16 diagonal blocks by block doubling,
+    then merged pairwise (16 -> 32 -> 64), which is block forward substitution in log2(C/16) steps.
+    XLA's batched triangular_solve is far slower on CPU for these many small systems, and
+    substituting 16-row block by block took more, smaller ops (0.5 ms more per forward here).
+    C that is not 16 times a power of two is padded with an identity block."""
+    C = l_CC.shape[-1]
+    n = C // SUB
+    padded = SUB * (1 << (n - 1).bit_length())
+    l = l_CC if padded == C else jnp.pad(l_CC, [(0, 0)] * (l_CC.ndim - 2) + [(0, padded - C)] * 2)
+    blocks = _invert_unit_lower_blocks(jnp.stack(
+        [l[..., a * SUB:(a + 1) * SUB, a * SUB:(a + 1) * SUB] for a in range(padded // SUB)], axis=-3))
+    while blocks.shape[-3] > 1:
+        blocks = _merge_block_pairs(blocks, l)
+    return blocks[..., 0, :C, :C]
 
 
 def _unit_lower_inverse_fwd(l_CC):

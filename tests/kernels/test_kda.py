@@ -88,12 +88,14 @@ def random_inputs(key, B, T, H, K, V, g_min):
     return q, k, v, g, beta, h0
 
 
-def outputs_and_grads(impl, inputs, **kw):
+def outputs_and_grads(impl, inputs, op=kda, **kw):
     q, k, v, g, beta, h0 = inputs
+    if op is kda:
+        kw = dict(kw, impl=impl)
 
     def fn(q, k, v, g, beta, h0):
-        return kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                   use_qk_l2norm=True, impl=impl, **kw)
+        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                  use_qk_l2norm=True, **kw)
 
     @jax.jit
     def run(*args):
@@ -191,6 +193,30 @@ def test_forward_and_backward_groups_tile_the_same_chunks():
 
     assert [_largest_factor(n, 2) for n in (1, 2, 3, 4, 16)] == [1, 2, 1, 2, 2]
     assert _largest_factor(9, 4) == 3 and _largest_factor(7, 0) == 1 and _largest_factor(2, 8) == 2
+
+
+@pytest.mark.parametrize("chunk_size", [32, 48])
+def test_other_chunk_sizes_match_recurrent(chunk_size):
+    """kda_chunk's chunk_size need not be 64, nor 16 times a power of two (48 pads the inverse)."""
+    from pallas_kernels.kda.chunk import kda_chunk
+
+    inputs = random_inputs(5, 1, 150, 2, 16, 16, -3.0)
+    ref = outputs_and_grads("recurrent", inputs)
+    got = outputs_and_grads(None, inputs, op=kda_chunk, chunk_size=chunk_size)
+    for name, r, c in zip(("o", "ht") + GRAD_NAMES, ref, got):
+        assert rel_rms(r, c) <= 1e-4, f"C={chunk_size} {name}: {rel_rms(r, c):.2e}"
+
+
+@pytest.mark.parametrize("C", [16, 48, 64, 128])
+def test_unit_lower_inverse_matches_numpy(C):
+    """(I + L)^-1 by doubling and pairwise merging equals a float64 inverse, incl. padded C."""
+    from pallas_kernels.kda.chunk import unit_lower_inverse
+
+    L = np.tril(np.random.default_rng(C).normal(size=(3, C, C)) / np.sqrt(C), -1)
+    want = np.linalg.inv(np.eye(C) + L)
+    got = unit_lower_inverse(jnp.asarray(L, jnp.float32))
+    assert got.shape == (3, C, C)
+    assert rel_rms(want, got) <= 1e-5, rel_rms(want, got)
 
 
 def test_chunk_backward_keeps_linear_memory():
