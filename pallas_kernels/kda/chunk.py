@@ -2,19 +2,19 @@
 
 Per chunk of C = 64 tokens (rows i, j), chunk-initial state S0 [K,V], G = in-chunk cumsum of g:
 
-    Akk_ij = sum_d k_id k_jd exp(G_id - G_jd)   (i > j)      L = Diag(beta) Akk
+    Akk_ij = sum_d k_id k_jd exp(G_id - G_jd)   (i > j)      M = (I + Diag(beta) Akk)^-1
     Aqk_ij = sum_d q_id k_jd exp(G_id - G_jd)   (i >= j)
-    [U | W] = (I + L)^-1 Diag(beta) [V | K*exp(G)]           (the WY/UT transform: one triangular solve)
-    A = -(K*exp(G_C - G))^T W,   B = (K*exp(G_C - G))^T U                         [K,K], [K,V]
-    Qp = q*exp(G) - Aqk W,   Up = Aqk U                                            [C,K], [C,V]
-    S_next = exp(G_C) * S0 + A S0 + B,   O = Qp S0 + Up
+    P = (K*exp(G_C - G))^T M,   Q = Aqk M                                        [K,C], [C,C]
+    R = Diag(beta) (V - K*exp(G) S0)                    (the chunk's delta-rule corrected values)
+    S_next = exp(G_C) * S0 + P R,   O = q*exp(G) S0 + Q R
 
-Only S_next is sequential over chunks; everything else is batched matmuls. The forward loop steps
-the state in an equivalent form with fewer FLOPs (see `_forward`); the backward uses the one above.
-One `fori_loop` step handles a group of consecutive chunks for all heads (parts, then the state
-steps, then the outputs), so working tensors are group-sized: on CPU that keeps them in cache and
-keeps XLA's per-call temp buffer small (a large one is freshly mmapped and page-faulted on every
-call, which cost about as much as the arithmetic).
+This is the WY/UT form (W = M Diag(beta) K*exp(G), U = M Diag(beta) V, U - W S0 = M R) with M
+folded into P and Q, so W and U are never formed. Only S_next is sequential over chunks: two
+[C,K]x[K,V]-sized matmuls per chunk; everything else is batched matmuls. One `fori_loop` step
+handles a group of consecutive chunks for all heads (parts, then the state steps, then the
+outputs), so working tensors are group-sized: on CPU that keeps them in cache and keeps XLA's
+per-call temp buffer small (a large one is freshly mmapped and page-faulted on every call, which
+cost about as much as the arithmetic).
 
 Stability: a decay is only ever formed as exp(G_i - G_j) with i >= j (<= 1). Inside a 16-token
 sub-chunk the pairwise exponent is masked *before* exp; between sub-chunks a reference row r (first
@@ -22,11 +22,11 @@ row of the later sub-chunk) splits it as exp(G_i - G_r) * exp(G_r - G_j), both f
 off-diagonal blocks are plain matmuls. exp(+G) is never formed, so log-decays of -20 per step are safe.
 
 Backward: the forward keeps only its inputs and the chunk-initial states (O(T*(K+V)) per head).
-A reverse loop over the same groups recomputes each group's parts under `jax.vjp`, runs the state
-cotangent back through the group (dS0 = exp(G_C) dS_next + A^T dS_next + Qp^T dO), and pulls the parts' cotangents
-back to the inputs, so the [C,C]-shaped intermediates only ever exist for one group.
+A reverse loop over the same chunks recomputes each group's parts under `jax.vjp` and R from the
+saved states, runs the state cotangent back through the group (dR = P^T dS_next + Q^T dO,
+dS0 = exp(G_C) dS_next + (q*exp(G))^T dO - (Diag(beta) K*exp(G))^T dR), and pulls the parts'
+cotangents back to the inputs, so the [C,C]-shaped intermediates only ever exist for one group.
 """
-
 from __future__ import annotations
 
 from functools import partial
@@ -365,7 +365,7 @@ def _unit_lower_inverse_fwd(l_CC):
 
 def _unit_lower_inverse_bwd(inv, d_inv):
     # d(M) = -M dL M  =>  dL = -M^T dM M^T, kept on L's strictly lower support. Two matmuls,
-    # instead of differentiating through the substitution loop.
+    # instead of differentiating through the block merges.
     strict, _ = _causal_masks(inv.shape[-1], inv.dtype)
     m_t = _t(inv)
     return (-_dot("...ij,...jk->...ik", _dot("...ij,...jk->...ik", m_t, d_inv), m_t) * strict,)
@@ -374,28 +374,6 @@ def _unit_lower_inverse_bwd(inv, d_inv):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-@jax.custom_vjp
-def apply_unit_lower_inverse(l_CC, rhs_CW):
-    """X = (I + L)^-1 R for strictly lower L [..., C, C] and R [..., C, W], via the explicit inverse."""
-    return _dot("...ij,...jw->...iw", unit_lower_inverse(l_CC), rhs_CW)
-
-
-def _apply_unit_lower_inverse_fwd(l_CC, rhs_CW):
-    inv = unit_lower_inverse(l_CC)
-    x = _dot("...ij,...jw->...iw", inv, rhs_CW)
-    return x, (inv, x)
-
-
-def _apply_unit_lower_inverse_bwd(res, d_x):
-    # dR = M^T dX and dL = -M^T (dX R^T) M^T = -dR X^T (on L's strictly lower support): two
-    # matmuls, where the VJPs of "inverse" and "apply" separately take four.
-    inv, x = res
-    d_rhs = _dot("...ij,...jw->...iw", _t(inv), d_x)
-    strict, _ = _causal_masks(inv.shape[-1], inv.dtype)
-    return -_dot("...iw,...jw->...ij", d_rhs, x) * strict, d_rhs
-
-
-apply_unit_lower_inverse.defvjp(_apply_unit_lower_inverse_fwd, _apply_unit_lower_inverse_bwd)
 
 
 
@@ -412,13 +390,14 @@ FORWARD_GROUP_ROWS = 2048  # the forward's leaner loop step is fastest on twice 
 
 class Parts(NamedTuple):
     """State-independent per-chunk quantities, leading dims [n,B,H]. With S0 the chunk-initial
-    state: S_next = decay * S0 + a @ S0 + b and O = qp @ S0 + up."""
+    state and R = bv - bk @ S0: S_next = decay * S0 + p @ R and O = qg @ S0 + q @ R."""
 
-    decay: jax.Array  # [..., K] exp(G_C), per key row of the state
-    a: jax.Array   # [..., K, K] -kg^T W
-    b: jax.Array   # [..., K, V] kg^T U
-    qp: jax.Array  # [..., C, K] q*exp(G) - Aqk W
-    up: jax.Array  # [..., C, V] Aqk U
+    decay: jax.Array  # [..., K]    exp(G_C), per key row of the state
+    p: jax.Array      # [..., K, C] kg^T M
+    q: jax.Array      # [..., C, C] Aqk M
+    bk: jax.Array     # [..., C, K] Diag(beta) K*exp(G)
+    bv: jax.Array     # [..., C, V] Diag(beta) V
+    qg: jax.Array     # [..., C, K] q*exp(G)
 
 
 class Config(NamedTuple):
@@ -539,16 +518,14 @@ def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
     return Terms(decay, qg, k_read, kg, v, beta, akk, aqk)
 
 
-def _intra(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
-    """Parts of n chunks from raw input rows (as `_terms`); differentiable, used by the backward."""
+def _parts(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
+    """Parts of n chunks from raw input rows (as `_terms`); the backward differentiates this."""
     t = _terms(q, k, v, g, beta, seg, seg_prev, cfg)
-    K = t.k_read.shape[-1]
-    # [W | U] = (I + Diag(beta) Akk)^-1 Diag(beta) [K*exp(G) | V]
-    wu = apply_unit_lower_inverse(_scale_rows(t.akk, t.beta),
-                                  _scale_rows(jnp.concatenate([t.k_read, t.v], axis=-1), t.beta))
-    ab = _mm_tn(t.kg, wu)                                            # kg^T [W | U]
-    aw = _mm(t.aqk, wu)                                              # Aqk [W | U]
-    return Parts(decay=t.decay, a=-ab[..., :K], b=ab[..., K:], qp=t.qg - aw[..., :K], up=aw[..., K:])
+    inv = unit_lower_inverse(_scale_rows(t.akk, t.beta))            # M
+    # P and Q as two matmuls rather than one on a [kg^T; Aqk] concatenation: building that cost
+    # more than the second call (0.6 ms of 13 in the forward at the benchmark shape).
+    return Parts(decay=t.decay, p=_mm_tn(t.kg, inv), q=_mm(t.aqk, inv),
+                 bk=_scale_rows(t.k_read, t.beta), bv=_scale_rows(t.v, t.beta), qg=t.qg)
 
 
 def _group_inputs(xs, seg, i, rows):
@@ -576,16 +553,12 @@ def _loop_dims(xs, chunk, n):
 
 
 def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
-    """The chunk loop, forward only. With M = (I + Diag(beta) Akk)^-1 it steps the state through
-    the corrected values R = Diag(beta) (V - K*exp(G) S0) of each chunk:
+    """The chunk loop, forward only (see the module docstring for the per-chunk step).
 
-        S_next = exp(G_C) * S0 + P R,   O = q*exp(G) S0 + Q R,   P = kg^T M,  Q = Aqk M,
-
-    the same S_next and O as the Parts form (U - W S0 = M R; the backward keeps that form) with
-    a sixth fewer matmul FLOPs per chunk (5.2 vs 6.3 MFLOP per chunk and head at C=K=V=64): W and
-    U are never formed, and P, Q are [K,C]x[C,C] and [C,C]x[C,C] products where kg^T [W | U] and
-    Aqk [W | U] were [*,C]x[C,K+V] ones; the state steps take two [C,K]x[K,V]-sized products
-    instead of one."""
+    Against the earlier form S_next = exp(G_C) * S0 + A S0 + B, O = Qp S0 + Up with A, B, Qp, Up
+    built from [W | U], this has a sixth fewer matmul FLOPs per chunk (5.2 vs 6.3 MFLOP per chunk
+    and head at C=K=V=64): P and Q are [K,C]x[C,C] and [C,C]x[C,C] products where kg^T [W | U] and
+    Aqk [W | U] were [*,C]x[C,K+V] ones, for one more [C,K]x[K,V]-sized state-step matmul."""
     n = cfg.fwd_group
     B, Tp, H, K, V, NG = _loop_dims(xs, cfg.chunk, n)
     f32 = jnp.float32
@@ -593,28 +566,22 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
     def body(i, carry):
         out, states, state, finals = carry
         group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
-        t = _terms(*group, seg_i, prev, cfg)
-        inv = unit_lower_inverse(t.akk * t.beta[..., None])
-        # Two matmuls rather than one of [kg^T; Aqk]: building that concatenation cost more than
-        # the second call (0.6 ms of 13 at the benchmark shape).
-        p = _dot("...ij,...jk->...ik", _t(t.kg), inv)
-        qm = _dot("...ij,...jk->...ik", t.aqk, inv)
-        bk, bv = t.k_read * t.beta[..., None], t.v * t.beta[..., None]
+        parts = _parts(*group, seg_i, prev, cfg)
         fl = _group_flags(flags, i, n)
         hs, rs = [], []
         for c in range(n):
             if fl is not None:
                 state = jnp.where(fl.start[c], h0[fl.seq[c]][None], state)
             hs.append(state)
-            r = bv[c] - _dot("bhck,bhkv->bhcv", bk[c], state)
+            r = parts.bv[c] - _dot("bhck,bhkv->bhcv", parts.bk[c], state)
             rs.append(r)
-            state = t.decay[c, ..., None] * state + _dot("bhkc,bhcv->bhkv", p[c], r)
+            state = parts.decay[c, ..., None] * state + _dot("bhkc,bhcv->bhkv", parts.p[c], r)
             if fl is not None:
                 seq = fl.seq[c]
                 finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
         hs = jnp.stack(hs)                                           # [n,B,H,K,V]
-        o = (_dot("...ck,...kv->...cv", t.qg, hs)
-             + _dot("...cj,...jv->...cv", qm, jnp.stack(rs)))
+        o = (_dot("...ck,...kv->...cv", parts.qg, hs)
+             + _dot("...cj,...jv->...cv", parts.q, jnp.stack(rs)))
         out = jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(o), i * n * cfg.chunk, axis=1)
         if save_states:
             states = jax.lax.dynamic_update_slice_in_dim(states, hs, i * n, axis=0)
@@ -636,30 +603,34 @@ def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Con
         grads, d_state, dh0 = carry
         i = NG - 1 - j
         group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
-        parts, intra_vjp = jax.vjp(lambda *a: _intra(*a, seg_i, prev, cfg), *group)
+        parts, parts_vjp = jax.vjp(lambda *a: _parts(*a, seg_i, prev, cfg), *group)
         fl = _group_flags(flags, i, n)
         hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=0)           # [n,B,H,K,V]
         rows = n * cfg.chunk
         do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
                         cfg.chunk)
-        d_qp = _dot("...cv,...kv->...ck", do, hs)
-        dh_read = _dot("...kc,...cv->...kv", _t(parts.qp), do)        # outputs' read of S0
-        a_t = _t(parts.a)
-        d_next = [None] * n                                          # cotangent of each S_next
+        r = parts.bv - _dot("...ck,...kv->...cv", parts.bk, hs)       # R of every chunk
+        dh_read = _dot("...kc,...cv->...kv", _t(parts.qg), do)        # outputs' read of S0
+        dr_out = _dot("...ij,...jv->...iv", _t(parts.q), do)         # Q^T dO
+        p_t, bk_t = _t(parts.p), _t(parts.bk)
+        d_next, d_r = [None] * n, [None] * n                          # cotangents of S_next, R
         for c in reversed(range(n)):
             if fl is not None:
                 d_state = jnp.where(fl.end[c], d_final[fl.seq[c]][None], d_state)
             d_next[c] = d_state
+            d_r[c] = dr_out[c] + _dot("bhck,bhkv->bhcv", p_t[c], d_state)
             d_state = (parts.decay[c, ..., None] * d_state + dh_read[c]
-                       + _dot("bhkj,bhjv->bhkv", a_t[c], d_state))
+                       - _dot("bhkc,bhcv->bhkv", bk_t[c], d_r[c]))
             if fl is not None:
                 seq = fl.seq[c]
                 dh0 = dh0.at[seq].set(jnp.where(fl.start[c], d_state[0], dh0[seq]))
                 d_state = jnp.where(fl.start[c], 0.0, d_state)
-        d_next = jnp.stack(d_next)
-        d_parts = Parts(decay=_rowdot(d_next, hs), a=_dot("...kv,...jv->...kj", d_next, hs),
-                        b=d_next, qp=d_qp, up=do)
-        d_group = intra_vjp(d_parts)
+        d_next, d_r = jnp.stack(d_next), jnp.stack(d_r)
+        d_parts = Parts(decay=_rowdot(d_next, hs), p=_dot("...kv,...cv->...kc", d_next, r),
+                        q=_dot("...iv,...jv->...ij", do, r),
+                        bk=-_dot("...cv,...kv->...ck", d_r, hs), bv=d_r,
+                        qg=_dot("...cv,...kv->...ck", do, hs))
+        d_group = parts_vjp(d_parts)
         grads = tuple(jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
                       for gr, dx in zip(grads, d_group))
         return grads, d_state, dh0
