@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,10 @@ def random_inputs(key, B, T, H, K, V, g_min):
     return q, k, v, g, beta, h0
 
 
-def outputs_and_grads(impl, inputs, op=kda, **kw):
+def outputs_and_grads(impl, inputs, **kw):
+    """Outputs and gradients of `kda(impl=impl)`, or of `impl` itself when it is a function."""
     q, k, v, g, beta, h0 = inputs
-    if op is kda:
-        kw = dict(kw, impl=impl)
+    op = impl if callable(impl) else partial(kda, impl=impl)
 
     def fn(q, k, v, g, beta, h0):
         return op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
@@ -202,7 +203,7 @@ def test_other_chunk_sizes_match_recurrent(chunk_size):
 
     inputs = random_inputs(5, 1, 150, 2, 16, 16, -3.0)
     ref = outputs_and_grads("recurrent", inputs)
-    got = outputs_and_grads(None, inputs, op=kda_chunk, chunk_size=chunk_size)
+    got = outputs_and_grads(kda_chunk, inputs, chunk_size=chunk_size)
     for name, r, c in zip(("o", "ht") + GRAD_NAMES, ref, got):
         assert rel_rms(r, c) <= 1e-4, f"C={chunk_size} {name}: {rel_rms(r, c):.2e}"
 
