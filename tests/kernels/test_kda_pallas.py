@@ -165,8 +165,18 @@ class TestKDAPallas:
         `jax.export` for platform tpu / cuda runs the kernel lowering to Mosaic / Triton IR, which
         interpret mode skips; the hardware compilers (Mosaic layouts, VMEM limits, PTX) still only
         run on a device.
+
+        The Triton lowering needs a GPU's compute capability. With no GPU present, jax 0.10 falls
+        back to 9.0 on its own; jax >= 0.12 raises "No supported GPU devices found" unless the
+        target is named by an abstract GPU device in the current abstract mesh, which is JAX's AOT
+        route (`jax.sharding.use_abstract_mesh`). We name an H100 (compute capability 9.0, the
+        same target jax 0.10 falls back to), so both versions lower the same kernels for the
+        same target. (The capability only changes float8 casts, which these kernels do not use.)
         """
+        import contextlib
+
         from jax import export
+        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
         B, T, H, K, V = (2, 128, 2, 128, 128) if mode == "segment_ids" else (1, 200, 2, 128, 128)
         platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[kernel_name]
@@ -183,10 +193,15 @@ class TestKDAPallas:
             return jnp.sum(o.astype(f32)) + jnp.sum(ht)
 
         ids = sds((B, T), jnp.int32) if mode == "segment_ids" else sds((N + 1,), jnp.int32)
-        exported = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(6)))),
-                                 platforms=[platform], disabled_checks=disabled)(
-            sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
-            sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
+        target = contextlib.nullcontext()
+        if platform == "cuda":
+            h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+            target = use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100))
+        with target:
+            exported = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(6)))),
+                                     platforms=[platform], disabled_checks=disabled)(
+                sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
+                sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
         text = exported.mlir_module()
         marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
         assert text.count(marker) >= 2   # the forward and the backward kernel
