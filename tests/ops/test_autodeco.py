@@ -128,6 +128,20 @@ def test_golden_float64(golden_dir, case, x64):
     assert _rel(both["loss"], d["top_p_loss"] + d["temp_loss"]) <= 1e-9
 
 
+# float32 bounds against the float64 golden values, from a measurement, not a guess:
+# `python tools/autodeco_f32_spread.py --seeds 1000` evaluates each quantity in float32 at the
+# golden inputs and at 1000 other float32 inputs within one float32 ulp of the float64 ones, on
+# jax 0.10.2 and 0.12.0.1 (identical maxima). Each bound is about twice the largest error seen
+# (max over both cases), rounded up to 1-2-5:
+#   prob_stats               max 6.9e-6 -> 2e-5
+#   both losses, dtemp/dT    max 1.5e-6 -> 5e-6
+#   dtop_p/dT, dtop_p/dP     max 4.4e-5 -> 1e-4
+# The top-p gradients are ill-conditioned in their inputs: float64 arithmetic on the same
+# float32-rounded inputs already lands 1.5e-5 away, so no float32 implementation meets 1e-5 on
+# every input (jax 0.12's XLA gives 1.11e-5 for dT on autodeco_small at the test's inputs).
+F32_STATS, F32_LOSS, F32_TOP_P_GRAD = 2e-5, 5e-6, 1e-4
+
+
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_float32(golden_dir, case):
     d = _load(golden_dir, case)
@@ -137,17 +151,17 @@ def test_golden_float32(golden_dir, case):
     stats = A.prob_stats(L, T)
     assert stats.dtype == jnp.float32
     for i in range(4):
-        assert _rel(stats[..., i], d["prob_stats"][..., i]) <= 1e-5, i
+        assert _rel(stats[..., i], d["prob_stats"][..., i]) <= F32_STATS, i
 
     tp, (gT, gP) = jax.value_and_grad(lambda t, p: A.soft_top_p_loss(L, t, p, y), (0, 1))(T, P)
     assert tp.dtype == jnp.float32
-    assert _rel(tp, d["top_p_loss"]) <= 1e-5
-    assert _rel(gT, d["dtop_p_loss_dT"]) <= 1e-5
-    assert _rel(gP, d["dtop_p_loss_dP"]) <= 1e-5
+    assert _rel(tp, d["top_p_loss"]) <= F32_LOSS
+    assert _rel(gT, d["dtop_p_loss_dT"]) <= F32_TOP_P_GRAD
+    assert _rel(gP, d["dtop_p_loss_dP"]) <= F32_TOP_P_GRAD
 
     tl, gT2 = jax.value_and_grad(lambda t: A.temperature_loss(L, t, y, r))(T)
-    assert _rel(tl, d["temp_loss"]) <= 1e-5
-    assert _rel(gT2, d["dtemp_loss_dT"]) <= 1e-5
+    assert _rel(tl, d["temp_loss"]) <= F32_LOSS
+    assert _rel(gT2, d["dtemp_loss_dT"]) <= F32_LOSS
 
 
 def test_golden_last_position_gets_no_gradient(golden_dir, x64):
