@@ -102,7 +102,7 @@ def train_heads(workdir: str, *, steps: int = 200, learning_rate: float = 1e-3, 
   H, V = model.config.hidden_size, model.config.vocab_size
   rows = batch_size or config.batch_size
   source = load_source(config.dataset, "train", data_dir=config.data_dir or None, text_key=config.text_key)
-  data = PackedBatches(source, tokenizer, seq_len=config.seq_len, local_batch=rows, grad_accum=1,
+  data = PackedBatches(source, tokenizer, seq_len=config.seq_len, batch_size=rows, grad_accum=1,
                        seed=config.seed, vocab_size=V)
 
   heads = AutoDecoHeads()
@@ -178,7 +178,7 @@ def train_heads(workdir: str, *, steps: int = 200, learning_rate: float = 1e-3, 
       "hidden_size": H,
       "vocab_size": V,
       "mlp_dim": heads.mlp_dim,
-      "base_step": base_step if base_step is not None else _latest_step(workdir),
+      "base_step": base_step if base_step is not None else _latest_step(workdir, config),
       "steps": steps,
       "batch_size": rows,
       "seq_len": config.seq_len,
@@ -203,10 +203,12 @@ def train_heads(workdir: str, *, steps: int = 200, learning_rate: float = 1e-3, 
   return info
 
 
-def _latest_step(workdir: str) -> int | None:
-  from jaxllm.train.loop import CHECKPOINT_DIR
-  d = os.path.join(workdir, CHECKPOINT_DIR)
-  steps = [int(x) for x in os.listdir(d) if x.isdigit()] if os.path.isdir(d) else []
+def _latest_step(workdir: str, config) -> int | None:
+  from etils import epath
+
+  from jaxllm.train.loop import checkpoint_dir
+  d = epath.Path(checkpoint_dir(config, workdir))
+  steps = [int(x.name) for x in d.iterdir() if x.name.isdigit()] if d.is_dir() else []
   return max(steps) if steps else None
 
 

@@ -1,22 +1,94 @@
-"""Orbax checkpoints: train state + data position + a fingerprint of what was trained.
+"""Orbax checkpoints: train state + every host's data position + a fingerprint of what was trained.
 
 Each checkpoint step holds three items:
-  ``state``  the train state pytree (params, optimizer state, step, RNG), sharded;
-  ``data``   the data iterator position (JSON);
-  ``meta``   model name/args, tokenizer and every param's path and shape (JSON), so
-             a checkpoint from another model fails with a message, not a shape dump.
+  ``state``       the train state pytree (params, optimizer state, step, RNG), sharded;
+  ``data_state``  the data position, one JSON file per process (``process_<i>-of-<n>.json``,
+                  written by ``PerProcessJsonHandler``): each host saves the rows it packs;
+  ``meta``        model name/args, tokenizer and every param's path and shape (JSON, host 0),
+                  so a checkpoint from another model fails with a message, not a shape dump.
 
 Restoring takes an abstract state whose leaves carry the *current* mesh's
-shardings, so a checkpoint written on one mesh restores onto another.
+shardings, so a checkpoint written on one mesh restores onto another; each host reads
+its own rows' data position from whichever file holds them, so a run may also resume on
+another number of hosts. Checkpoints of older versions hold one data position for all
+hosts (item ``data``, written by host 0 alone); they restore their weights (``data=False``)
+but refuse to resume training with a ``CheckpointError`` that says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+DATA_ITEM = "data_state"
+OLD_DATA_ITEM = "data"  # one JSON for all hosts, before per-process data states
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def process_file_name(index: int, count: int) -> str:
+  return f"process_{index}-of-{count}.json"
+
+
+class PerProcessJsonHandler(ocp.CheckpointHandler):
+  """Every process writes its own JSON object; restoring merges the ``rows`` each process asks for.
+
+  The saved object is ``{..., "rows": {"<row>": ...}}``: the keys other than ``rows`` (the
+  layout) must agree between processes; ``rows`` are the process's own entries (entries held by
+  several processes must be equal). ``restore(rows=[...])`` reads the process's own file first and
+  every file only when that lacks a row (e.g. when the process count changed since the save).
+  """
+
+  def save(self, directory: epath.Path, args: "PerProcessJsonSave"):
+    path = epath.Path(directory) / process_file_name(jax.process_index(), jax.process_count())
+    path.write_text(json.dumps(args.item, sort_keys=True))
+
+  def restore(self, directory: epath.Path, args: "PerProcessJsonRestore | None" = None) -> dict:
+    directory = epath.Path(directory)
+    want = None if args is None or args.rows is None else [str(int(r)) for r in args.rows]
+    own = directory / process_file_name(jax.process_index(), jax.process_count())
+    if want is not None and own.exists():
+      item = json.loads(own.read_text())
+      if all(r in item.get("rows", {}) for r in want):
+        return {**item, "rows": {r: item["rows"][r] for r in want}}
+    files = sorted(p for p in directory.iterdir() if _PROCESS_FILE.fullmatch(p.name))
+    if not files:
+      raise FileNotFoundError(f"no process_<i>-of-<n>.json files in {directory}")
+    merged: dict = {}
+    rows: dict = {}
+    for p in files:
+      item = json.loads(p.read_text())
+      head = {k: v for k, v in item.items() if k != "rows"}
+      if merged and head != merged:
+        raise ValueError(f"{p.name} disagrees with {files[0].name} about the data layout: {head} vs {merged}")
+      merged = head
+      for r, entry in item.get("rows", {}).items():
+        if rows.setdefault(r, entry) != entry:
+          raise ValueError(f"two process files disagree about row {r}: {rows[r]} vs {entry}")
+    if want is not None:
+      missing = [r for r in want if r not in rows]
+      if missing:
+        raise ValueError(f"rows {missing[:8]} are in none of the {len(files)} process files of {directory}")
+      rows = {r: rows[r] for r in want}
+    return {**merged, "rows": rows} if rows or want is not None else merged
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessJsonSave(ocp.args.CheckpointArgs):
+  item: dict
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+  rows: Sequence[int] | None = None  # None: every row of every file
 
 
 class CheckpointError(RuntimeError):
@@ -52,15 +124,23 @@ def _meta_mismatch(saved: dict, current: dict) -> str | None:
   return "\n".join(lines) if lines else None
 
 
+def _is_url(path: str) -> bool:
+  return "://" in path
+
+
 class Checkpointer:
-  """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
+  """Thin wrapper over ``ocp.CheckpointManager`` with clear errors.
+
+  ``directory`` may be a local path or a URL orbax/etils understand (``gs://bucket/...``; needs
+  ``gcsfs`` or TensorFlow for etils' GCS backend). Every process must call ``save``/``restore``.
+  """
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if _is_url(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", DATA_ITEM, "meta"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -69,9 +149,10 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-    return self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
-                           force=force)
+    """Saves ``state`` (sharded), this process's ``data_state`` (its own file) and ``meta`` (host 0)."""
+    return self._mngr.save(step, args=ocp.args.Composite(**{
+        "state": ocp.args.StandardSave(state), DATA_ITEM: PerProcessJsonSave(data_state),
+        "meta": ocp.args.JsonSave(meta)}), force=force)
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -79,6 +160,9 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+  def step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
 
   def read_meta(self, step: int) -> dict:
     try:
@@ -88,17 +172,31 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable or corrupted "
                             f"(meta: {type(e).__name__}: {e})") from e
 
-  def restore(self, step: int, abstract_state, expected_meta: dict) -> tuple[Any, dict]:
-    """(state, data position) of ``step``, placed on ``abstract_state``'s shardings."""
+  def restore(self, step: int, abstract_state, expected_meta: dict, *, data: bool = True,
+              rows: Sequence[int] | None = None) -> tuple[Any, dict | None]:
+    """(state, data position) of ``step``, the state placed on ``abstract_state``'s shardings.
+
+    The data position holds ``rows`` (default: every saved row), merged from the process files;
+    ``data=False`` restores the state alone (and returns ``None`` for the data), which also works
+    for checkpoints written before per-process data states.
+    """
     saved = self.read_meta(step)
     diff = _meta_mismatch(saved, expected_meta)
     if diff:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's model:\n{diff}\n"
                             "Use a fresh --workdir, or the config the checkpoint was trained with.")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data:
+      path = self.step_path(step)
+      if not (path / DATA_ITEM).exists() and (path / OLD_DATA_ITEM).exists():
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} was written by an older jaxllm: it holds one data "
+            "position for all hosts, packed in another order, so training cannot resume from it exactly. "
+            "Start a fresh --workdir; its weights still load for generation (jaxllm generate).")
+      items[DATA_ITEM] = PerProcessJsonRestore(None if rows is None else list(rows))
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted or incomplete: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
-    return out["state"], dict(out["data"])
+    return out["state"], (dict(out[DATA_ITEM]) if data else None)

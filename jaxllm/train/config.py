@@ -60,7 +60,9 @@ class RunConfig:
   mesh_fsdp: int = 1
   mesh_tensor: int = 1
   mesh_expert: int = 1
-  # Checkpoints (under <workdir>/checkpoints).
+  # Checkpoints: under checkpoint_dir ('' = <workdir>/checkpoints); a multi-host run needs a directory every
+  # host sees (a shared mount, or gs://bucket/... with gcsfs installed).
+  checkpoint_dir: str = ""
   save_every: int = 50
   keep_checkpoints: int = 3
   async_checkpoints: bool = True

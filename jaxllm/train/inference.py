@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train.config import ConfigError, load_config
-from jaxllm.train.loop import CHECKPOINT_DIR, CONFIG_FILE, abstract_state, setup
+from jaxllm.train.loop import CONFIG_FILE, abstract_state, checkpoint_dir, setup
 
 
 def load_trained(workdir: str, step: int | None = None, *, model=None):
@@ -24,7 +24,7 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
   config = dataclasses.replace(config, mesh_data=-1, mesh_fsdp=1, mesh_tensor=1, mesh_expert=1,
                                batch_size=config.grad_accum * jax.device_count())
   s = setup(config, model=model)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=config.save_every,
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(config, workdir), save_every=config.save_every,
                                keep=config.keep_checkpoints, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -34,7 +34,7 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
       raise ckpt_lib.CheckpointError(f"no checkpoint step {step} in {ckpt.directory}; have {ckpt.all_steps()}")
     with jax.set_mesh(s.mesh):
       abstract = abstract_state(s)
-      state, _ = ckpt.restore(step, abstract, ckpt_lib.make_meta(config, abstract["params"]))
+      state, _ = ckpt.restore(step, abstract, ckpt_lib.make_meta(config, abstract["params"]), data=False)
   finally:
     ckpt.close()
   return s.model, state["params"], s.tokenizer

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm import sharding as shd
-from jaxllm.data.pipeline import PackedBatches
+from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
 from jaxllm.train import checkpoint as ckpt_lib
@@ -77,6 +78,11 @@ def model_vocab_size(config: RunConfig, tokenizer) -> int:
   return vocab
 
 
+def checkpoint_dir(config: RunConfig, workdir: str) -> str:
+  """``config.checkpoint_dir``, or ``<workdir>/checkpoints`` when that is empty."""
+  return config.checkpoint_dir or os.path.join(workdir, CHECKPOINT_DIR)
+
+
 def make_run_mesh(config: RunConfig):
   mesh_config = shd.MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert)
   try:
@@ -110,8 +116,6 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
     raise ConfigError(f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
                       f"microbatch must be divisible by the {shards} batch shards of mesh {dict(mesh.shape)} "
                       "(data x fsdp x expert)")
-  if config.batch_size % jax.process_count():
-    raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   tx, schedule = make_optimizer(config)
   ids = jnp.zeros((1, config.seq_len), jnp.int32)
   param_dtype = DTYPES[config.param_dtype]
@@ -149,19 +153,58 @@ def init_state(s: Setup):
   return init(jax.random.PRNGKey(s.config.seed))
 
 
+def batch_shape(s: Setup) -> tuple[int, int, int]:
+  c = s.config
+  return (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
+
+
+def process_rows(s: Setup) -> list[int]:
+  """The global batch rows (``r = microbatch * rows_per_microbatch + i``) this process's devices hold.
+
+  Read off the batch sharding, so any device order or mesh layout is right, including rows
+  that several processes hold (replicated over a mesh axis that spans hosts).
+  """
+  ga, micro, _ = shape = batch_shape(s)
+  rows = set()
+  for index in s.batch_sharding.addressable_devices_indices_map(shape).values():
+    rows.update(g * micro + i for g in range(ga)[index[0]] for i in range(micro)[index[1]])
+  return sorted(rows)
+
+
 def make_data(s: Setup, split: str = "train") -> PackedBatches:
+  """This process's rows of the global batches of ``split``: it reads only those rows' documents."""
   c = s.config
   source = load_source(c.dataset, split, data_dir=c.data_dir or None, text_key=c.text_key)
-  hosts = jax.process_count()
-  return PackedBatches(source, s.tokenizer, seq_len=c.seq_len, local_batch=c.batch_size // hosts,
-                       grad_accum=c.grad_accum, seed=c.seed, host_index=jax.process_index(), host_count=hosts,
-                       vocab_size=s.vocab_size)
+  return PackedBatches(source, s.tokenizer, seq_len=c.seq_len, batch_size=c.batch_size, grad_accum=c.grad_accum,
+                       seed=c.seed, rows=process_rows(s), vocab_size=s.vocab_size)
 
 
-def global_batch(s: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  c = s.config
-  shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
-  return {k: jax.make_array_from_process_local_data(s.batch_sharding, v, shape) for k, v in local.items()}
+def global_batch(s: Setup, batch: dict[str, np.ndarray], rows=None) -> dict[str, jax.Array]:
+  """Global arrays on ``s.batch_sharding`` from host data.
+
+  ``rows=None``: ``batch`` holds the whole global batch ``[grad_accum, rows/grad_accum, seq_len]``
+  (every process passes the same). Otherwise ``batch`` holds the global rows ``rows`` as
+  ``[len(rows), seq_len]`` (``PackedBatches.next_rows()``), at least those this process's devices hold.
+  """
+  ga, micro, seq = shape = batch_shape(s)
+  if rows is None:
+    for k, v in batch.items():
+      if v.shape != shape:
+        raise ValueError(f"batch[{k!r}] has shape {v.shape}; the global batch is {shape}")
+    return {k: jax.make_array_from_callback(shape, s.batch_sharding, lambda index, v=v: v[index])
+            for k, v in batch.items()}
+  where = {int(r): i for i, r in enumerate(rows)}
+
+  def pick(v, index):
+    try:
+      sel = np.array([[where[g * micro + i] for i in range(micro)[index[1]]] for g in range(ga)[index[0]]])
+    except KeyError as e:
+      raise ValueError(f"global batch row {e.args[0]} is held by this process's devices but not in the rows "
+                       "given") from None
+    return v[sel.reshape(-1)].reshape(sel.shape + (seq,))[..., index[2]]
+
+  return {k: jax.make_array_from_callback(shape, s.batch_sharding, lambda index, v=v: pick(v, index))
+          for k, v in batch.items()}
 
 
 def compile_step(s: Setup):
@@ -201,10 +244,10 @@ class Validation:
                        out_shardings=(replicated, replicated))
 
   def __call__(self, params) -> float:
-    self.data.set_state({"epoch": 0, "cursor": 0, "offset": 0})
+    self.data.reset()
     total, count = 0.0, 0.0
     for _ in range(self.batches):
-      l, n = jax.device_get(self._fn(params, global_batch(self.s, next(self.data))))
+      l, n = jax.device_get(self._fn(params, global_batch(self.s, self.data.next_rows(), self.data.rows)))
       total, count = total + float(l), count + float(n)
     return total / max(count, 1.0)
 
@@ -239,8 +282,16 @@ def train(config: RunConfig, workdir: str, *, model=None, mesh=None,
   """Runs (or resumes) training until ``config.steps``; returns losses, final params and samples.
 
   ``model`` (a Linen module) replaces ``config.model``; ``mesh`` replaces the config's mesh.
+  Several processes (after ``jax.distributed.initialize()``) each run this same call: each packs
+  and saves the data of the batch rows its devices hold; only process 0 logs (``log`` is not
+  called on the others) and writes ``run_config.json``, ``metrics.jsonl`` and TensorBoard events.
   """
-  log = log or (lambda msg: print(msg, flush=True) if _is_main() else None)
+  if not _is_main():
+    log = lambda msg: None  # noqa: E731
+  log = log or (lambda msg: print(msg, flush=True))
+  if "://" in workdir:
+    raise ConfigError(f"--workdir {workdir!r}: the workdir must be a local (or mounted) directory, as metrics.jsonl "
+                      "is appended to; put checkpoints on shared or cloud storage with checkpoint_dir=gs://...")
   os.makedirs(workdir, exist_ok=True)
   s = setup(config, model=model, mesh=mesh)
   with jax.set_mesh(s.mesh):
@@ -249,15 +300,22 @@ def train(config: RunConfig, workdir: str, *, model=None, mesh=None,
 
 def _train(s: Setup, workdir: str, log) -> TrainResult:
   c = s.config
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=c.save_every,
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(c, workdir), save_every=c.save_every,
                                keep=c.keep_checkpoints, async_save=c.async_checkpoints)
+  if jax.process_count() > 1:  # process 0 prepares a shared data_dir before the others read (or prepare) theirs
+    if _is_main():
+      load_source(c.dataset, "train", data_dir=c.data_dir or None, text_key=c.text_key)
+    multihost_utils.sync_global_devices("jaxllm: dataset prepared by process 0")
   data = make_data(s)
   abstract = abstract_state(s)
   meta = ckpt_lib.make_meta(c, abstract["params"])
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(start, abstract, meta)
-    data.set_state(data_state)
+    state, data_state = ckpt.restore(start, abstract, meta, rows=data.rows)
+    try:
+      data.set_state(data_state)
+    except DataStateError as e:
+      raise ckpt_lib.CheckpointError(f"checkpoint step {start} in {ckpt.directory}: {e}") from None
     log(f"resumed from checkpoint step {start} in {ckpt.directory}")
   else:
     start = 0
@@ -296,7 +354,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
   try:
     for step in range(start + 1, c.steps + 1):
       t0 = time.perf_counter()
-      batch = global_batch(s, next(data))
+      batch = global_batch(s, data.next_rows(), data.rows)
       state, m = step_fn(state, batch)
       m = jax.device_get(m)
       dt = time.perf_counter() - t0
@@ -341,7 +399,11 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
   n = max(1, min(10, len(ordered) // 2))
   log(f"trained steps {start + 1}-{c.steps}: loss {ordered[0]:.4f} -> {ordered[-1]:.4f} (mean of first {n}: "
       f"{np.mean(ordered[:n]):.4f}, last {n}: {np.mean(ordered[-n:]):.4f}); checkpoints in {ckpt.directory}")
-  samples = generate_samples(s, state["params"], log) if c.num_samples else []
+  samples = []
+  if c.num_samples and jax.process_count() > 1:
+    log(f"(no samples on a {jax.process_count()}-process run: sample from the checkpoint with jaxllm generate)")
+  elif c.num_samples:
+    samples = generate_samples(s, state["params"], log)
   return TrainResult(start, c.steps, losses, ckpt.directory, samples, state["params"], val_losses)
 
 

@@ -23,5 +23,5 @@ def test_hf_tokenizer_file(tmp_path):
   ids = t.encode("def foo(x): return x")
   assert ids.dtype == np.int32 and ids.max() < t.vocab_size
   assert t.decode(ids).replace(" ", "") == "deffoo(x):returnx"
-  b = next(PackedBatches(corpus, t, seq_len=8, local_batch=2, vocab_size=t.vocab_size))
+  b = next(PackedBatches(corpus, t, seq_len=8, batch_size=2, vocab_size=t.vocab_size))
   assert b["inputs"].max() < t.vocab_size and b["loss_mask"].sum() > 0

@@ -75,7 +75,7 @@ def test_mean_values_match_the_heads_on_the_eval_data(workdir):
   module, variables, info = ad.load_heads(str(workdir))
   c = load_config(str(workdir / "run_config.json"))
   data = PackedBatches(load_source(c.dataset, "train", data_dir=c.data_dir, text_key=c.text_key), tok,
-                       seq_len=c.seq_len, local_batch=c.batch_size, seed=c.seed, vocab_size=model.config.vocab_size)
+                       seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, vocab_size=model.config.vocab_size)
   for _ in range(info["steps"]):
     next(data)
   t_sum = p_sum = n = 0.0

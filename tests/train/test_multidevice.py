@@ -53,7 +53,10 @@ def test_checkpoint_restores_onto_a_different_mesh(result):
   assert result["restored_equal"]
   assert all(v[0] for v in result["restored_specs"].values())
   assert result["restored_specs"]["['params']['block_0']['w2']"][1] == "P('expert',)"
-  assert set(result["restored_data_state"]) == {"epoch", "cursor", "offset"}
+  data_state = result["restored_data_state"]
+  assert data_state["format"] == "jaxllm.packed_rows.v1" and data_state["batch_size"] == 8
+  assert sorted(map(int, data_state["rows"])) == list(range(8))
+  assert set(data_state["rows"]["3"]) == {"epoch", "cursor", "offset"}
 
 
 def test_batch_not_divisible_by_mesh_is_rejected(result):
