@@ -92,9 +92,12 @@ _mm_tn.defvjp(_mm_tn_fwd, _mm_tn_bwd)
 
 
 # Reductions. XLA:CPU (JAX 0.10) sends reduce(multiply(..)) and reductions over a non-minor dim to
-# a YNNPACK path that ran ~8x slower than the same sum written as a dot; so every reduction here,
+# a YNNPACK path that ran ~8x slower than the same sum written as a dot, and that path crashes
+# (SIGSEGV in YNNPACK's transpose, jaxlib 0.10.x, seen on AMD Zen 2/3) when the reduce sits in a
+# `lax.cond` branch -- where every VJP of `_select_by_span` runs. So every reduction here,
 # including those in hand-written VJPs, is an einsum, and broadcasts whose autodiff would produce
-# such a reduction get their own VJP.
+# a reduction go through `_expand` (or have their own VJP). tests/kernels/test_kda_xla_cpu.py
+# checks the compiled backward for reduce fusions in conditional branches.
 
 def _rowdot(a, b):
     """sum over the last dim of a * b."""
@@ -104,6 +107,32 @@ def _rowdot(a, b):
 def _colsum(x):
     """sum over the second-to-last dim."""
     return jnp.einsum("c,...cx->...x", jnp.ones(x.shape[-2], x.dtype), x)
+
+
+def _sum_axis(x, axis):
+    """sum over `axis` as a contraction with ones (a dot, not a reduce)."""
+    axis = axis % x.ndim
+    letters = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
+    out = letters[:axis] + letters[axis + 1:]
+    return jnp.einsum(f"{letters},{letters[axis]}->{out}", x, jnp.ones(x.shape[axis], x.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _expand(x, axis, size):
+    """x with a new dim of `size` inserted at `axis` (a broadcast whose VJP sums with a dot)."""
+    y = jnp.expand_dims(x, axis)
+    return jnp.broadcast_to(y, y.shape[:axis % y.ndim] + (size,) + y.shape[axis % y.ndim + 1:])
+
+
+def _expand_fwd(x, axis, size):
+    return _expand(x, axis, size), None
+
+
+def _expand_bwd(axis, size, _, ct):
+    return (_sum_axis(ct, axis),)
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
 
 
 @jax.custom_vjp
@@ -177,9 +206,9 @@ def _diag_pairwise(xs, ks, gs):
 
     @jax.checkpoint
     def block(args):
-        x, k, g = args                                                # [S, K] each
-        decay = _masked_decay(lower, g[:, None, :] - g[None, :, :])  # [S, S, K]
-        return jnp.sum(x[:, None, :] * k[None, :, :] * decay, axis=-1)
+        x, k, g = args                                                          # [S, K] each
+        decay = _masked_decay(lower, _expand(g, 1, SUB) - _expand(g, 0, SUB))  # [S, S, K]
+        return jnp.einsum("ijd,jd->ij", _expand(x, 1, SUB) * decay, k)
 
     flat = lambda a: a.reshape((-1,) + a.shape[-2:])
     out = jax.lax.map(block, (flat(xs), flat(ks), flat(gs)), batch_size=PAIRWISE_BATCH)
@@ -188,42 +217,50 @@ def _diag_pairwise(xs, ks, gs):
 
 def _diag_factorised(xs, ks, gs):
     """Diagonal-block scores as a matmul: exp(G_i - G_m) exp(G_m - G_j), m = mid row (span-limited)."""
-    g_mid = gs[..., SUB // 2: SUB // 2 + 1, :]
+    g_mid = _expand(gs[..., SUB // 2, :], -2, SUB)
     left = xs * _bounded_exp(gs - g_mid)
     right = ks * _bounded_exp(g_mid - gs)
     return _dot("...id,...jd->...ij", left, right)
 
 
 def _span_within(g_cum):
-    """True when every block's log-decay span (first row minus last row) is <= SAFE_SPAN."""
+    """True when every block's log-decay span (first row minus last row) is <= SAFE_SPAN.
+
+    A reduce: call it outside `lax.cond` branches (see the note on reductions above)."""
     return jnp.max(g_cum[..., 0, :] - g_cum[..., -1, :]) <= SAFE_SPAN
 
 
 def _select_by_span(fast_fn, exact_fn, fast_bwd=None):
-    """`cond(span ok, fast_fn, exact_fn)(x, k, g_cum)` whose VJP re-runs only the chosen branch.
+    """`select(fast, (x, k, g_cum), preds)` = `cond(fast, fast_fn, exact_fn)((x, k, g_cum), preds)`,
+    whose VJP re-runs only the chosen branch.
 
-    Autodiff of `cond` would zero-fill the other branch's residuals (a [..,16,16,K] tensor for
-    the pairwise branch); here the backward recomputes the chosen branch under `jax.vjp`, or calls
-    `fast_bwd(x, k, g_cum, ct)` for the fast branch when given.
+    `fast` (usually `_span_within(g_cum)`) and `preds` (predicates of nested selects) are computed
+    by the caller, outside every branch. Autodiff of `cond` would zero-fill the other branch's
+    residuals (a [..,16,16,K] tensor for the pairwise branch); here the backward recomputes the
+    chosen branch under `jax.vjp`, or calls `fast_bwd(x, k, g_cum, ct)` for the fast branch.
     """
 
     @jax.custom_vjp
-    def select(x, k, g_cum):
-        return jax.lax.cond(_span_within(g_cum), fast_fn, exact_fn, x, k, g_cum)
+    def select(fast, xs, preds):
+        return jax.lax.cond(fast, fast_fn, exact_fn, xs, preds)
 
     def branch_vjp(fn):
-        return lambda args, ct: jax.vjp(fn, *args)[1](ct)
+        return lambda xs, preds, ct: jax.vjp(lambda *a: fn(a, preds), *xs)[1](ct)
 
-    fast = branch_vjp(fast_fn) if fast_bwd is None else (lambda args, ct: fast_bwd(*args, ct))
+    fast_vjp = branch_vjp(fast_fn) if fast_bwd is None else (lambda xs, _, ct: fast_bwd(*xs, ct))
+
+    def fwd(fast, xs, preds):
+        return select(fast, xs, preds), (fast, xs, preds)
 
     def bwd(res, ct):
-        return jax.lax.cond(_span_within(res[2]), fast, branch_vjp(exact_fn), res, ct)
+        fast, xs, preds = res
+        return None, jax.lax.cond(fast, fast_vjp, branch_vjp(exact_fn), xs, preds, ct), None
 
-    select.defvjp(lambda *args: (select(*args), args), bwd)
+    select.defvjp(fwd, bwd)
     return select
 
 
-_diag_scores = _select_by_span(_diag_factorised, _diag_pairwise)
+_diag_scores = _select_by_span(lambda xs, _: _diag_factorised(*xs), lambda xs, _: _diag_pairwise(*xs))
 
 
 def _causal_masks(C, dtype):
@@ -265,44 +302,61 @@ def _scores_whole_chunk_bwd(q_NCK, k_NCK, g_cum_NCK, cts):
     return dq, dk, dg
 
 
-def _scores_by_subchunk(q_NCK, k_NCK, g_cum_NCK):
+def _sub_blocks(x_NCK):
+    """[..., C, D] -> [..., C/16, 16, D]."""
+    *lead, C, D = x_NCK.shape
+    return x_NCK.reshape(*lead, C // SUB, SUB, D)
+
+
+def _scores_by_subchunk(q_NCK, k_NCK, g_cum_NCK, sub_fast=None):
+    """Akk and Aqk by 16-row sub-chunks; `sub_fast` = `_span_within` of the sub-chunks (computed
+    here when not given; `intra_scores` passes it in from outside its branches)."""
+    if sub_fast is None:
+        sub_fast = _span_within(_sub_blocks(g_cum_NCK))
     C = k_NCK.shape[-2]
     strict, _ = _causal_masks(C, k_NCK.dtype)
-    return (_subchunk_scores(k_NCK, k_NCK, g_cum_NCK) * strict,
-            _subchunk_scores(q_NCK, k_NCK, g_cum_NCK))
+    return (_subchunk_scores(k_NCK, k_NCK, g_cum_NCK, sub_fast) * strict,
+            _subchunk_scores(q_NCK, k_NCK, g_cum_NCK, sub_fast))
 
 
-def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK):
+def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK, sub_fast):
     """sum_d x_id k_jd exp(G_id - G_jd) for i >= j, by 16-row sub-chunks."""
     *lead, C, K = k_NCK.shape
     n = C // SUB
-    sub = lambda a: a.reshape(*lead, n, SUB, K)
-    xs, ks, gs = sub(x_NCK), sub(k_NCK), sub(g_cum_NCK)
+    xs, ks, gs = _sub_blocks(x_NCK), _sub_blocks(k_NCK), _sub_blocks(g_cum_NCK)
 
     # Diagonal 16x16 blocks, placed on the block diagonal of a [C,C] matrix.
     i = jnp.arange(SUB)
-    diag = _diag_scores(xs, ks, gs) * (i[:, None] >= i[None, :])
+    diag = _diag_scores(sub_fast, (xs, ks, gs), ()) * (i[:, None] >= i[None, :])
     eye_n = jnp.eye(n, dtype=diag.dtype)
-    diag = (diag[..., :, :, None, :] * eye_n[:, None, :, None]).reshape(*lead, C, C)
+    diag = (_expand(diag, -2, n) * eye_n[:, None, :, None]).reshape(*lead, C, C)
 
     # Off-diagonal blocks: reference row r_a = first row of sub-chunk a; both factors <= 1.
     g_ref = gs[..., :, 0, :]                                          # [..., n, K]
-    x_ref = xs * _masked_decay(True, gs - g_ref[..., :, None, :])
+    x_ref = xs * _masked_decay(True, gs - _expand(g_ref, -2, SUB))
     before = jnp.arange(C)[None, :] < (jnp.arange(n) * SUB)[:, None]  # [n, C]
-    k_ref = k_NCK[..., None, :, :] * _masked_decay(
-        before[:, :, None], g_ref[..., :, None, :] - g_cum_NCK[..., None, :, :])  # [..., n, C, K]
+    k_ref = _expand(k_NCK, -3, n) * _masked_decay(
+        before[:, :, None], _expand(g_ref, -2, C) - _expand(g_cum_NCK, -3, n))  # [..., n, C, K]
     off = _dot("...nid,...njd->...nij", x_ref, k_ref).reshape(*lead, C, C)
     return off + diag
 
 
-intra_scores = _select_by_span(_scores_whole_chunk, _scores_by_subchunk, _scores_whole_chunk_bwd)
-intra_scores.__doc__ = """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
+_select_scores = _select_by_span(lambda xs, _: _scores_whole_chunk(*xs),
+                                 lambda xs, preds: _scores_by_subchunk(*xs, *preds),
+                                 _scores_whole_chunk_bwd)
 
-Three exact evaluations, picked by the largest log-decay span (a scalar predicate, so one branch
-runs): the whole chunk as one matmul around its mid row (span over the chunk <= SAFE_SPAN);
-16-row sub-chunks with matmul diagonal blocks (span over each sub-chunk <= SAFE_SPAN); or exact
-pairwise diagonal blocks for any gate magnitude.
-"""
+
+def intra_scores(q_NCK, k_NCK, g_cum_NCK):
+    """Akk (strictly lower) and Aqk (lower incl. diagonal): sum_d x_id k_jd exp(G_id - G_jd).
+
+    Three exact evaluations, picked by the largest log-decay span (scalar predicates, so one
+    branch runs): the whole chunk as one matmul around its mid row (span over the chunk <=
+    SAFE_SPAN); 16-row sub-chunks with matmul diagonal blocks (span over each sub-chunk <=
+    SAFE_SPAN); or exact pairwise diagonal blocks for any gate magnitude. Both predicates are
+    computed here, before any branch.
+    """
+    return _select_scores(_span_within(g_cum_NCK), (q_NCK, k_NCK, g_cum_NCK),
+                          (_span_within(_sub_blocks(g_cum_NCK)),))
 
 
 def _invert_unit_lower_blocks(l_NSS):
