@@ -44,9 +44,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _maybe_distributed(args) -> None:
+  """``jax.distributed.initialize()`` for --distributed / JAXLLM_DISTRIBUTED=1.
+
+  Cloud TPU, SLURM, Open MPI and Kubernetes are detected by JAX itself. Elsewhere set
+  ``JAX_COORDINATOR_ADDRESS`` (read by JAX) and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+  (read here: JAX takes those two only as arguments).
+  """
   if getattr(args, "distributed", False) or os.environ.get("JAXLLM_DISTRIBUTED") == "1":
     import jax
-    jax.distributed.initialize()
+    kwargs = {}
+    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      text = os.environ.get(var, "").strip()
+      if text:
+        if not text.isdigit():
+          raise SystemExit(f"error: {var}={text!r} is not allowed; allowed: a non-negative integer")
+        kwargs[name] = int(text)
+    jax.distributed.initialize(**kwargs)
 
 
 def _train(args) -> int:

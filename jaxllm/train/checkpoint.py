@@ -185,18 +185,36 @@ class Checkpointer:
     if diff:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's model:\n{diff}\n"
                             "Use a fresh --workdir, or the config the checkpoint was trained with.")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data:
-      path = self.step_path(step)
-      if not (path / DATA_ITEM).exists() and (path / OLD_DATA_ITEM).exists():
+      self._check_data_item(step)  # before the (long) state restore
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted or incomplete: "
+                            f"{type(e).__name__}: {str(e)[:500]}") from e
+    return out["state"], (self.read_data_state(step, rows) if data else None)
+
+  def _check_data_item(self, step: int) -> None:
+    path = self.step_path(step)
+    if not (path / DATA_ITEM).exists():
+      if (path / OLD_DATA_ITEM).exists():
         raise CheckpointError(
             f"checkpoint step {step} in {self.directory} was written by an older jaxllm: it holds one data "
             "position for all hosts, packed in another order, so training cannot resume from it exactly. "
             "Start a fresh --workdir; its weights still load for generation (jaxllm generate).")
-      items[DATA_ITEM] = PerProcessJsonRestore(None if rows is None else list(rows))
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no data position ({DATA_ITEM}/)")
+
+  def read_data_state(self, step: int, rows: Sequence[int] | None = None) -> dict:
+    """The data position of ``rows`` (default: all saved rows), merged from the step's process files.
+
+    Local file reads only (no collective), so a process that fails here fails alone and the
+    caller can tell the others (see ``loop.restore``).
+    """
+    path = self.step_path(step)
+    self._check_data_item(step)
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted or incomplete: "
-                            f"{type(e).__name__}: {str(e)[:500]}") from e
-    return out["state"], (dict(out[DATA_ITEM]) if data else None)
+      return PerProcessJsonHandler().restore(path / DATA_ITEM, PerProcessJsonRestore(
+          None if rows is None else list(rows)))
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory}: data position unreadable: "
+                            f"{type(e).__name__}: {e}") from e

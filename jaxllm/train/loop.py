@@ -252,6 +252,32 @@ class Validation:
     return total / max(count, 1.0)
 
 
+def restore(ckpt, step: int, abstract, meta: dict, data: PackedBatches):
+  """The train state of checkpoint ``step``, with ``data`` set to this process's rows' saved positions.
+
+  Every process either succeeds or raises: a process whose data position fails (its own files)
+  tells the others through a collective instead of leaving them waiting in the first step.
+  """
+  problem = None
+  state = None
+  try:
+    state, data_state = ckpt.restore(step, abstract, meta, rows=data.rows)
+    data.set_state(data_state)
+  except DataStateError as e:
+    problem = ckpt_lib.CheckpointError(f"checkpoint step {step} in {ckpt.directory}: {e}")
+  except ckpt_lib.CheckpointError as e:
+    problem = e
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None))).reshape(-1)
+    if failed.any() and problem is None:
+      problem = ckpt_lib.CheckpointError(
+          f"checkpoint step {step} in {ckpt.directory}: process(es) {np.flatnonzero(failed).tolist()} could not "
+          "restore it (see their error)")
+  if problem is not None:
+    raise problem
+  return state
+
+
 def _is_main() -> bool:
   return jax.process_index() == 0
 
@@ -311,11 +337,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
   meta = ckpt_lib.make_meta(c, abstract["params"])
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(start, abstract, meta, rows=data.rows)
-    try:
-      data.set_state(data_state)
-    except DataStateError as e:
-      raise ckpt_lib.CheckpointError(f"checkpoint step {start} in {ckpt.directory}: {e}") from None
+    state = restore(ckpt, start, abstract, meta, data)
     log(f"resumed from checkpoint step {start} in {ckpt.directory}")
   else:
     start = 0

@@ -7,6 +7,7 @@ With N > 1 it joins ``jax.distributed`` (coordinator 127.0.0.1:PORT). ``--hang-a
 process at a known point. Prints ``RESULT {json}`` (this process's rows, start step and losses) at the end.
 """
 
+import argparse
 import json
 import os
 import resource
@@ -26,8 +27,12 @@ import jax  # noqa: E402
 if nproc > 1:
   # gloo is the default CPU collectives of jax 0.10-0.12 already; say so in case a version changes it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
-                             initialization_timeout=120)
+  # The way `jaxllm train --distributed` starts on a cluster JAX does not detect by itself:
+  # jax.distributed.initialize(coordinator_address="127.0.0.1:PORT", num_processes=NPROC, process_id=PID).
+  os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(nproc),
+                    JAX_PROCESS_ID=str(pid))
+  from jaxllm.cli import _maybe_distributed
+  _maybe_distributed(argparse.Namespace(distributed=True))
 assert jax.process_count() == nproc and jax.device_count() == 8 and jax.process_index() == pid
 
 import tiny_lm  # noqa: E402
