@@ -131,7 +131,7 @@ class PackedBatches:
     self.rows = tuple(rows)
     self.vocab_size = vocab_size
     self._cache: dict[int, np.ndarray] = {}
-    self._cache_size = cache_size
+    self._cache_size = max(cache_size, 2 * len(rows))  # each row comes back to its current document
     # Rows may sit in different epochs (ceil(B / N) + 1 of them when there are few documents).
     self._orders: dict[int, np.ndarray] = {}
     self._orders_size = max(3, -(-batch_size // self.num_docs) + 2)
