@@ -68,6 +68,10 @@ def kill(procs):
       pass
 
 
+def read(path):
+  return path.read_text() if path.exists() else ""
+
+
 def tail(workdir, pid, name="stderr"):
   path = pathlib.Path(workdir) / f"{name}_{pid}.txt"
   return path.read_text()[-3000:] if path.exists() else ""
@@ -122,11 +126,14 @@ def runs(tmp_path_factory):
 
 def _run_all(out, tmp, data_dir):
   w = {name: str(tmp / name) for name in ("one", "two", "killed", "regrouped")}
-  # One process with 8 devices and two processes with 4 each, side by side.
+  # Side by side: one process with 8 devices; two processes with 4 each, uninterrupted; and, once the
+  # latter have compiled (so the new ones find process 0's programs in the cache), in a fresh workdir,
+  # two processes that stop before step 13 (after the step-10 checkpoint) and are SIGKILLed there.
   one, two = start(1, w["one"], data_dir), start(2, w["two"], data_dir)
-  out["one"], out["two"] = finish(one, w["one"]), finish(two, w["two"])
-
-  # Fresh workdir: both processes stop before step 13 (after the checkpoint of step 10); SIGKILL both.
+  deadline = time.time() + TIMEOUT_S
+  while "compiled train step" not in read(pathlib.Path(w["two"]) / "stdout_0.txt") and two[0].poll() is None:
+    assert time.time() < deadline, f"no compile within {TIMEOUT_S}s:\n{tail(w['two'], 0)}"
+    time.sleep(0.1)
   procs = start(2, w["killed"], data_dir, "--hang-at", "13")
   try:
     deadline = time.time() + TIMEOUT_S
@@ -145,7 +152,8 @@ def _run_all(out, tmp, data_dir):
   # Resume with both processes; and a copy of the killed run with one process (8 devices) from the same files.
   shutil.copytree(w["killed"], w["regrouped"], ignore=shutil.ignore_patterns("stdout_*", "stderr_*"))
   resumed, regrouped = start(2, w["killed"], data_dir), start(1, w["regrouped"], data_dir)
-  out["resumed"], out["regrouped"] = finish(resumed, w["killed"]), finish(regrouped, w["regrouped"])
+  for name, procs in (("one", one), ("two", two), ("resumed", resumed), ("regrouped", regrouped)):
+    out[name] = finish(procs, w["killed" if name == "resumed" else name])
 
 
 def test_kill_and_resume_equals_uninterrupted_two_process_run_exactly(runs):
