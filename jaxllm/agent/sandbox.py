@@ -4,29 +4,44 @@
 
 Layers of containment (see docs/agent.md, "Sandbox"), strongest first:
 
-1. **OS, namespace mode** (``isolation="namespace"``; used by ``"auto"`` when the host is root and
-   ``unshare`` works): the child starts in fresh network, mount, PID, IPC and UTS namespaces. Its
-   root is a new tmpfs holding only read-only bind mounts of the Python installation, the shared
-   libraries and ``/dev/{null,zero,urandom}``, plus a size-limited tmpfs ``/sandbox`` as its
-   working directory; everything else of the host filesystem does not exist for it (``chroot``).
-   The user code runs as a throwaway unprivileged uid (no capabilities, ``no_new_privs``). The
-   network namespace has only a downed loopback device. When the namespace's init (our
-   supervisor) exits or is killed, the kernel kills every process left in it.
-2. **OS, always**: ``setrlimit`` on CPU seconds, address space (``RLIMIT_AS``), file size, open
-   files, core dumps and the number of processes (``RLIMIT_NPROC``; the kernel only applies it to
-   non-root uids, hence the throwaway uid); the host kills the child's process group at the
-   wall-clock limit and when output exceeds its cap, and reads at most ``max_output_bytes`` per
-   stream, so the host's memory is bounded whatever the child prints.
-3. **Python audit hook** (``sys.addaudithook``, PEP 578), always installed unless ``audit=False``:
-   denies ``open`` outside the working directory (reads of the Python installation are allowed so
-   imports work), directory listing outside it, sockets, subprocesses, ``os.system``/``exec``/
-   ``fork``/``spawn``, ``ctypes`` and ``gc`` introspection. This is defence in depth only: an audit
-   hook is not a security boundary (PEP 578 says so), and in ``isolation="process"`` mode (no
-   namespaces available) it is the *only* guard of the filesystem and the network, so that mode is
-   best-effort against deliberate escapes.
+1. **OS isolation**, one of two modes; ``isolation="auto"`` picks the first available:
+
+   - **namespace** (the host is root and ``unshare`` works): the child starts in fresh network,
+     mount, PID, IPC and UTS namespaces. Its root is a new tmpfs holding only read-only bind
+     mounts of the Python installation, the shared libraries and ``/dev/{null,zero,urandom}``,
+     plus a size-limited tmpfs ``/sandbox`` as its working directory; everything else of the
+     host filesystem does not exist for it (``chroot``). The user code runs as a throwaway
+     unprivileged uid. The network namespace has only a downed loopback device. When the
+     namespace's init (our supervisor) exits or is killed, the kernel kills every process in it.
+   - **userns** (no root needed; the kernel allows unprivileged user namespaces): the same
+     namespaces and read-only chroot, created inside a new user namespace where the caller's
+     uid is mapped to root. The user code runs as that mapped uid with every capability
+     dropped (bounding set, securebits locked), so it holds no more rights than the caller.
+
+   Where neither is available, ``"auto"`` raises ``SandboxUnavailableError``: **process** mode
+   (the code runs on the host filesystem and network, guarded by the layers below only) must be
+   asked for explicitly with ``isolation="process"``.
+2. **OS, always**: every capability dropped and ``no_new_privs``; a **seccomp** filter (built with
+   libseccomp where it is installed; ``syscall_filter.py``) denying ptrace, mount, keyrings, BPF,
+   perf, new namespaces, io_uring, socket families other than ``AF_UNIX`` (every socket in
+   process mode) and, in process mode, signals to other processes; a **cgroup** (memory and
+   pids) when the host's cgroup tree is writable; ``setrlimit`` on CPU seconds, address space
+   (``RLIMIT_AS``), file size, open files, core dumps and the number of processes
+   (``RLIMIT_NPROC``; the kernel applies it to non-root uids only). The host kills the child's
+   process group at the wall-clock limit and when output exceeds its cap, and reads at most
+   ``max_output_bytes`` per stream, so the host's memory is bounded whatever the child prints.
+3. **Python audit hook** (``sys.addaudithook``, PEP 578), installed unless ``audit=False``:
+   denies ``open`` outside the working directory (reads of the Python installation are allowed
+   so imports work), directory listing outside it, sockets, subprocesses, ``os.system``/
+   ``exec``/``fork``/``spawn``, ``ctypes``, ``gc`` introspection and constructing code objects;
+   in process mode also directory file descriptors (and so ``dir_fd``) and ``marshal.loads``.
+   This is defence in depth only: an audit hook is not a security boundary (PEP 578 says so).
+
+Every result reports the isolation mode used and whether seccomp and a cgroup applied.
 
 This file is also the child's entry point (``python -I sandbox.py --child SPEC``); so the child
-never imports jax or jaxllm, the module uses only the standard library.
+never imports jax or jaxllm, the module (and ``syscall_filter.py``, which the child loads by
+path) uses only the standard library.
 """
 
 from __future__ import annotations
@@ -42,11 +57,34 @@ import time
 # functions: the child runs this file as a script and must not have ``subprocess`` (and with it
 # the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
 
-__all__ = ["SandboxResult", "run_python", "namespaces_available", "format_observation"]
+__all__ = ["SandboxResult", "SandboxUnavailableError", "run_python", "namespaces_available",
+           "user_namespaces_available", "available_isolations", "format_observation"]
 
 _THIS_FILE = os.path.abspath(__file__)
+_SYSCALL_FILTER_FILE = os.path.join(os.path.dirname(_THIS_FILE), "syscall_filter.py")
 _UID_BASE = 200_000  # throwaway uids are drawn from [_UID_BASE, _UID_BASE + 1_000_000)
-_ISOLATIONS = ("auto", "namespace", "process")
+_ISOLATIONS = ("auto", "namespace", "userns", "process")
+_NAMESPACE_FLAGS = ("--net", "--mount", "--pid", "--ipc", "--uts")
+_USERNS_FLAGS = ("--user", "--map-root-user")
+_REQUIREMENTS = {
+    "namespace": "namespace mode needs root and a working `unshare` (util-linux)",
+    "userns": "user-namespace mode needs `unshare` and a kernel that lets unprivileged users "
+              "create user namespaces (user.max_user_namespaces > 0, and no container seccomp or "
+              "AppArmor profile refusing them)",
+}
+NO_ISOLATION_MESSAGE = (
+    "run_python: no OS isolation is available here, so isolation='auto' refuses to run the code ("
+    + "; ".join(_REQUIREMENTS.values()) + "). To run it anyway, pass isolation='process' "
+    "explicitly: the code then runs on the host as the calling user, limited by rlimits, a "
+    "seccomp filter and a Python audit hook. That mode does not protect the host's files, network "
+    "or processes against deliberate escapes: the audit hook is not a security boundary, and "
+    "code that gets past it can read and write whatever the calling user can, open network "
+    "connections (without seccomp) and see every process on the host."
+)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The requested (or, for "auto", any) OS isolation mode is not available on this host."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +98,11 @@ class SandboxResult:
     stderr: captured stderr (capped like stdout).
     exit_code / signal: how the user process ended (``signal`` is 0 unless killed by one).
     timed_out, output_truncated: which host-side limit fired, if any.
-    isolation: "namespace" or "process" (which layer 1 applied; see the module docstring).
+    isolation: "namespace", "userns" or "process" (the OS isolation mode the code ran in).
     wall_s: wall-clock seconds the child ran.
-    uid: the throwaway uid the code ran as (None: no uid switch was possible).
+    uid: the throwaway uid the code ran as (None: no uid switch, e.g. userns or process mode).
+    seccomp: whether the seccomp filter was loaded for the user code.
+    cgroup: whether memory and process limits were set through a cgroup (else rlimits only).
     """
 
     ok: bool
@@ -76,6 +116,8 @@ class SandboxResult:
     isolation: str = "process"
     wall_s: float = 0.0
     uid: int | None = None
+    seccomp: bool = False
+    cgroup: bool = False
 
 
 def format_observation(result: SandboxResult) -> str:
@@ -96,29 +138,71 @@ def format_observation(result: SandboxResult) -> str:
 # Host side
 # --------------------------------------------------------------------------------------------
 
-_NS_CACHE: dict[str, bool] = {}
+_PROBE_CACHE: dict[str, bool] = {}
 
 
-def namespaces_available() -> bool:
-    """True when this process can start children in new net/mount/pid namespaces."""
+def _unshare_command(isolation: str) -> list[str]:
+    """The ``unshare`` prefix that starts a child in the namespaces of ``isolation``."""
+    import shutil
+
+    flags = (*_USERNS_FLAGS, *_NAMESPACE_FLAGS) if isolation == "userns" else _NAMESPACE_FLAGS
+    return [shutil.which("unshare") or "unshare", *flags, "--fork", "--kill-child"]
+
+
+def _unshare_works(isolation: str) -> bool:
+    """Whether ``unshare`` with the namespaces of ``isolation`` runs ``true`` (cached)."""
     import shutil
     import subprocess
 
-    if "ok" not in _NS_CACHE:
-        unshare = shutil.which("unshare")
+    if isolation not in _PROBE_CACHE:
         ok = False
-        if unshare and hasattr(os, "geteuid") and os.geteuid() == 0:
+        if shutil.which("unshare"):
             try:
-                probe = subprocess.run(
-                    [unshare, "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "true"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    timeout=10,
-                )
-                ok = probe.returncode == 0
+                ok = subprocess.run([*_unshare_command(isolation), "true"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, timeout=10).returncode == 0
             except (OSError, subprocess.TimeoutExpired):
                 ok = False
-        _NS_CACHE["ok"] = ok
-    return _NS_CACHE["ok"]
+        _PROBE_CACHE[isolation] = ok
+    return _PROBE_CACHE[isolation]
+
+
+def namespaces_available() -> bool:
+    """True when namespace mode works: this process is root and can start children in new
+    net/mount/pid/ipc/uts namespaces."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and _unshare_works("namespace")
+
+
+def user_namespaces_available() -> bool:
+    """True when userns mode works: this process can create a user namespace (no root needed)
+    and, inside it, the other namespaces."""
+    return hasattr(os, "geteuid") and _unshare_works("userns")
+
+
+def available_isolations() -> tuple[str, ...]:
+    """The OS isolation modes this host supports, strongest first ("process" is no OS isolation
+    and is never listed)."""
+    probes = (("namespace", namespaces_available), ("userns", user_namespaces_available))
+    return tuple(mode for mode, works in probes if works())
+
+
+def resolve_isolation(requested: str) -> str:
+    """The mode a run uses for ``isolation=requested``; raises ``SandboxUnavailableError`` when
+    it (for "auto": every OS isolation mode) is unavailable."""
+    if requested not in _ISOLATIONS:
+        raise ValueError(f"run_python: isolation must be one of {_ISOLATIONS}, got {requested!r}")
+    if requested == "process":
+        return "process"
+    available = available_isolations()
+    if requested == "auto":
+        if not available:
+            raise SandboxUnavailableError(NO_ISOLATION_MESSAGE)
+        return available[0]
+    if requested not in available:
+        raise SandboxUnavailableError(
+            f"run_python: isolation={requested!r} is not available here: "
+            f"{_REQUIREMENTS[requested]}")
+    return requested
 
 
 def _check_positive(name: str, value, kind=(int, float)) -> None:
@@ -211,6 +295,144 @@ def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
     return True
 
 
+_CGROUP_CONTROLLERS = ("memory", "pids")
+_CGROUP_PREFIX = "jaxllm-sandbox-"
+_CGROUP_SLACK_MB = 64  # the supervisor and the interpreter itself, on top of the user's memory
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """Undo mountinfo's octal escapes (a space is written as ``\\040``)."""
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, str, frozenset]]:
+    """(mount root, mount point, fstype, super options) of each cgroup and cgroup2 mount."""
+    mounts = []
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
+            mounts.append((_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
+                           rest[0], frozenset(rest[2].split(","))))
+    return mounts
+
+
+def cgroup_dirs(mountinfo: str, proc_cgroup: str) -> dict[str, str]:
+    """Directories of this process's cgroup for the memory and pids controllers, given the text
+    of /proc/self/mountinfo and /proc/self/cgroup: cgroup v1 when both controllers have a v1
+    hierarchy, else the unified (v2) directory for both; {} when there is neither."""
+    memberships = {}  # controller ("" for the unified hierarchy) -> cgroup path
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                memberships[controller] = parts[2]
+    mounts = _cgroup_mounts(mountinfo)
+
+    def directory(fstype: str, controller: str) -> str | None:
+        path = memberships.get(controller)
+        for root, point, fs, options in mounts:
+            if path is None or fs != fstype or (fs == "cgroup" and controller not in options):
+                continue
+            rel = os.path.relpath(path, root)
+            if rel != ".." and not rel.startswith("../"):  # else mounted from another subtree
+                return os.path.normpath(os.path.join(point, rel))
+        return None
+
+    v1 = {c: directory("cgroup", c) for c in _CGROUP_CONTROLLERS}
+    if all(v1.values()):
+        return v1
+    unified = directory("cgroup2", "")
+    return {c: unified for c in _CGROUP_CONTROLLERS} if unified else {}
+
+
+def _writable_cgroup_dirs() -> dict[str, str]:
+    """``cgroup_dirs`` of this process where a child cgroup can be made with both controllers
+    (the directory is writable; on v2 the parent already delegates memory and pids to its
+    children: we never change the parent's own settings)."""
+    try:
+        with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
+            dirs = cgroup_dirs(f.read(), g.read())
+        for d in set(dirs.values()):
+            if not os.access(d, os.W_OK):
+                return {}
+            if os.path.exists(os.path.join(d, "cgroup.controllers")):  # v2
+                with open(os.path.join(d, "cgroup.subtree_control")) as f:
+                    if not set(_CGROUP_CONTROLLERS) <= set(f.read().split()):
+                        return {}
+    except OSError:
+        return {}
+    return dirs
+
+
+def _limit_files(memory_bytes: int, max_tasks: int) -> dict[str, tuple[str, int]]:
+    """cgroup file -> (controller, value) for v1 and v2 alike; a directory has only its own."""
+    return {"memory.limit_in_bytes": ("memory", memory_bytes),
+            "memory.memsw.limit_in_bytes": ("memory", memory_bytes),  # swap included (v1)
+            "memory.max": ("memory", memory_bytes), "memory.swap.max": ("memory", 0),
+            "pids.max": ("pids", max_tasks)}
+
+
+def _create_run_cgroup(memory_bytes: int, max_tasks: int) -> list[str]:
+    """A fresh cgroup below this process's own, with memory and task limits; returns its
+    directories (one per v1 hierarchy, or one v2 directory), or [] when the cgroup tree is not
+    writable here or a limit could not be set."""
+    parents = list(dict.fromkeys(_writable_cgroup_dirs().values()))
+    name = _CGROUP_PREFIX + os.urandom(6).hex()
+    created: list[str] = []
+    limited: set[str] = set()
+    try:
+        for parent in parents:
+            d = os.path.join(parent, name)
+            os.mkdir(d)
+            created.append(d)
+            for fname, (controller, value) in _limit_files(memory_bytes, max_tasks).items():
+                if os.path.exists(os.path.join(d, fname)):
+                    with open(os.path.join(d, fname), "w") as f:
+                        f.write(str(value))
+                    limited.add(controller)
+    except OSError:
+        limited.clear()
+    if created and limited == set(_CGROUP_CONTROLLERS):
+        return created
+    _remove_run_cgroup(created)
+    return []
+
+
+def _remove_run_cgroup(dirs: list[str], wait_s: float = 5.0) -> bool:
+    """Kill every process left in the run's cgroup, then remove it; True when all are gone."""
+    deadline = time.monotonic() + wait_s
+    for d in dirs:
+        while os.path.isdir(d):
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                os.rmdir(d)
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+    return True
+
+
+def _nproc_limit(isolation: str, uid: int | None, max_processes: int) -> int | None:
+    """``RLIMIT_NPROC`` of the user process. The kernel counts every process of the real uid
+    (in userns mode: of the mapped uid in the run's own user namespace, the supervisor
+    included), so a limit is only meaningful for a uid no one else uses."""
+    if uid is not None:
+        return max_processes
+    if isolation == "userns":
+        return max_processes + 1
+    return None
+
+
 def run_python(
     code: str,
     *,
@@ -227,17 +449,19 @@ def run_python(
     Args:
       code: Python source; runs as ``__main__`` in the private working directory.
       timeout_s: wall-clock limit of the whole child (CPU time is limited to the same, rounded up).
-      memory_mb: address-space limit (``RLIMIT_AS``) of the user process.
+      memory_mb: address-space limit (``RLIMIT_AS``) of each user process; with a cgroup, the
+        whole run's memory is also limited (to ``memory_mb + disk_mb`` plus a small slack).
       max_output_bytes: cap per stream (stdout, stderr); more output kills the child.
-      max_processes: process limit of the throwaway uid (fork bombs hit it).
-      disk_mb: size of the private working directory (tmpfs in namespace mode) and the per-file
-        size limit (``RLIMIT_FSIZE``) in both modes.
-      isolation: "auto" (namespace if available, else process), "namespace" (fail if
-        unavailable), or "process".
+      max_processes: process (and thread) limit of the user code (fork bombs hit it).
+      disk_mb: size of the private working directory (tmpfs in the namespace modes) and the
+        per-file size limit (``RLIMIT_FSIZE``) in every mode.
+      isolation: "auto" (the strongest OS isolation available: "namespace", else "userns"; raises
+        ``SandboxUnavailableError`` when there is none), "namespace", "userns" (raise when
+        unavailable), or "process" (no OS isolation; must be asked for explicitly).
       audit: install the Python audit hook in the child (layer 3).
 
     Never raises for anything the code does; raises ``ValueError`` for bad arguments and
-    ``RuntimeError`` if ``isolation="namespace"`` is requested where it is unavailable.
+    ``SandboxUnavailableError`` (a ``RuntimeError``) when the isolation asked for is unavailable.
     """
     import shutil
     import subprocess
@@ -249,18 +473,18 @@ def run_python(
     for name, val in (("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
                       ("max_processes", max_processes), ("disk_mb", disk_mb)):
         _check_positive(name, val, int)
-    if isolation not in _ISOLATIONS:
-        raise ValueError(f"run_python: isolation must be one of {_ISOLATIONS}, got {isolation!r}")
-    if isolation == "auto":
-        isolation = "namespace" if namespaces_available() else "process"
-    elif isolation == "namespace" and not namespaces_available():
-        raise RuntimeError("run_python: isolation='namespace' needs root and a working `unshare`")
+    if not isinstance(audit, bool):
+        raise ValueError(f"run_python: audit must be a bool, got {audit!r}")
+    isolation = resolve_isolation(isolation)
 
     # A throwaway uid needs root to switch to, and (in process mode, where the child sees the
     # host filesystem) a Python runtime that other users can read.
-    can_drop = os.geteuid() == 0 and (isolation == "namespace" or _runtime_world_readable())
+    root = os.geteuid() == 0
+    can_drop = root and (isolation == "namespace" or
+                         (isolation == "process" and _runtime_world_readable()))
     uid = _UID_BASE + int.from_bytes(os.urandom(4), "little") % 1_000_000 if can_drop else None
     jobdir = tempfile.mkdtemp(prefix="jaxllm-sandbox-")
+    cgroup: list[str] = []
     try:
         # traversable but not listable, so a throwaway uid (process mode) reaches its workdir
         os.chmod(jobdir, 0o711)
@@ -269,6 +493,8 @@ def run_python(
         if uid is not None:
             os.chown(workdir, uid, uid)
         status_path = os.path.join(jobdir, "status.json")
+        cgroup = _create_run_cgroup((memory_mb + disk_mb + _CGROUP_SLACK_MB) * 1024 * 1024,
+                                    max_processes + 1)  # + 1: the supervisor
         spec = {
             "code": code,
             "isolation": isolation,
@@ -280,9 +506,8 @@ def run_python(
             "memory_bytes": memory_mb * 1024 * 1024,
             "fsize_bytes": disk_mb * 1024 * 1024,
             "disk_mb": disk_mb,
-            # RLIMIT_NPROC counts every process of the real uid, so it is only meaningful for
-            # the throwaway uid; for a shared uid it would count unrelated processes.
-            "nproc": max_processes if uid is not None else None,
+            "nproc": _nproc_limit(isolation, uid, max_processes),
+            "cgroup_procs": [os.path.join(d, "cgroup.procs") for d in cgroup],
             "audit": audit,
             "readonly": _readonly_paths(),
             "symlinks": _symlinks(),
@@ -291,9 +516,8 @@ def run_python(
         with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(spec, f)
         cmd = [sys.executable, "-I", _THIS_FILE, "--child", spec_path]
-        if isolation == "namespace":
-            cmd = [shutil.which("unshare"), "--net", "--mount", "--pid", "--ipc", "--uts",
-                   "--fork", "--kill-child", *cmd]
+        if isolation != "process":
+            cmd = [*_unshare_command(isolation), *cmd]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.monotonic()
@@ -312,8 +536,9 @@ def run_python(
             status = None
         result = _result(proc.returncode, status, out, err, timed_out, truncated, isolation,
                          wall, timeout_s, max_output_bytes, memory_mb)
-        return dataclasses.replace(result, uid=uid)
+        return dataclasses.replace(result, uid=uid, cgroup=bool(cgroup))
     finally:
+        _remove_run_cgroup(cgroup)  # kills stragglers the uid kill cannot name (no own uid)
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
@@ -416,7 +641,8 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
     ok = not reasons
     return SandboxResult(ok=ok, output=out, error=None if ok else "; ".join(reasons), stderr=err,
                          exit_code=exit_code, signal=sig, timed_out=timed_out,
-                         output_truncated=truncated, isolation=isolation, wall_s=wall)
+                         output_truncated=truncated, isolation=isolation, wall_s=wall,
+                         seccomp=bool(status and status.get("seccomp")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +651,18 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
     1, 2, 4, 32, 4096, 16384, 1 << 18)
+_MS_NOEXEC, _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 8, 1024, 2048, 1 << 21
+#: statvfs f_flag bit -> mount flag, for the flags a user namespace may not clear on a remount
+_LOCKED_MOUNT_FLAGS = {2: _MS_NOSUID, 4: _MS_NODEV, 8: _MS_NOEXEC, 1024: _MS_NOATIME,
+                       2048: _MS_NODIRATIME, 4096: _MS_RELATIME}
+_READONLY_REMOUNT = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+
+
+def kept_mount_flags(statvfs_flags: int) -> int:
+    """Mount flags of an existing mount that a read-only remount must repeat: inside a user
+    namespace the kernel refuses (EPERM) a remount that would clear nosuid, nodev, noexec or
+    the atime mode of a mount made outside it."""
+    return sum(ms for st, ms in _LOCKED_MOUNT_FLAGS.items() if statvfs_flags & st)
 
 
 def _libc():
@@ -460,7 +698,7 @@ def _build_root(spec) -> None:
             open(target, "w").close()
         _mount(libc, path, target, None, _MS_BIND | _MS_REC)
         _mount(libc, None, target, None,
-               _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+               _READONLY_REMOUNT | kept_mount_flags(os.statvfs(target).f_flag))
     for link, dest in spec["symlinks"]:
         if not os.path.lexists(root + link):
             os.symlink(dest, root + link)
@@ -477,7 +715,7 @@ def _build_root(spec) -> None:
     os.chmod(root + "/tmp", 0o1777)  # read-only below: present for libraries that probe it
     os.chroot(root)
     os.chdir("/sandbox")
-    _mount(libc, None, "/", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    _mount(libc, None, "/", None, _READONLY_REMOUNT)
 
 
 def _set_limits(spec) -> None:
@@ -495,16 +733,80 @@ def _set_limits(spec) -> None:
         lim(resource.RLIMIT_NPROC, spec["nproc"])
 
 
-def _drop_privileges(spec) -> None:
+_PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+_PR_SET_NO_NEW_PRIVS = 38
+#: SECBIT_NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each with its lock, and KEEP_CAPS_LOCKED:
+#: uid 0 (userns mode, or process mode as root) gains no capabilities by exec, ever again
+_SECUREBITS_LOCKED_NOROOT = 0b11101111
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _capability_sets(libc) -> list[int]:
+    """(effective, permitted, inheritable) of this process, 64 bits each, via capget."""
+    import ctypes
+
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    return [data[i] | data[i + 3] << 32 for i in range(3)]
+
+
+def _drop_capabilities(libc) -> None:
+    """Give up every capability for good (no exec regains one) and set ``no_new_privs``.
+
+    After a uid switch the kernel has cleared the capability sets already; the bounding set and
+    securebits need CAP_SETPCAP, which only uid 0 (userns mode, or process mode as root) still
+    has here. Raises if any capability is left.
+    """
+    import ctypes
+
+    if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS_LOCKED_NOROOT, 0, 0, 0) == 0:
+        cap = 0
+        while libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:  # EINVAL past the last one
+            cap += 1
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL on old kernels
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset (dropping every capability) failed")
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if any(_capability_sets(libc)):
+        raise RuntimeError(f"capabilities left after dropping them: {_capability_sets(libc)}")
+
+
+def _drop_privileges(spec, libc) -> None:
+    """Switch to the throwaway uid when there is one, then drop every capability."""
     uid = spec["uid"]
-    if uid is None:
-        return
-    libc = _libc()  # loaded while the runtime is still readable (process mode may lose that)
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    _drop_capabilities(libc)
+
+
+def _install_seccomp(seccomp_lib, isolation: str) -> None:
+    """Load the sandbox's seccomp filter into this (the user) process; raises on failure, so
+    the user code never runs without the filter the supervisor announced."""
+    syscall_filter = _load_syscall_filter()
+    own_pid = os.getpid() if isolation == "process" else None  # other pids hidden otherwise
+    rules = syscall_filter.sandbox_rules(allow_unix_sockets=isolation != "process",
+                                         own_pid=own_pid)
+    syscall_filter.install(seccomp_lib, rules)
+
+
+def _load_syscall_filter():
+    """``syscall_filter.py`` beside this file, loaded by path (the child does not import jaxllm;
+    cached in ``sys.modules`` so the supervisor can load it before it chroots)."""
+    import importlib.util
+
+    name = "_jaxllm_sandbox_syscall_filter"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _SYSCALL_FILTER_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 _DENY_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
@@ -512,17 +814,28 @@ _DENY_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spa
                   "gc.get_", "sys.addaudithook", "pty.", "os.chroot",
                   "webbrowser.", "urllib.Request", "http.client.", "ftplib.", "smtplib.",
                   "poplib.", "imaplib.", "nntplib.", "telnetlib.", "signal.pthread_kill",
-                  "resource.setrlimit", "resource.prlimit", "sys._current_frames")
-_PATH_EVENTS = {  # event -> indices of path arguments, whether they write
-    "os.remove": ((0,), True), "os.rmdir": ((0,), True), "os.mkdir": ((0,), True),
-    "os.rename": ((0, 1), True), "os.link": ((0, 1), True), "os.symlink": ((0, 1), True),
-    "os.chmod": ((0,), True), "os.chown": ((0,), True), "os.truncate": ((0,), True),
-    "os.utime": ((0,), True), "os.chflags": ((0,), True), "os.mkfifo": ((0,), True),
-    "os.mknod": ((0,), True), "os.setxattr": ((0,), True), "os.removexattr": ((0,), True),
-    "os.listdir": ((0,), False), "os.scandir": ((0,), False), "os.chdir": ((0,), False),
-    "os.getxattr": ((0,), False), "os.listxattr": ((0,), False), "shutil.rmtree": ((0,), True),
-    "shutil.copyfile": ((0, 1), True), "shutil.move": ((0, 1), True),
+                  "resource.setrlimit", "resource.prlimit", "sys._current_frames",
+                  # hand-made bytecode (types.CodeType, code.replace) can corrupt the
+                  # interpreter's memory and so run native code past every check here
+                  "code.__new__")
+#: denied too where the hook is the only guard (process mode): code objects from bytes; the
+#: child makes the importer compile sources instead of reading .pyc files, which need this
+_STRICT_DENY_PREFIXES = ("marshal.load",)
+_PATH_EVENTS = {  # event -> indices of path arguments, whether they write, indices of dir_fds
+    "os.remove": ((0,), True, (1,)), "os.rmdir": ((0,), True, (1,)),
+    "os.mkdir": ((0,), True, (2,)), "os.rename": ((0, 1), True, (2, 3)),
+    "os.link": ((0, 1), True, (2, 3)), "os.symlink": ((0, 1), True, (2,)),
+    "os.chmod": ((0,), True, (2,)), "os.chown": ((0,), True, (3,)),
+    "os.truncate": ((0,), True, ()), "os.utime": ((0,), True, (3,)),
+    "os.chflags": ((0,), True, ()), "os.mkfifo": ((0,), True, (2,)),
+    "os.mknod": ((0,), True, (3,)), "os.setxattr": ((0,), True, ()),
+    "os.removexattr": ((0,), True, ()), "os.listdir": ((0,), False, ()),
+    "os.scandir": ((0,), False, ()), "os.chdir": ((0,), False, ()),
+    "os.getxattr": ((0,), False, ()), "os.listxattr": ((0,), False, ()),
+    "shutil.rmtree": ((0,), True, ()), "shutil.copyfile": ((0, 1), True, ()),
+    "shutil.move": ((0, 1), True, ()),
 }
+_NO_DIR_FD = -1  # how audit events report a dir_fd that was not given
 
 
 #: modules whose import the audit hook refuses (process spawning without audit events, native
@@ -531,8 +844,14 @@ _DENY_IMPORTS = frozenset({"_posixsubprocess", "subprocess", "multiprocessing", 
                            "pty", "_xxsubinterpreters", "_testcapi", "_testinternalcapi"})
 
 
-def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
+def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) -> None:
     """Layer 3: deny file access outside ``workdir`` and process/network/ctypes escapes.
+
+    strict (process mode, where nothing else guards the filesystem): also deny file descriptors
+    of directories and ``dir_fd`` arguments. A path relative to a ``dir_fd`` is resolved by the
+    kernel against that directory, but the ``open`` event does not carry the ``dir_fd``, so the
+    hook can only check such a path against the current directory; without directory fds a
+    ``dir_fd`` can point nowhere. Also deny ``marshal.loads`` (code objects from bytes).
 
     Everything the hook uses is bound in its closure at install time (functions, builtins, the
     deny lists), so user code cannot switch it off by rebinding module globals or builtins. The
@@ -540,12 +859,15 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
     """
     import _thread
 
-    realpath, fspath, normcase = os.path.realpath, os.fspath, os.path.normcase
+    realpath, fspath, normcase, isdir = (os.path.realpath, os.fspath, os.path.normcase,
+                                         os.path.isdir)
     get_ident, _isinstance, _any, _len, _str = _thread.get_ident, isinstance, any, len, str
     _bytes, _int, _denied = bytes, int, PermissionError
-    deny_prefixes, deny_imports = tuple(_DENY_PREFIXES), frozenset(_DENY_IMPORTS)
-    path_events = {k: (tuple(v[0]), bool(v[1])) for k, v in _PATH_EVENTS.items()}
+    deny_prefixes = tuple(_DENY_PREFIXES) + (tuple(_STRICT_DENY_PREFIXES) if strict else ())
+    deny_imports = frozenset(_DENY_IMPORTS)
+    path_events = {k: (tuple(v[0]), bool(v[1]), tuple(v[2])) for k, v in _PATH_EVENTS.items()}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    no_dir_fd = _NO_DIR_FD
     work = realpath(workdir)
     reads = tuple(realpath(p) for p in read_prefixes) + ("/dev/urandom", "/dev/zero")
     writes = (work, "/dev/null")
@@ -569,6 +891,11 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
             return
         raise _denied(f"sandbox: {event} of {path!r} denied (outside the working directory)")
 
+    def check_no_directory_fd(path, event):
+        if strict and path is not None and isdir(path):
+            raise _denied(f"sandbox: {event} of directory {path!r} denied (no directory file "
+                          "descriptors, so no dir_fd, in process mode)")
+
     def hook(event, args):
         me = get_ident()
         if me in busy:
@@ -584,16 +911,44 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str]) -> None:
                 write = _isinstance(flags, _int) and (flags & write_flags) != 0
                 if _isinstance(mode, _str) and _any(c in mode for c in "wax+"):
                     write = True
-                check(resolve(path) if path is not None else None, write, "open")
+                resolved = resolve(path) if path is not None else None
+                check(resolved, write, "open")
+                if mode is None:  # os.open; io.open refuses directories itself (EISDIR)
+                    check_no_directory_fd(resolved, "open")
             elif event in path_events:
-                idxs, write = path_events[event]
+                idxs, write, dir_fd_idxs = path_events[event]
                 for i in idxs:
                     if i < _len(args) and args[i] is not None and not _isinstance(args[i], _int):
                         check(resolve(args[i]), write, event)
+                for i in dir_fd_idxs:
+                    if strict and i < _len(args) and args[i] not in (None, no_dir_fd):
+                        raise _denied(f"sandbox: {event} with dir_fd denied in process mode")
         finally:
             busy.discard(me)
 
     sys.addaudithook(hook)
+
+
+_SIGNALS_THE_SUPERVISOR_IGNORES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                   "SIGALRM", "SIGPIPE", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+
+
+def _ignore_signals() -> dict:
+    """Ignore the catchable signals the user process could send its parent, the supervisor
+    (userns mode: same uid); returns the previous handlers for the user process to restore.
+    As the PID namespace's init it receives no SIGKILL or SIGSTOP from inside anyway."""
+    previous = {}
+    for name in _SIGNALS_THE_SUPERVISOR_IGNORES:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, signal.SIG_IGN)
+    return previous
+
+
+def _join_cgroup(procs_files: list[str]) -> None:
+    """Move this process (and so every process it starts) into the run's cgroup."""
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write("0")  # "0": the writing process
 
 
 def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through run_python
@@ -605,13 +960,20 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
         os.write(status_fd, json.dumps(kw).encode())
         os.close(status_fd)
 
+    isolation = spec["isolation"]
     try:
-        if spec["isolation"] == "namespace":
-            _build_root(spec)
-            workdir = "/sandbox"
-        else:
+        _join_cgroup(spec["cgroup_procs"])
+        # everything the user process needs from the host filesystem, loaded before the chroot
+        libc = _libc()
+        _load_syscall_filter()
+        seccomp_lib = sys.modules["_jaxllm_sandbox_syscall_filter"].load_libseccomp()
+        if isolation == "process":
             workdir = spec["workdir"]
             os.chdir(workdir)
+        else:
+            _build_root(spec)
+            workdir = "/sandbox"
+        saved_handlers = _ignore_signals()
     except Exception as e:  # noqa: BLE001 - reported to the host, never to the user code
         write_status(setup_error=f"{type(e).__name__}: {e}")
         os._exit(70)
@@ -622,20 +984,29 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
         try:
             import traceback  # noqa: F401  loaded before any uid switch, for error reports
 
+            for sig, handler in saved_handlers.items():
+                signal.signal(sig, handler)
             _set_limits(spec)
-            _drop_privileges(spec)
+            _drop_privileges(spec, libc)
+            if seccomp_lib is not None:
+                _install_seccomp(seccomp_lib, isolation)
             os.environ.clear()
             os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin",
                                "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                                "OMP_NUM_THREADS": "1"})
             if sys.path and os.path.dirname(_THIS_FILE) == os.path.abspath(sys.path[0] or "."):
                 sys.path.pop(0)
+            sys.dont_write_bytecode = True
             import ctypes  # noqa: F401  pre-imported: numpy probes it; later ctypes use is denied
             if spec["audit"]:
                 loaded = sorted(_DENY_IMPORTS.intersection(sys.modules) - {"_ctypes"})
                 if loaded:  # imported already, they would bypass the import check
                     raise RuntimeError(f"modules loaded before the user code: {loaded}")
-                _install_audit_hook(workdir, [sys.base_prefix, sys.prefix, sys.exec_prefix])
+                strict = isolation == "process"
+                if strict:  # .pyc files would need marshal.loads, which the strict hook denies
+                    sys.pycache_prefix = os.path.join(os.devnull, "pycache")  # never exists
+                _install_audit_hook(workdir, [sys.base_prefix, sys.prefix, sys.exec_prefix],
+                                    strict)
         except BaseException as e:  # noqa: BLE001
             os.write(2, f"sandbox setup failed in the user process: {e!r}\n".encode())
             os._exit(71)
@@ -673,7 +1044,7 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
             else:
                 exit_code = os.WEXITSTATUS(wstatus)
             break
-    write_status(exit_code=exit_code, signal=sig)
+    write_status(exit_code=exit_code, signal=sig, seccomp=seccomp_lib is not None)
     os._exit(0)
 
 
