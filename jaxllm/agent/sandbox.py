@@ -501,6 +501,7 @@ def run_python(
             "workdir": workdir,
             "newroot": os.path.join(jobdir, "root"),
             "status_path": status_path,
+            "stop_pid_path": os.path.join(jobdir, "stop.pid"),
             "uid": uid,
             "cpu_s": int(timeout_s) + 1,
             "memory_bytes": memory_mb * 1024 * 1024,
@@ -524,7 +525,8 @@ def run_python(
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
                                 env=env, cwd=jobdir)
-        out, err, timed_out, truncated = _collect(proc, timeout_s, max_output_bytes)
+        out, err, timed_out, truncated = _collect(
+            proc, timeout_s, max_output_bytes, lambda: _stop(proc, spec["stop_pid_path"]))
         wall = time.monotonic() - t0
         if uid is not None:
             _kill_uid(uid)  # stragglers that left the process group (process mode)
@@ -542,6 +544,21 @@ def run_python(
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
+def _stop(proc, stop_pid_path: str) -> None:
+    """Kill a run at its timeout or output cap, so that the host's wait for its child covers
+    the whole teardown. ``stop_pid_path`` holds the pid to kill (host view), written by the
+    supervisor. Namespace modes: the namespace's init (the supervisor): the kernel kills every
+    process in the namespace, and ``unshare``, still alive, reaps the init once they are all
+    gone, then exits. (Killing ``unshare`` too would leave the init to the host's pid 1, a
+    zombie where that does not reap.) Process mode: the user process, which the supervisor
+    reaps and reports. Before that pid is written: the whole process group."""
+    try:
+        with open(stop_pid_path) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+    except (OSError, ValueError):
+        _killpg(proc)
+
+
 def _killpg(proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -549,8 +566,9 @@ def _killpg(proc) -> None:
         pass
 
 
-def _collect(proc, timeout_s: float, cap: int):
-    """Read stdout/stderr up to ``cap`` bytes each until exit, timeout, or overflow."""
+def _collect(proc, timeout_s: float, cap: int, stop):
+    """Read stdout/stderr up to ``cap`` bytes each until exit, timeout, or overflow; ``stop()``
+    kills the run at the timeout or on overflow."""
     import selectors
     import subprocess
 
@@ -566,7 +584,7 @@ def _collect(proc, timeout_s: float, cap: int):
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
-            _killpg(proc)
+            stop()
             break
         for key, _ in sel.select(timeout=min(left, 0.25)):
             f = key.fileobj
@@ -584,7 +602,7 @@ def _collect(proc, timeout_s: float, cap: int):
             if len(chunk) > room:
                 truncated = True
         if truncated:
-            _killpg(proc)
+            stop()
             break
     sel.close()
     try:
@@ -592,8 +610,12 @@ def _collect(proc, timeout_s: float, cap: int):
                   else 5.0)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _killpg(proc)
-        proc.wait()
+        stop()
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            _killpg(proc)
+            proc.wait()
     _killpg(proc)  # stragglers still in the group
     for f in bufs:
         f.close()
@@ -623,11 +645,11 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
     if setup_error:
         reasons.append(f"sandbox setup failed: {setup_error}")
     if timed_out:
-        reasons.append(f"timed out after {timeout_s:g} s wall clock; the process group was killed")
+        reasons.append(f"timed out after {timeout_s:g} s wall clock; the run was killed")
     if truncated:
         reasons.append(f"output limit exceeded (more than {cap} bytes on one stream); output "
                        "truncated and the process killed")
-    if sig:
+    if sig and not (sig == signal.SIGKILL and (timed_out or truncated)):  # not the host's kill
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         reasons.append(f"{_SIGNAL_REASONS.get(sig, 'killed by signal')} ({name})")
     if not (timed_out or truncated or sig or setup_error):
@@ -944,6 +966,12 @@ def _ignore_signals() -> dict:
     return previous
 
 
+def _write_stop_pid(spec, pid: str) -> None:
+    """Tell the host which pid to kill to stop the run (see ``_stop``)."""
+    with open(spec["stop_pid_path"], "w") as f:
+        f.write(pid)
+
+
 def _join_cgroup(procs_files: list[str]) -> None:
     """Move this process (and so every process it starts) into the run's cgroup."""
     for path in procs_files:
@@ -963,6 +991,8 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
     isolation = spec["isolation"]
     try:
         _join_cgroup(spec["cgroup_procs"])
+        if isolation != "process":  # our pid as the host sees it (/proc is still the host's)
+            _write_stop_pid(spec, os.readlink("/proc/self"))
         # everything the user process needs from the host filesystem, loaded before the chroot
         libc = _libc()
         _load_syscall_filter()
@@ -1032,6 +1062,8 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
             rc = rc or 1
         os._exit(rc & 0xFF)
     # Supervisor: wait for the user process (and reap anything reparented to us as PID 1).
+    if isolation == "process":
+        _write_stop_pid(spec, str(pid))
     exit_code, sig = None, 0
     while True:
         try:

@@ -1,29 +1,51 @@
 """Hostile-code tests of the PythonInterpreter sandbox. Short limits keep them fast and safe."""
 
 import ast
+import inspect
+import json
 import os
+import pwd
 import resource
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 
-from jaxllm.agent import sandbox
+from jaxllm.agent import sandbox, syscall_filter
 
 HAS_NS = sandbox.namespaces_available()
+HAS_USERNS = sandbox.user_namespaces_available()
+AVAILABLE = sandbox.available_isolations()
+HAS_SECCOMP = syscall_filter.load_libseccomp() is not None
 # Every configuration the host supports: the default ("auto"), and each layer on its own where
-# that can be tested (namespace mode with the audit hook off shows the OS layer alone).
-CONFIGS = [pytest.param({}, id="default")]
+# that can be tested (an OS mode with the audit hook off shows the OS layer alone).
+OS_CONFIGS = ([{"isolation": "namespace"}, {"isolation": "namespace", "audit": False}] * HAS_NS
+              + [{"isolation": "userns"}, {"isolation": "userns", "audit": False}] * HAS_USERNS)
+CONFIGS = [pytest.param({}, id="default")] if AVAILABLE else []
 if HAS_NS:
     CONFIGS.append(pytest.param({"isolation": "namespace", "audit": False}, id="os_only"))
+if HAS_USERNS:
+    CONFIGS.append(pytest.param({"isolation": "userns", "audit": False}, id="userns_os_only"))
 CONFIGS.append(pytest.param({"isolation": "process"}, id="process_audit"))
+
+
+def _config_id(cfg: dict) -> str:
+    return cfg["isolation"] + ("" if cfg.get("audit", True) else "_os_only")
 
 
 _USED_UIDS: list = []
 
 
 def run_python(code, **kw):
-    """``sandbox.run_python`` that records the throwaway uid each run used."""
+    """``sandbox.run_python`` that records the throwaway uid each run used; where this host has
+    no OS isolation, runs without ``isolation`` ask for process mode (the refusal of "auto"
+    there has its own test)."""
+    if "isolation" not in kw and not AVAILABLE:
+        kw["isolation"] = "process"
     r = sandbox.run_python(code, **kw)
     _USED_UIDS.append(r.uid)
     return r
@@ -224,6 +246,8 @@ def test_background_children_die_with_the_run():
 
 
 def test_argument_validation():
+    with pytest.raises(ValueError, match="audit must be a bool"):
+        run_python("print(1)", audit="no")
     with pytest.raises(ValueError, match="timeout_s"):
         run_python("print(1)", timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
@@ -355,3 +379,473 @@ def test_audit_hook_fails_closed_when_builtins_are_broken():
             "import os\nos.write(1, b'leaked' if 'root' in data else b'contained')\n")
     r = run_python(code, timeout_s=5, isolation="process")
     assert r.output == "contained", (r.output, r.error)
+
+
+# --------------------------------------------------------------------------------------------
+# Fail closed: mode selection
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_refuses_to_run_without_os_isolation(monkeypatch):
+    monkeypatch.setattr(sandbox, "available_isolations", lambda: ())
+    with pytest.raises(sandbox.SandboxUnavailableError) as err:
+        sandbox.run_python("print('ran')")
+    message = str(err.value)
+    assert "isolation='process'" in message and "not a security boundary" in message
+    assert "does not protect the host's files, network or processes" in message
+    for mode in ("namespace", "userns"):
+        with pytest.raises(sandbox.SandboxUnavailableError, match=f"isolation='{mode}'"):
+            sandbox.run_python("print('ran')", isolation=mode)
+    r = run_python("print('ran')", isolation="process", timeout_s=5)  # explicit: it runs
+    assert r.ok and r.output == "ran\n" and r.isolation == "process"
+
+
+def test_auto_picks_the_strongest_available_mode(monkeypatch):
+    assert sandbox.resolve_isolation("auto") == (AVAILABLE[0] if AVAILABLE else None) or (
+        not AVAILABLE)
+    if HAS_USERNS:  # as an unprivileged user would see it: namespace mode (root) unavailable
+        monkeypatch.setattr(sandbox, "namespaces_available", lambda: False)
+        r = run_python("print('ran')", timeout_s=5)
+        assert r.ok and r.isolation == "userns" and r.uid is None
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="no OS isolation on this host")
+def test_every_result_reports_the_mode_it_ran_in():
+    for cfg in OS_CONFIGS + [{"isolation": "process"}]:
+        r = run_python("print('ran')", timeout_s=5, **cfg)
+        assert r.ok and r.isolation == cfg["isolation"], (cfg, r)
+        assert r.seccomp == HAS_SECCOMP
+    assert run_python("print('ran')", timeout_s=5).isolation == AVAILABLE[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The hostile set: run in every available mode, as root and as an unprivileged user
+# --------------------------------------------------------------------------------------------
+
+_PRELUDE = """\
+import os, sys
+def attempt(what, action):
+    try:
+        value = action()
+    except BaseException as e:
+        print('blocked:', what, type(e).__name__, flush=True)
+        return None
+    print('done:', what, repr(value)[:300], flush=True)
+    return value
+print('ATTEMPTED', flush=True)
+"""
+# Placeholders filled per run: SECRET_PATH (a file the host user can read), TARGET_PATH (in an
+# empty world-writable folder that must stay empty), SENTINEL_PID (a host process that must
+# survive; its environment holds the secret). Each case prints ESCAPED where success itself
+# is the escape; the checks also look for the secret, a listing of the host's / and new files.
+HOSTILE = {
+    # a dir_fd on a runtime directory, and a relative path that from the working directory
+    # (where the audit hook resolves it) stays inside, but from the fd climbs to the host's /
+    "dir_fd": """
+R = os.path.dirname(os.__file__)
+name = sorted(n for n in os.listdir(R) if os.path.isdir(os.path.join(R, n)))[0]
+depth = len(R.strip('/').split('/'))
+deep = '/'.join(['d'] * (depth + 2))
+os.makedirs(deep)
+os.symlink(deep, name)
+up = '/'.join(['..'] * (depth + 1))
+def via_dir_fd(rel, flags=os.O_RDONLY):
+    return os.open(name + '/' + up + rel, flags, 0o644, dir_fd=os.open(R, os.O_RDONLY))
+attempt('list / through a dir_fd', lambda: os.listdir(via_dir_fd('')))
+attempt('read the secret through a dir_fd', lambda: os.read(via_dir_fd('SECRET_PATH'), 200))
+attempt('create a file outside through a dir_fd',
+        lambda: os.write(via_dir_fd('TARGET_PATH', os.O_WRONLY | os.O_CREAT), b'x'))
+""",
+    "proc_self": """
+attempt('read the secret via /proc/self/root', lambda: open('/proc/self/root' + 'SECRET_PATH').read())
+attempt('read the secret via /proc/self/cwd',
+        lambda: open('/proc/self/cwd/' + '../' * 40 + 'SECRET_PATH'[1:]).read())
+attempt("read the sentinel's environment", lambda: open('/proc/SENTINEL_PID/environ').read())
+attempt('list / via /proc/self/root', lambda: os.listdir('/proc/self/root/'))
+if attempt('open /proc/self/mem for writing', lambda: open('/proc/self/mem', 'r+b')):
+    print('ESCAPED: /proc/self/mem is writable')
+attempt('write outside via /proc/self/cwd',
+        lambda: open('/proc/self/cwd/' + '../' * 40 + 'TARGET_PATH'[1:], 'w').write('x'))
+""",
+    "ctypes": """
+import ctypes
+libc = attempt('load libc with ctypes', lambda: ctypes.CDLL(None, use_errno=True))
+if libc is not None:
+    fd = libc.open(b'SECRET_PATH', 0)
+    if fd >= 0:
+        buf = ctypes.create_string_buffer(200)
+        libc.read(fd, buf, 200)
+        print('read:', buf.value)
+    if libc.ptrace(16, SENTINEL_PID, 0, 0) == 0:
+        print('ESCAPED: ptrace attached to a host process')
+    if libc.mount(b'none', b'.', b'tmpfs', 0, None) == 0:
+        print('ESCAPED: mounted a filesystem')
+    if libc.unshare(0x10000000) == 0:
+        print('ESCAPED: made a new user namespace')
+    libc.kill(SENTINEL_PID, 9)
+    libc.open(b'TARGET_PATH', 0o101, 0o644)
+""",
+    "fork_flood": """
+import time
+while True:
+    try:
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+    except OSError:
+        pass
+""",
+    "thread_flood": """
+import threading, time
+started = 0
+try:
+    for _ in range(10000):
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        started += 1
+except RuntimeError as e:
+    print('blocked: thread', e)
+print('threads started:', started, flush=True)
+os._exit(0)
+""",
+    "write_outside": """
+open('inside.txt', 'w').write('x')
+attempt('open for writing', lambda: open('TARGET_PATH', 'w').write('x'))
+attempt('os.open O_CREAT', lambda: os.open('TARGET_PATH' + '_os', os.O_CREAT | os.O_WRONLY, 0o644))
+attempt('rename out', lambda: os.rename('inside.txt', 'TARGET_PATH' + '_renamed'))
+attempt('hard link out', lambda: os.link('inside.txt', 'TARGET_PATH' + '_link'))
+attempt('symlink out', lambda: os.symlink('/etc/passwd', 'TARGET_PATH' + '_sym'))
+attempt('mkdir out', lambda: os.mkdir('TARGET_PATH' + '_dir'))
+attempt('write through ../', lambda: open('../' * 40 + 'TARGET_PATH'[1:] + '_rel', 'w').write('x'))
+""",
+    "signal_parent": """
+import signal, time
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGKILL):
+    attempt(f'signal {sig.name} to the parent', lambda: os.kill(os.getppid(), sig))
+attempt('SIGKILL a host process', lambda: os.kill(SENTINEL_PID, signal.SIGKILL))
+time.sleep(0.3)
+print('SURVIVED', flush=True)
+""",
+}
+_FLOODS = ("fork_flood", "thread_flood")
+
+
+def run_hostile_set(run_python, configs, cases, target_dir, sentinel_env):
+    """Run every case in every config; record each result with the host's state after it.
+
+    Standard library only: the unprivileged test runs this function's source as ``nobody``.
+    The sentinel is a process of the calling user that the code tries to kill and ptrace.
+    """
+    import os
+    import subprocess
+
+    def own_pids():  # live processes of this user; zombies wait for pid 1 and run nothing
+        pids = set()
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if os.stat(f"/proc/{d}").st_uid == os.geteuid() and state not in "ZX":
+                    pids.add(int(d))
+            except (OSError, IndexError):
+                continue
+        return pids
+
+    sentinel = subprocess.Popen(["sleep", "300"], env=sentinel_env, stdin=subprocess.DEVNULL)
+    records = []
+    try:
+        for cfg in configs:
+            for name, code in cases.items():
+                before = own_pids()
+                r = run_python(code.replace("SENTINEL_PID", str(sentinel.pid)), timeout_s=3,
+                               max_processes=8, **cfg)
+                leftover = sorted(own_pids() - before - {sentinel.pid}) if os.geteuid() else []
+                records.append({
+                    "config": cfg, "case": name, "ok": r.ok, "output": r.output,
+                    "error": r.error, "isolation": r.isolation, "uid": r.uid,
+                    "seccomp": r.seccomp, "cgroup": r.cgroup, "timed_out": r.timed_out,
+                    "sentinel_alive": sentinel.poll() is None, "leftover": leftover,
+                    "target_dir": sorted(os.listdir(target_dir))})
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+    return records
+
+
+@pytest.fixture
+def hostile_host():
+    """A world-readable secret and an empty world-writable folder, readable by ``nobody`` too
+    (under /tmp, not pytest's 0700 tmp_path); the hostile cases with their paths filled in."""
+    base = tempfile.mkdtemp(prefix="jaxllm-hostile-")
+    os.chmod(base, 0o755)
+    secret_text = "TOPSECRET-" + os.urandom(8).hex()
+    secret = os.path.join(base, "secret.txt")
+    with open(secret, "w") as f:
+        f.write(secret_text)
+    os.chmod(secret, 0o644)
+    target_dir = os.path.join(base, "target")
+    os.mkdir(target_dir)
+    os.chmod(target_dir, 0o777)
+    cases = {name: _PRELUDE + code.replace("SECRET_PATH", secret).replace(
+        "TARGET_PATH", os.path.join(target_dir, "pwned")) for name, code in HOSTILE.items()}
+    yield {"base": base, "secret_text": secret_text, "target_dir": target_dir, "cases": cases,
+           "sentinel_env": {"PATH": "/usr/bin:/bin", "SENTINEL_SECRET": secret_text}}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _assert_contained(rec: dict, host: dict, max_processes: int = 8) -> None:
+    where = f"{_config_id(rec['config'])}/{rec['case']}"
+    out = rec["output"]
+    assert rec["isolation"] == rec["config"]["isolation"], where
+    assert out.startswith("ATTEMPTED\n"), (where, out, rec["error"])  # the code did run
+    assert "ESCAPED" not in out, (where, out)
+    assert host["secret_text"] not in out, (where, out)
+    assert "'proc'" not in out, (where, out)  # a listing of the host's /
+    assert rec["target_dir"] == [], (where, rec["target_dir"])
+    assert rec["sentinel_alive"], where
+    assert rec["leftover"] == [], (where, rec["leftover"])
+    assert (rec["uid"] is None or sandbox._live_pids_of_uid(rec["uid"]) == []), where
+    if rec["case"] in _FLOODS:
+        assert rec["timed_out"] or not rec["ok"] or rec["case"] == "thread_flood", where
+    else:
+        assert not rec["timed_out"], (where, rec["error"])
+    if rec["case"] == "signal_parent":  # the supervisor survived to report the exit status
+        assert rec["ok"] and out.endswith("SURVIVED\n"), (where, out, rec["error"])
+    if rec["case"] == "thread_flood" and (rec["cgroup"] or rec["isolation"] != "process"):
+        started = int(out.split("threads started:")[1].split()[0])
+        assert started < max_processes, (where, started)
+
+
+ROOT_CONFIGS = [pytest.param(c, id=_config_id(c)) for c in OS_CONFIGS] + [
+    pytest.param({"isolation": "process"}, id="process")]
+
+
+@pytest.mark.parametrize("cfg", ROOT_CONFIGS)
+def test_hostile_set_is_contained(cfg, hostile_host):
+    records = run_hostile_set(run_python, [cfg], hostile_host["cases"],
+                              hostile_host["target_dir"], hostile_host["sentinel_env"])
+    assert [r["case"] for r in records] == list(HOSTILE)
+    for rec in records:
+        _assert_contained(rec, hostile_host)
+
+
+_UNPRIVILEGED_DRIVER = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox_copy", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox_copy"] = sandbox
+spec.loader.exec_module(sandbox)
+job = json.load(sys.stdin)
+try:
+    auto = sandbox.run_python("print(1)", timeout_s=5).isolation
+except sandbox.SandboxUnavailableError as e:
+    auto = "refused: " + str(e)
+configs = [c for c in job["configs"]
+           if c["isolation"] == "process" or c["isolation"] in sandbox.available_isolations()]
+records = run_hostile_set(sandbox.run_python, configs, job["cases"], job["target_dir"],
+                          job["sentinel_env"])
+print(json.dumps({"uid": __import__("os").geteuid(), "auto": auto, "records": records,
+                  "available": list(sandbox.available_isolations())}))
+"""
+
+
+def _nobody_python(uid: int) -> str | None:
+    """An interpreter that ``nobody`` can run (this one lives under /root, 0700, here)."""
+    for cand in dict.fromkeys([sys.executable, "/usr/bin/python3", shutil.which("python3")]):
+        try:
+            if cand and subprocess.run([cand, "-c", "import ctypes, dataclasses, json"],
+                                       user=uid, group=uid, extra_groups=[], cwd="/", env={},
+                                       capture_output=True).returncode == 0:
+                return cand
+        except PermissionError:  # the interpreter itself is out of nobody's reach
+            continue
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody; unprivileged "
+                    "already, the other tests run as this user")
+def test_hostile_set_is_contained_as_an_unprivileged_user(hostile_host):
+    # The repository and this venv may not be readable by nobody (here: under /root, 0700):
+    # the two stdlib-only sandbox files are copied to a world-readable folder and run with an
+    # interpreter nobody can read (the machine's python3 where this one is not).
+    uid = pwd.getpwnam("nobody").pw_uid
+    python = _nobody_python(uid)
+    if python is None:
+        pytest.skip("no Python interpreter readable by nobody")
+    code_dir = os.path.join(hostile_host["base"], "code")
+    os.mkdir(code_dir)
+    for src in (sandbox._THIS_FILE, sandbox._SYSCALL_FILTER_FILE):
+        shutil.copy(src, code_dir)
+    os.chmod(code_dir, 0o755)
+    configs = [{"isolation": "userns"}, {"isolation": "userns", "audit": False},
+               {"isolation": "process"}]
+    driver = inspect.getsource(run_hostile_set) + _UNPRIVILEGED_DRIVER
+    job = {"configs": configs, "cases": hostile_host["cases"],
+           "target_dir": hostile_host["target_dir"], "sentinel_env": hostile_host["sentinel_env"]}
+    proc = subprocess.run([python, "-I", "-c", driver, os.path.join(code_dir, "sandbox.py")],
+                          input=json.dumps(job), capture_output=True, text=True, user=uid,
+                          group=uid, extra_groups=[], cwd="/", timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["uid"] == uid != 0
+    userns = "userns" in report["available"]
+    assert userns == HAS_USERNS  # the kernel allows unprivileged user namespaces, or not
+    if userns:
+        assert report["auto"] == "userns"
+    else:  # fail closed: nothing but process mode, and auto refuses
+        assert report["auto"].startswith("refused: ") and "isolation='process'" in report["auto"]
+    ran = [_config_id(r["config"]) for r in report["records"][::len(HOSTILE)]]
+    assert ran == (["userns", "userns_os_only"] if userns else []) + ["process"]
+    for rec in report["records"]:
+        _assert_contained(rec, hostile_host)
+
+
+# --------------------------------------------------------------------------------------------
+# The layers one by one
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [{"isolation": "process"}] + OS_CONFIGS[::2],
+                         ids=lambda c: c["isolation"])
+def test_audit_hook_denies_constructing_code_objects(cfg):
+    # hand-made bytecode can corrupt the interpreter's memory; compile() is the way to code
+    code = ("import marshal, types\nc = compile('1', 'x', 'eval')\n"
+            "for what, make in (('replace', lambda: c.replace(co_consts=(2,))),\n"
+            "                   ('CodeType', lambda: types.CodeType(*[getattr(c, 'co_' + n) for n "
+            "in ('argcount posonlyargcount kwonlyargcount nlocals stacksize flags code consts "
+            "names varnames filename name qualname firstlineno linetable exceptiontable "
+            "freevars cellvars').split()])),\n"
+            "                   ('marshal', lambda: marshal.loads(marshal.dumps(c)))):\n"
+            "    try:\n        make()\n        print(what, 'made')\n"
+            "    except PermissionError:\n        print(what, 'denied')\n"
+            "import json, numpy\nprint(eval(c), json.dumps([1]))\n")
+    r = run_python(code, timeout_s=10, **cfg)
+    assert r.ok, r.error
+    # marshal.loads only where the hook is the only guard (process mode compiles sources then)
+    marshal = "denied" if cfg["isolation"] == "process" else "made"
+    assert r.output.splitlines() == ["replace denied", "CodeType denied", f"marshal {marshal}",
+                                     "1 [1]"]
+
+
+def test_process_mode_denies_directory_file_descriptors():
+    code = ("import os\nos.mkdir('sub')\nfd = os.open('inside.txt', os.O_CREAT | os.O_WRONLY)\n"
+            "for what, act in (('open dir', lambda: os.open('sub', os.O_RDONLY)),\n"
+            "                  ('open runtime dir', lambda: os.open(os.path.dirname(os.__file__), "
+            "os.O_RDONLY)),\n                  ('mkdir dir_fd', lambda: os.mkdir('x', dir_fd=fd)),\n"
+            "                  ('tempdir', lambda: __import__('tempfile').mkdtemp())):\n"
+            "    try:\n        act()\n        print(what, 'allowed')\n"
+            "    except PermissionError as e:\n        print(what, 'denied', 'dir_fd' in str(e))\n")
+    r = run_python(code, timeout_s=5, isolation="process")
+    assert r.ok, r.error
+    assert r.output.splitlines() == ["open dir denied True", "open runtime dir denied True",
+                                     "mkdir dir_fd denied True", "tempdir allowed"]
+
+
+SECCOMP_PROBE = (
+    "import ctypes, errno, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "def err(rc):\n    return 'ok' if rc == 0 else errno.errorcode[ctypes.get_errno()]\n"
+    "print('ptrace', err(libc.ptrace(0, 0, 0, 0)))\n"            # PTRACE_TRACEME
+    "print('keyctl', err(libc.syscall(250 if ctypes.sizeof(ctypes.c_void_p) == 8 else 288, "
+    "0, -3, 0)))\n"                                               # KEYCTL_GET_KEYRING_ID
+    "try:\n    socket.socket(socket.AF_INET)\n    print('inet ok')\n"
+    "except OSError as e:\n    print('inet', errno.errorcode[e.errno])\n"
+    "socket.socketpair()\nprint('unix ok')\n")
+
+
+@pytest.mark.skipif(not (HAS_SECCOMP and OS_CONFIGS), reason="needs libseccomp and namespaces")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="keyctl's number is x86-64's")
+@pytest.mark.parametrize("cfg", OS_CONFIGS[1::2], ids=lambda c: c["isolation"])
+def test_seccomp_filter_denies_what_the_namespaces_allow(cfg):
+    # each probe succeeds in the namespaces without the filter (a new network namespace still
+    # makes AF_INET sockets; a process may always ask to be traced)
+    r = run_python(SECCOMP_PROBE, timeout_s=5, **cfg)
+    assert r.ok and r.seccomp, (r.error, r.output)
+    assert r.output.splitlines() == ["ptrace EPERM", "keyctl EPERM", "inet EAFNOSUPPORT",
+                                     "unix ok"]
+
+
+def test_seccomp_rules_depend_on_the_mode():
+    ns = syscall_filter.sandbox_rules(allow_unix_sockets=True, own_pid=None)
+    proc = syscall_filter.sandbox_rules(allow_unix_sockets=False, own_pid=1234)
+    by_name = lambda rules, name: [r for r in rules if r.syscall == name]  # noqa: E731
+    assert by_name(ns, "socket") == [syscall_filter.Rule("socket", 97, ((0, "ne", 1, 0),))]
+    assert by_name(proc, "socket") == [syscall_filter.Rule("socket", 13)]  # EACCES: every one
+    assert by_name(ns, "kill") == [] and by_name(proc, "kill") == [
+        syscall_filter.Rule("kill", 1, ((0, "ne", 1234, 0),))]
+    assert {"ptrace", "mount", "keyctl", "bpf", "perf_event_open", "unshare", "setns"} <= {
+        r.syscall for r in ns}
+    with pytest.raises(ValueError, match="own_pid"):
+        syscall_filter.sandbox_rules(allow_unix_sockets=False, own_pid=0)
+
+
+def test_cgroup_dirs_are_found_for_v1_and_v2():
+    v1_mounts = ("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+                 "35 31 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+                 "38 31 0:34 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n")
+    v1_own = "8:pids:/\n4:memory:/job/a b\n0::/\n"
+    assert sandbox.cgroup_dirs(v1_mounts, v1_own) == {
+        "memory": "/sys/fs/cgroup/memory/job/a b", "pids": "/sys/fs/cgroup/pids"}
+    v2_mounts = "30 23 0:26 /outer /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert sandbox.cgroup_dirs(v2_mounts, "0::/outer/user.slice\n") == {
+        "memory": "/sys/fs/cgroup/user.slice", "pids": "/sys/fs/cgroup/user.slice"}
+    assert sandbox.cgroup_dirs(v2_mounts, "0::/elsewhere\n") == {}  # not below the mount
+    assert sandbox.cgroup_dirs("", v1_own) == {}
+
+
+def test_remounts_keep_the_flags_a_user_namespace_cannot_clear():
+    assert sandbox.kept_mount_flags(0) == 0
+    nosuid_nodev_noexec_relatime = 2 | 4 | 8 | 4096
+    assert sandbox.kept_mount_flags(nosuid_nodev_noexec_relatime | 1) == 2 | 4 | 8 | (1 << 21)
+
+
+HAS_CGROUP = bool(sandbox._writable_cgroup_dirs())
+
+
+@pytest.mark.skipif(not (HAS_CGROUP and OS_CONFIGS), reason="needs a writable cgroup tree")
+def test_cgroup_limits_the_memory_of_all_processes_together(monkeypatch):
+    created = []
+    make = sandbox._create_run_cgroup
+    monkeypatch.setattr(sandbox, "_create_run_cgroup",
+                        lambda *a: created.extend(make(*a)) or list(created))
+    # four processes of 150 MB each stay under RLIMIT_AS (256 MB each) but not under the run's
+    # cgroup (256 + 32 + 64 MB in all): the kernel kills one of them
+    code = ("import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n"
+            "    if pid == 0:\n        b = b'x' * (150 * 1024 * 1024)\n        time.sleep(1)\n"
+            "        os._exit(0)\n    pids.append(pid)\n"
+            "print(sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids))\n")
+    r = run_python(code, timeout_s=10, memory_mb=256, isolation=OS_CONFIGS[0]["isolation"],
+                   audit=False)
+    assert r.ok and r.cgroup, r.error
+    assert ast.literal_eval(r.output)[0] == -9, r.output  # SIGKILL from the cgroup's OOM killer
+    assert created and not any(os.path.exists(d) for d in created)  # removed after the run
+
+
+@pytest.mark.skipif(not (HAS_CGROUP and HAS_USERNS and os.geteuid() == 0),
+                    reason="needs root, user namespaces and a writable cgroup tree")
+def test_cgroup_limits_processes_where_rlimit_nproc_cannot():
+    # userns mode as root maps to the host's root, which RLIMIT_NPROC never limits: the pids
+    # controller is what stops the flood here
+    code = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n"
+            "            time.sleep(5)\n            os._exit(0)\n        n += 1\n"
+            "    except OSError:\n        pass\nprint(n, flush=True)\nos._exit(0)\n")
+    r = run_python(code, timeout_s=10, max_processes=8, isolation="userns", audit=False)
+    assert r.ok and r.cgroup, r.error
+    assert int(r.output) < 8, r.output
+
+
+CAPABILITY_PROBE = (
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "header = (ctypes.c_uint32 * 2)(0x20080522, 0)\ndata = (ctypes.c_uint32 * 6)()\n"
+    "assert libc.capget(header, data) == 0\n"
+    "print([data[i] | data[i + 3] << 32 for i in range(3)], libc.prctl(39, 0, 0, 0, 0))\n")
+
+
+@pytest.mark.parametrize("cfg", OS_CONFIGS[1::2] + [{"isolation": "process", "audit": False}],
+                         ids=_config_id)
+def test_user_code_holds_no_capabilities(cfg):
+    # effective, permitted, inheritable all empty, and no_new_privs set: in userns mode the code
+    # runs as the namespace's uid 0, and in process mode possibly as the host's root
+    r = run_python(CAPABILITY_PROBE, timeout_s=5, **cfg)
+    assert r.ok, r.error
+    assert r.output == "[0, 0, 0] 1\n"
