@@ -58,7 +58,8 @@ import time
 # the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
 
 __all__ = ["SandboxResult", "SandboxUnavailableError", "run_python", "namespaces_available",
-           "user_namespaces_available", "available_isolations", "format_observation"]
+           "user_namespaces_available", "available_isolations", "resolve_isolation",
+           "format_observation"]
 
 _THIS_FILE = os.path.abspath(__file__)
 _SYSCALL_FILTER_FILE = os.path.join(os.path.dirname(_THIS_FILE), "syscall_filter.py")

@@ -457,7 +457,8 @@ attempt('create a file outside through a dir_fd',
         lambda: os.write(via_dir_fd('TARGET_PATH', os.O_WRONLY | os.O_CREAT), b'x'))
 """,
     "proc_self": """
-attempt('read the secret via /proc/self/root', lambda: open('/proc/self/root' + 'SECRET_PATH').read())
+attempt('read the secret via /proc/self/root',
+        lambda: open('/proc/self/root' + 'SECRET_PATH').read())
 attempt('read the secret via /proc/self/cwd',
         lambda: open('/proc/self/cwd/' + '../' * 40 + 'SECRET_PATH'[1:]).read())
 attempt("read the sentinel's environment", lambda: open('/proc/SENTINEL_PID/environ').read())
