@@ -81,28 +81,45 @@ def test_sampling_greedy_mode_and_rng(tiny):
 
 
 class _Heads(nn.Module):
-    """Stand-in AutoDeco heads: temperature and top-p are parameters."""
+    """Stand-in AutoDeco heads that read their inputs: a row is cold (T = 1e-7, so greedy) when the
+    argmax of its logits plus the sign bit of hidden[0] is even, else hot (T = t); top-p is p."""
 
     @nn.compact
     def __call__(self, hidden_BD, logits_BV):
         t = self.param("t", nn.initializers.constant(1.0), ())
         p = self.param("p", nn.initializers.constant(0.9), ())
-        B = hidden_BD.shape[0]
-        return {"temperature_B": jnp.full((B,), t), "top_p_B": jnp.full((B,), p)}
+        parity_B = (jnp.argmax(logits_BV, -1) + (hidden_BD[:, 0] > 0)) % 2
+        return {"temperature_B": jnp.where(parity_B == 0, 1e-7, t),
+                "top_p_B": jnp.full(hidden_BD.shape[:1], p)}
 
 
 def test_autodeco_heads_drive_sampling(tiny):
     model, params, prompt = tiny
-    greedy = jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW)
+    greedy = np.asarray(jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW))
     cfg = sampling.SamplingConfig(mode="autodeco")
     heads = _Heads()
-    hp = heads.init(jax.random.PRNGKey(0), jnp.zeros((2, 64)), jnp.zeros((2, 256)))
-    cold = {"params": {"t": jnp.float32(1e-7), "p": jnp.float32(0.9)}}
-    out = jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=cfg,
-                          rng=jax.random.PRNGKey(0), autodeco=(heads, cold))
-    np.testing.assert_array_equal(out, greedy)          # heads say T ~ 0 -> greedy rows
-    hot = {"params": {"t": jnp.float32(50.0), "p": hp["params"]["p"]}}
-    outs = {tuple(np.asarray(jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=cfg,
-                                             rng=jax.random.PRNGKey(s), autodeco=(heads, hot))).ravel())
-            for s in range(3)}
-    assert len(outs) > 1                                # heads say T = 50 -> random draws
+    apply = jax.jit(lambda seq: model.apply(params, seq, return_hidden=True))
+
+    def run(t, p, seed):
+        hp = {"params": {"t": jnp.float32(t), "p": jnp.float32(p)}}
+        out = np.asarray(jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=cfg,
+                                         rng=jax.random.PRNGKey(seed), autodeco=(heads, hp)))
+        return out, hp
+
+    # A top-p below every probability keeps only the argmax, however hot: greedy rows throughout.
+    out, _ = run(50.0, 1e-6, 0)
+    np.testing.assert_array_equal(out, greedy)
+    # Hot rows at T = 50, p = 0.9: recompute every step's logits and hidden without the cache, ask
+    # the heads which rows were cold there, and check exactly those took the argmax.
+    n_cold = n_hot_off_argmax = 0
+    for seed in range(3):
+        out, hp = run(50.0, 0.9, seed)
+        logits_BTV, hidden_BTD = apply(jnp.asarray(out))
+        for t in range(prompt.shape[1], out.shape[1]):
+            t_B = np.asarray(heads.apply(hp, hidden_BTD[:, t - 1], logits_BTV[:, t - 1])["temperature_B"])
+            argmax_B = np.asarray(jnp.argmax(logits_BTV[:, t - 1], -1))
+            cold_B = t_B < 1.0
+            np.testing.assert_array_equal(out[cold_B, t], argmax_B[cold_B])
+            n_cold += int(cold_B.sum())
+            n_hot_off_argmax += int((out[~cold_B, t] != argmax_B[~cold_B]).sum())
+    assert n_cold > 0 and n_hot_off_argmax > 0, (n_cold, n_hot_off_argmax)

@@ -1,4 +1,11 @@
-"""Logical-axis rules -> PartitionSpecs (single process; multi-device checks in tests/train)."""
+"""Logical-axis rules -> PartitionSpecs (single process; multi-device checks in tests/train), and a
+checkpoint loaded onto 8 virtual devices by those rules (a subprocess: XLA_FLAGS must precede JAX)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -75,3 +82,62 @@ def test_match_shardings_by_path_suffix():
   assert out[0].mu["params"]["w"].spec == P("fsdp")
   assert out[0].nu["params"]["w"].spec == P("fsdp")
   assert out[0].count.spec == P()
+
+
+# Loads the tiny golden checkpoint twice, unsharded and onto fsdp x tensor x expert = 2 x 2 x 2 by the
+# rules; prints, per param, its spec, one shard's shape, the device count, whether it got the sharding
+# it was given and whether its values are the unsharded ones.
+_LOAD_SHARDED = """
+import json, sys
+import jax
+import numpy as np
+import jaxllm
+from jaxllm import sharding as shd
+
+ckpt = sys.argv[1]
+assert jax.device_count() == 8
+mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
+model, ref = jaxllm.load_hf_checkpoint(ckpt, kda_impl="recurrent")
+boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32)))
+want = shd.tree_shardings(boxed, mesh)
+_, params = jaxllm.load_hf_checkpoint(ckpt, param_shardings=want["params"], kda_impl="recurrent")
+flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
+flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+out = {}
+for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+  out[jax.tree_util.keystr(path)] = [
+      str(x.sharding.spec), list(x.addressable_shards[0].data.shape), len(x.sharding.device_set),
+      x.sharding == flat_want[path], bool(np.array_equal(np.asarray(x), np.asarray(flat_ref[path])))]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_param_shardings_place_each_param():
+  ckpt = pathlib.Path(__file__).parent / "golden" / "kimi_linear_tiny_hubcfg"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _LOAD_SHARDED, str(ckpt)], env=env, capture_output=True,
+                        text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+  got = json.loads(lines[-1][len("RESULT "):])
+  assert len(got) > 80
+  for k, (_, _, n_dev, as_asked, same) in got.items():
+    assert n_dev == 8 and as_asked and same, (k, got[k])
+  # What the rules say, worked out by hand: embed -> fsdp, vocab/heads/mlp -> tensor, expert -> expert,
+  # kv/kv_lora/conv replicated; a dim the axis does not divide (MLA's 3 heads) is replicated.
+  want = {
+      "['params']['embed_tokens']": ["P('tensor', 'fsdp')", [150, 24]],                 # vocab, embed
+      "['params']['lm_head']": ["P('fsdp', 'tensor')", [24, 150]],                      # embed, vocab
+      "['params']['norm']['weight']": ["P('fsdp',)", [24]],
+      "['params']['layers_0']['mlp']['down_proj']": ["P('tensor', 'fsdp')", [48, 24]],  # mlp, embed
+      "['params']['layers_0']['self_attn']['q_proj']": ["P('fsdp', 'tensor')", [24, 3, 8]],   # embed, heads, kv
+      "['params']['layers_0']['self_attn']['o_proj']": ["P('tensor', None, 'fsdp')", [3, 8, 24]],
+      "['params']['layers_0']['self_attn']['q_conv']": ["P(None, 'tensor')", [4, 3, 8]],   # conv, heads, kv
+      "['params']['layers_1']['moe']['w1']": ["P('expert', 'fsdp', 'tensor')", [3, 24, 12]],
+      "['params']['layers_1']['moe']['w2']": ["P('expert', 'tensor', 'fsdp')", [3, 12, 24]],
+      "['params']['layers_1']['moe']['router']": ["P('fsdp',)", [24, 6]],
+      "['params']['layers_1']['moe']['e_score_correction_bias']": ["P()", [6]],
+      "['params']['layers_3']['self_attn']['kv_b_proj']": ["P()", [12, 3, 20]],        # kv_lora, 3 heads, kv
+      "['params']['layers_3']['self_attn']['o_proj']": ["P(None, None, 'fsdp')", [3, 8, 24]],
+  }
+  assert {k: got[k][:2] for k in want} == want

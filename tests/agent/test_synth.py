@@ -5,7 +5,7 @@ import pytest
 
 from jaxllm.agent import protocol as P
 from jaxllm.agent import synth, tools
-from jaxllm.agent.wiki import RELATIONS, SimulatedWiki, WikiConfig
+from jaxllm.agent.wiki import ATTRIBUTES, RELATIONS, SimulatedWiki, WikiConfig
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +27,47 @@ def _answer_by_walk(wk, q):
     return str(e.attr(q.attribute)) if q.attribute else e.name
 
 
+def _answer_by_reading(wk, question):
+    """Answer the question from its text alone: peel "the <phrase> of " off the front, look up the
+    anchor by name, then follow the phrases innermost first (how an English reader nests them)."""
+    assert question.startswith("What is ") and question.endswith("?")
+    rest, phrases = question[len("What is "):-1], []
+    known = {r.phrase for r in RELATIONS.values()} | {a[1] for a in ATTRIBUTES.values()}
+    while True:
+        head = next((p for p in known if rest.startswith(f"the {p} of ")), None)
+        if head is None:
+            break
+        phrases.append(head)
+        rest = rest[len(f"the {head} of "):]
+    anchors = [e for e in wk.world.entities if e.name == rest]
+    assert len(anchors) == 1, f"anchor {rest!r} not found in {question!r}"
+    cur = anchors[0]
+    for i, phrase in enumerate(reversed(phrases)):
+        rels = [r for r in RELATIONS.values() if r.phrase == phrase and r.subject == cur.kind]
+        if not rels and i == len(phrases) - 1:  # the outermost phrase may be an attribute
+            attrs = [k for k, a in ATTRIBUTES.items() if a[1] == phrase and a[0] == cur.kind]
+            assert len(attrs) == 1, f"{cur.name} ({cur.kind}) has no {phrase!r} in {question!r}"
+            return str(cur.attr(attrs[0]))
+        assert len(rels) == 1 and (cur.id, rels[0].name) in wk.world.edges, (
+            f"{cur.name} ({cur.kind}) has no {phrase!r} in {question!r}")
+        cur = wk.world.entities[wk.world.follow(cur.id, rels[0].name)]
+    return cur.name
+
+
 def test_sampled_questions_have_the_graph_answer(wk):
     rng = random.Random(0)
-    n = 0
+    n = multi = 0
     for _ in range(300):
         q = synth.sample_question(wk.world, rng, rng.choice([1, 2, 3, 4]))
         if q is None:
             continue
         n += 1
+        multi += q.hops > 1
         assert q.answer == _answer_by_walk(wk, q)
+        # the text, read as English, must lead to the same answer through the graph
+        assert q.answer == _answer_by_reading(wk, q.question), q.question
         assert q.hops == len(q.relations) + (q.attribute is not None)
-        for rel in q.relations:
-            assert f"the {RELATIONS[rel].phrase} of" in q.question
-        assert wk.world.entities[q.anchor].name in q.question
-    assert n > 200
+    assert n > 200 and multi > 100
 
 
 def test_obfuscated_anchor_is_described_uniquely_and_not_named(wk):

@@ -89,16 +89,37 @@ def test_blocked_with_small_blocks_many_groups():
 
 def test_moe_module_shared_expert_and_axes():
     import flax.linen as nn
-    m = MoE(hidden_size=12, num_experts=4, num_experts_per_token=2, moe_intermediate_size=8,
-            num_shared_experts=2, routed_scaling_factor=2.0, dispatch="onehot")
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 12))
-    v = m.init(jax.random.PRNGKey(1), x)
-    assert v["params"]["shared_gate_proj"].value.shape == (12, 16)
-    assert v["params"]["w2"].names == ("expert", "mlp", "embed")
-    y1 = m.apply(v, x)
-    y2 = m.clone(dispatch="blocked").apply(v, x)
-    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
-    assert isinstance(v["params"]["w1"], nn.LogicallyPartitioned)
+    E, D, F, K, S = 4, 12, 8, 2, 2
+    m = MoE(hidden_size=D, num_experts=E, num_experts_per_token=K, moe_intermediate_size=F,
+            num_shared_experts=S, routed_scaling_factor=2.0)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, D)), jnp.float32)
+    # Shapes and axes from an abstract init (a concrete one compiles every initializer: ~15 s), then
+    # random values, with a non-zero correction bias so that routing by biased scores but weighting
+    # by raw ones matters.
+    boxes = jax.eval_shape(m.init, jax.random.PRNGKey(1), x)["params"]
+    axes = {"router": ("embed", None), "e_score_correction_bias": (None,),
+            "w1": ("expert", "embed", "mlp"), "w3": ("expert", "embed", "mlp"), "w2": ("expert", "mlp", "embed"),
+            "shared_gate_proj": ("embed", "mlp"), "shared_up_proj": ("embed", "mlp"),
+            "shared_down_proj": ("mlp", "embed")}
+    assert {k: b.names for k, b in boxes.items()} == axes
+    assert all(isinstance(b, nn.LogicallyPartitioned) for b in boxes.values())
+    assert boxes["shared_gate_proj"].value.shape == (D, F * S)
+    v = {"params": {k: b.replace_boxed(jnp.asarray(rng.normal(size=b.value.shape) * 0.4, jnp.float32))
+                    for k, b in boxes.items()}}
+    y = np.asarray(jax.jit(m.apply)(v, x), np.float64)
+
+    # The same layer in float64 numpy, token by token: routing, K experts, then the shared expert.
+    p = {k: np.asarray(b.value, np.float64) for k, b in v["params"].items()}
+    silu = lambda a: a / (1 + np.exp(-a))
+    x_ND = np.asarray(x, np.float64).reshape(-1, D)
+    wts, idx = _route_numpy(x_ND, p["router"], p["e_score_correction_bias"], K, 1, 1, True, 2.0)
+    ref = np.zeros_like(x_ND)
+    for n in range(len(x_ND)):
+        for w, e in zip(wts[n], idx[n]):
+            ref[n] += w * (silu(x_ND[n] @ p["w1"][e]) * (x_ND[n] @ p["w3"][e])) @ p["w2"][e]
+        ref[n] += (silu(x_ND[n] @ p["shared_gate_proj"]) * (x_ND[n] @ p["shared_up_proj"])) @ p["shared_down_proj"]
+    np.testing.assert_allclose(y.reshape(-1, D), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_dispatch_named():
