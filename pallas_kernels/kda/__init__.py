@@ -6,7 +6,8 @@
 q,k,g `[B,T,H,K]`, v `[B,T,H,V]`, g is the log-space decay (<= 0), beta `[B,T,H]`, state
 `[N,H,K,V]` float32. With `cu_seqlens` (packed varlen, B == 1) N = len(cu_seqlens) - 1 and every
 sequence has its own initial and final state. With `segment_ids` `[B,T]` the state resets to zero
-wherever the id changes along a row (packed training rows); initial/final state are per row.
+wherever the id differs from the previous token's (packed training rows): ids mark change points,
+so a reused id (`[0,0,1,1,0,0]`) starts a new document; initial/final state are per row.
 
 Implementations (`impl`):
   "recurrent"  lax.scan over tokens: the ground truth (and `kda_step`, the decode step)

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kda.common import L2NORM_EPS, default_scale, validate_inputs, varlen_layout
+from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, segment_resets, validate_inputs,
+                                       varlen_layout)
 
 CHUNK = 64       # C: tokens per chunk
 SUB = 16         # BC: tokens per secondary sub-chunk
@@ -473,9 +474,9 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
         has = jnp.ones((n_seq,), bool)
         rc = rr = None
         if segment_ids is not None:
-            # resets so far in the chunk, per token; padding continues the row's last segment
-            seg = jnp.pad(segment_ids, ((0, 0), (0, Tp - T)), mode="edge")
-            reset = seg != jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
+            # resets (change points: a reused id is a new document) so far in the chunk, per
+            # token; padding continues the row's last segment
+            reset = segment_resets(jnp.pad(segment_ids, ((0, 0), (0, Tp - T)), mode="edge"))
             r = jnp.cumsum(reset.reshape(B, NC, C).astype(F32), axis=2)
             rc, rr = r.reshape(B, Tp, 1), r.reshape(B, NC, 1, C)
     else:

@@ -35,8 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, validate_inputs,
-                                       varlen_layout)
+from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, document_index,
+                                       validate_inputs, varlen_layout)
 
 CHUNK = 64
 SUB = 16
@@ -483,8 +483,9 @@ def _from_chunks(x):
 
 
 def _segment_masks(seg_BnC, prev_B):
-    """Segment-reset masks of n chunks from segment ids [B,n,C] and the id of the row before the
-    first chunk [B]; chunk-major and broadcast over heads (dim 2)."""
+    """Segment-reset masks of n chunks from document indices [B,n,C] (`document_index`, not raw
+    segment ids: equality must mean "no change point between") and the index of the row before
+    the first chunk [B]; chunk-major and broadcast over heads (dim 2)."""
     last_prev = jnp.concatenate([prev_B[:, None], seg_BnC[:, :-1, -1]], axis=1).T  # [n,B]
     seg = seg_BnC.transpose(1, 0, 2)                                                # [n,B,C]
     f32 = lambda x: x.astype(jnp.float32)[:, :, None]
@@ -583,8 +584,8 @@ def _parts(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
 
 
 def _group_inputs(xs, seg, i, rows):
-    """Rows of loop step i (`rows` each): the five inputs, their segment ids and the id of the row
-    before."""
+    """Rows of loop step i (`rows` each): the five inputs, their document indices and the index of
+    the row before."""
     t0 = i * rows
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, rows, axis=1)
     if seg is None:
@@ -771,7 +772,8 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
         flags = Flags(jnp.pad(flags.seq, (0, pad)), jnp.pad(flags.start, (0, pad)),
                       jnp.pad(flags.end, (0, pad)))
     elif segment_ids is not None:
-        seg = jnp.pad(segment_ids, [(0, 0), (0, total - T)], mode="edge")
+        # document indices, so a reused id is a new document; padding continues the last one
+        seg = jnp.pad(document_index(segment_ids), [(0, 0), (0, total - T)], mode="edge")
 
     cfg = Config(chunk_size, group, fwd_group, default_scale(q, scale), bool(use_qk_l2norm))
     o, final = _chunk_core(xs, h0, seg, flags, cfg)

@@ -113,6 +113,17 @@ def varlen_layout(cu_seqlens, total_len: int, chunk: int) -> VarlenLayout:
 
 
 def segment_resets(segment_ids):
-    """[B,T] bool: token t starts a new segment (state resets to zero before it); never at t=0."""
+    """[B,T] bool: token t starts a new segment (state resets to zero before it); never at t=0.
+
+    Segment ids mean change points: a new document starts wherever the id differs from the
+    previous token's, so an id may come back later in the row as another document
+    (`[0,0,1,1,0,0]` is three documents)."""
     prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
     return segment_ids != prev
+
+
+def document_index(segment_ids):
+    """[B,T] int32: the row's document of each token, 0, 1, 2, ... (count of change points up to
+    and including it). Two tokens of a row are in the same document iff their indices are equal,
+    which raw ids do not tell when an id is reused; idempotent."""
+    return jnp.cumsum(segment_resets(segment_ids).astype(jnp.int32), axis=1)

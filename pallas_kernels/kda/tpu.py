@@ -19,9 +19,9 @@ state `[K, V]` (float32) lives in a VMEM scratch buffer across it.
 Varlen (`cu_seqlens`) uses the chunk-aligned layout of `common.varlen_layout`: every sequence
 starts a new chunk; per-chunk sequence ids and START/END flags arrive by scalar prefetch (SMEM)
 and drive both the state resets and the index maps of `h0`/`ht`/`dht`/`dh0`. `segment_ids`
-(resets anywhere inside a row) arrive as per-token "resets so far in this chunk" counts; the
-kernels mask the pair matrices to same-segment pairs, the state read to the chunk's first
-segment and the state write to its last.
+(resets wherever the id changes along a row, so a reused id is a new document) arrive as
+per-token "resets so far in this chunk" counts; the kernels mask the pair matrices to
+same-segment pairs, the state read to the chunk's first segment and the state write to its last.
 
 With `use_qk_l2norm` the kernels normalise the loaded q/k rows themselves (float32) and the
 backward applies the norm's VJP, so q/k stay in their input dtype in HBM.
