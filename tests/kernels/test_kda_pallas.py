@@ -7,7 +7,12 @@ mode). Accuracy as fla reports it: rms(ref - impl) / rms(ref), float32 bound 1e-
 
 from __future__ import annotations
 
+import base64
 import functools
+import importlib.util
+import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -160,11 +165,15 @@ class TestKDAPallas:
 
     @pytest.mark.parametrize("mode", ["segment_ids", "cu_seqlens"])
     def test_lowers_for_hardware(self, kernel_name, mode):
-        """Forward+backward lower through the real Pallas lowering (Mosaic TPU / Triton) on CPU.
+        """Forward+backward lower through the real Pallas lowering (Mosaic TPU / Triton) on CPU,
+        and each launch has the grid, order and tiles the kernel is designed for.
 
         `jax.export` for platform tpu / cuda runs the kernel lowering to Mosaic / Triton IR, which
-        interpret mode skips; the hardware compilers (Mosaic layouts, VMEM limits, PTX) still only
-        run on a device.
+        interpret mode skips. The launches are read back from the lowered module: per Mosaic
+        kernel the grid, its dimension semantics, the VMEM windows (so a VMEM budget can be
+        checked); per Triton kernel the name and grid. Where libtpu is importable the TPU kernels
+        are also compiled for a v5e through its compile-only AOT path (real Mosaic: layouts and
+        VMEM limits); PTX still needs a GPU.
 
         The Triton lowering needs a GPU's compute capability. With no GPU present, jax 0.10 falls
         back to 9.0 on its own; jax >= 0.12 raises "No supported GPU devices found" unless the
@@ -178,13 +187,17 @@ class TestKDAPallas:
         from jax import export
         from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-        B, T, H, K, V = (2, 128, 2, 128, 128) if mode == "segment_ids" else (1, 200, 2, 128, 128)
+        # Distinct B, H and chunk counts so a transposed or shortened grid shows.
+        B, T, H, K, V = (2, 256, 3, 128, 128) if mode == "segment_ids" else (1, 200, 2, 128, 128)
+        # cu_seqlens is traced, so the chunk-aligned layout is sized for the worst case: every one
+        # of the N sequences may waste up to 63 slots of its last chunk.
+        N = B if mode == "segment_ids" else 3
+        NC = T // 64 if mode == "segment_ids" else (T + N * 63) // 64
         platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[kernel_name]
         fn = {"pallas_tpu": kda_pallas_tpu, "pallas_gpu": kda_pallas_gpu}[kernel_name]
         disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
         sds = jax.ShapeDtypeStruct
         bf16, f32 = jnp.bfloat16, jnp.float32
-        N = B if mode == "segment_ids" else 3
 
         def loss(q, k, v, g, beta, h0, ids):
             kw = {mode: ids}
@@ -193,18 +206,95 @@ class TestKDAPallas:
             return jnp.sum(o.astype(f32)) + jnp.sum(ht)
 
         ids = sds((B, T), jnp.int32) if mode == "segment_ids" else sds((N + 1,), jnp.int32)
+        args = (sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
+                sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
+        grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
         target = contextlib.nullcontext()
         if platform == "cuda":
             h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
             target = use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100))
         with target:
-            exported = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(6)))),
-                                     platforms=[platform], disabled_checks=disabled)(
-                sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
-                sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
+            exported = export.export(grad_fn, platforms=[platform], disabled_checks=disabled)(*args)
         text = exported.mlir_module()
-        marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
-        assert text.count(marker) >= 2   # the forward and the backward kernel
+        if platform == "tpu":
+            launches = {kern["name"]: kern for kern in _mosaic_kernels(text)}
+            assert sorted(launches) == ["kda_chunk_bwd_tpu", "kda_chunk_fwd_tpu"]
+            for kern in launches.values():
+                assert kern["grid"] == [B, H, NC], kern["name"]
+                # the state is carried along the chunk axis: it must run in order on one core
+                assert kern["semantics"] == ["parallel", "parallel", "arbitrary"], kern["name"]
+                # q/k/v-wide windows are whole (64, 128) tiles of 128 lanes
+                assert [64, K] in [w[-2:] for w in kern["windows"]], kern["name"]
+                # double-buffered windows + scratch within v5e's default 16 MiB scoped VMEM
+                assert kern["vmem_bytes"] < 16 * 2**20, (kern["name"], kern["vmem_bytes"])
+            if importlib.util.find_spec("libtpu") is not None:
+                _compile_for_v5e(grad_fn, args)
+        else:
+            launches = _triton_kernels(text)
+            BV = 64
+            want = [("kda_chunk_intra_gpu", [B, H, NC]), ("kda_state_fwd_gpu", [B, H, V // BV]),
+                    ("kda_chunk_intra_gpu", [B, H, NC]), ("kda_state_bwd_gpu", [B, H, V // BV]),
+                    ("kda_chunk_grads_gpu", [B, H, NC])]
+            assert sorted(launches) == sorted(want)
+
+
+def _mosaic_kernels(module_text):
+    """The Mosaic kernels of a lowered module: name, grid, dimension semantics, VMEM windows and an
+    estimate of their VMEM use (windows twice for double buffering, scratch once)."""
+    # JAX internals (the Mosaic dialect and its payload format), so imported only here
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.passmanager import PassManager
+
+    out = []
+    for m in re.finditer(r'backend_config = "(\{\\22custom_call_config.*?)"', module_text):
+        config = json.loads(m.group(1).replace("\\22", '"'))
+        body = base64.b64decode(config["custom_call_config"]["body"])
+        ctx = mlir.make_ir_context()
+        tpu.register_dialect(ctx)
+        with ctx, ir.Location.unknown():
+            ctx.allow_unregistered_dialects = True  # the serialised payload says `stable_mosaic`
+            kernel = ir.Module.parse(body)
+            # the payload is versioned (serialised); upgrade it to the current dialect to read it
+            PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(kernel.operation)
+            head = next(line for line in str(kernel).splitlines() if "iteration_bounds" in line)
+        itemsize = {"bf16": 2, "f32": 4, "i32": 4}
+        nbytes = [math.prod(int(d) for d in dims.rstrip("x").split("x")) * itemsize[dt] for dims, dt in
+                  re.findall(r"memref<((?:\d+x)+)(\w+), #tpu.memory_space<vmem>>", head)]
+        n_scratch = int(re.search(r"scratch_operands = (\d+)", head).group(1))
+        out.append({
+            "name": re.search(r"func\.func @(\w+)\(", head).group(1),
+            "grid": [int(x) for x in re.search(r"iteration_bounds = array<i64: ([\d, ]+)>", head)
+                     .group(1).split(",")],
+            "semantics": re.findall(r"#tpu\.dimension_semantics<(\w+)>", head),
+            "windows": [[int(x) for x in w.split(",")] for w in
+                        re.findall(r"window_bounds = array<i64: ([\d, ]+)>", head)],
+            "vmem_bytes": 2 * sum(nbytes[:len(nbytes) - n_scratch]) + sum(nbytes[len(nbytes) - n_scratch:]),
+        })
+    return out
+
+
+def _triton_kernels(module_text):
+    """(name, [grid_x, grid_y, grid_z]) of every Triton launch in a lowered module."""
+    out = []
+    for m in re.finditer(r"xla\.gpu\.triton.*", module_text):
+        call = m.group(0)
+        grid = [int(re.search(rf"grid_{a} = (\d+)", call).group(1)) for a in "xyz"]
+        out.append((re.search(r'name = "(\w+)"', call).group(1), grid))
+    return out
+
+
+def _compile_for_v5e(fn, args):
+    """Compile for a TPU v5e without a chip (libtpu's compile-only devices): runs Mosaic itself, so
+    layout errors and VMEM overflows fail here."""
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(dev)) for a in args]
+    text = fn.lower(*placed).compile().as_text()
+    assert "kda_chunk_fwd_tpu" in text and "kda_chunk_bwd_tpu" in text
 
 
 def test_tpu_megacore_no_races(golden_dir):
