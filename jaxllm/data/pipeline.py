@@ -22,7 +22,8 @@ state holding at least these rows (e.g. merged from every host's checkpoint file
 Row layout (``seq_len`` inputs per row, built from ``seq_len + 1`` slots):
   inputs      slots[:-1]
   targets     slots[1:]
-  segment_ids segment of each input; 1, 2, ... per piece of document, 0 = padding
+  segment_ids segment of each input; 1, 2, ... per piece of document, 0 = padding (the model
+              starts a document wherever the id changes, so only adjacent ids are compared)
   loss_mask   1 where the target belongs to the same segment as the input
 """
 

@@ -9,7 +9,9 @@
 - with a `ModelCache` (see `init_cache`): runs the T tokens after the cached ones and returns
   `(logits_BTV, new_cache)` (or `(logits_BTV, new_cache, hidden_BTD)`).
 `segment_ids` [B,T] packs several documents per row: KDA state and short convs reset where the id
-changes, MLA attends within a document only.
+changes, MLA attends within a document only. Ids mark change points: a document starts wherever
+the id differs from the previous token's, so `[0,0,1,1,0,0]` is three documents (a reused id never
+joins an earlier one).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jaxllm.nn.mla import MLA, MLACache, init_mla_cache
 from jaxllm.nn.mlp import MLP
 from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
+from pallas_kernels.kda.common import document_index
 
 
 class ModelCache(NamedTuple):
@@ -149,6 +152,9 @@ class KimiLinear(nn.Module):
         if segment_ids is not None and segment_ids.shape != input_ids_BT.shape:
             raise ValueError(f"segment_ids must have input_ids' shape {input_ids_BT.shape}, "
                              f"got {segment_ids.shape}")
+        if segment_ids is not None:
+            # once, here: every layer then compares document indices (each consumer converts too)
+            segment_ids = document_index(segment_ids)
         if cache is not None and len(cache.layers) != c.num_hidden_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=pd,

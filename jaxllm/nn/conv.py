@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.kda.common import segment_resets
+from pallas_kernels.kda.common import document_index
 
 
 def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
@@ -17,8 +17,9 @@ def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
 
     x_BTC: [B,T,*C]; w_WC: [W,*C]; state_BSC: [B,W-1,*C] inputs that precede x (zeros if None);
     segment_ids_BT: [B,T] ints, taps never reach into an earlier segment (the state counts as part of
-    the first segment of the row). Returns (y_BTC in x's dtype, new_state [B,W-1,*C]) where the new
-    state holds the last W-1 inputs of the current (last) segment, zeros before it.
+    the first segment of the row). A segment starts wherever the id differs from the previous
+    token's, so a reused id is a new segment. Returns (y_BTC in x's dtype, new_state [B,W-1,*C])
+    where the new state holds the last W-1 inputs of the current (last) segment, zeros before it.
     """
     W = w_WC.shape[0]
     B, T = x_BTC.shape[:2]
@@ -33,7 +34,7 @@ def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
     if segment_ids_BT is not None:
         if segment_ids_BT.shape != (B, T):
             raise ValueError(f"causal_conv: segment_ids must be {(B, T)}, got {segment_ids_BT.shape}")
-        run_BT = jnp.cumsum(segment_resets(segment_ids_BT).astype(jnp.int32), axis=1)
+        run_BT = document_index(segment_ids_BT)  # change points, not raw ids
         run_BP = jnp.concatenate([jnp.zeros((B, W - 1), jnp.int32), run_BT], axis=1)
     bcast = (slice(None), slice(None)) + (None,) * len(chan)
     y = jnp.zeros(x_BTC.shape, jnp.float32)

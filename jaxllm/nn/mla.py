@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.norms import rms_norm
+from pallas_kernels.kda.common import document_index
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -44,14 +45,17 @@ def init_mla_cache(batch, capacity, kv_lora_rank, qk_rope_head_dim, dtype=jnp.fl
 def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
     """Boolean mask [B or 1, T, S].
 
-    Without `pos`: causal over the T tokens (and same segment when `segment_ids` is given).
+    Without `pos`: causal over the T tokens (and same document when `segment_ids` is given: a
+    document starts wherever the id differs from the previous token's, so a reused id is another
+    document).
     With `pos`: T new tokens at positions pos.. over a cache buffer of `capacity` that holds the
     `pos` earlier tokens (key s visible iff s < pos).
     """
     if pos is None:
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            doc = document_index(segment_ids)  # raw ids would join documents that reuse an id
+            mask = mask & (doc[:, :, None] == doc[:, None, :])
         return mask
     return jnp.broadcast_to((jnp.arange(capacity) < pos)[None, None, :], (1, T, capacity))
 
