@@ -1,0 +1,331 @@
+"""Mutation check: every test listed here must fail when its mutation is applied to the code, and
+pass without it (issue 18: tests that could not catch the bug they name).
+
+Each entry is a hand-written (file, old text, new text, test ids) mutation. The script copies the
+working tree (tracked files and untracked files git does not ignore) to a temporary folder, runs
+every listed test there unmutated (expects green), then, per mutation, makes a fresh copy, applies
+the mutation (the old text must occur exactly once) and runs that mutation's tests (expects at
+least one red). The checkout itself is never modified. It prints a table, one row per mutation,
+and exits 1 if any mutation survives, any clean run is red, or a run errs (a mutation whose old
+text is no longer in its file is an error too: update the entry).
+
+    python tools/mutation_check.py               # all mutations, one at a time
+    python tools/mutation_check.py -k sandbox    # the entries whose id or test contains "sandbox"
+    python tools/mutation_check.py --list        # the entries, without running anything
+    python tools/mutation_check.py --jobs 2      # two pytest runs at once
+
+A test that is skipped on this host (the sandbox's namespace tests without root or unshare) is
+reported as "skipped here", neither killed nor survived, and does not fail the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    id: str
+    path: str            # file, relative to the repository root
+    old: str             # must occur exactly once in the file
+    new: str
+    tests: tuple         # pytest node ids; a parametrized test without [...] means all its cases
+    what: str            # the bug the mutation stands for
+
+
+SANDBOX_TESTS = "tests/agent/test_sandbox.py::"
+
+MUTATIONS = [
+    # 1. make_optimizer's clipping, seen through the optimizer (not optax alone)
+    Mutation("optim-no-clipping", "jaxllm/train/optim.py",
+             "      optax.clip_by_global_norm(config.clip_norm),\n", "",
+             ("tests/train/test_optim.py::test_clipping_bounds_update_norm",),
+             "make_optimizer no longer clips gradients"),
+    # 2. question text read back through the graph
+    Mutation("synth-relations-reversed", "jaxllm/agent/synth.py",
+             "    for rel in path:\n        phrase = f\"the {RELATIONS[rel].phrase} of {phrase}\"",
+             "    for rel in reversed(path):\n        phrase = f\"the {RELATIONS[rel].phrase} of {phrase}\"",
+             ("tests/agent/test_synth.py::test_sampled_questions_have_the_graph_answer",),
+             "the question names the relations in reverse order"),
+    # 3. the AutoDeco heads drive sampling
+    Mutation("decode-heads-ignored", "jaxllm/decode.py",
+             "kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))",
+             "kw = dict(temperature_B=jnp.ones_like(t_B).reshape(-1), top_p_B=jnp.ones_like(p_B).reshape(-1))",
+             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+             "the sampler ignores the heads' temperature and top-p"),
+    Mutation("decode-top-p-ignored", "jaxllm/decode.py",
+             "top_p_B=p_B.reshape(-1))", "top_p_B=jnp.ones_like(p_B).reshape(-1))",
+             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+             "the sampler ignores the heads' top-p (the old test's hot half passed this)"),
+    Mutation("decode-heads-see-zero-hidden", "jaxllm/decode.py",
+             "heads_module.apply(heads_params, hidden_BD, logits_BV)",
+             "heads_module.apply(heads_params, jnp.zeros_like(hidden_BD), logits_BV)",
+             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+             "the heads are not given the hidden state"),
+    # 4. the MoE module against an independent float64 computation
+    Mutation("moe-no-shared-expert", "jaxllm/nn/moe.py",
+             "            y = y + swiglu(x_BTD.astype(cd), sg, su, sd)", "            y = y",
+             ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
+             "the shared expert's output is dropped"),
+    Mutation("moe-no-routed-scaling", "jaxllm/nn/moe.py",
+             "scaling=self.routed_scaling_factor", "scaling=1.0",
+             ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
+             "routed_scaling_factor is ignored"),
+    # 5. a checkpoint placed on 8 devices by the logical-axis rules
+    Mutation("sharding-mlp-rule", "jaxllm/sharding.py",
+             '    ("mlp", ("tensor",)),', '    ("mlp", ()),',
+             ("tests/test_sharding.py::test_param_shardings_place_each_param",),
+             "a wrong rule: mlp no longer sharded over tensor"),
+    # 6. what the lowered kernels launch
+    Mutation("kda-tpu-chunk-axis-parallel", "pallas_kernels/kda/tpu.py",
+             '_SEMANTICS = ("parallel", "parallel", "arbitrary")',
+             '_SEMANTICS = ("parallel", "parallel", "parallel")',
+             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",),
+             "the chunk axis, which carries the state, may be split across TensorCores"),
+    Mutation("kda-gpu-state-grid", "pallas_kernels/kda/gpu.py",
+             "        grid=(B, H, V // BV),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
+             "_seq_vspec(Tp, V, BV=BV),",
+             "        grid=(B, H, 1),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
+             "_seq_vspec(Tp, V, BV=BV),",
+             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",),
+             "the forward state kernel launches one V slice instead of V/64"),
+    # 7. K = V = 128: the GPU kernel's V slices
+    Mutation("kda-gpu-fwd-v-slice", "pallas_kernels/kda/gpu.py",
+             "one program walks all chunks of one (batch, head, V-slice).\"\"\"\n"
+             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+             "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
+             "one program walks all chunks of one (batch, head, V-slice).\"\"\"\n"
+             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+             "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
+             ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
+             "every forward state program reads and writes the first 64 columns of V"),
+    Mutation("kda-gpu-bwd-v-slice", "pallas_kernels/kda/gpu.py",
+             "chunks in reverse: dhs[c] = cotangent of the state after chunk c.\"\"\"\n"
+             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+             "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
+             "chunks in reverse: dhs[c] = cotangent of the state after chunk c.\"\"\"\n"
+             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+             "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
+             ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
+             "the backward state programs all use the first 64 columns of V (forward still right)"),
+    # The sandbox's guards (docs/agent.md, "Tests"): each removed, a test turns red.
+    Mutation("sandbox-directory-fds", "jaxllm/agent/sandbox.py",
+             "        if strict and path is not None and isdir(path):",
+             "        if False and strict and path is not None and isdir(path):",
+             (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
+             "process mode allows directory file descriptors"),
+    Mutation("sandbox-dir-fd-arguments", "jaxllm/agent/sandbox.py",
+             "                    if strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
+             "                    if False and strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
+             (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
+             "process mode allows dir_fd arguments"),
+    Mutation("sandbox-code-objects", "jaxllm/agent/sandbox.py",
+             '                  "code.__new__")', "                  )",
+             (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects",),
+             "the audit hook allows constructing code objects"),
+    Mutation("sandbox-marshal", "jaxllm/agent/sandbox.py",
+             '_STRICT_DENY_PREFIXES = ("marshal.load",)', "_STRICT_DENY_PREFIXES = ()",
+             (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects[process]",),
+             "process mode allows marshal.loads"),
+    Mutation("sandbox-no-seccomp", "jaxllm/agent/sandbox.py",
+             "            if seccomp_lib is not None:\n                _install_seccomp(seccomp_lib, isolation)",
+             "            if False:\n                _install_seccomp(seccomp_lib, isolation)",
+             (SANDBOX_TESTS + "test_seccomp_filter_denies_what_the_namespaces_allow",),
+             "the seccomp filter is never loaded"),
+    Mutation("sandbox-supervisor-takes-signals", "jaxllm/agent/sandbox.py",
+             "        previous[sig] = signal.signal(sig, signal.SIG_IGN)",
+             "        previous[sig] = signal.getsignal(sig)",
+             (SANDBOX_TESTS + "test_hostile_set_is_contained[userns_os_only]",),
+             "the supervisor does not ignore signals from the user process"),
+    Mutation("sandbox-no-cgroup", "jaxllm/agent/sandbox.py",
+             "        cgroup = _create_run_cgroup(", "        cgroup = [] and _create_run_cgroup(",
+             (SANDBOX_TESTS + "test_cgroup_limits_the_memory_of_all_processes_together",),
+             "no cgroup is made for a run"),
+    Mutation("sandbox-capabilities-kept", "jaxllm/agent/sandbox.py",
+             "        os.setuid(uid)\n    _drop_capabilities(libc)", "        os.setuid(uid)",
+             (SANDBOX_TESTS + "test_user_code_holds_no_capabilities",),
+             "capabilities are not dropped"),
+    Mutation("sandbox-no-user-namespace", "jaxllm/agent/sandbox.py",
+             '_USERNS_FLAGS = ("--user", "--map-root-user")', "_USERNS_FLAGS = ()",
+             (SANDBOX_TESTS + "test_hostile_set_is_contained_as_an_unprivileged_user",),
+             "userns mode without a user namespace"),
+    Mutation("sandbox-auto-fails-open", "jaxllm/agent/sandbox.py",
+             "            raise SandboxUnavailableError(NO_ISOLATION_MESSAGE)", '            return "process"',
+             (SANDBOX_TESTS + "test_auto_refuses_to_run_without_os_isolation",),
+             "auto falls back to process mode"),
+]
+
+
+def tree_files(root: pathlib.Path) -> list[str]:
+    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], check=True, capture_output=True).stdout
+    return [p for p in out.decode().split("\0") if p and (root / p).is_file()]
+
+
+def copy_tree(root: pathlib.Path, files: list[str], dest: pathlib.Path) -> None:
+    for rel in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+
+
+def apply(m: Mutation, tree: pathlib.Path) -> None:
+    path = tree / m.path
+    text = path.read_text()
+    n = text.count(m.old)
+    if n != 1:
+        raise ValueError(f"{m.id}: the old text occurs {n} times in {m.path} (expected once)")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def _case_id(case: ET.Element) -> str:
+    """pytest node id of a junit testcase ("tests.x.test_y.Class" + name -> path::Class::name)."""
+    parts = case.get("classname", "").split(".")
+    for i in range(len(parts), 0, -1):  # the longest prefix that is a file
+        if (ROOT / ("/".join(parts[:i]) + ".py")).is_file():
+            return "::".join(["/".join(parts[:i]) + ".py"] + parts[i:] + [case.get("name", "")])
+    return case.get("classname", "") + "::" + case.get("name", "")
+
+
+def run_tests(tree: pathlib.Path, tests, timeout: float) -> dict:
+    """Run pytest on `tests` inside `tree`; returns {"rc", "cases": {node id: outcome}, "tail"}."""
+    junit = tree / ".mutation-junit.xml"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e)
+    cases, why = {}, {}
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            kinds = {child.tag: child for child in case}
+            bad = kinds.get("failure", kinds.get("error"))
+            outcome = "failed" if bad is not None else "skipped" if "skipped" in kinds else "passed"
+            cases[_case_id(case)] = outcome
+            if bad is not None:
+                why[_case_id(case)] = " ".join((bad.get("message") or "").split())
+    return {"rc": rc, "cases": cases, "why": why, "tail": tail}
+
+
+def outcomes_of(test: str, cases: dict) -> list[str]:
+    return [v for k, v in cases.items() if k == test or k.startswith(test + "[")]
+
+
+def verdict(m: Mutation, clean: dict, mutated: dict) -> str:
+    clean_out = [o for t in m.tests for o in outcomes_of(t, clean["cases"])]
+    if not clean_out or "failed" in clean_out:
+        return "CLEAN RUN RED" if "failed" in clean_out else "ERROR (no test ran)"
+    if all(o == "skipped" for o in clean_out):
+        return "skipped here"
+    mut_out = [o for t in m.tests for o in outcomes_of(t, mutated["cases"])]
+    if "failed" in mut_out:
+        return "killed"
+    if not mut_out or mutated["rc"] not in (0, 1):
+        return f"ERROR (pytest rc {mutated['rc']})"
+    return "SURVIVED"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", dest="select", default="", help="only entries whose id or tests contain this")
+    ap.add_argument("--list", action="store_true", help="print the entries and exit")
+    ap.add_argument("--jobs", type=int, default=1, help="pytest runs at once (default 1)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    args = ap.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if args.select in m.id or any(args.select in t for t in m.tests)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id}: {m.path}: {m.what}\n    " + "\n    ".join(m.tests))
+        return 0
+    if not chosen:
+        print(f"no mutation matches {args.select!r}")
+        return 2
+
+    t0 = time.time()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="jaxllm-mutation-"))
+    try:
+        files = tree_files(ROOT)
+        base = work / "clean"
+        copy_tree(ROOT, files, base)
+        try:
+            for m in chosen:  # every old text must still be there, once, before anything runs
+                apply(m, _scratch(base, m, work))
+        except ValueError as e:
+            print(f"{e}; update the entry in {pathlib.Path(__file__).name}")
+            return 2
+        where = subprocess.run([sys.executable, "-c", "import jaxllm, pallas_kernels; print(jaxllm.__file__)"],
+                               cwd=base, capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(base))).stdout.strip()
+        if not where.startswith(str(base)):
+            print(f"the copy imports jaxllm from {where!r}, not from {base}; aborting")
+            return 2
+        tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+        print(f"{len(chosen)} mutations, {len(tests)} tests; copies under {work}", flush=True)
+        clean = run_tests(base, tests, args.timeout)
+        print(f"clean run: pytest rc {clean['rc']}, {time.time() - t0:.0f} s", flush=True)
+
+        def one(i_m):
+            i, m = i_m
+            tree = work / f"m{i:02d}"
+            copy_tree(ROOT, files, tree)
+            apply(m, tree)
+            start = time.time()
+            res = run_tests(tree, m.tests, args.timeout)
+            if not args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+            return m, res, time.time() - start
+
+        rows = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for m, res, secs in pool.map(one, enumerate(chosen)):
+                v = verdict(m, clean, res)
+                rows.append((m, v, secs, res))
+                print(f"  {m.id}: {v} ({secs:.0f} s)", flush=True)
+                if v not in ("killed", "skipped here"):
+                    print("    " + res["tail"].replace("\n", "\n    ")[-2000:])
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    w = max(len(m.id) for m, _, _, _ in rows)
+    print(f"\n{'mutation':<{w}}  {'result':<14} {'s':>5}  test / first failure")
+    for m, v, secs, res in rows:
+        print(f"{m.id:<{w}}  {v:<14} {secs:5.0f}  " + f"\n{'':<{w + 23}}".join(m.tests))
+        first = next((msg for t, msg in res["why"].items() if any(t == x or t.startswith(x + "[") for x in m.tests)), "")
+        if first:
+            print(f"{'':<{w + 23}}-> {first[:110]}")
+    bad = [m.id for m, v, _, _ in rows if v not in ("killed", "skipped here")]
+    skipped = sum(v == "skipped here" for _, v, _, _ in rows)
+    print(f"\n{len(rows) - len(bad) - skipped} killed, {skipped} skipped here, {len(bad)} not killed"
+          f"{': ' + ', '.join(bad) if bad else ''}; {time.time() - t0:.0f} s")
+    return 1 if bad else 0
+
+
+def _scratch(base: pathlib.Path, m: Mutation, work: pathlib.Path) -> pathlib.Path:
+    """A throwaway copy of the one file `m` changes, to check its old text before any test runs."""
+    scratch = pathlib.Path(tempfile.mkdtemp(dir=work))
+    (scratch / m.path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(base / m.path, scratch / m.path)
+    return scratch
+
+
+if __name__ == "__main__":
+    sys.exit(main())
