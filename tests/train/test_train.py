@@ -5,11 +5,13 @@ import os
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 import tiny_lm
-from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, train
+from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, loop, train
+from jaxllm.train.step import DTYPES, make_train_step
 
 tiny_lm.register()
 
@@ -39,11 +41,35 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
   np.testing.assert_allclose([a.losses[s] for s in range(1, 5)], [b.losses[s] for s in range(1, 5)], rtol=1e-5)
 
 
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (scan, remat, pjit, custom_vjp ...) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+
+
 def test_bf16_compute_and_remat_run(tmp_path, data_dir):
-  r = train(cfg(data_dir, "steps=3", "compute_dtype=bfloat16", "remat=dots"), str(tmp_path), log=quiet)
+  c = cfg(data_dir, "steps=3", "compute_dtype=bfloat16", "remat=dots")
+  r = train(c, str(tmp_path), log=quiet)
   assert all(np.isfinite(v) for v in r.losses.values())
   leaf = r.params["params"]["embed"]
   assert leaf.dtype == np.float32  # master weights stay float32
+  # The step the loop compiles, traced: every matmul (forward and backward) takes bfloat16 operands,
+  # and the blocks are rematerialised with the dots policy.
+  s = loop.setup(c)
+  step = make_train_step(s.model.apply, s.tx, s.schedule, DTYPES[c.compute_dtype])
+  batch = {k: jax.ShapeDtypeStruct(loop.batch_shape(s), np.int32) for k in ("inputs", "targets", "segment_ids",
+                                                                            "loss_mask")}
+  eqns = list(_eqns(jax.make_jaxpr(step)(loop.abstract_state(s), batch).jaxpr))
+  dots = [[str(v.aval.dtype) for v in e.invars] for e in eqns if e.primitive.name == "dot_general"]
+  assert len(dots) > 20 and all(d == ["bfloat16", "bfloat16"] for d in dots), dots
+  remats = [e for e in eqns if e.primitive.name in ("remat2", "checkpoint")]  # the name varies by JAX version
+  assert len(remats) == 2  # one per block
+  assert all(e.params["policy"] is jax.checkpoint_policies.checkpoint_dots for e in remats)
 
 
 def test_rerun_after_finish_does_nothing_and_longer_run_resumes(tmp_path, data_dir):
