@@ -70,6 +70,16 @@ result["restored_equal"] = all(jax.tree.leaves(same))
 result["restored_step"] = int(state["step"])
 result["restored_specs"] = spec_report(state["params"], s.boxed, mesh)
 result["restored_data_state"] = data_state
+# What the data position of step 20 must be: a fresh pipeline of the same run, 20 batches on; and
+# resuming from the restored position must give that pipeline's next batch.
+fresh = loop.make_data(s)
+for _ in range(20):
+  fresh.next_rows()
+result["expected_data_state"] = fresh.get_state()
+resumed = loop.make_data(s)
+resumed.set_state(data_state)
+after, want = resumed.next_rows(), fresh.next_rows()
+result["resumed_batch_equal"] = all(np.array_equal(after[k], want[k]) for k in want)
 
 try:
   loop.setup(RunConfig(**{**base, "batch_size": 6}, mesh_fsdp=4, mesh_tensor=2))
