@@ -107,13 +107,18 @@ def test_bf16_load_keeps_gates_float32(golden_dir):
     assert attn["A_log"].dtype == jnp.float32 and attn["dt_bias"].dtype == jnp.float32
     assert params["params"]["layers_1"]["moe"]["e_score_correction_bias"].dtype == jnp.float32
     g = np.load(golden_dir / "kimi_linear_tiny_hubcfg" / "golden.npz")
-    logits = model.apply(params, jnp.asarray(g["input_ids"]))
+    ids = jnp.asarray(g["input_ids"])
+    logits = model.apply(params, ids)
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-    ref = g["logits"]
-    rel = np.sqrt(np.mean((np.asarray(logits) - ref) ** 2) / np.mean(ref ** 2))
-    # Rounding the weights of this random tiny model to bf16 moves its logits by ~10% (it amplifies
-    # perturbations ~10x and flips near-tie MoE routes); a wrong key layout gives > 1.
-    assert rel < 0.3
+    rel = lambda ref, x: float(np.sqrt(np.mean((np.asarray(x) - ref) ** 2) / np.mean(np.asarray(ref) ** 2)))
+    # This random tiny model amplifies perturbations ~10x and flips near-tie MoE routes: rounding its
+    # weights to bf16 moves the logits by 10.7%, bf16 activations on top by 15.4% in all (jax 0.10
+    # and 0.12); a wrong key layout gives > 1.
+    assert rel(g["logits"], logits) < 0.2
+    # bf16 activations alone, against the same bf16 weights computed in float32: 11.5%. Norms or
+    # beta computed in bf16 instead of float32 give 19% / 17%.
+    f32_compute = KimiLinear(model.config.replace(dtype="float32")).apply(params, ids)
+    assert rel(f32_compute, logits) < 0.15
 
 
 def test_token_ids_outside_vocab_named(golden_dir):

@@ -138,6 +138,24 @@ def test_gradients_finite():
     assert float(jnp.abs(attn["A_log"].value).sum()) > 0 and float(jnp.abs(attn["q_conv"].value).sum()) > 0
 
 
+def _project_ops(jaxpr, prims):
+    """(primitive, file of the jaxllm/pallas_kernels line that issued it, operand dtypes) of every
+    `prims` op in a jaxpr and its sub-jaxprs; ops issued inside JAX only (jax.nn.silu) are skipped."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in prims:
+            tb = eqn.source_info.traceback
+            mine = [f for f in (tb.frames if tb else ()) if "/jaxllm/" in f.file_name
+                    or "/pallas_kernels/" in f.file_name]
+            if mine:
+                yield eqn.primitive.name, pathlib.Path(mine[0].file_name).name, tuple(
+                    str(v.aval.dtype) for v in eqn.invars if hasattr(v, "aval"))
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _project_ops(sub, prims)
+
+
 def test_bf16_compute_close_to_f32():
     # dense FFNs only: MoE near-ties flip routes under bf16 rounding (discontinuous, not a bug)
     dense = dict(kda_impl="recurrent", mlp_layer_types=("dense",) * 4, layer_types=("kda", "mla") * 2)
@@ -146,7 +164,19 @@ def test_bf16_compute_close_to_f32():
     ids = jax.random.randint(jax.random.PRNGKey(5), (1, 16), 0, 256)
     a, b = jax.jit(m32.apply)(params, ids), jax.jit(m16.apply)(params, ids)
     assert b.dtype == jnp.float32
-    assert rel_rms(a, b) < 0.1
+    # bf16 activations move these logits by 2.5-3% (seeds 5-6, T = 16 and 128; jax 0.10 and 0.12)
+    assert rel_rms(a, b) < 0.04
+    # A missing float32 upcast adds only ~0.5% to that, so check the computation itself: norms,
+    # the KDA gate and beta, the softmax and the recurrence take float32 operands in the bf16 model.
+    ops = set(_project_ops(jax.make_jaxpr(m16.apply)(params, ids).jaxpr,
+                           ("rsqrt", "exp", "log1p", "logistic", "reduce_max")))
+    assert {(p, f) for p, f, _ in ops} >= {
+        ("rsqrt", "norms.py"), ("logistic", "norms.py"),                         # RMSNorm, gated output norm
+        ("exp", "kda_attention.py"), ("log1p", "kda_attention.py"),              # gate: exp(A_log), softplus
+        ("logistic", "kda_attention.py"),                                        # beta
+        ("reduce_max", "mla.py"), ("exp", "mla.py"), ("exp", "reference.py")}    # softmax, decay
+    low = sorted(op for op in ops if any(d != "float32" for d in op[2]))
+    assert not low, low
 
 
 def test_cache_bytes_kda_constant_mla_grows():
