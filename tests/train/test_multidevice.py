@@ -58,10 +58,10 @@ def test_checkpoint_restores_onto_a_different_mesh(result):
   assert sorted(map(int, data_state["rows"])) == list(range(8))
   # every row's epoch, cursor and offset are where 20 batches take a fresh pipeline, and resuming
   # there gives its next batch
-  assert data_state == result["expected_data_state"]
+  rows = {r: [v["epoch"], v["cursor"], v["offset"]] for r, v in data_state["rows"].items()}
+  assert rows == result["expected_rows"]
   assert result["resumed_batch_equal"]
-  rows = data_state["rows"].values()
-  assert any(r["offset"] for r in rows) and any(r["cursor"] >= 8 or r["epoch"] for r in rows)  # they moved
+  assert any(o for _, _, o in rows.values()) and any(c >= 8 or e for e, c, _ in rows.values())  # they moved
 
 
 def test_batch_not_divisible_by_mesh_is_rejected(result):
