@@ -321,11 +321,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"{e}; update the entry in {pathlib.Path(__file__).name}")
             return 2
-        where = subprocess.run([sys.executable, "-c", "import jaxllm, pallas_kernels; print(jaxllm.__file__)"],
+        where = subprocess.run([sys.executable, "-c", "import jaxllm, pallas_kernels; "
+                                "print(jaxllm.__file__, pallas_kernels.__file__)"],
                                cwd=base, capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=str(base))).stdout.strip()
-        if not where.startswith(str(base)):
-            print(f"the copy imports jaxllm from {where!r}, not from {base}; aborting")
+                               env=dict(os.environ, PYTHONPATH=str(base))).stdout.split()
+        if len(where) != 2 or not all(w.startswith(str(base)) for w in where):
+            print(f"the copy imports the packages from {where}, not from {base}; aborting")
             return 2
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
         print(f"{len(chosen)} mutations, {len(tests)} tests; copies under {work}", flush=True)
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
         def one(i_m):
             i, m = i_m
             tree = work / f"m{i:02d}"
-            copy_tree(ROOT, files, tree)
+            copy_tree(base, files, tree)  # the snapshot the clean run used, not the live checkout
             apply(m, tree)
             start = time.time()
             res = run_tests(tree, m.tests, args.timeout)
