@@ -15,7 +15,8 @@ text is no longer in its file is an error too: update the entry).
     python tools/mutation_check.py --list        # the entries, without running anything
     python tools/mutation_check.py --jobs 2      # two pytest runs at once
 
-A test that is skipped on this host (the sandbox's namespace tests without root or unshare) is
+A test that is skipped on this host (the sandbox's namespace tests without root or unshare), or a
+mutation only a module this environment lacks can see (libtpu, for Mosaic's own VMEM check), is
 reported as "skipped here", neither killed nor survived, and does not fail the check.
 """
 
@@ -45,6 +46,7 @@ class Mutation:
     new: str
     tests: tuple         # pytest node ids (a test without [...]: all its cases; a class: its tests)
     what: str            # the bug the mutation stands for
+    needs: str = ""      # a module the test needs to see this mutation (else "skipped here")
 
 
 SANDBOX_TESTS = "tests/agent/test_sandbox.py::"
@@ -103,6 +105,14 @@ MUTATIONS = [
              "_seq_vspec(Tp, V, BV=BV),",
              ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",),
              "the forward state kernel launches one V slice instead of V/64"),
+    Mutation("kda-tpu-vmem-limit", "pallas_kernels/kda/tpu.py",
+             "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),\n        interpret=interpret,\n"
+             "        name=\"kda_chunk_fwd_tpu\",",
+             "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=256 * 1024),\n"
+             "        interpret=interpret,\n        name=\"kda_chunk_fwd_tpu\",",
+             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",),
+             "the forward kernel needs more VMEM than it is given: only Mosaic itself (libtpu) sees it",
+             needs="libtpu"),
     # 7. K = V = 128: the GPU kernel's V slices
     Mutation("kda-gpu-fwd-v-slice", "pallas_kernels/kda/gpu.py",
              "one program walks all chunks of one (batch, head, V-slice).\"\"\"\n"
@@ -238,11 +248,16 @@ def _case_id(case: ET.Element) -> str:
     return case.get("classname", "") + "::" + case.get("name", "")
 
 
+def tree_env(tree: pathlib.Path) -> dict:
+    """The environment that makes Python import the packages from `tree` (then from PYTHONPATH)."""
+    return dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
 def run_tests(tree: pathlib.Path, tests, timeout: float) -> dict:
-    """Run pytest on `tests` inside `tree`; returns {"rc", "cases": {node id: outcome}, "tail"}."""
+    """Run pytest on `tests` inside `tree`; returns {"rc", "cases": {node id: outcome}, "why", "tail"}."""
     junit = tree / ".mutation-junit.xml"
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
-               PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = tree_env(tree)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
            f"--junitxml={junit}", *tests]
     try:
@@ -323,11 +338,13 @@ def main(argv=None) -> int:
             return 2
         where = subprocess.run([sys.executable, "-c", "import jaxllm, pallas_kernels; "
                                 "print(jaxllm.__file__, pallas_kernels.__file__)"],
-                               cwd=base, capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=str(base))).stdout.split()
+                               cwd=base, capture_output=True, text=True, env=tree_env(base)).stdout.split()
         if len(where) != 2 or not all(w.startswith(str(base)) for w in where):
             print(f"the copy imports the packages from {where}, not from {base}; aborting")
             return 2
+        missing = {m.needs for m in chosen if m.needs and subprocess.run(
+            [sys.executable, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({m.needs!r}) is None)"],
+            cwd=base, env=tree_env(base)).returncode}
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
         print(f"{len(chosen)} mutations, {len(tests)} tests; copies under {work}", flush=True)
         clean = run_tests(base, tests, args.timeout)
@@ -335,6 +352,8 @@ def main(argv=None) -> int:
 
         def one(i_m):
             i, m = i_m
+            if m.needs in missing:
+                return m, None, 0.0
             tree = work / f"m{i:02d}"
             copy_tree(base, files, tree)  # the snapshot the clean run used, not the live checkout
             apply(m, tree)
@@ -347,24 +366,29 @@ def main(argv=None) -> int:
         rows = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for m, res, secs in pool.map(one, enumerate(chosen)):
-                v = verdict(m, clean, res)
+                if res is None:
+                    res = {"rc": None, "cases": {}, "why": {}, "tail": ""}
+                    v = f"skipped here (no {m.needs})"
+                else:
+                    v = verdict(m, clean, res)
                 rows.append((m, v, secs, res))
                 print(f"  {m.id}: {v} ({secs:.0f} s)", flush=True)
-                if v not in ("killed", "skipped here"):
+                if v != "killed" and not v.startswith("skipped here"):
                     print("    " + res["tail"].replace("\n", "\n    ")[-2000:])
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    w = max(len(m.id) for m, _, _, _ in rows)
-    print(f"\n{'mutation':<{w}}  {'result':<14} {'s':>5}  test / first failure")
+    w, wv = max(len(m.id) for m, _, _, _ in rows), max(len(v) for _, v, _, _ in rows)
+    pad = " " * (w + wv + 10)
+    print(f"\n{'mutation':<{w}}  {'result':<{wv}} {'s':>5}  test / first failure")
     for m, v, secs, res in rows:
-        print(f"{m.id:<{w}}  {v:<14} {secs:5.0f}  " + f"\n{'':<{w + 23}}".join(m.tests))
+        print(f"{m.id:<{w}}  {v:<{wv}} {secs:5.0f}  " + f"\n{pad}".join(m.tests))
         first = next((msg for t, msg in res["why"].items() if any(_under(t, x) for x in m.tests)), "")
         if first:
-            print(f"{'':<{w + 23}}-> {first[:110]}")
-    bad = [m.id for m, v, _, _ in rows if v not in ("killed", "skipped here")]
-    skipped = sum(v == "skipped here" for _, v, _, _ in rows)
+            print(f"{pad}-> {first[:110]}")
+    bad = [m.id for m, v, _, _ in rows if v != "killed" and not v.startswith("skipped here")]
+    skipped = sum(v.startswith("skipped here") for _, v, _, _ in rows)
     print(f"\n{len(rows) - len(bad) - skipped} killed, {skipped} skipped here, {len(bad)} not killed"
           f"{': ' + ', '.join(bad) if bad else ''}; {time.time() - t0:.0f} s")
     return 1 if bad else 0
