@@ -1,6 +1,17 @@
+import os
 import pathlib
 
-import pytest
+# Compiling, not running, is most of this suite's time on CPU: the programs are small but many.
+# LLVM -O0 compiles them about 3x faster (the HLO passes, fusions included, are unchanged). Set
+# before JAX starts, and inherited by the subprocesses tests start (they append their own flags).
+# Two checks keep the default optimization level, as users run it: the XLA:CPU crash reproducer
+# (tests/kernels/test_kda_xla_cpu.py) and the quickstart notebook. A level the user set is kept.
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["JAXLLM_USER_XLA_FLAGS"] = USER_XLA_FLAGS
+if "--xla_backend_optimization_level" not in USER_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+
+import pytest  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -11,6 +11,7 @@ fusion with a reduce in any computation reachable from a conditional branch, so 
 caught on machines that would not crash.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -121,8 +122,10 @@ def test_hlo_scan_finds_a_reduce_fusion_in_a_branch():
 
 def test_backward_runs_and_has_no_reduce_fusion_in_a_branch(golden_dir, tmp_path):
     hlo = tmp_path / "kda_bwd.hlo.txt"
+    # With the XLA flags the user started the suite with, not the suite's -O0 (tests/conftest.py).
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("JAXLLM_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
     proc = subprocess.run([sys.executable, "-c", REPRODUCER, str(golden_dir / "kda" / "kda_varlen.npz"),
-                           str(hlo)], capture_output=True, text=True, timeout=600)
+                           str(hlo)], env=env, capture_output=True, text=True, timeout=600)
     # The HLO holds for every CPU: checked first, so a regression is named even where it crashes.
     assert hlo.exists(), f"did not compile (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     bad = reduce_fusions_under_conditionals(hlo.read_text())

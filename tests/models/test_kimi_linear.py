@@ -35,7 +35,7 @@ def _model(two_layers=False, **kw):
 @pytest.mark.parametrize("T,k", [(70, 8), (131, 4)])
 def test_prefill_equals_prefill_then_decode(impl, T, k):
     """prefill(T) == prefill(T-k) + k one-token steps: logits and every cache entry (64-chunk crossed)."""
-    config, model, params = _model(kda_impl=impl)
+    config, model, params = _model(two_layers=True, kda_impl=impl)
     B, cap = 2, T + 3
     ids = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, config.vocab_size)
     full = jax.jit(model.apply)(params, ids)

@@ -14,7 +14,8 @@ HERE = pathlib.Path(__file__).parent
 
 
 def test_moe_same_params_same_routing_loss_and_grads_on_fsdp_tensor_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"  # keeps the suite's -O0
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(HERE / "moe_routing_script.py"), "check", str(tmp_path / "tfds")],
                         env=env, capture_output=True, text=True, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -11,13 +11,17 @@ import sys
 import numpy as np
 import pytest
 
+# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
+pytestmark = pytest.mark.xdist_group("multidevice")
+
 HERE = pathlib.Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multi")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"  # keeps the suite's -O0
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(HERE / "multidevice_script.py"), str(tmp / "w"), str(tmp / "tfds")],
                         env=env, capture_output=True, text=True, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
