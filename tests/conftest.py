@@ -13,6 +13,11 @@ if "--xla_backend_optimization_level" not in USER_XLA_FLAGS:
 
 import pytest  # noqa: E402
 
+# The README runs the suite with `-n 2 --dist loadscope`: each module stays on one worker, so a
+# costly module fixture (multi-host runs, CLI workdirs) is built once, not once per worker.
+# (`--dist loadgroup` with xdist_group marks would be narrower, but pytest-xdist 3.8 under
+# pytest 9.2 ignores the marks.)
+
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

@@ -13,9 +13,6 @@ from jaxllm.decode import decode_step, prefill
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.kimi_linear import KimiLinear
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("decode")
-
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 N_NEW = 4   # one max_new_tokens everywhere: generate's compiled function is reused
 

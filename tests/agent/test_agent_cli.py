@@ -12,9 +12,6 @@ from jaxllm import cli
 from jaxllm.agent import evaluate, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("agent_cli")
-
 ROOT = pathlib.Path(__file__).parents[2]
 
 

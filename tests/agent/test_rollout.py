@@ -19,9 +19,6 @@ from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.tokenizers import ByteTokenizer
 from jaxllm.models import KimiLinear, KimiLinearConfig
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("rollout")
-
 TOK = ByteTokenizer()
 SYSTEM = "Answer with tools."
 

@@ -11,9 +11,6 @@ import pytest
 from jaxllm import cli
 from jaxllm.train import autodeco_run as ad
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("autodeco_cli")
-
 OFFICIAL_KEYS = {f"{h}.mlp.{i}.{k}" for h in ("temp_head", "top_p_head") for i in (0, 2) for k in ("weight", "bias")}
 H = 32
 

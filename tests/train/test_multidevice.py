@@ -11,9 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("multidevice")
-
 HERE = pathlib.Path(__file__).parent
 
 

@@ -19,9 +19,6 @@ import time
 
 import pytest
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("multihost")
-
 HERE = pathlib.Path(__file__).parent
 SCRIPT = str(HERE / "multihost_script.py")
 STEPS = 20

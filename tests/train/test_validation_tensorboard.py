@@ -15,9 +15,6 @@ from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.train import ConfigError, train
 from jaxllm.train import loop
 
-# The module fixture is built once, on one worker (xdist --dist loadgroup, as in the README).
-pytestmark = pytest.mark.xdist_group("validation_tensorboard")
-
 tiny_lm.register()
 
 
