@@ -18,9 +18,9 @@ from typing import Callable, NamedTuple
 
 
 class Command(NamedTuple):
-  help: str
-  add_arguments: Callable[[argparse.ArgumentParser], None]
-  run: Callable[[argparse.Namespace], int]
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 COMMANDS: dict[str, Command] = {}
@@ -30,168 +30,235 @@ PLUGIN_MODULES = ("jaxllm.agent.cli",)
 
 
 def register_command(name: str, help: str, add_arguments, run) -> None:
-  COMMANDS[name] = Command(help, add_arguments, run)
+    COMMANDS[name] = Command(help, add_arguments, run)
 
 
 # --------------------------------------------------------------------------- train
 def _train_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", help="run config JSON (fields of jaxllm.train.RunConfig)")
-  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and run_config.json go here")
-  p.add_argument("--steps", type=int, help="total optimizer steps (same as steps=N)")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (multi-host TPU pod slices, GPU clusters)")
-  p.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. lr=1e-3 mesh_fsdp=4")
+    p.add_argument("--config", help="run config JSON (fields of jaxllm.train.RunConfig)")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and run_config.json go here")
+    p.add_argument("--steps", type=int, help="total optimizer steps (same as steps=N)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host TPU pod slices, GPU clusters)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="field=value", help="config overrides, e.g. lr=1e-3 mesh_fsdp=4"
+    )
 
 
 def _maybe_distributed(args) -> None:
-  """``jax.distributed.initialize()`` for --distributed / JAXLLM_DISTRIBUTED=1.
+    """``jax.distributed.initialize()`` for --distributed / JAXLLM_DISTRIBUTED=1.
 
-  Cloud TPU, SLURM, Open MPI and Kubernetes are detected by JAX itself. Elsewhere set
-  ``JAX_COORDINATOR_ADDRESS`` (read by JAX) and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
-  (read here: JAX takes those two only as arguments).
-  """
-  if getattr(args, "distributed", False) or os.environ.get("JAXLLM_DISTRIBUTED") == "1":
-    import jax
-    kwargs = {}
-    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-      text = os.environ.get(var, "").strip()
-      if text:
-        if not text.isdigit():
-          raise SystemExit(f"error: {var}={text!r} is not allowed; allowed: a non-negative integer")
-        kwargs[name] = int(text)
-    jax.distributed.initialize(**kwargs)
+    Cloud TPU, SLURM, Open MPI and Kubernetes are detected by JAX itself. Elsewhere set
+    ``JAX_COORDINATOR_ADDRESS`` (read by JAX) and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+    (read here: JAX takes those two only as arguments).
+    """
+    if getattr(args, "distributed", False) or os.environ.get("JAXLLM_DISTRIBUTED") == "1":
+        import jax
+
+        kwargs = {}
+        for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            text = os.environ.get(var, "").strip()
+            if text:
+                if not text.isdigit():
+                    raise SystemExit(f"error: {var}={text!r} is not allowed; allowed: a non-negative integer")
+                kwargs[name] = int(text)
+        jax.distributed.initialize(**kwargs)
 
 
 def _train(args) -> int:
-  _maybe_distributed(args)
-  from jaxllm.train import load_config, train
-  overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
-  config = load_config(args.config, overrides)
-  train(config, args.workdir)
-  return 0
+    _maybe_distributed(args)
+    from jaxllm.train import load_config, train
+
+    overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+    config = load_config(args.config, overrides)
+    train(config, args.workdir)
+    return 0
 
 
 # --------------------------------------------------------------------------- generate
 def _generate_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workdir", required=True, help="a training workdir (run_config.json + checkpoints)")
-  p.add_argument("--prompt", default="def ", help="text to continue")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  p.add_argument("--temperature", type=float, default=None,
-                 help="0 = greedy (default 0; with --autodeco/--fixed-mean it multiplies the heads' T, default 1)")
-  p.add_argument("--top-p", type=float, default=1.0, help="with --autodeco/--fixed-mean: multiplies the heads' P")
-  p.add_argument("--seed", type=int, default=0)
-  heads = p.add_mutually_exclusive_group()
-  heads.add_argument("--autodeco", action="store_true",
-                     help="per-token T and top-p from the heads of `jaxllm autodeco-train` (<workdir>/autodeco)")
-  heads.add_argument("--fixed-mean", action="store_true",
-                     help="the mean T and top-p of those heads as fixed values (the 'MeanShift' baseline)")
+    p.add_argument("--workdir", required=True, help="a training workdir (run_config.json + checkpoints)")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy (default 0; with --autodeco/--fixed-mean it multiplies the heads' T, default 1)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="with --autodeco/--fixed-mean: multiplies the heads' P"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    heads = p.add_mutually_exclusive_group()
+    heads.add_argument(
+        "--autodeco",
+        action="store_true",
+        help="per-token T and top-p from the heads of `jaxllm autodeco-train` (<workdir>/autodeco)",
+    )
+    heads.add_argument(
+        "--fixed-mean",
+        action="store_true",
+        help="the mean T and top-p of those heads as fixed values (the 'MeanShift' baseline)",
+    )
 
 
 def _generate(args) -> int:
-  from jaxllm.train.inference import generate_text, load_trained
-  model, params, tokenizer = load_trained(args.workdir, step=args.step)
-  if args.autodeco or args.fixed_mean:
-    from jaxllm.train import autodeco_run as ad
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=hidden)
-    t = 1.0 if args.temperature is None else args.temperature
-    sampling = ad.sampling_config("autodeco" if args.autodeco else "fixed_mean", info, temperature=t,
-                                  top_p=args.top_p)
-    print(ad.generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens, sampling,
-                           heads=(heads_module, heads_vars), seed=args.seed))
+    from jaxllm.train.inference import generate_text, load_trained
+
+    model, params, tokenizer = load_trained(args.workdir, step=args.step)
+    if args.autodeco or args.fixed_mean:
+        from jaxllm.train import autodeco_run as ad
+
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=hidden)
+        t = 1.0 if args.temperature is None else args.temperature
+        sampling = ad.sampling_config(
+            "autodeco" if args.autodeco else "fixed_mean", info, temperature=t, top_p=args.top_p
+        )
+        print(
+            ad.generate_text(
+                model,
+                params,
+                tokenizer,
+                args.prompt,
+                args.max_new_tokens,
+                sampling,
+                heads=(heads_module, heads_vars),
+                seed=args.seed,
+            )
+        )
+        return 0
+    args.temperature = 0.0 if args.temperature is None else args.temperature
+    print(
+        generate_text(
+            model,
+            params,
+            tokenizer,
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
     return 0
-  args.temperature = 0.0 if args.temperature is None else args.temperature
-  print(generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed))
-  return 0
 
 
 # --------------------------------------------------------------------------- plot
 def _plot_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("workdirs", nargs="+", help="training workdirs or metrics.jsonl files")
-  p.add_argument("--out", default="loss.png", help="output PNG path")
-  p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+    p.add_argument("workdirs", nargs="+", help="training workdirs or metrics.jsonl files")
+    p.add_argument("--out", default="loss.png", help="output PNG path")
+    p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
 
 
 def _plot(args) -> int:
-  from jaxllm.plot import plot_loss
-  path = plot_loss(args.workdirs, args.out, smooth=args.smooth)
-  print(path)
-  return 0
+    from jaxllm.plot import plot_loss
+
+    path = plot_loss(args.workdirs, args.out, smooth=args.smooth)
+    print(path)
+    return 0
 
 
 register_command("train", "train a model (see docs/training.md)", _train_args, _train)
 register_command("generate", "generate text from a trained workdir", _generate_args, _generate)
+
+
 # --------------------------------------------------------------------------- autodeco-train
 def _autodeco_train_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workdir", required=True, help="a trained workdir; heads go to <workdir>/autodeco")
-  p.add_argument("--steps", type=int, default=200, help="head optimizer steps")
-  p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (official recipe: 5e-6 on pretrained heads)")
-  p.add_argument("--batch-size", type=int, help="rows per step (default: the run's batch_size)")
-  p.add_argument("--base-step", type=int, help="base checkpoint step (default: latest)")
-  p.add_argument("--eval-batches", type=int, default=4, help="batches for the eval loss and the mean T / top-p")
-  p.add_argument("--variant", default="hf", help="loss conventions: hf or megatron")
-  p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", required=True, help="a trained workdir; heads go to <workdir>/autodeco")
+    p.add_argument("--steps", type=int, default=200, help="head optimizer steps")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate (official recipe: 5e-6 on pretrained heads)",
+    )
+    p.add_argument("--batch-size", type=int, help="rows per step (default: the run's batch_size)")
+    p.add_argument("--base-step", type=int, help="base checkpoint step (default: latest)")
+    p.add_argument(
+        "--eval-batches", type=int, default=4, help="batches for the eval loss and the mean T / top-p"
+    )
+    p.add_argument("--variant", default="hf", help="loss conventions: hf or megatron")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _autodeco_train(args) -> int:
-  from jaxllm.train.autodeco_run import train_heads
-  train_heads(args.workdir, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-              base_step=args.base_step, eval_batches=args.eval_batches, variant=args.variant, seed=args.seed)
-  return 0
+    from jaxllm.train.autodeco_run import train_heads
+
+    train_heads(
+        args.workdir,
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        base_step=args.base_step,
+        eval_batches=args.eval_batches,
+        variant=args.variant,
+        seed=args.seed,
+    )
+    return 0
 
 
-register_command("autodeco-train", "train AutoDeco heads on a trained workdir's frozen model (docs/autodeco.md)",
-                 _autodeco_train_args, _autodeco_train)
+register_command(
+    "autodeco-train",
+    "train AutoDeco heads on a trained workdir's frozen model (docs/autodeco.md)",
+    _autodeco_train_args,
+    _autodeco_train,
+)
 register_command("plot", "plot loss curves from metrics.jsonl as PNG", _plot_args, _plot)
 
 
 def _load_plugins() -> None:
-  for name in PLUGIN_MODULES:
-    try:
-      importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name is None or not name.startswith(e.name):  # the plugin exists but lacks a dependency
-        print(f"warning: `jaxllm` subcommands from {name} are unavailable: {e}", file=sys.stderr)
+    for name in PLUGIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):  # the plugin exists but lacks a dependency
+                print(f"warning: `jaxllm` subcommands from {name} are unavailable: {e}", file=sys.stderr)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from jaxllm.data.pipeline import TokenIdError
-  from jaxllm.data.sources import DatasetError
-  from jaxllm.train.checkpoint import CheckpointError
-  from jaxllm.train.config import ConfigError
-  from jaxllm.train.loop import NonFiniteLossError
-  return (ConfigError, DatasetError, TokenIdError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+    from jaxllm.data.pipeline import TokenIdError
+    from jaxllm.data.sources import DatasetError
+    from jaxllm.train.checkpoint import CheckpointError
+    from jaxllm.train.config import ConfigError
+    from jaxllm.train.loop import NonFiniteLossError
+
+    return (ConfigError, DatasetError, TokenIdError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  _load_plugins()
-  parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  for name, cmd in COMMANDS.items():
-    cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
-  return parser
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    return COMMANDS[args.command].run(args)
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
-  except Exception as e:  # noqa: BLE001 - only known user errors are caught below
-    errors = _user_errors()
-    if isinstance(e, errors):
-      from jaxllm.train.loop import NonFiniteLossError
-      print(f"error: {e}", file=sys.stderr)
-      return 3 if isinstance(e, NonFiniteLossError) else 2
-    raise
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - only known user errors are caught below
+        errors = _user_errors()
+        if isinstance(e, errors):
+            from jaxllm.train.loop import NonFiniteLossError
+
+            print(f"error: {e}", file=sys.stderr)
+            return 3 if isinstance(e, NonFiniteLossError) else 2
+        raise
 
 
 if __name__ == "__main__":
-  # Run the imported module's main: plugins register into `jaxllm.cli`, not into `__main__`.
-  from jaxllm.cli import main as _main
+    # Run the imported module's main: plugins register into `jaxllm.cli`, not into `__main__`.
+    from jaxllm.cli import main as _main
 
-  sys.exit(_main())
+    sys.exit(_main())

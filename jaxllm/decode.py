@@ -45,8 +45,9 @@ def _heads_outputs(out):
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(model_cls, config, prompt_len: int, max_new_tokens: int, sampling, heads_module,
-                 cache_dtype):
+def _generate_fn(
+    model_cls, config, prompt_len: int, max_new_tokens: int, sampling, heads_module, cache_dtype
+):
     model = model_cls(config)
     total = prompt_len + max_new_tokens
 
@@ -83,8 +84,17 @@ def _generate_fn(model_cls, config, prompt_len: int, max_new_tokens: int, sampli
     return jax.jit(run)
 
 
-def generate(model: KimiLinear, params, prompt_ids, max_new_tokens: int = 16, sampling=None, rng=None,
-             autodeco=None, *, cache_dtype=None):
+def generate(
+    model: KimiLinear,
+    params,
+    prompt_ids,
+    max_new_tokens: int = 16,
+    sampling=None,
+    rng=None,
+    autodeco=None,
+    *,
+    cache_dtype=None,
+):
     """Prefill the prompts then decode `max_new_tokens` tokens; returns [B, T + max_new_tokens] ids.
 
     sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`).
@@ -110,6 +120,13 @@ def generate(model: KimiLinear, params, prompt_ids, max_new_tokens: int = 16, sa
         raise ValueError("generate: autodeco heads need `sampling` (e.g. SamplingConfig(mode='autodeco'))")
     if rng is None:
         rng = jax.random.PRNGKey(0)
-    fn = _generate_fn(type(model), config, prompt.shape[1], max_new_tokens, sampling, heads_module,
-                      None if cache_dtype is None else jnp.dtype(cache_dtype))
+    fn = _generate_fn(
+        type(model),
+        config,
+        prompt.shape[1],
+        max_new_tokens,
+        sampling,
+        heads_module,
+        None if cache_dtype is None else jnp.dtype(cache_dtype),
+    )
     return fn(params, prompt.astype(jnp.int32), rng, heads_params)

@@ -10,57 +10,60 @@ from jaxllm.train.metrics import read_jsonl
 
 
 def _metrics_path(path: str) -> str:
-  full = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-  if not os.path.exists(full):
-    raise FileNotFoundError(f"no metrics file at {full!r} (give a training workdir or a metrics.jsonl)")
-  return full
+    full = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"no metrics file at {full!r} (give a training workdir or a metrics.jsonl)")
+    return full
 
 
 def metric_curve(path: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-  """(steps, values) of one metric of one run, last record per step winning (a resumed run
-  rewrites the steps after its checkpoint)."""
-  by_step = {}
-  for rec in read_jsonl(_metrics_path(path)):
-    if "step" in rec and key in rec:
-      by_step[int(rec["step"])] = float(rec[key])
-  steps = np.array(sorted(by_step), dtype=np.int64)
-  return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    """(steps, values) of one metric of one run, last record per step winning (a resumed run
+    rewrites the steps after its checkpoint)."""
+    by_step = {}
+    for rec in read_jsonl(_metrics_path(path)):
+        if "step" in rec and key in rec:
+            by_step[int(rec["step"])] = float(rec[key])
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
 
 
 def loss_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, training losses) of one run."""
-  return metric_curve(path, "loss")
+    """(steps, training losses) of one run."""
+    return metric_curve(path, "loss")
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
-  if window <= 1 or len(x) < window:
-    return x
-  c = np.cumsum(np.insert(x, 0, 0.0))
-  head = c[1:window] / np.arange(1, window)
-  return np.concatenate([head, (c[window:] - c[:-window]) / window])
+    if window <= 1 or len(x) < window:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    head = c[1:window] / np.arange(1, window)
+    return np.concatenate([head, (c[window:] - c[:-window]) / window])
 
 
 def plot_loss(paths, out: str, smooth: int = 1) -> str:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError as e:
-    raise ImportError("`jaxllm plot` needs matplotlib: pip install matplotlib") from e
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for path in ([paths] if isinstance(paths, str) else paths):
-    steps, losses = loss_curve(path)
-    label = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))) or path
-    (line,) = ax.plot(steps, moving_average(losses, smooth), label=label)
-    val_steps, val_losses = metric_curve(path, "val_loss")
-    if len(val_steps):  # runs with eval_every > 0: held-out loss, same colour, markers
-      ax.plot(val_steps, val_losses, "o--", color=line.get_color(), label=f"{label} (validation)")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
-  return out
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("`jaxllm plot` needs matplotlib: pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in [paths] if isinstance(paths, str) else paths:
+        steps, losses = loss_curve(path)
+        label = (
+            os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))) or path
+        )
+        (line,) = ax.plot(steps, moving_average(losses, smooth), label=label)
+        val_steps, val_losses = metric_curve(path, "val_loss")
+        if len(val_steps):  # runs with eval_every > 0: held-out loss, same colour, markers
+            ax.plot(val_steps, val_losses, "o--", color=line.get_color(), label=f"{label} (validation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -44,175 +44,185 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape. ``-1`` in at most one axis means "all remaining devices"."""
+    """Mesh shape. ``-1`` in at most one axis means "all remaining devices"."""
 
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  expert: int = 1
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
 
-  def shape(self, num_devices: int) -> tuple[int, ...]:
-    sizes = [self.data, self.fsdp, self.tensor, self.expert]
-    for name, s in zip(MESH_AXES, sizes):
-      if s == 0 or s < -1:
-        raise ValueError(f"mesh axis {name!r} has size {s}; allowed: a positive integer or -1 (fill)")
-    if sizes.count(-1) > 1:
-      raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-      if num_devices % fixed:
-        raise ValueError(
-            f"cannot fill mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices is not a multiple of {fixed}")
-      sizes[sizes.index(-1)] = num_devices // fixed
-    if math.prod(sizes) != num_devices:
-      raise ValueError(
-          f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are available")
-    return tuple(sizes)
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        for name, s in zip(MESH_AXES, sizes):
+            if s == 0 or s < -1:
+                raise ValueError(f"mesh axis {name!r} has size {s}; allowed: a positive integer or -1 (fill)")
+        if sizes.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        fixed = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % fixed:
+                raise ValueError(
+                    f"cannot fill mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices is not a multiple of {fixed}"
+                )
+            sizes[sizes.index(-1)] = num_devices // fixed
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are available"
+            )
+        return tuple(sizes)
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-  """Builds the 4-axis mesh (``data, fsdp, tensor, expert``) over all (global) devices."""
-  devices = list(jax.devices()) if devices is None else list(devices)
-  shape = config.shape(len(devices))
-  # Auto axes: jit's in/out shardings pin params and batch; XLA propagates the rest.
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    """Builds the 4-axis mesh (``data, fsdp, tensor, expert``) over all (global) devices."""
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = config.shape(len(devices))
+    # Auto axes: jit's in/out shardings pin params and batch; XLA propagates the rest.
+    return jax.make_mesh(
+        shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    )
 
 
 def _rules_dict(rules: Iterable[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
-  out = {}
-  for name, axes in rules:
-    if axes is None:
-      axes = ()
-    elif isinstance(axes, str):
-      axes = (axes,)
-    out[name] = tuple(axes)
-  return out
+    out = {}
+    for name, axes in rules:
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        out[name] = tuple(axes)
+    return out
 
 
-def logical_to_spec(logical_names: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> P:
-  """PartitionSpec for one array from its logical dim names.
+def logical_to_spec(
+    logical_names: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: jax.sharding.Mesh,
+    rules=LOGICAL_AXIS_RULES,
+) -> P:
+    """PartitionSpec for one array from its logical dim names.
 
-  A mesh axis is used at most once per array (first dim wins), mesh axes of
-  size 1 are dropped, and a dim that the mesh axes do not divide evenly is
-  replicated along those axes (``unsharded_dims`` reports such dims).
-  """
-  if logical_names is None:
-    return P()
-  if len(logical_names) != len(shape):
-    raise ValueError(f"logical names {tuple(logical_names)} do not match array rank {len(shape)}")
-  table = _rules_dict(rules)
-  used: set[str] = set()
-  spec = []
-  for name, dim in zip(logical_names, shape):
-    axes = [a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1] if name else []
-    size = math.prod(mesh.shape[a] for a in axes)
-    if not axes or dim % size:
-      spec.append(None)
-      continue
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else tuple(axes))
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
+    A mesh axis is used at most once per array (first dim wins), mesh axes of
+    size 1 are dropped, and a dim that the mesh axes do not divide evenly is
+    replicated along those axes (``unsharded_dims`` reports such dims).
+    """
+    if logical_names is None:
+        return P()
+    if len(logical_names) != len(shape):
+        raise ValueError(f"logical names {tuple(logical_names)} do not match array rank {len(shape)}")
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_names, shape):
+        axes = [a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1] if name else []
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else tuple(axes))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
 
 
 def _is_boxed(x) -> bool:
-  from flax.core import meta
-  return isinstance(x, meta.Partitioned)
+    from flax.core import meta
+
+    return isinstance(x, meta.Partitioned)
 
 
 def logical_names_tree(boxed_tree) -> Any:
-  """Tree (same structure as the unboxed tree) of logical-name tuples or None."""
-  return jax.tree.map(lambda x: tuple(x.names) if _is_boxed(x) else None, boxed_tree, is_leaf=_is_boxed)
+    """Tree (same structure as the unboxed tree) of logical-name tuples or None."""
+    return jax.tree.map(lambda x: tuple(x.names) if _is_boxed(x) else None, boxed_tree, is_leaf=_is_boxed)
 
 
 def unbox(boxed_tree):
-  from flax.core import meta
-  return meta.unbox(boxed_tree)
+    from flax.core import meta
+
+    return meta.unbox(boxed_tree)
 
 
 def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES):
-  """NamedShardings for a (possibly abstract) boxed param tree; unboxed leaves replicate."""
+    """NamedShardings for a (possibly abstract) boxed param tree; unboxed leaves replicate."""
 
-  def one(x):
-    if _is_boxed(x):
-      return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh, rules))
-    return NamedSharding(mesh, P())
+    def one(x):
+        if _is_boxed(x):
+            return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh, rules))
+        return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, boxed_tree, is_leaf=_is_boxed)
+    return jax.tree.map(one, boxed_tree, is_leaf=_is_boxed)
 
 
 def unsharded_dims(boxed_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> list[str]:
-  """Human-readable list of dims the rules would shard but that fell back to replication."""
-  table = _rules_dict(rules)
-  notes = []
-  flat = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=_is_boxed)[0]
-  for path, x in flat:
-    if not _is_boxed(x):
-      continue
-    spec = logical_to_spec(x.names, x.value.shape, mesh, rules)
-    spec = tuple(spec) + (None,) * (len(x.names) - len(spec))
-    for name, dim, s in zip(x.names, x.value.shape, spec):
-      want = [a for a in table.get(name, ()) if mesh.shape[a] > 1] if name else []
-      if want and s is None:
-        notes.append(f"{jax.tree_util.keystr(path)} dim {name}={dim} (mesh {want})")
-  return notes
+    """Human-readable list of dims the rules would shard but that fell back to replication."""
+    table = _rules_dict(rules)
+    notes = []
+    flat = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=_is_boxed)[0]
+    for path, x in flat:
+        if not _is_boxed(x):
+            continue
+        spec = logical_to_spec(x.names, x.value.shape, mesh, rules)
+        spec = tuple(spec) + (None,) * (len(x.names) - len(spec))
+        for name, dim, s in zip(x.names, x.value.shape, spec):
+            want = [a for a in table.get(name, ()) if mesh.shape[a] > 1] if name else []
+            if want and s is None:
+                notes.append(f"{jax.tree_util.keystr(path)} dim {name}={dim} (mesh {want})")
+    return notes
 
 
 def _path_key(path) -> tuple[str, ...]:
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
 
 
-def match_shardings(tree, reference: Mapping[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]],
-                    mesh: jax.sharding.Mesh):
-  """Shardings for an arbitrary tree (e.g. optimizer state) by path-suffix match.
+def match_shardings(
+    tree, reference: Mapping[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]], mesh: jax.sharding.Mesh
+):
+    """Shardings for an arbitrary tree (e.g. optimizer state) by path-suffix match.
 
-  ``reference`` maps a param path to (shape, sharding). A leaf whose path ends with
-  a param path and has that param's shape gets the param's sharding (Adam moments);
-  everything else (counters, scalars) is replicated.
-  """
+    ``reference`` maps a param path to (shape, sharding). A leaf whose path ends with
+    a param path and has that param's shape gets the param's sharding (Adam moments);
+    everything else (counters, scalars) is replicated.
+    """
 
-  def one(path, leaf):
-    key = _path_key(path)
-    shape = tuple(np.shape(leaf))
-    for i in range(len(key)):
-      hit = reference.get(key[i:])
-      if hit is not None and hit[0] == shape:
-        return hit[1]
-    return NamedSharding(mesh, P())
+    def one(path, leaf):
+        key = _path_key(path)
+        shape = tuple(np.shape(leaf))
+        for i in range(len(key)):
+            hit = reference.get(key[i:])
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return NamedSharding(mesh, P())
 
-  return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def path_index(tree, shardings) -> dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]]:
-  """{param path: (shape, sharding)} for use with ``match_shardings``."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {_path_key(p): (tuple(np.shape(x)), s) for (p, x), s in zip(leaves, shards)}
+    """{param path: (shape, sharding)} for use with ``match_shardings``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return {_path_key(p): (tuple(np.shape(x)), s) for (p, x), s in zip(leaves, shards)}
 
 
 def batch_spec(extra_leading: int = 0, rules=LOGICAL_AXIS_RULES) -> P:
-  """PartitionSpec for a ``[*leading, batch, length]`` token array."""
-  axes = _rules_dict(rules)["batch"]
-  return P(*([None] * extra_leading), axes if len(axes) > 1 else axes[0], None)
+    """PartitionSpec for a ``[*leading, batch, length]`` token array."""
+    axes = _rules_dict(rules)["batch"]
+    return P(*([None] * extra_leading), axes if len(axes) > 1 else axes[0], None)
 
 
 def batch_shard_count(mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> int:
-  return math.prod(mesh.shape[a] for a in _rules_dict(rules)["batch"])
+    return math.prod(mesh.shape[a] for a in _rules_dict(rules)["batch"])
 
 
 def describe(mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> str:
-  lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices"]
-  for name, axes in _rules_dict(rules).items():
-    lines.append(f"  {name:8s} -> {', '.join(axes) if axes else 'replicated'}")
-  return "\n".join(lines)
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices"]
+    for name, axes in _rules_dict(rules).items():
+        lines.append(f"  {name:8s} -> {', '.join(axes) if axes else 'replicated'}")
+    return "\n".join(lines)

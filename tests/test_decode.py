@@ -14,13 +14,14 @@ from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.kimi_linear import KimiLinear
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
-N_NEW = 4   # one max_new_tokens everywhere: generate's compiled function is reused
+N_NEW = 4  # one max_new_tokens everywhere: generate's compiled function is reused
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = KimiLinearConfig.from_file(CONFIGS / "tiny.json", kda_impl="recurrent").replace(
-        num_hidden_layers=2, layer_types=("kda", "mla"), mlp_layer_types=("dense", "moe"))
+        num_hidden_layers=2, layer_types=("kda", "mla"), mlp_layer_types=("dense", "moe")
+    )
     model = KimiLinear(config)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, config.vocab_size)
@@ -36,7 +37,7 @@ def test_cached_greedy_equals_uncached(tiny):
     seq = np.zeros((2, 9 + n), np.int32)
     seq[:, :9] = prompt
     apply = jax.jit(model.apply)
-    for t in range(9, 9 + n):   # re-run the whole (right-padded, causal) sequence every step, no cache
+    for t in range(9, 9 + n):  # re-run the whole (right-padded, causal) sequence every step, no cache
         seq[:, t] = np.argmax(np.asarray(apply(params, jnp.asarray(seq)))[:, t - 1], -1)
     np.testing.assert_array_equal(out, seq)
 
@@ -67,7 +68,9 @@ def test_sampling_greedy_mode_and_rng(tiny):
     model, params, prompt = tiny
     greedy = jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW)
     cfg = sampling.SamplingConfig(mode="greedy")
-    same = jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=cfg, rng=jax.random.PRNGKey(0))
+    same = jaxllm.generate(
+        model, params, prompt, max_new_tokens=N_NEW, sampling=cfg, rng=jax.random.PRNGKey(0)
+    )
     np.testing.assert_array_equal(same, greedy)
     hot = sampling.SamplingConfig(temperature=5.0)
     a = jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=hot, rng=jax.random.PRNGKey(3))
@@ -89,8 +92,10 @@ class _Heads(nn.Module):
         t = self.param("t", nn.initializers.constant(1.0), ())
         p = self.param("p", nn.initializers.constant(0.9), ())
         parity_B = (jnp.argmax(logits_BV, -1) + (hidden_BD[:, 0] > 0)) % 2
-        return {"temperature_B": jnp.where(parity_B == 0, 1e-7, t),
-                "top_p_B": jnp.full(hidden_BD.shape[:1], p)}
+        return {
+            "temperature_B": jnp.where(parity_B == 0, 1e-7, t),
+            "top_p_B": jnp.full(hidden_BD.shape[:1], p),
+        }
 
 
 def test_autodeco_heads_drive_sampling(tiny):
@@ -102,8 +107,17 @@ def test_autodeco_heads_drive_sampling(tiny):
 
     def run(t, p, seed):
         hp = {"params": {"t": jnp.float32(t), "p": jnp.float32(p)}}
-        out = np.asarray(jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW, sampling=cfg,
-                                         rng=jax.random.PRNGKey(seed), autodeco=(heads, hp)))
+        out = np.asarray(
+            jaxllm.generate(
+                model,
+                params,
+                prompt,
+                max_new_tokens=N_NEW,
+                sampling=cfg,
+                rng=jax.random.PRNGKey(seed),
+                autodeco=(heads, hp),
+            )
+        )
         return out, hp
 
     # A top-p below every probability keeps only the argmax, however hot: greedy rows throughout.

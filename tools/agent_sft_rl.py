@@ -29,16 +29,23 @@ import subprocess
 import sys
 import time
 
-WIKI = ('{"search_top_k": 1, "n_distractors": 1, "visit_top_k": 1, "max_queries": 1, "max_urls": 1, '
-        '"n_people": 30, "n_orgs": 10, "n_cities": 12, "n_countries": 4, "n_universities": 4}')
+WIKI = (
+    '{"search_top_k": 1, "n_distractors": 1, "visit_top_k": 1, "max_queries": 1, "max_urls": 1, '
+    '"n_people": 30, "n_orgs": 10, "n_cities": 12, "n_countries": 4, "n_universities": 4}'
+)
 SYSTEM = "Answer with the tools."
 UNSEEN_WORLD = 1000
 #: evaluation name -> (question file, label, extra `agent run` arguments)
-EVALS = {"h12": ("heldout.jsonl", "world 0, 1-2 hop, greedy", []),
-         "h3": ("heldout_3hop.jsonl", "world 0, 3 hop, greedy", []),
-         "h3_t1": ("heldout_3hop.jsonl", "world 0, 3 hop, T = 1", ["--temperature", "1", "--seed", "0"]),
-         "unseen3": ("unseen_3hop.jsonl", f"world {UNSEEN_WORLD}, 3 hop, greedy",
-                     ["--wiki-seed", str(UNSEEN_WORLD)])}
+EVALS = {
+    "h12": ("heldout.jsonl", "world 0, 1-2 hop, greedy", []),
+    "h3": ("heldout_3hop.jsonl", "world 0, 3 hop, greedy", []),
+    "h3_t1": ("heldout_3hop.jsonl", "world 0, 3 hop, T = 1", ["--temperature", "1", "--seed", "0"]),
+    "unseen3": (
+        "unseen_3hop.jsonl",
+        f"world {UNSEEN_WORLD}, 3 hop, greedy",
+        ["--wiki-seed", str(UNSEEN_WORLD)],
+    ),
+}
 STAGES = {"sft": "SFT", "rl": "SFT + RL"}
 
 
@@ -70,42 +77,164 @@ def main(argv=None) -> int:
 
     def evaluations(stage):
         run = ["agent", "run", "--workdir", f"{o}/{stage}", "--batch-size", "50"]
-        return [(f"eval {stage} ({label})", f"{o}/pred_{stage}_{name}.jsonl",
-                 run + ["--data", f"{o}/{data}", "--out", f"{o}/pred_{stage}_{name}.jsonl", *extra])
-                for name, (data, label, extra) in EVALS.items()]
+        return [
+            (
+                f"eval {stage} ({label})",
+                f"{o}/pred_{stage}_{name}.jsonl",
+                run + ["--data", f"{o}/{data}", "--out", f"{o}/pred_{stage}_{name}.jsonl", *extra],
+            )
+            for name, (data, label, extra) in EVALS.items()
+        ]
 
     steps = [
-        ("synth sft 1-2 hop", f"{o}/sft_12.jsonl",
-         synth + ["--out", f"{o}/sft_12.jsonl", "--n", str(args.n_sft), "--seed", "1",
-                  "--worlds", str(args.worlds), "--hops", "1", "2"]),
-        ("synth sft 3 hop", f"{o}/sft_3.jsonl",
-         synth + ["--out", f"{o}/sft_3.jsonl", "--n", str(args.n_sft_3hop), "--seed", "101",
-                  "--wiki-seed", "1", "--worlds", str(args.worlds), "--hops", "3"]),
-        ("synth rl 1-2 hop", f"{o}/train.jsonl",
-         synth + ["--out", f"{o}/train.jsonl", "--n", "220", "--seed", "0", "--hops", "1", "2"]),
-        ("synth rl 3 hop", f"{o}/train_3hop.jsonl",
-         synth + ["--out", f"{o}/train_3hop.jsonl", "--n", "130", "--seed", "0", "--hops", "3"]),
-        ("synth held-out 1-2 hop", f"{o}/heldout.jsonl",
-         synth + ["--out", f"{o}/heldout.jsonl", "--n", "200", "--seed", "1", "--wiki-seed", "0",
-                  "--exclude", f"{o}/train.jsonl", "--hops", "1", "2"]),
-        ("synth held-out 3 hop", f"{o}/heldout_3hop.jsonl",
-         synth + ["--out", f"{o}/heldout_3hop.jsonl", "--n", "130", "--seed", "1", "--wiki-seed", "0",
-                  "--exclude", f"{o}/train_3hop.jsonl", "--hops", "3"]),
-        ("synth unseen world 3 hop", f"{o}/unseen_3hop.jsonl",
-         synth + ["--out", f"{o}/unseen_3hop.jsonl", "--n", "150", "--seed", str(UNSEEN_WORLD),
-                  "--hops", "3"]),
+        (
+            "synth sft 1-2 hop",
+            f"{o}/sft_12.jsonl",
+            synth
+            + [
+                "--out",
+                f"{o}/sft_12.jsonl",
+                "--n",
+                str(args.n_sft),
+                "--seed",
+                "1",
+                "--worlds",
+                str(args.worlds),
+                "--hops",
+                "1",
+                "2",
+            ],
+        ),
+        (
+            "synth sft 3 hop",
+            f"{o}/sft_3.jsonl",
+            synth
+            + [
+                "--out",
+                f"{o}/sft_3.jsonl",
+                "--n",
+                str(args.n_sft_3hop),
+                "--seed",
+                "101",
+                "--wiki-seed",
+                "1",
+                "--worlds",
+                str(args.worlds),
+                "--hops",
+                "3",
+            ],
+        ),
+        (
+            "synth rl 1-2 hop",
+            f"{o}/train.jsonl",
+            synth + ["--out", f"{o}/train.jsonl", "--n", "220", "--seed", "0", "--hops", "1", "2"],
+        ),
+        (
+            "synth rl 3 hop",
+            f"{o}/train_3hop.jsonl",
+            synth + ["--out", f"{o}/train_3hop.jsonl", "--n", "130", "--seed", "0", "--hops", "3"],
+        ),
+        (
+            "synth held-out 1-2 hop",
+            f"{o}/heldout.jsonl",
+            synth
+            + [
+                "--out",
+                f"{o}/heldout.jsonl",
+                "--n",
+                "200",
+                "--seed",
+                "1",
+                "--wiki-seed",
+                "0",
+                "--exclude",
+                f"{o}/train.jsonl",
+                "--hops",
+                "1",
+                "2",
+            ],
+        ),
+        (
+            "synth held-out 3 hop",
+            f"{o}/heldout_3hop.jsonl",
+            synth
+            + [
+                "--out",
+                f"{o}/heldout_3hop.jsonl",
+                "--n",
+                "130",
+                "--seed",
+                "1",
+                "--wiki-seed",
+                "0",
+                "--exclude",
+                f"{o}/train_3hop.jsonl",
+                "--hops",
+                "3",
+            ],
+        ),
+        (
+            "synth unseen world 3 hop",
+            f"{o}/unseen_3hop.jsonl",
+            synth
+            + ["--out", f"{o}/unseen_3hop.jsonl", "--n", "150", "--seed", str(UNSEEN_WORLD), "--hops", "3"],
+        ),
         ("join sft data", f"{o}/sft_mix.jsonl", ("cat", [f"{o}/sft_12.jsonl", f"{o}/sft_3.jsonl"])),
         ("join rl data", f"{o}/rl_mix.jsonl", ("cat", [f"{o}/train.jsonl", f"{o}/train_3hop.jsonl"])),
-        ("sft", f"{o}/sft/checkpoints",
-         ["agent", "sft", "--data", f"{o}/sft_mix.jsonl", "--wiki-seed", "0", "--workdir", f"{o}/sft",
-          "--config", "configs/agent_tiny.json", "--steps", str(args.sft_steps), "--strip-think",
-          "--seed", str(args.seed), "--set", "seq_len=1280", "--set", "save_every=250",
-          "--set", "keep_checkpoints=20", "--token-budget", "2048"]),
+        (
+            "sft",
+            f"{o}/sft/checkpoints",
+            [
+                "agent",
+                "sft",
+                "--data",
+                f"{o}/sft_mix.jsonl",
+                "--wiki-seed",
+                "0",
+                "--workdir",
+                f"{o}/sft",
+                "--config",
+                "configs/agent_tiny.json",
+                "--steps",
+                str(args.sft_steps),
+                "--strip-think",
+                "--seed",
+                str(args.seed),
+                "--set",
+                "seq_len=1280",
+                "--set",
+                "save_every=250",
+                "--set",
+                "keep_checkpoints=20",
+                "--token-budget",
+                "2048",
+            ],
+        ),
         *evaluations("sft"),
-        ("rl", f"{o}/rl/checkpoints",
-         ["agent", "rl", "--init", f"{o}/sft", "--data", f"{o}/rl_mix.jsonl", "--workdir", f"{o}/rl",
-          "--steps", str(args.rl_steps), "--lr", repr(args.rl_lr), "--group", str(args.group),
-          "--questions-per-step", str(args.questions_per_step), "--seed", str(args.seed)]),
+        (
+            "rl",
+            f"{o}/rl/checkpoints",
+            [
+                "agent",
+                "rl",
+                "--init",
+                f"{o}/sft",
+                "--data",
+                f"{o}/rl_mix.jsonl",
+                "--workdir",
+                f"{o}/rl",
+                "--steps",
+                str(args.rl_steps),
+                "--lr",
+                repr(args.rl_lr),
+                "--group",
+                str(args.group),
+                "--questions-per-step",
+                str(args.questions_per_step),
+                "--seed",
+                str(args.seed),
+            ],
+        ),
         *evaluations("rl"),
     ]
     times_path = os.path.join(o, "times.json")
@@ -155,9 +284,11 @@ def summarize(o: str, times: dict) -> dict:
         res["rl_reward"] = [x["reward"] for x in m]
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
             import numpy as np
+
             r = np.array(res["rl_reward"])
             w = min(10, len(r))
             roll = np.convolve(r, np.ones(w) / w, mode="valid")
@@ -181,8 +312,10 @@ def summarize(o: str, times: dict) -> dict:
         for stage, stage_name in STAGES.items():
             r = res.get(f"{stage}_{name}")
             if r:
-                print(f"| {label} | {stage_name} | {r['em']:.3f} ({r['k']}/{r['n']}) | "
-                      f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['answered']:.3f} |")
+                print(
+                    f"| {label} | {stage_name} | {r['em']:.3f} ({r['k']}/{r['n']}) | "
+                    f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['answered']:.3f} |"
+                )
     for name, t in times.items():
         print(f"- {name}: {t['seconds']:.0f} s: `{t['command']}`")
     return res

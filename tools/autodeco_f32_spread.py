@@ -28,8 +28,17 @@ from jaxllm.ops import autodeco as A
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "autodeco"
 CASES = ["autodeco_small", "autodeco_vocab300"]
-NAMES = ["prob_stats0", "prob_stats1", "prob_stats2", "prob_stats3", "top_p_loss",
-         "dtop_p_loss_dT", "dtop_p_loss_dP", "temp_loss", "dtemp_loss_dT"]
+NAMES = [
+    "prob_stats0",
+    "prob_stats1",
+    "prob_stats2",
+    "prob_stats3",
+    "top_p_loss",
+    "dtop_p_loss_dT",
+    "dtop_p_loss_dP",
+    "temp_loss",
+    "dtemp_loss_dT",
+]
 
 
 def rel(actual, expected):
@@ -49,19 +58,21 @@ def load(case):
     with np.load(GOLDEN / f"{case}.npz") as z:
         d = {k: z[k] for k in z.files}
     want = [d["prob_stats"][..., i] for i in range(4)] + [
-        d[k] for k in ("top_p_loss", "dtop_p_loss_dT", "dtop_p_loss_dP", "temp_loss",
-                       "dtemp_loss_dT")]
+        d[k] for k in ("top_p_loss", "dtop_p_loss_dT", "dtop_p_loss_dP", "temp_loss", "dtemp_loss_dT")
+    ]
     return d, want
 
 
 def perturbed(d, rng):
-    return [(d[k] * (1 + 2.0 ** -23 * rng.uniform(-1, 1, d[k].shape))).astype(np.float32)
-            for k in ("logits", "T", "P")]
+    return [
+        (d[k] * (1 + 2.0**-23 * rng.uniform(-1, 1, d[k].shape))).astype(np.float32)
+        for k in ("logits", "T", "P")
+    ]
 
 
 def errors(d, want, LTP, dtype):
     y = jnp.asarray(d["labels"])
-    r = jnp.asarray(d["rand_vals"].astype(np.float32).astype(dtype))   # as the test rounds them
+    r = jnp.asarray(d["rand_vals"].astype(np.float32).astype(dtype))  # as the test rounds them
     out = evaluate(*(jnp.asarray(a.astype(dtype)) for a in LTP), y, r)
     return np.array([rel(o, w) for o, w in zip(out, want)])
 
@@ -79,18 +90,28 @@ def main():
         f32 = np.array([errors(d, want, perturbed(d, rng), np.float32) for _ in range(args.seeds)])
         with jax.enable_x64(True):
             rng = np.random.default_rng(0)
-            f64 = np.array([errors(d, want, perturbed(d, rng), np.float64)
-                            for _ in range(args.seeds)])
+            f64 = np.array([errors(d, want, perturbed(d, rng), np.float64) for _ in range(args.seeds)])
         print(f"{case}: float32 arithmetic | float64 arithmetic on the same float32 inputs")
         for i, n in enumerate(NAMES):
-            print(f"  {n:15s} test input {base[i]:.2e}  median {np.median(f32[:, i]):.2e}  "
-                  f"p99 {np.quantile(f32[:, i], 0.99):.2e}  max {f32[:, i].max():.2e} | "
-                  f"max {f64[:, i].max():.2e}")
-        summary[case] = {n: float(max(base[i], f32[:, i].max(), f64[:, i].max()))
-                         for i, n in enumerate(NAMES)}
+            print(
+                f"  {n:15s} test input {base[i]:.2e}  median {np.median(f32[:, i]):.2e}  "
+                f"p99 {np.quantile(f32[:, i], 0.99):.2e}  max {f32[:, i].max():.2e} | "
+                f"max {f64[:, i].max():.2e}"
+            )
+        summary[case] = {
+            n: float(max(base[i], f32[:, i].max(), f64[:, i].max())) for i, n in enumerate(NAMES)
+        }
     for case, s in summary.items():
-        print(json.dumps({"case": case, "jax": jax.__version__, "seeds": args.seeds,
-                          "max_rel_err": {k: float(f"{v:.3g}") for k, v in s.items()}}))
+        print(
+            json.dumps(
+                {
+                    "case": case,
+                    "jax": jax.__version__,
+                    "seeds": args.seeds,
+                    "max_rel_err": {k: float(f"{v:.3g}") for k, v in s.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

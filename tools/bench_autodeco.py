@@ -47,7 +47,9 @@ def filled_cache(config, batch, length, capacity, key):
     cache = init_cache(config, batch, capacity)
     leaves, tree = jax.tree_util.tree_flatten(cache.layers)
     keys = jax.random.split(key, len(leaves))
-    leaves = [(0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)]
+    leaves = [
+        (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
+    ]
     return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.int32(length))
 
 
@@ -61,7 +63,9 @@ def _bootstrap_ci(x, n=2000, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/small.json")
-    ap.add_argument("--vocab", type=int, default=32768, help="minimum vocabulary (raised if the config's is smaller)")
+    ap.add_argument(
+        "--vocab", type=int, default=32768, help="minimum vocabulary (raised if the config's is smaller)"
+    )
     ap.add_argument("--context", type=int, default=1024, help="tokens already in the cache")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=200, help="timed steps per variant (interleaved)")
@@ -78,7 +82,9 @@ def main(argv=None):
     params = jax.jit(model.init)(key, jnp.zeros((1, 1), jnp.int32))
     B, V, H = args.batch, config.vocab_size, config.hidden_size
     heads = AutoDecoHeads()
-    heads_params = heads.init(jax.random.PRNGKey(1), jnp.zeros((B, H), jnp.float32), jnp.zeros((B, V), jnp.float32))
+    heads_params = heads.init(
+        jax.random.PRNGKey(1), jnp.zeros((B, H), jnp.float32), jnp.zeros((B, V), jnp.float32)
+    )
 
     base_cfg = SamplingConfig(mode="sample", temperature=0.8, top_p=0.9)
     ad_cfg = SamplingConfig(mode="autodeco", temperature=1.0, top_p=1.0)

@@ -33,13 +33,21 @@ def _filled_cache(config, batch, length, capacity, key):
     cache = init_cache(config, batch, capacity)
     leaves, tree = jax.tree_util.tree_flatten(cache.layers)
     keys = jax.random.split(key, len(leaves))
-    leaves = [(0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)]
+    leaves = [
+        (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
+    ]
     return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.int32(length))
 
 
 def _kda_bytes(config, cache):
-    return int(sum(x.size * x.dtype.itemsize for i, lc in enumerate(cache.layers)
-                   if config.layer_types[i] == "kda" for x in lc))
+    return int(
+        sum(
+            x.size * x.dtype.itemsize
+            for i, lc in enumerate(cache.layers)
+            if config.layer_types[i] == "kda"
+            for x in lc
+        )
+    )
 
 
 def time_decode(config, params, batch, length, reps, key):
@@ -54,7 +62,7 @@ def time_decode(config, params, batch, length, reps, key):
 
     step = jax.jit(_step, donate_argnums=(2,))
     tok = jnp.zeros((batch,), jnp.int32)
-    tok, cache = step(params, tok, cache)          # compile + warm up
+    tok, cache = step(params, tok, cache)  # compile + warm up
     jax.block_until_ready(tok)
     times = []
     for _ in range(reps - 1):
@@ -85,17 +93,28 @@ def main(argv=None):
     for L in [int(x) for x in args.lengths.split(",")]:
         h_ms, h_bytes, h_kda = time_decode(hybrid, p_h, args.batch, L, args.reps, jax.random.PRNGKey(L))
         m_ms, m_bytes, _ = time_decode(all_mla, p_m, args.batch, L, args.reps, jax.random.PRNGKey(L))
-        row = dict(bench="decode", config=os.path.basename(args.config), device=device, batch=args.batch,
-                   dtype=args.dtype, context=L, hybrid_ms_per_token=round(h_ms, 3),
-                   all_mla_ms_per_token=round(m_ms, 3), all_mla_over_hybrid=round(m_ms / h_ms, 3),
-                   hybrid_cache_bytes=h_bytes, hybrid_kda_state_bytes=h_kda,
-                   hybrid_mla_cache_bytes=h_bytes - h_kda, all_mla_cache_bytes=m_bytes,
-                   hybrid_mla_cache_fraction=round((h_bytes - h_kda) / m_bytes, 4),
-                   hybrid_cache_fraction=round(h_bytes / m_bytes, 4))
+        row = dict(
+            bench="decode",
+            config=os.path.basename(args.config),
+            device=device,
+            batch=args.batch,
+            dtype=args.dtype,
+            context=L,
+            hybrid_ms_per_token=round(h_ms, 3),
+            all_mla_ms_per_token=round(m_ms, 3),
+            all_mla_over_hybrid=round(m_ms / h_ms, 3),
+            hybrid_cache_bytes=h_bytes,
+            hybrid_kda_state_bytes=h_kda,
+            hybrid_mla_cache_bytes=h_bytes - h_kda,
+            all_mla_cache_bytes=m_bytes,
+            hybrid_mla_cache_fraction=round((h_bytes - h_kda) / m_bytes, 4),
+            hybrid_cache_fraction=round(h_bytes / m_bytes, 4),
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -103,12 +122,21 @@ def main(argv=None):
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
         a.plot(L, [r["hybrid_ms_per_token"] for r in rows], "o-", label="hybrid (KDA:MLA 3:1)")
         a.plot(L, [r["all_mla_ms_per_token"] for r in rows], "s-", label="all MLA")
-        a.set(xscale="log", xlabel="context length (tokens)", ylabel="ms / token (batch %d)" % args.batch,
-              title="decode latency, %s, %s" % (os.path.basename(args.config), device))
+        a.set(
+            xscale="log",
+            xlabel="context length (tokens)",
+            ylabel="ms / token (batch %d)" % args.batch,
+            title="decode latency, %s, %s" % (os.path.basename(args.config), device),
+        )
         b.plot(L, [r["hybrid_cache_bytes"] / 2**20 for r in rows], "o-", label="hybrid")
         b.plot(L, [r["all_mla_cache_bytes"] / 2**20 for r in rows], "s-", label="all MLA")
-        b.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="cache MiB",
-              title="decode cache size")
+        b.set(
+            xscale="log",
+            yscale="log",
+            xlabel="context length (tokens)",
+            ylabel="cache MiB",
+            title="decode cache size",
+        )
         for ax in (a, b):
             ax.grid(alpha=0.3)
             ax.legend()

@@ -78,10 +78,10 @@ def main(argv=None):
     with torch.no_grad():
         t_logits = tmodel(input_ids=tx).logits.float().numpy()
     j_logits = np.asarray(jax.jit(model.apply)(params, x))
-    rel = float(np.sqrt(np.mean((t_logits - j_logits) ** 2) / np.mean(t_logits ** 2)))
+    rel = float(np.sqrt(np.mean((t_logits - j_logits) ** 2) / np.mean(t_logits**2)))
 
-    jax.block_until_ready(step(params, x, y))          # compile
-    torch_step()                                       # warm up
+    jax.block_until_ready(step(params, x, y))  # compile
+    torch_step()  # warm up
     tj, tt = [], []
     for _ in range(args.reps):
         t0 = time.perf_counter()
@@ -92,12 +92,27 @@ def main(argv=None):
         tt.append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
     j_tps, t_tps = tokens / float(np.median(tj)), tokens / float(np.median(tt))
-    print(json.dumps(dict(
-        bench="forward_backward", config=os.path.basename(args.config), device=jax.devices()[0].device_kind,
-        batch=args.batch, seq=args.seq, reps=args.reps, kda_impl=args.kda_impl, moe_dispatch=args.moe_dispatch,
-        jaxllm_tokens_per_s=round(j_tps, 1), transformers_tokens_per_s=round(t_tps, 1),
-        speedup=round(j_tps / t_tps, 2), logits_rel_rms=rel, torch_threads=torch.get_num_threads(),
-        torch_version=torch.__version__)), flush=True)
+    print(
+        json.dumps(
+            dict(
+                bench="forward_backward",
+                config=os.path.basename(args.config),
+                device=jax.devices()[0].device_kind,
+                batch=args.batch,
+                seq=args.seq,
+                reps=args.reps,
+                kda_impl=args.kda_impl,
+                moe_dispatch=args.moe_dispatch,
+                jaxllm_tokens_per_s=round(j_tps, 1),
+                transformers_tokens_per_s=round(t_tps, 1),
+                speedup=round(j_tps / t_tps, 2),
+                logits_rel_rms=rel,
+                torch_threads=torch.get_num_threads(),
+                torch_version=torch.__version__,
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -74,25 +74,36 @@ def main(argv=None):
     t = {}
     for impl in ("chunk", "recurrent"):
         t[f"{impl}_fwd_ms"] = 1e3 * best_time(forward(impl), *inputs, repeats=args.repeats)
-        t[f"{impl}_fwdbwd_ms"] = 1e3 * best_time(forward_backward(impl), *inputs,
-                                                 repeats=max(1, args.repeats // 2))
+        t[f"{impl}_fwdbwd_ms"] = 1e3 * best_time(
+            forward_backward(impl), *inputs, repeats=max(1, args.repeats // 2)
+        )
     flops = chunk_forward_flops(args.T, args.H, args.K, args.V, args.B)
     mm = max(mm_before, matmul_gflops())
     chunk_fwd_gflops = flops / (t["chunk_fwd_ms"] / 1e3) / 1e9
     chunk_fwdbwd_gflops = 3 * flops / (t["chunk_fwdbwd_ms"] / 1e3) / 1e9
-    print(json.dumps({
-        "bench": "kda", "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-        "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
-        "shape": {k: getattr(args, k) for k in ("B", "T", "H", "K", "V")}, "dtype": "float32",
-        **{k: round(v, 3) for k, v in t.items()},
-        "fwd_speedup_chunk_vs_recurrent": round(t["recurrent_fwd_ms"] / t["chunk_fwd_ms"], 2),
-        "fwdbwd_speedup_chunk_vs_recurrent": round(t["recurrent_fwdbwd_ms"] / t["chunk_fwdbwd_ms"], 2),
-        "chunk_fwd_gflops": round(chunk_fwd_gflops, 2),
-        "chunk_fwdbwd_gflops": round(chunk_fwdbwd_gflops, 2),
-        "matmul_2048_gflops": round(mm, 2),
-        "chunk_fwd_frac_of_matmul": round(chunk_fwd_gflops / mm, 3),
-        "chunk_fwdbwd_frac_of_matmul": round(chunk_fwdbwd_gflops / mm, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "kda",
+                "backend": jax.default_backend(),
+                "device": str(jax.devices()[0]),
+                "machine": platform.processor() or platform.machine(),
+                "jax": jax.__version__,
+                "shape": {k: getattr(args, k) for k in ("B", "T", "H", "K", "V")},
+                "dtype": "float32",
+                **{k: round(v, 3) for k, v in t.items()},
+                "fwd_speedup_chunk_vs_recurrent": round(t["recurrent_fwd_ms"] / t["chunk_fwd_ms"], 2),
+                "fwdbwd_speedup_chunk_vs_recurrent": round(
+                    t["recurrent_fwdbwd_ms"] / t["chunk_fwdbwd_ms"], 2
+                ),
+                "chunk_fwd_gflops": round(chunk_fwd_gflops, 2),
+                "chunk_fwdbwd_gflops": round(chunk_fwdbwd_gflops, 2),
+                "matmul_2048_gflops": round(mm, 2),
+                "chunk_fwd_frac_of_matmul": round(chunk_fwd_gflops / mm, 3),
+                "chunk_fwdbwd_frac_of_matmul": round(chunk_fwdbwd_gflops / mm, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

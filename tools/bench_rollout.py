@@ -62,10 +62,16 @@ def episodes(args, tok):
         recs = synth.synthesize(args.batch, seed=args.seed, wiki=wiki)
         return wiki, [r["question"] for r in recs], [["<think>\n"] for _ in recs]
     recs, n = [], args.batch
-    while len(recs) < args.batch:   # demonstrations whose turns fit the per-turn cap
-        recs = [r for r in synth.synthesize(n, seed=args.seed, wiki=wiki)
-                if all(len(tok.encode(m["content"])) <= args.turn_tokens
-                       for m in r["trajectory"] if m["role"] == "assistant")][:args.batch]
+    while len(recs) < args.batch:  # demonstrations whose turns fit the per-turn cap
+        recs = [
+            r
+            for r in synth.synthesize(n, seed=args.seed, wiki=wiki)
+            if all(
+                len(tok.encode(m["content"])) <= args.turn_tokens
+                for m in r["trajectory"]
+                if m["role"] == "assistant"
+            )
+        ][: args.batch]
         n *= 2
     forced = [[m["content"] for m in r["trajectory"] if m["role"] == "assistant"] for r in recs]
     return wiki, [r["question"] for r in recs], forced
@@ -94,12 +100,20 @@ def main(argv=None):
     params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 4), jnp.int32))
     wiki, questions, forced = episodes(args, tok)
     executor = synth.wiki_executor(wiki)
-    cfg = rollout.RolloutConfig(max_turns=args.max_turns, turn_tokens=args.turn_tokens,
-                                token_budget=args.token_budget, chunk=args.chunk)
+    cfg = rollout.RolloutConfig(
+        max_turns=args.max_turns,
+        turn_tokens=args.turn_tokens,
+        token_budget=args.token_budget,
+        chunk=args.chunk,
+    )
     common = dict(config=cfg, forced_turns=forced)
     calls = {
-        "scan_jnp": lambda: rollout.scan_rollout(model, params, tok, executor, questions, env="jnp", **common),
-        "scan_host": lambda: rollout.scan_rollout(model, params, tok, executor, questions, env="host", **common),
+        "scan_jnp": lambda: rollout.scan_rollout(
+            model, params, tok, executor, questions, env="jnp", **common
+        ),
+        "scan_host": lambda: rollout.scan_rollout(
+            model, params, tok, executor, questions, env="host", **common
+        ),
         "segmented": lambda: rollout.segmented_rollout(model, params, tok, executor, questions, **common),
     }
     first, results, times = {}, {}, {k: [] for k in LOOPS}
@@ -113,30 +127,53 @@ def main(argv=None):
             calls[k]()
             times[k].append(time.perf_counter() - t0)
     ref = results["segmented"]
-    identical = all(np.array_equal(results[k].tokens, ref.tokens) and np.array_equal(results[k].kind, ref.kind)
-                    and np.array_equal(results[k].status, ref.status) and results[k].messages == ref.messages
-                    for k in LOOPS)
+    identical = all(
+        np.array_equal(results[k].tokens, ref.tokens)
+        and np.array_equal(results[k].kind, ref.kind)
+        and np.array_equal(results[k].status, ref.status)
+        and results[k].messages == ref.messages
+        for k in LOOPS
+    )
     model_tokens = int(ref.assistant_mask.sum())
     all_tokens = int(ref.lengths.sum())
     loops = {}
     for k in LOOPS:
         sec = float(np.median(times[k]))
-        loops[k] = dict(seconds=round(sec, 3), first_s=round(first[k], 2),
-                        model_tok_s=round(model_tokens / sec, 1), all_tok_s=round(all_tokens / sec, 1),
-                        host_callbacks=results[k].host_callbacks)
-    def ratio(a, b):   # how many times faster loop a is than loop b (all rates share the tokens)
+        loops[k] = dict(
+            seconds=round(sec, 3),
+            first_s=round(first[k], 2),
+            model_tok_s=round(model_tokens / sec, 1),
+            all_tok_s=round(all_tokens / sec, 1),
+            host_callbacks=results[k].host_callbacks,
+        )
+
+    def ratio(a, b):  # how many times faster loop a is than loop b (all rates share the tokens)
         return round(loops[b]["seconds"] / loops[a]["seconds"], 3)
+
     row = dict(
-        bench="rollout", config=os.path.basename(args.config), kda_impl=config.kda_impl,
-        device=str(jax.devices()[0].platform), cpus=os.cpu_count(), machine=platform.machine(),
-        jax=jax.__version__, mode=args.mode, batch=args.batch, max_turns=args.max_turns,
-        turn_tokens=args.turn_tokens, token_budget=args.token_budget, reps=args.reps,
-        model_tokens=model_tokens, all_tokens=all_tokens,
-        turns=int(ref.turns.sum()), statuses=ref.status_names(), loops=loops,
+        bench="rollout",
+        config=os.path.basename(args.config),
+        kda_impl=config.kda_impl,
+        device=str(jax.devices()[0].platform),
+        cpus=os.cpu_count(),
+        machine=platform.machine(),
+        jax=jax.__version__,
+        mode=args.mode,
+        batch=args.batch,
+        max_turns=args.max_turns,
+        turn_tokens=args.turn_tokens,
+        token_budget=args.token_budget,
+        reps=args.reps,
+        model_tokens=model_tokens,
+        all_tokens=all_tokens,
+        turns=int(ref.turns.sum()),
+        statuses=ref.status_names(),
+        loops=loops,
         speedup_scan_jnp_vs_segmented=ratio("scan_jnp", "segmented"),
         speedup_scan_host_vs_segmented=ratio("scan_host", "segmented"),
         speedup_scan_jnp_vs_scan_host=ratio("scan_jnp", "scan_host"),
-        identical=bool(identical))
+        identical=bool(identical),
+    )
     print(json.dumps(row))
     return 0 if identical else 1
 

@@ -41,185 +41,304 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @dataclasses.dataclass(frozen=True)
 class Mutation:
     id: str
-    path: str            # file, relative to the repository root
-    old: str             # must occur exactly once in the file
+    path: str  # file, relative to the repository root
+    old: str  # must occur exactly once in the file
     new: str
-    tests: tuple         # pytest node ids (a test without [...]: all its cases; a class: its tests)
-    what: str            # the bug the mutation stands for
-    needs: str = ""      # a module the test needs to see this mutation (else "skipped here")
+    tests: tuple  # pytest node ids (a test without [...]: all its cases; a class: its tests)
+    what: str  # the bug the mutation stands for
+    needs: str = ""  # a module the test needs to see this mutation (else "skipped here")
 
 
 SANDBOX_TESTS = "tests/agent/test_sandbox.py::"
 
 MUTATIONS = [
     # 1. make_optimizer's clipping, seen through the optimizer (not optax alone)
-    Mutation("optim-no-clipping", "jaxllm/train/optim.py",
-             "      optax.clip_by_global_norm(config.clip_norm),\n", "",
-             ("tests/train/test_optim.py::test_clipping_bounds_update_norm",),
-             "make_optimizer no longer clips gradients"),
+    Mutation(
+        "optim-no-clipping",
+        "jaxllm/train/optim.py",
+        "      optax.clip_by_global_norm(config.clip_norm),\n",
+        "",
+        ("tests/train/test_optim.py::test_clipping_bounds_update_norm",),
+        "make_optimizer no longer clips gradients",
+    ),
     # 2. question text read back through the graph
-    Mutation("synth-relations-reversed", "jaxllm/agent/synth.py",
-             "    for rel in path:\n        phrase = f\"the {RELATIONS[rel].phrase} of {phrase}\"",
-             "    for rel in reversed(path):\n        phrase = f\"the {RELATIONS[rel].phrase} of {phrase}\"",
-             ("tests/agent/test_synth.py::test_sampled_questions_have_the_graph_answer",),
-             "the question names the relations in reverse order"),
+    Mutation(
+        "synth-relations-reversed",
+        "jaxllm/agent/synth.py",
+        '    for rel in path:\n        phrase = f"the {RELATIONS[rel].phrase} of {phrase}"',
+        '    for rel in reversed(path):\n        phrase = f"the {RELATIONS[rel].phrase} of {phrase}"',
+        ("tests/agent/test_synth.py::test_sampled_questions_have_the_graph_answer",),
+        "the question names the relations in reverse order",
+    ),
     # 3. the AutoDeco heads drive sampling
-    Mutation("decode-heads-ignored", "jaxllm/decode.py",
-             "kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))",
-             "kw = dict(temperature_B=jnp.ones_like(t_B).reshape(-1), top_p_B=jnp.ones_like(p_B).reshape(-1))",
-             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
-             "the sampler ignores the heads' temperature and top-p"),
-    Mutation("decode-top-p-ignored", "jaxllm/decode.py",
-             "top_p_B=p_B.reshape(-1))", "top_p_B=jnp.ones_like(p_B).reshape(-1))",
-             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
-             "the sampler ignores the heads' top-p (the old test's hot half passed this)"),
-    Mutation("decode-heads-see-zero-hidden", "jaxllm/decode.py",
-             "heads_module.apply(heads_params, hidden_BD, logits_BV)",
-             "heads_module.apply(heads_params, jnp.zeros_like(hidden_BD), logits_BV)",
-             ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
-             "the heads are not given the hidden state"),
+    Mutation(
+        "decode-heads-ignored",
+        "jaxllm/decode.py",
+        "kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))",
+        "kw = dict(temperature_B=jnp.ones_like(t_B).reshape(-1), top_p_B=jnp.ones_like(p_B).reshape(-1))",
+        ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+        "the sampler ignores the heads' temperature and top-p",
+    ),
+    Mutation(
+        "decode-top-p-ignored",
+        "jaxllm/decode.py",
+        "top_p_B=p_B.reshape(-1))",
+        "top_p_B=jnp.ones_like(p_B).reshape(-1))",
+        ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+        "the sampler ignores the heads' top-p (the old test's hot half passed this)",
+    ),
+    Mutation(
+        "decode-heads-see-zero-hidden",
+        "jaxllm/decode.py",
+        "heads_module.apply(heads_params, hidden_BD, logits_BV)",
+        "heads_module.apply(heads_params, jnp.zeros_like(hidden_BD), logits_BV)",
+        ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+        "the heads are not given the hidden state",
+    ),
     # 4. the MoE module against an independent float64 computation
-    Mutation("moe-no-shared-expert", "jaxllm/nn/moe.py",
-             "            y = y + swiglu(x_BTD.astype(cd), sg, su, sd)", "            y = y",
-             ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
-             "the shared expert's output is dropped"),
-    Mutation("moe-no-routed-scaling", "jaxllm/nn/moe.py",
-             "scaling=self.routed_scaling_factor", "scaling=1.0",
-             ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
-             "routed_scaling_factor is ignored"),
+    Mutation(
+        "moe-no-shared-expert",
+        "jaxllm/nn/moe.py",
+        "            y = y + swiglu(x_BTD.astype(cd), sg, su, sd)",
+        "            y = y",
+        ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
+        "the shared expert's output is dropped",
+    ),
+    Mutation(
+        "moe-no-routed-scaling",
+        "jaxllm/nn/moe.py",
+        "scaling=self.routed_scaling_factor",
+        "scaling=1.0",
+        ("tests/nn/test_moe.py::test_moe_module_shared_expert_and_axes",),
+        "routed_scaling_factor is ignored",
+    ),
     # 5. a checkpoint placed on 8 devices by the logical-axis rules
-    Mutation("sharding-mlp-rule", "jaxllm/sharding.py",
-             '    ("mlp", ("tensor",)),', '    ("mlp", ()),',
-             ("tests/test_sharding.py::test_param_shardings_place_each_param",),
-             "a wrong rule: mlp no longer sharded over tensor"),
+    Mutation(
+        "sharding-mlp-rule",
+        "jaxllm/sharding.py",
+        '    ("mlp", ("tensor",)),',
+        '    ("mlp", ()),',
+        ("tests/test_sharding.py::test_param_shardings_place_each_param",),
+        "a wrong rule: mlp no longer sharded over tensor",
+    ),
     # 6. what the lowered kernels launch
-    Mutation("kda-tpu-chunk-axis-parallel", "pallas_kernels/kda/tpu.py",
-             '_SEMANTICS = ("parallel", "parallel", "arbitrary")',
-             '_SEMANTICS = ("parallel", "parallel", "parallel")',
-             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",),
-             "the chunk axis, which carries the state, may be split across TensorCores"),
-    Mutation("kda-gpu-state-grid", "pallas_kernels/kda/gpu.py",
-             "        grid=(B, H, V // BV),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
-             "_seq_vspec(Tp, V, BV=BV),",
-             "        grid=(B, H, 1),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
-             "_seq_vspec(Tp, V, BV=BV),",
-             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",),
-             "the forward state kernel launches one V slice instead of V/64"),
-    Mutation("kda-tpu-vmem-limit", "pallas_kernels/kda/tpu.py",
-             "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),\n        interpret=interpret,\n"
-             "        name=\"kda_chunk_fwd_tpu\",",
-             "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=256 * 1024),\n"
-             "        interpret=interpret,\n        name=\"kda_chunk_fwd_tpu\",",
-             ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",),
-             "the forward kernel needs more VMEM than it is given: only Mosaic itself (libtpu) sees it",
-             needs="libtpu"),
+    Mutation(
+        "kda-tpu-chunk-axis-parallel",
+        "pallas_kernels/kda/tpu.py",
+        '_SEMANTICS = ("parallel", "parallel", "arbitrary")',
+        '_SEMANTICS = ("parallel", "parallel", "parallel")',
+        (
+            "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",
+        ),
+        "the chunk axis, which carries the state, may be split across TensorCores",
+    ),
+    Mutation(
+        "kda-gpu-state-grid",
+        "pallas_kernels/kda/gpu.py",
+        "        grid=(B, H, V // BV),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
+        "_seq_vspec(Tp, V, BV=BV),",
+        "        grid=(B, H, 1),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
+        "_seq_vspec(Tp, V, BV=BV),",
+        (
+            "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",
+        ),
+        "the forward state kernel launches one V slice instead of V/64",
+    ),
+    Mutation(
+        "kda-tpu-vmem-limit",
+        "pallas_kernels/kda/tpu.py",
+        "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),\n        interpret=interpret,\n"
+        '        name="kda_chunk_fwd_tpu",',
+        "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=256 * 1024),\n"
+        '        interpret=interpret,\n        name="kda_chunk_fwd_tpu",',
+        (
+            "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_tpu-segment_ids]",
+        ),
+        "the forward kernel needs more VMEM than it is given: only Mosaic itself (libtpu) sees it",
+        needs="libtpu",
+    ),
     # 7. K = V = 128: the GPU kernel's V slices
-    Mutation("kda-gpu-fwd-v-slice", "pallas_kernels/kda/gpu.py",
-             "one program walks all chunks of one (batch, head, V-slice).\"\"\"\n"
-             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
-             "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
-             "one program walks all chunks of one (batch, head, V-slice).\"\"\"\n"
-             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
-             "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
-             ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
-             "every forward state program reads and writes the first 64 columns of V"),
-    Mutation("kda-gpu-bwd-v-slice", "pallas_kernels/kda/gpu.py",
-             "chunks in reverse: dhs[c] = cotangent of the state after chunk c.\"\"\"\n"
-             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
-             "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
-             "chunks in reverse: dhs[c] = cotangent of the state after chunk c.\"\"\"\n"
-             "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
-             "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
-             ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
-             "the backward state programs all use the first 64 columns of V (forward still right)"),
+    Mutation(
+        "kda-gpu-fwd-v-slice",
+        "pallas_kernels/kda/gpu.py",
+        'one program walks all chunks of one (batch, head, V-slice)."""\n'
+        "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+        "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
+        'one program walks all chunks of one (batch, head, V-slice)."""\n'
+        "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+        "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
+        ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
+        "every forward state program reads and writes the first 64 columns of V",
+    ),
+    Mutation(
+        "kda-gpu-bwd-v-slice",
+        "pallas_kernels/kda/gpu.py",
+        'chunks in reverse: dhs[c] = cotangent of the state after chunk c."""\n'
+        "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+        "    C = pm.CHUNK\n    cols = pl.ds(pl.multiple_of(vb * BV, BV), BV)",
+        'chunks in reverse: dhs[c] = cotangent of the state after chunk c."""\n'
+        "    b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)\n"
+        "    C = pm.CHUNK\n    cols = pl.ds(0, BV)",
+        ("tests/kernels/test_kda_head128.py::test_head_size_128_matches_recurrence[pallas_gpu]",),
+        "the backward state programs all use the first 64 columns of V (forward still right)",
+    ),
     # 10. bf16 compute and remat in the train step, read off its jaxpr
-    Mutation("train-bf16-cast-disabled", "jaxllm/train/step.py",
-             "  if dtype == jnp.float32:\n    return params\n", "  if True:\n    return params\n",
-             ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
-             "compute_dtype=bfloat16 leaves the step in float32"),
-    Mutation("train-remat-ignored", "jaxllm/train/loop.py",
-             "param_dtype=config.param_dtype, remat=config.remat)", 'param_dtype=config.param_dtype, remat="none")',
-             ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
-             "the remat setting never reaches the model"),
+    Mutation(
+        "train-bf16-cast-disabled",
+        "jaxllm/train/step.py",
+        "  if dtype == jnp.float32:\n    return params\n",
+        "  if True:\n    return params\n",
+        ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
+        "compute_dtype=bfloat16 leaves the step in float32",
+    ),
+    Mutation(
+        "train-remat-ignored",
+        "jaxllm/train/loop.py",
+        "param_dtype=config.param_dtype, remat=config.remat)",
+        'param_dtype=config.param_dtype, remat="none")',
+        ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
+        "the remat setting never reaches the model",
+    ),
     # 11. the values of the restored data position
-    Mutation("data-state-positions-lost", "jaxllm/data/pipeline.py",
-             '"rows": {str(r): dataclasses.asdict(self.state[r]) for r in self.rows}}',
-             '"rows": {str(r): dataclasses.asdict(RowState(*divmod(r, self.num_docs))) for r in self.rows}}',
-             ("tests/train/test_multidevice.py::test_checkpoint_restores_onto_a_different_mesh",),
-             "checkpoints save every row at its first position (right keys, wrong values)"),
+    Mutation(
+        "data-state-positions-lost",
+        "jaxllm/data/pipeline.py",
+        '"rows": {str(r): dataclasses.asdict(self.state[r]) for r in self.rows}}',
+        '"rows": {str(r): dataclasses.asdict(RowState(*divmod(r, self.num_docs))) for r in self.rows}}',
+        ("tests/train/test_multidevice.py::test_checkpoint_restores_onto_a_different_mesh",),
+        "checkpoints save every row at its first position (right keys, wrong values)",
+    ),
     # 12. float32 upcasts under bf16 compute
-    Mutation("norm-upcast-removed", "jaxllm/nn/norms.py",
-             "    x32 = x.astype(jnp.float32)\n", "    x32 = x\n",
-             ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
-             "RMSNorm computed in the input dtype (bf16)"),
-    Mutation("norm-upcast-removed-hf", "jaxllm/nn/norms.py",
-             "    x32 = x.astype(jnp.float32)\n", "    x32 = x\n",
-             ("tests/models/test_hf.py::test_bf16_load_keeps_gates_float32",),
-             "RMSNorm in bf16, seen by the tightened bound alone (19% > 15%)"),
-    Mutation("kda-gate-upcast-removed", "jaxllm/nn/kda_attention.py",
-             "    x = graw_BTHK.astype(jnp.float32) + dt_bias_HK.astype(jnp.float32)",
-             "    x = graw_BTHK + dt_bias_HK.astype(graw_BTHK.dtype)",
-             ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
-             "the KDA gate's softplus computed in bf16"),
-    Mutation("kda-beta-upcast-removed", "jaxllm/nn/kda_attention.py",
-             "project(x, b_proj, dtype=jnp.float32)", "project(x, b_proj)",
-             ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
-             "beta computed in bf16"),
-    Mutation("kda-beta-upcast-removed-hf", "jaxllm/nn/kda_attention.py",
-             "project(x, b_proj, dtype=jnp.float32)", "project(x, b_proj)",
-             ("tests/models/test_hf.py::test_bf16_load_keeps_gates_float32",),
-             "beta in bf16, seen by the tightened bound alone (17% > 15%)"),
+    Mutation(
+        "norm-upcast-removed",
+        "jaxllm/nn/norms.py",
+        "    x32 = x.astype(jnp.float32)\n",
+        "    x32 = x\n",
+        ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
+        "RMSNorm computed in the input dtype (bf16)",
+    ),
+    Mutation(
+        "norm-upcast-removed-hf",
+        "jaxllm/nn/norms.py",
+        "    x32 = x.astype(jnp.float32)\n",
+        "    x32 = x\n",
+        ("tests/models/test_hf.py::test_bf16_load_keeps_gates_float32",),
+        "RMSNorm in bf16, seen by the tightened bound alone (19% > 15%)",
+    ),
+    Mutation(
+        "kda-gate-upcast-removed",
+        "jaxllm/nn/kda_attention.py",
+        "    x = graw_BTHK.astype(jnp.float32) + dt_bias_HK.astype(jnp.float32)",
+        "    x = graw_BTHK + dt_bias_HK.astype(graw_BTHK.dtype)",
+        ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
+        "the KDA gate's softplus computed in bf16",
+    ),
+    Mutation(
+        "kda-beta-upcast-removed",
+        "jaxllm/nn/kda_attention.py",
+        "project(x, b_proj, dtype=jnp.float32)",
+        "project(x, b_proj)",
+        ("tests/models/test_kimi_linear.py::test_bf16_compute_close_to_f32",),
+        "beta computed in bf16",
+    ),
+    Mutation(
+        "kda-beta-upcast-removed-hf",
+        "jaxllm/nn/kda_attention.py",
+        "project(x, b_proj, dtype=jnp.float32)",
+        "project(x, b_proj)",
+        ("tests/models/test_hf.py::test_bf16_load_keeps_gates_float32",),
+        "beta in bf16, seen by the tightened bound alone (17% > 15%)",
+    ),
     # The sandbox's guards (docs/agent.md, "Tests"): each removed, a test turns red.
-    Mutation("sandbox-directory-fds", "jaxllm/agent/sandbox.py",
-             "        if strict and path is not None and isdir(path):",
-             "        if False and strict and path is not None and isdir(path):",
-             (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
-             "process mode allows directory file descriptors"),
-    Mutation("sandbox-dir-fd-arguments", "jaxllm/agent/sandbox.py",
-             "                    if strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
-             "                    if False and strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
-             (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
-             "process mode allows dir_fd arguments"),
-    Mutation("sandbox-code-objects", "jaxllm/agent/sandbox.py",
-             '                  "code.__new__")', "                  )",
-             (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects",),
-             "the audit hook allows constructing code objects"),
-    Mutation("sandbox-marshal", "jaxllm/agent/sandbox.py",
-             '_STRICT_DENY_PREFIXES = ("marshal.load",)', "_STRICT_DENY_PREFIXES = ()",
-             (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects[process]",),
-             "process mode allows marshal.loads"),
-    Mutation("sandbox-no-seccomp", "jaxllm/agent/sandbox.py",
-             "            if seccomp_lib is not None:\n                _install_seccomp(seccomp_lib, isolation)",
-             "            if False:\n                _install_seccomp(seccomp_lib, isolation)",
-             (SANDBOX_TESTS + "test_seccomp_filter_denies_what_the_namespaces_allow",),
-             "the seccomp filter is never loaded"),
-    Mutation("sandbox-supervisor-takes-signals", "jaxllm/agent/sandbox.py",
-             "        previous[sig] = signal.signal(sig, signal.SIG_IGN)",
-             "        previous[sig] = signal.getsignal(sig)",
-             (SANDBOX_TESTS + "test_hostile_set_is_contained[userns_os_only]",),
-             "the supervisor does not ignore signals from the user process"),
-    Mutation("sandbox-no-cgroup", "jaxllm/agent/sandbox.py",
-             "        cgroup = _create_run_cgroup(", "        cgroup = [] and _create_run_cgroup(",
-             (SANDBOX_TESTS + "test_cgroup_limits_the_memory_of_all_processes_together",),
-             "no cgroup is made for a run"),
-    Mutation("sandbox-capabilities-kept", "jaxllm/agent/sandbox.py",
-             "        os.setuid(uid)\n    _drop_capabilities(libc)", "        os.setuid(uid)",
-             (SANDBOX_TESTS + "test_user_code_holds_no_capabilities",),
-             "capabilities are not dropped"),
-    Mutation("sandbox-no-user-namespace", "jaxllm/agent/sandbox.py",
-             '_USERNS_FLAGS = ("--user", "--map-root-user")', "_USERNS_FLAGS = ()",
-             (SANDBOX_TESTS + "test_hostile_set_is_contained_as_an_unprivileged_user",),
-             "userns mode without a user namespace"),
-    Mutation("sandbox-auto-fails-open", "jaxllm/agent/sandbox.py",
-             "            raise SandboxUnavailableError(NO_ISOLATION_MESSAGE)", '            return "process"',
-             (SANDBOX_TESTS + "test_auto_refuses_to_run_without_os_isolation",),
-             "auto falls back to process mode"),
+    Mutation(
+        "sandbox-directory-fds",
+        "jaxllm/agent/sandbox.py",
+        "        if strict and path is not None and isdir(path):",
+        "        if False and strict and path is not None and isdir(path):",
+        (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
+        "process mode allows directory file descriptors",
+    ),
+    Mutation(
+        "sandbox-dir-fd-arguments",
+        "jaxllm/agent/sandbox.py",
+        "                    if strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
+        "                    if False and strict and i < _len(args) and args[i] not in (None, no_dir_fd):",
+        (SANDBOX_TESTS + "test_process_mode_denies_directory_file_descriptors",),
+        "process mode allows dir_fd arguments",
+    ),
+    Mutation(
+        "sandbox-code-objects",
+        "jaxllm/agent/sandbox.py",
+        '                  "code.__new__")',
+        "                  )",
+        (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects",),
+        "the audit hook allows constructing code objects",
+    ),
+    Mutation(
+        "sandbox-marshal",
+        "jaxllm/agent/sandbox.py",
+        '_STRICT_DENY_PREFIXES = ("marshal.load",)',
+        "_STRICT_DENY_PREFIXES = ()",
+        (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects[process]",),
+        "process mode allows marshal.loads",
+    ),
+    Mutation(
+        "sandbox-no-seccomp",
+        "jaxllm/agent/sandbox.py",
+        "            if seccomp_lib is not None:\n                _install_seccomp(seccomp_lib, isolation)",
+        "            if False:\n                _install_seccomp(seccomp_lib, isolation)",
+        (SANDBOX_TESTS + "test_seccomp_filter_denies_what_the_namespaces_allow",),
+        "the seccomp filter is never loaded",
+    ),
+    Mutation(
+        "sandbox-supervisor-takes-signals",
+        "jaxllm/agent/sandbox.py",
+        "        previous[sig] = signal.signal(sig, signal.SIG_IGN)",
+        "        previous[sig] = signal.getsignal(sig)",
+        (SANDBOX_TESTS + "test_hostile_set_is_contained[userns_os_only]",),
+        "the supervisor does not ignore signals from the user process",
+    ),
+    Mutation(
+        "sandbox-no-cgroup",
+        "jaxllm/agent/sandbox.py",
+        "        cgroup = _create_run_cgroup(",
+        "        cgroup = [] and _create_run_cgroup(",
+        (SANDBOX_TESTS + "test_cgroup_limits_the_memory_of_all_processes_together",),
+        "no cgroup is made for a run",
+    ),
+    Mutation(
+        "sandbox-capabilities-kept",
+        "jaxllm/agent/sandbox.py",
+        "        os.setuid(uid)\n    _drop_capabilities(libc)",
+        "        os.setuid(uid)",
+        (SANDBOX_TESTS + "test_user_code_holds_no_capabilities",),
+        "capabilities are not dropped",
+    ),
+    Mutation(
+        "sandbox-no-user-namespace",
+        "jaxllm/agent/sandbox.py",
+        '_USERNS_FLAGS = ("--user", "--map-root-user")',
+        "_USERNS_FLAGS = ()",
+        (SANDBOX_TESTS + "test_hostile_set_is_contained_as_an_unprivileged_user",),
+        "userns mode without a user namespace",
+    ),
+    Mutation(
+        "sandbox-auto-fails-open",
+        "jaxllm/agent/sandbox.py",
+        "            raise SandboxUnavailableError(NO_ISOLATION_MESSAGE)",
+        '            return "process"',
+        (SANDBOX_TESTS + "test_auto_refuses_to_run_without_os_isolation",),
+        "auto falls back to process mode",
+    ),
 ]
 
 
 def tree_files(root: pathlib.Path) -> list[str]:
-    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
-                          "--exclude-standard"], check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True,
+        capture_output=True,
+    ).stdout
     return [p for p in out.decode().split("\0") if p and (root / p).is_file()]
 
 
@@ -250,16 +369,29 @@ def _case_id(case: ET.Element) -> str:
 
 def tree_env(tree: pathlib.Path) -> dict:
     """The environment that makes Python import the packages from `tree` (then from PYTHONPATH)."""
-    return dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
-                PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return dict(
+        os.environ,
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    )
 
 
 def run_tests(tree: pathlib.Path, tests, timeout: float) -> dict:
     """Run pytest on `tests` inside `tree`; returns {"rc", "cases": {node id: outcome}, "why", "tail"}."""
     junit = tree / ".mutation-junit.xml"
     env = tree_env(tree)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *tests]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *tests,
+    ]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
@@ -302,8 +434,13 @@ def verdict(m: Mutation, clean: dict, mutated: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", dest="select", action="append", default=[],
-                    help="only entries whose id or tests contain this text (repeatable: any of them)")
+    ap.add_argument(
+        "-k",
+        dest="select",
+        action="append",
+        default=[],
+        help="only entries whose id or tests contain this text (repeatable: any of them)",
+    )
     ap.add_argument("--list", action="store_true", help="print the entries and exit")
     ap.add_argument("--jobs", type=int, default=1, help="pytest runs at once (default 1)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
@@ -314,8 +451,11 @@ def main(argv=None) -> int:
     # without its own guard. A handler here is reset to the default in every child (exec).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    chosen = [m for m in MUTATIONS if not args.select
-              or any(k in m.id or any(k in t for t in m.tests) for k in args.select)]
+    chosen = [
+        m
+        for m in MUTATIONS
+        if not args.select or any(k in m.id or any(k in t for t in m.tests) for k in args.select)
+    ]
     if args.list:
         for m in chosen:
             print(f"{m.id}: {m.path}: {m.what}\n    " + "\n    ".join(m.tests))
@@ -336,15 +476,34 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"{e}; update the entry in {pathlib.Path(__file__).name}")
             return 2
-        where = subprocess.run([sys.executable, "-c", "import jaxllm, pallas_kernels; "
-                                "print(jaxllm.__file__, pallas_kernels.__file__)"],
-                               cwd=base, capture_output=True, text=True, env=tree_env(base)).stdout.split()
+        where = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import jaxllm, pallas_kernels; print(jaxllm.__file__, pallas_kernels.__file__)",
+            ],
+            cwd=base,
+            capture_output=True,
+            text=True,
+            env=tree_env(base),
+        ).stdout.split()
         if len(where) != 2 or not all(w.startswith(str(base)) for w in where):
             print(f"the copy imports the packages from {where}, not from {base}; aborting")
             return 2
-        missing = {m.needs for m in chosen if m.needs and subprocess.run(
-            [sys.executable, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({m.needs!r}) is None)"],
-            cwd=base, env=tree_env(base)).returncode}
+        missing = {
+            m.needs
+            for m in chosen
+            if m.needs
+            and subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import importlib.util, sys; sys.exit(importlib.util.find_spec({m.needs!r}) is None)",
+                ],
+                cwd=base,
+                env=tree_env(base),
+            ).returncode
+        }
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
         print(f"{len(chosen)} mutations, {len(tests)} tests; copies under {work}", flush=True)
         clean = run_tests(base, tests, args.timeout)
@@ -389,8 +548,10 @@ def main(argv=None) -> int:
             print(f"{pad}-> {first[:110]}")
     bad = [m.id for m, v, _, _ in rows if v != "killed" and not v.startswith("skipped here")]
     skipped = sum(v.startswith("skipped here") for _, v, _, _ in rows)
-    print(f"\n{len(rows) - len(bad) - skipped} killed, {skipped} skipped here, {len(bad)} not killed"
-          f"{': ' + ', '.join(bad) if bad else ''}; {time.time() - t0:.0f} s")
+    print(
+        f"\n{len(rows) - len(bad) - skipped} killed, {skipped} skipped here, {len(bad)} not killed"
+        f"{': ' + ', '.join(bad) if bad else ''}; {time.time() - t0:.0f} s"
+    )
     return 1 if bad else 0
 
 

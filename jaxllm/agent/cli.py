@@ -45,6 +45,7 @@ def _json_object(text: str) -> dict:
 
 # ------------------------------------------------------------------------------------ synth/eval
 
+
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL path")
     p.add_argument("--n", type=int, required=True, help="number of questions")
@@ -53,11 +54,18 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--obfuscate-prob", type=float, default=None, help="default 0.3")
     p.add_argument("--wiki-seed", type=int, default=None, help="seed of the world (default: --seed)")
     p.add_argument("--exclude", default=None, help="JSONL whose questions must not be drawn")
-    p.add_argument("--wiki", default=None,
-                   help='WikiConfig fields as JSON, e.g. \'{"search_top_k": 1, "n_people": 200}\'')
+    p.add_argument(
+        "--wiki",
+        default=None,
+        help='WikiConfig fields as JSON, e.g. \'{"search_top_k": 1, "n_people": 200}\'',
+    )
     p.add_argument("--system-prompt", default=None, help="system prompt of the trajectories")
-    p.add_argument("--worlds", type=int, default=None,
-                   help="spread the questions over this many worlds, seeds W, W+1, ... (default 1)")
+    p.add_argument(
+        "--worlds",
+        type=int,
+        default=None,
+        help="spread the questions over this many worlds, seeds W, W+1, ... (default 1)",
+    )
 
 
 def _synth_argv(args) -> list[str]:
@@ -90,10 +98,16 @@ def _synth_custom(args) -> int:
         raise ValueError(f"--wiki: {e}") from None
     exclude = {r["question"] for r in synth.read_jsonl(args.exclude)} if args.exclude else set()
     records = synth.synthesize_worlds(
-        args.n, args.worlds or 1, seed=args.seed, wiki_seed=wiki_seed, wiki_fields=wiki,
+        args.n,
+        args.worlds or 1,
+        seed=args.seed,
+        wiki_seed=wiki_seed,
+        wiki_fields=wiki,
         hops=tuple(args.hops or (1, 2, 3)),
         obfuscate_prob=0.3 if args.obfuscate_prob is None else args.obfuscate_prob,
-        system_prompt=args.system_prompt, exclude=exclude)
+        system_prompt=args.system_prompt,
+        exclude=exclude,
+    )
     for r in records:
         r["wiki"] = {"seed": r["wiki_seed"], **wiki}
     synth.write_jsonl(records, args.out)
@@ -114,7 +128,9 @@ def _eval_argv(args) -> list[str]:
 def _delegate(module: str, to_argv):
     def go(args) -> int:
         import importlib
+
         return importlib.import_module(module).main(to_argv(args))
+
     return go
 
 
@@ -126,6 +142,7 @@ def _synth(args) -> int:
 
 # ------------------------------------------------------------------------------------ sft/rl/run
 
+
 def _common_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL of synthesized records")
     p.add_argument("--workdir", required=True, help="output workdir (checkpoint, metrics, configs)")
@@ -133,14 +150,24 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any RunConfig override (repeatable), e.g. --set weight_decay=0")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any RunConfig override (repeatable), e.g. --set weight_decay=0",
+    )
 
 
 def _overrides(args, extra=()) -> list[str]:
     out = list(extra)
-    for flag, field in (("steps", "steps"), ("lr", "lr"), ("warmup_steps", "warmup_steps"),
-                        ("seed", "seed"), ("batch_size", "batch_size")):
+    for flag, field in (
+        ("steps", "steps"),
+        ("lr", "lr"),
+        ("warmup_steps", "warmup_steps"),
+        ("seed", "seed"),
+        ("batch_size", "batch_size"),
+    ):
         v = getattr(args, flag, None)
         if v is not None:
             out.append(f"{field}={v}")
@@ -152,12 +179,19 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/agent_tiny.json", help="RunConfig JSON (model, seq_len, ...)")
     p.add_argument("--batch-size", type=int, default=None, help="packed rows per step")
     p.add_argument("--strip-think", action="store_true", help="train on the bare actions (no <think>)")
-    p.add_argument("--init", default=None, help="start from the params of this agent workdir "
-                   "(fresh optimizer); its agent settings must match")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from the params of this agent workdir (fresh optimizer); its agent settings must match",
+    )
     p.add_argument("--wiki", default=None, help="WikiConfig fields as JSON (default: the records' own)")
-    p.add_argument("--wiki-seed", type=int, default=None,
-                   help="the world the agent acts in (default: the records'; required when they "
-                        "come from several worlds, e.g. synth --worlds N)")
+    p.add_argument(
+        "--wiki-seed",
+        type=int,
+        default=None,
+        help="the world the agent acts in (default: the records'; required when they "
+        "come from several worlds, e.g. synth --worlds N)",
+    )
     p.add_argument("--max-turns", type=int, default=4, help="rollout limit stored with the agent")
     p.add_argument("--turn-tokens", type=int, default=128, help="rollout limit stored with the agent")
     p.add_argument("--token-budget", type=int, default=1536, help="rollout limit stored with the agent")
@@ -170,15 +204,22 @@ def _sft(args) -> int:
     config = load_config(args.config, _overrides(args, ["log_every=50"]))
     records = train.read_records(args.data, need_trajectory=True)
     settings = train.settings_from_records(
-        records, _json_object(args.wiki) if args.wiki else None, world=args.wiki_seed,
-        max_turns=args.max_turns, turn_tokens=args.turn_tokens, token_budget=args.token_budget)
+        records,
+        _json_object(args.wiki) if args.wiki else None,
+        world=args.wiki_seed,
+        max_turns=args.max_turns,
+        turn_tokens=args.turn_tokens,
+        token_budget=args.token_budget,
+    )
     if args.init is not None:
         base = train.load_settings(args.init)
         if base != settings:
-            raise ValueError(f"--init {args.init!r} was trained with other agent settings "
-                             f"({base}) than these ({settings})")
-    out = train.train_sft(config, args.workdir, records, settings, strip=args.strip_think,
-                          init_workdir=args.init)
+            raise ValueError(
+                f"--init {args.init!r} was trained with other agent settings ({base}) than these ({settings})"
+            )
+    out = train.train_sft(
+        config, args.workdir, records, settings, strip=args.strip_think, init_workdir=args.init
+    )
     print(json.dumps(out))
     return 0
 
@@ -186,16 +227,23 @@ def _sft(args) -> int:
 def _rl_args(p: argparse.ArgumentParser) -> None:
     _common_train_args(p)
     p.add_argument("--init", required=True, help="workdir to start from (an `agent sft` or `agent rl` run)")
-    p.add_argument("--init-step", type=int, default=None,
-                   help="checkpoint step of --init to start from (default: the latest)")
+    p.add_argument(
+        "--init-step",
+        type=int,
+        default=None,
+        help="checkpoint step of --init to start from (default: the latest)",
+    )
     p.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
     p.add_argument("--questions-per-step", type=int, default=8, help="questions per update")
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below: 1 - eps_low")
     p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above: 1 + eps_high")
     p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
-    p.add_argument("--keep-limit-hits", action="store_true",
-                   help="keep trajectories that hit a turn/token limit in the loss as reward-0 "
-                        "negatives (an ablation; the report drops them)")
+    p.add_argument(
+        "--keep-limit-hits",
+        action="store_true",
+        help="keep trajectories that hit a turn/token limit in the loss as reward-0 "
+        "negatives (an ablation; the report drops them)",
+    )
 
 
 def _rl(args) -> int:
@@ -210,11 +258,19 @@ def _rl(args) -> int:
     defaults = ["lr=1e-4", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.0", "log_every=1"]
     config = load_config(path, _overrides(args, defaults))
     records = train.read_records(args.data)
-    out = train.train_rl(config, args.workdir, args.init, records, init_step=args.init_step,
-                         group=args.group,
-                         questions_per_step=args.questions_per_step, eps_low=args.eps_low,
-                         eps_high=args.eps_high, impl=args.rollout,
-                         drop_statuses=() if args.keep_limit_hits else train.DROP_STATUSES)
+    out = train.train_rl(
+        config,
+        args.workdir,
+        args.init,
+        records,
+        init_step=args.init_step,
+        group=args.group,
+        questions_per_step=args.questions_per_step,
+        eps_low=args.eps_low,
+        eps_high=args.eps_high,
+        impl=args.rollout,
+        drop_statuses=() if args.keep_limit_hits else train.DROP_STATUSES,
+    )
     print(json.dumps(out))
     return 0
 
@@ -224,17 +280,24 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="JSONL of {question[, answer]}")
     src.add_argument("--question", help="one question")
-    p.add_argument("--out", default=None, help="write {question, answer, prediction, status, turns, "
-                   "trajectory} JSONL here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write {question, answer, prediction, status, turns, trajectory} JSONL here",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
-    p.add_argument("--wiki-seed", type=int, default=None,
-                   help="act in this world instead of the one the agent was trained for (same "
-                        "wiki config otherwise): tests whether it reads or remembers")
+    p.add_argument(
+        "--wiki-seed",
+        type=int,
+        default=None,
+        help="act in this world instead of the one the agent was trained for (same "
+        "wiki config otherwise): tests whether it reads or remembers",
+    )
 
 
 def _run(args) -> int:
@@ -260,7 +323,7 @@ def _run(args) -> int:
             if not isinstance(r, dict) or not isinstance(r.get("question"), str):
                 raise ValueError(f"{args.data}:{i}: missing 'question'")
     if args.limit is not None:
-        records = records[:args.limit]
+        records = records[: args.limit]
     settings = train.load_settings(args.workdir)
     if args.wiki_seed is not None:
         settings = dataclasses.replace(settings, wiki={**settings.wiki, "seed": args.wiki_seed})
@@ -269,10 +332,19 @@ def _run(args) -> int:
     sampling = None
     if args.temperature > 0:
         from jaxllm.ops.sampling import SamplingConfig
+
         sampling = SamplingConfig(mode="sample", temperature=args.temperature)
-    preds = train.run_questions(model, params, tok, settings, [r["question"] for r in records],
-                                batch_size=args.batch_size, sampling=sampling, seed=args.seed,
-                                impl=args.rollout)
+    preds = train.run_questions(
+        model,
+        params,
+        tok,
+        settings,
+        [r["question"] for r in records],
+        batch_size=args.batch_size,
+        sampling=sampling,
+        seed=args.seed,
+        impl=args.rollout,
+    )
     out = []
     for r, p in zip(records, preds):
         rec = {"question": r["question"]}
@@ -299,6 +371,7 @@ def _run(args) -> int:
 
 def _exists(path: str) -> bool:
     import os
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     return True
@@ -306,13 +379,22 @@ def _exists(path: str) -> bool:
 
 _SUB = {
     "synth": ("synthesize k-hop questions with demonstration trajectories (JSONL)", _synth_args, _synth),
-    "eval": ("exact match, F1 and pass@k over JSONL predictions", _eval_args,
-             _delegate("jaxllm.agent.evaluate", _eval_argv)),
+    "eval": (
+        "exact match, F1 and pass@k over JSONL predictions",
+        _eval_args,
+        _delegate("jaxllm.agent.evaluate", _eval_argv),
+    ),
     "sft": ("supervised fine-tuning on synthesized trajectories (assistant tokens only)", _sft_args, _sft),
-    "rl": ("on-policy agentic RL (groups, 0/1 EM reward, leave-one-out advantage, clip-higher)",
-           _rl_args, _rl),
-    "run": ("run a trained agent on questions in the simulated wiki; predictions + trajectories",
-            _run_args, _run),
+    "rl": (
+        "on-policy agentic RL (groups, 0/1 EM reward, leave-one-out advantage, clip-higher)",
+        _rl_args,
+        _rl,
+    ),
+    "run": (
+        "run a trained agent on questions in the simulated wiki; predictions + trajectories",
+        _run_args,
+        _run,
+    ),
 }
 
 
@@ -328,8 +410,15 @@ def run(args) -> int:
     _, _, fn = _SUB[args.agent_command]
     try:
         return fn(args)
-    except (ValueError, FileNotFoundError, IsADirectoryError, KeyError, RuntimeError,
-            CheckpointError, json.JSONDecodeError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        KeyError,
+        RuntimeError,
+        CheckpointError,
+        json.JSONDecodeError,
+    ) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         msg = " ".join(msg.split()) if msg.count("\n") else msg
         print(f"error: agent {args.agent_command}: {msg}", file=sys.stderr)

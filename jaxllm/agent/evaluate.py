@@ -16,8 +16,18 @@ import re
 import string
 from typing import Iterable, Sequence
 
-__all__ = ["normalize_answer", "exact_match", "f1_score", "pass_at_k", "mean_ci", "wilson_interval",
-           "score_record", "evaluate_records", "evaluate_jsonl", "load_jsonl"]
+__all__ = [
+    "normalize_answer",
+    "exact_match",
+    "f1_score",
+    "pass_at_k",
+    "mean_ci",
+    "wilson_interval",
+    "score_record",
+    "evaluate_records",
+    "evaluate_jsonl",
+    "load_jsonl",
+]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = frozenset(string.punctuation)
@@ -67,8 +77,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
         raise ValueError("pass_at_k: n, c, k must be ints")
     if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k: need n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, "
-                         f"k={k}")
+        raise ValueError(f"pass_at_k: need n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     # product form, numerically stable: prod_{i=n-c+1}^{n} (1 - k/i)
@@ -121,8 +130,10 @@ def score_record(record: dict, i: int = 0) -> dict:
     for p in preds:
         if not isinstance(p, str):
             raise ValueError(f"record {i}: predictions must be strings, got {type(p).__name__}")
-    return {"em": [exact_match(p, record["answer"]) for p in preds],
-            "f1": [f1_score(p, record["answer"]) for p in preds]}
+    return {
+        "em": [exact_match(p, record["answer"]) for p in preds],
+        "f1": [f1_score(p, record["answer"]) for p in preds],
+    }
 
 
 def evaluate_records(records: Iterable[dict], ks: Sequence[int] = (1,)) -> dict:
@@ -146,8 +157,9 @@ def evaluate_records(records: Iterable[dict], ks: Sequence[int] = (1,)) -> dict:
     min_n = min(n for n, _ in per_q)
     for k in ks:
         if k > min_n:
-            raise ValueError(f"evaluate_records: pass@{k} needs at least {k} predictions per "
-                             f"question; some have {min_n}")
+            raise ValueError(
+                f"evaluate_records: pass@{k} needs at least {k} predictions per question; some have {min_n}"
+            )
         vals = [pass_at_k(n, c, k) for n, c in per_q]
         out[f"pass@{k}"], out[f"pass@{k}_ci"] = mean_ci(vals)
     return out
@@ -166,8 +178,7 @@ def load_jsonl(path: str) -> list[dict]:
     return out
 
 
-def evaluate_jsonl(gold_path: str, pred_path: str | None = None, ks: Sequence[int] = (1,)
-                   ) -> dict:
+def evaluate_jsonl(gold_path: str, pred_path: str | None = None, ks: Sequence[int] = (1,)) -> dict:
     """Evaluate a JSONL of ``{question, answer, prediction(s)}``; or, with ``pred_path``, join a
     gold JSONL ``{question, answer}`` with a predictions JSONL ``{question, prediction(s)}`` by
     question text (every gold question must have predictions)."""
@@ -197,8 +208,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="jaxllm.agent.evaluate", description=main.__doc__)
     ap.add_argument("gold", help="JSONL of {question, answer[, prediction(s)]}")
-    ap.add_argument("pred", nargs="?",
-                    help="JSONL of {question, prediction(s)}, joined with GOLD by question")
+    ap.add_argument(
+        "pred", nargs="?", help="JSONL of {question, prediction(s)}, joined with GOLD by question"
+    )
     ap.add_argument("--k", type=int, nargs="+", default=[1], help="k values for pass@k")
     args = ap.parse_args(argv)
     print(json.dumps(evaluate_jsonl(args.gold, args.pred, ks=tuple(args.k))))

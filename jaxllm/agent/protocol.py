@@ -27,15 +27,42 @@ import json
 from typing import Iterable, Sequence, Union
 
 __all__ = [
-    "THINK_OPEN", "THINK_CLOSE", "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "ANSWER_OPEN",
-    "ANSWER_CLOSE", "TOOL_RESPONSE_OPEN", "TOOL_RESPONSE_CLOSE", "CODE_OPEN", "CODE_CLOSE",
-    "STOP_STRINGS", "IM_START", "IM_END", "ROLES",
-    "ToolCall", "Answer", "ParseError", "Action",
-    "truncate_at_stop", "strip_forged_response", "parse_assistant", "render_tool_call",
+    "THINK_OPEN",
+    "THINK_CLOSE",
+    "TOOL_CALL_OPEN",
+    "TOOL_CALL_CLOSE",
+    "ANSWER_OPEN",
+    "ANSWER_CLOSE",
+    "TOOL_RESPONSE_OPEN",
+    "TOOL_RESPONSE_CLOSE",
+    "CODE_OPEN",
+    "CODE_CLOSE",
+    "STOP_STRINGS",
+    "IM_START",
+    "IM_END",
+    "ROLES",
+    "ToolCall",
+    "Answer",
+    "ParseError",
+    "Action",
+    "truncate_at_stop",
+    "strip_forged_response",
+    "parse_assistant",
+    "render_tool_call",
     "render_assistant",
-    "wrap_tool_response", "unwrap_tool_response", "is_tool_response", "error_observation",
-    "render_chat", "render_segments", "parse_chat", "build_system_prompt", "initial_messages",
-    "split_turns", "TrajectoryError", "FORCE_ANSWER", "force_answer_message",
+    "wrap_tool_response",
+    "unwrap_tool_response",
+    "is_tool_response",
+    "error_observation",
+    "render_chat",
+    "render_segments",
+    "parse_chat",
+    "build_system_prompt",
+    "initial_messages",
+    "split_turns",
+    "TrajectoryError",
+    "FORCE_ANSWER",
+    "force_answer_message",
 ]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -53,6 +80,7 @@ ROLES = ("system", "user", "assistant")
 # ------------------------------------------------------------------------------------------
 # Actions
 # ------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
@@ -83,6 +111,7 @@ Action = Union[ToolCall, Answer, ParseError]
 # ------------------------------------------------------------------------------------------
 # Stop handling and parsing of one assistant turn
 # ------------------------------------------------------------------------------------------
+
 
 def truncate_at_stop(text: str) -> tuple[str, str | None]:
     """Cut generated text at its first stop string.
@@ -127,7 +156,7 @@ def _split_think(text: str) -> tuple[str | None, str, str | None]:
     think = text[body_start:close]
     if THINK_OPEN in think:
         return None, text, f"nested {THINK_OPEN} inside the thinking block"
-    rest = text[close + len(THINK_CLOSE):]
+    rest = text[close + len(THINK_CLOSE) :]
     think = think.strip()
     if THINK_OPEN in rest or THINK_CLOSE in rest:
         return None, text, f"more than one {THINK_OPEN} block in one turn"
@@ -143,17 +172,19 @@ def _blocks(text: str, open_tag: str, close_tag: str):
             return out
         j = text.find(close_tag, i + len(open_tag))
         if j < 0:
-            out.append((i, None, text[i + len(open_tag):]))
+            out.append((i, None, text[i + len(open_tag) :]))
             return out
-        out.append((i, j + len(close_tag), text[i + len(open_tag):j]))
+        out.append((i, j + len(close_tag), text[i + len(open_tag) : j]))
         pos = j + len(close_tag)
 
 
 def _json_error(body: str, e: json.JSONDecodeError) -> str:
     lo = max(0, e.pos - 20)
-    near = body[lo:e.pos + 20].replace("\n", "\\n")
-    return (f"the tool call is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}, "
-            f"near {near!r}); write {{\"name\": ..., \"arguments\": {{...}}}} with double quotes")
+    near = body[lo : e.pos + 20].replace("\n", "\\n")
+    return (
+        f"the tool call is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}, "
+        f'near {near!r}); write {{"name": ..., "arguments": {{...}}}} with double quotes'
+    )
 
 
 def _parse_call_body(body: str) -> ToolCall | ParseError:
@@ -161,8 +192,7 @@ def _parse_call_body(body: str) -> ToolCall | ParseError:
     if CODE_OPEN in body or CODE_CLOSE in body:
         blocks = _blocks(body, CODE_OPEN, CODE_CLOSE)
         if len(blocks) != 1 or blocks[0][1] is None:
-            return ParseError(f"expected exactly one {CODE_OPEN}...{CODE_CLOSE} block in the "
-                              "tool call")
+            return ParseError(f"expected exactly one {CODE_OPEN}...{CODE_CLOSE} block in the tool call")
         start, end, code = blocks[0]
         code = code.strip("\n")  # render_tool_call puts the code on its own lines
         if body[end:].strip():
@@ -170,14 +200,13 @@ def _parse_call_body(body: str) -> ToolCall | ParseError:
         body = body[:start]
     body = body.strip()
     if not body:
-        return ParseError("empty tool call: expected {\"name\": ..., \"arguments\": {...}}")
+        return ParseError('empty tool call: expected {"name": ..., "arguments": {...}}')
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ParseError(_json_error(body, e))
     except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, 100000-deep nesting
-        return ParseError(f"the tool call JSON cannot be read: {type(e).__name__}: "
-                          f"{str(e)[:120]}")
+        return ParseError(f"the tool call JSON cannot be read: {type(e).__name__}: {str(e)[:120]}")
     if not isinstance(obj, dict):
         return ParseError(f"the tool call must be a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("name", "arguments") if k not in obj]
@@ -185,14 +214,16 @@ def _parse_call_body(body: str) -> ToolCall | ParseError:
         return ParseError(f"the tool call lacks {' and '.join(repr(m) for m in missing)}")
     extra = sorted(set(obj) - {"name", "arguments"})
     if extra:
-        return ParseError(f"unexpected keys {extra} in the tool call; only 'name' and "
-                          "'arguments' are allowed")
+        return ParseError(
+            f"unexpected keys {extra} in the tool call; only 'name' and 'arguments' are allowed"
+        )
     name, args = obj["name"], obj["arguments"]
     if not isinstance(name, str) or not name:
         return ParseError(f"'name' must be a non-empty string, got {json.dumps(name)}")
     if not isinstance(args, dict):
-        return ParseError(f"'arguments' must be a JSON object, got {type(args).__name__} "
-                          f"{json.dumps(args)[:80]}")
+        return ParseError(
+            f"'arguments' must be a JSON object, got {type(args).__name__} {json.dumps(args)[:80]}"
+        )
     return ToolCall(name=name, arguments=args, code=code)
 
 
@@ -210,28 +241,38 @@ def parse_assistant(text: str) -> Action:
     text = strip_forged_response(text)
     n_calls = text.count(TOOL_CALL_OPEN)
     if n_calls > 1:  # checked first: the most useful message for think/call/think/call turns
-        return ParseError(f"{n_calls} tool calls in one turn; make exactly one call per turn "
-                          "(search and visit take arrays, so batch inside one call)")
+        return ParseError(
+            f"{n_calls} tool calls in one turn; make exactly one call per turn "
+            "(search and visit take arrays, so batch inside one call)"
+        )
     think, rest, err = _split_think(text)
     if err:
         return ParseError(err)
     calls = _blocks(rest, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
     answers = _blocks(rest, ANSWER_OPEN, ANSWER_CLOSE)
-    stray = [t for t in (TOOL_CALL_CLOSE, ANSWER_CLOSE) if rest.count(t) > sum(
-        b[1] is not None for b in (calls if t == TOOL_CALL_CLOSE else answers))]
+    stray = [
+        t
+        for t in (TOOL_CALL_CLOSE, ANSWER_CLOSE)
+        if rest.count(t) > sum(b[1] is not None for b in (calls if t == TOOL_CALL_CLOSE else answers))
+    ]
     if calls and answers:
         return ParseError("a turn must contain either one tool call or one answer, not both")
     if len(calls) > 1:
-        return ParseError(f"{len(calls)} tool calls in one turn; make exactly one call per turn "
-                          "(search and visit take arrays, so batch inside one call)")
+        return ParseError(
+            f"{len(calls)} tool calls in one turn; make exactly one call per turn "
+            "(search and visit take arrays, so batch inside one call)"
+        )
     if len(answers) > 1:
-        return ParseError(f"{len(answers)} answers in one turn; give exactly one "
-                          f"{ANSWER_OPEN}...{ANSWER_CLOSE}")
+        return ParseError(
+            f"{len(answers)} answers in one turn; give exactly one {ANSWER_OPEN}...{ANSWER_CLOSE}"
+        )
     if stray:
         return ParseError(f"{stray[0]} without a matching opening tag")
     if not calls and not answers:
-        return ParseError(f"no action: end the turn with one {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE} "
-                          f"or one {ANSWER_OPEN}...{ANSWER_CLOSE}")
+        return ParseError(
+            f"no action: end the turn with one {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE} "
+            f"or one {ANSWER_OPEN}...{ANSWER_CLOSE}"
+        )
     start, end, body = (calls or answers)[0]
     if end is None:
         tag = TOOL_CALL_CLOSE if calls else ANSWER_CLOSE
@@ -253,6 +294,7 @@ def parse_assistant(text: str) -> Action:
 # Rendering actions and observations
 # ------------------------------------------------------------------------------------------
 
+
 def render_tool_call(name: str, arguments: dict, code: str | None = None) -> str:
     """The ``<tool_call>`` block for a call (inverse of the call part of ``parse_assistant``)."""
     body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
@@ -271,8 +313,11 @@ def render_assistant(think: str, action: ToolCall | Answer) -> str:
     raise TypeError(f"render_assistant: action must be ToolCall or Answer, got {type(action)}")
 
 
-_NEUTRALISE = {TOOL_RESPONSE_CLOSE: "&lt;/tool_response&gt;", IM_END: "&lt;|im_end|&gt;",
-               IM_START: "&lt;|im_start|&gt;"}
+_NEUTRALISE = {
+    TOOL_RESPONSE_CLOSE: "&lt;/tool_response&gt;",
+    IM_END: "&lt;|im_end|&gt;",
+    IM_START: "&lt;|im_start|&gt;",
+}
 
 
 def wrap_tool_response(observation: str) -> str:
@@ -293,9 +338,10 @@ def is_tool_response(content: str) -> bool:
 
 def unwrap_tool_response(content: str) -> str:
     if not is_tool_response(content):
-        raise ValueError("not a tool response: content must start with <tool_response> and end "
-                         "with </tool_response>")
-    inner = content[len(TOOL_RESPONSE_OPEN):-len(TOOL_RESPONSE_CLOSE)]
+        raise ValueError(
+            "not a tool response: content must start with <tool_response> and end with </tool_response>"
+        )
+    inner = content[len(TOOL_RESPONSE_OPEN) : -len(TOOL_RESPONSE_CLOSE)]
     if inner.startswith("\n"):
         inner = inner[1:]
     if inner.endswith("\n"):
@@ -312,22 +358,23 @@ def error_observation(message: str) -> str:
 # Chat template (chatml, as Qwen3 and the released model use)
 # ------------------------------------------------------------------------------------------
 
+
 def _check_message(i: int, m) -> None:
     if not isinstance(m, dict) or set(m) != {"role", "content"}:
-        raise ValueError(f"message {i}: must be a dict with exactly 'role' and 'content', got "
-                         f"{m!r:.80}")
+        raise ValueError(f"message {i}: must be a dict with exactly 'role' and 'content', got {m!r:.80}")
     if m["role"] not in ROLES:
         raise ValueError(f"message {i}: role must be one of {ROLES}, got {m['role']!r}")
     if not isinstance(m["content"], str):
         raise ValueError(f"message {i}: content must be a str, got {type(m['content']).__name__}")
     for marker in (IM_START, IM_END):
         if marker in m["content"]:
-            raise ValueError(f"message {i} ({m['role']}): content contains the chat marker "
-                             f"{marker!r}, which would break the template")
+            raise ValueError(
+                f"message {i} ({m['role']}): content contains the chat marker "
+                f"{marker!r}, which would break the template"
+            )
 
 
-def render_segments(messages: Sequence[dict], add_generation_prompt: bool = False
-                    ) -> list[tuple[str, bool]]:
+def render_segments(messages: Sequence[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The chat text as ``(piece, is_model)`` pieces; ``is_model`` marks assistant content and
     its ``<|im_end|>`` (the tokens a policy is trained on). ``"".join`` gives ``render_chat``."""
     out: list[tuple[str, bool]] = []
@@ -356,18 +403,19 @@ def parse_chat(text: str) -> list[dict]:
     msgs, pos = [], 0
     while pos < len(text):
         if not text.startswith(IM_START, pos):
-            raise ValueError(f"parse_chat: expected {IM_START!r} at offset {pos}, got "
-                             f"{text[pos:pos + 20]!r}")
+            raise ValueError(
+                f"parse_chat: expected {IM_START!r} at offset {pos}, got {text[pos : pos + 20]!r}"
+            )
         head_end = text.find("\n", pos)
         if head_end < 0:
             raise ValueError(f"parse_chat: no newline after the role at offset {pos}")
-        role = text[pos + len(IM_START):head_end]
+        role = text[pos + len(IM_START) : head_end]
         if role not in ROLES:
             raise ValueError(f"parse_chat: unknown role {role!r} at offset {pos}")
         end = text.find(IM_END, head_end + 1)
         if end < 0:
             raise ValueError(f"parse_chat: message at offset {pos} ({role}) has no {IM_END!r}")
-        content = text[head_end + 1:end]
+        content = text[head_end + 1 : end]
         if IM_START in content:
             raise ValueError(f"parse_chat: {IM_START!r} inside the {role} message at offset {pos}")
         msgs.append({"role": role, "content": content})
@@ -391,8 +439,9 @@ DEFAULT_PREAMBLE = (
 )
 
 
-def build_system_prompt(tool_specs: Iterable[dict], date: str | datetime.date | None = None,
-                        preamble: str = DEFAULT_PREAMBLE) -> str:
+def build_system_prompt(
+    tool_specs: Iterable[dict], date: str | datetime.date | None = None, preamble: str = DEFAULT_PREAMBLE
+) -> str:
     """Our own system prompt: preamble, one JSON tool signature per line in ``<tools>``, the call
     format, and ``Current date: YYYY-MM-DD``. A model trained on another prompt should be given
     that prompt instead (pass it as the system message yourself)."""
@@ -400,8 +449,7 @@ def build_system_prompt(tool_specs: Iterable[dict], date: str | datetime.date | 
         date = datetime.date.today()
     if isinstance(date, datetime.date):
         date = date.isoformat()
-    sigs = "\n".join(json.dumps({"type": "function", "function": s}, ensure_ascii=False)
-                     for s in tool_specs)
+    sigs = "\n".join(json.dumps({"type": "function", "function": s}, ensure_ascii=False) for s in tool_specs)
     return (
         f"{preamble}\n\n# Tools\n\nThe tools you can call are described by these JSON function "
         f"signatures:\n<tools>\n{sigs}\n</tools>\n\nTo call a tool, write one JSON object with "
@@ -457,8 +505,7 @@ def split_turns(messages: Sequence[dict]) -> list[tuple[Action, str | None]]:
     steps: list[tuple[Action, str | None]] = []
     while i < len(messages):
         if messages[i]["role"] != "assistant":
-            raise TrajectoryError(f"message {i}: expected an assistant turn, got "
-                                  f"{messages[i]['role']}")
+            raise TrajectoryError(f"message {i}: expected an assistant turn, got {messages[i]['role']}")
         action = parse_assistant(messages[i]["content"])
         obs = None
         if i + 1 < len(messages):

@@ -81,14 +81,36 @@ from jax.experimental import io_callback
 
 from jaxllm.agent import protocol, tools
 
-__all__ = ["RolloutConfig", "RolloutResult", "segmented_rollout", "scan_rollout", "TURN_STOPS", "cut_turn",
-           "ENVS", "wiki_of",
-           "RUNNING", "ANSWERED", "MAX_TURNS", "MAX_TOKENS", "TOOL_ERROR", "STATUS_NAMES",
-           "KIND_PAD", "KIND_PROMPT", "KIND_MODEL", "KIND_FORCED", "KIND_TOOL"]
+__all__ = [
+    "RolloutConfig",
+    "RolloutResult",
+    "segmented_rollout",
+    "scan_rollout",
+    "TURN_STOPS",
+    "cut_turn",
+    "ENVS",
+    "wiki_of",
+    "RUNNING",
+    "ANSWERED",
+    "MAX_TURNS",
+    "MAX_TOKENS",
+    "TOOL_ERROR",
+    "STATUS_NAMES",
+    "KIND_PAD",
+    "KIND_PROMPT",
+    "KIND_MODEL",
+    "KIND_FORCED",
+    "KIND_TOOL",
+]
 
 RUNNING, ANSWERED, MAX_TURNS, MAX_TOKENS, TOOL_ERROR = 0, 1, 2, 3, 4
-STATUS_NAMES = {RUNNING: "running", ANSWERED: "answered", MAX_TURNS: "max_turns",
-                MAX_TOKENS: "max_tokens", TOOL_ERROR: "tool_error"}
+STATUS_NAMES = {
+    RUNNING: "running",
+    ANSWERED: "answered",
+    MAX_TURNS: "max_turns",
+    MAX_TOKENS: "max_tokens",
+    TOOL_ERROR: "tool_error",
+}
 KIND_PAD, KIND_PROMPT, KIND_MODEL, KIND_FORCED, KIND_TOOL = 0, 1, 2, 3, 4
 
 #: Strings that end an assistant turn: the protocol's stops, and ``<|im_end|>`` (a chatml model
@@ -138,17 +160,17 @@ class RolloutConfig:
 
 @dataclasses.dataclass
 class RolloutResult:
-    tokens: np.ndarray          # [B, token_budget] int32, pad_id after `lengths`
-    kind: np.ndarray            # [B, token_budget] int8, KIND_*
-    logprobs: np.ndarray        # [B, token_budget] float32, log p of sampled tokens (else 0)
-    lengths: np.ndarray         # [B] int32
-    status: np.ndarray          # [B] int32, ANSWERED | MAX_TURNS | MAX_TOKENS | TOOL_ERROR
-    turns: np.ndarray           # [B] int32, assistant turns taken
-    tool_errors: np.ndarray     # [B] int32, error observations received
-    forced_answer: np.ndarray   # [B] bool, the budget forced a final-answer turn
-    answers: list               # [B] answer text or None
-    messages: list              # [B] chat messages (system, question, turns)
-    host_callbacks: int | None = None   # scan_rollout: io_callback calls made (None: segmented)
+    tokens: np.ndarray  # [B, token_budget] int32, pad_id after `lengths`
+    kind: np.ndarray  # [B, token_budget] int8, KIND_*
+    logprobs: np.ndarray  # [B, token_budget] float32, log p of sampled tokens (else 0)
+    lengths: np.ndarray  # [B] int32
+    status: np.ndarray  # [B] int32, ANSWERED | MAX_TURNS | MAX_TOKENS | TOOL_ERROR
+    turns: np.ndarray  # [B] int32, assistant turns taken
+    tool_errors: np.ndarray  # [B] int32, error observations received
+    forced_answer: np.ndarray  # [B] bool, the budget forced a final-answer turn
+    answers: list  # [B] answer text or None
+    messages: list  # [B] chat messages (system, question, turns)
+    host_callbacks: int | None = None  # scan_rollout: io_callback calls made (None: segmented)
 
     @property
     def model_mask(self) -> np.ndarray:
@@ -173,15 +195,18 @@ class RolloutResult:
 # Compiled pieces: per-row caches under vmap
 # ------------------------------------------------------------------------------------------
 
+
 def _select_rows(active_R, new, old):
     return jax.tree_util.tree_map(
-        lambda n, o: jnp.where(active_R.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+        lambda n, o: jnp.where(active_R.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
+    )
 
 
 def _row_logits(model, params, caches, toks_RC):
     def one(cache, toks_C):
         logits, new_cache = model.apply(params, toks_C[None], cache=cache)
         return logits[0, -1], new_cache
+
     return jax.vmap(one)(caches, toks_RC)
 
 
@@ -191,8 +216,7 @@ def _feed_fn(model_cls, config):
 
     def feed(params, caches, last_logits_RV, toks_RC, active_R):
         logits_RV, new = _row_logits(model, params, caches, toks_RC)
-        return (jnp.where(active_R[:, None], logits_RV, last_logits_RV),
-                _select_rows(active_R, new, caches))
+        return (jnp.where(active_R[:, None], logits_RV, last_logits_RV), _select_rows(active_R, new, caches))
 
     return jax.jit(feed, donate_argnums=(1, 2))
 
@@ -206,12 +230,17 @@ def _step_fn(model_cls, config, sampling):
             tok = jnp.argmax(last_logits_RV, axis=-1).astype(jnp.int32)
         else:
             from jaxllm.ops.sampling import sample_next
+
             tok = sample_next(last_logits_RV, rng, sampling).astype(jnp.int32)
         tok = jnp.where(forced_R >= 0, forced_R, tok)
         logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits_RV, axis=-1), tok[:, None], -1)[:, 0]
         logits_RV, new = _row_logits(model, params, caches, tok[:, None])
-        return (tok, logp, jnp.where(active_R[:, None], logits_RV, last_logits_RV),
-                _select_rows(active_R, new, caches))
+        return (
+            tok,
+            logp,
+            jnp.where(active_R[:, None], logits_RV, last_logits_RV),
+            _select_rows(active_R, new, caches),
+        )
 
     return jax.jit(step, donate_argnums=(1, 2))
 
@@ -220,11 +249,14 @@ def _step_fn(model_cls, config, sampling):
 # The loop
 # ------------------------------------------------------------------------------------------
 
+
 def _framing(observation_content: str, model_closed_turn: bool) -> str:
     """Text between an assistant turn's content and the next assistant turn's content."""
     head = "" if model_closed_turn else protocol.IM_END
-    return (f"{head}\n{protocol.IM_START}user\n{observation_content}{protocol.IM_END}\n"
-            f"{protocol.IM_START}assistant\n")
+    return (
+        f"{head}\n{protocol.IM_START}user\n{observation_content}{protocol.IM_END}\n"
+        f"{protocol.IM_START}assistant\n"
+    )
 
 
 class _Episodes:
@@ -250,7 +282,7 @@ class _Episodes:
         cfg = self.cfg
         self.turns[r] += 1
         text, stop = cut_turn(self.tokenizer.decode(np.asarray(gen_ids, np.int32)))
-        if self.messages is not None:   # scan_rollout rebuilds the messages from the tokens
+        if self.messages is not None:  # scan_rollout rebuilds the messages from the tokens
             self.messages[r].append({"role": "assistant", "content": text})
         action = protocol.parse_assistant(text)
         if isinstance(action, protocol.Answer):
@@ -283,14 +315,22 @@ class _Episodes:
         return ids
 
     def result(self, tokens, kind, logprobs, length, host_callbacks=None):
-        return RolloutResult(tokens=tokens, kind=kind, logprobs=logprobs, lengths=length,
-                             status=self.status, turns=self.turns, tool_errors=self.n_err,
-                             forced_answer=self.forced_answer, answers=self.answers,
-                             messages=self.messages, host_callbacks=host_callbacks)
+        return RolloutResult(
+            tokens=tokens,
+            kind=kind,
+            logprobs=logprobs,
+            lengths=length,
+            status=self.status,
+            turns=self.turns,
+            tool_errors=self.n_err,
+            forced_answer=self.forced_answer,
+            answers=self.answers,
+            messages=self.messages,
+            host_callbacks=host_callbacks,
+        )
 
 
-def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns,
-             who):
+def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, who):
     """Validate the arguments; returns (prompts, forced_ids, episodes)."""
     from jaxllm.agent import synth
 
@@ -301,16 +341,23 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
     if not isinstance(executor, tools.ToolExecutor):
         raise ValueError(f"{who}: executor must be a tools.ToolExecutor, got {type(executor).__name__}")
     if sampling is not None:
-        if sampling.mode not in ("greedy", "sample") or sampling.presence_penalty != 0 or \
-                sampling.repetition_penalty != 1:
-            raise ValueError(f"{who}: sampling supports modes 'greedy'/'sample' without "
-                             f"presence/repetition penalties, got {sampling}")
+        if (
+            sampling.mode not in ("greedy", "sample")
+            or sampling.presence_penalty != 0
+            or sampling.repetition_penalty != 1
+        ):
+            raise ValueError(
+                f"{who}: sampling supports modes 'greedy'/'sample' without "
+                f"presence/repetition penalties, got {sampling}"
+            )
         if rng is None:
             raise ValueError(f"{who}: sampling needs an `rng` key")
     if forced_turns is not None:
         if len(forced_turns) != B or any(isinstance(f, str) for f in forced_turns):
-            raise ValueError(f"{who}: forced_turns must hold one list of turn texts per "
-                             f"question ({B}), got {len(forced_turns)} entries")
+            raise ValueError(
+                f"{who}: forced_turns must hold one list of turn texts per "
+                f"question ({B}), got {len(forced_turns)} entries"
+            )
         forced_ids = [[np.asarray(tokenizer.encode(t), np.int32) for t in row] for row in forced_turns]
     else:
         forced_ids = [[] for _ in range(B)]
@@ -321,36 +368,48 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
     enc = lambda text: np.asarray(tokenizer.encode(text), np.int32)  # noqa: E731
     prompts = [enc(protocol.render_chat(m, add_generation_prompt=True)) for m in messages]
     force_len = len(enc(_framing(protocol.FORCE_ANSWER, False)))
-    reserve = force_len + cfg.turn_tokens        # room a forced final turn needs
-    limit = cfg.token_budget - reserve           # a normal turn must end by here
+    reserve = force_len + cfg.turn_tokens  # room a forced final turn needs
+    limit = cfg.token_budget - reserve  # a normal turn must end by here
     for r, p in enumerate(prompts):
         if len(p) + cfg.turn_tokens > limit:
             raise ValueError(
                 f"{who}: token_budget {cfg.token_budget} is too small for row {r}: the "
                 f"prompt has {len(p)} tokens, a turn up to {cfg.turn_tokens}, and {reserve} must "
-                f"stay free for a forced final answer (turn_tokens + {force_len})")
+                f"stay free for a forced final answer (turn_tokens + {force_len})"
+            )
     for r, row in enumerate(forced_ids):
         for i, ids in enumerate(row):
             if len(ids) > cfg.turn_tokens:
-                raise ValueError(f"{who}: forced_turns[{r}][{i}] has {len(ids)} tokens, "
-                                 f"more than turn_tokens={cfg.turn_tokens}")
+                raise ValueError(
+                    f"{who}: forced_turns[{r}][{i}] has {len(ids)} tokens, "
+                    f"more than turn_tokens={cfg.turn_tokens}"
+                )
     for ids in prompts + [i for row in forced_ids for i in row]:
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"{who}: the tokenizer gives ids outside the model's "
-                             f"vocabulary [0, {vocab})")
+            raise ValueError(f"{who}: the tokenizer gives ids outside the model's vocabulary [0, {vocab})")
     return prompts, forced_ids, _Episodes(B, cfg, executor, tokenizer, messages, limit)
 
 
 def _init_caches(model, B, T):
     from jaxllm.models.kimi_linear import init_cache
+
     one = init_cache(model.config, 1, T)
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), one)
 
 
-def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
-                      questions: Sequence[str], *, config: RolloutConfig = RolloutConfig(),
-                      system_prompt: str | None = None, sampling=None, rng=None,
-                      forced_turns: Sequence[Sequence[str]] | None = None) -> RolloutResult:
+def segmented_rollout(
+    model,
+    params,
+    tokenizer,
+    executor: tools.ToolExecutor,
+    questions: Sequence[str],
+    *,
+    config: RolloutConfig = RolloutConfig(),
+    system_prompt: str | None = None,
+    sampling=None,
+    rng=None,
+    forced_turns: Sequence[Sequence[str]] | None = None,
+) -> RolloutResult:
     """Run one ReAct episode per question, batched; see the module docstring.
 
     Args:
@@ -369,8 +428,18 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
         replaying demonstrations, or forcing a ``<think>\\n`` prefix.
     """
     cfg = config
-    prompts, forced_ids, ep = _prepare(model, tokenizer, executor, questions, cfg, system_prompt,
-                                       sampling, rng, forced_turns, "segmented_rollout")
+    prompts, forced_ids, ep = _prepare(
+        model,
+        tokenizer,
+        executor,
+        questions,
+        cfg,
+        system_prompt,
+        sampling,
+        rng,
+        forced_turns,
+        "segmented_rollout",
+    )
     B = len(prompts)
     vocab = model.config.vocab_size
     T = cfg.token_budget
@@ -382,10 +451,10 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
 
     def push(r, ids, k, lp=None):
         n = len(ids)
-        tokens[r, length[r]:length[r] + n] = ids
-        kind[r, length[r]:length[r] + n] = k
+        tokens[r, length[r] : length[r] + n] = ids
+        kind[r, length[r] : length[r] + n] = k
         if lp is not None:
-            logprobs[r, length[r]:length[r] + n] = lp
+            logprobs[r, length[r] : length[r] + n] = lp
         length[r] += n
 
     mcfg = model.config
@@ -402,10 +471,11 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
         n_full = np.array([len(p) // C for p in pending])
         for j in range(int(n_full.max(initial=0))):
             act = n_full > j
-            toks = np.stack([p[j * C:(j + 1) * C] if a else np.full((C,), pad, np.int32)
-                             for p, a in zip(pending, act)])
+            toks = np.stack(
+                [p[j * C : (j + 1) * C] if a else np.full((C,), pad, np.int32) for p, a in zip(pending, act)]
+            )
             last_logits, caches = feed(params, caches, last_logits, jnp.asarray(toks), jnp.asarray(act))
-        rest = [p[n * C:] for p, n in zip(pending, n_full)]
+        rest = [p[n * C :] for p, n in zip(pending, n_full)]
         for i in range(max(len(x) for x in rest)):
             act = np.array([len(x) > i for x in rest])
             toks = np.array([[x[i] if len(x) > i else pad] for x in rest], np.int32)
@@ -428,14 +498,14 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
                 if len(gen[r]) < len(script):
                     forced[r] = script[len(gen[r])]
             rng, sub = jax.random.split(rng)
-            tok, lp, last_logits, caches = step(params, caches, last_logits, jnp.asarray(forced),
-                                                jnp.asarray(generating), sub)
+            tok, lp, last_logits, caches = step(
+                params, caches, last_logits, jnp.asarray(forced), jnp.asarray(generating), sub
+            )
             tok, lp = np.asarray(tok), np.asarray(lp)
             for r in np.flatnonzero(generating):
                 gen[r].append(int(tok[r]))
                 was_forced = forced[r] >= 0
-                push(r, [tok[r]], KIND_FORCED if was_forced else KIND_MODEL,
-                     None if was_forced else [lp[r]])
+                push(r, [tok[r]], KIND_FORCED if was_forced else KIND_MODEL, None if was_forced else [lp[r]])
                 _, stop = cut_turn(tokenizer.decode(gen[r]))
                 if stop is not None or len(gen[r]) >= cfg.turn_tokens:
                     generating[r] = False
@@ -454,8 +524,8 @@ def segmented_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
 
 ENVS = ("auto", "jnp", "host")
 _A_NONE, _A_ANSWER, _A_SEARCH, _A_VISIT = 0, 1, 2, 3
-_WS_JSON = (9, 10, 13, 32)            # JSON whitespace; also stripped by str.strip
-_WS_LEAD = (9, 10, 11, 12, 13, 32)    # ASCII whitespace that str.lstrip removes before <think>
+_WS_JSON = (9, 10, 13, 32)  # JSON whitespace; also stripped by str.strip
+_WS_LEAD = (9, 10, 11, 12, 13, 32)  # ASCII whitespace that str.lstrip removes before <think>
 #: skeletons of the canonical calls (``json.dumps`` of ``render_tool_call``, string contents
 #: removed): name, tool, "arguments", then the argument object; [LIST] is ``""(, "")*``
 _CALL_HEAD = '{"": "", "": {"": '
@@ -472,13 +542,21 @@ def wiki_of(executor) -> "object | None":
     are the wiki's ``WikiTool``s with the released schemas), else None."""
     from jaxllm.agent import wiki as wk
 
-    if not isinstance(executor, tools.ToolExecutor) or \
-            type(executor).execute is not tools.ToolExecutor.execute:
+    if (
+        not isinstance(executor, tools.ToolExecutor)
+        or type(executor).execute is not tools.ToolExecutor.execute
+    ):
         return None
     s, v = executor.backends.get("search"), executor.backends.get("visit")
-    if not (isinstance(s, wk.WikiTool) and isinstance(v, wk.WikiTool) and s.wiki is v.wiki
-            and s.name == "search" and v.name == "visit" and type(s) is wk.WikiTool
-            and type(v) is wk.WikiTool):
+    if not (
+        isinstance(s, wk.WikiTool)
+        and isinstance(v, wk.WikiTool)
+        and s.wiki is v.wiki
+        and s.name == "search"
+        and v.name == "visit"
+        and type(s) is wk.WikiTool
+        and type(v) is wk.WikiTool
+    ):
         return None
     if executor.specs.get("search") != tools.SEARCH or executor.specs.get("visit") != tools.VISIT:
         return None
@@ -486,7 +564,7 @@ def wiki_of(executor) -> "object | None":
     methods = ("search", "visit", "join", "search_ids", "visit_ids", "encode", "_encode_many")
     if any(getattr(type(w), m) is not getattr(wk.SimulatedWiki, m) for m in methods):
         return None
-    if any("<" in p for p in w.pieces):   # wrap_tool_response would escape tags: keep it on the host
+    if any("<" in p for p in w.pieces):  # wrap_tool_response would escape tags: keep it on the host
         return None
     return w
 
@@ -494,25 +572,25 @@ def wiki_of(executor) -> "object | None":
 class _EnvArrays(NamedTuple):
     """Device arrays of the jnp wiki environment (a jit argument)."""
 
-    wiki: object            # wiki.WikiArrays
-    hashes_2V: jax.Array    # term hashes for bytes_to_terms
-    piece_flat: jax.Array   # tokens of all pieces, concatenated
+    wiki: object  # wiki.WikiArrays
+    hashes_2V: jax.Array  # term hashes for bytes_to_terms
+    piece_flat: jax.Array  # tokens of all pieces, concatenated
     piece_start: jax.Array  # [P + 3]
-    piece_len: jax.Array    # [P + 3]
+    piece_len: jax.Array  # [P + 3]
 
 
 @dataclasses.dataclass(frozen=True)
 class _EnvStatic:
     """Static side of the jnp wiki environment (part of the compiled program's key)."""
 
-    layout: object          # wiki.PieceLayout
-    n_terms: int            # terms kept per query / URL / goal (SimulatedWiki.max_terms)
-    cap: int                # executor.max_observation_chars
+    layout: object  # wiki.PieceLayout
+    n_terms: int  # terms kept per query / URL / goal (SimulatedWiki.max_terms)
+    cap: int  # executor.max_observation_chars
     prefix_len: int
     suffix_len: int
 
     @property
-    def prefix(self):       # piece ids of the framing around an observation, and the force message
+    def prefix(self):  # piece ids of the framing around an observation, and the force message
         return self.layout.size
 
     @property
@@ -527,7 +605,7 @@ class _EnvStatic:
 def _wiki_env(wiki, tokenizer, executor):
     """Piece tokens (the wiki's pieces, then the chat framing before and after a tool response
     and the framed force-answer message) as device arrays, and the static side."""
-    head = (f"{protocol.IM_END}\n{protocol.IM_START}user\n{protocol.TOOL_RESPONSE_OPEN}\n")
+    head = f"{protocol.IM_END}\n{protocol.IM_START}user\n{protocol.TOOL_RESPONSE_OPEN}\n"
     tail = f"\n{protocol.TOOL_RESPONSE_CLOSE}{protocol.IM_END}\n{protocol.IM_START}assistant\n"
     assert _framing(protocol.wrap_tool_response("x"), False) == head + "x" + tail
     texts = list(wiki.pieces) + [head, tail, _framing(protocol.FORCE_ANSWER, False)]
@@ -535,26 +613,32 @@ def _wiki_env(wiki, tokenizer, executor):
     lens = np.array([len(t) for t in toks], np.int32)
     start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
     flat = np.concatenate(toks + [np.zeros((1,), np.int32)])
-    arrays = _EnvArrays(wiki._arrays, jnp.asarray(wiki.term_hashes_2V), jnp.asarray(flat),
-                        jnp.asarray(start), jnp.asarray(lens))
-    static = _EnvStatic(wiki.layout, int(wiki.max_terms), int(executor.max_observation_chars),
-                        int(lens[-3]), int(lens[-2]))
+    arrays = _EnvArrays(
+        wiki._arrays,
+        jnp.asarray(wiki.term_hashes_2V),
+        jnp.asarray(flat),
+        jnp.asarray(start),
+        jnp.asarray(lens),
+    )
+    static = _EnvStatic(
+        wiki.layout, int(wiki.max_terms), int(executor.max_observation_chars), int(lens[-3]), int(lens[-2])
+    )
     return arrays, static
 
 
 class _Action(NamedTuple):
-    kind: jax.Array                  # _A_*
-    ans_lo: jax.Array                # answer body span in the turn
+    kind: jax.Array  # _A_*
+    ans_lo: jax.Array  # answer body span in the turn
     ans_hi: jax.Array
-    q_terms: jax.Array               # [Q, n_terms] search queries
+    q_terms: jax.Array  # [Q, n_terms] search queries
     q_mask: jax.Array
-    q_valid: jax.Array               # [Q]
+    q_valid: jax.Array  # [Q]
     q_more: jax.Array
-    u_terms: jax.Array               # [U, n_terms] visit URLs
+    u_terms: jax.Array  # [U, n_terms] visit URLs
     u_mask: jax.Array
-    u_valid: jax.Array               # [U]
+    u_valid: jax.Array  # [U]
     u_more: jax.Array
-    g_terms: jax.Array               # [n_terms] visit goal
+    g_terms: jax.Array  # [n_terms] visit goal
     g_mask: jax.Array
 
 
@@ -585,7 +669,7 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
         p = _b(s)
         hit = inside & (pos + len(p) <= n)
         for j, c in enumerate(p):
-            hit &= bp[j:j + L] == c
+            hit &= bp[j : j + L] == c
         return hit
 
     def at(arr_p, i, s):
@@ -600,27 +684,51 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
     n_ot, n_ct = o_think.sum(), c_think.sum()
     p0, p1 = jnp.argmax(o_think), jnp.argmax(c_think)
     think_a = (n_ot == 0) & (n_ct == 0)
-    think_b = ((n_ot == 1) & (n_ct == 1) & (isin(b, _WS_LEAD) | (pos >= p0)).all()
-               & (p1 >= p0 + len(protocol.THINK_OPEN)))
+    think_b = (
+        (n_ot == 1)
+        & (n_ct == 1)
+        & (isin(b, _WS_LEAD) | (pos >= p0)).all()
+        & (p1 >= p0 + len(protocol.THINK_OPEN))
+    )
     act_min = jnp.where(think_b, p1 + len(protocol.THINK_CLOSE), 0)
     o_call, o_ans = occ(protocol.TOOL_CALL_OPEN), occ(protocol.ANSWER_OPEN)
     n_call, n_ans = o_call.sum(), o_ans.sum()
     c0, a0 = jnp.argmax(o_call), jnp.argmax(o_ans)
     n_ccall, n_cans = occ(protocol.TOOL_CALL_CLOSE).sum(), occ(protocol.ANSWER_CLOSE).sum()
-    others = (occ(protocol.TOOL_RESPONSE_OPEN).any() | occ(protocol.IM_END).any()
-              | occ(protocol.CODE_OPEN).any() | occ(protocol.CODE_CLOSE).any())
+    others = (
+        occ(protocol.TOOL_RESPONSE_OPEN).any()
+        | occ(protocol.IM_END).any()
+        | occ(protocol.CODE_OPEN).any()
+        | occ(protocol.CODE_CLOSE).any()
+    )
     base = plain & (think_a | think_b) & ~others
     # an answer: <answer> once, after the thinking, </answer> once, ending the turn
     e_ans = n - len(protocol.ANSWER_CLOSE)
     lo_a = a0 + len(protocol.ANSWER_OPEN)
-    is_ans = (base & at(bp, e_ans, protocol.ANSWER_CLOSE) & (n_ans == 1) & (n_cans == 1)
-              & (n_call == 0) & (n_ccall == 0) & (a0 >= act_min) & (e_ans >= lo_a))
-    is_ans &= ((pos >= lo_a) & (pos < e_ans) & (b >= 0x21) & (b <= 0x7e)).any()   # strip() != ""
+    is_ans = (
+        base
+        & at(bp, e_ans, protocol.ANSWER_CLOSE)
+        & (n_ans == 1)
+        & (n_cans == 1)
+        & (n_call == 0)
+        & (n_ccall == 0)
+        & (a0 >= act_min)
+        & (e_ans >= lo_a)
+    )
+    is_ans &= ((pos >= lo_a) & (pos < e_ans) & (b >= 0x21) & (b <= 0x7E)).any()  # strip() != ""
     # a tool call: <tool_call> once, after the thinking, </tool_call> once, ending the turn
     e_call = n - len(protocol.TOOL_CALL_CLOSE)
     lo_c = c0 + len(protocol.TOOL_CALL_OPEN)
-    is_call = (base & at(bp, e_call, protocol.TOOL_CALL_CLOSE) & (n_call == 1) & (n_ccall == 1)
-               & (n_ans == 0) & (n_cans == 0) & (c0 >= act_min) & (e_call >= lo_c))
+    is_call = (
+        base
+        & at(bp, e_call, protocol.TOOL_CALL_CLOSE)
+        & (n_call == 1)
+        & (n_ccall == 1)
+        & (n_ans == 0)
+        & (n_cans == 0)
+        & (c0 >= act_min)
+        & (e_call >= lo_c)
+    )
     in_body = (pos >= lo_c) & (pos < e_call)
     solid = in_body & ~isin(b, _WS_JSON)
     bs = jnp.argmax(solid)
@@ -638,8 +746,7 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
 
     def span(j):
         j = jnp.asarray(j)
-        return (qpos[jnp.clip(2 * j, 0, L - 1)] + 1, qpos[jnp.clip(2 * j + 1, 0, L - 1)],
-                2 * j + 1 < n_q)
+        return (qpos[jnp.clip(2 * j, 0, L - 1)] + 1, qpos[jnp.clip(2 * j + 1, 0, L - 1)], 2 * j + 1 < n_q)
 
     def str_is(j, lit):
         lo, hi, ok = span(j)
@@ -648,7 +755,7 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
     def template(head, tail, listed):
         hp, tp = _b(head), _b(tail)
         mm = m - len(hp) - len(tp)
-        ok = (sp[:len(hp)] == hp).all() & (mm >= 0)
+        ok = (sp[: len(hp)] == hp).all() & (mm >= 0)
         if len(tp):
             ok &= (jax.lax.dynamic_slice(sp, (jnp.clip(m - len(tp), 0, L),), (len(tp),)) == tp).all()
         if not listed:
@@ -685,10 +792,22 @@ def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _
     uv = visit & (jnp.arange(U) < n_url)
     u_terms, u_mask = jax.vmap(terms_of)(url0 + jnp.arange(U), uv)
     g_terms, g_mask = terms_of(goal_j, visit)
-    kind = jnp.where(is_ans, _A_ANSWER, jnp.where(search, _A_SEARCH,
-                                                   jnp.where(visit, _A_VISIT, _A_NONE)))
-    return _Action(kind.astype(jnp.int32), lo_a, e_ans, q_terms, q_mask, qv, search & (k_s > Q),
-                   u_terms, u_mask, uv, visit & (n_url > U), g_terms, g_mask)
+    kind = jnp.where(is_ans, _A_ANSWER, jnp.where(search, _A_SEARCH, jnp.where(visit, _A_VISIT, _A_NONE)))
+    return _Action(
+        kind.astype(jnp.int32),
+        lo_a,
+        e_ans,
+        q_terms,
+        q_mask,
+        qv,
+        search & (k_s > Q),
+        u_terms,
+        u_mask,
+        uv,
+        visit & (n_url > U),
+        g_terms,
+        g_mask,
+    )
 
 
 def _gather_pieces(env: _EnvArrays, ids_BP, T: int, pad: int):
@@ -697,7 +816,7 @@ def _gather_pieces(env: _EnvArrays, ids_BP, T: int, pad: int):
     lens = jnp.where(ids_BP >= 0, env.piece_len[jnp.clip(ids_BP, 0, n_p - 1)], 0)
     cum = jnp.cumsum(lens, axis=-1)
     t = jnp.arange(T)
-    j = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum)      # piece holding t
+    j = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum)  # piece holding t
     j = jnp.clip(j, 0, ids_BP.shape[1] - 1)
     off = t[None] - (jnp.take_along_axis(cum, j, -1) - jnp.take_along_axis(lens, j, -1))
     pid = jnp.clip(jnp.take_along_axis(ids_BP, j, -1), 0, n_p - 1)
@@ -706,22 +825,40 @@ def _gather_pieces(env: _EnvArrays, ids_BP, T: int, pad: int):
     return jnp.where(t[None] < total[:, None], env.piece_flat[src], pad), total
 
 
-def _jnp_judge(env: _EnvArrays, st: _EnvStatic, turn_ids, turn_len, length, running, status, turns,
-               consec, forced, limit, *, T: int, L: int, max_turns: int, pad: int):
+def _jnp_judge(
+    env: _EnvArrays,
+    st: _EnvStatic,
+    turn_ids,
+    turn_len,
+    length,
+    running,
+    status,
+    turns,
+    consec,
+    forced,
+    limit,
+    *,
+    T: int,
+    L: int,
+    max_turns: int,
+    pad: int,
+):
     """``_Episodes.judge`` for canonical turns (see ``_canonical_action``) on the simulated
     wiki: ``search_step``/``visit_step`` and the piece tokens of their observation, the chat
     framing, the budget and status rules. Returns ``ok`` (rows it judged) and their new state."""
     from jaxllm.agent.wiki import search_step, visit_step
 
     lay = st.layout
-    act = jax.vmap(functools.partial(_canonical_action, Q=lay.max_queries, U=lay.max_urls,
-                                     n_terms=st.n_terms), in_axes=(0, 0, None))(
-        turn_ids, turn_len, env.hashes_2V)
+    act = jax.vmap(
+        functools.partial(_canonical_action, Q=lay.max_queries, U=lay.max_urls, n_terms=st.n_terms),
+        in_axes=(0, 0, None),
+    )(turn_ids, turn_len, env.hashes_2V)
     s_ids = jax.vmap(lambda q, m, v, more: search_step(env.wiki, q, m, v, more, layout=lay))(
-        act.q_terms, act.q_mask, act.q_valid, act.q_more)
-    v_ids = jax.vmap(lambda u, um, uv, g, gm, more: visit_step(env.wiki, u, um, uv, g, gm, more,
-                                                               layout=lay))(
-        act.u_terms, act.u_mask, act.u_valid, act.g_terms, act.g_mask, act.u_more)
+        act.q_terms, act.q_mask, act.q_valid, act.q_more
+    )
+    v_ids = jax.vmap(lambda u, um, uv, g, gm, more: visit_step(env.wiki, u, um, uv, g, gm, more, layout=lay))(
+        act.u_terms, act.u_mask, act.u_valid, act.g_terms, act.g_mask, act.u_more
+    )
     W = max(s_ids.shape[1], v_ids.shape[1])
     padw = lambda x: jnp.pad(x, ((0, 0), (0, W - x.shape[1])), constant_values=-1)  # noqa: E731
     obs = jnp.where((act.kind == _A_SEARCH)[:, None], padw(s_ids), padw(v_ids))
@@ -734,21 +871,33 @@ def _jnp_judge(env: _EnvArrays, st: _EnvStatic, turn_ids, turn_len, length, runn
     too_long = is_call & ~forced & (total - st.prefix_len - st.suffix_len > st.cap)
     ok = running & (act.kind != _A_NONE) & ~too_long
     turns1 = turns + 1
-    new_status = jnp.where(is_ans, ANSWERED, jnp.where(
-        forced, MAX_TOKENS, jnp.where(turns1 >= max_turns, MAX_TURNS, RUNNING)))
+    new_status = jnp.where(
+        is_ans, ANSWERED, jnp.where(forced, MAX_TOKENS, jnp.where(turns1 >= max_turns, MAX_TURNS, RUNNING))
+    )
     consec1 = jnp.where(is_call & ~forced, 0, consec)
     emit = is_call & ~forced & (turns1 < max_turns)
     force = length + total + L > limit
     force_row = jnp.full_like(row, -1).at[:, 0].set(st.force)
     row = jnp.where(force[:, None], force_row, row)
     pending, n_pending = _gather_pieces(env, row, T, pad)
-    return (ok, new_status.astype(jnp.int32), turns1, consec1, forced | (emit & force), pending,
-            jnp.where(emit, n_pending, 0).astype(jnp.int32), is_ans, act.ans_lo, act.ans_hi)
+    return (
+        ok,
+        new_status.astype(jnp.int32),
+        turns1,
+        consec1,
+        forced | (emit & force),
+        pending,
+        jnp.where(emit, n_pending, 0).astype(jnp.int32),
+        is_ans,
+        act.ans_lo,
+        act.ans_hi,
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # The compiled loop: lax.scan over turns; jnp wiki step, io_callback to the host judge
 # ------------------------------------------------------------------------------------------
+
 
 def _stop_patterns(tokenizer):
     """Stop strings as byte-token rows (-1 padded on the left) for the jnp tail match."""
@@ -756,11 +905,11 @@ def _stop_patterns(tokenizer):
     k = max(len(p) for p in pats)
     out = np.full((len(pats), k), -1, np.int32)
     for i, p in enumerate(pats):
-        out[i, k - len(p):] = p
+        out[i, k - len(p) :] = p
     return out, np.array([len(p) for p in pats], np.int32)
 
 
-_HOSTS: dict = {}             # call id -> the host judge of a running scan_rollout
+_HOSTS: dict = {}  # call id -> the host judge of a running scan_rollout
 _CALL_IDS = itertools.count()
 
 
@@ -769,8 +918,18 @@ def _host_trampoline(call_id, *args):
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, sampling,
-             env_static: _EnvStatic | None = None, pad: int = 0):
+def _scan_fn(
+    model_cls,
+    config,
+    T: int,
+    C: int,
+    L: int,
+    max_turns: int,
+    B: int,
+    sampling,
+    env_static: _EnvStatic | None = None,
+    pad: int = 0,
+):
     """The jitted scan rollout (byte tokenizer). Per turn, rows the jnp wiki judge does not take
     (all rows without ``env_static``) go through one io_callback to the host judge of the call
     named by ``call_id``, under a ``lax.cond`` (no callback when there are none)."""
@@ -797,11 +956,11 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
             toks = jax.lax.dynamic_slice_in_dim(pending, j * C, C, axis=1)
             logits, new = _row_logits(model, params, caches, toks)
             act = n_full > j
-            return (j + 1, _select_rows(act, new, caches),
-                    jnp.where(act[:, None], logits, last_logits))
+            return (j + 1, _select_rows(act, new, caches), jnp.where(act[:, None], logits, last_logits))
 
-        _, caches, last_logits = jax.lax.while_loop(lambda c: c[0] < n_full.max(), chunk_body,
-                                                    (jnp.int32(0), caches, last_logits))
+        _, caches, last_logits = jax.lax.while_loop(
+            lambda c: c[0] < n_full.max(), chunk_body, (jnp.int32(0), caches, last_logits)
+        )
         rest = jnp.where(active, n_B - n_full * C, 0)
 
         def one_body(carry):
@@ -810,35 +969,77 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
             toks = pending[row_idx, idx][:, None]
             logits, new = _row_logits(model, params, caches, toks)
             act = rest > i
-            return (i + 1, _select_rows(act, new, caches),
-                    jnp.where(act[:, None], logits, last_logits))
+            return (i + 1, _select_rows(act, new, caches), jnp.where(act[:, None], logits, last_logits))
 
-        _, caches, last_logits = jax.lax.while_loop(lambda c: c[0] < rest.max(), one_body,
-                                                    (jnp.int32(0), caches, last_logits))
+        _, caches, last_logits = jax.lax.while_loop(
+            lambda c: c[0] < rest.max(), one_body, (jnp.int32(0), caches, last_logits)
+        )
         return caches, last_logits
 
-    def run(params, caches, tokens, kind, logprobs, length, pending, n_pending, forced_BNL, rng,
-            call_id, env, limit):
+    def run(
+        params,
+        caches,
+        tokens,
+        kind,
+        logprobs,
+        length,
+        pending,
+        n_pending,
+        forced_BNL,
+        rng,
+        call_id,
+        env,
+        limit,
+    ):
         zB = jnp.zeros((B,), jnp.int32)
         zBN = jnp.zeros((B, max_turns), jnp.int32)
 
         def turn(carry, n):
-            (caches, last_logits, tokens, kind, logprobs, length, pending, n_pending, status, turns,
-             n_err, consec, forced_ans, rec, ans_span, rng) = carry
+            (
+                caches,
+                last_logits,
+                tokens,
+                kind,
+                logprobs,
+                length,
+                pending,
+                n_pending,
+                status,
+                turns,
+                n_err,
+                consec,
+                forced_ans,
+                rec,
+                ans_span,
+                rng,
+            ) = carry
             running = status == RUNNING
             caches, last_logits = feed_pending(params, caches, last_logits, pending, n_pending, running)
             forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
             start = length
 
             def dec_body(c):
-                (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, text,
-                 text_len, gen, rng) = c
+                (
+                    caches,
+                    last_logits,
+                    tokens,
+                    kind,
+                    logprobs,
+                    length,
+                    turn_ids,
+                    turn_len,
+                    text,
+                    text_len,
+                    gen,
+                    rng,
+                ) = c
                 forced = jnp.where(turn_len < L, forced_BL[row_idx, jnp.clip(turn_len, 0, L - 1)], -1)
                 rng, sub = jax.random.split(rng)
                 if sampling is None:
                     tok = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
                 else:
                     from jaxllm.ops.sampling import sample_next
+
                     tok = sample_next(last_logits, sub, sampling).astype(jnp.int32)
                 tok = jnp.where(forced >= 0, forced, tok)
                 lp = jnp.take_along_axis(jax.nn.log_softmax(last_logits, -1), tok[:, None], -1)[:, 0]
@@ -851,7 +1052,8 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
                 logprobs = write(logprobs, length, jnp.where(forced >= 0, 0.0, lp)[:, None], one)
                 length = length + one
                 turn_ids = turn_ids.at[row_idx, jnp.clip(turn_len, 0, L - 1)].set(
-                    jnp.where(gen, tok, turn_ids[row_idx, jnp.clip(turn_len, 0, L - 1)]))
+                    jnp.where(gen, tok, turn_ids[row_idx, jnp.clip(turn_len, 0, L - 1)])
+                )
                 turn_len = turn_len + one
                 # decoded text drops special ids (and ids past the byte vocabulary, which a model
                 # with a larger vocab can sample): match stops on the text bytes only
@@ -861,36 +1063,86 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
                 tail_ok = ((text[:, None, :] == stop_pats[None]) | (stop_pats[None] < 0)).all(-1)
                 hit = (tail_ok & (text_len[:, None] >= stop_lens[None])).any(-1) & is_text
                 gen = gen & ~hit & (turn_len < L)
-                return (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, text,
-                        text_len, gen, rng)
+                return (
+                    caches,
+                    last_logits,
+                    tokens,
+                    kind,
+                    logprobs,
+                    length,
+                    turn_ids,
+                    turn_len,
+                    text,
+                    text_len,
+                    gen,
+                    rng,
+                )
 
-            init = (caches, last_logits, tokens, kind, logprobs, length,
-                    jnp.zeros((B, L), jnp.int32), zB,
-                    jnp.full((B, K), -1, jnp.int32), zB, running, rng)
-            (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _,
-             rng) = jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
+            init = (
+                caches,
+                last_logits,
+                tokens,
+                kind,
+                logprobs,
+                length,
+                jnp.zeros((B, L), jnp.int32),
+                zB,
+                jnp.full((B, K), -1, jnp.int32),
+                zB,
+                running,
+                rng,
+            )
+            (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _, rng) = (
+                jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
+            )
 
             state = (status, turns, n_err, consec, forced_ans)
             if env_static is not None:
-                (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo,
-                 a_hi) = _jnp_judge(env, env_static, turn_ids, turn_len, length, running, *state[:2],
-                                    consec, forced_ans, limit, T=T, L=L, max_turns=max_turns, pad=pad)
+                (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo, a_hi) = _jnp_judge(
+                    env,
+                    env_static,
+                    turn_ids,
+                    turn_len,
+                    length,
+                    running,
+                    *state[:2],
+                    consec,
+                    forced_ans,
+                    limit,
+                    T=T,
+                    L=L,
+                    max_turns=max_turns,
+                    pad=pad,
+                )
                 need_host = running & ~ok
                 use_j = running & ok
             else:
                 need_host = running
                 use_j = jnp.zeros((B,), bool)
             shapes = (jax.ShapeDtypeStruct((B,), jnp.int32),) * 4 + (
-                jax.ShapeDtypeStruct((B,), jnp.bool_), jax.ShapeDtypeStruct((B, T), jnp.int32),
-                jax.ShapeDtypeStruct((B,), jnp.int32))
+                jax.ShapeDtypeStruct((B,), jnp.bool_),
+                jax.ShapeDtypeStruct((B, T), jnp.int32),
+                jax.ShapeDtypeStruct((B,), jnp.int32),
+            )
             h = jax.lax.cond(
                 need_host.any(),
-                lambda: io_callback(_host_trampoline, shapes, call_id, turn_ids, turn_len, length,
-                                    need_host, *state, ordered=True),
-                lambda: (*state, jnp.full((B, T), pad, jnp.int32), zB))
+                lambda: io_callback(
+                    _host_trampoline,
+                    shapes,
+                    call_id,
+                    turn_ids,
+                    turn_len,
+                    length,
+                    need_host,
+                    *state,
+                    ordered=True,
+                ),
+                lambda: (*state, jnp.full((B, T), pad, jnp.int32), zB),
+            )
             h_status, h_turns, h_err, h_consec, h_forced, pending, n_pending = h
             status, turns, n_err, consec, forced_ans = (
-                jnp.where(need_host, hv, old) for hv, old in zip(h[:5], state))
+                jnp.where(need_host, hv, old) for hv, old in zip(h[:5], state)
+            )
             if env_static is not None:
                 status = jnp.where(use_j, j_status, status)
                 turns = jnp.where(use_j, j_turns, turns)
@@ -903,21 +1155,70 @@ def _scan_fn(model_cls, config, T: int, C: int, L: int, max_turns: int, B: int, 
             else:
                 n_pending = jnp.where(need_host, n_pending, 0)
             rec_start, rec_len, rec_obs = rec
-            rec = (rec_start.at[:, n].set(jnp.where(running, start, 0)),
-                   rec_len.at[:, n].set(jnp.where(running, turn_len, 0)),
-                   rec_obs.at[:, n].set(n_pending))
+            rec = (
+                rec_start.at[:, n].set(jnp.where(running, start, 0)),
+                rec_len.at[:, n].set(jnp.where(running, turn_len, 0)),
+                rec_obs.at[:, n].set(n_pending),
+            )
             tokens = write(tokens, length, pending, n_pending)
             kind = write(kind, length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending)
             length = length + n_pending
-            return (caches, last_logits, tokens, kind, logprobs, length, pending, n_pending, status,
-                    turns, n_err, consec, forced_ans, rec, ans_span, rng), None
+            return (
+                caches,
+                last_logits,
+                tokens,
+                kind,
+                logprobs,
+                length,
+                pending,
+                n_pending,
+                status,
+                turns,
+                n_err,
+                consec,
+                forced_ans,
+                rec,
+                ans_span,
+                rng,
+            ), None
 
-        carry = (caches, jnp.zeros((B, model.config.vocab_size), jnp.float32), tokens, kind, logprobs,
-                 length, pending, n_pending, zB, zB, zB, zB, jnp.zeros((B,), bool),
-                 (zBN, zBN, zBN), jnp.full((B, 2), -1, jnp.int32), rng)
+        carry = (
+            caches,
+            jnp.zeros((B, model.config.vocab_size), jnp.float32),
+            tokens,
+            kind,
+            logprobs,
+            length,
+            pending,
+            n_pending,
+            zB,
+            zB,
+            zB,
+            zB,
+            jnp.zeros((B,), bool),
+            (zBN, zBN, zBN),
+            jnp.full((B, 2), -1, jnp.int32),
+            rng,
+        )
         carry, _ = jax.lax.scan(turn, carry, jnp.arange(max_turns))
-        (_, _, tokens, kind, logprobs, length, _, _, status, turns, n_err, _, forced_ans, rec,
-         ans_span, _) = carry
+        (
+            _,
+            _,
+            tokens,
+            kind,
+            logprobs,
+            length,
+            _,
+            _,
+            status,
+            turns,
+            n_err,
+            _,
+            forced_ans,
+            rec,
+            ans_span,
+            _,
+        ) = carry
         return tokens, kind, logprobs, length, status, turns, n_err, forced_ans, rec, ans_span
 
     return jax.jit(run)
@@ -929,23 +1230,32 @@ def _rebuild_messages(tokenizer, initial, tokens_r, turns_r, start_r, len_r, obs
     msgs = list(initial)
     for i in range(int(turns_r)):
         s, n, o = int(start_r[i]), int(len_r[i]), int(obs_r[i])
-        text, stop = cut_turn(tokenizer.decode(tokens_r[s:s + n]))
+        text, stop = cut_turn(tokenizer.decode(tokens_r[s : s + n]))
         msgs.append({"role": "assistant", "content": text})
         if o:
-            framed = tokenizer.decode(tokens_r[s + n:s + n + o])
+            framed = tokenizer.decode(tokens_r[s + n : s + n + o])
             head = ("" if stop == protocol.IM_END else protocol.IM_END) + f"\n{protocol.IM_START}user\n"
             tail = f"{protocol.IM_END}\n{protocol.IM_START}assistant\n"
             if not (framed.startswith(head) and framed.endswith(tail)):
                 raise AssertionError(f"scan_rollout: unexpected framing {framed[:40]!r}...")
-            msgs.append({"role": "user", "content": framed[len(head):len(framed) - len(tail)]})
+            msgs.append({"role": "user", "content": framed[len(head) : len(framed) - len(tail)]})
     return msgs
 
 
-def scan_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
-                 questions: Sequence[str], *, config: RolloutConfig = RolloutConfig(),
-                 system_prompt: str | None = None, sampling=None, rng=None,
-                 forced_turns: Sequence[Sequence[str]] | None = None,
-                 env: str = "auto") -> RolloutResult:
+def scan_rollout(
+    model,
+    params,
+    tokenizer,
+    executor: tools.ToolExecutor,
+    questions: Sequence[str],
+    *,
+    config: RolloutConfig = RolloutConfig(),
+    system_prompt: str | None = None,
+    sampling=None,
+    rng=None,
+    forced_turns: Sequence[Sequence[str]] | None = None,
+    env: str = "auto",
+) -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
     decode per turn with the stop strings matched on byte tokens in jnp, then the environment.
 
@@ -964,17 +1274,22 @@ def scan_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
     from jaxllm.data.tokenizers import ByteTokenizer
 
     if not isinstance(tokenizer, ByteTokenizer):
-        raise ValueError(f"scan_rollout: needs a ByteTokenizer (stop strings are matched on byte "
-                         f"tokens), got {type(tokenizer).__name__}; use segmented_rollout")
+        raise ValueError(
+            f"scan_rollout: needs a ByteTokenizer (stop strings are matched on byte "
+            f"tokens), got {type(tokenizer).__name__}; use segmented_rollout"
+        )
     if env not in ENVS:
         raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")
     cfg = config
-    prompts, forced_ids, ep = _prepare(model, tokenizer, executor, questions, cfg, system_prompt,
-                                       sampling, rng, forced_turns, "scan_rollout")
+    prompts, forced_ids, ep = _prepare(
+        model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, "scan_rollout"
+    )
     wiki = wiki_of(executor) if env != "host" else None
     if env == "jnp" and wiki is None:
-        raise ValueError("scan_rollout: env='jnp' needs an executor made by "
-                         "synth.wiki_executor(wiki) (search and visit of a SimulatedWiki)")
+        raise ValueError(
+            "scan_rollout: env='jnp' needs an executor made by "
+            "synth.wiki_executor(wiki) (search and visit of a SimulatedWiki)"
+        )
     env_arrays, env_static = _wiki_env(wiki, tokenizer, executor) if wiki is not None else (None, None)
     initial = [list(m) for m in ep.messages]
     ep.messages = None
@@ -984,51 +1299,69 @@ def scan_rollout(model, params, tokenizer, executor: tools.ToolExecutor,
     kind = np.zeros((B, T), np.int8)
     pending = np.full((B, T), pad, np.int32)
     for r, p in enumerate(prompts):
-        tokens[r, :len(p)] = p
-        kind[r, :len(p)] = KIND_PROMPT
-        pending[r, :len(p)] = p
+        tokens[r, : len(p)] = p
+        kind[r, : len(p)] = KIND_PROMPT
+        pending[r, : len(p)] = p
     n_pending = np.array([len(p) for p in prompts], np.int32)
     forced = np.full((B, cfg.max_turns, L), -1, np.int32)
     for r, row in enumerate(forced_ids):
-        for i, ids in enumerate(row[:cfg.max_turns]):
-            forced[r, i, :len(ids)] = ids
+        for i, ids in enumerate(row[: cfg.max_turns]):
+            forced[r, i, : len(ids)] = ids
     calls = [0]
 
     def host(turn_ids, turn_len, length, need, status, turns, n_err, consec, forced_ans):
         calls[0] += 1
-        ep.status, ep.turns, ep.n_err, ep.consec_err = (np.array(a, np.int32) for a in
-                                                        (status, turns, n_err, consec))
+        ep.status, ep.turns, ep.n_err, ep.consec_err = (
+            np.array(a, np.int32) for a in (status, turns, n_err, consec)
+        )
         ep.forced_answer = np.array(forced_ans, bool)
         out = np.full((B, T), pad, np.int32)
         n = np.zeros((B,), np.int32)
         for r in np.flatnonzero(np.asarray(need)):
-            ids = ep.judge(r, np.asarray(turn_ids)[r, :int(turn_len[r])], int(length[r]))
+            ids = ep.judge(r, np.asarray(turn_ids)[r, : int(turn_len[r])], int(length[r]))
             if ids is not None:
-                out[r, :len(ids)] = ids
+                out[r, : len(ids)] = ids
                 n[r] = len(ids)
-        return (ep.status.copy(), ep.turns.copy(), ep.n_err.copy(), ep.consec_err.copy(),
-                ep.forced_answer.copy(), out, n)
+        return (
+            ep.status.copy(),
+            ep.turns.copy(),
+            ep.n_err.copy(),
+            ep.consec_err.copy(),
+            ep.forced_answer.copy(),
+            out,
+            n,
+        )
 
-    fn = _scan_fn(type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling,
-                  env_static, pad)
+    fn = _scan_fn(type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling, env_static, pad)
     call_id = next(_CALL_IDS)
     _HOSTS[call_id] = host
     try:
-        out = fn(params, _init_caches(model, B, T), jnp.asarray(tokens), jnp.asarray(kind),
-                 jnp.zeros((B, T), jnp.float32), jnp.asarray(n_pending), jnp.asarray(pending),
-                 jnp.asarray(n_pending), jnp.asarray(forced),
-                 jax.random.PRNGKey(0) if rng is None else rng, jnp.int32(call_id), env_arrays,
-                 jnp.int32(ep.limit))
+        out = fn(
+            params,
+            _init_caches(model, B, T),
+            jnp.asarray(tokens),
+            jnp.asarray(kind),
+            jnp.zeros((B, T), jnp.float32),
+            jnp.asarray(n_pending),
+            jnp.asarray(pending),
+            jnp.asarray(n_pending),
+            jnp.asarray(forced),
+            jax.random.PRNGKey(0) if rng is None else rng,
+            jnp.int32(call_id),
+            env_arrays,
+            jnp.int32(ep.limit),
+        )
         out = jax.tree_util.tree_map(np.asarray, out)
     finally:
         del _HOSTS[call_id]
     toks, knd, lps, length, status, turns, n_err, forced_ans, rec, ans_span = out
     ep.status, ep.turns, ep.n_err = (np.array(a, np.int32) for a in (status, turns, n_err))
     ep.forced_answer = np.array(forced_ans, bool)
-    ep.messages = [_rebuild_messages(tokenizer, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec))
-                   for r in range(B)]
+    ep.messages = [
+        _rebuild_messages(tokenizer, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec)) for r in range(B)
+    ]
     for r in range(B):
-        if ep.status[r] == ANSWERED and ep.answers[r] is None:   # answered in the jnp judge
+        if ep.status[r] == ANSWERED and ep.answers[r] is None:  # answered in the jnp judge
             lo, hi = ans_span[r]
             ep.answers[r] = tokenizer.decode(toks[r, lo:hi]).strip()
     return ep.result(toks, knd, lps, length, host_callbacks=calls[0])

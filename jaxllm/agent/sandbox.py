@@ -57,9 +57,16 @@ import time
 # functions: the child runs this file as a script and must not have ``subprocess`` (and with it
 # the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
 
-__all__ = ["SandboxResult", "SandboxUnavailableError", "run_python", "namespaces_available",
-           "user_namespaces_available", "available_isolations", "resolve_isolation",
-           "format_observation"]
+__all__ = [
+    "SandboxResult",
+    "SandboxUnavailableError",
+    "run_python",
+    "namespaces_available",
+    "user_namespaces_available",
+    "available_isolations",
+    "resolve_isolation",
+    "format_observation",
+]
 
 _THIS_FILE = os.path.abspath(__file__)
 _SYSCALL_FILTER_FILE = os.path.join(os.path.dirname(_THIS_FILE), "syscall_filter.py")
@@ -70,12 +77,13 @@ _USERNS_FLAGS = ("--user", "--map-root-user")
 _REQUIREMENTS = {
     "namespace": "namespace mode needs root and a working `unshare` (util-linux)",
     "userns": "user-namespace mode needs `unshare` and a kernel that lets unprivileged users "
-              "create user namespaces (user.max_user_namespaces > 0, and no container seccomp or "
-              "AppArmor profile refusing them)",
+    "create user namespaces (user.max_user_namespaces > 0, and no container seccomp or "
+    "AppArmor profile refusing them)",
 }
 NO_ISOLATION_MESSAGE = (
     "run_python: no OS isolation is available here, so isolation='auto' refuses to run the code ("
-    + "; ".join(_REQUIREMENTS.values()) + "). To run it anyway, pass isolation='process' "
+    + "; ".join(_REQUIREMENTS.values())
+    + "). To run it anyway, pass isolation='process' "
     "explicitly: the code then runs on the host as the calling user, limited by rlimits, a "
     "seccomp filter and a Python audit hook. That mode does not protect the host's files, network "
     "or processes against deliberate escapes: the audit hook is not a security boundary, and "
@@ -159,9 +167,16 @@ def _unshare_works(isolation: str) -> bool:
         ok = False
         if shutil.which("unshare"):
             try:
-                ok = subprocess.run([*_unshare_command(isolation), "true"],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+                ok = (
+                    subprocess.run(
+                        [*_unshare_command(isolation), "true"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        timeout=10,
+                    ).returncode
+                    == 0
+                )
             except (OSError, subprocess.TimeoutExpired):
                 ok = False
         _PROBE_CACHE[isolation] = ok
@@ -201,8 +216,8 @@ def resolve_isolation(requested: str) -> str:
         return available[0]
     if requested not in available:
         raise SandboxUnavailableError(
-            f"run_python: isolation={requested!r} is not available here: "
-            f"{_REQUIREMENTS[requested]}")
+            f"run_python: isolation={requested!r} is not available here: {_REQUIREMENTS[requested]}"
+        )
     return requested
 
 
@@ -213,8 +228,17 @@ def _check_positive(name: str, value, kind=(int, float)) -> None:
 
 def _readonly_paths() -> list[str]:
     """Host paths bind-mounted read-only into the namespace sandbox (the Python runtime)."""
-    cands = [sys.base_prefix, sys.prefix, sys.exec_prefix, "/usr/lib", "/usr/lib64", "/lib",
-             "/lib64", "/usr/local/lib", "/etc/ld.so.cache"]
+    cands = [
+        sys.base_prefix,
+        sys.prefix,
+        sys.exec_prefix,
+        "/usr/lib",
+        "/usr/lib64",
+        "/lib",
+        "/lib64",
+        "/usr/local/lib",
+        "/etc/ld.so.cache",
+    ]
     out: list[str] = []
     for p in cands:
         if not os.path.lexists(p):
@@ -289,9 +313,18 @@ def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
     while _live_pids_of_uid(uid):
         if time.monotonic() > deadline:
             return False
-        subprocess.run(killer, user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                       env={}, cwd="/")
+        subprocess.run(
+            killer,
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            env={},
+            cwd="/",
+        )
         time.sleep(0.01)
     return True
 
@@ -315,8 +348,14 @@ def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, str, frozenset]]:
         left, sep, right = line.partition(" - ")
         fields, rest = left.split(), right.split()
         if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
-            mounts.append((_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
-                           rest[0], frozenset(rest[2].split(","))))
+            mounts.append(
+                (
+                    _unescape_mountinfo(fields[3]),
+                    _unescape_mountinfo(fields[4]),
+                    rest[0],
+                    frozenset(rest[2].split(",")),
+                )
+            )
     return mounts
 
 
@@ -370,10 +409,13 @@ def _writable_cgroup_dirs() -> dict[str, str]:
 
 def _limit_files(memory_bytes: int, max_tasks: int) -> dict[str, tuple[str, int]]:
     """cgroup file -> (controller, value) for v1 and v2 alike; a directory has only its own."""
-    return {"memory.limit_in_bytes": ("memory", memory_bytes),
-            "memory.memsw.limit_in_bytes": ("memory", memory_bytes),  # swap included (v1)
-            "memory.max": ("memory", memory_bytes), "memory.swap.max": ("memory", 0),
-            "pids.max": ("pids", max_tasks)}
+    return {
+        "memory.limit_in_bytes": ("memory", memory_bytes),
+        "memory.memsw.limit_in_bytes": ("memory", memory_bytes),  # swap included (v1)
+        "memory.max": ("memory", memory_bytes),
+        "memory.swap.max": ("memory", 0),
+        "pids.max": ("pids", max_tasks),
+    }
 
 
 def _create_run_cgroup(memory_bytes: int, max_tasks: int) -> list[str]:
@@ -471,8 +513,12 @@ def run_python(
     if not isinstance(code, str):
         raise ValueError(f"run_python: code must be a str, got {type(code).__name__}")
     _check_positive("timeout_s", timeout_s)
-    for name, val in (("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
-                      ("max_processes", max_processes), ("disk_mb", disk_mb)):
+    for name, val in (
+        ("memory_mb", memory_mb),
+        ("max_output_bytes", max_output_bytes),
+        ("max_processes", max_processes),
+        ("disk_mb", disk_mb),
+    ):
         _check_positive(name, val, int)
     if not isinstance(audit, bool):
         raise ValueError(f"run_python: audit must be a bool, got {audit!r}")
@@ -481,8 +527,7 @@ def run_python(
     # A throwaway uid needs root to switch to, and (in process mode, where the child sees the
     # host filesystem) a Python runtime that other users can read.
     root = os.geteuid() == 0
-    can_drop = root and (isolation == "namespace" or
-                         (isolation == "process" and _runtime_world_readable()))
+    can_drop = root and (isolation == "namespace" or (isolation == "process" and _runtime_world_readable()))
     uid = _UID_BASE + int.from_bytes(os.urandom(4), "little") % 1_000_000 if can_drop else None
     jobdir = tempfile.mkdtemp(prefix="jaxllm-sandbox-")
     cgroup: list[str] = []
@@ -494,8 +539,9 @@ def run_python(
         if uid is not None:
             os.chown(workdir, uid, uid)
         status_path = os.path.join(jobdir, "status.json")
-        cgroup = _create_run_cgroup((memory_mb + disk_mb + _CGROUP_SLACK_MB) * 1024 * 1024,
-                                    max_processes + 1)  # + 1: the supervisor
+        cgroup = _create_run_cgroup(
+            (memory_mb + disk_mb + _CGROUP_SLACK_MB) * 1024 * 1024, max_processes + 1
+        )  # + 1: the supervisor
         spec = {
             "code": code,
             "isolation": isolation,
@@ -520,14 +566,28 @@ def run_python(
         cmd = [sys.executable, "-I", _THIS_FILE, "--child", spec_path]
         if isolation != "process":
             cmd = [*_unshare_command(isolation), *cmd]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                env=env, cwd=jobdir)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd=jobdir,
+        )
         out, err, timed_out, truncated = _collect(
-            proc, timeout_s, max_output_bytes, lambda: _stop(proc, spec["stop_pid_path"]))
+            proc, timeout_s, max_output_bytes, lambda: _stop(proc, spec["stop_pid_path"])
+        )
         wall = time.monotonic() - t0
         if uid is not None:
             _kill_uid(uid)  # stragglers that left the process group (process mode)
@@ -537,8 +597,19 @@ def run_python(
                 status = json.load(f)
         except (OSError, ValueError):
             status = None
-        result = _result(proc.returncode, status, out, err, timed_out, truncated, isolation,
-                         wall, timeout_s, max_output_bytes, memory_mb)
+        result = _result(
+            proc.returncode,
+            status,
+            out,
+            err,
+            timed_out,
+            truncated,
+            isolation,
+            wall,
+            timeout_s,
+            max_output_bytes,
+            memory_mb,
+        )
         return dataclasses.replace(result, uid=uid, cgroup=bool(cgroup))
     finally:
         _remove_run_cgroup(cgroup)  # kills stragglers the uid kill cannot name (no own uid)
@@ -599,7 +670,7 @@ def _collect(proc, timeout_s: float, cap: int, stop):
                 continue
             buf = bufs[f]
             room = cap - len(buf)
-            buf += chunk[:max(room, 0)]
+            buf += chunk[: max(room, 0)]
             if len(chunk) > room:
                 truncated = True
         if truncated:
@@ -607,8 +678,7 @@ def _collect(proc, timeout_s: float, cap: int, stop):
             break
     sel.close()
     try:
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()) if not (timed_out or truncated)
-                  else 5.0)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()) if not (timed_out or truncated) else 5.0)
     except subprocess.TimeoutExpired:
         timed_out = True
         stop()
@@ -620,8 +690,12 @@ def _collect(proc, timeout_s: float, cap: int, stop):
     _killpg(proc)  # stragglers still in the group
     for f in bufs:
         f.close()
-    return (bytes(bufs[proc.stdout]).decode("utf-8", "replace"),
-            bytes(bufs[proc.stderr]).decode("utf-8", "replace"), timed_out, truncated)
+    return (
+        bytes(bufs[proc.stdout]).decode("utf-8", "replace"),
+        bytes(bufs[proc.stderr]).decode("utf-8", "replace"),
+        timed_out,
+        truncated,
+    )
 
 
 _SIGNAL_REASONS = {
@@ -637,8 +711,9 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _result(returncode, status, out, err, timed_out, truncated, isolation, wall, timeout_s,
-            cap, memory_mb) -> SandboxResult:
+def _result(
+    returncode, status, out, err, timed_out, truncated, isolation, wall, timeout_s, cap, memory_mb
+) -> SandboxResult:
     exit_code = status.get("exit_code") if status else None
     sig = status.get("signal", 0) if status else 0
     setup_error = status.get("setup_error") if status else None
@@ -648,8 +723,10 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
     if timed_out:
         reasons.append(f"timed out after {timeout_s:g} s wall clock; the run was killed")
     if truncated:
-        reasons.append(f"output limit exceeded (more than {cap} bytes on one stream); output "
-                       "truncated and the process killed")
+        reasons.append(
+            f"output limit exceeded (more than {cap} bytes on one stream); output "
+            "truncated and the process killed"
+        )
     if sig and not (sig == signal.SIGKILL and (timed_out or truncated)):  # not the host's kill
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         reasons.append(f"{_SIGNAL_REASONS.get(sig, 'killed by signal')} ({name})")
@@ -662,10 +739,19 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
                 tail += f" (memory limit {memory_mb} MB)"
             reasons.append(f"exit status {exit_code}" + (f": {tail}" if tail else ""))
     ok = not reasons
-    return SandboxResult(ok=ok, output=out, error=None if ok else "; ".join(reasons), stderr=err,
-                         exit_code=exit_code, signal=sig, timed_out=timed_out,
-                         output_truncated=truncated, isolation=isolation, wall_s=wall,
-                         seccomp=bool(status and status.get("seccomp")))
+    return SandboxResult(
+        ok=ok,
+        output=out,
+        error=None if ok else "; ".join(reasons),
+        stderr=err,
+        exit_code=exit_code,
+        signal=sig,
+        timed_out=timed_out,
+        output_truncated=truncated,
+        isolation=isolation,
+        wall_s=wall,
+        seccomp=bool(status and status.get("seccomp")),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,11 +759,24 @@ def _result(returncode, status, out, err, timed_out, truncated, isolation, wall,
 # --------------------------------------------------------------------------------------------
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
+    1,
+    2,
+    4,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
 _MS_NOEXEC, _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 8, 1024, 2048, 1 << 21
 #: statvfs f_flag bit -> mount flag, for the flags a user namespace may not clear on a remount
-_LOCKED_MOUNT_FLAGS = {2: _MS_NOSUID, 4: _MS_NODEV, 8: _MS_NOEXEC, 1024: _MS_NOATIME,
-                       2048: _MS_NODIRATIME, 4096: _MS_RELATIME}
+_LOCKED_MOUNT_FLAGS = {
+    2: _MS_NOSUID,
+    4: _MS_NODEV,
+    8: _MS_NOEXEC,
+    1024: _MS_NOATIME,
+    2048: _MS_NODIRATIME,
+    4096: _MS_RELATIME,
+}
 _READONLY_REMOUNT = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
 
 
@@ -697,9 +796,13 @@ def _libc():
 def _mount(libc, src, target, fstype, flags, data=None):
     import ctypes
 
-    rc = libc.mount(src.encode() if src else None, target.encode(),
-                    fstype.encode() if fstype else None, ctypes.c_ulong(flags),
-                    data.encode() if data else None)
+    rc = libc.mount(
+        src.encode() if src else None,
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
     if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount({src!r} -> {target!r}, {fstype!r}): {os.strerror(e)}")
@@ -720,8 +823,7 @@ def _build_root(spec) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
         _mount(libc, path, target, None, _MS_BIND | _MS_REC)
-        _mount(libc, None, target, None,
-               _READONLY_REMOUNT | kept_mount_flags(os.statvfs(target).f_flag))
+        _mount(libc, None, target, None, _READONLY_REMOUNT | kept_mount_flags(os.statvfs(target).f_flag))
     for link, dest in spec["symlinks"]:
         if not os.path.lexists(root + link):
             os.symlink(dest, root + link)
@@ -730,8 +832,14 @@ def _build_root(spec) -> None:
         open(f"{root}/dev/{dev}", "w").close()
         _mount(libc, f"/dev/{dev}", f"{root}/dev/{dev}", None, _MS_BIND)
     os.makedirs(root + "/sandbox")
-    _mount(libc, "tmpfs", root + "/sandbox", "tmpfs", _MS_NOSUID | _MS_NODEV,
-           f"size={spec['disk_mb']}m,mode=0700")
+    _mount(
+        libc,
+        "tmpfs",
+        root + "/sandbox",
+        "tmpfs",
+        _MS_NOSUID | _MS_NODEV,
+        f"size={spec['disk_mb']}m,mode=0700",
+    )
     if spec["uid"] is not None:
         os.chown(root + "/sandbox", spec["uid"], spec["uid"])
     os.makedirs(root + "/tmp", exist_ok=True)  # exists already when the runtime lives under /tmp
@@ -813,8 +921,7 @@ def _install_seccomp(seccomp_lib, isolation: str) -> None:
     the user code never runs without the filter the supervisor announced."""
     syscall_filter = _load_syscall_filter()
     own_pid = os.getpid() if isolation == "process" else None  # other pids hidden otherwise
-    rules = syscall_filter.sandbox_rules(allow_unix_sockets=isolation != "process",
-                                         own_pid=own_pid)
+    rules = syscall_filter.sandbox_rules(allow_unix_sockets=isolation != "process", own_pid=own_pid)
     syscall_filter.install(seccomp_lib, rules)
 
 
@@ -832,30 +939,66 @@ def _load_syscall_filter():
     return sys.modules[name]
 
 
-_DENY_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-                  "os.forkpty", "os.system", "os.kill", "os.killpg", "os.setuid", "ctypes.",
-                  "gc.get_", "sys.addaudithook", "pty.", "os.chroot",
-                  "webbrowser.", "urllib.Request", "http.client.", "ftplib.", "smtplib.",
-                  "poplib.", "imaplib.", "nntplib.", "telnetlib.", "signal.pthread_kill",
-                  "resource.setrlimit", "resource.prlimit", "sys._current_frames",
-                  # hand-made bytecode (types.CodeType, code.replace) can corrupt the
-                  # interpreter's memory and so run native code past every check here
-                  "code.__new__")
+_DENY_PREFIXES = (
+    "socket.",
+    "subprocess.",
+    "os.exec",
+    "os.spawn",
+    "os.posix_spawn",
+    "os.fork",
+    "os.forkpty",
+    "os.system",
+    "os.kill",
+    "os.killpg",
+    "os.setuid",
+    "ctypes.",
+    "gc.get_",
+    "sys.addaudithook",
+    "pty.",
+    "os.chroot",
+    "webbrowser.",
+    "urllib.Request",
+    "http.client.",
+    "ftplib.",
+    "smtplib.",
+    "poplib.",
+    "imaplib.",
+    "nntplib.",
+    "telnetlib.",
+    "signal.pthread_kill",
+    "resource.setrlimit",
+    "resource.prlimit",
+    "sys._current_frames",
+    # hand-made bytecode (types.CodeType, code.replace) can corrupt the
+    # interpreter's memory and so run native code past every check here
+    "code.__new__",
+)
 #: denied too where the hook is the only guard (process mode): code objects from bytes; the
 #: child makes the importer compile sources instead of reading .pyc files, which need this
 _STRICT_DENY_PREFIXES = ("marshal.load",)
 _PATH_EVENTS = {  # event -> indices of path arguments, whether they write, indices of dir_fds
-    "os.remove": ((0,), True, (1,)), "os.rmdir": ((0,), True, (1,)),
-    "os.mkdir": ((0,), True, (2,)), "os.rename": ((0, 1), True, (2, 3)),
-    "os.link": ((0, 1), True, (2, 3)), "os.symlink": ((0, 1), True, (2,)),
-    "os.chmod": ((0,), True, (2,)), "os.chown": ((0,), True, (3,)),
-    "os.truncate": ((0,), True, ()), "os.utime": ((0,), True, (3,)),
-    "os.chflags": ((0,), True, ()), "os.mkfifo": ((0,), True, (2,)),
-    "os.mknod": ((0,), True, (3,)), "os.setxattr": ((0,), True, ()),
-    "os.removexattr": ((0,), True, ()), "os.listdir": ((0,), False, ()),
-    "os.scandir": ((0,), False, ()), "os.chdir": ((0,), False, ()),
-    "os.getxattr": ((0,), False, ()), "os.listxattr": ((0,), False, ()),
-    "shutil.rmtree": ((0,), True, ()), "shutil.copyfile": ((0, 1), True, ()),
+    "os.remove": ((0,), True, (1,)),
+    "os.rmdir": ((0,), True, (1,)),
+    "os.mkdir": ((0,), True, (2,)),
+    "os.rename": ((0, 1), True, (2, 3)),
+    "os.link": ((0, 1), True, (2, 3)),
+    "os.symlink": ((0, 1), True, (2,)),
+    "os.chmod": ((0,), True, (2,)),
+    "os.chown": ((0,), True, (3,)),
+    "os.truncate": ((0,), True, ()),
+    "os.utime": ((0,), True, (3,)),
+    "os.chflags": ((0,), True, ()),
+    "os.mkfifo": ((0,), True, (2,)),
+    "os.mknod": ((0,), True, (3,)),
+    "os.setxattr": ((0,), True, ()),
+    "os.removexattr": ((0,), True, ()),
+    "os.listdir": ((0,), False, ()),
+    "os.scandir": ((0,), False, ()),
+    "os.chdir": ((0,), False, ()),
+    "os.getxattr": ((0,), False, ()),
+    "os.listxattr": ((0,), False, ()),
+    "shutil.rmtree": ((0,), True, ()),
+    "shutil.copyfile": ((0, 1), True, ()),
     "shutil.move": ((0, 1), True, ()),
 }
 _NO_DIR_FD = -1  # how audit events report a dir_fd that was not given
@@ -863,8 +1006,18 @@ _NO_DIR_FD = -1  # how audit events report a dir_fd that was not given
 
 #: modules whose import the audit hook refuses (process spawning without audit events, native
 #: code); the child makes sure none of them is loaded before the user code starts
-_DENY_IMPORTS = frozenset({"_posixsubprocess", "subprocess", "multiprocessing", "_ctypes",
-                           "pty", "_xxsubinterpreters", "_testcapi", "_testinternalcapi"})
+_DENY_IMPORTS = frozenset(
+    {
+        "_posixsubprocess",
+        "subprocess",
+        "multiprocessing",
+        "_ctypes",
+        "pty",
+        "_xxsubinterpreters",
+        "_testcapi",
+        "_testinternalcapi",
+    }
+)
 
 
 def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) -> None:
@@ -882,8 +1035,7 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) ->
     """
     import _thread
 
-    realpath, fspath, normcase, isdir = (os.path.realpath, os.fspath, os.path.normcase,
-                                         os.path.isdir)
+    realpath, fspath, normcase, isdir = (os.path.realpath, os.fspath, os.path.normcase, os.path.isdir)
     get_ident, _isinstance, _any, _len, _str = _thread.get_ident, isinstance, any, len, str
     _bytes, _int, _denied = bytes, int, PermissionError
     deny_prefixes = tuple(_DENY_PREFIXES) + (tuple(_STRICT_DENY_PREFIXES) if strict else ())
@@ -916,8 +1068,10 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) ->
 
     def check_no_directory_fd(path, event):
         if strict and path is not None and isdir(path):
-            raise _denied(f"sandbox: {event} of directory {path!r} denied (no directory file "
-                          "descriptors, so no dir_fd, in process mode)")
+            raise _denied(
+                f"sandbox: {event} of directory {path!r} denied (no directory file "
+                "descriptors, so no dir_fd, in process mode)"
+            )
 
     def hook(event, args):
         me = get_ident()
@@ -952,8 +1106,19 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) ->
     sys.addaudithook(hook)
 
 
-_SIGNALS_THE_SUPERVISOR_IGNORES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
-                                   "SIGALRM", "SIGPIPE", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+_SIGNALS_THE_SUPERVISOR_IGNORES = (
+    "SIGINT",
+    "SIGTERM",
+    "SIGHUP",
+    "SIGQUIT",
+    "SIGUSR1",
+    "SIGUSR2",
+    "SIGALRM",
+    "SIGPIPE",
+    "SIGTSTP",
+    "SIGTTIN",
+    "SIGTTOU",
+)
 
 
 def _ignore_signals() -> dict:
@@ -1022,13 +1187,21 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
             if seccomp_lib is not None:
                 _install_seccomp(seccomp_lib, isolation)
             os.environ.clear()
-            os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin",
-                               "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
-                               "OMP_NUM_THREADS": "1"})
+            os.environ.update(
+                {
+                    "HOME": workdir,
+                    "TMPDIR": workdir,
+                    "PATH": "/usr/bin:/bin",
+                    "LANG": "C.UTF-8",
+                    "OPENBLAS_NUM_THREADS": "1",
+                    "OMP_NUM_THREADS": "1",
+                }
+            )
             if sys.path and os.path.dirname(_THIS_FILE) == os.path.abspath(sys.path[0] or "."):
                 sys.path.pop(0)
             sys.dont_write_bytecode = True
             import ctypes  # noqa: F401  pre-imported: numpy probes it; later ctypes use is denied
+
             if spec["audit"]:
                 loaded = sorted(_DENY_IMPORTS.intersection(sys.modules) - {"_ctypes"})
                 if loaded:  # imported already, they would bypass the import check
@@ -1036,8 +1209,7 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
                 strict = isolation == "process"
                 if strict:  # .pyc files would need marshal.loads, which the strict hook denies
                     sys.pycache_prefix = os.path.join(os.devnull, "pycache")  # never exists
-                _install_audit_hook(workdir, [sys.base_prefix, sys.prefix, sys.exec_prefix],
-                                    strict)
+                _install_audit_hook(workdir, [sys.base_prefix, sys.prefix, sys.exec_prefix], strict)
         except BaseException as e:  # noqa: BLE001
             os.write(2, f"sandbox setup failed in the user process: {e!r}\n".encode())
             os._exit(71)

@@ -17,23 +17,46 @@ import random
 from typing import Iterator
 
 from jaxllm.agent import protocol, tools
-from jaxllm.agent.wiki import (ATTRIBUTES, RELATIONS, SimulatedWiki, WikiConfig, World,
-                               attribute_sentence, fact_sentence)
+from jaxllm.agent.wiki import (
+    ATTRIBUTES,
+    RELATIONS,
+    SimulatedWiki,
+    WikiConfig,
+    World,
+    attribute_sentence,
+    fact_sentence,
+)
 
-__all__ = ["Question", "sample_question", "describe_anchor", "demonstrate", "synthesize",
-           "write_jsonl", "read_jsonl", "wiki_executor", "SYNTH_DATE"]
+__all__ = [
+    "Question",
+    "sample_question",
+    "describe_anchor",
+    "demonstrate",
+    "synthesize",
+    "write_jsonl",
+    "read_jsonl",
+    "wiki_executor",
+    "SYNTH_DATE",
+]
 
 SYNTH_DATE = "2025-01-01"  # fixed so synthesized system prompts are reproducible
 
 #: search query / visit goal per relation and attribute ({x}: the subject's name)
 _GOALS = {
-    "birthplace": "where {x} was born", "employer": "who {x} works for",
-    "alma_mater": "where {x} studied", "founder": "who founded {x}",
-    "headquarters": "where {x} is headquartered", "home_city": "where {x} is located",
-    "country": "the country of {x}", "capital": "the capital of {x}",
-    "born": "the birth year of {x}", "occupation": "the profession of {x}",
-    "founded": "the year {x} was established", "industry": "the industry of {x}",
-    "established": "the year {x} opened its doors", "population": "the population of {x}",
+    "birthplace": "where {x} was born",
+    "employer": "who {x} works for",
+    "alma_mater": "where {x} studied",
+    "founder": "who founded {x}",
+    "headquarters": "where {x} is headquartered",
+    "home_city": "where {x} is located",
+    "country": "the country of {x}",
+    "capital": "the capital of {x}",
+    "born": "the birth year of {x}",
+    "occupation": "the profession of {x}",
+    "founded": "the year {x} was established",
+    "industry": "the industry of {x}",
+    "established": "the year {x} opened its doors",
+    "population": "the population of {x}",
     "currency": "the currency of {x}",
 }
 #: attributes that can single out an anchor, per kind, with the words used to describe them
@@ -44,8 +67,13 @@ _DESCRIBE = {
     "city": (("population", "with a population of {v}"),),
     "country": (("currency", "whose currency is the {v}"),),
 }
-_KIND_NOUN = {"person": "person", "org": "organisation", "university": "university",
-              "city": "city", "country": "country"}
+_KIND_NOUN = {
+    "person": "person",
+    "org": "organisation",
+    "university": "university",
+    "city": "city",
+    "country": "country",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +81,10 @@ class Question:
     question: str
     answer: str
     hops: int
-    anchor: int                  # entity id
-    relations: tuple             # relation names followed from the anchor
-    attribute: str | None        # final attribute asked for, if any
-    anchor_text: str             # how the question names the anchor
+    anchor: int  # entity id
+    relations: tuple  # relation names followed from the anchor
+    attribute: str | None  # final attribute asked for, if any
+    anchor_text: str  # how the question names the anchor
     obfuscated: bool
 
 
@@ -76,8 +104,9 @@ def describe_anchor(world: World, eid: int) -> str | None:
     return None
 
 
-def sample_question(world: World, rng: random.Random, hops: int, obfuscate: bool = False,
-                    attribute_prob: float = 0.3) -> Question | None:
+def sample_question(
+    world: World, rng: random.Random, hops: int, obfuscate: bool = False, attribute_prob: float = 0.3
+) -> Question | None:
     """A ``hops``-step question by a random walk (no entity visited twice); None if the walk or
     the obfuscation fails (callers resample)."""
     if hops < 1:
@@ -112,9 +141,16 @@ def sample_question(world: World, rng: random.Random, hops: int, obfuscate: bool
         answer = str(world.entities[cur].attr(attr))
     else:
         answer = world.entities[cur].name
-    return Question(question=f"What is {phrase}?", answer=answer, hops=hops, anchor=anchor,
-                    relations=tuple(path), attribute=attr, anchor_text=anchor_text,
-                    obfuscated=obfuscate)
+    return Question(
+        question=f"What is {phrase}?",
+        answer=answer,
+        hops=hops,
+        anchor=anchor,
+        relations=tuple(path),
+        attribute=attr,
+        anchor_text=anchor_text,
+        obfuscated=obfuscate,
+    )
 
 
 def wiki_executor(wiki: SimulatedWiki) -> tools.ToolExecutor:
@@ -142,31 +178,39 @@ class _Recorder:
         return obs.text
 
     def answer(self, think: str, answer: str) -> None:
-        self.messages.append({"role": "assistant", "content": protocol.render_assistant(
-            think, protocol.Answer(answer))})
+        self.messages.append(
+            {"role": "assistant", "content": protocol.render_assistant(think, protocol.Answer(answer))}
+        )
 
 
-def _lookup(rec: _Recorder, wiki: SimulatedWiki, subject: int, key: str, sentence: str,
-            lead: str) -> str:
+def _lookup(rec: _Recorder, wiki: SimulatedWiki, subject: int, key: str, sentence: str, lead: str) -> str:
     """Find ``sentence`` about ``subject``: search first; visit the page if the snippet lacks it.
     Returns the think-text explaining where it was found."""
     name = wiki.world.entities[subject].name
     goal = _GOALS[key].format(x=name)
     obs = rec.call(f"{lead}I need {goal}. Let me search for it.", "search", {"query": [goal]})
     if sentence in obs:
-        return f"The search results state: \"{sentence}\""
+        return f'The search results state: "{sentence}"'
     url = wiki.world.entities[subject].url
     if f"({url})" not in obs:
         raise _Unsolvable(f"{url} not among the results for {goal!r}")
-    obs = rec.call(f"The results list the page of {name} ({url}) but the snippet does not say "
-                   f"{goal}. I will open that page.", "visit", {"url": [url], "goal": goal})
+    obs = rec.call(
+        f"The results list the page of {name} ({url}) but the snippet does not say "
+        f"{goal}. I will open that page.",
+        "visit",
+        {"url": [url], "goal": goal},
+    )
     if sentence not in obs:
         raise _Unsolvable(f"fact {sentence!r} not in the visit observation")
-    return f"The page of {name} says: \"{sentence}\""
+    return f'The page of {name} says: "{sentence}"'
 
 
-def demonstrate(wiki: SimulatedWiki, q: Question, system_prompt: str | None = None,
-                executor: tools.ToolExecutor | None = None) -> list[dict] | None:
+def demonstrate(
+    wiki: SimulatedWiki,
+    q: Question,
+    system_prompt: str | None = None,
+    executor: tools.ToolExecutor | None = None,
+) -> list[dict] | None:
     """A trajectory (chat messages) that answers ``q`` using the wiki tools, or None if the
     scripted solver cannot find a fact in the observations."""
     executor = executor or wiki_executor(wiki)
@@ -178,29 +222,36 @@ def demonstrate(wiki: SimulatedWiki, q: Question, system_prompt: str | None = No
     try:
         lead = f"The question asks: {q.question} "
         if q.obfuscated:
-            obs = rec.call(f"{lead}First I must identify {q.anchor_text}. I will search with "
-                           "those attributes.", "search", {"query": [q.anchor_text]})
+            obs = rec.call(
+                f"{lead}First I must identify {q.anchor_text}. I will search with those attributes.",
+                "search",
+                {"query": [q.anchor_text]},
+            )
             if f"({anchor.url})" not in obs:
                 raise _Unsolvable("anchor not among the search results")
             keys = [k for k, _ in _DESCRIBE[anchor.kind]]
             goal = " and ".join(_GOALS[k].format(x=anchor.name) for k in keys)
-            obs = rec.call(f"{anchor.name} ({anchor.url}) is a candidate. I will check its page "
-                           "against the description.", "visit",
-                           {"url": [anchor.url], "goal": goal})
+            obs = rec.call(
+                f"{anchor.name} ({anchor.url}) is a candidate. I will check its page "
+                "against the description.",
+                "visit",
+                {"url": [anchor.url], "goal": goal},
+            )
             facts = [attribute_sentence(world, q.anchor, k) for k in keys]
             if describe_anchor(world, q.anchor) is None or not all(f in obs for f in facts):
                 raise _Unsolvable("anchor attributes not confirmed by the visit")
-            lead = (f"The page confirms {'; '.join(facts)} So {q.anchor_text} is {anchor.name}. ")
+            lead = f"The page confirms {'; '.join(facts)} So {q.anchor_text} is {anchor.name}. "
         cur = q.anchor
         for rel in q.relations:
             nxt = world.follow(cur, rel)
             found = _lookup(rec, wiki, cur, rel, fact_sentence(world, cur, rel), lead)
-            lead = (f"{found} So the {RELATIONS[rel].phrase} of {world.entities[cur].name} is "
-                    f"{world.entities[nxt].name}. ")
+            lead = (
+                f"{found} So the {RELATIONS[rel].phrase} of {world.entities[cur].name} is "
+                f"{world.entities[nxt].name}. "
+            )
             cur = nxt
         if q.attribute:
-            found = _lookup(rec, wiki, cur, q.attribute,
-                            attribute_sentence(world, cur, q.attribute), lead)
+            found = _lookup(rec, wiki, cur, q.attribute, attribute_sentence(world, cur, q.attribute), lead)
             lead = f"{found} "
         rec.answer(f"{lead}Therefore the answer is {q.answer}.", q.answer)
     except _Unsolvable:
@@ -208,9 +259,16 @@ def demonstrate(wiki: SimulatedWiki, q: Question, system_prompt: str | None = No
     return rec.messages
 
 
-def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: float = 0.3,
-               wiki: SimulatedWiki | None = None, system_prompt: str | None = None,
-               max_tries_per_item: int = 50, exclude=()) -> list[dict]:
+def synthesize(
+    n: int,
+    seed: int = 0,
+    hops: tuple = (1, 2, 3),
+    obfuscate_prob: float = 0.3,
+    wiki: SimulatedWiki | None = None,
+    system_prompt: str | None = None,
+    max_tries_per_item: int = 50,
+    exclude=(),
+) -> list[dict]:
     """``n`` records ``{question, answer, hops, trajectory, anchor, obfuscated, seed,
     wiki_seed}``.
 
@@ -239,19 +297,35 @@ def synthesize(n: int, seed: int = 0, hops: tuple = (1, 2, 3), obfuscate_prob: f
             if traj is None:
                 continue
             seen.add(q.question)
-            out.append({"question": q.question, "answer": q.answer, "hops": q.hops,
-                        "trajectory": traj, "anchor": wiki.world.entities[q.anchor].name,
-                        "obfuscated": q.obfuscated, "seed": seed,
-                        "wiki_seed": wiki.config.seed})
+            out.append(
+                {
+                    "question": q.question,
+                    "answer": q.answer,
+                    "hops": q.hops,
+                    "trajectory": traj,
+                    "anchor": wiki.world.entities[q.anchor].name,
+                    "obfuscated": q.obfuscated,
+                    "seed": seed,
+                    "wiki_seed": wiki.config.seed,
+                }
+            )
             break
         else:
-            raise RuntimeError(f"synthesize: no solvable question after {max_tries_per_item} "
-                               f"tries (hops={hops}); the wiki may be too small")
+            raise RuntimeError(
+                f"synthesize: no solvable question after {max_tries_per_item} "
+                f"tries (hops={hops}); the wiki may be too small"
+            )
     return out
 
 
-def synthesize_worlds(n: int, worlds: int, seed: int = 0, wiki_seed: int | None = None,
-                      wiki_fields: dict | None = None, **kwargs) -> list[dict]:
+def synthesize_worlds(
+    n: int,
+    worlds: int,
+    seed: int = 0,
+    wiki_seed: int | None = None,
+    wiki_fields: dict | None = None,
+    **kwargs,
+) -> list[dict]:
     """``n`` records spread over ``worlds`` worlds with consecutive seeds ``wiki_seed``,
     ``wiki_seed + 1``, ... (default ``wiki_seed = seed``): world w gets ``n // worlds`` questions
     (the first ``n % worlds`` worlds one more), drawn by ``synthesize`` with sampler seed
@@ -307,20 +381,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the wiki and the sampler")
     ap.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3], help="hop counts to draw")
     ap.add_argument("--obfuscate-prob", type=float, default=0.3)
-    ap.add_argument("--wiki-seed", type=int, default=None,
-                    help="seed of the world (default: --seed)")
+    ap.add_argument("--wiki-seed", type=int, default=None, help="seed of the world (default: --seed)")
     ap.add_argument("--exclude", default=None, help="JSONL whose questions must not be drawn")
-    ap.add_argument("--worlds", type=int, default=1,
-                    help="spread the questions over this many worlds (seeds W, W+1, ...)")
+    ap.add_argument(
+        "--worlds", type=int, default=1, help="spread the questions over this many worlds (seeds W, W+1, ...)"
+    )
     args = ap.parse_args(argv)
     wiki_seed = args.seed if args.wiki_seed is None else args.wiki_seed
     exclude = {r["question"] for r in read_jsonl(args.exclude)} if args.exclude else set()
-    records = synthesize_worlds(args.n, args.worlds, seed=args.seed, wiki_seed=wiki_seed,
-                                hops=tuple(args.hops), obfuscate_prob=args.obfuscate_prob,
-                                exclude=exclude)
+    records = synthesize_worlds(
+        args.n,
+        args.worlds,
+        seed=args.seed,
+        wiki_seed=wiki_seed,
+        hops=tuple(args.hops),
+        obfuscate_prob=args.obfuscate_prob,
+        exclude=exclude,
+    )
     write_jsonl(records, args.out)
-    print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed,
-                      "wiki_seed": wiki_seed}))
+    print(json.dumps({"out": args.out, "n": len(records), "seed": args.seed, "wiki_seed": wiki_seed}))
     return 0
 
 

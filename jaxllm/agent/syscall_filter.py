@@ -29,21 +29,72 @@ _NR_SCMP_ERROR = -1  # seccomp_syscall_resolve_name: unknown name
 #: BPF and perf (kernel attack surface), new namespaces, modules, kexec, io_uring (its requests
 #: bypass seccomp), file handles (the "shocker" container escape), clocks, swap, reboot
 DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
-    "mount", "umount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
-    "fsmount", "fsconfig", "fspick", "mount_setattr",
-    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
-    "fanotify_init", "unshare", "setns",
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "open_by_handle_at", "name_to_handle_at", "lookup_dcookie", "quotactl", "nfsservctl",
-    "uselib", "acct", "syslog", "vhangup", "iopl", "ioperm", "swapon", "swapoff", "reboot",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "mount",
+    "umount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "fanotify_init",
+    "unshare",
+    "setns",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "quotactl",
+    "nfsservctl",
+    "uselib",
+    "acct",
+    "syslog",
+    "vhangup",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "sethostname",
     "setdomainname",
 )
 #: clone flags that create namespaces (clone's first argument on x86-64, arm64, riscv)
-NAMESPACE_CLONE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                         0x20000000, 0x40000000, 0x00000080)  # NS UTS IPC USER PID NET CGROUP TIME
+NAMESPACE_CLONE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)  # NS UTS IPC USER PID NET CGROUP TIME
 _AF_UNIX = 1
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C  # fake terminal input, console control
 
@@ -71,8 +122,7 @@ def sandbox_rules(*, allow_unix_sockets: bool, own_pid: int | None) -> list[Rule
       every other process anyway.
     """
     rules = [Rule(name, errno.EPERM) for name in DENIED_SYSCALLS]
-    rules += [Rule("clone", errno.EPERM, ((0, "masked_eq", flag, flag),))
-              for flag in NAMESPACE_CLONE_FLAGS]
+    rules += [Rule("clone", errno.EPERM, ((0, "masked_eq", flag, flag),)) for flag in NAMESPACE_CLONE_FLAGS]
     # clone3 passes its flags in memory, out of the filter's sight; ENOSYS makes glibc fall back
     # to clone, whose flags are checked above
     rules.append(Rule("clone3", errno.ENOSYS))
@@ -81,14 +131,16 @@ def sandbox_rules(*, allow_unix_sockets: bool, own_pid: int | None) -> list[Rule
     else:
         rules.append(Rule("socket", errno.EACCES))
     # the kernel reads ioctl's request as 32 bits: compare those only, whatever the upper half
-    rules += [Rule("ioctl", errno.EPERM, ((1, "masked_eq", 0xFFFFFFFF, req),))
-              for req in (_TIOCSTI, _TIOCLINUX)]
+    rules += [
+        Rule("ioctl", errno.EPERM, ((1, "masked_eq", 0xFFFFFFFF, req),)) for req in (_TIOCSTI, _TIOCLINUX)
+    ]
     if own_pid is not None:
         _check_pid(own_pid)
-        rules += [Rule(name, errno.EPERM, ((0, "ne", own_pid, 0),))
-                  for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")]
-        rules += [Rule(name, errno.EPERM) for name in ("tkill", "pidfd_send_signal",
-                                                       "pidfd_open")]
+        rules += [
+            Rule(name, errno.EPERM, ((0, "ne", own_pid, 0),))
+            for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+        ]
+        rules += [Rule(name, errno.EPERM) for name in ("tkill", "pidfd_send_signal", "pidfd_open")]
     return rules
 
 
@@ -98,8 +150,12 @@ def _check_pid(pid) -> None:
 
 
 class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 _OPS = {"ne": _SCMP_CMP_NE, "eq": _SCMP_CMP_EQ, "masked_eq": _SCMP_CMP_MASKED_EQ}
@@ -115,8 +171,13 @@ def load_libseccomp():
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     return lib
@@ -146,9 +207,12 @@ def install(lib, rules: list[Rule]) -> int:
             if nr == _NR_SCMP_ERROR:
                 continue
             cmps = (_ArgCmp * max(len(rule.compare), 1))(
-                *[_ArgCmp(i, _OPS[op], a, b) for i, op, a, b in rule.compare])
-            _checked(lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO | rule.err, nr,
-                                                len(rule.compare), cmps), f"rule {rule}")
+                *[_ArgCmp(i, _OPS[op], a, b) for i, op, a, b in rule.compare]
+            )
+            _checked(
+                lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO | rule.err, nr, len(rule.compare), cmps),
+                f"rule {rule}",
+            )
             loaded += 1
         _checked(lib.seccomp_load(ctx), "loading the filter")
         return loaded

@@ -21,8 +21,18 @@ from typing import Callable, Mapping
 from jaxllm.agent import protocol
 
 __all__ = [
-    "SEARCH", "VISIT", "PYTHON", "SCHOLAR", "PARSE_FILE", "TOOL_SPECS", "TOOL_NAMES",
-    "validate_arguments", "validate_call", "ToolExecutor", "Observation", "python_backend",
+    "SEARCH",
+    "VISIT",
+    "PYTHON",
+    "SCHOLAR",
+    "PARSE_FILE",
+    "TOOL_SPECS",
+    "TOOL_NAMES",
+    "validate_arguments",
+    "validate_call",
+    "ToolExecutor",
+    "Observation",
+    "python_backend",
     "file_backend",
 ]
 
@@ -31,38 +41,56 @@ _STR_ARRAY = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 SEARCH = {
     "name": "search",
     "description": "Search the web. Give one or more queries; each returns its top results "
-                   "(title, URL, snippet).",
-    "parameters": {"type": "object", "properties": {"query": {
-        **_STR_ARRAY, "description": "Queries to run; several complementary ones are fine."}},
-        "required": ["query"]},
+    "(title, URL, snippet).",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "query": {**_STR_ARRAY, "description": "Queries to run; several complementary ones are fine."}
+        },
+        "required": ["query"],
+    },
 }
 VISIT = {
     "name": "visit",
     "description": "Open one or more web pages and return the parts relevant to a goal.",
-    "parameters": {"type": "object", "properties": {
-        "url": {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1,
-                "description": "A URL or a list of URLs to open."},
-        "goal": {"type": "string", "description": "What information to look for on the pages."}},
-        "required": ["url", "goal"]},
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "url": {
+                "type": ["string", "array"],
+                "items": {"type": "string"},
+                "minItems": 1,
+                "description": "A URL or a list of URLs to open.",
+            },
+            "goal": {"type": "string", "description": "What information to look for on the pages."},
+        },
+        "required": ["url", "goal"],
+    },
 }
 PYTHON = {
     "name": "PythonInterpreter",
     "description": "Run Python code in a sandbox and return what it prints. Arguments are {}; "
-                   "put the code after the JSON, inside the tool call, between <code> and "
-                   "</code>.",
+    "put the code after the JSON, inside the tool call, between <code> and "
+    "</code>.",
     "parameters": {"type": "object", "properties": {}, "required": []},
 }
 SCHOLAR = {
     "name": "google_scholar",
     "description": "Search academic publications; one or more queries.",
-    "parameters": {"type": "object", "properties": {"query": {
-        **_STR_ARRAY, "description": "Academic search queries."}}, "required": ["query"]},
+    "parameters": {
+        "type": "object",
+        "properties": {"query": {**_STR_ARRAY, "description": "Academic search queries."}},
+        "required": ["query"],
+    },
 }
 PARSE_FILE = {
     "name": "parse_file",
     "description": "Read files the user provided, by file name.",
-    "parameters": {"type": "object", "properties": {"files": {
-        **_STR_ARRAY, "description": "Names of the files to read."}}, "required": ["files"]},
+    "parameters": {
+        "type": "object",
+        "properties": {"files": {**_STR_ARRAY, "description": "Names of the files to read."}},
+        "required": ["files"],
+    },
 }
 TOOL_SPECS = {s["name"]: s for s in (SEARCH, VISIT, PYTHON, SCHOLAR, PARSE_FILE)}
 TOOL_NAMES = tuple(TOOL_SPECS)
@@ -116,13 +144,15 @@ def validate_arguments(spec: dict, arguments: dict) -> list[str]:
     name = spec["name"]
     if not isinstance(arguments, dict):
         return [f"arguments of {name} must be an object, got {_json_type(arguments)}"]
-    errs = [f"{name} is missing the required argument {k!r}" for k in params.get("required", [])
-            if k not in arguments]
+    errs = [
+        f"{name} is missing the required argument {k!r}"
+        for k in params.get("required", [])
+        if k not in arguments
+    ]
     unknown = sorted(set(arguments) - set(props))
     if unknown:
         allowed = ", ".join(repr(p) for p in props) or "none ({})"
-        errs.append(f"{name} got unknown argument(s) {', '.join(map(repr, unknown))}; "
-                    f"allowed: {allowed}")
+        errs.append(f"{name} got unknown argument(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
     for key, sub in props.items():
         if key in arguments:
             errs += _validate_value(arguments[key], sub, f"{name}.{key}")
@@ -136,8 +166,10 @@ def validate_call(call: protocol.ToolCall, specs: Mapping[str, dict] = TOOL_SPEC
     errs = validate_arguments(specs[call.name], call.arguments)
     if call.name in CODE_TOOLS:
         if call.code is None or not call.code.strip():
-            errs.append(f"{call.name} needs its code between {protocol.CODE_OPEN} and "
-                        f"{protocol.CODE_CLOSE} inside the tool call, after the JSON")
+            errs.append(
+                f"{call.name} needs its code between {protocol.CODE_OPEN} and "
+                f"{protocol.CODE_CLOSE} inside the tool call, after the JSON"
+            )
     elif call.code is not None:
         errs.append(f"{call.name} takes no {protocol.CODE_OPEN} block")
     return errs
@@ -168,12 +200,15 @@ class ToolExecutor:
       max_observation_chars: longer observations are cut, with a note saying so.
     """
 
-    def __init__(self, backends: Mapping[str, Backend], specs: Mapping[str, dict] = TOOL_SPECS,
-                 max_observation_chars: int = 20_000):
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        specs: Mapping[str, dict] = TOOL_SPECS,
+        max_observation_chars: int = 20_000,
+    ):
         unknown = sorted(set(backends) - set(specs))
         if unknown:
-            raise ValueError(f"ToolExecutor: backends for unknown tools {unknown}; known: "
-                             f"{sorted(specs)}")
+            raise ValueError(f"ToolExecutor: backends for unknown tools {unknown}; known: {sorted(specs)}")
         if max_observation_chars <= 0:
             raise ValueError("ToolExecutor: max_observation_chars must be positive")
         self.backends = dict(backends)
@@ -196,28 +231,32 @@ class ToolExecutor:
         if isinstance(action, protocol.ParseError):
             return Observation(protocol.error_observation(action.message), error=True)
         if not isinstance(action, protocol.ToolCall):
-            return Observation(protocol.error_observation(
-                f"internal: cannot execute {type(action).__name__}"), error=True)
+            return Observation(
+                protocol.error_observation(f"internal: cannot execute {type(action).__name__}"), error=True
+            )
         if action.name not in self.specs:
             if action.name in TOOL_SPECS:
-                msg = (f"tool {action.name!r} is not available here; available tools: "
-                       f"{', '.join(self.specs)}")
+                msg = f"tool {action.name!r} is not available here; available tools: {', '.join(self.specs)}"
             else:
                 msg = f"unknown tool {action.name!r}; available tools: {', '.join(self.specs)}"
             return Observation(protocol.error_observation(msg), error=True, tool=action.name)
         errs = validate_call(action, self.specs)
         if errs:
-            return Observation(protocol.error_observation("; ".join(errs)), error=True,
-                               tool=action.name)
+            return Observation(protocol.error_observation("; ".join(errs)), error=True, tool=action.name)
         try:
             text = self.backends[action.name](action.arguments, action.code)
         except Exception as e:  # noqa: BLE001 - a backend failure is an observation, not a crash
-            return Observation(protocol.error_observation(
-                f"{action.name} failed: {type(e).__name__}: {e}"), error=True, tool=action.name)
+            return Observation(
+                protocol.error_observation(f"{action.name} failed: {type(e).__name__}: {e}"),
+                error=True,
+                tool=action.name,
+            )
         if not isinstance(text, str):
-            return Observation(protocol.error_observation(
-                f"{action.name} returned {type(text).__name__}, not text"), error=True,
-                tool=action.name)
+            return Observation(
+                protocol.error_observation(f"{action.name} returned {type(text).__name__}, not text"),
+                error=True,
+                tool=action.name,
+            )
         return Observation(self._cap(text), tool=action.name)
 
     def step(self, assistant_text: str) -> Observation:

@@ -50,10 +50,26 @@ import optax
 from jaxllm.agent import evaluate, protocol, rollout, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 
-__all__ = ["AgentSettings", "strip_think", "sft_example", "pack_examples", "sft_batch",
-           "exact_match_rewards", "loo_advantages", "keep_mask", "token_logprobs",
-           "clipped_policy_loss", "rl_batch", "make_rl_step", "train_sft", "train_rl",
-           "run_questions", "load_settings", "AGENT_FILE", "DROP_STATUSES"]
+__all__ = [
+    "AgentSettings",
+    "strip_think",
+    "sft_example",
+    "pack_examples",
+    "sft_batch",
+    "exact_match_rewards",
+    "loo_advantages",
+    "keep_mask",
+    "token_logprobs",
+    "clipped_policy_loss",
+    "rl_batch",
+    "make_rl_step",
+    "train_sft",
+    "train_rl",
+    "run_questions",
+    "load_settings",
+    "AGENT_FILE",
+    "DROP_STATUSES",
+]
 
 AGENT_FILE = "agent.json"
 #: Statuses whose trajectories are left out of the RL loss: a turn or token limit was hit and no
@@ -65,13 +81,14 @@ DROP_STATUSES = (rollout.MAX_TURNS, rollout.MAX_TOKENS)
 # Settings stored with a workdir
 # ------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class AgentSettings:
     """What a trained agent needs besides its weights: the prompt it was trained on, the world
     it acts in and the rollout limits."""
 
     system_prompt: str
-    wiki: dict                       # WikiConfig fields
+    wiki: dict  # WikiConfig fields
     max_turns: int = 4
     turn_tokens: int = 128
     token_budget: int = 1536
@@ -84,8 +101,12 @@ class AgentSettings:
             raise ValueError(f"wiki config {self.wiki}: {e}") from None
 
     def rollout_config(self) -> rollout.RolloutConfig:
-        return rollout.RolloutConfig(max_turns=self.max_turns, turn_tokens=self.turn_tokens,
-                                     token_budget=self.token_budget, chunk=self.chunk)
+        return rollout.RolloutConfig(
+            max_turns=self.max_turns,
+            turn_tokens=self.turn_tokens,
+            token_budget=self.token_budget,
+            chunk=self.chunk,
+        )
 
     def save(self, workdir: str) -> None:
         with open(os.path.join(workdir, AGENT_FILE), "w", encoding="utf-8") as f:
@@ -95,8 +116,9 @@ class AgentSettings:
 def load_settings(workdir: str) -> AgentSettings:
     path = os.path.join(workdir, AGENT_FILE)
     if not os.path.exists(path):
-        raise ValueError(f"{workdir!r} is not an agent workdir: {AGENT_FILE} not found "
-                         "(train one with `jaxllm agent sft`)")
+        raise ValueError(
+            f"{workdir!r} is not an agent workdir: {AGENT_FILE} not found (train one with `jaxllm agent sft`)"
+        )
     with open(path, encoding="utf-8") as f:
         d = json.load(f)
     try:
@@ -108,6 +130,7 @@ def load_settings(workdir: str) -> AgentSettings:
 # ------------------------------------------------------------------------------------------
 # SFT data
 # ------------------------------------------------------------------------------------------
+
 
 def strip_think(messages: Sequence[dict]) -> list[dict]:
     """The trajectory with every assistant turn re-rendered as its bare action (no ``<think>``
@@ -139,8 +162,9 @@ def sft_example(messages: Sequence[dict], tokenizer) -> tuple[np.ndarray, np.nda
     return np.concatenate(ids), np.concatenate(model)
 
 
-def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
-                  pad_id: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+def pack_examples(
+    examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int = 0, seed: int = 0
+) -> dict[str, np.ndarray]:
     """First-fit packing of (ids, model) examples into rows of ``seq_len + 1`` slots.
 
     Returns ``tokens``/``segments``/``model`` [R, seq_len + 1] (segments 1, 2, ... per example,
@@ -150,11 +174,13 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: in
     S = seq_len + 1
     for i, (ids, _) in enumerate(examples):
         if len(ids) > S:
-            raise ValueError(f"example {i} has {len(ids)} tokens, more than seq_len + 1 = {S}; "
-                             "raise seq_len or shorten the trajectories")
+            raise ValueError(
+                f"example {i} has {len(ids)} tokens, more than seq_len + 1 = {S}; "
+                "raise seq_len or shorten the trajectories"
+            )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    rows: list[list[int]] = []     # example indices per row
+    rows: list[list[int]] = []  # example indices per row
     free: list[int] = []
     for i in order:
         n = len(examples[i][0])
@@ -174,9 +200,9 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: in
         p = 0
         for s, i in enumerate(idx, 1):
             ids, m = examples[i]
-            tokens[r, p:p + len(ids)] = ids
-            segments[r, p:p + len(ids)] = s
-            model[r, p:p + len(ids)] = m
+            tokens[r, p : p + len(ids)] = ids
+            segments[r, p : p + len(ids)] = s
+            model[r, p : p + len(ids)] = m
             p += len(ids)
     return {"tokens": tokens, "segments": segments, "model": model}
 
@@ -185,18 +211,24 @@ def sft_batch(packed: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, n
     """``{inputs, targets, segment_ids, loss_mask}`` [len(rows), seq_len] for ``jaxllm.train.step``:
     a target counts when it is an assistant token in the same segment as its input."""
     t, s, m = (packed[k][np.asarray(rows)] for k in ("tokens", "segments", "model"))
-    return {"inputs": t[:, :-1], "targets": t[:, 1:], "segment_ids": s[:, :-1],
-            "loss_mask": ((s[:, 1:] == s[:, :-1]) & (s[:, :-1] > 0) & m[:, 1:]).astype(np.int32)}
+    return {
+        "inputs": t[:, :-1],
+        "targets": t[:, 1:],
+        "segment_ids": s[:, :-1],
+        "loss_mask": ((s[:, 1:] == s[:, :-1]) & (s[:, :-1] > 0) & m[:, 1:]).astype(np.int32),
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # RL pieces
 # ------------------------------------------------------------------------------------------
 
+
 def exact_match_rewards(predictions: Sequence[str | None], golds: Sequence) -> np.ndarray:
     """0/1 per row: SQuAD-normalised exact match of the answer (None, no answer, scores 0)."""
-    return np.array([0.0 if p is None else evaluate.exact_match(p, g)
-                     for p, g in zip(predictions, golds)], np.float32)
+    return np.array(
+        [0.0 if p is None else evaluate.exact_match(p, g) for p, g in zip(predictions, golds)], np.float32
+    )
 
 
 def loo_advantages(rewards_NG) -> jax.Array:
@@ -222,8 +254,7 @@ def token_logprobs(logits_BTV, tokens_BT) -> jax.Array:
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
-def clipped_policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT, eps_low: float = 0.2,
-                        eps_high: float = 0.28):
+def clipped_policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT, eps_low: float = 0.2, eps_high: float = 0.28):
     """PPO-style clipped surrogate with clip-higher, token-mean over the batch's masked tokens:
 
         loss = -(1 / sum mask) * sum_{b,t} mask * min(rho * A_b, clip(rho, 1 - eps_low, 1 + eps_high) * A_b)
@@ -239,15 +270,23 @@ def clipped_policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT, eps_low: float = 0
     loss = -jnp.sum(obj * mask) / n
     clipped_low = (adv < 0) & (ratio < 1.0 - eps_low)
     clipped_high = (adv > 0) & (ratio > 1.0 + eps_high)
-    stats = {"tokens": jnp.sum(mask),
-             "clip_low": jnp.sum(clipped_low * mask) / n,
-             "clip_high": jnp.sum(clipped_high * mask) / n,
-             "ratio_dev": jnp.sum(jnp.abs(ratio - 1.0) * mask) / n}
+    stats = {
+        "tokens": jnp.sum(mask),
+        "clip_low": jnp.sum(clipped_low * mask) / n,
+        "clip_high": jnp.sum(clipped_high * mask) / n,
+        "ratio_dev": jnp.sum(jnp.abs(ratio - 1.0) * mask) / n,
+    }
     return loss, stats
 
 
-def rl_batch(result: rollout.RolloutResult, golds: Sequence, group: int, *,
-             drop_statuses: Sequence[int] = DROP_STATUSES, length_multiple: int = 128) -> dict:
+def rl_batch(
+    result: rollout.RolloutResult,
+    golds: Sequence,
+    group: int,
+    *,
+    drop_statuses: Sequence[int] = DROP_STATUSES,
+    length_multiple: int = 128,
+) -> dict:
     """Training arrays from a rollout whose rows are ``N`` questions x ``group`` consecutive
     rollouts: ``tokens``, ``mask`` (sampled tokens of kept rows), ``old_logp``, ``adv`` [B],
     and host-side ``rewards``/``keep``. Rows are cut to the longest row rounded up to
@@ -258,16 +297,30 @@ def rl_batch(result: rollout.RolloutResult, golds: Sequence, group: int, *,
     rewards = exact_match_rewards(result.answers, golds)
     keep = keep_mask(result.status, drop_statuses)
     adv = np.asarray(loo_advantages(rewards.reshape(-1, group))).reshape(-1)
-    T = min(result.tokens.shape[1],
-            max(length_multiple, -(-int(result.lengths.max()) // length_multiple) * length_multiple))
+    T = min(
+        result.tokens.shape[1],
+        max(length_multiple, -(-int(result.lengths.max()) // length_multiple) * length_multiple),
+    )
     mask = result.model_mask[:, :T] & keep[:, None]
-    return {"tokens": result.tokens[:, :T].astype(np.int32), "mask": mask.astype(np.int32),
-            "old_logp": result.logprobs[:, :T].astype(np.float32), "adv": adv.astype(np.float32),
-            "rewards": rewards, "keep": keep}
+    return {
+        "tokens": result.tokens[:, :T].astype(np.int32),
+        "mask": mask.astype(np.int32),
+        "old_logp": result.logprobs[:, :T].astype(np.float32),
+        "adv": adv.astype(np.float32),
+        "rewards": rewards,
+        "keep": keep,
+    }
 
 
-def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule: Callable, *,
-                 eps_low: float = 0.2, eps_high: float = 0.28, compute_dtype=jnp.float32):
+def make_rl_step(
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    compute_dtype=jnp.float32,
+):
     """rl_step(state, batch) -> (new_state, metrics): one optimizer update on the clipped
     token-mean objective (no KL, no entropy bonus). ``batch``: tokens, mask, old_logp [B, T] and
     adv [B]. State as ``jaxllm.train.step``: {step, params, opt_state, rng}."""
@@ -275,12 +328,12 @@ def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule:
 
     def loss_fn(params, batch):
         tokens = batch["tokens"]
-        out = apply_fn(cast_for_compute(params, compute_dtype), tokens,
-                       segment_ids=jnp.ones_like(tokens))
+        out = apply_fn(cast_for_compute(params, compute_dtype), tokens, segment_ids=jnp.ones_like(tokens))
         logits, aux = out if isinstance(out, tuple) else (out, 0.0)
         logp = token_logprobs(logits, tokens)
-        loss, stats = clipped_policy_loss(logp, batch["old_logp"], batch["adv"], batch["mask"],
-                                          eps_low, eps_high)
+        loss, stats = clipped_policy_loss(
+            logp, batch["old_logp"], batch["adv"], batch["mask"], eps_low, eps_high
+        )
         return loss + jnp.asarray(aux, jnp.float32), (loss, stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -289,10 +342,19 @@ def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule:
         (_, (loss, stats)), grads = grad_fn(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "params_finite": all_finite(params), **stats}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                "rng": jax.random.split(state["rng"])[0]}, metrics
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+            "params_finite": all_finite(params),
+            **stats,
+        }
+        return {
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "rng": jax.random.split(state["rng"])[0],
+        }, metrics
 
     return rl_step
 
@@ -300,6 +362,7 @@ def make_rl_step(apply_fn: Callable, tx: optax.GradientTransformation, schedule:
 # ------------------------------------------------------------------------------------------
 # Drivers
 # ------------------------------------------------------------------------------------------
+
 
 def _log_default(msg: str) -> None:
     print(msg, flush=True)
@@ -322,25 +385,34 @@ def read_records(path: str, need_trajectory: bool = False) -> list[dict]:
     return recs
 
 
-def settings_from_records(records: Sequence[dict], wiki: dict | None, world: int | None = None,
-                          **limits) -> AgentSettings:
+def settings_from_records(
+    records: Sequence[dict], wiki: dict | None, world: int | None = None, **limits
+) -> AgentSettings:
     """Settings for training on ``records``: their system prompt (all must share one) and the
     world the agent acts in: the records' own (``wiki_seed``; their ``wiki`` config when they
     carry one), or ``world`` (a wiki seed), which records from several worlds require; then the
     ``wiki`` overrides. Records from several worlds must agree on every other wiki field."""
-    prompts = {r["trajectory"][0]["content"] for r in records
-               if r["trajectory"] and r["trajectory"][0].get("role") == "system"}
+    prompts = {
+        r["trajectory"][0]["content"]
+        for r in records
+        if r["trajectory"] and r["trajectory"][0].get("role") == "system"
+    }
     if len(prompts) != 1:
         raise ValueError(f"the trajectories must share one system prompt, found {len(prompts)}")
     seeds = {r.get("wiki_seed", r.get("seed")) for r in records}
     if None in seeds:
         raise ValueError("every record needs its world's seed (wiki_seed)")
     if world is None and len(seeds) != 1:
-        raise ValueError(f"the records come from {len(seeds)} worlds (wiki_seed "
-                         f"{', '.join(map(str, sorted(seeds)[:5]))}{', ...' if len(seeds) > 5 else ''}); "
-                         "name the one the agent acts in (--wiki-seed)")
-    shapes = {json.dumps({k: v for k, v in r["wiki"].items() if k != "seed"}, sort_keys=True)
-              for r in records if "wiki" in r}
+        raise ValueError(
+            f"the records come from {len(seeds)} worlds (wiki_seed "
+            f"{', '.join(map(str, sorted(seeds)[:5]))}{', ...' if len(seeds) > 5 else ''}); "
+            "name the one the agent acts in (--wiki-seed)"
+        )
+    shapes = {
+        json.dumps({k: v for k, v in r["wiki"].items() if k != "seed"}, sort_keys=True)
+        for r in records
+        if "wiki" in r
+    }
     if len(shapes) > 1:
         raise ValueError(f"the records carry {len(shapes)} different wiki configs")
     w = json.loads(shapes.pop()) if shapes else {}
@@ -357,23 +429,31 @@ def settings_from_records(records: Sequence[dict], wiki: dict | None, world: int
 
 def check_world(records: Sequence[dict], settings: AgentSettings, what: str = "records") -> None:
     """Refuse questions from another world than the agent's (their answers would be wrong there)."""
-    other = sorted({str(r["wiki_seed"]) for r in records
-                    if r.get("wiki_seed") is not None and r["wiki_seed"] != settings.wiki["seed"]})
+    other = sorted(
+        {
+            str(r["wiki_seed"])
+            for r in records
+            if r.get("wiki_seed") is not None and r["wiki_seed"] != settings.wiki["seed"]
+        }
+    )
     if other:
-        raise ValueError(f"the {what} come from world(s) {', '.join(other[:5])}, but the agent acts "
-                         f"in world {settings.wiki['seed']}")
+        raise ValueError(
+            f"the {what} come from world(s) {', '.join(other[:5])}, but the agent acts "
+            f"in world {settings.wiki['seed']}"
+        )
 
 
 def _make_run_config(config, workdir: str):
     from jaxllm.train.config import save_config
+
     os.makedirs(workdir, exist_ok=True)
     save_config(config, os.path.join(workdir, "run_config.json"))
 
 
 def _save_checkpoint(workdir: str, config, state) -> str:
     from jaxllm.train import checkpoint as ckpt_lib
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1,
-                               async_save=False)
+
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1, async_save=False)
     try:
         ck.save(int(state["step"]), state, {}, ckpt_lib.make_meta(config, state["params"]), force=True)
     finally:
@@ -381,9 +461,16 @@ def _save_checkpoint(workdir: str, config, state) -> str:
     return ck.directory
 
 
-def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSettings, *,
-              strip: bool = False, init_workdir: str | None = None,
-              log: Callable[[str], None] = _log_default) -> dict:
+def train_sft(
+    config,
+    workdir: str,
+    records: Sequence[dict],
+    settings: AgentSettings,
+    *,
+    strip: bool = False,
+    init_workdir: str | None = None,
+    log: Callable[[str], None] = _log_default,
+) -> dict:
     """SFT on synthesized trajectories with ``config`` (a ``RunConfig``: model, seq_len,
     batch_size, steps, lr, save_every, ...), from scratch or from the params of ``init_workdir``
     (fresh optimizer state and schedule). Saves checkpoints every ``config.save_every`` steps and
@@ -410,21 +497,26 @@ def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSett
     settings.save(workdir)
     mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     lengths = [len(e[0]) for e in examples]
-    log(f"sft: {len(examples)} trajectories ({np.mean(lengths):.0f} tokens on average, max "
+    log(
+        f"sft: {len(examples)} trajectories ({np.mean(lengths):.0f} tokens on average, max "
         f"{max(lengths)}), packed into {R} rows of {config.seq_len + 1}; {config.steps} steps of "
-        f"{rows_per_step} rows")
+        f"{rows_per_step} rows"
+    )
     rng = np.random.default_rng(config.seed)
     with jax.set_mesh(s.mesh):
         step_fn = loop.compile_step(s)
         state = loop.init_state(s)
         if init_workdir is not None:
             from jaxllm.train.inference import load_trained
+
             _, params, _ = load_trained(init_workdir)
-            state = jax.device_put({**state, "params": params, "opt_state": s.tx.init(params)},
-                                   s.state_shardings)
+            state = jax.device_put(
+                {**state, "params": params, "opt_state": s.tx.init(params)}, s.state_shardings
+            )
             log(f"sft: starting from the params of {init_workdir}")
-        ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                                   keep=config.keep_checkpoints, async_save=False)
+        ck = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), save_every=1, keep=config.keep_checkpoints, async_save=False
+        )
         meta = ckpt_lib.make_meta(config, state["params"])
         order = rng.permutation(R)
         pos, losses = 0, []
@@ -444,9 +536,16 @@ def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSett
             if not math.isfinite(loss):
                 raise RuntimeError(f"sft: non-finite loss at step {step}")
             losses.append(loss)
-            mlog.write({"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                        "lr": float(m["lr"]), "tokens": int(m["tokens"]),
-                        "step_time_s": time.perf_counter() - ts})
+            mlog.write(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "grad_norm": float(m["grad_norm"]),
+                    "lr": float(m["lr"]),
+                    "tokens": int(m["tokens"]),
+                    "step_time_s": time.perf_counter() - ts,
+                }
+            )
             if step % max(1, config.log_every) == 0 or step == config.steps:
                 log(f"sft step {step}/{config.steps}: loss {loss:.4f}")
             if step % config.save_every == 0 or step == config.steps:
@@ -454,9 +553,15 @@ def train_sft(config, workdir: str, records: Sequence[dict], settings: AgentSett
         mlog.close()
         ck.close()
         ckpt_dir = ck.directory
-    return {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1],
-            "trajectories": len(examples), "rows": R, "checkpoints": ckpt_dir,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "steps": config.steps,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trajectories": len(examples),
+        "rows": R,
+        "checkpoints": ckpt_dir,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _rollout_fn(impl: str):
@@ -465,9 +570,19 @@ def _rollout_fn(impl: str):
     return rollout.scan_rollout if impl == "scan" else rollout.segmented_rollout
 
 
-def run_questions(model, params, tokenizer, settings: AgentSettings, questions: Sequence[str], *,
-                  batch_size: int = 32, sampling=None, seed: int = 0, impl: str = "scan",
-                  wiki: SimulatedWiki | None = None) -> list[dict]:
+def run_questions(
+    model,
+    params,
+    tokenizer,
+    settings: AgentSettings,
+    questions: Sequence[str],
+    *,
+    batch_size: int = 32,
+    sampling=None,
+    seed: int = 0,
+    impl: str = "scan",
+    wiki: SimulatedWiki | None = None,
+) -> list[dict]:
     """Roll the agent out on ``questions`` (fixed-size batches; the last one is padded with
     repeats so only one shape compiles). Returns per question {question, prediction, status,
     turns, trajectory}."""
@@ -481,25 +596,51 @@ def run_questions(model, params, tokenizer, settings: AgentSettings, questions: 
     out = []
     key = jax.random.PRNGKey(seed)
     for i in range(0, len(questions), B):
-        chunk = questions[i:i + B]
+        chunk = questions[i : i + B]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (B - n)
         key, sub = jax.random.split(key)
-        res = fn(model, params, tokenizer, executor, chunk, config=settings.rollout_config(),
-                 system_prompt=settings.system_prompt, sampling=sampling,
-                 rng=sub if sampling is not None else None)
+        res = fn(
+            model,
+            params,
+            tokenizer,
+            executor,
+            chunk,
+            config=settings.rollout_config(),
+            system_prompt=settings.system_prompt,
+            sampling=sampling,
+            rng=sub if sampling is not None else None,
+        )
         names = res.status_names()
         for r in range(n):
-            out.append({"question": chunk[r], "prediction": res.answers[r], "status": names[r],
-                        "turns": int(res.turns[r]), "trajectory": res.messages[r]})
+            out.append(
+                {
+                    "question": chunk[r],
+                    "prediction": res.answers[r],
+                    "status": names[r],
+                    "turns": int(res.turns[r]),
+                    "trajectory": res.messages[r],
+                }
+            )
     return out
 
 
-def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *,
-             init_step: int | None = None, group: int = 8,
-             questions_per_step: int = 8, eps_low: float = 0.2, eps_high: float = 0.28,
-             impl: str = "scan", drop_statuses: Sequence[int] = DROP_STATUSES,
-             length_multiple: int = 512, log: Callable[[str], None] = _log_default) -> dict:
+def train_rl(
+    config,
+    workdir: str,
+    init_workdir: str,
+    records: Sequence[dict],
+    *,
+    init_step: int | None = None,
+    group: int = 8,
+    questions_per_step: int = 8,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    impl: str = "scan",
+    drop_statuses: Sequence[int] = DROP_STATUSES,
+    length_multiple: int = 512,
+    log: Callable[[str], None] = _log_default,
+) -> dict:
     """On-policy RL from the checkpoint in ``init_workdir`` (an SFT or RL workdir; its latest
     checkpoint, or step ``init_step``) for
     ``config.steps`` updates with ``config.lr`` etc.; each step draws ``questions_per_step``
@@ -528,10 +669,15 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
     tx, schedule = make_optimizer(config)
     _make_run_config(config, workdir)
     settings.save(workdir)
-    step_fn = jax.jit(make_rl_step(model.apply, tx, schedule, eps_low=eps_low, eps_high=eps_high),
-                      donate_argnums=(0,))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "rng": jax.random.PRNGKey(config.seed)}
+    step_fn = jax.jit(
+        make_rl_step(model.apply, tx, schedule, eps_low=eps_low, eps_high=eps_high), donate_argnums=(0,)
+    )
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.PRNGKey(config.seed),
+    }
     key = jax.random.PRNGKey(config.seed + 1)
     sampling = SamplingConfig(mode="sample", temperature=1.0)
     fn = _rollout_fn(impl)
@@ -539,8 +685,10 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
     order, pos = list(range(len(records))), len(records)
     mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     rewards_hist = []
-    log(f"rl: {len(records)} questions; {config.steps} steps x {questions_per_step} questions x "
-        f"group {group}; lr {config.lr}; eps {eps_low}/{eps_high}; rollout {impl}")
+    log(
+        f"rl: {len(records)} questions; {config.steps} steps x {questions_per_step} questions x "
+        f"group {group}; lr {config.lr}; eps {eps_low}/{eps_high}; rollout {impl}"
+    )
     for step in range(1, config.steps + 1):
         picked = []
         while len(picked) < questions_per_step:
@@ -553,8 +701,17 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
         golds = [r["answer"] for r in picked for _ in range(group)]
         key, sub = jax.random.split(key)
         ts = time.perf_counter()
-        res = fn(model, state["params"], tok, executor, qs, config=settings.rollout_config(),
-                 system_prompt=settings.system_prompt, sampling=sampling, rng=sub)
+        res = fn(
+            model,
+            state["params"],
+            tok,
+            executor,
+            qs,
+            config=settings.rollout_config(),
+            system_prompt=settings.system_prompt,
+            sampling=sampling,
+            rng=sub,
+        )
         t_roll = time.perf_counter() - ts
         b = rl_batch(res, golds, group, drop_statuses=drop_statuses, length_multiple=length_multiple)
         ts = time.perf_counter()
@@ -563,22 +720,37 @@ def train_rl(config, workdir: str, init_workdir: str, records: Sequence[dict], *
         t_upd = time.perf_counter() - ts
         if not (math.isfinite(float(m["loss"])) and bool(m["params_finite"])):
             raise RuntimeError(f"rl: non-finite loss or parameters at step {step}")
-        rec = {"step": step, "reward": float(b["rewards"].mean()),
-               "answered": float(np.mean(res.status == rollout.ANSWERED)),
-               "kept": float(b["keep"].mean()),
-               "solved_groups": float(np.mean(b["rewards"].reshape(-1, group).max(-1))),
-               "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-               "tokens": int(m["tokens"]), "clip_low": float(m["clip_low"]),
-               "clip_high": float(m["clip_high"]), "ratio_dev": float(m["ratio_dev"]),
-               "mean_length": float(res.lengths.mean()), "rollout_s": t_roll, "update_s": t_upd}
+        rec = {
+            "step": step,
+            "reward": float(b["rewards"].mean()),
+            "answered": float(np.mean(res.status == rollout.ANSWERED)),
+            "kept": float(b["keep"].mean()),
+            "solved_groups": float(np.mean(b["rewards"].reshape(-1, group).max(-1))),
+            "loss": float(m["loss"]),
+            "grad_norm": float(m["grad_norm"]),
+            "lr": float(m["lr"]),
+            "tokens": int(m["tokens"]),
+            "clip_low": float(m["clip_low"]),
+            "clip_high": float(m["clip_high"]),
+            "ratio_dev": float(m["ratio_dev"]),
+            "mean_length": float(res.lengths.mean()),
+            "rollout_s": t_roll,
+            "update_s": t_upd,
+        }
         mlog.write(rec)
         rewards_hist.append(rec["reward"])
         if step % max(1, config.log_every) == 0 or step == config.steps:
-            log(f"rl step {step}/{config.steps}: reward {rec['reward']:.3f} answered "
+            log(
+                f"rl step {step}/{config.steps}: reward {rec['reward']:.3f} answered "
                 f"{rec['answered']:.2f} kept {rec['kept']:.2f} loss {rec['loss']:+.4f} "
-                f"ratio_dev {rec['ratio_dev']:.1e} ({t_roll:.1f}s rollout, {t_upd:.1f}s update)")
+                f"ratio_dev {rec['ratio_dev']:.1e} ({t_roll:.1f}s rollout, {t_upd:.1f}s update)"
+            )
     mlog.close()
     _save_checkpoint(workdir, config, state)
-    return {"steps": config.steps, "reward_first": rewards_hist[0], "reward_last": rewards_hist[-1],
-            "reward_mean_last10": float(np.mean(rewards_hist[-10:])),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "steps": config.steps,
+        "reward_first": rewards_hist[0],
+        "reward_last": rewards_hist[-1],
+        "reward_mean_last10": float(np.mean(rewards_hist[-10:])),
+        "seconds": time.perf_counter() - t0,
+    }

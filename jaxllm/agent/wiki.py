@@ -33,15 +33,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["WikiConfig", "Entity", "Page", "Relation", "RELATIONS", "ATTRIBUTES", "World",
-           "generate_world", "SimulatedWiki", "terms", "bm25_weights", "bm25_topk",
-           "visit_topk",
-           "WikiArrays", "PieceLayout", "search_step", "visit_step", "match_titles",
-           "term_hashes", "bytes_to_terms", "WikiTool"]
+__all__ = [
+    "WikiConfig",
+    "Entity",
+    "Page",
+    "Relation",
+    "RELATIONS",
+    "ATTRIBUTES",
+    "World",
+    "generate_world",
+    "SimulatedWiki",
+    "terms",
+    "bm25_weights",
+    "bm25_topk",
+    "visit_topk",
+    "WikiArrays",
+    "PieceLayout",
+    "search_step",
+    "visit_step",
+    "match_titles",
+    "term_hashes",
+    "bytes_to_terms",
+    "WikiTool",
+]
 
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the to was were "
-    "which who whom whose with what where when did does do this these those".split())
+    "which who whom whose with what where when did does do this these those".split()
+)
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -94,11 +113,12 @@ def bytes_to_terms(term_hashes_2V, bytes_L, mask_L, max_terms: int):
     seg = jnp.where(alnum, word, n)
     hashes = []
     for p in _HASH_P:
-        pw = jnp.cumprod(jnp.full((n,), p, jnp.uint32).at[0].set(1))   # P**i mod 2**32
+        pw = jnp.cumprod(jnp.full((n,), p, jnp.uint32).at[0].set(1))  # P**i mod 2**32
         contrib = jnp.where(alnum, c.astype(jnp.uint32) * pw[pos], 0).astype(jnp.uint32)
         hashes.append(jax.ops.segment_sum(contrib, seg, num_segments=n + 1)[:n])
-    eq = ((hashes[0][:, None] == term_hashes_2V[0][None, :])
-          & (hashes[1][:, None] == term_hashes_2V[1][None, :]))
+    eq = (hashes[0][:, None] == term_hashes_2V[0][None, :]) & (
+        hashes[1][:, None] == term_hashes_2V[1][None, :]
+    )
     is_word = jnp.arange(n) < start.sum()
     found = eq.any(-1) & is_word
     term = jnp.where(found, jnp.argmax(eq, -1), -1)
@@ -111,6 +131,7 @@ def bytes_to_terms(term_hashes_2V, bytes_L, mask_L, max_terms: int):
 # World generation
 # ------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class WikiConfig:
     seed: int = 0
@@ -119,12 +140,12 @@ class WikiConfig:
     n_people: int = 60
     n_orgs: int = 20
     n_universities: int = 8
-    n_distractors: int = 2      # distractor sentences per page
-    search_top_k: int = 5       # results per search query
-    visit_top_k: int = 3        # sentences per visited page
-    max_queries: int = 4        # queries run per search call
-    max_urls: int = 4           # pages opened per visit call
-    snippets: bool = True       # search results show each page's most relevant sentence
+    n_distractors: int = 2  # distractor sentences per page
+    search_top_k: int = 5  # results per search query
+    visit_top_k: int = 3  # sentences per visited page
+    max_queries: int = 4  # queries run per search call
+    max_urls: int = 4  # pages opened per visit call
+    snippets: bool = True  # search results show each page's most relevant sentence
 
     def __post_init__(self):
         if not isinstance(self.snippets, bool):
@@ -139,16 +160,18 @@ class WikiConfig:
             if v < lo:
                 raise ValueError(f"WikiConfig.{f.name} must be >= {lo}, got {v}")
         if self.n_cities < self.n_countries:
-            raise ValueError("WikiConfig.n_cities must be >= n_countries (every country needs a "
-                             f"capital), got {self.n_cities} < {self.n_countries}")
+            raise ValueError(
+                "WikiConfig.n_cities must be >= n_countries (every country needs a "
+                f"capital), got {self.n_cities} < {self.n_countries}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class Entity:
     id: int
-    kind: str          # country | city | person | org | university
+    kind: str  # country | city | person | org | university
     name: str
-    attrs: tuple       # ((key, value), ...) e.g. (("born", 1871), ("occupation", "chemist"))
+    attrs: tuple  # ((key, value), ...) e.g. (("born", 1871), ("occupation", "chemist"))
 
     def attr(self, key):
         return dict(self.attrs)[key]
@@ -161,27 +184,47 @@ class Entity:
 @dataclasses.dataclass(frozen=True)
 class Relation:
     name: str
-    subject: str       # kind
-    object: str        # kind
-    phrase: str        # noun phrase used in questions: "the {phrase} of X"
-    fact: str          # sentence on the subject's page
+    subject: str  # kind
+    object: str  # kind
+    phrase: str  # noun phrase used in questions: "the {phrase} of X"
+    fact: str  # sentence on the subject's page
     inverse: str | None = None  # sentence on the object's page
 
 
-RELATIONS = {r.name: r for r in (
-    Relation("birthplace", "person", "city", "birthplace", "{s} was born in {o}.",
-             "{o} is the birthplace of {s}."),
-    Relation("employer", "person", "org", "employer", "{s} works for {o}."),
-    Relation("alma_mater", "person", "university", "alma mater", "{s} studied at {o}."),
-    Relation("founder", "org", "person", "founder", "{s} was founded by {o}.",
-             "{o} founded {s}."),
-    Relation("headquarters", "org", "city", "headquarters city", "{s} is headquartered in {o}.",
-             "{o} hosts the headquarters of {s}."),
-    Relation("home_city", "university", "city", "home city", "{s} is located in {o}."),
-    Relation("country", "city", "country", "country", "{s} is a city in the country of {o}."),
-    Relation("capital", "country", "city", "capital", "The capital of {s} is {o}.",
-             "{o} is the capital of {s}."),
-)}
+RELATIONS = {
+    r.name: r
+    for r in (
+        Relation(
+            "birthplace",
+            "person",
+            "city",
+            "birthplace",
+            "{s} was born in {o}.",
+            "{o} is the birthplace of {s}.",
+        ),
+        Relation("employer", "person", "org", "employer", "{s} works for {o}."),
+        Relation("alma_mater", "person", "university", "alma mater", "{s} studied at {o}."),
+        Relation("founder", "org", "person", "founder", "{s} was founded by {o}.", "{o} founded {s}."),
+        Relation(
+            "headquarters",
+            "org",
+            "city",
+            "headquarters city",
+            "{s} is headquartered in {o}.",
+            "{o} hosts the headquarters of {s}.",
+        ),
+        Relation("home_city", "university", "city", "home city", "{s} is located in {o}."),
+        Relation("country", "city", "country", "country", "{s} is a city in the country of {o}."),
+        Relation(
+            "capital",
+            "country",
+            "city",
+            "capital",
+            "The capital of {s} is {o}.",
+            "{o} is the capital of {s}.",
+        ),
+    )
+}
 
 #: attribute -> (kind, question phrase, sentence template)
 ATTRIBUTES = {
@@ -194,14 +237,64 @@ ATTRIBUTES = {
     "currency": ("country", "currency", "The currency of {s} is the {v}."),
 }
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
-           "gr", "kr", "tr", "st", "th", "sh", "ch", "vel", "mor", "tal", "quin", "hal"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "th",
+    "sh",
+    "ch",
+    "vel",
+    "mor",
+    "tal",
+    "quin",
+    "hal",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "io", "ou", "ei"]
 _CODAS = ["", "n", "r", "s", "l", "th", "m", "x", "nd", "rk"]
-_OCCUPATIONS = ["chemist", "painter", "architect", "botanist", "cartographer", "composer",
-                "engineer", "historian", "linguist", "astronomer", "sculptor", "surgeon"]
-_INDUSTRIES = ["shipbuilding", "textile", "pharmaceutical", "aerospace", "publishing",
-               "railway", "glassware", "software", "brewing", "mining"]
+_OCCUPATIONS = [
+    "chemist",
+    "painter",
+    "architect",
+    "botanist",
+    "cartographer",
+    "composer",
+    "engineer",
+    "historian",
+    "linguist",
+    "astronomer",
+    "sculptor",
+    "surgeon",
+]
+_INDUSTRIES = [
+    "shipbuilding",
+    "textile",
+    "pharmaceutical",
+    "aerospace",
+    "publishing",
+    "railway",
+    "glassware",
+    "software",
+    "brewing",
+    "mining",
+]
 _CURRENCIES = ["crown", "mark", "florin", "talar", "dinar", "sol", "riel", "lira"]
 _FILLER = [
     "{s} is often mentioned together with {o}.",
@@ -211,15 +304,14 @@ _FILLER = [
 ]
 _ADJ = ["quiet", "famous", "historic", "modern", "colourful", "windy", "renowned", "ancient"]
 _NOUN = ["gardens", "bridges", "archives", "festivals", "libraries", "markets", "harbours"]
-_FILLER_SOLO = ["{s} is featured in a guide to {a} {n}.",
-                "A chapter on {a} {n} mentions {s}."]
+_FILLER_SOLO = ["{s} is featured in a guide to {a} {n}.", "A chapter on {a} {n} mentions {s}."]
 
 
 @dataclasses.dataclass(frozen=True)
 class World:
     config: WikiConfig
-    entities: tuple          # Entity, index == id
-    edges: dict              # (subject_id, relation_name) -> object_id
+    entities: tuple  # Entity, index == id
+    edges: dict  # (subject_id, relation_name) -> object_id
 
     def by_kind(self, kind: str) -> list[Entity]:
         return [e for e in self.entities if e.kind == kind]
@@ -232,8 +324,9 @@ class World:
 
 
 def _word(rng: random.Random, parts: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                   for _ in range(parts)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(parts)
+    ).capitalize()
 
 
 def generate_world(config: WikiConfig = WikiConfig()) -> World:
@@ -256,19 +349,48 @@ def generate_world(config: WikiConfig = WikiConfig()) -> World:
         ents.append(Entity(len(ents), kind, name, tuple(sorted(attrs.items()))))
         return ents[-1].id
 
-    countries = [add("country", unique(lambda: _word(rng, 2) + rng.choice(["ia", "land", "ora"])),
-                     currency=rng.choice(_CURRENCIES)) for _ in range(config.n_countries)]
-    cities = [add("city", unique(lambda: _word(rng, 2) + rng.choice(["", "burg", "ford", "mouth"])),
-                  population=rng.randrange(5, 900) * 1000) for _ in range(config.n_cities)]
-    unis = [add("university", unique(lambda: _word(rng, 2) + rng.choice(
-        [" Institute", " College", " Academy"])), established=rng.randrange(1600, 1950))
-        for _ in range(config.n_universities)]
-    orgs = [add("org", unique(lambda: _word(rng, 2) + rng.choice(
-        [" Works", " Company", " Holdings", " Guild"])), founded=rng.randrange(1800, 2000),
-        industry=rng.choice(_INDUSTRIES)) for _ in range(config.n_orgs)]
-    people = [add("person", unique(lambda: _word(rng, 1) + " " + _word(rng, 2)),
-                  born=rng.randrange(1820, 1990), occupation=rng.choice(_OCCUPATIONS))
-              for _ in range(config.n_people)]
+    countries = [
+        add(
+            "country",
+            unique(lambda: _word(rng, 2) + rng.choice(["ia", "land", "ora"])),
+            currency=rng.choice(_CURRENCIES),
+        )
+        for _ in range(config.n_countries)
+    ]
+    cities = [
+        add(
+            "city",
+            unique(lambda: _word(rng, 2) + rng.choice(["", "burg", "ford", "mouth"])),
+            population=rng.randrange(5, 900) * 1000,
+        )
+        for _ in range(config.n_cities)
+    ]
+    unis = [
+        add(
+            "university",
+            unique(lambda: _word(rng, 2) + rng.choice([" Institute", " College", " Academy"])),
+            established=rng.randrange(1600, 1950),
+        )
+        for _ in range(config.n_universities)
+    ]
+    orgs = [
+        add(
+            "org",
+            unique(lambda: _word(rng, 2) + rng.choice([" Works", " Company", " Holdings", " Guild"])),
+            founded=rng.randrange(1800, 2000),
+            industry=rng.choice(_INDUSTRIES),
+        )
+        for _ in range(config.n_orgs)
+    ]
+    people = [
+        add(
+            "person",
+            unique(lambda: _word(rng, 1) + " " + _word(rng, 2)),
+            born=rng.randrange(1820, 1990),
+            occupation=rng.choice(_OCCUPATIONS),
+        )
+        for _ in range(config.n_people)
+    ]
 
     edges: dict = {}
     # every country gets a distinct capital, every city a country (capitals in their own)
@@ -295,6 +417,7 @@ def generate_world(config: WikiConfig = WikiConfig()) -> World:
 # Pages
 # ------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Page:
     doc: int
@@ -309,8 +432,7 @@ class Page:
 
 def fact_sentence(world: World, eid: int, rel: str) -> str:
     r = RELATIONS[rel]
-    return r.fact.format(s=world.entities[eid].name,
-                         o=world.entities[world.edges[(eid, rel)]].name)
+    return r.fact.format(s=world.entities[eid].name, o=world.entities[world.edges[(eid, rel)]].name)
 
 
 def attribute_sentence(world: World, eid: int, key: str) -> str:
@@ -332,8 +454,7 @@ def render_pages(world: World) -> list[Page]:
         r = RELATIONS[rel]
         body[s].append(fact_sentence(world, s, rel))
         if r.inverse:
-            body[o].append(r.inverse.format(s=world.entities[s].name,
-                                            o=world.entities[o].name))
+            body[o].append(r.inverse.format(s=world.entities[s].name, o=world.entities[o].name))
     pages = []
     for e in world.entities:
         sents = body[e.id]
@@ -344,8 +465,9 @@ def render_pages(world: World) -> list[Page]:
                     other = world.entities[other.id + 1]
                 sents.append(rng.choice(_FILLER).format(s=e.name, o=other.name))
             else:
-                sents.append(rng.choice(_FILLER_SOLO).format(s=e.name, a=rng.choice(_ADJ),
-                                                             n=rng.choice(_NOUN)))
+                sents.append(
+                    rng.choice(_FILLER_SOLO).format(s=e.name, a=rng.choice(_ADJ), n=rng.choice(_NOUN))
+                )
         pages.append(Page(e.id, e.name, e.url, tuple(sents)))
     return pages
 
@@ -354,8 +476,8 @@ def render_pages(world: World) -> list[Page]:
 # Retrieval as pure jnp functions on fixed-shape arrays
 # ------------------------------------------------------------------------------------------
 
-def bm25_weights(tf_DV: np.ndarray, k1: float = 1.5, b: float = 0.75
-                 ) -> tuple[np.ndarray, np.ndarray]:
+
+def bm25_weights(tf_DV: np.ndarray, k1: float = 1.5, b: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
     """Per (doc, term) BM25 weights and idf (Lucene's idf: log(1 + (N - df + .5)/(df + .5))).
 
     score(doc, query) = sum over query terms t (with multiplicity) of weights[doc, t].
@@ -379,8 +501,9 @@ def bm25_topk(weights_DV, qterms_BQ, qmask_BQ, k: int):
     """
     n_vocab = weights_DV.shape[1]
     q = jnp.where(qmask_BQ, qterms_BQ, 0)
-    counts_BV = jax.vmap(lambda t, m: jnp.zeros((n_vocab,), jnp.float32).at[t].add(
-        m.astype(jnp.float32)))(q, qmask_BQ)
+    counts_BV = jax.vmap(lambda t, m: jnp.zeros((n_vocab,), jnp.float32).at[t].add(m.astype(jnp.float32)))(
+        q, qmask_BQ
+    )
     scores_BD = counts_BV @ weights_DV.T
     order_BD = jnp.argsort(-scores_BD, axis=-1, stable=True)[:, :k]
     return order_BD.astype(jnp.int32), jnp.take_along_axis(scores_BD, order_BD, axis=-1)
@@ -397,9 +520,10 @@ def visit_topk(sent_terms_DSL, sent_valid_DS, idf_V, doc_B, goal_terms_BG, goal_
     """
     n_vocab = idf_V.shape[0]
     g = jnp.where(goal_mask_BG, goal_terms_BG, 0)
-    goal_BV = jax.vmap(lambda t, m: jnp.zeros((n_vocab,), jnp.float32).at[t].max(
-        m.astype(jnp.float32)))(g, goal_mask_BG)
-    sent_SL = sent_terms_DSL[doc_B]                            # [B, S, L]
+    goal_BV = jax.vmap(lambda t, m: jnp.zeros((n_vocab,), jnp.float32).at[t].max(m.astype(jnp.float32)))(
+        g, goal_mask_BG
+    )
+    sent_SL = sent_terms_DSL[doc_B]  # [B, S, L]
     valid_BS = sent_valid_DS[doc_B]
     ok = sent_SL >= 0
     t = jnp.where(ok, sent_SL, 0)
@@ -418,7 +542,7 @@ def visit_topk(sent_terms_DSL, sent_valid_DS, idf_V, doc_B, goal_terms_BG, goal_
 class WikiArrays(NamedTuple):
     """Device arrays of a wiki for the jnp environment step."""
 
-    weights_DV: jax.Array      # BM25 weight per (page, term)
+    weights_DV: jax.Array  # BM25 weight per (page, term)
     idf_V: jax.Array
     sent_terms_DSL: jax.Array  # distinct term ids of each sentence, -1 padded
     sent_valid_DS: jax.Array
@@ -482,9 +606,15 @@ class PieceLayout:
         return self.max_urls * (2 + 2 * self.visit_k) + 1
 
     def pieces(self, pages) -> list[str]:
-        out = ["\n=======\n", "\n", "\n   ", "\n- ", "The page could not be found.",
-               f"\n=======\n(Only the first {self.max_queries} queries were run.)",
-               f"\n=======\n(Only the first {self.max_urls} pages were opened.)"]
+        out = [
+            "\n=======\n",
+            "\n",
+            "\n   ",
+            "\n- ",
+            "The page could not be found.",
+            f"\n=======\n(Only the first {self.max_queries} queries were run.)",
+            f"\n=======\n(Only the first {self.max_urls} pages were opened.)",
+        ]
         out += [f"Results for query {q + 1}:" for q in range(self.max_queries)]
         out += [f"No results for query {q + 1}." for q in range(self.max_queries)]
         out += [f"{r + 1}. " for r in range(self.top_k)]
@@ -532,17 +662,29 @@ def search_step(arrays: WikiArrays, qterms_QL, qmask_QL, qvalid_Q, more, *, layo
     k = lay.top_k
     docs_QK, scores_QK = bm25_topk(arrays.weights_DV, qterms_QL, qmask_QL, k=k)
     nq, nl = qterms_QL.shape
-    snip, _ = visit_topk(arrays.sent_terms_DSL, arrays.sent_valid_DS, arrays.idf_V,
-                         docs_QK.reshape(-1), jnp.repeat(qterms_QL, k, axis=0),
-                         jnp.repeat(qmask_QL, k, axis=0), k=1)
+    snip, _ = visit_topk(
+        arrays.sent_terms_DSL,
+        arrays.sent_valid_DS,
+        arrays.idf_V,
+        docs_QK.reshape(-1),
+        jnp.repeat(qterms_QL, k, axis=0),
+        jnp.repeat(qmask_QL, k, axis=0),
+        k=1,
+    )
     snip_QK = snip.reshape(nq, k)
     hit_QK = (scores_QK > 0) & qvalid_Q[:, None]
     q_idx = jnp.arange(nq)
     r_idx = jnp.arange(k)
-    hits = jnp.stack([
-        jnp.full((nq, k), lay.NL), jnp.broadcast_to(lay.rank + r_idx, (nq, k)),
-        lay.title + docs_QK, jnp.full((nq, k), lay.INDENT),
-        lay.sentence + docs_QK * lay.max_sents + snip_QK], -1)          # [Q, K, 5]
+    hits = jnp.stack(
+        [
+            jnp.full((nq, k), lay.NL),
+            jnp.broadcast_to(lay.rank + r_idx, (nq, k)),
+            lay.title + docs_QK,
+            jnp.full((nq, k), lay.INDENT),
+            lay.sentence + docs_QK * lay.max_sents + snip_QK,
+        ],
+        -1,
+    )  # [Q, K, 5]
     if not lay.snippets:
         hits = hits.at[..., 3:].set(-1)
     hits = jnp.where(hit_QK[..., None], hits, -1).reshape(nq, 5 * k)
@@ -556,22 +698,39 @@ def search_step(arrays: WikiArrays, qterms_QL, qmask_QL, qvalid_Q, more, *, layo
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def visit_step(arrays: WikiArrays, url_terms_UL, url_mask_UL, uvalid_U, goal_terms_G,
-               goal_mask_G, more, *, layout: PieceLayout):
+def visit_step(
+    arrays: WikiArrays,
+    url_terms_UL,
+    url_mask_UL,
+    uvalid_U,
+    goal_terms_G,
+    goal_mask_G,
+    more,
+    *,
+    layout: PieceLayout,
+):
     """Piece ids ``[layout.visit_len]`` (-1 padded at the end) of one ``visit`` call."""
     lay = layout
     nu = url_terms_UL.shape[0]
-    doc_U = match_titles(arrays.title_terms_DT, url_terms_UL, url_mask_UL,
-                         n_vocab=arrays.idf_V.shape[0])
+    doc_U = match_titles(arrays.title_terms_DT, url_terms_UL, url_mask_UL, n_vocab=arrays.idf_V.shape[0])
     found = (doc_U >= 0) & uvalid_U
-    sents_UK, _ = visit_topk(arrays.sent_terms_DSL, arrays.sent_valid_DS, arrays.idf_V,
-                             jnp.maximum(doc_U, 0), jnp.broadcast_to(goal_terms_G, (nu,) +
-                             goal_terms_G.shape), jnp.broadcast_to(goal_mask_G, (nu,) +
-                             goal_mask_G.shape), k=lay.visit_k)
+    sents_UK, _ = visit_topk(
+        arrays.sent_terms_DSL,
+        arrays.sent_valid_DS,
+        arrays.idf_V,
+        jnp.maximum(doc_U, 0),
+        jnp.broadcast_to(goal_terms_G, (nu,) + goal_terms_G.shape),
+        jnp.broadcast_to(goal_mask_G, (nu,) + goal_mask_G.shape),
+        k=lay.visit_k,
+    )
     ok_UK = (sents_UK >= 0) & found[:, None]
-    lines = jnp.stack([jnp.full(sents_UK.shape, lay.BULLET),
-                       lay.sentence + jnp.maximum(doc_U, 0)[:, None] * lay.max_sents + sents_UK],
-                      -1)
+    lines = jnp.stack(
+        [
+            jnp.full(sents_UK.shape, lay.BULLET),
+            lay.sentence + jnp.maximum(doc_U, 0)[:, None] * lay.max_sents + sents_UK,
+        ],
+        -1,
+    )
     lines = jnp.where(ok_UK[..., None], lines, -1).reshape(nu, -1)
     u_idx = jnp.arange(nu)
     sep = jnp.where((u_idx > 0) & uvalid_U, lay.SEP, -1)
@@ -585,6 +744,7 @@ def visit_step(arrays: WikiArrays, url_terms_UL, url_mask_UL, uvalid_U, goal_ter
 # ------------------------------------------------------------------------------------------
 # The environment
 # ------------------------------------------------------------------------------------------
+
 
 class SimulatedWiki:
     """World + pages + BM25 index; ``search``/``visit`` return observation text.
@@ -613,27 +773,31 @@ class SimulatedWiki:
                 tf[p.doc, vocab[w]] += 1
         self.weights_DV, self.idf_V = bm25_weights(tf)
         max_s = max(len(p.sentences) for p in self.pages)
-        sent_sets = [[sorted({vocab[w] for w in terms(s)}) for s in p.sentences]
-                     for p in self.pages]
+        sent_sets = [[sorted({vocab[w] for w in terms(s)}) for s in p.sentences] for p in self.pages]
         max_l = max(len(t) for page in sent_sets for t in page)
         self.sent_terms_DSL = np.full((len(self.pages), max_s, max_l), -1, np.int32)
         self.sent_valid_DS = np.zeros((len(self.pages), max_s), bool)
         for d, page in enumerate(sent_sets):
             for s, ids in enumerate(page):
-                self.sent_terms_DSL[d, s, :len(ids)] = ids
+                self.sent_terms_DSL[d, s, : len(ids)] = ids
                 self.sent_valid_DS[d, s] = True
         titles = [sorted({vocab[w] for w in terms(p.title)}) for p in self.pages]
         max_t = max(len(t) for t in titles)
         self.title_terms_DT = np.full((len(self.pages), max_t), len(vocab), np.int32)
         for d, ids in enumerate(titles):
-            self.title_terms_DT[d, :len(ids)] = ids
+            self.title_terms_DT[d, : len(ids)] = ids
         self.term_hashes_2V = term_hashes(list(vocab))
         if len({(int(a), int(b)) for a, b in self.term_hashes_2V.T}) != len(vocab):
             raise RuntimeError("SimulatedWiki: two terms share a hash; change the seed")
-        self.layout = PieceLayout(n_docs=len(self.pages), max_sents=max_s,
-                                  top_k=config.search_top_k, visit_k=config.visit_top_k,
-                                  max_queries=config.max_queries, max_urls=config.max_urls,
-                                  snippets=config.snippets)
+        self.layout = PieceLayout(
+            n_docs=len(self.pages),
+            max_sents=max_s,
+            top_k=config.search_top_k,
+            visit_k=config.visit_top_k,
+            max_queries=config.max_queries,
+            max_urls=config.max_urls,
+            snippets=config.snippets,
+        )
         self.pieces = self.layout.pieces(self.pages)
         self._arrays = self.arrays()
 
@@ -646,8 +810,8 @@ class SimulatedWiki:
         ids = ids[:length]
         out = np.zeros((length,), np.int32)
         mask = np.zeros((length,), bool)
-        out[:len(ids)] = ids
-        mask[:len(ids)] = True
+        out[: len(ids)] = ids
+        mask[: len(ids)] = True
         return out, mask
 
     # -- ranking ----------------------------------------------------------------------------
@@ -656,21 +820,31 @@ class SimulatedWiki:
         k = min(k or self.config.search_top_k, len(self.pages))
         ids, mask = self.encode(query)
         docs, scores = bm25_topk(self.weights_DV, ids[None], mask[None], k=k)
-        return [(int(d), float(s)) for d, s in zip(np.asarray(docs[0]), np.asarray(scores[0]))
-                if s > 0]
+        return [(int(d), float(s)) for d, s in zip(np.asarray(docs[0]), np.asarray(scores[0])) if s > 0]
 
     def relevant_sentences(self, doc: int, goal: str, k: int | None = None) -> list[int]:
         k = min(k or self.config.visit_top_k, self.sent_valid_DS.shape[1])
         ids, mask = self.encode(goal)
-        sents, _ = visit_topk(self.sent_terms_DSL, self.sent_valid_DS, self.idf_V,
-                              np.asarray([doc], np.int32), ids[None], mask[None], k=k)
+        sents, _ = visit_topk(
+            self.sent_terms_DSL,
+            self.sent_valid_DS,
+            self.idf_V,
+            np.asarray([doc], np.int32),
+            ids[None],
+            mask[None],
+            k=k,
+        )
         return [int(s) for s in np.asarray(sents[0]) if s >= 0]
 
     # -- tools ------------------------------------------------------------------------------
     def arrays(self) -> "WikiArrays":
-        return WikiArrays(jnp.asarray(self.weights_DV), jnp.asarray(self.idf_V),
-                          jnp.asarray(self.sent_terms_DSL), jnp.asarray(self.sent_valid_DS),
-                          jnp.asarray(self.title_terms_DT))
+        return WikiArrays(
+            jnp.asarray(self.weights_DV),
+            jnp.asarray(self.idf_V),
+            jnp.asarray(self.sent_terms_DSL),
+            jnp.asarray(self.sent_valid_DS),
+            jnp.asarray(self.title_terms_DT),
+        )
 
     #: terms kept per query / URL / goal (the rest is ignored), which also bounds the number of
     #: shapes the jitted steps compile for (16, 32, 48, 64)
@@ -682,10 +856,10 @@ class SimulatedWiki:
         out = np.zeros((rows, length), np.int32)
         mask = np.zeros((rows, length), bool)
         for r, i in enumerate(ids):
-            out[r, :len(i)] = i
-            mask[r, :len(i)] = True
+            out[r, : len(i)] = i
+            mask[r, : len(i)] = True
         valid = np.zeros((rows,), bool)
-        valid[:len(texts)] = True
+        valid[: len(texts)] = True
         return out, mask, valid
 
     def join(self, piece_ids) -> str:
@@ -695,20 +869,36 @@ class SimulatedWiki:
     def search_ids(self, queries: list[str]) -> np.ndarray:
         """Piece ids of the ``search`` observation (the jnp environment step, run once)."""
         lay = self.layout
-        q, m, valid = self._encode_many(list(queries[:lay.max_queries]), lay.max_queries)
-        return np.asarray(search_step(self._arrays, jnp.asarray(q), jnp.asarray(m),
-                                      jnp.asarray(valid), len(queries) > lay.max_queries,
-                                      layout=lay))
+        q, m, valid = self._encode_many(list(queries[: lay.max_queries]), lay.max_queries)
+        return np.asarray(
+            search_step(
+                self._arrays,
+                jnp.asarray(q),
+                jnp.asarray(m),
+                jnp.asarray(valid),
+                len(queries) > lay.max_queries,
+                layout=lay,
+            )
+        )
 
     def visit_ids(self, urls, goal: str) -> np.ndarray:
         """Piece ids of the ``visit`` observation (the jnp environment step, run once)."""
         lay = self.layout
         urls = [urls] if isinstance(urls, str) else list(urls)
-        u, um, valid = self._encode_many(urls[:lay.max_urls], lay.max_urls)
+        u, um, valid = self._encode_many(urls[: lay.max_urls], lay.max_urls)
         g, gm, _ = self._encode_many([goal], 1)
-        return np.asarray(visit_step(self._arrays, jnp.asarray(u), jnp.asarray(um),
-                                     jnp.asarray(valid), jnp.asarray(g[0]), jnp.asarray(gm[0]),
-                                     len(urls) > lay.max_urls, layout=lay))
+        return np.asarray(
+            visit_step(
+                self._arrays,
+                jnp.asarray(u),
+                jnp.asarray(um),
+                jnp.asarray(valid),
+                jnp.asarray(g[0]),
+                jnp.asarray(gm[0]),
+                len(urls) > lay.max_urls,
+                layout=lay,
+            )
+        )
 
     def search(self, queries: list[str]) -> str:
         """Observation for ``search(query=[...])``: per query, the top pages' titles, URLs and
@@ -724,8 +914,13 @@ class SimulatedWiki:
     def resolve_url(self, url: str) -> int:
         """The page a URL names, or -1 (same rule as the jnp ``visit_step``)."""
         u, um, _ = self._encode_many([url], 1)
-        return int(np.asarray(match_titles(self._arrays.title_terms_DT, jnp.asarray(u),
-                                           jnp.asarray(um), n_vocab=len(self.vocab)))[0])
+        return int(
+            np.asarray(
+                match_titles(
+                    self._arrays.title_terms_DT, jnp.asarray(u), jnp.asarray(um), n_vocab=len(self.vocab)
+                )
+            )[0]
+        )
 
     def backends(self) -> dict:
         """``tools.ToolExecutor`` backends for ``search`` and ``visit`` (``WikiTool`` objects, so a
@@ -739,10 +934,11 @@ class SimulatedWiki:
         n = 64 * max(1, -(-len(arr) // 64))
         b = np.zeros((n,), np.int32)
         m = np.zeros((n,), bool)
-        b[:len(arr)] = arr
-        m[:len(arr)] = True
-        ids, ok = bytes_to_terms(jnp.asarray(self.term_hashes_2V), jnp.asarray(b),
-                                 jnp.asarray(m), max_terms=length)
+        b[: len(arr)] = arr
+        m[: len(arr)] = True
+        ids, ok = bytes_to_terms(
+            jnp.asarray(self.term_hashes_2V), jnp.asarray(b), jnp.asarray(m), max_terms=length
+        )
         return np.asarray(ids), np.asarray(ok)
 
     def term_table(self, token_strings) -> np.ndarray:

@@ -4,5 +4,14 @@ from jaxllm.data.pipeline import DataStateError, PackedBatches, TokenIdError, ch
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import ByteTokenizer, make_tokenizer
 
-__all__ = ["ByteTokenizer", "DataStateError", "DatasetError", "PackedBatches", "TokenIdError", "check_token_ids",
-           "load_source", "make_tokenizer", "pack_row"]
+__all__ = [
+    "ByteTokenizer",
+    "DataStateError",
+    "DatasetError",
+    "PackedBatches",
+    "TokenIdError",
+    "check_token_ids",
+    "load_source",
+    "make_tokenizer",
+    "pack_row",
+]

@@ -1,15 +1,19 @@
 """Models. Names resolve lazily:
 
-    from jaxllm.models import KimiLinear, KimiLinearConfig
+from jaxllm.models import KimiLinear, KimiLinearConfig
 """
 
 import importlib
 
 _LAZY = {
-    "KimiLinear": "jaxllm.models.kimi_linear", "ModelCache": "jaxllm.models.kimi_linear",
-    "init_cache": "jaxllm.models.kimi_linear", "count_params": "jaxllm.models.kimi_linear",
-    "KimiLinearConfig": "jaxllm.models.config", "ConfigError": "jaxllm.models.config",
-    "load_hf_checkpoint": "jaxllm.models.hf", "save_hf_checkpoint": "jaxllm.models.hf",
+    "KimiLinear": "jaxllm.models.kimi_linear",
+    "ModelCache": "jaxllm.models.kimi_linear",
+    "init_cache": "jaxllm.models.kimi_linear",
+    "count_params": "jaxllm.models.kimi_linear",
+    "KimiLinearConfig": "jaxllm.models.config",
+    "ConfigError": "jaxllm.models.config",
+    "load_hf_checkpoint": "jaxllm.models.hf",
+    "save_hf_checkpoint": "jaxllm.models.hf",
 }
 
 

@@ -30,7 +30,7 @@ from jaxllm.models.kimi_linear import KimiLinear
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-KEEP_FLOAT32 = ("A_log", "dt_bias", "e_score_correction_bias")   # gates/router bias stay float32
+KEEP_FLOAT32 = ("A_log", "dt_bias", "e_score_correction_bias")  # gates/router bias stay float32
 
 
 class CheckpointError(ValueError):
@@ -53,16 +53,17 @@ class Identity:
 @dataclasses.dataclass(frozen=True)
 class Linear:
     """torch Linear weight [out, in] <-> our kernel [*in_dims(n_in), *out_dims]."""
+
     n_in: int = 1
 
     def hf_shape(self, shape):
-        return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+        return (math.prod(shape[self.n_in :]), math.prod(shape[: self.n_in]))
 
     def to_ours(self, w, shape):
         return w.T.reshape(shape)
 
     def to_hf(self, p, shape):
-        return p.reshape(math.prod(shape[:self.n_in]), -1).T
+        return p.reshape(math.prod(shape[: self.n_in]), -1).T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class Reshape:
     """Same values, different shape: `hf(shape)` gives the hub shape from ours."""
+
     hf: Callable
 
     def hf_shape(self, shape):
@@ -109,8 +111,10 @@ TABLE = [
     *[("kda", L + f"self_attn.{n}_conv1d.weight", P + f"self_attn/{n}_conv", Conv()) for n in "qkv"],
     ("kda", L + "self_attn.A_log", P + "self_attn/A_log", Reshape(lambda s: (1, 1, s[0], 1))),
     ("kda", L + "self_attn.dt_bias", P + "self_attn/dt_bias", Reshape(lambda s: (math.prod(s),))),
-    *[("kda", L + f"self_attn.{n}.weight", P + f"self_attn/{n}", Linear())
-      for n in ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")],
+    *[
+        ("kda", L + f"self_attn.{n}.weight", P + f"self_attn/{n}", Linear())
+        for n in ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")
+    ],
     ("kda", L + "self_attn.o_norm.weight", P + "self_attn/o_norm", Identity()),
     ("kda", L + "self_attn.o_proj.weight", P + "self_attn/o_proj", Linear(2)),
     # MLA
@@ -123,16 +127,26 @@ TABLE = [
     ("mla", L + "self_attn.kv_b_proj.weight", P + "self_attn/kv_b_proj", Linear()),
     ("mla", L + "self_attn.o_proj.weight", P + "self_attn/o_proj", Linear(2)),
     # dense FFN: released `mlp.*`, transformers re-save `block_sparse_moe.*`
-    *[("dense", L + f"mlp.{n}.weight", P + f"mlp/{n}", Linear(), (L + f"block_sparse_moe.{n}.weight",))
-      for n in ("gate_proj", "up_proj", "down_proj")],
+    *[
+        ("dense", L + f"mlp.{n}.weight", P + f"mlp/{n}", Linear(), (L + f"block_sparse_moe.{n}.weight",))
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ],
     # MoE
     ("moe", L + "block_sparse_moe.gate.weight", P + "moe/router", Linear()),
-    ("moe", L + "block_sparse_moe.gate.e_score_correction_bias", P + "moe/e_score_correction_bias",
-     Identity()),
-    *[("expert", L + f"block_sparse_moe.experts.{{e}}.{n}.weight", P + f"moe/{n}", Linear())
-      for n in ("w1", "w2", "w3")],
-    *[("shared", L + f"block_sparse_moe.shared_experts.{n}.weight", P + f"moe/shared_{n}", Linear())
-      for n in ("gate_proj", "up_proj", "down_proj")],
+    (
+        "moe",
+        L + "block_sparse_moe.gate.e_score_correction_bias",
+        P + "moe/e_score_correction_bias",
+        Identity(),
+    ),
+    *[
+        ("expert", L + f"block_sparse_moe.experts.{{e}}.{n}.weight", P + f"moe/{n}", Linear())
+        for n in ("w1", "w2", "w3")
+    ],
+    *[
+        ("shared", L + f"block_sparse_moe.shared_experts.{n}.weight", P + f"moe/shared_{n}", Linear())
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ],
 ]
 
 
@@ -152,8 +166,9 @@ def key_specs(config: KimiLinearConfig) -> list[KeySpec]:
     def add(entry, **fmt):
         kind, hf, path, tr = entry[:4]
         aliases = tuple(a.format(**fmt) for a in (entry[4] if len(entry) > 4 else ()))
-        specs.append(KeySpec(hf.format(**fmt), tuple(path.format(**fmt).split("/")), tr,
-                             fmt.get("e"), aliases))
+        specs.append(
+            KeySpec(hf.format(**fmt), tuple(path.format(**fmt).split("/")), tr, fmt.get("e"), aliases)
+        )
 
     for entry in TABLE:
         kind = entry[0]
@@ -233,8 +248,9 @@ def _checkpoint_files(path: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ loader
-def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_shardings=None,
-                       **config_overrides):
+def load_hf_checkpoint(
+    path, dtype=jnp.float32, *, compute_dtype=None, param_shardings=None, **config_overrides
+):
     """Load a KimiLinearForCausalLM checkpoint directory. Returns `(model, {"params": ...})`.
 
     dtype: parameter dtype (A_log, dt_bias and the router bias stay float32).
@@ -247,8 +263,10 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_sha
 
     path = os.fspath(path)
     dtype = jnp.dtype(dtype)
-    overrides = {"param_dtype": dtype.name,
-                 "dtype": jnp.dtype(compute_dtype if compute_dtype is not None else dtype).name}
+    overrides = {
+        "param_dtype": dtype.name,
+        "dtype": jnp.dtype(compute_dtype if compute_dtype is not None else dtype).name,
+    }
     overrides.update(config_overrides)
     config = KimiLinearConfig.from_file(path, **overrides)
     model = KimiLinear(config)
@@ -256,7 +274,7 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_sha
     specs = key_specs(config)
     files = _checkpoint_files(path)
 
-    resolved = {}                 # hub key found -> spec
+    resolved = {}  # hub key found -> spec
     missing = []
     for s in specs:
         key = next((k for k in (s.hf_key,) + s.aliases if k in files), None)
@@ -298,7 +316,9 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_sha
                         buf = buffers[s.path] = np.zeros(full_shape, w.dtype)
                     buf[s.expert] = w
     if misshaped:
-        raise CheckpointError(f"checkpoint {path}: mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
+        raise CheckpointError(
+            f"checkpoint {path}: mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped)
+        )
     out.update(buffers)
     params = {}
     for p, w in out.items():
@@ -308,8 +328,15 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, compute_dtype=None, param_sha
 
 
 # ------------------------------------------------------------------------------------ writer
-def save_hf_checkpoint(path, model: KimiLinear, params, *, layout: str = "released",
-                       max_shard_bytes: int | None = None, dtype=None):
+def save_hf_checkpoint(
+    path,
+    model: KimiLinear,
+    params,
+    *,
+    layout: str = "released",
+    max_shard_bytes: int | None = None,
+    dtype=None,
+):
     """Write `config.json` + safetensors in the hub key layout.
 
     layout: "released" (dense FFN under `mlp.`, `linear_attn_config`) or "transformers"
@@ -345,7 +372,9 @@ def save_hf_checkpoint(path, model: KimiLinear, params, *, layout: str = "releas
             w = w.astype(jnp.dtype(dtype))
         tensors[key] = w
     cfg = config.to_hf_config(layout)
-    cfg["dtype"] = str(np.asarray(_get(params, ("embed_tokens",))).dtype) if dtype is None else jnp.dtype(dtype).name
+    cfg["dtype"] = (
+        str(np.asarray(_get(params, ("embed_tokens",))).dtype) if dtype is None else jnp.dtype(dtype).name
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     total = sum(w.nbytes for w in tensors.values())
@@ -353,7 +382,7 @@ def save_hf_checkpoint(path, model: KimiLinear, params, *, layout: str = "releas
         save_file(tensors, os.path.join(path, SAFE_SINGLE), metadata={"format": "pt"})
         return
     shards, cur, cur_bytes = [], {}, 0
-    for k in tensors:                          # table order keeps a layer's keys together
+    for k in tensors:  # table order keeps a layer's keys together
         if cur and cur_bytes + tensors[k].nbytes > max_shard_bytes:
             shards.append(cur)
             cur, cur_bytes = {}, 0

@@ -34,8 +34,8 @@ from pallas_kernels.kda.common import document_index
 
 
 class ModelCache(NamedTuple):
-    layers: tuple            # per layer: KDACache (KDA layers) or MLACache (MLA layers)
-    pos: jax.Array           # int32 scalar: tokens already in the cache
+    layers: tuple  # per layer: KDACache (KDA layers) or MLACache (MLA layers)
+    pos: jax.Array  # int32 scalar: tokens already in the cache
 
 
 def init_cache(config: KimiLinearConfig, batch: int, capacity: int, dtype=None) -> ModelCache:
@@ -44,11 +44,15 @@ def init_cache(config: KimiLinearConfig, batch: int, capacity: int, dtype=None) 
     layers = []
     for t in config.layer_types:
         if t == "kda":
-            layers.append(init_kda_cache(batch, config.kda_num_heads, config.kda_head_dim,
-                                         config.kda_conv_kernel, dtype))
+            layers.append(
+                init_kda_cache(
+                    batch, config.kda_num_heads, config.kda_head_dim, config.kda_conv_kernel, dtype
+                )
+            )
         else:
-            layers.append(init_mla_cache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim,
-                                         dtype))
+            layers.append(
+                init_mla_cache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype)
+            )
     return ModelCache(tuple(layers), jnp.zeros((), jnp.int32))
 
 
@@ -67,8 +71,10 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         where = np.argwhere(bad)[:5].tolist()
-        raise ValueError(f"{name}: token ids must be in [0, {vocab_size}); got {ids[bad][:5].tolist()} "
-                         f"at positions {where}")
+        raise ValueError(
+            f"{name}: token ids must be in [0, {vocab_size}); got {ids[bad][:5].tolist()} "
+            f"at positions {where}"
+        )
 
 
 def count_params(config: KimiLinearConfig) -> dict[str, int]:
@@ -90,7 +96,8 @@ def count_params(config: KimiLinearConfig) -> dict[str, int]:
             per_expert = sum(math.prod(moe[n].shape[1:]) for n in ("w1", "w2", "w3"))
             inactive += (config.num_experts - config.num_experts_per_token) * per_expert
     embed = math.prod(tree["embed_tokens"].shape) + (
-        0 if config.tie_word_embeddings else math.prod(tree["lm_head"].shape))
+        0 if config.tie_word_embeddings else math.prod(tree["lm_head"].shape)
+    )
     active = total - inactive
     return {"total": total, "active": active, "active_without_embeddings": active - embed}
 
@@ -105,26 +112,54 @@ class DecoderLayer(nn.Module):
         cd, pd = c.compute_dtype, c.weight_dtype
         h = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="input_layernorm")(x)
         if c.layer_types[self.layer_idx] == "kda":
-            attn = KimiDeltaAttention(c.hidden_size, c.kda_num_heads, c.kda_head_dim, c.kda_conv_kernel,
-                                      norm_eps=c.rms_norm_eps, impl=c.kda_impl, dtype=cd, param_dtype=pd,
-                                      name="self_attn")
+            attn = KimiDeltaAttention(
+                c.hidden_size,
+                c.kda_num_heads,
+                c.kda_head_dim,
+                c.kda_conv_kernel,
+                norm_eps=c.rms_norm_eps,
+                impl=c.kda_impl,
+                dtype=cd,
+                param_dtype=pd,
+                name="self_attn",
+            )
             y, new_cache = attn(h, segment_ids=segment_ids, cache=cache)
         else:
-            attn = MLA(c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim,
-                       c.qk_rope_head_dim, c.v_head_dim, q_lora_rank=c.q_lora_rank, impl=c.mla_impl,
-                       dtype=cd, param_dtype=pd, name="self_attn")
+            attn = MLA(
+                c.hidden_size,
+                c.num_attention_heads,
+                c.kv_lora_rank,
+                c.qk_nope_head_dim,
+                c.qk_rope_head_dim,
+                c.v_head_dim,
+                q_lora_rank=c.q_lora_rank,
+                impl=c.mla_impl,
+                dtype=cd,
+                param_dtype=pd,
+                name="self_attn",
+            )
             y, new_cache = attn(h, segment_ids=segment_ids, cache=cache, pos=pos)
         x = x + y.astype(x.dtype)
         h = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="post_attention_layernorm")(x)
         if c.mlp_layer_types[self.layer_idx] == "dense":
             f = MLP(c.hidden_size, c.intermediate_size, dtype=cd, param_dtype=pd, name="mlp")(h)
         else:
-            f = MoE(c.hidden_size, c.num_experts, c.num_experts_per_token, c.moe_intermediate_size,
-                    num_shared_experts=c.num_shared_experts, n_group=c.num_expert_group,
-                    topk_group=c.topk_group, renormalize=c.moe_renormalize,
-                    routed_scaling_factor=c.routed_scaling_factor,
-                    router_activation=c.moe_router_activation_func, dispatch=c.moe_dispatch,
-                    dtype=cd, param_dtype=pd, name="moe")(h)
+            f = MoE(
+                c.hidden_size,
+                c.num_experts,
+                c.num_experts_per_token,
+                c.moe_intermediate_size,
+                num_shared_experts=c.num_shared_experts,
+                n_group=c.num_expert_group,
+                topk_group=c.topk_group,
+                renormalize=c.moe_renormalize,
+                routed_scaling_factor=c.routed_scaling_factor,
+                router_activation=c.moe_router_activation_func,
+                dispatch=c.moe_dispatch,
+                dtype=cd,
+                param_dtype=pd,
+                name="moe",
+            )(h)
         return x + f.astype(x.dtype), new_cache
 
 
@@ -142,41 +177,59 @@ class KimiLinear(nn.Module):
         return init_cache(self.config, batch, capacity, dtype)
 
     @nn.compact
-    def __call__(self, input_ids_BT, *, segment_ids=None, cache: ModelCache | None = None,
-                 return_hidden: bool = False):
+    def __call__(
+        self, input_ids_BT, *, segment_ids=None, cache: ModelCache | None = None, return_hidden: bool = False
+    ):
         c = self.config
         cd, pd = c.compute_dtype, c.weight_dtype
         check_token_ids(input_ids_BT, c.vocab_size)
         if input_ids_BT.ndim != 2:
             raise ValueError(f"input_ids must be [B,T], got shape {input_ids_BT.shape}")
         if segment_ids is not None and segment_ids.shape != input_ids_BT.shape:
-            raise ValueError(f"segment_ids must have input_ids' shape {input_ids_BT.shape}, "
-                             f"got {segment_ids.shape}")
+            raise ValueError(
+                f"segment_ids must have input_ids' shape {input_ids_BT.shape}, got {segment_ids.shape}"
+            )
         if segment_ids is not None:
             # once, here: every layer then compares document indices (each consumer converts too)
             segment_ids = document_index(segment_ids)
         if cache is not None and len(cache.layers) != c.num_hidden_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
-        embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=pd,
-                      init=nn.initializers.normal(0.02))
+        embed = param(
+            self,
+            "embed_tokens",
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            dtype=pd,
+            init=nn.initializers.normal(0.02),
+        )
         x = jnp.take(embed, input_ids_BT, axis=0).astype(cd)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        layer_cls = (DecoderLayer if self.remat == "none"
-                     else nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat]))
+        layer_cls = (
+            DecoderLayer
+            if self.remat == "none"
+            else nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
+        )
         new_layers = []
         pos = None if cache is None else cache.pos
         for i in range(c.num_hidden_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, nc = layer_cls(c, i, name=f"layers_{i}")(x, segment_ids=segment_ids, cache=layer_cache,
-                                                       pos=pos)
+            x, nc = layer_cls(c, i, name=f"layers_{i}")(
+                x, segment_ids=segment_ids, cache=layer_cache, pos=pos
+            )
             new_layers.append(nc)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
         if c.tie_word_embeddings:
             logits = project(hidden, embed.T, out_dtype=jnp.float32)
         else:
-            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=pd,
-                         init=nn.initializers.normal(0.02))
+            head = param(
+                self,
+                "lm_head",
+                (c.hidden_size, c.vocab_size),
+                ("embed", "vocab"),
+                dtype=pd,
+                init=nn.initializers.normal(0.02),
+            )
             logits = project(hidden, head, out_dtype=jnp.float32)
         logits = logits.astype(jnp.float32)
         if cache is None:
@@ -185,5 +238,13 @@ class KimiLinear(nn.Module):
         return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
 
 
-__all__ = ["KimiLinear", "KimiLinearConfig", "ModelCache", "init_cache", "cache_bytes", "count_params", "KDACache",
-           "MLACache"]
+__all__ = [
+    "KimiLinear",
+    "KimiLinearConfig",
+    "ModelCache",
+    "init_cache",
+    "cache_bytes",
+    "count_params",
+    "KDACache",
+    "MLACache",
+]

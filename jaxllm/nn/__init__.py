@@ -1,19 +1,28 @@
 """Flax Linen layers (thin wrappers over pure functions). Names resolve lazily.
 
-    from jaxllm.nn import MLA, KimiDeltaAttention, MoE, MLP, RMSNorm
+from jaxllm.nn import MLA, KimiDeltaAttention, MoE, MLP, RMSNorm
 """
 
 import importlib
 
 _LAZY = {
-    "RMSNorm": "jaxllm.nn.norms", "rms_norm": "jaxllm.nn.norms", "gated_rms_norm": "jaxllm.nn.norms",
-    "causal_conv": "jaxllm.nn.conv", "causal_conv_step": "jaxllm.nn.conv",
-    "KimiDeltaAttention": "jaxllm.nn.kda_attention", "KDACache": "jaxllm.nn.kda_attention",
+    "RMSNorm": "jaxllm.nn.norms",
+    "rms_norm": "jaxllm.nn.norms",
+    "gated_rms_norm": "jaxllm.nn.norms",
+    "causal_conv": "jaxllm.nn.conv",
+    "causal_conv_step": "jaxllm.nn.conv",
+    "KimiDeltaAttention": "jaxllm.nn.kda_attention",
+    "KDACache": "jaxllm.nn.kda_attention",
     "kda_gate": "jaxllm.nn.kda_attention",
-    "MLA": "jaxllm.nn.mla", "MLACache": "jaxllm.nn.mla", "mla_expanded": "jaxllm.nn.mla",
+    "MLA": "jaxllm.nn.mla",
+    "MLACache": "jaxllm.nn.mla",
+    "mla_expanded": "jaxllm.nn.mla",
     "mla_absorbed": "jaxllm.nn.mla",
-    "MoE": "jaxllm.nn.moe", "route": "jaxllm.nn.moe", "moe_experts": "jaxllm.nn.moe",
-    "MLP": "jaxllm.nn.mlp", "swiglu": "jaxllm.nn.mlp",
+    "MoE": "jaxllm.nn.moe",
+    "route": "jaxllm.nn.moe",
+    "moe_experts": "jaxllm.nn.moe",
+    "MLP": "jaxllm.nn.mlp",
+    "swiglu": "jaxllm.nn.mlp",
 }
 
 

@@ -29,8 +29,11 @@ def project(x, kernel, n_in: int = 1, *, dtype=None, out_dtype=None):
     x = x.astype(dtype)
     kernel = kernel.astype(dtype)
     y = jax.lax.dot_general(
-        x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
-        preferred_element_type=jnp.float32)
+        x,
+        kernel,
+        (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
     return y.astype(out_dtype or dtype)
 
 

@@ -36,10 +36,14 @@ N_STATS = 4
 # Logical axis names. The top-p head's input is H + 5 wide, which no mesh axis divides evenly,
 # so it stays unnamed (replicated); the heads are ~1-2M parameters in total.
 AXES = {
-    "temp_head": {"mlp_0": {"kernel": ("embed", "mlp"), "bias": ("mlp",)},
-                  "mlp_2": {"kernel": ("mlp", None), "bias": (None,)}},
-    "top_p_head": {"mlp_0": {"kernel": (None, "mlp"), "bias": ("mlp",)},
-                   "mlp_2": {"kernel": ("mlp", None), "bias": (None,)}},
+    "temp_head": {
+        "mlp_0": {"kernel": ("embed", "mlp"), "bias": ("mlp",)},
+        "mlp_2": {"kernel": ("mlp", None), "bias": (None,)},
+    },
+    "top_p_head": {
+        "mlp_0": {"kernel": (None, "mlp"), "bias": ("mlp",)},
+        "mlp_2": {"kernel": ("mlp", None), "bias": (None,)},
+    },
 }
 
 
@@ -65,10 +69,15 @@ class _Linear(nn.Module):
     def __call__(self, x):
         fan_in = x.shape[-1]
         init = _torch_linear_init(fan_in)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes["kernel"]),
-                            (fan_in, self.features), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(init, self.axes["bias"]),
-                          (self.features,), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.axes["kernel"]),
+            (fan_in, self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(init, self.axes["bias"]), (self.features,), self.param_dtype
+        )
         dtype = jnp.promote_types(x.dtype, kernel.dtype)
         # HIGHEST: heads are tiny, and TPU/GPU default matmul precision would cost parity.
         y = jnp.matmul(x.astype(dtype), kernel.astype(dtype), precision=jax.lax.Precision.HIGHEST)
@@ -115,21 +124,25 @@ class AutoDecoHeads(nn.Module):
             raise ValueError(f"hidden must be [..., H], got shape {tuple(hidden.shape)}")
         dtype = jnp.promote_types(hidden.dtype, jnp.float32)
         h = hidden.astype(dtype)
-        temperature = 2.0 * _MLPHead(self.mlp_dim, AXES["temp_head"], self.param_dtype,
-                                     name="temp_head")(h)
+        temperature = 2.0 * _MLPHead(self.mlp_dim, AXES["temp_head"], self.param_dtype, name="temp_head")(h)
         t_in = jax.lax.stop_gradient(temperature)
         features = [h, t_in.astype(dtype)]
         if self.use_enhanced_features:
             if logits is None:
-                raise ValueError("logits are required: use_enhanced_features=True feeds the top-p "
-                                 "head statistics of softmax(logits / T)")
+                raise ValueError(
+                    "logits are required: use_enhanced_features=True feeds the top-p "
+                    "head statistics of softmax(logits / T)"
+                )
             lead = hidden.shape[:-1]
             if tuple(logits.shape[:-1]) != tuple(lead):
-                raise ValueError(f"logits must be [..., V] with leading dims {tuple(lead)} like "
-                                 f"hidden, got shape {tuple(logits.shape)}")
+                raise ValueError(
+                    f"logits must be [..., V] with leading dims {tuple(lead)} like "
+                    f"hidden, got shape {tuple(logits.shape)}"
+                )
             V = logits.shape[-1]
-            stats = prob_stats(logits.reshape(1, -1, V), t_in.reshape(1, -1, 1),
-                               chunk_size=self.stats_chunk_size)
+            stats = prob_stats(
+                logits.reshape(1, -1, V), t_in.reshape(1, -1, 1), chunk_size=self.stats_chunk_size
+            )
             features.append(stats.reshape(*lead, N_STATS).astype(dtype))
         x = jnp.concatenate(features, axis=-1)
         top_p = _MLPHead(self.mlp_dim, AXES["top_p_head"], self.param_dtype, name="top_p_head")(x)
@@ -155,7 +168,9 @@ def heads_from_official(state_dict: Mapping, *, param_dtype=jnp.float32, stats_c
     ``jax_enable_x64``) to keep float64 weights.
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"state_dict must be a mapping of official keys to arrays, got {type(state_dict).__name__}")
+        raise ValueError(
+            f"state_dict must be a mapping of official keys to arrays, got {type(state_dict).__name__}"
+        )
     expected = {_official_key(h, l, k) for h in HEADS for l in LAYERS for k in ("kernel", "bias")}
     head_keys = {k for k in state_dict if k.split(".", 1)[0] in HEADS}
     missing = sorted(expected - head_keys)
@@ -176,13 +191,19 @@ def heads_from_official(state_dict: Mapping, *, param_dtype=jnp.float32, stats_c
     elif n_in_p == H + 1:
         enhanced = False
     else:
-        raise ValueError(f"top_p_head.mlp.0.weight must be (mlp_dim, H+5) or (mlp_dim, H+1) with "
-                         f"H={H}, got shape {sd['top_p_head.mlp.0.weight'].shape}")
+        raise ValueError(
+            f"top_p_head.mlp.0.weight must be (mlp_dim, H+5) or (mlp_dim, H+1) with "
+            f"H={H}, got shape {sd['top_p_head.mlp.0.weight'].shape}"
+        )
     shapes = {
-        "temp_head.mlp.0.weight": (mlp_dim, H), "temp_head.mlp.0.bias": (mlp_dim,),
-        "temp_head.mlp.2.weight": (1, mlp_dim), "temp_head.mlp.2.bias": (1,),
-        "top_p_head.mlp.0.weight": (mlp_dim, n_in_p), "top_p_head.mlp.0.bias": (mlp_dim,),
-        "top_p_head.mlp.2.weight": (1, mlp_dim), "top_p_head.mlp.2.bias": (1,),
+        "temp_head.mlp.0.weight": (mlp_dim, H),
+        "temp_head.mlp.0.bias": (mlp_dim,),
+        "temp_head.mlp.2.weight": (1, mlp_dim),
+        "temp_head.mlp.2.bias": (1,),
+        "top_p_head.mlp.0.weight": (mlp_dim, n_in_p),
+        "top_p_head.mlp.0.bias": (mlp_dim,),
+        "top_p_head.mlp.2.weight": (1, mlp_dim),
+        "top_p_head.mlp.2.bias": (1,),
     }
     for k, shape in shapes.items():
         if sd[k].shape != shape:
@@ -200,8 +221,12 @@ def heads_from_official(state_dict: Mapping, *, param_dtype=jnp.float32, stats_c
                 params[head][layer][kind] = nn.LogicallyPartitioned(
                     jnp.asarray(value, param_dtype), AXES[head][layer][kind]
                 )
-    module = AutoDecoHeads(mlp_dim=mlp_dim, use_enhanced_features=enhanced,
-                           param_dtype=param_dtype, stats_chunk_size=stats_chunk_size)
+    module = AutoDecoHeads(
+        mlp_dim=mlp_dim,
+        use_enhanced_features=enhanced,
+        param_dtype=param_dtype,
+        stats_chunk_size=stats_chunk_size,
+    )
     return module, {"params": params}
 
 

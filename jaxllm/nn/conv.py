@@ -40,9 +40,9 @@ def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
     y = jnp.zeros(x_BTC.shape, jnp.float32)
     w32 = w_WC.astype(jnp.float32)
     for j in range(W):
-        tap = xp[:, j:j + T].astype(jnp.float32)
+        tap = xp[:, j : j + T].astype(jnp.float32)
         if segment_ids_BT is not None and j < W - 1:
-            tap = tap * (run_BP[:, j:j + T] == run_BT)[bcast]
+            tap = tap * (run_BP[:, j : j + T] == run_BT)[bcast]
         y = y + tap * w32[j]
     new_state = xp[:, T:]
     if segment_ids_BT is not None:

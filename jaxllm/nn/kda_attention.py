@@ -24,8 +24,8 @@ from jaxllm.nn.norms import gated_rms_norm
 
 
 class KDACache(NamedTuple):
-    state_BHKV: jax.Array   # float32 recurrent state
-    conv_q: jax.Array       # [B, W-1, H, K] last inputs of the q short conv
+    state_BHKV: jax.Array  # float32 recurrent state
+    conv_q: jax.Array  # [B, W-1, H, K] last inputs of the q short conv
     conv_k: jax.Array
     conv_v: jax.Array
 
@@ -54,7 +54,7 @@ class KimiDeltaAttention(nn.Module):
     head_dim: int
     conv_kernel: int = 4
     norm_eps: float = 1e-5
-    impl: str = "auto"              # passed to pallas_kernels.kda.kda ("auto" | "recurrent" | "chunk")
+    impl: str = "auto"  # passed to pallas_kernels.kda.kda ("auto" | "recurrent" | "chunk")
     dtype: jnp.dtype = jnp.float32  # activations
     param_dtype: jnp.dtype = jnp.float32
 
@@ -73,8 +73,14 @@ class KimiDeltaAttention(nn.Module):
             return param(self, name, (D, H, K), ("embed", "heads", "kv"), dtype=pd, init=init_d)
 
         def conv_w(name):
-            return param(self, name, (W, H, K), ("conv", "heads", "kv"), dtype=pd,
-                         init=nn.initializers.normal(1.0 / math.sqrt(W)))
+            return param(
+                self,
+                name,
+                (W, H, K),
+                ("conv", "heads", "kv"),
+                dtype=pd,
+                init=nn.initializers.normal(1.0 / math.sqrt(W)),
+            )
 
         wq, wk, wv = proj("q_proj"), proj("k_proj"), proj("v_proj")
         cq, ck, cv = conv_w("q_conv"), conv_w("k_conv"), conv_w("v_conv")
@@ -86,10 +92,9 @@ class KimiDeltaAttention(nn.Module):
         g_a = param(self, "g_a_proj", (D, K), ("embed", None), dtype=pd, init=init_d)
         g_b = param(self, "g_b_proj", (K, H, K), (None, "heads", "kv"), dtype=pd, init=fan_in_init(K))
         o_norm = param(self, "o_norm", (K,), ("kv",), dtype=pd, init=nn.initializers.ones)
-        o_proj = param(self, "o_proj", (H, K, D), ("heads", "kv", "embed"), dtype=pd,
-                       init=fan_in_init(H * K))
+        o_proj = param(self, "o_proj", (H, K, D), ("heads", "kv", "embed"), dtype=pd, init=fan_in_init(H * K))
 
-        q, k, v = project(x, wq), project(x, wk), project(x, wv)   # [B,T,H,K]
+        q, k, v = project(x, wq), project(x, wk), project(x, wv)  # [B,T,H,K]
         graw = project(project(x, f_a), f_b)
         g_BTHK = kda_gate(graw, A_log, dt_bias)
         beta_BTH = jax.nn.sigmoid(project(x, b_proj, dtype=jnp.float32))
@@ -103,8 +108,9 @@ class KimiDeltaAttention(nn.Module):
             k1, sk = causal_conv_step(k[:, 0], ck, cache.conv_k)
             v1, sv = causal_conv_step(v[:, 0], cv, cache.conv_v)
             q1, k1, v1 = jax.nn.silu(q1), jax.nn.silu(k1), jax.nn.silu(v1)
-            o1, state = kda_step(q1, k1, v1, g_BTHK[:, 0], beta_BTH[:, 0], cache.state_BHKV,
-                                 scale=scale, use_qk_l2norm=True)
+            o1, state = kda_step(
+                q1, k1, v1, g_BTHK[:, 0], beta_BTH[:, 0], cache.state_BHKV, scale=scale, use_qk_l2norm=True
+            )
             o_BTHK = o1[:, None].astype(self.dtype)
             new_cache = KDACache(state, sq, sk, sv)
         else:
@@ -113,10 +119,19 @@ class KimiDeltaAttention(nn.Module):
             k, sk = causal_conv(k, ck, state_BSC=states[1], segment_ids_BT=segment_ids)
             v, sv = causal_conv(v, cv, state_BSC=states[2], segment_ids_BT=segment_ids)
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-            o_BTHK, state = kda(q, k, v, g_BTHK, beta_BTH, scale=scale,
-                                initial_state=None if cache is None else cache.state_BHKV,
-                                output_final_state=cache is not None, use_qk_l2norm=True,
-                                impl=self.impl, segment_ids=segment_ids)
+            o_BTHK, state = kda(
+                q,
+                k,
+                v,
+                g_BTHK,
+                beta_BTH,
+                scale=scale,
+                initial_state=None if cache is None else cache.state_BHKV,
+                output_final_state=cache is not None,
+                use_qk_l2norm=True,
+                impl=self.impl,
+                segment_ids=segment_ids,
+            )
             if cache is not None:
                 new_cache = KDACache(state, sq, sk, sv)
 

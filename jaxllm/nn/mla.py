@@ -33,13 +33,15 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 class MLACache(NamedTuple):
-    latent_BSR: jax.Array   # kv_a_layernorm(latent) of every cached token
-    k_rope_BSP: jax.Array   # the shared (un-rotated) key part
+    latent_BSR: jax.Array  # kv_a_layernorm(latent) of every cached token
+    k_rope_BSP: jax.Array  # the shared (un-rotated) key part
 
 
 def init_mla_cache(batch, capacity, kv_lora_rank, qk_rope_head_dim, dtype=jnp.float32) -> MLACache:
-    return MLACache(jnp.zeros((batch, capacity, kv_lora_rank), dtype),
-                    jnp.zeros((batch, capacity, qk_rope_head_dim), dtype))
+    return MLACache(
+        jnp.zeros((batch, capacity, kv_lora_rank), dtype),
+        jnp.zeros((batch, capacity, qk_rope_head_dim), dtype),
+    )
 
 
 def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
@@ -88,11 +90,11 @@ def mla_expanded(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: i
     q_BHTD = jnp.swapaxes(q_BTHD.astype(f32), 1, 2)
     scores, vs, masks = [], [], []
     for lat, kr, m in _blocks(latent_BSR, k_rope_BSP, mask_BTS):
-        kv = project(lat, w_kvb_RHX, dtype=f32)                       # [B,S,H,nope+v]
+        kv = project(lat, w_kvb_RHX, dtype=f32)  # [B,S,H,nope+v]
         k_nope, v = kv[..., :nope], kv[..., nope:]
-        s = (jnp.einsum("bhtn,bshn->bhts", q_BHTD[..., :nope], k_nope)
-             + jnp.transpose(jnp.einsum("bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]),
-                             (0, 2, 3, 1)))
+        s = jnp.einsum("bhtn,bshn->bhts", q_BHTD[..., :nope], k_nope) + jnp.transpose(
+            jnp.einsum("bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]), (0, 2, 3, 1)
+        )
         scores.append(s * scale)
         vs.append(v)
         masks.append(m)
@@ -117,8 +119,9 @@ def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: i
         lat = lat.astype(f32)
         # The cache is the lhs of its dot_general and the output keeps the natural order (batch,
         # lhs free, rhs free): other orders make XLA:CPU transpose the [S,R] cache, ~10x slower.
-        s_BSHT = (jnp.einsum("bsr,bhtr->bsht", lat, q_lat_BHTR)
-                  + jnp.einsum("bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]))
+        s_BSHT = jnp.einsum("bsr,bhtr->bsht", lat, q_lat_BHTR) + jnp.einsum(
+            "bsp,bhtp->bsht", kr.astype(f32), q_BHTD[..., nope:]
+        )
         scores.append(jnp.transpose(s_BSHT, (0, 2, 3, 1)) * scale)
         lats.append(lat)
         masks.append(m)
@@ -136,13 +139,12 @@ class MLA(nn.Module):
     v_head_dim: int
     q_lora_rank: int | None = None
     latent_norm_eps: float = LATENT_NORM_EPS
-    impl: str = "auto"   # "auto" (absorbed for one-token decode, else expanded) | "expanded" | "absorbed"
+    impl: str = "auto"  # "auto" (absorbed for one-token decode, else expanded) | "expanded" | "absorbed"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def init_cache(self, batch, capacity, dtype=None) -> MLACache:
-        return init_mla_cache(batch, capacity, self.kv_lora_rank, self.qk_rope_head_dim,
-                              dtype or self.dtype)
+        return init_mla_cache(batch, capacity, self.kv_lora_rank, self.qk_rope_head_dim, dtype or self.dtype)
 
     @nn.compact
     def __call__(self, x_BTD, *, segment_ids=None, cache: MLACache | None = None, pos=None):
@@ -156,20 +158,23 @@ class MLA(nn.Module):
         if self.q_lora_rank:
             Rq = self.q_lora_rank
             q_a = param(self, "q_a_proj", (D, Rq), ("embed", "q_lora"), dtype=pd, init=fan_in_init(D))
-            q_a_norm = param(self, "q_a_layernorm", (Rq,), ("q_lora",), dtype=pd,
-                             init=nn.initializers.ones)
-            q_b = param(self, "q_b_proj", (Rq, H, N + P), ("q_lora", "heads", "kv"), dtype=pd,
-                        init=fan_in_init(Rq))
+            q_a_norm = param(self, "q_a_layernorm", (Rq,), ("q_lora",), dtype=pd, init=nn.initializers.ones)
+            q_b = param(
+                self, "q_b_proj", (Rq, H, N + P), ("q_lora", "heads", "kv"), dtype=pd, init=fan_in_init(Rq)
+            )
             q_BTHD = project(rms_norm(project(x, q_a), q_a_norm, self.latent_norm_eps), q_b)
         else:
-            q_w = param(self, "q_proj", (D, H, N + P), ("embed", "heads", "kv"), dtype=pd,
-                        init=fan_in_init(D))
+            q_w = param(
+                self, "q_proj", (D, H, N + P), ("embed", "heads", "kv"), dtype=pd, init=fan_in_init(D)
+            )
             q_BTHD = project(x, q_w)
-        kv_a = param(self, "kv_a_proj_with_mqa", (D, R + P), ("embed", "kv_lora"), dtype=pd,
-                     init=fan_in_init(D))
+        kv_a = param(
+            self, "kv_a_proj_with_mqa", (D, R + P), ("embed", "kv_lora"), dtype=pd, init=fan_in_init(D)
+        )
         kv_a_norm = param(self, "kv_a_layernorm", (R,), ("kv_lora",), dtype=pd, init=nn.initializers.ones)
-        kv_b = param(self, "kv_b_proj", (R, H, N + Vd), ("kv_lora", "heads", "kv"), dtype=pd,
-                     init=fan_in_init(R))
+        kv_b = param(
+            self, "kv_b_proj", (R, H, N + Vd), ("kv_lora", "heads", "kv"), dtype=pd, init=fan_in_init(R)
+        )
         o_w = param(self, "o_proj", (H, Vd, D), ("heads", "kv", "embed"), dtype=pd, init=fan_in_init(H * Vd))
 
         ckv = project(x, kv_a)
@@ -198,6 +203,8 @@ class MLA(nn.Module):
         fn = mla_absorbed if absorbed else mla_expanded
         o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
         if cache is not None:
-            new_cache = MLACache(jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR, (0, pos, 0)),
-                                 jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP, (0, pos, 0)))
+            new_cache = MLACache(
+                jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR, (0, pos, 0)),
+                jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP, (0, pos, 0)),
+            )
         return project(o_BTHV, o_w, n_in=2), new_cache

@@ -28,11 +28,22 @@ from jaxllm.nn.mlp import swiglu
 DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
 
 
-def route(x_ND, w_router_DE, bias_E, *, top_k: int, n_group: int = 1, topk_group: int = 1,
-          renormalize: bool = True, scaling: float = 1.0, activation: str = "sigmoid"):
+def route(
+    x_ND,
+    w_router_DE,
+    bias_E,
+    *,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+    activation: str = "sigmoid",
+):
     """Returns (weights_NK float32, experts_NK int32)."""
-    logits = jnp.dot(x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.dot(
+        x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     if activation == "sigmoid":
         scores = jax.nn.sigmoid(logits)
     elif activation == "softmax":
@@ -44,7 +55,7 @@ def route(x_ND, w_router_DE, bias_E, *, top_k: int, n_group: int = 1, topk_group
     if n_group > 1:
         per = E // n_group
         grouped = choice.reshape(N, n_group, per)
-        best2 = jax.lax.top_k(grouped, min(2, per))[0].sum(-1)                 # [N, G]
+        best2 = jax.lax.top_k(grouped, min(2, per))[0].sum(-1)  # [N, G]
         _, keep_g = jax.lax.top_k(best2, topk_group)
         gmask = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], keep_g].set(True)
         choice = jnp.where(jnp.repeat(gmask, per, axis=1), choice, -jnp.inf)
@@ -68,7 +79,7 @@ def experts_onehot(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
 
 
 def experts_gather(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
-    w1, w3, w2 = w1_EDF[idx_NK], w3_EDF[idx_NK], w2_EFD[idx_NK]     # [N,K,D,F] ...
+    w1, w3, w2 = w1_EDF[idx_NK], w3_EDF[idx_NK], w2_EFD[idx_NK]  # [N,K,D,F] ...
     h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x_ND, w1)) * jnp.einsum("nd,nkdf->nkf", x_ND, w3)
     y_NKD = jnp.einsum("nkf,nkfd->nkd", h, w2)
     return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
@@ -112,24 +123,31 @@ def experts_blocked(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, block_r
     pad_end = jnp.cumsum(padded)
     pad_start = pad_end - padded
     start = jnp.cumsum(gs) - gs
-    dest = pad_start[sorted_e] + jnp.arange(A) - start[sorted_e]        # row of each sorted assignment
-    n_blocks = -(-A // bm) + min(E, A)                                   # static upper bound
+    dest = pad_start[sorted_e] + jnp.arange(A) - start[sorted_e]  # row of each sorted assignment
+    n_blocks = -(-A // bm) + min(E, A)  # static upper bound
     x_pad = jnp.zeros((n_blocks * bm, D), x_ND.dtype).at[dest].set(x_ND[order // K])
     block_e = jnp.clip(jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bm, side="right"), 0, E - 1)
     used = jnp.arange(n_blocks) * bm < pad_end[-1]
 
     def one_block(args):
         xb, e, u = args
-        return jax.lax.cond(u, lambda: _expert(xb, w1_EDF[e], w3_EDF[e], w2_EFD[e]),
-                            lambda: jnp.zeros((bm, w2_EFD.shape[-1]), xb.dtype))
+        return jax.lax.cond(
+            u,
+            lambda: _expert(xb, w1_EDF[e], w3_EDF[e], w2_EFD[e]),
+            lambda: jnp.zeros((bm, w2_EFD.shape[-1]), xb.dtype),
+        )
 
     y_pad = jax.lax.map(one_block, (x_pad.reshape(n_blocks, bm, D), block_e, used))
     ys = y_pad.reshape(n_blocks * bm, -1)[dest]
     return _unsort_combine(ys, order, weights_NK)
 
 
-_IMPLS = {"onehot": experts_onehot, "gather": experts_gather, "ragged": experts_ragged,
-          "blocked": experts_blocked}
+_IMPLS = {
+    "onehot": experts_onehot,
+    "gather": experts_gather,
+    "ragged": experts_ragged,
+    "blocked": experts_blocked,
+}
 
 
 def moe_experts(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, dispatch="auto"):
@@ -164,19 +182,29 @@ class MoE(nn.Module):
     def __call__(self, x_BTD):
         D, E, F, pd = self.hidden_size, self.num_experts, self.moe_intermediate_size, self.param_dtype
         router = param(self, "router", (D, E), ("embed", None), dtype=pd, init=fan_in_init(D))
-        bias = param(self, "e_score_correction_bias", (E,), (None,), dtype=jnp.float32,
-                     init=nn.initializers.zeros)
+        bias = param(
+            self, "e_score_correction_bias", (E,), (None,), dtype=jnp.float32, init=nn.initializers.zeros
+        )
         w1 = param(self, "w1", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
         w3 = param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
         w2 = param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), dtype=pd, init=fan_in_init(F))
         B, T = x_BTD.shape[:2]
         x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
-        weights, idx = route(x_ND, router, bias, top_k=self.num_experts_per_token, n_group=self.n_group,
-                             topk_group=self.topk_group, renormalize=self.renormalize,
-                             scaling=self.routed_scaling_factor, activation=self.router_activation)
+        weights, idx = route(
+            x_ND,
+            router,
+            bias,
+            top_k=self.num_experts_per_token,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            renormalize=self.renormalize,
+            scaling=self.routed_scaling_factor,
+            activation=self.router_activation,
+        )
         cd = self.dtype
-        y = moe_experts(x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd),
-                        dispatch=self.dispatch)
+        y = moe_experts(
+            x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch
+        )
         y = y.astype(cd).reshape(B, T, D)
         if self.num_shared_experts:
             Fs = F * self.num_shared_experts

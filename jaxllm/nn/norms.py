@@ -31,6 +31,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = param(self, "weight", (x.shape[-1],), (self.axis_name,), dtype=self.param_dtype,
-                  init=nn.initializers.ones)
+        w = param(
+            self,
+            "weight",
+            (x.shape[-1],),
+            (self.axis_name,),
+            dtype=self.param_dtype,
+            init=nn.initializers.ones,
+        )
         return rms_norm(x, w, self.eps)

@@ -343,13 +343,24 @@ def autodeco_loss(
     _check_chunk_size(chunk_size)
     if not float(alpha) > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    return _autodeco_loss_impl(logits, temperature, top_p, labels, rand_vals, variant, float(alpha),
-                               float(drop_prob), chunk_size, _with_top_p)
+    return _autodeco_loss_impl(
+        logits,
+        temperature,
+        top_p,
+        labels,
+        rand_vals,
+        variant,
+        float(alpha),
+        float(drop_prob),
+        chunk_size,
+        _with_top_p,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _autodeco_loss_impl(logits, temperature, top_p, labels, rand_vals, variant, alpha, drop_prob,
-                        chunk_size, _with_top_p):
+def _autodeco_loss_impl(
+    logits, temperature, top_p, labels, rand_vals, variant, alpha, drop_prob, chunk_size, _with_top_p
+):
     dtype = _compute_dtype(jnp.result_type(logits.dtype, temperature.dtype, top_p.dtype))
     V = logits.shape[-1]
     logits_NV, t_N, p_N, labels_N, valid_N, rand_N = _prepare(
@@ -403,8 +414,15 @@ def soft_top_p_loss(
         _check_logits(logits)
         rand_vals = jnp.ones(logits.shape[:1] + (logits.shape[1] - 1,), logits.dtype)
     return autodeco_loss(
-        logits, temperature, top_p, labels, rand_vals,
-        variant=variant, alpha=alpha, drop_prob=drop_prob, chunk_size=chunk_size,
+        logits,
+        temperature,
+        top_p,
+        labels,
+        rand_vals,
+        variant=variant,
+        alpha=alpha,
+        drop_prob=drop_prob,
+        chunk_size=chunk_size,
     )["top_p_loss"]
 
 
@@ -429,6 +447,13 @@ def temperature_loss(
     _check_head_output("temperature", temperature, logits)
     # No top-p head output here: a dummy P passes validation and the sort is skipped.
     return autodeco_loss(
-        logits, temperature, jnp.ones_like(temperature), labels, rand_vals,
-        variant=variant, drop_prob=drop_prob, chunk_size=chunk_size, _with_top_p=False,
+        logits,
+        temperature,
+        jnp.ones_like(temperature),
+        labels,
+        rand_vals,
+        variant=variant,
+        drop_prob=drop_prob,
+        chunk_size=chunk_size,
+        _with_top_p=False,
     )["temp_loss"]

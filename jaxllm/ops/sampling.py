@@ -169,7 +169,9 @@ def top_p_keep_mask(logits_BV, top_p_B):
     return logits_BV >= thresh_B1
 
 
-def row_temperature_top_p(config: SamplingConfig, batch: int, temperature_B=None, top_p_B=None, dtype=jnp.float32):
+def row_temperature_top_p(
+    config: SamplingConfig, batch: int, temperature_B=None, top_p_B=None, dtype=jnp.float32
+):
     """Effective per-row (temperature, top_p) for ``config`` (see module docstring)."""
     if config.mode == "autodeco":
         t_B = temperature_B.astype(dtype) * config.temperature
@@ -183,8 +185,15 @@ def row_temperature_top_p(config: SamplingConfig, batch: int, temperature_B=None
     return t_B, p_B
 
 
-def processed_logits(logits_BV, config: SamplingConfig, *, prev_tokens_BT=None, prev_mask_BT=None,
-                     temperature_B=None, top_p_B=None):
+def processed_logits(
+    logits_BV,
+    config: SamplingConfig,
+    *,
+    prev_tokens_BT=None,
+    prev_mask_BT=None,
+    temperature_B=None,
+    top_p_B=None,
+):
     """The pipeline up to the draw.
 
     Returns ``(final_logits_BV, greedy_B, argmax_B)``: tempered logits with -inf on every excluded
@@ -196,8 +205,10 @@ def processed_logits(logits_BV, config: SamplingConfig, *, prev_tokens_BT=None, 
     if prev_tokens_BT is not None and (config.presence_penalty != 0.0 or config.repetition_penalty != 1.0):
         seen_BV = seen_mask(prev_tokens_BT, prev_mask_BT, V)
         logits_BV = apply_penalties(
-            logits_BV, seen_BV,
-            presence_penalty=config.presence_penalty, repetition_penalty=config.repetition_penalty,
+            logits_BV,
+            seen_BV,
+            presence_penalty=config.presence_penalty,
+            repetition_penalty=config.repetition_penalty,
         )
     argmax_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     t_B, p_B = row_temperature_top_p(config, B, temperature_B, top_p_B, logits_BV.dtype)
@@ -214,8 +225,15 @@ def processed_logits(logits_BV, config: SamplingConfig, *, prev_tokens_BT=None, 
     return scaled_BV, greedy_B, argmax_B
 
 
-def sampling_probs(logits_BV, config: SamplingConfig, *, prev_tokens_BT=None, prev_mask_BT=None,
-                   temperature_B=None, top_p_B=None):
+def sampling_probs(
+    logits_BV,
+    config: SamplingConfig,
+    *,
+    prev_tokens_BT=None,
+    prev_mask_BT=None,
+    temperature_B=None,
+    top_p_B=None,
+):
     """[B, V] distribution that :func:`sample_next` draws from (one-hot on greedy rows).
 
     Same arguments as :func:`sample_next` without the key; useful for diagnostics and for
@@ -295,12 +313,24 @@ def _validate(logits_BV, config, prev_tokens_BT, prev_mask_BT, temperature_B, to
         for name, x in heads.items():
             if x is not None:
                 raise ValueError(f"{name} is only used by mode='autodeco' (mode is {config.mode!r})")
-    return dict(prev_tokens_BT=prev_tokens_BT, prev_mask_BT=prev_mask_BT,
-                temperature_B=heads["temperature_B"], top_p_B=heads["top_p_B"])
+    return dict(
+        prev_tokens_BT=prev_tokens_BT,
+        prev_mask_BT=prev_mask_BT,
+        temperature_B=heads["temperature_B"],
+        top_p_B=heads["top_p_B"],
+    )
 
 
-def sample_next(logits_BV, rng, config: SamplingConfig, *, prev_tokens_BT=None, prev_mask_BT=None,
-                temperature_B=None, top_p_B=None):
+def sample_next(
+    logits_BV,
+    rng,
+    config: SamplingConfig,
+    *,
+    prev_tokens_BT=None,
+    prev_mask_BT=None,
+    temperature_B=None,
+    top_p_B=None,
+):
     """Pick the next token of every row.
 
     Args:

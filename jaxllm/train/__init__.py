@@ -1,7 +1,7 @@
 """Training: run config, optimizer, sharded train step, checkpoints, metrics, loop.
 
-    from jaxllm.train import RunConfig, train
-    train(RunConfig(steps=100), "runs/tiny")
+from jaxllm.train import RunConfig, train
+train(RunConfig(steps=100), "runs/tiny")
 """
 
 from jaxllm.train.checkpoint import CheckpointError
@@ -9,5 +9,15 @@ from jaxllm.train.config import ConfigError, RunConfig, apply_overrides, load_co
 from jaxllm.train.loop import NonFiniteLossError, TrainResult, train
 from jaxllm.train.models import build_model, register_model
 
-__all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "RunConfig", "TrainResult", "apply_overrides",
-           "build_model", "load_config", "register_model", "train"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "NonFiniteLossError",
+    "RunConfig",
+    "TrainResult",
+    "apply_overrides",
+    "build_model",
+    "load_config",
+    "register_model",
+    "train",
+]

@@ -66,11 +66,15 @@ class AutoDecoTrainConfig:
     def __post_init__(self):
         lr = self.learning_rate
         if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"AutoDecoTrainConfig.learning_rate must be > 0 or an optax schedule, got {lr!r}")
+            raise ValueError(
+                f"AutoDecoTrainConfig.learning_rate must be > 0 or an optax schedule, got {lr!r}"
+            )
         if not self.weight_decay >= 0:
             raise ValueError(f"AutoDecoTrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"AutoDecoTrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+            raise ValueError(
+                f"AutoDecoTrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
+            )
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"AutoDecoTrainConfig.b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
         if self.variant not in VARIANTS:
@@ -80,10 +84,14 @@ class AutoDecoTrainConfig:
         if not 0 <= self.drop_prob <= 1:
             raise ValueError(f"AutoDecoTrainConfig.drop_prob must be in [0, 1], got {self.drop_prob}")
         if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
-            raise ValueError(f"AutoDecoTrainConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
+            raise ValueError(
+                f"AutoDecoTrainConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}"
+            )
         heads = tuple(self.train_heads)
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
-            raise ValueError(f"AutoDecoTrainConfig.train_heads must be a non-empty subset of {HEADS}, got {self.train_heads!r}")
+            raise ValueError(
+                f"AutoDecoTrainConfig.train_heads must be a non-empty subset of {HEADS}, got {self.train_heads!r}"
+            )
         object.__setattr__(self, "train_heads", heads)
 
 
@@ -98,8 +106,11 @@ def make_optimizer(config: AutoDecoTrainConfig) -> optax.GradientTransformation:
     parts = []
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-    parts.append(optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay))
+    parts.append(
+        optax.adamw(
+            config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+        )
+    )
     tx = optax.chain(*parts)
     if set(config.train_heads) == set(HEADS):
         return tx
@@ -111,8 +122,12 @@ def init_state(params, optimizer: optax.GradientTransformation, rng) -> dict[str
     """``{"step": 0, "params", "opt_state", "rng"}`` for head ``params`` (``{"params": ...}``)."""
     if not isinstance(params, dict) or "params" not in params:
         raise ValueError("params must be the heads' variables dict {'params': ...}")
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-            "rng": rng}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "rng": rng,
+    }
 
 
 def check_batch(batch) -> None:
@@ -124,13 +139,16 @@ def check_batch(batch) -> None:
     if h.ndim != 3:
         raise ValueError(f"batch['hidden'] must be [B, S, H], got shape {tuple(h.shape)}")
     if lg.ndim != 3 or tuple(lg.shape[:2]) != tuple(h.shape[:2]):
-        raise ValueError(f"batch['logits'] must be [B, S, V] with B, S = {tuple(h.shape[:2])}, got "
-                         f"shape {tuple(lg.shape)}")
+        raise ValueError(
+            f"batch['logits'] must be [B, S, V] with B, S = {tuple(h.shape[:2])}, got shape {tuple(lg.shape)}"
+        )
     if tuple(y.shape) != tuple(h.shape[:2]):
         raise ValueError(f"batch['labels'] must be [B, S] = {tuple(h.shape[:2])}, got shape {tuple(y.shape)}")
     if "rand_vals" in batch and tuple(batch["rand_vals"].shape) != (h.shape[0], h.shape[1] - 1):
-        raise ValueError(f"batch['rand_vals'] must be [B, S-1] = {(h.shape[0], h.shape[1] - 1)}, got "
-                         f"shape {tuple(batch['rand_vals'].shape)}")
+        raise ValueError(
+            f"batch['rand_vals'] must be [B, S-1] = {(h.shape[0], h.shape[1] - 1)}, got "
+            f"shape {tuple(batch['rand_vals'].shape)}"
+        )
 
 
 def make_loss_fn(module: AutoDecoHeads, config: AutoDecoTrainConfig):
@@ -141,9 +159,17 @@ def make_loss_fn(module: AutoDecoHeads, config: AutoDecoTrainConfig):
         hidden = jax.lax.stop_gradient(batch["hidden"])
         logits = jax.lax.stop_gradient(batch["logits"])
         temperature, top_p = module.apply(params, hidden, logits)
-        out = autodeco_loss(logits, temperature, top_p, batch["labels"], rand_vals,
-                            variant=config.variant, alpha=config.alpha, drop_prob=config.drop_prob,
-                            chunk_size=config.chunk_size)
+        out = autodeco_loss(
+            logits,
+            temperature,
+            top_p,
+            batch["labels"],
+            rand_vals,
+            variant=config.variant,
+            alpha=config.alpha,
+            drop_prob=config.drop_prob,
+            chunk_size=config.chunk_size,
+        )
         loss = 0.0
         if "temp_head" in config.train_heads:
             loss = loss + out["temp_loss"]
@@ -154,8 +180,9 @@ def make_loss_fn(module: AutoDecoHeads, config: AutoDecoTrainConfig):
     return loss_fn
 
 
-def make_train_step(module: AutoDecoHeads, optimizer: optax.GradientTransformation,
-                    config: AutoDecoTrainConfig):
+def make_train_step(
+    module: AutoDecoHeads, optimizer: optax.GradientTransformation, config: AutoDecoTrainConfig
+):
     """train_step(state, batch) -> (new_state, metrics); pure, wrap in ``jax.jit``."""
     grad_fn = jax.value_and_grad(make_loss_fn(module, config), has_aux=True)
 

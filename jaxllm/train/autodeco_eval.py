@@ -44,94 +44,103 @@ PROMPTS = (
 
 
 def line_passes(prompt: str, continuation: str, kind: str) -> bool:
-  """Whether ``continuation`` completes the last line of ``prompt`` as valid Python of ``kind``."""
-  if "\n" not in continuation:
-    return False
-  line = prompt.rsplit("\n", 1)[-1] + continuation.split("\n", 1)[0]
-  body = textwrap.dedent(line)
-  if not body.strip():
-    return False
-  try:
-    if kind == "import":
-      tree = ast.parse(body)
-      names = []
-      for node in tree.body:
-        if isinstance(node, ast.Import):
-          names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-          names.append(node.module)
-        else:
-          return False
-      return bool(names) and all(n.split(".")[0] in sys.stdlib_module_names for n in names)
-    if kind == "def":
-      if not body.rstrip().endswith(":"):
+    """Whether ``continuation`` completes the last line of ``prompt`` as valid Python of ``kind``."""
+    if "\n" not in continuation:
         return False
-      ast.parse(body + "\n    pass")
-      return True
-    if kind == "stmt":
-      src = "def _f():\n    " + body.strip()
-      if src.rstrip().endswith(":"):
-        src += "\n        pass"
-      ast.parse(src)
-      return True
-  except (SyntaxError, ValueError):
-    return False
-  raise ValueError(f"unknown kind {kind!r}")
+    line = prompt.rsplit("\n", 1)[-1] + continuation.split("\n", 1)[0]
+    body = textwrap.dedent(line)
+    if not body.strip():
+        return False
+    try:
+        if kind == "import":
+            tree = ast.parse(body)
+            names = []
+            for node in tree.body:
+                if isinstance(node, ast.Import):
+                    names += [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.append(node.module)
+                else:
+                    return False
+            return bool(names) and all(n.split(".")[0] in sys.stdlib_module_names for n in names)
+        if kind == "def":
+            if not body.rstrip().endswith(":"):
+                return False
+            ast.parse(body + "\n    pass")
+            return True
+        if kind == "stmt":
+            src = "def _f():\n    " + body.strip()
+            if src.rstrip().endswith(":"):
+                src += "\n        pass"
+            ast.parse(src)
+            return True
+    except (SyntaxError, ValueError):
+        return False
+    raise ValueError(f"unknown kind {kind!r}")
 
 
-def evaluate(workdir: str, *, samples: int = 200, max_new_tokens: int = 48, seed: int = 0, modes=None,
-             log=print) -> list[dict]:
-  from jaxllm.train import autodeco_run as ad
-  from jaxllm.train.inference import load_trained
+def evaluate(
+    workdir: str, *, samples: int = 200, max_new_tokens: int = 48, seed: int = 0, modes=None, log=print
+) -> list[dict]:
+    from jaxllm.train import autodeco_run as ad
+    from jaxllm.train.inference import load_trained
 
-  model, params, tok = load_trained(workdir)
-  heads_module, heads_vars, info = ad.load_heads(workdir, hidden_size=model.config.hidden_size)
-  heads = (heads_module, heads_vars)
-  all_modes = {
-      "greedy": None,
-      "sample T=1 p=1": ad.sampling_config("sample", temperature=1.0, top_p=1.0),
-      "autodeco": ad.sampling_config("autodeco"),
-      "fixed-mean": ad.sampling_config("fixed_mean", info),
-      "sample T=0.8 p=0.95 (train default)": ad.sampling_config("sample", temperature=0.8, top_p=0.95),
-  }
-  modes = modes or list(all_modes)
-  rows = []
-  for name in modes:
-    cfg = all_modes[name]
-    t0 = time.perf_counter()
-    n = 1 if cfg is None else samples
-    per_prompt = []
-    for i, (prompt, kind) in enumerate(PROMPTS):
-      ids = ad.generate_ids(model, params, tok, prompt, n, max_new_tokens, cfg, heads=heads, seed=seed + 1000 * i)
-      ok = [line_passes(prompt, tok.decode(r), kind) for r in ids]
-      per_prompt.append(float(np.mean(ok)))
-    p = float(np.mean(per_prompt))
-    # Standard error of the mean over prompts of per-prompt binomial means (n draws each).
-    se = math.sqrt(sum(q * (1 - q) / n for q in per_prompt)) / len(per_prompt) if n > 1 else None
-    row = {"mode": name, "pass_at_1": round(p, 4), "stderr": None if se is None else round(se, 4),
-           "samples_per_prompt": n, "prompts": len(PROMPTS), "per_prompt": [round(q, 3) for q in per_prompt],
-           "time_s": round(time.perf_counter() - t0, 1)}
-    if cfg is not None:
-      row["sampling"] = {k: v for k, v in vars(cfg).items() if v is not None}
-    rows.append(row)
-    log(json.dumps(row))
-  return rows
+    model, params, tok = load_trained(workdir)
+    heads_module, heads_vars, info = ad.load_heads(workdir, hidden_size=model.config.hidden_size)
+    heads = (heads_module, heads_vars)
+    all_modes = {
+        "greedy": None,
+        "sample T=1 p=1": ad.sampling_config("sample", temperature=1.0, top_p=1.0),
+        "autodeco": ad.sampling_config("autodeco"),
+        "fixed-mean": ad.sampling_config("fixed_mean", info),
+        "sample T=0.8 p=0.95 (train default)": ad.sampling_config("sample", temperature=0.8, top_p=0.95),
+    }
+    modes = modes or list(all_modes)
+    rows = []
+    for name in modes:
+        cfg = all_modes[name]
+        t0 = time.perf_counter()
+        n = 1 if cfg is None else samples
+        per_prompt = []
+        for i, (prompt, kind) in enumerate(PROMPTS):
+            ids = ad.generate_ids(
+                model, params, tok, prompt, n, max_new_tokens, cfg, heads=heads, seed=seed + 1000 * i
+            )
+            ok = [line_passes(prompt, tok.decode(r), kind) for r in ids]
+            per_prompt.append(float(np.mean(ok)))
+        p = float(np.mean(per_prompt))
+        # Standard error of the mean over prompts of per-prompt binomial means (n draws each).
+        se = math.sqrt(sum(q * (1 - q) / n for q in per_prompt)) / len(per_prompt) if n > 1 else None
+        row = {
+            "mode": name,
+            "pass_at_1": round(p, 4),
+            "stderr": None if se is None else round(se, 4),
+            "samples_per_prompt": n,
+            "prompts": len(PROMPTS),
+            "per_prompt": [round(q, 3) for q in per_prompt],
+            "time_s": round(time.perf_counter() - t0, 1),
+        }
+        if cfg is not None:
+            row["sampling"] = {k: v for k, v in vars(cfg).items() if v is not None}
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--samples", type=int, default=200, help="samples per prompt for the sampling modes")
-  ap.add_argument("--max-new-tokens", type=int, default=48)
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
-  rows = evaluate(args.workdir, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
-  print("| mode | pass@1 | ± 1 s.e. | samples / prompt |\n|---|---|---|---|")
-  for r in rows:
-    se = "—" if r["stderr"] is None else f"{r['stderr']:.3f}"
-    print(f"| {r['mode']} | {r['pass_at_1']:.3f} | {se} | {r['samples_per_prompt']} |")
-  return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--samples", type=int, default=200, help="samples per prompt for the sampling modes")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rows = evaluate(args.workdir, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print("| mode | pass@1 | ± 1 s.e. | samples / prompt |\n|---|---|---|---|")
+    for r in rows:
+        se = "—" if r["stderr"] is None else f"{r['stderr']:.3f}"
+        print(f"| {r['mode']} | {r['pass_at_1']:.3f} | {se} | {r['samples_per_prompt']} |")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -43,247 +43,317 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def heads_dir(workdir: str) -> str:
-  return os.path.join(workdir, HEADS_DIR)
+    return os.path.join(workdir, HEADS_DIR)
 
 
 def shifted_labels(targets_BS, loss_mask_BS):
-  """HF-style labels for the AutoDeco losses from the packed ``targets`` / ``loss_mask``.
+    """HF-style labels for the AutoDeco losses from the packed ``targets`` / ``loss_mask``.
 
-  The loss reads logits at t against ``labels[t+1]``; the pipeline's ``targets[t]`` is the token
-  after input t. So ``labels[:, t+1] = targets[:, t]`` where ``loss_mask[:, t]``, else -100;
-  ``labels[:, 0]`` is -100 (and the last position's target has no label slot).
-  """
-  body = jnp.where(loss_mask_BS[:, :-1] > 0, targets_BS[:, :-1], -100)
-  pad = jnp.full((targets_BS.shape[0], 1), -100, body.dtype)
-  return jnp.concatenate([pad, body], axis=1).astype(jnp.int32)
+    The loss reads logits at t against ``labels[t+1]``; the pipeline's ``targets[t]`` is the token
+    after input t. So ``labels[:, t+1] = targets[:, t]`` where ``loss_mask[:, t]``, else -100;
+    ``labels[:, 0]`` is -100 (and the last position's target has no label slot).
+    """
+    body = jnp.where(loss_mask_BS[:, :-1] > 0, targets_BS[:, :-1], -100)
+    pad = jnp.full((targets_BS.shape[0], 1), -100, body.dtype)
+    return jnp.concatenate([pad, body], axis=1).astype(jnp.int32)
 
 
 def _flat(batch):
-  """[grad_accum, rows, S] -> [grad_accum * rows, S] numpy int32."""
-  return {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in batch.items()}
+    """[grad_accum, rows, S] -> [grad_accum * rows, S] numpy int32."""
+    return {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in batch.items()}
 
 
 def _base_outputs(model):
-  def fwd(base_params, inputs, segment_ids):
-    out = model.apply(base_params, inputs, segment_ids=segment_ids, return_hidden=True)
-    logits, hidden = out
-    return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(hidden)
-  return fwd
+    def fwd(base_params, inputs, segment_ids):
+        out = model.apply(base_params, inputs, segment_ids=segment_ids, return_hidden=True)
+        logits, hidden = out
+        return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(hidden)
+
+    return fwd
 
 
-def train_heads(workdir: str, *, steps: int = 200, learning_rate: float = 1e-3, batch_size: int | None = None,
-                seed: int = 0, base_step: int | None = None, eval_batches: int = 4, variant: str = "hf",
-                drop_prob: float = 0.6, log: Callable[[str], None] | None = None) -> dict:
-  """Trains fresh AutoDeco heads on the frozen base of ``workdir``; returns the ``heads.json`` dict."""
-  from jaxllm.data.pipeline import PackedBatches
-  from jaxllm.data.sources import load_source
-  from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
-  from jaxllm.train.autodeco import AutoDecoTrainConfig, init_state, make_loss_fn, make_optimizer, make_train_step
-  from jaxllm.train.config import load_config
-  from jaxllm.train.inference import load_trained
-  from jaxllm.train.loop import CONFIG_FILE
+def train_heads(
+    workdir: str,
+    *,
+    steps: int = 200,
+    learning_rate: float = 1e-3,
+    batch_size: int | None = None,
+    seed: int = 0,
+    base_step: int | None = None,
+    eval_batches: int = 4,
+    variant: str = "hf",
+    drop_prob: float = 0.6,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Trains fresh AutoDeco heads on the frozen base of ``workdir``; returns the ``heads.json`` dict."""
+    from jaxllm.data.pipeline import PackedBatches
+    from jaxllm.data.sources import load_source
+    from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
+    from jaxllm.train.autodeco import (
+        AutoDecoTrainConfig,
+        init_state,
+        make_loss_fn,
+        make_optimizer,
+        make_train_step,
+    )
+    from jaxllm.train.config import load_config
+    from jaxllm.train.inference import load_trained
+    from jaxllm.train.loop import CONFIG_FILE
 
-  log = log or (lambda msg: print(msg, flush=True))
-  for name, v, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
-                      ("eval_batches", eval_batches, isinstance(eval_batches, int) and eval_batches >= 1),
-                      ("batch_size", batch_size, batch_size is None or (isinstance(batch_size, int) and batch_size >= 1))):
-    if not ok:
-      raise ConfigError(f"autodeco-train: {name}={v!r} is not allowed; allowed: a positive integer")
-  try:
-    tcfg = AutoDecoTrainConfig(learning_rate=learning_rate, variant=variant, drop_prob=drop_prob)
-  except ValueError as e:
-    raise ConfigError(f"autodeco-train: {e}") from None
+    log = log or (lambda msg: print(msg, flush=True))
+    for name, v, ok in (
+        ("steps", steps, isinstance(steps, int) and steps >= 1),
+        ("eval_batches", eval_batches, isinstance(eval_batches, int) and eval_batches >= 1),
+        ("batch_size", batch_size, batch_size is None or (isinstance(batch_size, int) and batch_size >= 1)),
+    ):
+        if not ok:
+            raise ConfigError(f"autodeco-train: {name}={v!r} is not allowed; allowed: a positive integer")
+    try:
+        tcfg = AutoDecoTrainConfig(learning_rate=learning_rate, variant=variant, drop_prob=drop_prob)
+    except ValueError as e:
+        raise ConfigError(f"autodeco-train: {e}") from None
 
-  model, base_params, tokenizer = load_trained(workdir, step=base_step)
-  config = load_config(os.path.join(workdir, CONFIG_FILE))
-  if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
-    raise ConfigError(f"autodeco-train: model={config.model!r} does not expose hidden states; AutoDeco heads "
-                      "need a model whose apply(..., return_hidden=True) returns (logits, hidden), e.g. kimi_linear")
-  H, V = model.config.hidden_size, model.config.vocab_size
-  rows = batch_size or config.batch_size
-  source = load_source(config.dataset, "train", data_dir=config.data_dir or None, text_key=config.text_key)
-  data = PackedBatches(source, tokenizer, seq_len=config.seq_len, batch_size=rows, grad_accum=1,
-                       seed=config.seed, vocab_size=V)
+    model, base_params, tokenizer = load_trained(workdir, step=base_step)
+    config = load_config(os.path.join(workdir, CONFIG_FILE))
+    if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
+        raise ConfigError(
+            f"autodeco-train: model={config.model!r} does not expose hidden states; AutoDeco heads "
+            "need a model whose apply(..., return_hidden=True) returns (logits, hidden), e.g. kimi_linear"
+        )
+    H, V = model.config.hidden_size, model.config.vocab_size
+    rows = batch_size or config.batch_size
+    source = load_source(config.dataset, "train", data_dir=config.data_dir or None, text_key=config.text_key)
+    data = PackedBatches(
+        source,
+        tokenizer,
+        seq_len=config.seq_len,
+        batch_size=rows,
+        grad_accum=1,
+        seed=config.seed,
+        vocab_size=V,
+    )
 
-  heads = AutoDecoHeads()
-  import flax.linen as nn
-  init_vars = nn.meta.unbox(heads.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, H), jnp.float32),
-                                       jnp.zeros((1, 1, V), jnp.float32)))
-  tx = make_optimizer(tcfg)
-  state = init_state(init_vars, tx, jax.random.PRNGKey(seed + 1))
-  # The frozen base forward is compiled once and shared by training and evaluation (same shapes);
-  # the head step and the eval loss are separate small programs.
-  fwd = jax.jit(_base_outputs(model))
-  inner = make_train_step(heads, tx, tcfg)
+    heads = AutoDecoHeads()
+    import flax.linen as nn
 
-  @jax.jit
-  def head_step(state, logits, hidden, targets, loss_mask):
-    labels = shifted_labels(targets, loss_mask)
-    return inner(state, {"hidden": hidden, "logits": logits, "labels": labels})
+    init_vars = nn.meta.unbox(
+        heads.init(
+            jax.random.PRNGKey(seed), jnp.zeros((1, 1, H), jnp.float32), jnp.zeros((1, 1, V), jnp.float32)
+        )
+    )
+    tx = make_optimizer(tcfg)
+    state = init_state(init_vars, tx, jax.random.PRNGKey(seed + 1))
+    # The frozen base forward is compiled once and shared by training and evaluation (same shapes);
+    # the head step and the eval loss are separate small programs.
+    fwd = jax.jit(_base_outputs(model))
+    inner = make_train_step(heads, tx, tcfg)
 
-  def step_fn(state, base_params, batch):
-    logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
-    return head_step(state, logits, hidden, batch["targets"], batch["loss_mask"])
+    @jax.jit
+    def head_step(state, logits, hidden, targets, loss_mask):
+        labels = shifted_labels(targets, loss_mask)
+        return inner(state, {"hidden": hidden, "logits": logits, "labels": labels})
 
-  loss_fn = make_loss_fn(heads, tcfg)
+    def step_fn(state, base_params, batch):
+        logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
+        return head_step(state, logits, hidden, batch["targets"], batch["loss_mask"])
 
-  @jax.jit
-  def eval_heads(head_params, logits, hidden, targets, loss_mask, rand_vals):
-    labels = shifted_labels(targets, loss_mask)
-    loss, (out, t, p) = loss_fn(head_params, {"hidden": hidden, "logits": logits, "labels": labels}, rand_vals)
-    valid = (labels[:, 1:] != -100).astype(jnp.float32)
-    return loss, jnp.sum(t[:, :-1, 0] * valid), jnp.sum(p[:, :-1, 0] * valid), valid.sum()
+    loss_fn = make_loss_fn(heads, tcfg)
 
-  def eval_fn(head_params, base_params, batch, rand_vals):
-    logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
-    return eval_heads(head_params, logits, hidden, batch["targets"], batch["loss_mask"], rand_vals)
+    @jax.jit
+    def eval_heads(head_params, logits, hidden, targets, loss_mask, rand_vals):
+        labels = shifted_labels(targets, loss_mask)
+        loss, (out, t, p) = loss_fn(
+            head_params, {"hidden": hidden, "logits": logits, "labels": labels}, rand_vals
+        )
+        valid = (labels[:, 1:] != -100).astype(jnp.float32)
+        return loss, jnp.sum(t[:, :-1, 0] * valid), jnp.sum(p[:, :-1, 0] * valid), valid.sum()
 
-  out_dir = heads_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
-  log(f"autodeco-train: base {config.model} from {workdir} (hidden {H}, vocab {V}); heads "
-      f"{sum(x.size for x in jax.tree.leaves(init_vars)):,} params; {steps} steps of {rows} x {config.seq_len} "
-      f"tokens, lr {learning_rate}")
-  mpath = os.path.join(out_dir, METRICS_FILE)
-  losses = []
-  t_start = time.perf_counter()
-  with open(mpath, "w", encoding="utf-8") as mf:
-    for step in range(1, steps + 1):
-      batch = {k: jnp.asarray(v) for k, v in _flat(next(data)).items()}
-      t0 = time.perf_counter()
-      state, m = step_fn(state, base_params, batch)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      dt = time.perf_counter() - t0
-      if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-        raise CheckpointError(f"autodeco-train: non-finite loss/gradient ({m['loss']}, {m['grad_norm']}) at step "
-                              f"{step}; nothing was saved")
-      losses.append(m["loss"])
-      mf.write(json.dumps({"step": step, **m, "step_time_s": dt}) + "\n")
-      if step == 1 or step % max(1, steps // 10) == 0 or step == steps:
-        log(f"  step {step}/{steps}: loss {m['loss']:.4f} (temp {m['temp_loss']:.4f}, top-p {m['top_p_loss']:.4f}) "
-            f"mean T {m['mean_temperature']:.3f} mean P {m['mean_top_p']:.3f}")
+    def eval_fn(head_params, base_params, batch, rand_vals):
+        logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
+        return eval_heads(head_params, logits, hidden, batch["targets"], batch["loss_mask"], rand_vals)
 
-  # Held-out-ish evaluation: the batches that follow the training ones, fixed draws for both heads.
-  ev = {"init": [0.0, 0.0, 0.0, 0.0], "trained": [0.0, 0.0, 0.0, 0.0]}
-  draw = jax.random.PRNGKey(seed + 2)
-  for _ in range(eval_batches):
-    batch = {k: jnp.asarray(v) for k, v in _flat(next(data)).items()}
-    draw, sub = jax.random.split(draw)
-    rv = jax.random.uniform(sub, (batch["inputs"].shape[0], batch["inputs"].shape[1] - 1), jnp.float32)
-    for name, hp in (("init", init_vars), ("trained", state["params"])):
-      vals = jax.device_get(eval_fn(hp, base_params, batch, rv))
-      ev[name] = [a + float(b) for a, b in zip(ev[name], (vals[0], vals[1], vals[2], vals[3]))]
-  n = max(ev["trained"][3], 1.0)
-  info = {
-      "format": "official AutoDeco heads (Zacks917/AutoDeco keys, torch (out, in) weights), safetensors",
-      "hidden_size": H,
-      "vocab_size": V,
-      "mlp_dim": heads.mlp_dim,
-      "base_step": base_step if base_step is not None else _latest_step(workdir, config),
-      "steps": steps,
-      "batch_size": rows,
-      "seq_len": config.seq_len,
-      "learning_rate": learning_rate,
-      "variant": variant,
-      "drop_prob": drop_prob,
-      "seed": seed,
-      "first_loss": losses[0],
-      "last_loss": losses[-1],
-      "eval_batches": eval_batches,
-      "eval_loss_init": ev["init"][0] / eval_batches,
-      "eval_loss_trained": ev["trained"][0] / eval_batches,
-      "mean_temperature": ev["trained"][1] / n,
-      "mean_top_p": ev["trained"][2] / n,
-      "eval_positions": int(ev["trained"][3]),
-      "train_time_s": time.perf_counter() - t_start,
-  }
-  _save(out_dir, heads_to_official(state["params"]), info)
-  log(f"autodeco-train: loss {losses[0]:.4f} -> {losses[-1]:.4f}; eval loss init {info['eval_loss_init']:.4f} -> "
-      f"trained {info['eval_loss_trained']:.4f} over {eval_batches} batch(es); mean T {info['mean_temperature']:.3f}, "
-      f"mean P {info['mean_top_p']:.3f}; saved {os.path.join(out_dir, HEADS_FILE)}")
-  return info
+    out_dir = heads_dir(workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    log(
+        f"autodeco-train: base {config.model} from {workdir} (hidden {H}, vocab {V}); heads "
+        f"{sum(x.size for x in jax.tree.leaves(init_vars)):,} params; {steps} steps of {rows} x {config.seq_len} "
+        f"tokens, lr {learning_rate}"
+    )
+    mpath = os.path.join(out_dir, METRICS_FILE)
+    losses = []
+    t_start = time.perf_counter()
+    with open(mpath, "w", encoding="utf-8") as mf:
+        for step in range(1, steps + 1):
+            batch = {k: jnp.asarray(v) for k, v in _flat(next(data)).items()}
+            t0 = time.perf_counter()
+            state, m = step_fn(state, base_params, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+                raise CheckpointError(
+                    f"autodeco-train: non-finite loss/gradient ({m['loss']}, {m['grad_norm']}) at step "
+                    f"{step}; nothing was saved"
+                )
+            losses.append(m["loss"])
+            mf.write(json.dumps({"step": step, **m, "step_time_s": dt}) + "\n")
+            if step == 1 or step % max(1, steps // 10) == 0 or step == steps:
+                log(
+                    f"  step {step}/{steps}: loss {m['loss']:.4f} (temp {m['temp_loss']:.4f}, top-p {m['top_p_loss']:.4f}) "
+                    f"mean T {m['mean_temperature']:.3f} mean P {m['mean_top_p']:.3f}"
+                )
+
+    # Held-out-ish evaluation: the batches that follow the training ones, fixed draws for both heads.
+    ev = {"init": [0.0, 0.0, 0.0, 0.0], "trained": [0.0, 0.0, 0.0, 0.0]}
+    draw = jax.random.PRNGKey(seed + 2)
+    for _ in range(eval_batches):
+        batch = {k: jnp.asarray(v) for k, v in _flat(next(data)).items()}
+        draw, sub = jax.random.split(draw)
+        rv = jax.random.uniform(sub, (batch["inputs"].shape[0], batch["inputs"].shape[1] - 1), jnp.float32)
+        for name, hp in (("init", init_vars), ("trained", state["params"])):
+            vals = jax.device_get(eval_fn(hp, base_params, batch, rv))
+            ev[name] = [a + float(b) for a, b in zip(ev[name], (vals[0], vals[1], vals[2], vals[3]))]
+    n = max(ev["trained"][3], 1.0)
+    info = {
+        "format": "official AutoDeco heads (Zacks917/AutoDeco keys, torch (out, in) weights), safetensors",
+        "hidden_size": H,
+        "vocab_size": V,
+        "mlp_dim": heads.mlp_dim,
+        "base_step": base_step if base_step is not None else _latest_step(workdir, config),
+        "steps": steps,
+        "batch_size": rows,
+        "seq_len": config.seq_len,
+        "learning_rate": learning_rate,
+        "variant": variant,
+        "drop_prob": drop_prob,
+        "seed": seed,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "eval_batches": eval_batches,
+        "eval_loss_init": ev["init"][0] / eval_batches,
+        "eval_loss_trained": ev["trained"][0] / eval_batches,
+        "mean_temperature": ev["trained"][1] / n,
+        "mean_top_p": ev["trained"][2] / n,
+        "eval_positions": int(ev["trained"][3]),
+        "train_time_s": time.perf_counter() - t_start,
+    }
+    _save(out_dir, heads_to_official(state["params"]), info)
+    log(
+        f"autodeco-train: loss {losses[0]:.4f} -> {losses[-1]:.4f}; eval loss init {info['eval_loss_init']:.4f} -> "
+        f"trained {info['eval_loss_trained']:.4f} over {eval_batches} batch(es); mean T {info['mean_temperature']:.3f}, "
+        f"mean P {info['mean_top_p']:.3f}; saved {os.path.join(out_dir, HEADS_FILE)}"
+    )
+    return info
 
 
 def _latest_step(workdir: str, config) -> int | None:
-  from etils import epath
+    from etils import epath
 
-  from jaxllm.train.loop import checkpoint_dir
-  d = epath.Path(checkpoint_dir(config, workdir))
-  steps = [int(x.name) for x in d.iterdir() if x.name.isdigit()] if d.is_dir() else []
-  return max(steps) if steps else None
+    from jaxllm.train.loop import checkpoint_dir
+
+    d = epath.Path(checkpoint_dir(config, workdir))
+    steps = [int(x.name) for x in d.iterdir() if x.name.isdigit()] if d.is_dir() else []
+    return max(steps) if steps else None
 
 
 def _save(out_dir: str, state_dict: dict, info: dict) -> None:
-  from safetensors.numpy import save_file
-  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
-  tmp = os.path.join(out_dir, HEADS_FILE + ".tmp")
-  save_file(tensors, tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(out_dir, HEADS_FILE))
-  tmp = os.path.join(out_dir, INFO_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(out_dir, INFO_FILE))
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
+    tmp = os.path.join(out_dir, HEADS_FILE + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, HEADS_FILE))
+    tmp = os.path.join(out_dir, INFO_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, INFO_FILE))
 
 
 def load_heads(workdir: str, *, hidden_size: int | None = None):
-  """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
-  from jaxllm.nn.autodeco import heads_from_official
-  d = heads_dir(workdir)
-  path, ipath = os.path.join(d, HEADS_FILE), os.path.join(d, INFO_FILE)
-  if not os.path.exists(path) or not os.path.exists(ipath):
-    raise CheckpointError(f"no AutoDeco heads in {d} ({HEADS_FILE} and {INFO_FILE}); train them first with "
-                          f"`jaxllm autodeco-train --workdir {workdir}`")
-  try:
-    from safetensors.numpy import load_file
-    state_dict = load_file(path)
-    with open(ipath, encoding="utf-8") as f:
-      info = json.load(f)
-    module, variables = heads_from_official(state_dict)
-  except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors: name the file.
-    raise CheckpointError(f"AutoDeco heads in {d} are unreadable or corrupted: {type(e).__name__}: {e}") from e
-  H = state_dict["temp_head.mlp.0.weight"].shape[1]
-  if hidden_size is not None and H != hidden_size:
-    raise CheckpointError(f"AutoDeco heads in {d} expect hidden size {H}, the base model has {hidden_size}")
-  return module, variables, info
+    """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
+    from jaxllm.nn.autodeco import heads_from_official
+
+    d = heads_dir(workdir)
+    path, ipath = os.path.join(d, HEADS_FILE), os.path.join(d, INFO_FILE)
+    if not os.path.exists(path) or not os.path.exists(ipath):
+        raise CheckpointError(
+            f"no AutoDeco heads in {d} ({HEADS_FILE} and {INFO_FILE}); train them first with "
+            f"`jaxllm autodeco-train --workdir {workdir}`"
+        )
+    try:
+        from safetensors.numpy import load_file
+
+        state_dict = load_file(path)
+        with open(ipath, encoding="utf-8") as f:
+            info = json.load(f)
+        module, variables = heads_from_official(state_dict)
+    except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors: name the file.
+        raise CheckpointError(
+            f"AutoDeco heads in {d} are unreadable or corrupted: {type(e).__name__}: {e}"
+        ) from e
+    H = state_dict["temp_head.mlp.0.weight"].shape[1]
+    if hidden_size is not None and H != hidden_size:
+        raise CheckpointError(
+            f"AutoDeco heads in {d} expect hidden size {H}, the base model has {hidden_size}"
+        )
+    return module, variables, info
 
 
 def sampling_config(mode: str, info: dict | None = None, *, temperature: float = 1.0, top_p: float = 1.0):
-  """The SamplingConfig of ``mode`` in ``greedy|sample|autodeco|fixed_mean`` (fixed_mean reads ``info``)."""
-  from jaxllm.ops.sampling import SamplingConfig
-  try:
-    if mode == "fixed_mean":
-      if info is None:
-        raise ValueError("fixed_mean sampling needs the heads' info (mean_temperature, mean_top_p)")
-      return SamplingConfig(mode="fixed_mean", temperature=temperature, top_p=top_p,
-                            mean_temperature=float(info["mean_temperature"]), mean_top_p=float(info["mean_top_p"]))
-    if mode == "greedy":
-      return SamplingConfig(mode="greedy")
-    return SamplingConfig(mode=mode, temperature=temperature, top_p=top_p)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+    """The SamplingConfig of ``mode`` in ``greedy|sample|autodeco|fixed_mean`` (fixed_mean reads ``info``)."""
+    from jaxllm.ops.sampling import SamplingConfig
+
+    try:
+        if mode == "fixed_mean":
+            if info is None:
+                raise ValueError("fixed_mean sampling needs the heads' info (mean_temperature, mean_top_p)")
+            return SamplingConfig(
+                mode="fixed_mean",
+                temperature=temperature,
+                top_p=top_p,
+                mean_temperature=float(info["mean_temperature"]),
+                mean_top_p=float(info["mean_top_p"]),
+            )
+        if mode == "greedy":
+            return SamplingConfig(mode="greedy")
+        return SamplingConfig(mode=mode, temperature=temperature, top_p=top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-def generate_ids(model, params, tokenizer, prompt: str, n: int, max_new_tokens: int, sampling=None, *,
-                 heads=None, seed: int = 0) -> np.ndarray:
-  """``n`` continuations of ``prompt`` in one batch: ``[n, max_new_tokens]`` generated ids.
+def generate_ids(
+    model,
+    params,
+    tokenizer,
+    prompt: str,
+    n: int,
+    max_new_tokens: int,
+    sampling=None,
+    *,
+    heads=None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``n`` continuations of ``prompt`` in one batch: ``[n, max_new_tokens]`` generated ids.
 
-  ``sampling`` None is greedy; ``heads = (module, variables)`` is required for mode ``autodeco``.
-  """
-  from jaxllm.decode import generate
-  ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)
-  prompt_BT = jnp.asarray(np.tile(ids[None], (n, 1)))
-  kwargs = {}
-  if sampling is not None and sampling.mode != "greedy":
-    kwargs = {"sampling": sampling, "rng": jax.random.PRNGKey(seed)}
-    if sampling.mode == "autodeco":
-      if heads is None:
-        raise ValueError("autodeco sampling needs heads=(module, variables)")
-      kwargs["autodeco"] = tuple(heads)
-  out = np.asarray(generate(model, params, prompt_BT, max_new_tokens=max_new_tokens, **kwargs))
-  return out[:, len(ids):]
+    ``sampling`` None is greedy; ``heads = (module, variables)`` is required for mode ``autodeco``.
+    """
+    from jaxllm.decode import generate
+
+    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)
+    prompt_BT = jnp.asarray(np.tile(ids[None], (n, 1)))
+    kwargs = {}
+    if sampling is not None and sampling.mode != "greedy":
+        kwargs = {"sampling": sampling, "rng": jax.random.PRNGKey(seed)}
+        if sampling.mode == "autodeco":
+            if heads is None:
+                raise ValueError("autodeco sampling needs heads=(module, variables)")
+            kwargs["autodeco"] = tuple(heads)
+    out = np.asarray(generate(model, params, prompt_BT, max_new_tokens=max_new_tokens, **kwargs))
+    return out[:, len(ids) :]
 
 
-def generate_text(model, params, tokenizer, prompt: str, max_new_tokens: int, sampling=None, *, heads=None,
-                  seed: int = 0) -> str:
-  out = generate_ids(model, params, tokenizer, prompt, 1, max_new_tokens, sampling, heads=heads, seed=seed)
-  return prompt + tokenizer.decode(out[0])
+def generate_text(
+    model, params, tokenizer, prompt: str, max_new_tokens: int, sampling=None, *, heads=None, seed: int = 0
+) -> str:
+    out = generate_ids(model, params, tokenizer, prompt, 1, max_new_tokens, sampling, heads=heads, seed=seed)
+    return prompt + tokenizer.decode(out[0])

@@ -40,14 +40,34 @@ def resolve_impl(impl: str) -> str:
     return "pallas_tpu" if jax.default_backend() == "tpu" else "chunk"
 
 
-def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None, use_qk_l2norm=False, impl="auto", segment_ids=None, interpret=False):
+def kda(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    use_qk_l2norm=False,
+    impl="auto",
+    segment_ids=None,
+    interpret=False,
+):
     """KDA over a sequence; returns `(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] f32 or None)`."""
     impl = resolve_impl(impl)
     if interpret and not impl.startswith("pallas"):
         raise ValueError(f"kda: interpret=True applies to the Pallas kernels only, not impl={impl!r}")
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm)
+    kwargs = dict(
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        segment_ids=segment_ids,
+        use_qk_l2norm=use_qk_l2norm,
+    )
     if impl == "recurrent":
         return kda_recurrent(q, k, v, g, beta, **kwargs)
     if impl == "chunk":

@@ -40,12 +40,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, segment_resets, validate_inputs,
-                                       varlen_layout)
+from pallas_kernels.kda.common import (
+    L2NORM_EPS,
+    default_scale,
+    segment_resets,
+    validate_inputs,
+    varlen_layout,
+)
 
-CHUNK = 64       # C: tokens per chunk
-SUB = 16         # BC: tokens per secondary sub-chunk
-SUB_SHIFT = 4    # log2(SUB): sub-chunk index = row >> 4, row in sub-chunk = row & 15
+CHUNK = 64  # C: tokens per chunk
+SUB = 16  # BC: tokens per secondary sub-chunk
+SUB_SHIFT = 4  # log2(SUB): sub-chunk index = row >> 4, row in sub-chunk = row & 15
 NSUB = CHUNK // SUB
 assert SUB == 1 << SUB_SHIFT
 F32 = jnp.float32
@@ -66,30 +71,35 @@ def dot_precision(precision):
     finally:
         _DOT_PRECISION.reset(token)
 
+
 # chunk flags (int32 bit set per chunk)
 START = 1  # first chunk of a sequence: state := h0[seq] before it
-END = 2    # last chunk of a sequence: ht[seq] := state after it
+END = 2  # last chunk of a sequence: ht[seq] := state after it
 
 
 # ----------------------------------------------------------------------------------------------
 # small helpers (values only)
 
+
 def _dot(a, b):
     """a @ b."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_DOT_PRECISION.get(),
-                           preferred_element_type=F32)
+    return lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
+    )
 
 
 def _dot_tn(a, b):
     """a^T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_DOT_PRECISION.get(),
-                           preferred_element_type=F32)
+    return lax.dot_general(
+        a, b, (((0,), (0,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
+    )
 
 
 def _dot_nt(a, b):
     """a @ b^T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_DOT_PRECISION.get(),
-                           preferred_element_type=F32)
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
+    )
 
 
 def store(refs, values):
@@ -149,7 +159,7 @@ def _pair(a, b, G, *, strict):
         bj, Gj = _rows_at(b, j), _rows_at(G, j)
         ok = (sub_r > j) if strict else (sub_r >= j)
         e = jnp.where(ok, jnp.exp(jnp.where(ok, G - Gj, 0.0)), 0.0)
-        vals = jnp.sum(a * bj * e, axis=1, keepdims=True)          # [C, 1]
+        vals = jnp.sum(a * bj * e, axis=1, keepdims=True)  # [C, 1]
         return acc + jnp.where(ci == col_of + j, vals, 0.0)
 
     return lax.fori_loop(0, SUB, body, out)
@@ -187,7 +197,7 @@ def _pair_grads(dM, a, b, G, *, strict):
         e = jnp.where(ok, jnp.exp(jnp.where(ok, G - Gj, 0.0)), 0.0)
         dcol = jnp.sum(jnp.where(ci == col_of + j, dM, 0.0), axis=1, keepdims=True)  # dM[i, c(i)]
         da = da + dcol * bj * e
-        t = dcol * a * e                       # belongs to db row c(i): sum it per sub-chunk
+        t = dcol * a * e  # belongs to db row c(i): sum it per sub-chunk
         for s in range(NSUB):
             r = jnp.sum(jnp.where(blkK == s, t, 0.0), axis=0, keepdims=True)
             db = jnp.where(rowK == s * SUB + j, db + r, db)
@@ -219,17 +229,17 @@ def _unit_lower_inverse(L):
 
 
 class _Intra(NamedTuple):
-    gamma: jax.Array   # exp(G) on rows that read the chunk-initial state, else 0   [C,K]
-    P: jax.Array       # k-k pair matrix   [C,C] strictly lower
-    T: jax.Array       # (I + diag(beta) P)^-1
-    kb: jax.Array      # beta Gamma k      [C,K]
-    vb: jax.Array      # beta v            [C,V]
-    W: jax.Array       # T kb
-    U: jax.Array       # T vb
-    A: jax.Array       # s * q-k pair matrix [C,C] lower incl. diagonal
-    kd: jax.Array      # k exp(gl - G)     [C,K]
-    egl: jax.Array     # exp(gl - G) on rows that write the next state, else 0    [C,K]
-    decay: jax.Array   # exp(gl) if the chunk-initial state survives the chunk, else 0  [K,1]
+    gamma: jax.Array  # exp(G) on rows that read the chunk-initial state, else 0   [C,K]
+    P: jax.Array  # k-k pair matrix   [C,C] strictly lower
+    T: jax.Array  # (I + diag(beta) P)^-1
+    kb: jax.Array  # beta Gamma k      [C,K]
+    vb: jax.Array  # beta v            [C,V]
+    W: jax.Array  # T kb
+    U: jax.Array  # T vb
+    A: jax.Array  # s * q-k pair matrix [C,C] lower incl. diagonal
+    kd: jax.Array  # k exp(gl - G)     [C,K]
+    egl: jax.Array  # exp(gl - G) on rows that write the next state, else 0    [C,K]
+    decay: jax.Array  # exp(gl) if the chunk-initial state survives the chunk, else 0  [K,1]
     same: jax.Array | None  # [C,C] rows i, j in the same segment (None: no segments)
 
 
@@ -348,8 +358,7 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
     dvb = _dot_tn(it.T, dD)
     dk = dk + beta * it.gamma * dkb
     dG = dG + beta * it.gamma * k * dkb
-    dbeta = (jnp.sum(it.gamma * k * dkb, axis=1, keepdims=True)
-             + jnp.sum(v * dvb, axis=1, keepdims=True))
+    dbeta = jnp.sum(it.gamma * k * dkb, axis=1, keepdims=True) + jnp.sum(v * dvb, axis=1, keepdims=True)
     dv = beta * dvb
 
     # T = (I + L)^-1, L = diag(beta) P
@@ -377,17 +386,18 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
 # ----------------------------------------------------------------------------------------------
 # the wrapper: layout + custom_vjp around a backend's kernels
 
+
 class Chunked(NamedTuple):
     """Kernel-side arrays: every per-token array as [B, H, NC*C, .], chunk metadata as [NC]."""
 
-    q: jax.Array      # [B,H,Tp,K]   input dtype (or f32 after L2 norm)
+    q: jax.Array  # [B,H,Tp,K]   input dtype (or f32 after L2 norm)
     k: jax.Array
-    v: jax.Array      # [B,H,Tp,V]
-    G: jax.Array      # [B,H,Tp,K]   f32 chunk-local cumsum of g
-    beta: jax.Array   # [B,H,Tp,1]   f32
-    glc: jax.Array    # [B,H,NC,K,1] f32 G's last row per chunk, as a column
-    h0: jax.Array     # [N,H,K,V]    f32
-    seq: jax.Array    # [NC] int32   sequence of the chunk, relative to its batch row
+    v: jax.Array  # [B,H,Tp,V]
+    G: jax.Array  # [B,H,Tp,K]   f32 chunk-local cumsum of g
+    beta: jax.Array  # [B,H,Tp,1]   f32
+    glc: jax.Array  # [B,H,NC,K,1] f32 G's last row per chunk, as a column
+    h0: jax.Array  # [N,H,K,V]    f32
+    seq: jax.Array  # [NC] int32   sequence of the chunk, relative to its batch row
     flags: jax.Array  # [NC] int32   START | END bits
     rc: jax.Array | None = None  # [B,Tp,1] f32  segment resets so far in the chunk (segment_ids)
     rr: jax.Array | None = None  # [B,NC,1,C] f32 the same, one row per chunk
@@ -415,11 +425,22 @@ def _make_core(fwd: FwdFn, bwd: BwdFn, scale: float, l2norm: bool):
     def core_bwd(res, cts):
         ch, hs, has = res
         do, dht = cts
-        dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale,
-                                               l2norm)
+        dq, dk, dv, dG, dbeta, dglc, dh0 = bwd(ch, hs, do.astype(F32), dht.astype(F32), scale, l2norm)
         dh0 = jnp.where(has[:, None, None, None], dh0, 0.0)  # sequences with no chunk: never written
-        return (dq.astype(ch.q.dtype), dk.astype(ch.k.dtype), dv.astype(ch.v.dtype), dG,
-                dbeta, dglc, dh0, None, None, None, None, None)
+        return (
+            dq.astype(ch.q.dtype),
+            dk.astype(ch.k.dtype),
+            dv.astype(ch.v.dtype),
+            dG,
+            dbeta,
+            dglc,
+            dh0,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     core.defvjp(core_fwd, core_bwd)
     return core
@@ -432,9 +453,24 @@ def _pad_last(x, n):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
-def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None, segment_ids=None, use_qk_l2norm=False,
-               pad_kv_to=None, name="kda_pallas"):
+def kda_pallas(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    fwd: FwdFn,
+    bwd: BwdFn,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    segment_ids=None,
+    use_qk_l2norm=False,
+    pad_kv_to=None,
+    name="kda_pallas",
+):
     """Shared driver of `kda_pallas_tpu` / `kda_pallas_gpu` (same contract as `kda_recurrent`).
 
     pad_kv_to: optional fn(dim) -> padded dim (GPU: powers of two >= 16); zero padding of K/V
@@ -445,8 +481,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = CHUNK
-    h0 = (jnp.zeros((n_seq, H, K, V), F32) if initial_state is None
-          else initial_state.astype(F32))
+    h0 = jnp.zeros((n_seq, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
     g = g.astype(F32)
     beta = beta.astype(F32)
 
@@ -455,7 +490,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     v = _pad_last(v, Vp)
     h0p = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
 
-    heads_major = lambda x: jnp.swapaxes(x, 1, 2)          # [B,T,H,.] -> [B,H,T,.]
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B,T,H,.] -> [B,H,T,.]
     beta4 = beta[..., None]
     if cu_seqlens is None:
         NC = max(1, -(-T // C))
@@ -492,14 +527,14 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
             return heads_major(x[:, :, lay.dest])
 
         seq = lay.chunk_seq
-        flags = (jnp.where(lay.chunk_start, START, 0) | jnp.where(lay.chunk_end, END, 0))
+        flags = jnp.where(lay.chunk_start, START, 0) | jnp.where(lay.chunk_end, END, 0)
         has = jnp.zeros((n_seq,), bool).at[seq].max(lay.chunk_start)
         rc = rr = None
 
     flags = flags.astype(jnp.int32)
     qL, kL, vL, gL, bL = (to_chunks(x) for x in (q, k, v, g, beta4))
     GL = jnp.cumsum(gL.reshape(B, H, NC, C, Kp), axis=3)
-    glc = GL[:, :, :, C - 1, :, None]                      # [B,H,NC,Kp,1]
+    glc = GL[:, :, :, C - 1, :, None]  # [B,H,NC,Kp,1]
     GL = GL.reshape(B, H, Tp, Kp)
 
     core = _make_core(fwd, bwd, scale, bool(use_qk_l2norm))
@@ -508,7 +543,7 @@ def kda_pallas(q, k, v, g, beta, *, fwd: FwdFn, bwd: BwdFn, scale=None, initial_
     if not output_final_state:
         return o, None
     ht = ht[:, :, :K, :V]
-    ht = jnp.where(has[:, None, None, None], ht, h0)   # empty sequences keep their initial state
+    ht = jnp.where(has[:, None, None, None], ht, h0)  # empty sequences keep their initial state
     return o, ht
 
 

@@ -27,6 +27,7 @@ saved states, runs the state cotangent back through the group (dR = P^T dS_next 
 dS0 = exp(G_C) dS_next + (q*exp(G))^T dO - (Diag(beta) K*exp(G))^T dR), and pulls the parts'
 cotangents back to the inputs, so the [C,C]-shaped intermediates only ever exist for one group.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -35,8 +36,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kda.common import (L2NORM_EPS, default_scale, document_index,
-                                       validate_inputs, varlen_layout)
+from pallas_kernels.kda.common import (
+    L2NORM_EPS,
+    default_scale,
+    document_index,
+    validate_inputs,
+    varlen_layout,
+)
 
 CHUNK = 64
 SUB = 16
@@ -99,6 +105,7 @@ _mm_tn.defvjp(_mm_tn_fwd, _mm_tn_bwd)
 # a reduction go through `_expand` (or have their own VJP). tests/kernels/test_kda_xla_cpu.py
 # checks the compiled backward for reduce fusions in conditional branches.
 
+
 def _rowdot(a, b):
     """sum over the last dim of a * b."""
     return jnp.einsum("...x,...x->...", a, b)
@@ -112,8 +119,8 @@ def _colsum(x):
 def _sum_axis(x, axis):
     """sum over `axis` as a contraction with ones (a dot, not a reduce)."""
     axis = axis % x.ndim
-    letters = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
-    out = letters[:axis] + letters[axis + 1:]
+    letters = "abcdefghijklmnopqrstuvwxyz"[: x.ndim]
+    out = letters[:axis] + letters[axis + 1 :]
     return jnp.einsum(f"{letters},{letters[axis]}->{out}", x, jnp.ones(x.shape[axis], x.dtype))
 
 
@@ -121,7 +128,7 @@ def _sum_axis(x, axis):
 def _expand(x, axis, size):
     """x with a new dim of `size` inserted at `axis` (a broadcast whose VJP sums with a dot)."""
     y = jnp.expand_dims(x, axis)
-    return jnp.broadcast_to(y, y.shape[:axis % y.ndim] + (size,) + y.shape[axis % y.ndim + 1:])
+    return jnp.broadcast_to(y, y.shape[: axis % y.ndim] + (size,) + y.shape[axis % y.ndim + 1 :])
 
 
 def _expand_fwd(x, axis, size):
@@ -206,7 +213,7 @@ def _diag_pairwise(xs, ks, gs):
 
     @jax.checkpoint
     def block(args):
-        x, k, g = args                                                          # [S, K] each
+        x, k, g = args  # [S, K] each
         decay = _masked_decay(lower, _expand(g, 1, SUB) - _expand(g, 0, SUB))  # [S, S, K]
         return jnp.einsum("ijd,jd->ij", _expand(x, 1, SUB) * decay, k)
 
@@ -270,10 +277,11 @@ def _causal_masks(C, dtype):
 
 def _scores_whole_chunk(q_NCK, k_NCK, g_cum_NCK):
     C = k_NCK.shape[-2]
-    g_mid = g_cum_NCK[..., C // 2: C // 2 + 1, :]
+    g_mid = g_cum_NCK[..., C // 2 : C // 2 + 1, :]
     right = k_NCK * _bounded_exp(g_mid - g_cum_NCK)
     rows = jnp.concatenate([k_NCK, q_NCK], axis=-2) * _bounded_exp(
-        jnp.concatenate([g_cum_NCK, g_cum_NCK], axis=-2) - g_mid)
+        jnp.concatenate([g_cum_NCK, g_cum_NCK], axis=-2) - g_mid
+    )
     scores = _dot("...id,...jd->...ij", rows, right)
     strict, lower = _causal_masks(C, scores.dtype)
     return scores[..., :C, :] * strict, scores[..., C:, :] * lower
@@ -283,15 +291,15 @@ def _scores_whole_chunk_bwd(q_NCK, k_NCK, g_cum_NCK, cts):
     """VJP of `_scores_whole_chunk` by hand: two matmuls, no re-run of the forward product."""
     d_akk, d_aqk = cts
     C = k_NCK.shape[-2]
-    g_mid = g_cum_NCK[..., C // 2: C // 2 + 1, :]
-    e_row = _bounded_exp(g_cum_NCK - g_mid)          # |G - G_mid| <= SAFE_SPAN on this path,
-    e_col = _bounded_exp(g_mid - g_cum_NCK)          # so the clip is inactive (derivative 1)
+    g_mid = g_cum_NCK[..., C // 2 : C // 2 + 1, :]
+    e_row = _bounded_exp(g_cum_NCK - g_mid)  # |G - G_mid| <= SAFE_SPAN on this path,
+    e_col = _bounded_exp(g_mid - g_cum_NCK)  # so the clip is inactive (derivative 1)
     right = k_NCK * e_col
     rows = jnp.concatenate([k_NCK, q_NCK], axis=-2) * jnp.concatenate([e_row, e_row], axis=-2)
     strict, lower = _causal_masks(C, d_akk.dtype)
-    d_scores = jnp.concatenate([d_akk * strict, d_aqk * lower], axis=-2)       # [..., 2C, C]
-    d_rows = _dot("...ij,...jd->...id", d_scores, right)                         # [..., 2C, K]
-    d_right = _dot("...ji,...id->...jd", _t(d_scores), rows)                    # [..., C, K]
+    d_scores = jnp.concatenate([d_akk * strict, d_aqk * lower], axis=-2)  # [..., 2C, C]
+    d_rows = _dot("...ij,...jd->...id", d_scores, right)  # [..., 2C, K]
+    d_right = _dot("...ji,...id->...jd", _t(d_scores), rows)  # [..., C, K]
     d_rows_k, d_rows_q = d_rows[..., :C, :], d_rows[..., C:, :]
     dq = d_rows_q * e_row
     dk = d_rows_k * e_row + d_right * e_col
@@ -315,8 +323,10 @@ def _scores_by_subchunk(q_NCK, k_NCK, g_cum_NCK, sub_fast=None):
         sub_fast = _span_within(_sub_blocks(g_cum_NCK))
     C = k_NCK.shape[-2]
     strict, _ = _causal_masks(C, k_NCK.dtype)
-    return (_subchunk_scores(k_NCK, k_NCK, g_cum_NCK, sub_fast) * strict,
-            _subchunk_scores(q_NCK, k_NCK, g_cum_NCK, sub_fast))
+    return (
+        _subchunk_scores(k_NCK, k_NCK, g_cum_NCK, sub_fast) * strict,
+        _subchunk_scores(q_NCK, k_NCK, g_cum_NCK, sub_fast),
+    )
 
 
 def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK, sub_fast):
@@ -332,18 +342,21 @@ def _subchunk_scores(x_NCK, k_NCK, g_cum_NCK, sub_fast):
     diag = (_expand(diag, -2, n) * eye_n[:, None, :, None]).reshape(*lead, C, C)
 
     # Off-diagonal blocks: reference row r_a = first row of sub-chunk a; both factors <= 1.
-    g_ref = gs[..., :, 0, :]                                          # [..., n, K]
+    g_ref = gs[..., :, 0, :]  # [..., n, K]
     x_ref = xs * _masked_decay(True, gs - _expand(g_ref, -2, SUB))
     before = jnp.arange(C)[None, :] < (jnp.arange(n) * SUB)[:, None]  # [n, C]
     k_ref = _expand(k_NCK, -3, n) * _masked_decay(
-        before[:, :, None], _expand(g_ref, -2, C) - _expand(g_cum_NCK, -3, n))  # [..., n, C, K]
+        before[:, :, None], _expand(g_ref, -2, C) - _expand(g_cum_NCK, -3, n)
+    )  # [..., n, C, K]
     off = _dot("...nid,...njd->...nij", x_ref, k_ref).reshape(*lead, C, C)
     return off + diag
 
 
-_select_scores = _select_by_span(lambda xs, _: _scores_whole_chunk(*xs),
-                                 lambda xs, preds: _scores_by_subchunk(*xs, *preds),
-                                 _scores_whole_chunk_bwd)
+_select_scores = _select_by_span(
+    lambda xs, _: _scores_whole_chunk(*xs),
+    lambda xs, preds: _scores_by_subchunk(*xs, *preds),
+    _scores_whole_chunk_bwd,
+)
 
 
 def intra_scores(q_NCK, k_NCK, g_cum_NCK):
@@ -355,8 +368,9 @@ def intra_scores(q_NCK, k_NCK, g_cum_NCK):
     SAFE_SPAN); or exact pairwise diagonal blocks for any gate magnitude. Both predicates are
     computed here, before any branch.
     """
-    return _select_scores(_span_within(g_cum_NCK), (q_NCK, k_NCK, g_cum_NCK),
-                          (_span_within(_sub_blocks(g_cum_NCK)),))
+    return _select_scores(
+        _span_within(g_cum_NCK), (q_NCK, k_NCK, g_cum_NCK), (_span_within(_sub_blocks(g_cum_NCK)),)
+    )
 
 
 def _invert_unit_lower_blocks(l_NSS):
@@ -369,10 +383,11 @@ def _invert_unit_lower_blocks(l_NSS):
     i = jnp.arange(S)
 
     def off_blocks(s):  # (r, c) in the same 2s-block but different s-blocks
-        return (((i[:, None] // (2 * s)) == (i[None, :] // (2 * s)))
-                & ((i[:, None] // s) != (i[None, :] // s))).astype(l_NSS.dtype)
+        return (
+            ((i[:, None] // (2 * s)) == (i[None, :] // (2 * s))) & ((i[:, None] // s) != (i[None, :] // s))
+        ).astype(l_NSS.dtype)
 
-    inv = jnp.eye(S, dtype=l_NSS.dtype) - l_NSS * off_blocks(1)     # M_2 (M_1 = I)
+    inv = jnp.eye(S, dtype=l_NSS.dtype) - l_NSS * off_blocks(1)  # M_2 (M_1 = I)
     s = 2
     while s < S:
         inv = inv - _dot("...ij,...jk->...ik", inv, _dot("...ij,...jk->...ik", l_NSS * off_blocks(s), inv))
@@ -405,8 +420,11 @@ def unit_lower_inverse(l_CC):
     n = C // SUB
     padded = SUB * (1 << (n - 1).bit_length())
     l = l_CC if padded == C else jnp.pad(l_CC, [(0, 0)] * (l_CC.ndim - 2) + [(0, padded - C)] * 2)
-    blocks = _invert_unit_lower_blocks(jnp.stack(
-        [l[..., a * SUB:(a + 1) * SUB, a * SUB:(a + 1) * SUB] for a in range(padded // SUB)], axis=-3))
+    blocks = _invert_unit_lower_blocks(
+        jnp.stack(
+            [l[..., a * SUB : (a + 1) * SUB, a * SUB : (a + 1) * SUB] for a in range(padded // SUB)], axis=-3
+        )
+    )
     while blocks.shape[-3] > 1:
         blocks = _merge_block_pairs(blocks, l)
     return blocks[..., 0, :C, :C]
@@ -428,10 +446,6 @@ def _unit_lower_inverse_bwd(inv, d_inv):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The chunk loop. One `fori_loop` step handles a group of `n` consecutive chunks for all batch
 # rows and heads: the state-independent intra-chunk part batched over the group, then the n
@@ -447,16 +461,16 @@ class Parts(NamedTuple):
     state and R = bv - bk @ S0: S_next = decay * S0 + p @ R and O = qg @ S0 + q @ R."""
 
     decay: jax.Array  # [..., K]    exp(G_C), per key row of the state
-    p: jax.Array      # [..., K, C] kg^T M
-    q: jax.Array      # [..., C, C] Aqk M
-    bk: jax.Array     # [..., C, K] Diag(beta) K*exp(G)
-    bv: jax.Array     # [..., C, V] Diag(beta) V
-    qg: jax.Array     # [..., C, K] q*exp(G)
+    p: jax.Array  # [..., K, C] kg^T M
+    q: jax.Array  # [..., C, C] Aqk M
+    bk: jax.Array  # [..., C, K] Diag(beta) K*exp(G)
+    bv: jax.Array  # [..., C, V] Diag(beta) V
+    qg: jax.Array  # [..., C, K] q*exp(G)
 
 
 class Config(NamedTuple):
     chunk: int
-    group: int      # chunks per backward loop step
+    group: int  # chunks per backward loop step
     fwd_group: int  # chunks per forward loop step, a multiple of `group`
     scale: float
     l2norm: bool
@@ -465,9 +479,9 @@ class Config(NamedTuple):
 class Flags(NamedTuple):
     """Per-chunk flags of a packed (B == 1) stream; see common.varlen_layout."""
 
-    seq: jax.Array    # [NC] int32
+    seq: jax.Array  # [NC] int32
     start: jax.Array  # [NC] bool
-    end: jax.Array    # [NC] bool
+    end: jax.Array  # [NC] bool
 
 
 def _to_chunks(x, C):
@@ -487,12 +501,14 @@ def _segment_masks(seg_BnC, prev_B):
     segment ids: equality must mean "no change point between") and the index of the row before
     the first chunk [B]; chunk-major and broadcast over heads (dim 2)."""
     last_prev = jnp.concatenate([prev_B[:, None], seg_BnC[:, :-1, -1]], axis=1).T  # [n,B]
-    seg = seg_BnC.transpose(1, 0, 2)                                                # [n,B,C]
+    seg = seg_BnC.transpose(1, 0, 2)  # [n,B,C]
     f32 = lambda x: x.astype(jnp.float32)[:, :, None]
-    return (f32(seg[..., :, None] == seg[..., None, :]),    # same segment [n,B,1,C,C]
-            f32(seg == last_prev[..., None]),                # row reads S0 [n,B,1,C]
-            f32(seg == seg[..., -1:]),                       # row writes S_next
-            f32(seg[..., -1] == last_prev))                  # S0 survives the chunk
+    return (
+        f32(seg[..., :, None] == seg[..., None, :]),  # same segment [n,B,1,C,C]
+        f32(seg == last_prev[..., None]),  # row reads S0 [n,B,1,C]
+        f32(seg == seg[..., -1:]),  # row writes S_next
+        f32(seg[..., -1] == last_prev),
+    )  # S0 survives the chunk
 
 
 def _tril_batch(C, batch, dtype, transpose=False):
@@ -538,13 +554,13 @@ class Terms(NamedTuple):
     """Gated, masked per-chunk inputs of the parts, leading dims [n,B,H] (see `_terms`)."""
 
     decay: jax.Array  # [..., K]    exp(G_C), zero where the state does not survive the chunk
-    qg: jax.Array     # [..., C, K] q*exp(G), rows that read S0
+    qg: jax.Array  # [..., C, K] q*exp(G), rows that read S0
     k_read: jax.Array  # [..., C, K] k*exp(G), rows that read S0
-    kg: jax.Array     # [..., C, K] k*exp(G_C - G), rows that write S_next
-    v: jax.Array      # [..., C, V]
-    beta: jax.Array   # [..., C]
-    akk: jax.Array    # [..., C, C] strictly lower
-    aqk: jax.Array    # [..., C, C] lower
+    kg: jax.Array  # [..., C, K] k*exp(G_C - G), rows that write S_next
+    v: jax.Array  # [..., C, V]
+    beta: jax.Array  # [..., C]
+    akk: jax.Array  # [..., C, C] strictly lower
+    aqk: jax.Array  # [..., C, C] lower
 
 
 def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
@@ -553,7 +569,7 @@ def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
     f32 = jnp.float32
     q, k, v = (_to_chunks(x.astype(f32), C) for x in (q, k, v))
     G, E = _chunk_sums(g.astype(f32), C)
-    beta = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]       # [n,B,H,C]
+    beta = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]  # [n,B,H,C]
     if cfg.l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * cfg.scale
@@ -562,7 +578,7 @@ def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
     qg = q * gamma
     k_read = k * gamma
     kg = k * jnp.exp(E)
-    decay = gamma[..., -1, :]                                        # [..., K]
+    decay = gamma[..., -1, :]  # [..., K]
     if seg is not None:
         B, n = seg.shape[0], seg.shape[1] // C
         same, reads, in_last, carries = _segment_masks(seg.reshape(B, n, C), seg_prev)
@@ -576,11 +592,17 @@ def _terms(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Terms:
 def _parts(q, k, v, g, beta, seg, seg_prev, cfg: Config) -> Parts:
     """Parts of n chunks from raw input rows (as `_terms`); the backward differentiates this."""
     t = _terms(q, k, v, g, beta, seg, seg_prev, cfg)
-    inv = unit_lower_inverse(_scale_rows(t.akk, t.beta))            # M
+    inv = unit_lower_inverse(_scale_rows(t.akk, t.beta))  # M
     # P and Q as two matmuls rather than one on a [kg^T; Aqk] concatenation: building that cost
     # more than the second call (0.6 ms of 13 in the forward at the benchmark shape).
-    return Parts(decay=t.decay, p=_mm_tn(t.kg, inv), q=_mm(t.aqk, inv),
-                 bk=_scale_rows(t.k_read, t.beta), bv=_scale_rows(t.v, t.beta), qg=t.qg)
+    return Parts(
+        decay=t.decay,
+        p=_mm_tn(t.kg, inv),
+        q=_mm(t.aqk, inv),
+        bk=_scale_rows(t.k_read, t.beta),
+        bv=_scale_rows(t.v, t.beta),
+        qg=t.qg,
+    )
 
 
 def _group_inputs(xs, seg, i, rows):
@@ -634,9 +656,8 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
             if fl is not None:
                 seq = fl.seq[c]
                 finals = finals.at[seq].set(jnp.where(fl.end[c], state[0], finals[seq]))
-        hs = jnp.stack(hs)                                           # [n,B,H,K,V]
-        o = (_dot("...ck,...kv->...cv", parts.qg, hs)
-             + _dot("...cj,...jv->...cv", parts.q, jnp.stack(rs)))
+        hs = jnp.stack(hs)  # [n,B,H,K,V]
+        o = _dot("...ck,...kv->...cv", parts.qg, hs) + _dot("...cj,...jv->...cv", parts.q, jnp.stack(rs))
         out = jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(o), i * n * cfg.chunk, axis=1)
         if save_states:
             states = jax.lax.dynamic_update_slice_in_dim(states, hs, i * n, axis=0)
@@ -645,7 +666,8 @@ def _forward(xs, h0, seg, flags: Flags | None, cfg: Config, save_states: bool):
     state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else h0
     states0 = jnp.zeros((NG * n, B, H, K, V), f32) if save_states else None
     out, states, last, finals = jax.lax.fori_loop(
-        0, NG, body, (jnp.zeros((B, Tp, H, V), f32), states0, state0, h0))
+        0, NG, body, (jnp.zeros((B, Tp, H, V), f32), states0, state0, h0)
+    )
     return out, (finals if flags is not None else last), states
 
 
@@ -660,41 +682,48 @@ def _backward(xs, h0, seg, flags: Flags | None, states, d_out, d_final, cfg: Con
         group, seg_i, prev = _group_inputs(xs, seg, i, n * cfg.chunk)
         parts, parts_vjp = jax.vjp(lambda *a: _parts(*a, seg_i, prev, cfg), *group)
         fl = _group_flags(flags, i, n)
-        hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=0)           # [n,B,H,K,V]
+        hs = jax.lax.dynamic_slice_in_dim(states, i * n, n, axis=0)  # [n,B,H,K,V]
         rows = n * cfg.chunk
-        do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32),
-                        cfg.chunk)
-        r = parts.bv - _dot("...ck,...kv->...cv", parts.bk, hs)       # R of every chunk
-        dh_read = _dot("...kc,...cv->...kv", _t(parts.qg), do)        # outputs' read of S0
-        dr_out = _dot("...ij,...jv->...iv", _t(parts.q), do)         # Q^T dO
+        do = _to_chunks(jax.lax.dynamic_slice_in_dim(d_out, i * rows, rows, axis=1).astype(f32), cfg.chunk)
+        r = parts.bv - _dot("...ck,...kv->...cv", parts.bk, hs)  # R of every chunk
+        dh_read = _dot("...kc,...cv->...kv", _t(parts.qg), do)  # outputs' read of S0
+        dr_out = _dot("...ij,...jv->...iv", _t(parts.q), do)  # Q^T dO
         p_t, bk_t = _t(parts.p), _t(parts.bk)
-        d_next, d_r = [None] * n, [None] * n                          # cotangents of S_next, R
+        d_next, d_r = [None] * n, [None] * n  # cotangents of S_next, R
         for c in reversed(range(n)):
             if fl is not None:
                 d_state = jnp.where(fl.end[c], d_final[fl.seq[c]][None], d_state)
             d_next[c] = d_state
             d_r[c] = dr_out[c] + _dot("bhck,bhkv->bhcv", p_t[c], d_state)
-            d_state = (parts.decay[c, ..., None] * d_state + dh_read[c]
-                       - _dot("bhkc,bhcv->bhkv", bk_t[c], d_r[c]))
+            d_state = (
+                parts.decay[c, ..., None] * d_state + dh_read[c] - _dot("bhkc,bhcv->bhkv", bk_t[c], d_r[c])
+            )
             if fl is not None:
                 seq = fl.seq[c]
                 dh0 = dh0.at[seq].set(jnp.where(fl.start[c], d_state[0], dh0[seq]))
                 d_state = jnp.where(fl.start[c], 0.0, d_state)
         d_next, d_r = jnp.stack(d_next), jnp.stack(d_r)
-        d_parts = Parts(decay=_rowdot(d_next, hs), p=_dot("...kv,...cv->...kc", d_next, r),
-                        q=_dot("...iv,...jv->...ij", do, r),
-                        bk=-_dot("...cv,...kv->...ck", d_r, hs), bv=d_r,
-                        qg=_dot("...cv,...kv->...ck", do, hs))
+        d_parts = Parts(
+            decay=_rowdot(d_next, hs),
+            p=_dot("...kv,...cv->...kc", d_next, r),
+            q=_dot("...iv,...jv->...ij", do, r),
+            bk=-_dot("...cv,...kv->...ck", d_r, hs),
+            bv=d_r,
+            qg=_dot("...cv,...kv->...ck", do, hs),
+        )
         d_group = parts_vjp(d_parts)
-        grads = tuple(jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
-                      for gr, dx in zip(grads, d_group))
+        grads = tuple(
+            jax.lax.dynamic_update_slice_in_dim(gr, dx.astype(gr.dtype), i * rows, axis=1)
+            for gr, dx in zip(grads, d_group)
+        )
         return grads, d_state, dh0
 
     d_state0 = jnp.zeros((1, H, K, V), f32) if flags is not None else d_final
     # Varlen: a sequence without chunks (empty) passes its initial state through as its final one.
     dh0 = d_final if flags is not None else jnp.zeros_like(h0)
     grads, d_first, dh0 = jax.lax.fori_loop(
-        0, NG, body, (tuple(jnp.zeros_like(x) for x in xs), d_state0, dh0))
+        0, NG, body, (tuple(jnp.zeros_like(x) for x in xs), d_state0, dh0)
+    )
     return grads, (dh0 if flags is not None else d_first)
 
 
@@ -703,7 +732,8 @@ def _float0_like(tree):
 
 
 _chunk_core = jax.custom_vjp(
-    lambda xs, h0, seg, flags, cfg: _chunk_core_impl(xs, h0, seg, flags, cfg), nondiff_argnums=(4,))
+    lambda xs, h0, seg, flags, cfg: _chunk_core_impl(xs, h0, seg, flags, cfg), nondiff_argnums=(4,)
+)
 
 
 def _chunk_core_impl(xs, h0, seg, flags, cfg):
@@ -740,24 +770,42 @@ def _pad_time(x, total):
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
 
-def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None, segment_ids=None, use_qk_l2norm=False, chunk_size=CHUNK):
+def kda_chunk(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    segment_ids=None,
+    use_qk_l2norm=False,
+    chunk_size=CHUNK,
+):
     """Chunkwise KDA (same contract as `pallas_kernels.kda.kda`)."""
     n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
     if chunk_size % SUB:
         raise ValueError(f"kda: chunk_size must be a multiple of {SUB}, got {chunk_size}")
     B, T, H, K = q.shape
     V = v.shape[-1]
-    h0 = (jnp.zeros((n_seq, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    h0 = (
+        jnp.zeros((n_seq, H, K, V), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
     xs = (q, k, v, g, beta)
 
     flags = seg = None
     if cu_seqlens is not None:
         layout = varlen_layout(cu_seqlens, T, chunk_size)
         num_chunks = layout.num_chunks
-        xs = tuple(jnp.zeros((1, num_chunks * chunk_size) + x.shape[2:], x.dtype).at[:, layout.dest].set(x)
-                   for x in xs)
+        xs = tuple(
+            jnp.zeros((1, num_chunks * chunk_size) + x.shape[2:], x.dtype).at[:, layout.dest].set(x)
+            for x in xs
+        )
         flags = Flags(layout.chunk_seq, layout.chunk_start, layout.chunk_end)
     else:
         num_chunks = -(-T // chunk_size)
@@ -769,8 +817,9 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     xs = tuple(_pad_time(x, total) for x in xs)
     if flags is not None:
         pad = num_chunks - flags.seq.shape[0]
-        flags = Flags(jnp.pad(flags.seq, (0, pad)), jnp.pad(flags.start, (0, pad)),
-                      jnp.pad(flags.end, (0, pad)))
+        flags = Flags(
+            jnp.pad(flags.seq, (0, pad)), jnp.pad(flags.start, (0, pad)), jnp.pad(flags.end, (0, pad))
+        )
     elif segment_ids is not None:
         # document indices, so a reused id is a new document; padding continues the last one
         seg = jnp.pad(document_index(segment_ids), [(0, 0), (0, total - T)], mode="edge")

@@ -54,7 +54,9 @@ def validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids):
         if B != 1:
             raise ValueError(f"kda: with cu_seqlens the batch size must be 1 (packed), got B={B}")
         if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"kda: cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {cu_seqlens.shape}")
+            raise ValueError(
+                f"kda: cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {cu_seqlens.shape}"
+            )
         if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
             raise ValueError(f"kda: cu_seqlens must be integer, got {cu_seqlens.dtype}")
         n_seq = cu_seqlens.shape[0] - 1
@@ -74,7 +76,8 @@ def validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids):
             what = "number of sequences len(cu_seqlens)-1" if cu_seqlens is not None else "batch size"
             raise ValueError(
                 f"kda: initial_state must be [N,H,K,V] = {(n_seq, H, K, V)} (N = {what}), "
-                f"got {initial_state.shape}")
+                f"got {initial_state.shape}"
+            )
     return n_seq
 
 
@@ -85,11 +88,11 @@ def default_scale(q, scale):
 class VarlenLayout(NamedTuple):
     """Where each packed token goes in a chunk-aligned stream (every sequence starts a new chunk)."""
 
-    dest: jax.Array        # [T] int32: position of token t in the padded stream
-    chunk_seq: jax.Array   # [NC] int32: sequence each chunk belongs to
+    dest: jax.Array  # [T] int32: position of token t in the padded stream
+    chunk_seq: jax.Array  # [NC] int32: sequence each chunk belongs to
     chunk_start: jax.Array  # [NC] bool: chunk is the first of its sequence (state := h0[seq])
-    chunk_end: jax.Array   # [NC] bool: chunk is the last of its sequence (ht[seq] := state)
-    num_chunks: int        # static NC
+    chunk_end: jax.Array  # [NC] bool: chunk is the last of its sequence (ht[seq] := state)
+    num_chunks: int  # static NC
 
 
 def varlen_layout(cu_seqlens, total_len: int, chunk: int) -> VarlenLayout:

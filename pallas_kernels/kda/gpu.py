@@ -59,7 +59,7 @@ from pallas_kernels.kda import _pallas_math as pm
 __all__ = ["kda_pallas_gpu", "jax_triton_available"]
 
 _F32 = jnp.float32
-NUM_WARPS = 8   # not tuned: no GPU has run this yet
+NUM_WARPS = 8  # not tuned: no GPU has run this yet
 NUM_STAGES = 1
 
 
@@ -68,7 +68,7 @@ def jax_triton_available() -> bool:
     return importlib.util.find_spec("jax_triton") is not None
 
 
-BLOCK_V = 64   # V-slice per program of the sequential state passes
+BLOCK_V = 64  # V-slice per program of the sequential state passes
 
 
 def _chunk_refs(refs, segmented):
@@ -86,8 +86,24 @@ def _intra_kernel_body(*refs, scale, segmented, l2norm):
     pm.store(outs, pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm))
 
 
-def _state_fwd_kernel_body(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_ref, decay_ref, h0_ref,
-                      o_ref, hs_ref, ht_ref, *, num_chunks, K, BV):
+def _state_fwd_kernel_body(
+    seq_ref,
+    flags_ref,
+    W_ref,
+    U_ref,
+    A_ref,
+    qg_ref,
+    kd_ref,
+    decay_ref,
+    h0_ref,
+    o_ref,
+    hs_ref,
+    ht_ref,
+    *,
+    num_chunks,
+    K,
+    BV,
+):
     """Grid (B, H, V/BV): one program walks all chunks of one (batch, head, V-slice)."""
     b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     C = pm.CHUNK
@@ -99,8 +115,15 @@ def _state_fwd_kernel_body(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_r
         h = jnp.where((flags & pm.START) != 0, h0_ref[n, hh, :, cols], state)
         hs_ref[c, :, :] = h
         rows = pl.ds(pl.multiple_of(c * C, C), C)
-        o, h_next = pm.state_fwd_step(W_ref[rows, :], U_ref[rows, :], A_ref[rows, :],
-                                      qg_ref[rows, :], kd_ref[rows, :], decay_ref[c, :, :], h)
+        o, h_next = pm.state_fwd_step(
+            W_ref[rows, :],
+            U_ref[rows, :],
+            A_ref[rows, :],
+            qg_ref[rows, :],
+            kd_ref[rows, :],
+            decay_ref[c, :, :],
+            h,
+        )
         o_ref[rows, :] = o.astype(o_ref.dtype)
 
         @pl.when((flags & pm.END) != 0)
@@ -112,8 +135,23 @@ def _state_fwd_kernel_body(seq_ref, flags_ref, W_ref, U_ref, A_ref, qg_ref, kd_r
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _state_bwd_kernel_body(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, decay_ref, do_ref, dht_ref,
-                      dhs_ref, dh0_ref, *, num_chunks, K, BV):
+def _state_bwd_kernel_body(
+    seq_ref,
+    flags_ref,
+    W_ref,
+    A_ref,
+    qg_ref,
+    kd_ref,
+    decay_ref,
+    do_ref,
+    dht_ref,
+    dhs_ref,
+    dh0_ref,
+    *,
+    num_chunks,
+    K,
+    BV,
+):
     """Grid (B, H, V/BV), chunks in reverse: dhs[c] = cotangent of the state after chunk c."""
     b, hh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     C = pm.CHUNK
@@ -126,8 +164,15 @@ def _state_bwd_kernel_body(seq_ref, flags_ref, W_ref, A_ref, qg_ref, kd_ref, dec
         dhn = jnp.where((flags & pm.END) != 0, dht_ref[n, hh, :, cols], dstate)
         dhs_ref[c, :, :] = dhn
         rows = pl.ds(pl.multiple_of(c * C, C), C)
-        dh = pm.state_bwd_step(W_ref[rows, :], A_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :],
-                               decay_ref[c, :, :], do_ref[rows, :].astype(_F32), dhn)
+        dh = pm.state_bwd_step(
+            W_ref[rows, :],
+            A_ref[rows, :],
+            qg_ref[rows, :],
+            kd_ref[rows, :],
+            decay_ref[c, :, :],
+            do_ref[rows, :].astype(_F32),
+            dhn,
+        )
 
         @pl.when((flags & pm.START) != 0)
         def _():
@@ -143,8 +188,9 @@ def _grads_kernel_body(*refs, scale, segmented, l2norm):
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
     hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
-    grads = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...], dhs_ref[...], scale,
-                         seg, l2norm)[:-1]  # the state cotangent is the state pass's job
+    grads = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...], dhs_ref[...], scale, seg, l2norm)[
+        :-1
+    ]  # the state cotangent is the state pass's job
     pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref), grads)
 
 
@@ -152,6 +198,7 @@ def _with_precision(body):
     def kernel(*refs, precision, **kw):
         with pm.dot_precision(precision):
             body(*refs, **kw)
+
     kernel.__name__ = body.__name__.removesuffix("_body")
     return kernel
 
@@ -163,6 +210,7 @@ _grads_kernel = _with_precision(_grads_kernel_body)
 
 
 # BlockSpecs --------------------------------------------------------------------------------------
+
 
 def _chunk_spec(width):
     """[B,H,Tp,width] -> one chunk (64 rows) per (b, h, c)."""
@@ -176,11 +224,19 @@ def _per_chunk_spec(*block):
 
 def _chunk_input_specs(K, V, segmented):
     C = pm.CHUNK
-    specs = [_chunk_spec(K), _chunk_spec(K), _chunk_spec(V), _chunk_spec(K), _chunk_spec(1),
-             _per_chunk_spec(K, 1)]
+    specs = [
+        _chunk_spec(K),
+        _chunk_spec(K),
+        _chunk_spec(V),
+        _chunk_spec(K),
+        _chunk_spec(1),
+        _per_chunk_spec(K, 1),
+    ]
     if segmented:  # segment ranks are per batch row, shared by the heads
-        specs += [pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0)),
-                  pl.BlockSpec((None, None, 1, C), lambda b, h, c: (b, c, 0, 0))]
+        specs += [
+            pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0)),
+            pl.BlockSpec((None, None, 1, C), lambda b, h, c: (b, c, 0, 0)),
+        ]
     return specs
 
 
@@ -197,8 +253,7 @@ def _seq_spec(*block):
 def _seq_vspec(*block, BV):
     """[B,H,*block] with V last -> one (b, h) and one V-slice."""
     nd = len(block)
-    return pl.BlockSpec((None, None) + block[:-1] + (BV,),
-                        lambda b, h, vb: (b, h) + (0,) * (nd - 1) + (vb,))
+    return pl.BlockSpec((None, None) + block[:-1] + (BV,), lambda b, h, vb: (b, h) + (0,) * (nd - 1) + (vb,))
 
 
 def _whole(shape):
@@ -217,14 +272,27 @@ def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     return pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, segmented=segmented, l2norm=l2norm,
-                          precision=precision),
+        functools.partial(
+            _intra_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
+        ),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented),
-        out_specs=[_chunk_spec(K), _chunk_spec(V), _chunk_spec(C), _chunk_spec(K), _chunk_spec(K),
-                   _per_chunk_spec(K, 1)],
-        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, C), f32(B, H, Tp, K),
-                   f32(B, H, Tp, K), f32(B, H, NC, K, 1)],
+        out_specs=[
+            _chunk_spec(K),
+            _chunk_spec(V),
+            _chunk_spec(C),
+            _chunk_spec(K),
+            _chunk_spec(K),
+            _per_chunk_spec(K, 1),
+        ],
+        out_shape=[
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, V),
+            f32(B, H, Tp, C),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, K),
+            f32(B, H, NC, K, 1),
+        ],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_intra_gpu",
@@ -242,13 +310,23 @@ def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
     return pl.pallas_call(
         functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
-        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_vspec(Tp, V, BV=BV),
-                  _seq_spec(Tp, C), _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
-                  _whole((N, H, K, V))],
+        in_specs=[
+            _whole((NC,)),
+            _whole((NC,)),
+            _seq_spec(Tp, K),
+            _seq_vspec(Tp, V, BV=BV),
+            _seq_spec(Tp, C),
+            _seq_spec(Tp, K),
+            _seq_spec(Tp, K),
+            _seq_spec(NC, K, 1),
+            _whole((N, H, K, V)),
+        ],
         out_specs=[_seq_vspec(Tp, V, BV=BV), _seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
-                   jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
-                   jax.ShapeDtypeStruct((N, H, K, V), _F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
+            jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
+            jax.ShapeDtypeStruct((N, H, K, V), _F32),
+        ],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_state_fwd_gpu",
@@ -269,9 +347,17 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
     dhs, dh0 = pl.pallas_call(
         functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
         grid=(B, H, V // BV),
-        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), _seq_spec(Tp, C),
-                  _seq_spec(Tp, K), _seq_spec(Tp, K), _seq_spec(NC, K, 1),
-                  _seq_vspec(Tp, V, BV=BV), _whole((N, H, K, V))],
+        in_specs=[
+            _whole((NC,)),
+            _whole((NC,)),
+            _seq_spec(Tp, K),
+            _seq_spec(Tp, C),
+            _seq_spec(Tp, K),
+            _seq_spec(Tp, K),
+            _seq_spec(NC, K, 1),
+            _seq_vspec(Tp, V, BV=BV),
+            _whole((N, H, K, V)),
+        ],
         out_specs=[_seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
         out_shape=[f32(B, H, NC, K, V), f32(N, H, K, V)],
         compiler_params=_params(),
@@ -279,15 +365,28 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
         name="kda_state_bwd_gpu",
     )(ch.seq, ch.flags, W, A, qg, kd, decay, do, dht)
     grads = pl.pallas_call(
-        functools.partial(_grads_kernel, scale=scale, segmented=segmented, l2norm=l2norm,
-                          precision=precision),
+        functools.partial(
+            _grads_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
+        ),
         grid=(B, H, NC),
         in_specs=_chunk_input_specs(K, V, segmented)
         + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],
-        out_specs=[_chunk_spec(K), _chunk_spec(K), _chunk_spec(V), _chunk_spec(K),
-                   _chunk_spec(1), _per_chunk_spec(K, 1)],
-        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
-                   f32(B, H, Tp, 1), f32(B, H, NC, K, 1)],
+        out_specs=[
+            _chunk_spec(K),
+            _chunk_spec(K),
+            _chunk_spec(V),
+            _chunk_spec(K),
+            _chunk_spec(1),
+            _per_chunk_spec(K, 1),
+        ],
+        out_shape=[
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, V),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, 1),
+            f32(B, H, NC, K, 1),
+        ],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_grads_gpu",
@@ -295,9 +394,22 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
     return (*grads, dh0)
 
 
-def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, segment_ids=None, use_qk_l2norm=False, interpret=False,
-                   dot_precision="highest"):
+def kda_pallas_gpu(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    segment_ids=None,
+    use_qk_l2norm=False,
+    interpret=False,
+    dot_precision="highest",
+):
     """KDA on Pallas GPU (Triton backend) kernels; same contract as `kda_recurrent`.
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
@@ -307,9 +419,19 @@ def kda_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_f
     Ampere+, faster, ~1e-3 relative error).
     """
     return pm.kda_pallas(
-        q, k, v, g, beta,
+        q,
+        k,
+        v,
+        g,
+        beta,
         fwd=functools.partial(_fwd, interpret=interpret, precision=dot_precision),
         bwd=functools.partial(_bwd, interpret=interpret, precision=dot_precision),
-        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm,
-        pad_kv_to=pm.next_pow2_min16, name="kda_pallas_gpu")
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        segment_ids=segment_ids,
+        use_qk_l2norm=use_qk_l2norm,
+        pad_kv_to=pm.next_pow2_min16,
+        name="kda_pallas_gpu",
+    )

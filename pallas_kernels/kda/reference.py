@@ -29,15 +29,30 @@ def kda_step(q_BHK, k_BHK, v_BHV, g_BHK, beta_BH, state_BHKV, *, scale, use_qk_l
     return o_BHV, s
 
 
-def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                  cu_seqlens=None, segment_ids=None, use_qk_l2norm=False):
+def kda_recurrent(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    segment_ids=None,
+    use_qk_l2norm=False,
+):
     """Reference KDA over a sequence (same contract as `pallas_kernels.kda.kda`)."""
     n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
     scale = default_scale(q, scale)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    h0 = (jnp.zeros((n_seq, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    h0 = (
+        jnp.zeros((n_seq, H, K, V), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
 
     t_idx = jnp.arange(T)
     if cu_seqlens is not None:
@@ -48,7 +63,7 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
         state0 = jnp.zeros((1, H, K, V), jnp.float32)
     else:
         seq_of_t = jnp.zeros((T,), jnp.int32)
-        reset_BT = (jnp.zeros((B, T), bool) if segment_ids is None else segment_resets(segment_ids))
+        reset_BT = jnp.zeros((B, T), bool) if segment_ids is None else segment_resets(segment_ids)
         ends_T = jnp.zeros((T,), bool)
         state0 = h0
 
@@ -63,8 +78,16 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
         return (state, finals), o_t
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
-    xs = (time_major(q), time_major(k), time_major(v), time_major(g), time_major(beta),
-          time_major(reset_BT), seq_of_t, ends_T)
+    xs = (
+        time_major(q),
+        time_major(k),
+        time_major(v),
+        time_major(g),
+        time_major(beta),
+        time_major(reset_BT),
+        seq_of_t,
+        ends_T,
+    )
     (state, finals), o_TBHV = jax.lax.scan(step, (state0, h0), xs)
     o = jnp.moveaxis(o_TBHV, 0, 1).astype(v.dtype)
     final = finals if cu_seqlens is not None else state

@@ -55,8 +55,9 @@ def _interpret_arg(interpret):
     return interpret
 
 
-def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs,
-                scale, segmented, l2norm):
+def _fwd_kernel(
+    seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, h0_ref, *refs, scale, segmented, l2norm
+):
     if segmented:
         rc_ref, rr_ref, *refs = refs
     o_ref, hs_ref, ht_ref, state_ref = refs
@@ -70,9 +71,18 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
 
     h = state_ref[...]
     hs_ref[...] = h
-    o, h_next = pm.chunk_fwd(q_ref[...].astype(_F32), k_ref[...].astype(_F32),
-                             v_ref[...].astype(_F32), G_ref[...], beta_ref[...], glc_ref[...],
-                             h, scale, seg, l2norm)
+    o, h_next = pm.chunk_fwd(
+        q_ref[...].astype(_F32),
+        k_ref[...].astype(_F32),
+        v_ref[...].astype(_F32),
+        G_ref[...],
+        beta_ref[...],
+        glc_ref[...],
+        h,
+        scale,
+        seg,
+        l2norm,
+    )
     o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = h_next
 
@@ -81,8 +91,23 @@ def _fwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
         ht_ref[...] = h_next
 
 
-def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_ref, hs_ref, do_ref,
-                dht_ref, *refs, scale, segmented, l2norm):
+def _bwd_kernel(
+    seq_ref,
+    flags_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    G_ref,
+    beta_ref,
+    glc_ref,
+    hs_ref,
+    do_ref,
+    dht_ref,
+    *refs,
+    scale,
+    segmented,
+    l2norm,
+):
     if segmented:
         rc_ref, rr_ref, *refs = refs
     dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dh0_ref, dstate_ref = refs
@@ -95,10 +120,22 @@ def _bwd_kernel(seq_ref, flags_ref, q_ref, k_ref, v_ref, G_ref, beta_ref, glc_re
         dstate_ref[...] = dht_ref[...]
 
     dq, dk, dv, dG, dbeta, dglc, dh = pm.chunk_bwd(
-        q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32), G_ref[...],
-        beta_ref[...], glc_ref[...], hs_ref[...], do_ref[...], dstate_ref[...], scale, seg, l2norm)
-    pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dstate_ref),
-             (dq, dk, dv, dG, dbeta, dglc, dh))
+        q_ref[...].astype(_F32),
+        k_ref[...].astype(_F32),
+        v_ref[...].astype(_F32),
+        G_ref[...],
+        beta_ref[...],
+        glc_ref[...],
+        hs_ref[...],
+        do_ref[...],
+        dstate_ref[...],
+        scale,
+        seg,
+        l2norm,
+    )
+    pm.store(
+        (dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref, dstate_ref), (dq, dk, dv, dG, dbeta, dglc, dh)
+    )
 
     @pl.when((flags & pm.START) != 0)
     def _():
@@ -114,15 +151,14 @@ def _specs(B, H, NC, K, V, reverse):
     def tok(width):
         return pl.BlockSpec((None, None, C, width), lambda b, h, c, seq, fl: (b, h, ch(c), 0))
 
-    per_chunk_col = pl.BlockSpec((None, None, None, K, 1),
-                                 lambda b, h, c, seq, fl: (b, h, ch(c), 0, 0))
-    per_chunk_state = pl.BlockSpec((None, None, None, K, V),
-                                   lambda b, h, c, seq, fl: (b, h, ch(c), 0, 0))
-    per_seq_state = pl.BlockSpec((None, None, K, V),
-                                 lambda b, h, c, seq, fl: (b + seq[ch(c)], h, 0, 0))
+    per_chunk_col = pl.BlockSpec((None, None, None, K, 1), lambda b, h, c, seq, fl: (b, h, ch(c), 0, 0))
+    per_chunk_state = pl.BlockSpec((None, None, None, K, V), lambda b, h, c, seq, fl: (b, h, ch(c), 0, 0))
+    per_seq_state = pl.BlockSpec((None, None, K, V), lambda b, h, c, seq, fl: (b + seq[ch(c)], h, 0, 0))
     # segment ranks (per batch row, shared by heads): a column and a row per chunk
-    seg_specs = [pl.BlockSpec((None, C, 1), lambda b, h, c, seq, fl: (b, ch(c), 0)),
-                 pl.BlockSpec((None, None, 1, C), lambda b, h, c, seq, fl: (b, ch(c), 0, 0))]
+    seg_specs = [
+        pl.BlockSpec((None, C, 1), lambda b, h, c, seq, fl: (b, ch(c), 0)),
+        pl.BlockSpec((None, None, 1, C), lambda b, h, c, seq, fl: (b, ch(c), 0, 0)),
+    ]
     return tok, per_chunk_col, per_chunk_state, per_seq_state, seg_specs
 
 
@@ -136,22 +172,33 @@ def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(B, H, NC),
-        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, sstate]
-        + (seg_specs if segmented else []),
+        in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), col, sstate] + (seg_specs if segmented else []),
         out_specs=[tok(V), cstate, sstate],
         scratch_shapes=[pltpu.VMEM((K, V), _F32)],
     )
     return pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, segmented=segmented, l2norm=l2norm),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
-                   jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
-                   jax.ShapeDtypeStruct((N, H, K, V), _F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
+            jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
+            jax.ShapeDtypeStruct((N, H, K, V), _F32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="kda_chunk_fwd_tpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, ch.h0,
-      *((ch.rc, ch.rr) if segmented else ()))
+    )(
+        ch.seq,
+        ch.flags,
+        ch.q,
+        ch.k,
+        ch.v,
+        ch.G,
+        ch.beta,
+        ch.glc,
+        ch.h0,
+        *((ch.rc, ch.rr) if segmented else ()),
+    )
 
 
 def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret):
@@ -173,17 +220,49 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret):
     return pl.pallas_call(
         functools.partial(_bwd_kernel, scale=scale, segmented=segmented, l2norm=l2norm),
         grid_spec=grid_spec,
-        out_shape=[f32(B, H, Tp, K), f32(B, H, Tp, K), f32(B, H, Tp, V), f32(B, H, Tp, K),
-                   f32(B, H, Tp, 1), f32(B, H, NC, K, 1), f32(N, H, K, V)],
+        out_shape=[
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, V),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, 1),
+            f32(B, H, NC, K, 1),
+            f32(N, H, K, V),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="kda_chunk_bwd_tpu",
-    )(ch.seq, ch.flags, ch.q, ch.k, ch.v, ch.G, ch.beta, ch.glc, hs, do, dht,
-      *((ch.rc, ch.rr) if segmented else ()))
+    )(
+        ch.seq,
+        ch.flags,
+        ch.q,
+        ch.k,
+        ch.v,
+        ch.G,
+        ch.beta,
+        ch.glc,
+        hs,
+        do,
+        dht,
+        *((ch.rc, ch.rr) if segmented else ()),
+    )
 
 
-def kda_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, segment_ids=None, use_qk_l2norm=False, interpret=False):
+def kda_pallas_tpu(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    segment_ids=None,
+    use_qk_l2norm=False,
+    interpret=False,
+):
     """KDA on Pallas TPU kernels; same contract as `kda_recurrent`.
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
@@ -193,9 +272,18 @@ def kda_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_f
     """
     interp = _interpret_arg(interpret)
     return pm.kda_pallas(
-        q, k, v, g, beta,
+        q,
+        k,
+        v,
+        g,
+        beta,
         fwd=functools.partial(_fwd, interpret=interp),
         bwd=functools.partial(_bwd, interpret=interp),
-        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm,
-        name="kda_pallas_tpu")
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        segment_ids=segment_ids,
+        use_qk_l2norm=use_qk_l2norm,
+        name="kda_pallas_tpu",
+    )

@@ -43,8 +43,10 @@ def test_pass_at_k_equals_subset_enumeration():
 
 def test_evaluate_records_and_files(tmp_path):
     gold = [{"question": "q1", "answer": "Paris"}, {"question": "q2", "answer": "1871"}]
-    preds = [{"question": "q2", "predictions": ["1871", "1872", None]},
-             {"question": "q1", "predictions": ["paris", "Lyon", "The Paris"]}]
+    preds = [
+        {"question": "q2", "predictions": ["1871", "1872", None]},
+        {"question": "q1", "predictions": ["paris", "Lyon", "The Paris"]},
+    ]
     gp, pp = tmp_path / "gold.jsonl", tmp_path / "pred.jsonl"
     gp.write_text("\n".join(json.dumps(g) for g in gold) + "\n")
     pp.write_text("\n".join(json.dumps(p) for p in preds) + "\n")
@@ -70,8 +72,7 @@ def test_evaluate_records_and_files(tmp_path):
 
 def test_module_entry_point(tmp_path, capsys):
     p = tmp_path / "x.jsonl"
-    p.write_text(json.dumps({"question": "q", "answer": "Paris", "predictions": ["paris", "x"]})
-                 + "\n")
+    p.write_text(json.dumps({"question": "q", "answer": "Paris", "predictions": ["paris", "x"]}) + "\n")
     assert E.main([str(p), "--k", "1", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["em"] == 0.5 and out["pass@2"] == 1.0

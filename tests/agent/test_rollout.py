@@ -25,11 +25,22 @@ SYSTEM = "Answer with tools."
 
 @pytest.fixture(scope="module")
 def model_params():
-    cfg = KimiLinearConfig(vocab_size=TOK.vocab_size, hidden_size=32, num_hidden_layers=2,
-                           layer_types=("kda", "mla"), mlp_layer_types=("dense", "dense"),
-                           kda_num_heads=2, kda_head_dim=8, num_attention_heads=2, kv_lora_rank=8,
-                           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=32,
-                           kda_impl="recurrent")  # compiles faster than the chunked kernel
+    cfg = KimiLinearConfig(
+        vocab_size=TOK.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        layer_types=("kda", "mla"),
+        mlp_layer_types=("dense", "dense"),
+        kda_num_heads=2,
+        kda_head_dim=8,
+        num_attention_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        intermediate_size=32,
+        kda_impl="recurrent",
+    )  # compiles faster than the chunked kernel
     model = KimiLinear(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))
     return model, params
@@ -61,20 +72,23 @@ def scripted(model_params, wiki):
     forced = [
         [call("search", {"query": [person.name]}), answer(person.name)],
         [call("visit", {"url": "wiki://Nowhere_Qqq", "goal": "x"})] * 3,
-        ['<tool_call>\n{"name": "search", "arguments": {"query": ["a",]}}\n</tool_call>',
-         call("serach", {"query": ["b"]})],
+        [
+            '<tool_call>\n{"name": "search", "arguments": {"query": ["a",]}}\n</tool_call>',
+            call("serach", {"query": ["b"]}),
+        ],
         [call("search", {"query": many}), answer("1900")],
         [call("search", {"query": many}), call("search", {"query": ["more"]})],
     ]
     ex = synth.wiki_executor(wiki)
-    out = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                              forced_turns=forced)
+    out = R.segmented_rollout(
+        model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced
+    )
     return out, qs, forced, ex
 
 
 def expected_messages(q, forced_row, observations):
     msgs = P.initial_messages(q, SYSTEM)
-    for i, turn in enumerate(forced_row[:len(observations) + 1]):
+    for i, turn in enumerate(forced_row[: len(observations) + 1]):
         msgs.append({"role": "assistant", "content": turn})
         if i < len(observations):
             msgs.append({"role": "user", "content": observations[i]})
@@ -116,9 +130,9 @@ def test_rows_are_the_chat_template_of_the_real_observations(scripted, wiki):
         for piece, is_model in P.render_segments(msgs):
             m = len(TOK.encode(piece))
             if is_model:
-                k[pos:pos + m - len(P.IM_END)] = R.KIND_FORCED
+                k[pos : pos + m - len(P.IM_END)] = R.KIND_FORCED
             pos += m
-        k[:len(TOK.encode(P.render_chat(msgs[:2], add_generation_prompt=True)))] = R.KIND_PROMPT
+        k[: len(TOK.encode(P.render_chat(msgs[:2], add_generation_prompt=True)))] = R.KIND_PROMPT
         np.testing.assert_array_equal(out.kind[r, :n], k[:n])
         assert not out.model_mask[r].any()
         assert out.tool_mask[r].sum() == (k[:n] == R.KIND_TOOL).sum() > 0
@@ -137,13 +151,26 @@ def test_free_greedy_turns_equal_the_argmax_of_a_full_forward(model_params, wiki
     # same batch size and budget as CFG: the compiled steps are reused
     cfg = dataclasses.replace(CFG, max_turns=2, turn_tokens=80, max_tool_errors=None)
     qs = ["Where was Ada born?", "Who founded the Guild of Bakers, and when?", "x", "y?", "Capital?"]
-    forced = [["<think>\n"], [], ["<think>\nsearch</think>\n<tool_call>\n{\"name\": \"search\", "], [],
-              ["<think>\n", "<think>\n"]]
-    out = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,
-                              system_prompt=SYSTEM, forced_turns=forced)
+    forced = [
+        ["<think>\n"],
+        [],
+        ['<think>\nsearch</think>\n<tool_call>\n{"name": "search", '],
+        [],
+        ["<think>\n", "<think>\n"],
+    ]
+    out = R.segmented_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs,
+        config=cfg,
+        system_prompt=SYSTEM,
+        forced_turns=forced,
+    )
     assert set(out.status.tolist()) <= {R.ANSWERED, R.MAX_TURNS, R.MAX_TOKENS}
     assert out.model_mask.sum() > 20
-    logits = np.asarray(model.apply(params, jnp.asarray(out.tokens)))       # causal: padding is harmless
+    logits = np.asarray(model.apply(params, jnp.asarray(out.tokens)))  # causal: padding is harmless
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
     for r in range(len(qs)):
         t = np.flatnonzero(out.model_mask[r])
@@ -154,8 +181,16 @@ def test_free_greedy_turns_equal_the_argmax_of_a_full_forward(model_params, wiki
         np.testing.assert_allclose(out.logprobs[r, t], logp[r, t - 1, out.tokens[r, t]], atol=1e-4)
         assert (out.logprobs[r][~out.model_mask[r]] == 0).all()
     # each row's episode is the same alone as in the batch (no cross-row leakage through padding)
-    solo = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs[::-1], config=cfg,
-                               system_prompt=SYSTEM, forced_turns=forced[::-1])
+    solo = R.segmented_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs[::-1],
+        config=cfg,
+        system_prompt=SYSTEM,
+        forced_turns=forced[::-1],
+    )
     np.testing.assert_array_equal(solo.tokens[::-1], out.tokens)
     np.testing.assert_array_equal(solo.kind[::-1], out.kind)
     # a turn that hit the cap without a stop string is an error observation, not a crash
@@ -176,37 +211,72 @@ def test_argument_errors(model_params, wiki):
     model, params = model_params
     ex = synth.wiki_executor(wiki)
     with pytest.raises(ValueError, match="token_budget 300 is too small for row 0"):
-        R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM,
-                            config=R.RolloutConfig(turn_tokens=100, token_budget=300))
+        R.segmented_rollout(
+            model,
+            params,
+            TOK,
+            ex,
+            ["q"],
+            system_prompt=SYSTEM,
+            config=R.RolloutConfig(turn_tokens=100, token_budget=300),
+        )
     with pytest.raises(ValueError, match="forced_turns must hold one list"):
         R.segmented_rollout(model, params, TOK, ex, ["q", "r"], system_prompt=SYSTEM, forced_turns=[["x"]])
     with pytest.raises(ValueError, match=r"forced_turns\[0\]\[0\] has 9 tokens"):
-        R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, forced_turns=[["123456789"]],
-                            config=R.RolloutConfig(turn_tokens=8, token_budget=600))
+        R.segmented_rollout(
+            model,
+            params,
+            TOK,
+            ex,
+            ["q"],
+            system_prompt=SYSTEM,
+            forced_turns=[["123456789"]],
+            config=R.RolloutConfig(turn_tokens=8, token_budget=600),
+        )
     with pytest.raises(ValueError, match="RolloutConfig.max_tool_errors"):
         R.RolloutConfig(max_tool_errors=0)
     from jaxllm.ops.sampling import SamplingConfig
+
     with pytest.raises(ValueError, match="needs an `rng`"):
         R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, sampling=SamplingConfig())
 
 
 def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki):
     from jaxllm.ops.sampling import SamplingConfig
+
     model, params = model_params
     cfg = dataclasses.replace(CFG, max_turns=1, turn_tokens=40, max_tool_errors=None)
     qs = ["a?", "b?", "c?", "d?", "e?"]
-    run = lambda key: R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,  # noqa
-                                          system_prompt=SYSTEM, sampling=SamplingConfig(temperature=1.0),
-                                          rng=jax.random.PRNGKey(key))
+    run = lambda key: R.segmented_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs,
+        config=cfg,  # noqa
+        system_prompt=SYSTEM,
+        sampling=SamplingConfig(temperature=1.0),
+        rng=jax.random.PRNGKey(key),
+    )
     a, c = run(7), run(8)
     # same key: the compiled scan loop draws the same samples (and is reproducible)
-    b = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg, system_prompt=SYSTEM,
-                       sampling=SamplingConfig(temperature=1.0), rng=jax.random.PRNGKey(7))
+    b = R.scan_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs,
+        config=cfg,
+        system_prompt=SYSTEM,
+        sampling=SamplingConfig(temperature=1.0),
+        rng=jax.random.PRNGKey(7),
+    )
     _assert_same(a, b)
     assert not np.array_equal(a.tokens, c.tokens)
-    greedy = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg,
-                                 system_prompt=SYSTEM)
-    assert not np.array_equal(a.tokens, greedy.tokens)   # sampling really samples
+    greedy = R.segmented_rollout(
+        model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg, system_prompt=SYSTEM
+    )
+    assert not np.array_equal(a.tokens, greedy.tokens)  # sampling really samples
     logits = model.apply(params, jnp.asarray(a.tokens))
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     for r in range(len(qs)):
@@ -225,18 +295,42 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     """lax.scan over turns + io_callback to the wiki tools == the Python-segmented loop."""
     model, params = model_params
     seg, qs, forced, _ = scripted
-    scan = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs, config=CFG, system_prompt=SYSTEM,
-                          forced_turns=forced)
+    scan = R.scan_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs,
+        config=CFG,
+        system_prompt=SYSTEM,
+        forced_turns=forced,
+    )
     _assert_same(seg, scan)
     # the jnp wiki step judged every canonical turn; only row 2's two bad calls went to the host
     assert scan.host_callbacks == 2
     # free greedy turns too (same compiled program: same config and batch size)
     qs2 = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
     forced2 = [["<think>\n"], [], ['<think>\nok</think>\n<tool_call>\n{"name": "search", '], [], []]
-    seg2 = R.segmented_rollout(model, params, TOK, synth.wiki_executor(wiki), qs2, config=CFG,
-                               system_prompt=SYSTEM, forced_turns=forced2)
-    scan2 = R.scan_rollout(model, params, TOK, synth.wiki_executor(wiki), qs2, config=CFG,
-                           system_prompt=SYSTEM, forced_turns=forced2)
+    seg2 = R.segmented_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs2,
+        config=CFG,
+        system_prompt=SYSTEM,
+        forced_turns=forced2,
+    )
+    scan2 = R.scan_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs2,
+        config=CFG,
+        system_prompt=SYSTEM,
+        forced_turns=forced2,
+    )
     assert seg2.model_mask.sum() > 200
     _assert_same(seg2, scan2)
     with pytest.raises(ValueError, match="needs a ByteTokenizer"):
@@ -247,6 +341,7 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
 # The jnp environment step of scan_rollout (simulated wiki)
 # ------------------------------------------------------------------------------------------
 
+
 def _canonical_rows(wiki):
     """Five rows whose turns are all canonical search/visit/answer turns: a search with more
     queries than are run (its long observation forces the final answer), visits of a known and an
@@ -254,16 +349,25 @@ def _canonical_rows(wiki):
     leading blanks around the thinking, an answer without thinking, a call after the force."""
     p, q = wiki.world.by_kind("person")[:2]
     many = [p.name, "capital", "born", "Velonia", "x"]
-    return (["Q many?", "Q visits?", "Q short?", "Q turns?", "Q forced call?"], [
-        [call("search", {"query": many}), answer("1900")],
-        [call("visit", {"url": [p.url, "wiki://Nowhere_Qqq"], "goal": "where born"}),
-         call("visit", {"goal": "employer", "url": q.url}), answer(q.name, think="")],
-        [call("search", {"query": ["café " + p.name]}), "<answer>no thinking</answer>"],
-        ['  <think>café</think> prose <tool_call>\n{"name": "visit", "arguments": {"url": '
-         '"wiki://Nowhere", "goal": "café"}}\n</tool_call>',
-         call("visit", {"goal": "x", "url": [q.url]}), call("visit", {"url": p.url, "goal": "y"})],
-        [call("search", {"query": many}), call("search", {"query": ["more"]})],
-    ])
+    return (
+        ["Q many?", "Q visits?", "Q short?", "Q turns?", "Q forced call?"],
+        [
+            [call("search", {"query": many}), answer("1900")],
+            [
+                call("visit", {"url": [p.url, "wiki://Nowhere_Qqq"], "goal": "where born"}),
+                call("visit", {"goal": "employer", "url": q.url}),
+                answer(q.name, think=""),
+            ],
+            [call("search", {"query": ["café " + p.name]}), "<answer>no thinking</answer>"],
+            [
+                '  <think>café</think> prose <tool_call>\n{"name": "visit", "arguments": {"url": '
+                '"wiki://Nowhere", "goal": "café"}}\n</tool_call>',
+                call("visit", {"goal": "x", "url": [q.url]}),
+                call("visit", {"url": p.url, "goal": "y"}),
+            ],
+            [call("search", {"query": many}), call("search", {"query": ["more"]})],
+        ],
+    )
 
 
 def test_scan_rollout_jnp_env_needs_no_callback_for_canonical_turns(model_params, wiki):
@@ -273,18 +377,21 @@ def test_scan_rollout_jnp_env_needs_no_callback_for_canonical_turns(model_params
     qs, forced = _canonical_rows(wiki)
     ex = synth.wiki_executor(wiki)
     assert R.wiki_of(ex) is wiki
-    seg = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                              forced_turns=forced)
+    seg = R.segmented_rollout(
+        model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced
+    )
     assert seg.status_names() == ["answered", "answered", "answered", "max_turns", "max_tokens"]
     assert seg.forced_answer.tolist() == [True, False, False, False, True]
     assert "could not be found" in seg.messages[1][3]["content"]
     assert "(Only the first 4 queries were run.)" not in seg.messages[0][3]["content"]  # forced instead
-    jnp_env = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                             forced_turns=forced, env="jnp")
+    jnp_env = R.scan_rollout(
+        model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced, env="jnp"
+    )
     _assert_same(seg, jnp_env)
     assert jnp_env.host_callbacks == 0
-    host_env = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                              forced_turns=forced, env="host")
+    host_env = R.scan_rollout(
+        model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced, env="host"
+    )
     _assert_same(seg, host_env)
     assert host_env.host_callbacks == CFG.max_turns
     assert seg.host_callbacks is None
@@ -307,8 +414,13 @@ def _mutate(rng, text):
         i = int(rng.integers(0, len(text) + 1))
         op = rng.integers(0, 3)
         ch = alphabet[rng.integers(0, len(alphabet))]
-        text = (text[:i] + ch + text[i + 1:] if op == 0 else text[:i] + ch + text[i:] if op == 1
-                else text[:i] + text[i + 1:])
+        text = (
+            text[:i] + ch + text[i + 1 :]
+            if op == 0
+            else text[:i] + ch + text[i:]
+            if op == 1
+            else text[:i] + text[i + 1 :]
+        )
     return text
 
 
@@ -324,23 +436,38 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
     _, rows = _canonical_rows(wiki)
     p = wiki.world.by_kind("person")[3]
     canon = [t for row in rows for t in row] + [
-        call("search", {"query": [""]}), call("visit", {"url": ["a", "b", "c", "d", "e"], "goal": ""}),
-        call("visit", {"goal": p.name, "url": [p.url, p.url]}), "<think></think><answer>.</answer>"]
+        call("search", {"query": [""]}),
+        call("visit", {"url": ["a", "b", "c", "d", "e"], "goal": ""}),
+        call("visit", {"goal": p.name, "url": [p.url, p.url]}),
+        "<think></think><answer>.</answer>",
+    ]
     rng = np.random.default_rng(0)
-    texts = canon + [_mutate(rng, canon[int(rng.integers(0, len(canon)))])
-                     for _ in range(2 * B - len(canon))]
+    texts = canon + [_mutate(rng, canon[int(rng.integers(0, len(canon)))]) for _ in range(2 * B - len(canon))]
     taken = []
     for lo in range(0, len(texts), B):
-        batch = texts[lo:lo + B]
+        batch = texts[lo : lo + B]
         ids = [TOK.encode(t)[:L] for t in batch]
         tok = np.zeros((B, L), np.int32)
         for i, x in enumerate(ids):
-            tok[i, :len(x)] = x
+            tok[i, : len(x)] = x
         n = jnp.asarray([len(x) for x in ids] + [0] * (B - len(ids)))
         zeros = jnp.zeros((B,), jnp.int32)
-        ok, status, turns, consec, forced, pend, n_pend, is_ans, a_lo, a_hi = map(np.asarray, judge(
-            arrays, st, jnp.asarray(tok), n, jnp.full((B,), 100), jnp.arange(B) < len(batch), zeros,
-            zeros, zeros, jnp.zeros((B,), bool), jnp.int32(T - 300)))
+        ok, status, turns, consec, forced, pend, n_pend, is_ans, a_lo, a_hi = map(
+            np.asarray,
+            judge(
+                arrays,
+                st,
+                jnp.asarray(tok),
+                n,
+                jnp.full((B,), 100),
+                jnp.arange(B) < len(batch),
+                zeros,
+                zeros,
+                zeros,
+                jnp.zeros((B,), bool),
+                jnp.int32(T - 300),
+            ),
+        )
         for i, text in enumerate(batch):
             action = P.parse_assistant(R.cut_turn(TOK.decode(ids[i]))[0])
             taken.append(bool(ok[i]))
@@ -349,43 +476,68 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
             assert turns[i] == 1, text
             if is_ans[i]:
                 assert isinstance(action, P.Answer), text
-                assert TOK.decode(ids[i][a_lo[i]:a_hi[i]]).strip() == action.text
+                assert TOK.decode(ids[i][a_lo[i] : a_hi[i]]).strip() == action.text
                 assert status[i] == R.ANSWERED and n_pend[i] == 0
             else:
                 assert isinstance(action, P.ToolCall) and action.name in ("search", "visit"), text
                 obs = ex.execute(action)
                 assert not obs.error, text
                 want = TOK.encode(R._framing(P.wrap_tool_response(obs.text), False))
-                np.testing.assert_array_equal(pend[i, :n_pend[i]], want, err_msg=text)
+                np.testing.assert_array_equal(pend[i, : n_pend[i]], want, err_msg=text)
                 assert status[i] == R.RUNNING and consec[i] == 0 and not forced[i]
-    assert all(taken[:len(canon)]), [t for t, k in zip(canon, taken) if not k]
+    assert all(taken[: len(canon)]), [t for t, k in zip(canon, taken) if not k]
     # ids that decode() drops (specials, ids past the byte vocabulary of a bigger model) are the
     # host's: the same canonical search with one such id inside its query is not taken
     ids = TOK.encode(canon[0])
     q = canon[0].index('"query": ["') + 12
     tok = np.zeros((B, L), np.int32)
     for i, bad in enumerate((None, TOK.eos_id, TOK.vocab_size + 40)):
-        tok[i, :len(ids)] = ids
+        tok[i, : len(ids)] = ids
         if bad is not None:
             tok[i, q] = bad
     zeros = jnp.zeros((B,), jnp.int32)
-    ok = np.asarray(judge(arrays, st, jnp.asarray(tok), jnp.full((B,), len(ids)), jnp.full((B,), 100),
-                          jnp.arange(B) < 3, zeros, zeros, zeros, jnp.zeros((B,), bool),
-                          jnp.int32(T - 300))[0])
+    ok = np.asarray(
+        judge(
+            arrays,
+            st,
+            jnp.asarray(tok),
+            jnp.full((B,), len(ids)),
+            jnp.full((B,), 100),
+            jnp.arange(B) < 3,
+            zeros,
+            zeros,
+            zeros,
+            jnp.zeros((B,), bool),
+            jnp.int32(T - 300),
+        )[0]
+    )
     assert ok[:3].tolist() == [True, False, False]
     # an observation over the executor's character cap is cut by the host (with its note)
     small = tools.ToolExecutor(wiki.backends(), max_observation_chars=100)
     assert R.wiki_of(small) is wiki
     _, st_small = R._wiki_env(wiki, TOK, small)
     tok[1:3] = 0
-    last = TOK.encode(rows[0][1])   # an answer turn
-    tok[1, :len(last)] = last
+    last = TOK.encode(rows[0][1])  # an answer turn
+    tok[1, : len(last)] = last
     n = jnp.asarray([len(ids), len(last)] + [0] * (B - 2))
-    ok = np.asarray(judge(arrays, st_small, jnp.asarray(tok), n, jnp.full((B,), 100), jnp.arange(B) < 2,
-                          zeros, zeros, zeros, jnp.zeros((B,), bool), jnp.int32(T - 300))[0])
+    ok = np.asarray(
+        judge(
+            arrays,
+            st_small,
+            jnp.asarray(tok),
+            n,
+            jnp.full((B,), 100),
+            jnp.arange(B) < 2,
+            zeros,
+            zeros,
+            zeros,
+            jnp.zeros((B,), bool),
+            jnp.int32(T - 300),
+        )[0]
+    )
     assert ok[:2].tolist() == [False, True]
     assert small.step(canon[0]).text.endswith("more characters]")
-    mutated = taken[len(canon):]
+    mutated = taken[len(canon) :]
     assert 5 < sum(mutated) < len(mutated) - 20, sum(mutated)
 
 
@@ -401,18 +553,21 @@ def test_scan_rollout_jnp_env_sends_other_turns_to_the_host(model_params, wiki):
     qs = ["Q python?", "Q compact?", "Q escape?", "Q canonical?", "Q malformed?"]
     forced = [
         [P.render_assistant("run", P.ToolCall("PythonInterpreter", {}, code="print(6 * 7)")), answer("42")],
-        ['<tool_call>\n{"name":"search","arguments":{"query":["' + p.name + '"]}}\n</tool_call>',
-         call("visit", {"url": [p.url], "goal": "born"}), answer(p.name)],
+        [
+            '<tool_call>\n{"name":"search","arguments":{"query":["' + p.name + '"]}}\n</tool_call>',
+            call("visit", {"url": [p.url], "goal": "born"}),
+            answer(p.name),
+        ],
         [call("search", {"query": ['"' + p.name + '" born']}), answer("x")],
         [call("search", {"query": [p.name]}), answer("y")],
         ["<think>use <tool_call></think><tool_call>\n{}\n</tool_call>", answer("z")],
     ]
-    seg = R.segmented_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                              forced_turns=forced)
+    seg = R.segmented_rollout(
+        model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced
+    )
     assert seg.tool_errors.tolist() == [0, 0, 0, 0, 1]
     assert "42" in seg.messages[0][3]["content"]
-    assert seg.messages[1][3]["content"] == seg.messages[3][3]["content"]   # same search, either form
-    scan = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM,
-                          forced_turns=forced)
+    assert seg.messages[1][3]["content"] == seg.messages[3][3]["content"]  # same search, either form
+    scan = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced)
     _assert_same(seg, scan)
     assert scan.host_callbacks == 1

@@ -23,8 +23,10 @@ AVAILABLE = sandbox.available_isolations()
 HAS_SECCOMP = syscall_filter.load_libseccomp() is not None
 # Every configuration the host supports: the default ("auto"), and each layer on its own where
 # that can be tested (an OS mode with the audit hook off shows the OS layer alone).
-OS_CONFIGS = ([{"isolation": "namespace"}, {"isolation": "namespace", "audit": False}] * HAS_NS
-              + [{"isolation": "userns"}, {"isolation": "userns", "audit": False}] * HAS_USERNS)
+OS_CONFIGS = [{"isolation": "namespace"}, {"isolation": "namespace", "audit": False}] * HAS_NS + [
+    {"isolation": "userns"},
+    {"isolation": "userns", "audit": False},
+] * HAS_USERNS
 CONFIGS = [pytest.param({}, id="default")] if AVAILABLE else []
 if HAS_NS:
     CONFIGS.append(pytest.param({"isolation": "namespace", "audit": False}, id="os_only"))
@@ -104,8 +106,10 @@ def test_infinite_loop_is_killed_at_the_wall_clock_limit(cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_fork_bomb_is_contained(cfg):
-    bomb = ("import os\nn = 0\nwhile True:\n    try:\n        os.fork()\n        n += 1\n"
-            "    except OSError:\n        pass\n")
+    bomb = (
+        "import os\nn = 0\nwhile True:\n    try:\n        os.fork()\n        n += 1\n"
+        "    except OSError:\n        pass\n"
+    )
     t0 = time.monotonic()
     r = run_python(bomb, timeout_s=1.0, max_processes=8, **cfg)
     assert time.monotonic() - t0 < 8
@@ -115,8 +119,7 @@ def test_fork_bomb_is_contained(cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_huge_allocation_fails_with_memory_error(cfg):
-    r = run_python("x = bytearray(10 * 1024**3)\nprint('allocated')", timeout_s=5,
-                   memory_mb=256, **cfg)
+    r = run_python("x = bytearray(10 * 1024**3)\nprint('allocated')", timeout_s=5, memory_mb=256, **cfg)
     assert not r.ok and "MemoryError" in r.error and "allocated" not in r.output
 
 
@@ -126,8 +129,7 @@ def test_reading_host_secrets_is_denied(cfg, tmp_path):
     secret.write_text("TOPSECRET")
     os.chmod(secret, 0o644)
     os.chmod(tmp_path, 0o755)
-    for target in (str(secret), "/etc/passwd", os.path.expanduser("~/.ssh/id_rsa"),
-                   "/etc/shadow"):
+    for target in (str(secret), "/etc/passwd", os.path.expanduser("~/.ssh/id_rsa"), "/etc/shadow"):
         r = run_python(f"print(open({target!r}).read())", timeout_s=5, **cfg)
         assert not r.ok, target
         assert "TOPSECRET" not in r.output and "root:" not in r.output
@@ -157,8 +159,9 @@ def test_network_is_unreachable_even_to_a_host_listener(cfg):
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
     port = srv.getsockname()[1]
-    code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            "print('connected')")
+    code = (
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')"
+    )
     r = run_python(code, timeout_s=5, **cfg)
     srv.setblocking(False)
     try:  # a completed connection would wait in the backlog
@@ -175,23 +178,34 @@ def test_network_is_unreachable_even_to_a_host_listener(cfg):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_printing_100_mb_is_truncated_and_killed(cfg):
     cap = 10_000
-    r = run_python("import sys\nfor _ in range(100):\n    sys.stdout.write('a' * 1_000_000)\n",
-                   timeout_s=10, max_output_bytes=cap, **cfg)
+    r = run_python(
+        "import sys\nfor _ in range(100):\n    sys.stdout.write('a' * 1_000_000)\n",
+        timeout_s=10,
+        max_output_bytes=cap,
+        **cfg,
+    )
     assert not r.ok and r.output_truncated and "output limit exceeded" in r.error
     assert len(r.output) == cap and set(r.output) == {"a"}
 
 
 def test_disk_filling_is_limited():
-    r = run_python("f = open('big', 'wb')\nfor _ in range(64):\n    f.write(b'0' * 1024**2)\n"
-                   "f.close()\nprint('wrote')", timeout_s=10, disk_mb=4)
+    r = run_python(
+        "f = open('big', 'wb')\nfor _ in range(64):\n    f.write(b'0' * 1024**2)\nf.close()\nprint('wrote')",
+        timeout_s=10,
+        disk_mb=4,
+    )
     assert not r.ok and "wrote" not in r.output
     assert "file size limit" in r.error or "No space" in r.error or "Errno" in r.error
 
 
 @pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
 def test_namespace_mode_hides_the_host_filesystem():
-    r = run_python("import os\nprint(sorted(os.listdir('/')))\nprint(os.getcwd(), os.getuid())",
-                   timeout_s=5, isolation="namespace", audit=False)
+    r = run_python(
+        "import os\nprint(sorted(os.listdir('/')))\nprint(os.getcwd(), os.getuid())",
+        timeout_s=5,
+        isolation="namespace",
+        audit=False,
+    )
     assert r.ok and r.isolation == "namespace"
     listing, cwd_uid = r.output.splitlines()
     runtime_tops = {p.split("/")[1] for p in sandbox._readonly_paths()}
@@ -227,8 +241,12 @@ def test_only_the_runtime_is_visible_below_its_parents():
     allowed = _runtime_ancestors()
     venv_parent = os.path.dirname(os.path.realpath(sandbox.sys.prefix))
     assert venv_parent in allowed
-    r = run_python(f"import os\nprint({{d: os.listdir(d) for d in {sorted(allowed)!r}}})",
-                   timeout_s=5, isolation="namespace", audit=False)
+    r = run_python(
+        f"import os\nprint({{d: os.listdir(d) for d in {sorted(allowed)!r}}})",
+        timeout_s=5,
+        isolation="namespace",
+        audit=False,
+    )
     assert r.ok, r.error
     visible = {d: set(names) for d, names in ast.literal_eval(r.output).items()}
     for d, names in allowed.items():
@@ -238,8 +256,7 @@ def test_only_the_runtime_is_visible_below_its_parents():
 
 @pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
 def test_background_children_die_with_the_run():
-    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-            "print('parent done')")
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')"
     t0 = time.monotonic()
     r = run_python(code, timeout_s=5, isolation="namespace", audit=False)
     assert r.ok and r.output == "parent done\n" and time.monotonic() - t0 < 4
@@ -260,13 +277,15 @@ def test_argument_validation():
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_common_stdlib_use_works(cfg):
-    code = ("import os, json, re, math, datetime, collections, itertools, fractions, decimal, "
-            "statistics, random, hashlib, tempfile, io, csv, threading\n"
-            "open(os.devnull, 'w').write('x')\n"
-            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
-            "t = threading.Thread(target=lambda: print('thread ok'))\nt.start()\nt.join()\n"
-            "print(len(os.urandom(8)), statistics.mean([1, 2, 3]), "
-            "os.path.dirname(f.name) == os.getcwd())")
+    code = (
+        "import os, json, re, math, datetime, collections, itertools, fractions, decimal, "
+        "statistics, random, hashlib, tempfile, io, csv, threading\n"
+        "open(os.devnull, 'w').write('x')\n"
+        "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
+        "t = threading.Thread(target=lambda: print('thread ok'))\nt.start()\nt.join()\n"
+        "print(len(os.urandom(8)), statistics.mean([1, 2, 3]), "
+        "os.path.dirname(f.name) == os.getcwd())"
+    )
     r = run_python(code, timeout_s=5, **cfg)
     assert r.ok, r.error
     assert r.output == "thread ok\n8 2 True\n"
@@ -277,8 +296,9 @@ def test_symlink_out_of_the_workdir_is_denied(tmp_path):
     secret.write_text("TOPSECRET")
     os.chmod(tmp_path, 0o755)
     code = f"import os\nos.symlink({str(secret)!r}, 'link')\nprint(open('link').read())"
-    for cfg in ({"isolation": "process"},) + (({"isolation": "namespace", "audit": False},)
-                                              if HAS_NS else ()):
+    for cfg in ({"isolation": "process"},) + (
+        ({"isolation": "namespace", "audit": False},) if HAS_NS else ()
+    ):
         r = run_python(code, timeout_s=5, **cfg)
         assert not r.ok and "TOPSECRET" not in r.output
 
@@ -288,9 +308,17 @@ def test_kill_uid_kills_processes_that_left_the_process_group():
     import subprocess
 
     uid = sandbox._UID_BASE + 999_999
-    procs = [subprocess.Popen(["/bin/sh", "-c", "sleep 60"], user=uid, group=uid,
-                              extra_groups=[], start_new_session=True, cwd="/")
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            ["/bin/sh", "-c", "sleep 60"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            start_new_session=True,
+            cwd="/",
+        )
+        for _ in range(3)
+    ]
     assert len(sandbox._live_pids_of_uid(uid)) >= 3
     t0 = time.monotonic()
     assert sandbox._kill_uid(uid)
@@ -301,11 +329,13 @@ def test_kill_uid_kills_processes_that_left_the_process_group():
 
 @pytest.mark.skipif(not HAS_NS, reason="needs root and unshare")
 def test_user_process_has_no_way_back_to_privileges():
-    code = ("import ctypes, os\nlibc = ctypes.CDLL('libc.so.6', use_errno=True)\n"
-            "print(libc.prctl(39, 0, 0, 0, 0))\n"           # PR_GET_NO_NEW_PRIVS
-            "print(libc.unshare(0x10000000))\n"             # CLONE_NEWUSER: refused when chrooted
-            "print(libc.unshare(0x00020000))\n"             # CLONE_NEWNS: needs CAP_SYS_ADMIN
-            "try:\n    os.chroot('.')\nexcept PermissionError:\n    print('chroot denied')\n")
+    code = (
+        "import ctypes, os\nlibc = ctypes.CDLL('libc.so.6', use_errno=True)\n"
+        "print(libc.prctl(39, 0, 0, 0, 0))\n"  # PR_GET_NO_NEW_PRIVS
+        "print(libc.unshare(0x10000000))\n"  # CLONE_NEWUSER: refused when chrooted
+        "print(libc.unshare(0x00020000))\n"  # CLONE_NEWNS: needs CAP_SYS_ADMIN
+        "try:\n    os.chroot('.')\nexcept PermissionError:\n    print('chroot denied')\n"
+    )
     r = run_python(code, timeout_s=5, isolation="namespace", audit=False)
     assert r.ok, r.error
     assert r.output.split("\n")[:4] == ["1", "-1", "-1", "chroot denied"]
@@ -320,12 +350,14 @@ def test_process_mode_with_a_throwaway_uid(monkeypatch, tmp_path):
     secret.write_text("TOPSECRET")
     os.chmod(secret, 0o600)
     os.chmod(tmp_path, 0o755)
-    code = ("import os\nprint(os.getuid())\n"
-            "path = os.path.join(os.environ['TMPDIR'], 'f.txt')\n"
-            "with open(path, 'w') as f:\n    f.write('x')\n"
-            "print(os.path.dirname(path) == os.getcwd() and os.listdir('.') == ['f.txt'])\n"
-            f"try:\n    open({str(secret)!r}).read()\nexcept PermissionError:\n"
-            "    print('denied by the OS')\n")
+    code = (
+        "import os\nprint(os.getuid())\n"
+        "path = os.path.join(os.environ['TMPDIR'], 'f.txt')\n"
+        "with open(path, 'w') as f:\n    f.write('x')\n"
+        "print(os.path.dirname(path) == os.getcwd() and os.listdir('.') == ['f.txt'])\n"
+        f"try:\n    open({str(secret)!r}).read()\nexcept PermissionError:\n"
+        "    print('denied by the OS')\n"
+    )
     r = run_python(code, timeout_s=5, isolation="process", audit=False)
     assert r.ok, r.error
     uid, same_dir, denied = r.output.splitlines()
@@ -336,8 +368,10 @@ def test_process_mode_with_a_throwaway_uid(monkeypatch, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 def test_process_mode_fork_bomb_and_escaped_children_are_killed(monkeypatch):
     monkeypatch.setattr(sandbox, "_runtime_world_readable", lambda: True)
-    bomb = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-            "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    bomb = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+        "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     r = run_python(bomb, timeout_s=1.0, isolation="process", audit=False, max_processes=8)
     assert not r.ok and r.timed_out and r.uid is not None
     # the autouse fixture checks that no process of r.uid is left, the setsid child included
@@ -345,28 +379,36 @@ def test_process_mode_fork_bomb_and_escaped_children_are_killed(monkeypatch):
 
 def test_audit_hook_blocks_unaudited_process_spawning():
     # _posixsubprocess.fork_exec raises no audit event: it must be neither loaded nor importable
-    code = ("import sys\nprint('_posixsubprocess' in sys.modules, 'subprocess' in sys.modules)\n"
-            "for name in ('_posixsubprocess', 'subprocess', 'multiprocessing'):\n"
-            "    try:\n        __import__(name)\n        print(name, 'imported')\n"
-            "    except PermissionError:\n        print(name, 'denied')\n")
+    code = (
+        "import sys\nprint('_posixsubprocess' in sys.modules, 'subprocess' in sys.modules)\n"
+        "for name in ('_posixsubprocess', 'subprocess', 'multiprocessing'):\n"
+        "    try:\n        __import__(name)\n        print(name, 'imported')\n"
+        "    except PermissionError:\n        print(name, 'denied')\n"
+    )
     r = run_python(code, timeout_s=5, isolation="process")
     assert r.ok, r.error
-    assert r.output.splitlines() == ["False False", "_posixsubprocess denied",
-                                     "subprocess denied", "multiprocessing denied"]
+    assert r.output.splitlines() == [
+        "False False",
+        "_posixsubprocess denied",
+        "subprocess denied",
+        "multiprocessing denied",
+    ]
 
 
 def test_audit_hook_survives_rebinding_globals_and_threads():
-    code = ("import sys, threading\nmain = sys.modules['__main__']\n"
-            "for name in ('_DENY_PREFIXES', '_PATH_EVENTS', '_DENY_IMPORTS'):\n"
-            "    setattr(main, name, type(getattr(main, name))())\n"
-            "open('ok.txt', 'w').write('ok')\nleaks, oks = [], []\n"
-            "def grab():\n    for _ in range(300):\n        oks.append(open('ok.txt').read())\n"
-            "        try:\n            leaks.append(open('/etc/passwd').read())\n"
-            "        except PermissionError:\n            pass\n"
-            "ts = [threading.Thread(target=grab) for _ in range(3)]\n"
-            "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(len(leaks), len(oks))\n"
-            "try:\n    import socket\n    socket.socket()\n    print('socket created')\n"
-            "except PermissionError:\n    print('socket denied')\n")
+    code = (
+        "import sys, threading\nmain = sys.modules['__main__']\n"
+        "for name in ('_DENY_PREFIXES', '_PATH_EVENTS', '_DENY_IMPORTS'):\n"
+        "    setattr(main, name, type(getattr(main, name))())\n"
+        "open('ok.txt', 'w').write('ok')\nleaks, oks = [], []\n"
+        "def grab():\n    for _ in range(300):\n        oks.append(open('ok.txt').read())\n"
+        "        try:\n            leaks.append(open('/etc/passwd').read())\n"
+        "        except PermissionError:\n            pass\n"
+        "ts = [threading.Thread(target=grab) for _ in range(3)]\n"
+        "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(len(leaks), len(oks))\n"
+        "try:\n    import socket\n    socket.socket()\n    print('socket created')\n"
+        "except PermissionError:\n    print('socket denied')\n"
+    )
     r = run_python(code, timeout_s=10, isolation="process")
     assert r.output.splitlines() == ["0 900", "socket denied"], (r.output, r.error)
 
@@ -374,9 +416,11 @@ def test_audit_hook_survives_rebinding_globals_and_threads():
 def test_audit_hook_fails_closed_when_builtins_are_broken():
     # the stdlib helpers the hook calls (realpath) use builtins; breaking them makes the hook
     # raise, which aborts the audited operation instead of allowing it
-    code = ("import builtins\nbuiltins.isinstance = lambda *a: True\n"
-            "try:\n    data = open('/etc/passwd').read()\nexcept BaseException:\n    data = ''\n"
-            "import os\nos.write(1, b'leaked' if 'root' in data else b'contained')\n")
+    code = (
+        "import builtins\nbuiltins.isinstance = lambda *a: True\n"
+        "try:\n    data = open('/etc/passwd').read()\nexcept BaseException:\n    data = ''\n"
+        "import os\nos.write(1, b'leaked' if 'root' in data else b'contained')\n"
+    )
     r = run_python(code, timeout_s=5, isolation="process")
     assert r.output == "contained", (r.output, r.error)
 
@@ -558,15 +602,27 @@ def run_hostile_set(run_python, configs, cases, target_dir, sentinel_env):
         for cfg in configs:
             for name, code in cases.items():
                 before = own_pids()
-                r = run_python(code.replace("SENTINEL_PID", str(sentinel.pid)), timeout_s=3,
-                               max_processes=8, **cfg)
+                r = run_python(
+                    code.replace("SENTINEL_PID", str(sentinel.pid)), timeout_s=3, max_processes=8, **cfg
+                )
                 leftover = sorted(own_pids() - before - {sentinel.pid}) if os.geteuid() else []
-                records.append({
-                    "config": cfg, "case": name, "ok": r.ok, "output": r.output,
-                    "error": r.error, "isolation": r.isolation, "uid": r.uid,
-                    "seccomp": r.seccomp, "cgroup": r.cgroup, "timed_out": r.timed_out,
-                    "sentinel_alive": sentinel.poll() is None, "leftover": leftover,
-                    "target_dir": sorted(os.listdir(target_dir))})
+                records.append(
+                    {
+                        "config": cfg,
+                        "case": name,
+                        "ok": r.ok,
+                        "output": r.output,
+                        "error": r.error,
+                        "isolation": r.isolation,
+                        "uid": r.uid,
+                        "seccomp": r.seccomp,
+                        "cgroup": r.cgroup,
+                        "timed_out": r.timed_out,
+                        "sentinel_alive": sentinel.poll() is None,
+                        "leftover": leftover,
+                        "target_dir": sorted(os.listdir(target_dir)),
+                    }
+                )
     finally:
         sentinel.kill()
         sentinel.wait()
@@ -587,10 +643,18 @@ def hostile_host():
     target_dir = os.path.join(base, "target")
     os.mkdir(target_dir)
     os.chmod(target_dir, 0o777)
-    cases = {name: _PRELUDE + code.replace("SECRET_PATH", secret).replace(
-        "TARGET_PATH", os.path.join(target_dir, "pwned")) for name, code in HOSTILE.items()}
-    yield {"base": base, "secret_text": secret_text, "target_dir": target_dir, "cases": cases,
-           "sentinel_env": {"PATH": "/usr/bin:/bin", "SENTINEL_SECRET": secret_text}}
+    cases = {
+        name: _PRELUDE
+        + code.replace("SECRET_PATH", secret).replace("TARGET_PATH", os.path.join(target_dir, "pwned"))
+        for name, code in HOSTILE.items()
+    }
+    yield {
+        "base": base,
+        "secret_text": secret_text,
+        "target_dir": target_dir,
+        "cases": cases,
+        "sentinel_env": {"PATH": "/usr/bin:/bin", "SENTINEL_SECRET": secret_text},
+    }
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -605,7 +669,7 @@ def _assert_contained(rec: dict, host: dict, max_processes: int = 8) -> None:
     assert rec["target_dir"] == [], (where, rec["target_dir"])
     assert rec["sentinel_alive"], where
     assert rec["leftover"] == [], (where, rec["leftover"])
-    assert (rec["uid"] is None or sandbox._live_pids_of_uid(rec["uid"]) == []), where
+    assert rec["uid"] is None or sandbox._live_pids_of_uid(rec["uid"]) == [], where
     if rec["case"] in _FLOODS:
         assert rec["timed_out"] or not rec["ok"] or rec["case"] == "thread_flood", where
     else:
@@ -618,13 +682,15 @@ def _assert_contained(rec: dict, host: dict, max_processes: int = 8) -> None:
 
 
 ROOT_CONFIGS = [pytest.param(c, id=_config_id(c)) for c in OS_CONFIGS] + [
-    pytest.param({"isolation": "process"}, id="process")]
+    pytest.param({"isolation": "process"}, id="process")
+]
 
 
 @pytest.mark.parametrize("cfg", ROOT_CONFIGS)
 def test_hostile_set_is_contained(cfg, hostile_host):
-    records = run_hostile_set(run_python, [cfg], hostile_host["cases"],
-                              hostile_host["target_dir"], hostile_host["sentinel_env"])
+    records = run_hostile_set(
+        run_python, [cfg], hostile_host["cases"], hostile_host["target_dir"], hostile_host["sentinel_env"]
+    )
     assert [r["case"] for r in records] == list(HOSTILE)
     for rec in records:
         _assert_contained(rec, hostile_host)
@@ -654,17 +720,29 @@ def _nobody_python(uid: int) -> str | None:
     """An interpreter that ``nobody`` can run (this one lives under /root, 0700, here)."""
     for cand in dict.fromkeys([sys.executable, "/usr/bin/python3", shutil.which("python3")]):
         try:
-            if cand and subprocess.run([cand, "-c", "import ctypes, dataclasses, json"],
-                                       user=uid, group=uid, extra_groups=[], cwd="/", env={},
-                                       capture_output=True).returncode == 0:
+            if (
+                cand
+                and subprocess.run(
+                    [cand, "-c", "import ctypes, dataclasses, json"],
+                    user=uid,
+                    group=uid,
+                    extra_groups=[],
+                    cwd="/",
+                    env={},
+                    capture_output=True,
+                ).returncode
+                == 0
+            ):
                 return cand
         except PermissionError:  # the interpreter itself is out of nobody's reach
             continue
     return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody; unprivileged "
-                    "already, the other tests run as this user")
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="needs root to become nobody; unprivileged already, the other tests run as this user",
+)
 def test_hostile_set_is_contained_as_an_unprivileged_user(hostile_host):
     # The repository and this venv may not be readable by nobody (here: under /root, 0700):
     # the two stdlib-only sandbox files are copied to a world-readable folder and run with an
@@ -678,15 +756,26 @@ def test_hostile_set_is_contained_as_an_unprivileged_user(hostile_host):
     for src in (sandbox._THIS_FILE, sandbox._SYSCALL_FILTER_FILE):
         shutil.copy(src, code_dir)
     os.chmod(code_dir, 0o755)
-    configs = [{"isolation": "userns"}, {"isolation": "userns", "audit": False},
-               {"isolation": "process"}]
+    configs = [{"isolation": "userns"}, {"isolation": "userns", "audit": False}, {"isolation": "process"}]
     driver = inspect.getsource(run_hostile_set) + _UNPRIVILEGED_DRIVER
-    job = {"configs": configs, "cases": hostile_host["cases"],
-           "target_dir": hostile_host["target_dir"], "sentinel_env": hostile_host["sentinel_env"]}
-    proc = subprocess.run([python, "-I", "-c", driver, os.path.join(code_dir, "sandbox.py")],
-                          input=json.dumps(job), capture_output=True, text=True, user=uid,
-                          group=uid, extra_groups=[], cwd="/", timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    job = {
+        "configs": configs,
+        "cases": hostile_host["cases"],
+        "target_dir": hostile_host["target_dir"],
+        "sentinel_env": hostile_host["sentinel_env"],
+    }
+    proc = subprocess.run(
+        [python, "-I", "-c", driver, os.path.join(code_dir, "sandbox.py")],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        cwd="/",
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["uid"] == uid != 0
@@ -696,7 +785,7 @@ def test_hostile_set_is_contained_as_an_unprivileged_user(hostile_host):
         assert report["auto"] == "userns"
     else:  # fail closed: nothing but process mode, and auto refuses
         assert report["auto"].startswith("refused: ") and "isolation='process'" in report["auto"]
-    ran = [_config_id(r["config"]) for r in report["records"][::len(HOSTILE)]]
+    ran = [_config_id(r["config"]) for r in report["records"][:: len(HOSTILE)]]
     assert ran == (["userns", "userns_os_only"] if userns else []) + ["process"]
     for rec in report["records"]:
         _assert_contained(rec, hostile_host)
@@ -707,27 +796,33 @@ def test_hostile_set_is_contained_as_an_unprivileged_user(hostile_host):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [{"isolation": "process"}] + OS_CONFIGS[::2],
-                         ids=lambda c: c["isolation"])
+@pytest.mark.parametrize("cfg", [{"isolation": "process"}] + OS_CONFIGS[::2], ids=lambda c: c["isolation"])
 def test_audit_hook_denies_constructing_code_objects(cfg):
     # hand-made bytecode can corrupt the interpreter's memory; compile() is the way to code
-    fields = ("argcount posonlyargcount kwonlyargcount nlocals stacksize flags code consts names "
-              "varnames filename name qualname firstlineno linetable exceptiontable freevars "
-              "cellvars")
+    fields = (
+        "argcount posonlyargcount kwonlyargcount nlocals stacksize flags code consts names "
+        "varnames filename name qualname firstlineno linetable exceptiontable freevars "
+        "cellvars"
+    )
     code = _PRELUDE + (
         "import marshal, types\nc = compile('1', 'x', 'eval')\n"
         "attempt('replace', lambda: c.replace(co_consts=(2,)) and None)\n"
         f"attempt('CodeType', lambda: types.CodeType(*[getattr(c, 'co_' + n) for n in "
         f"{fields!r}.split()]) and None)\n"
         "attempt('marshal', lambda: marshal.loads(marshal.dumps(c)) and None)\n"
-        "import json, numpy\nprint(eval(c), json.dumps([1]))\n")
+        "import json, numpy\nprint(eval(c), json.dumps([1]))\n"
+    )
     r = run_python(code, timeout_s=10, **cfg)
     assert r.ok, r.error
     # marshal.loads only where the hook is the only guard (process mode compiles sources then)
-    marshal = ("blocked: marshal PermissionError" if cfg["isolation"] == "process"
-               else "done: marshal None")
-    assert r.output.splitlines() == ["ATTEMPTED", "blocked: replace PermissionError",
-                                     "blocked: CodeType PermissionError", marshal, "1 [1]"]
+    marshal = "blocked: marshal PermissionError" if cfg["isolation"] == "process" else "done: marshal None"
+    assert r.output.splitlines() == [
+        "ATTEMPTED",
+        "blocked: replace PermissionError",
+        "blocked: CodeType PermissionError",
+        marshal,
+        "1 [1]",
+    ]
 
 
 def test_process_mode_denies_directory_file_descriptors():
@@ -737,23 +832,29 @@ def test_process_mode_denies_directory_file_descriptors():
         "attempt('open dir', lambda: os.open('sub', os.O_RDONLY))\n"
         "attempt('open runtime dir', lambda: os.open(os.path.dirname(os.__file__), os.O_RDONLY))\n"
         "attempt('mkdir dir_fd', lambda: os.mkdir('x', dir_fd=fd))\n"
-        "attempt('tempdir', lambda: __import__('tempfile').mkdtemp() and None)\n")
+        "attempt('tempdir', lambda: __import__('tempfile').mkdtemp() and None)\n"
+    )
     r = run_python(code, timeout_s=5, isolation="process")
     assert r.ok, r.error
-    assert r.output.splitlines() == ["ATTEMPTED", "blocked: open dir PermissionError",
-                                     "blocked: open runtime dir PermissionError",
-                                     "blocked: mkdir dir_fd PermissionError", "done: tempdir None"]
+    assert r.output.splitlines() == [
+        "ATTEMPTED",
+        "blocked: open dir PermissionError",
+        "blocked: open runtime dir PermissionError",
+        "blocked: mkdir dir_fd PermissionError",
+        "done: tempdir None",
+    ]
 
 
 SECCOMP_PROBE = (
     "import ctypes, errno, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
     "def err(rc):\n    return 'ok' if rc == 0 else errno.errorcode[ctypes.get_errno()]\n"
-    "print('ptrace', err(libc.ptrace(0, 0, 0, 0)))\n"            # PTRACE_TRACEME
+    "print('ptrace', err(libc.ptrace(0, 0, 0, 0)))\n"  # PTRACE_TRACEME
     "print('keyctl', err(libc.syscall(250 if ctypes.sizeof(ctypes.c_void_p) == 8 else 288, "
-    "0, -3, 0)))\n"                                               # KEYCTL_GET_KEYRING_ID
+    "0, -3, 0)))\n"  # KEYCTL_GET_KEYRING_ID
     "try:\n    socket.socket(socket.AF_INET)\n    print('inet ok')\n"
     "except OSError as e:\n    print('inet', errno.errorcode[e.errno])\n"
-    "socket.socketpair()\nprint('unix ok')\n")
+    "socket.socketpair()\nprint('unix ok')\n"
+)
 
 
 @pytest.mark.skipif(not (HAS_SECCOMP and OS_CONFIGS), reason="needs libseccomp and namespaces")
@@ -764,8 +865,7 @@ def test_seccomp_filter_denies_what_the_namespaces_allow(cfg):
     # makes AF_INET sockets; a process may always ask to be traced)
     r = run_python(SECCOMP_PROBE, timeout_s=5, **cfg)
     assert r.ok and r.seccomp, (r.error, r.output)
-    assert r.output.splitlines() == ["ptrace EPERM", "keyctl EPERM", "inet EAFNOSUPPORT",
-                                     "unix ok"]
+    assert r.output.splitlines() == ["ptrace EPERM", "keyctl EPERM", "inet EAFNOSUPPORT", "unix ok"]
 
 
 def test_seccomp_rules_depend_on_the_mode():
@@ -775,23 +875,31 @@ def test_seccomp_rules_depend_on_the_mode():
     assert by_name(ns, "socket") == [syscall_filter.Rule("socket", 97, ((0, "ne", 1, 0),))]
     assert by_name(proc, "socket") == [syscall_filter.Rule("socket", 13)]  # EACCES: every one
     assert by_name(ns, "kill") == [] and by_name(proc, "kill") == [
-        syscall_filter.Rule("kill", 1, ((0, "ne", 1234, 0),))]
+        syscall_filter.Rule("kill", 1, ((0, "ne", 1234, 0),))
+    ]
     assert {"ptrace", "mount", "keyctl", "bpf", "perf_event_open", "unshare", "setns"} <= {
-        r.syscall for r in ns}
+        r.syscall for r in ns
+    }
     with pytest.raises(ValueError, match="own_pid"):
         syscall_filter.sandbox_rules(allow_unix_sockets=False, own_pid=0)
 
 
 def test_cgroup_dirs_are_found_for_v1_and_v2():
-    v1_mounts = ("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
-                 "35 31 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
-                 "38 31 0:34 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n")
+    v1_mounts = (
+        "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "35 31 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "38 31 0:34 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+    )
     v1_own = "8:pids:/\n4:memory:/job/a b\n0::/\n"
     assert sandbox.cgroup_dirs(v1_mounts, v1_own) == {
-        "memory": "/sys/fs/cgroup/memory/job/a b", "pids": "/sys/fs/cgroup/pids"}
+        "memory": "/sys/fs/cgroup/memory/job/a b",
+        "pids": "/sys/fs/cgroup/pids",
+    }
     v2_mounts = "30 23 0:26 /outer /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
     assert sandbox.cgroup_dirs(v2_mounts, "0::/outer/user.slice\n") == {
-        "memory": "/sys/fs/cgroup/user.slice", "pids": "/sys/fs/cgroup/user.slice"}
+        "memory": "/sys/fs/cgroup/user.slice",
+        "pids": "/sys/fs/cgroup/user.slice",
+    }
     assert sandbox.cgroup_dirs(v2_mounts, "0::/elsewhere\n") == {}  # not below the mount
     assert sandbox.cgroup_dirs("", v1_own) == {}
 
@@ -809,29 +917,33 @@ HAS_CGROUP = bool(sandbox._writable_cgroup_dirs())
 def test_cgroup_limits_the_memory_of_all_processes_together(monkeypatch):
     created = []
     make = sandbox._create_run_cgroup
-    monkeypatch.setattr(sandbox, "_create_run_cgroup",
-                        lambda *a: created.extend(make(*a)) or list(created))
+    monkeypatch.setattr(sandbox, "_create_run_cgroup", lambda *a: created.extend(make(*a)) or list(created))
     # four processes of 150 MB each stay under RLIMIT_AS (256 MB each) but not under the run's
     # cgroup (256 + 32 + 64 MB in all): the kernel kills one of them
-    code = ("import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n"
-            "    if pid == 0:\n        b = b'x' * (150 * 1024 * 1024)\n        time.sleep(1)\n"
-            "        os._exit(0)\n    pids.append(pid)\n"
-            "print(sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids))\n")
-    r = run_python(code, timeout_s=10, memory_mb=256, isolation=OS_CONFIGS[0]["isolation"],
-                   audit=False)
+    code = (
+        "import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n"
+        "    if pid == 0:\n        b = b'x' * (150 * 1024 * 1024)\n        time.sleep(1)\n"
+        "        os._exit(0)\n    pids.append(pid)\n"
+        "print(sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids))\n"
+    )
+    r = run_python(code, timeout_s=10, memory_mb=256, isolation=OS_CONFIGS[0]["isolation"], audit=False)
     assert r.ok and r.cgroup, r.error
     assert ast.literal_eval(r.output)[0] == -9, r.output  # SIGKILL from the cgroup's OOM killer
     assert created and not any(os.path.exists(d) for d in created)  # removed after the run
 
 
-@pytest.mark.skipif(not (HAS_CGROUP and HAS_USERNS and os.geteuid() == 0),
-                    reason="needs root, user namespaces and a writable cgroup tree")
+@pytest.mark.skipif(
+    not (HAS_CGROUP and HAS_USERNS and os.geteuid() == 0),
+    reason="needs root, user namespaces and a writable cgroup tree",
+)
 def test_cgroup_limits_processes_where_rlimit_nproc_cannot():
     # userns mode as root maps to the host's root, which RLIMIT_NPROC never limits: the pids
     # controller is what stops the flood here
-    code = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n"
-            "            time.sleep(5)\n            os._exit(0)\n        n += 1\n"
-            "    except OSError:\n        pass\nprint(n, flush=True)\nos._exit(0)\n")
+    code = (
+        "import os, time\nn = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n"
+        "            time.sleep(5)\n            os._exit(0)\n        n += 1\n"
+        "    except OSError:\n        pass\nprint(n, flush=True)\nos._exit(0)\n"
+    )
     r = run_python(code, timeout_s=10, max_processes=8, isolation="userns", audit=False)
     assert r.ok and r.cgroup, r.error
     assert int(r.output) < 8, r.output
@@ -841,11 +953,11 @@ CAPABILITY_PROBE = (
     "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
     "header = (ctypes.c_uint32 * 2)(0x20080522, 0)\ndata = (ctypes.c_uint32 * 6)()\n"
     "assert libc.capget(header, data) == 0\n"
-    "print([data[i] | data[i + 3] << 32 for i in range(3)], libc.prctl(39, 0, 0, 0, 0))\n")
+    "print([data[i] | data[i + 3] << 32 for i in range(3)], libc.prctl(39, 0, 0, 0, 0))\n"
+)
 
 
-@pytest.mark.parametrize("cfg", OS_CONFIGS[1::2] + [{"isolation": "process", "audit": False}],
-                         ids=_config_id)
+@pytest.mark.parametrize("cfg", OS_CONFIGS[1::2] + [{"isolation": "process", "audit": False}], ids=_config_id)
 def test_user_code_holds_no_capabilities(cfg):
     # effective, permitted, inheritable all empty, and no_new_privs set: in userns mode the code
     # runs as the namespace's uid 0, and in process mode possibly as the host's root

@@ -31,14 +31,14 @@ def _answer_by_reading(wk, question):
     """Answer the question from its text alone: peel "the <phrase> of " off the front, look up the
     anchor by name, then follow the phrases innermost first (how an English reader nests them)."""
     assert question.startswith("What is ") and question.endswith("?")
-    rest, phrases = question[len("What is "):-1], []
+    rest, phrases = question[len("What is ") : -1], []
     known = {r.phrase for r in RELATIONS.values()} | {a[1] for a in ATTRIBUTES.values()}
     while True:
         head = next((p for p in known if rest.startswith(f"the {p} of ")), None)
         if head is None:
             break
         phrases.append(head)
-        rest = rest[len(f"the {head} of "):]
+        rest = rest[len(f"the {head} of ") :]
     anchors = [e for e in wk.world.entities if e.name == rest]
     assert len(anchors) == 1, f"anchor {rest!r} not found in {question!r}"
     cur = anchors[0]
@@ -49,7 +49,8 @@ def _answer_by_reading(wk, question):
             assert len(attrs) == 1, f"{cur.name} ({cur.kind}) has no {phrase!r} in {question!r}"
             return str(cur.attr(attrs[0]))
         assert len(rels) == 1 and (cur.id, rels[0].name) in wk.world.edges, (
-            f"{cur.name} ({cur.kind}) has no {phrase!r} in {question!r}")
+            f"{cur.name} ({cur.kind}) has no {phrase!r} in {question!r}"
+        )
         cur = wk.world.entities[wk.world.follow(cur.id, rels[0].name)]
     return cur.name
 
@@ -155,8 +156,12 @@ def test_held_out_set_on_the_same_world_is_disjoint(wk, records, tmp_path):
     train = tmp_path / "train.jsonl"
     synth.write_jsonl(records, str(train))
     out = tmp_path / "test.jsonl"
-    assert synth.main(["--out", str(out), "--n", "20", "--seed", "9", "--wiki-seed", "5",
-                       "--exclude", str(train)]) == 0
+    assert (
+        synth.main(
+            ["--out", str(out), "--n", "20", "--seed", "9", "--wiki-seed", "5", "--exclude", str(train)]
+        )
+        == 0
+    )
     test = list(synth.read_jsonl(str(out)))
     assert len(test) == 20 and all(r["wiki_seed"] == 5 for r in test)
     assert not {r["question"] for r in test} & {r["question"] for r in records}
@@ -170,11 +175,16 @@ def test_held_out_set_on_the_same_world_is_disjoint(wk, records, tmp_path):
 
 def test_records_spread_over_several_worlds():
     fields = {"search_top_k": 1, "n_distractors": 1, "n_people": 20}
-    recs = synth.synthesize_worlds(7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2),
-                                   obfuscate_prob=0.0)
+    recs = synth.synthesize_worlds(
+        7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2), obfuscate_prob=0.0
+    )
     assert [r["wiki_seed"] for r in recs] == [10, 10, 10, 11, 11, 12, 12]
-    assert synth.synthesize_worlds(7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2),
-                                   obfuscate_prob=0.0) == recs
+    assert (
+        synth.synthesize_worlds(
+            7, 3, seed=4, wiki_seed=10, wiki_fields=fields, hops=(1, 2), obfuscate_prob=0.0
+        )
+        == recs
+    )
     # each world's records are synthesize's on that world (sampler seed + w), replayable there
     for w, n in ((0, 3), (1, 2), (2, 2)):
         wiki = SimulatedWiki(WikiConfig(seed=10 + w, **fields))

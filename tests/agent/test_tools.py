@@ -22,16 +22,19 @@ def test_released_tool_names_and_argument_shapes():
     assert T.validate_call(_call("PythonInterpreter", {}, code="print(1)")) == []
 
 
-@pytest.mark.parametrize("call,msg", [
-    (_call("search", {"query": "a"}), "search.query must be array, got string"),
-    (_call("search", {"query": [True]}), "search.query[0] must be string, got boolean"),
-    (_call("visit", {"url": ["u"], "goal": 3}), "visit.goal must be string, got integer"),
-    (_call("visit", {"url": [], "goal": "g"}), "visit.url needs at least 1 item"),
-    (_call("parse_file", {"files": None}), "parse_file.files must be array, got null"),
-    (_call("PythonInterpreter", {"code": "x"}, code="print(1)"), "unknown argument(s) 'code'"),
-    (_call("search", {"query": ["a"]}, code="print(1)"), "search takes no <code> block"),
-    (_call("browse", {}), "unknown tool 'browse'"),
-])
+@pytest.mark.parametrize(
+    "call,msg",
+    [
+        (_call("search", {"query": "a"}), "search.query must be array, got string"),
+        (_call("search", {"query": [True]}), "search.query[0] must be string, got boolean"),
+        (_call("visit", {"url": ["u"], "goal": 3}), "visit.goal must be string, got integer"),
+        (_call("visit", {"url": [], "goal": "g"}), "visit.url needs at least 1 item"),
+        (_call("parse_file", {"files": None}), "parse_file.files must be array, got null"),
+        (_call("PythonInterpreter", {"code": "x"}, code="print(1)"), "unknown argument(s) 'code'"),
+        (_call("search", {"query": ["a"]}, code="print(1)"), "search takes no <code> block"),
+        (_call("browse", {}), "unknown tool 'browse'"),
+    ],
+)
 def test_validation_errors_name_the_problem(call, msg):
     errs = T.validate_call(call)
     assert errs and msg in "; ".join(errs)
@@ -66,11 +69,15 @@ def test_executor_rejects_unknown_backends():
 
 def test_python_backend_runs_the_code_in_the_sandbox():
     ex = T.ToolExecutor({"PythonInterpreter": T.python_backend(timeout_s=5)})
-    obs = ex.step('<think>x</think><tool_call>{"name": "PythonInterpreter", "arguments": {}}'
-                  '<code>print(6 * 7)</code></tool_call>')
+    obs = ex.step(
+        '<think>x</think><tool_call>{"name": "PythonInterpreter", "arguments": {}}'
+        "<code>print(6 * 7)</code></tool_call>"
+    )
     assert not obs.error and obs.text == "stdout:\n42\n"
-    obs = ex.step('<think>x</think><tool_call>{"name": "PythonInterpreter", "arguments": {}}'
-                  "<code>open('/etc/passwd').read()</code></tool_call>")
+    obs = ex.step(
+        '<think>x</think><tool_call>{"name": "PythonInterpreter", "arguments": {}}'
+        "<code>open('/etc/passwd').read()</code></tool_call>"
+    )
     assert "error: " in obs.text and "root:" not in obs.text
 
 
@@ -81,8 +88,9 @@ def test_file_backend_reads_names_only(tmp_path):
     try:
         (tmp_path / "link.txt").symlink_to(outside)
         ex = T.ToolExecutor({"parse_file": T.file_backend(str(tmp_path))})
-        obs = ex.execute(_call("parse_file", {"files": ["a.txt", "../outside_secret.txt",
-                                                         "link.txt", "nope.txt"]}))
+        obs = ex.execute(
+            _call("parse_file", {"files": ["a.txt", "../outside_secret.txt", "link.txt", "nope.txt"]})
+        )
         assert "[a.txt]\nhello" in obs.text and "TOPSECRET" not in obs.text
         assert obs.text.count("error:") == 3
     finally:

@@ -122,14 +122,14 @@ def test_jnp_env_step_is_batched_jittable_and_equals_the_python_tools(wk):
 
     def env_step(q, m):  # what a scan rollout would call on its carry
         docs, scores = W.bm25_topk(wk.weights_DV, q, m, k=3)
-        sents, _ = W.visit_topk(wk.sent_terms_DSL, wk.sent_valid_DS, wk.idf_V, docs[:, 0], q, m,
-                                k=2)
+        sents, _ = W.visit_topk(wk.sent_terms_DSL, wk.sent_valid_DS, wk.idf_V, docs[:, 0], q, m, k=2)
         return docs, sents
 
     docs, sents = jax.jit(env_step)(q_BQ, m_BQ)
     for b, q in enumerate(queries):
         assert [d for d, _ in wk.rank(q, k=3)] == np.asarray(docs[b]).tolist()
         assert wk.relevant_sentences(int(docs[b, 0]), q, k=2) == np.asarray(sents[b]).tolist()
+
     # inside lax.scan too
     def body(c, x):
         return c, env_step(x[0][None], x[1][None])[0][0]
@@ -142,11 +142,17 @@ def test_visit_topk_pads_short_pages_with_minus_one(wk):
     lens = wk.sent_valid_DS.sum(1)
     doc = int(np.argmin(lens))
     k = int(wk.sent_valid_DS.shape[1])
-    sents, _ = W.visit_topk(wk.sent_terms_DSL, wk.sent_valid_DS, wk.idf_V,
-                            jnp.asarray([doc], jnp.int32), jnp.zeros((1, 4), jnp.int32),
-                            jnp.zeros((1, 4), bool), k=k)
+    sents, _ = W.visit_topk(
+        wk.sent_terms_DSL,
+        wk.sent_valid_DS,
+        wk.idf_V,
+        jnp.asarray([doc], jnp.int32),
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.zeros((1, 4), bool),
+        k=k,
+    )
     row = np.asarray(sents[0]).tolist()
-    assert row[:lens[doc]] == list(range(lens[doc])) and set(row[lens[doc]:]) <= {-1}
+    assert row[: lens[doc]] == list(range(lens[doc])) and set(row[lens[doc] :]) <= {-1}
 
 
 def test_encode_drops_unknown_words_and_pads(wk):
@@ -159,11 +165,15 @@ def test_backends_plug_into_the_executor(wk):
     from jaxllm.agent import tools
 
     ex = tools.ToolExecutor(wk.backends())
-    obs = ex.step('<think>x</think><tool_call>{"name": "search", "arguments": {"query": '
-                  f'["{wk.pages[5].title}"]}}}}</tool_call>')
+    obs = ex.step(
+        '<think>x</think><tool_call>{"name": "search", "arguments": {"query": '
+        f'["{wk.pages[5].title}"]}}}}</tool_call>'
+    )
     assert not obs.error and wk.pages[5].url in obs.text
-    obs = ex.step('<think>x</think><tool_call>{"name": "visit", "arguments": {"url": '
-                  f'"{wk.pages[5].url}", "goal": "capital"}}}}</tool_call>')
+    obs = ex.step(
+        '<think>x</think><tool_call>{"name": "visit", "arguments": {"url": '
+        f'"{wk.pages[5].url}", "goal": "capital"}}}}</tool_call>'
+    )
     assert not obs.error and wk.pages[5].title in obs.text
 
 
@@ -172,12 +182,13 @@ def test_observations_are_joins_of_piece_ids_from_the_jnp_step(wk):
     assert len(wk.pieces) == lay.size
     queries = [wk.pages[3].title, "capital of nowhere zzz", "zzz", f"where {wk.pages[70].title} was born"]
     ids = wk.search_ids(queries)
-    assert ids.shape == (lay.search_len,) and (ids[(ids >= 0).sum():] == -1).all()
+    assert ids.shape == (lay.search_len,) and (ids[(ids >= 0).sum() :] == -1).all()
     text = wk.search(queries)
     assert text == wk.join(ids)
     assert "No results for query 3." in text and text.count("=======") == 3
     assert wk.search(["capital"] * (lay.max_queries + 2)).endswith(
-        f"(Only the first {lay.max_queries} queries were run.)")
+        f"(Only the first {lay.max_queries} queries were run.)"
+    )
     urls = [wk.pages[9].url, "wiki://No_Such_Page", wk.pages[9].url.lower().replace("_", " ")]
     vtext = wk.visit(urls, "where founded")
     assert vtext == wk.join(wk.visit_ids(urls, "where founded"))
@@ -197,8 +208,7 @@ def test_batched_search_step_under_vmap_and_scan_equals_the_python_tool(wk):
     arrays = wk.arrays()
     step = jax.vmap(lambda a, b, c: W.search_step(arrays, a, b, c, False, layout=lay))
     ids_B = jax.jit(step)(q, m, v)
-    _, scanned = jax.lax.scan(
-        lambda c, x: (c, W.search_step(arrays, *x, False, layout=lay)), 0, (q, m, v))
+    _, scanned = jax.lax.scan(lambda c, x: (c, W.search_step(arrays, *x, False, layout=lay)), 0, (q, m, v))
     np.testing.assert_array_equal(ids_B, scanned)
     for b, c in enumerate(calls):
         assert wk.join(ids_B[b]) == wk.search(c)
@@ -240,19 +250,19 @@ def test_byte_level_jnp_analyser_equals_the_python_one(wk):
     junk = ["!!", "-", "é", "\n", "12", "A1b", "_", "\t", "ß"]
     texts = []
     for _ in range(200):
-        text = " ".join(rng.choice(words) if rng.random() < 0.8 else rng.choice(junk)
-                        for _ in range(rng.randrange(0, 20)))
+        text = " ".join(
+            rng.choice(words) if rng.random() < 0.8 else rng.choice(junk) for _ in range(rng.randrange(0, 20))
+        )
         texts.append(text.upper() if rng.random() < 0.3 else text)
     raw = [np.frombuffer(t.encode(), np.uint8).astype(np.int32) for t in texts]
     n = max(map(len, raw))
     b_BL = np.zeros((len(raw), n), np.int32)
     m_BL = np.zeros((len(raw), n), bool)
     for i, r in enumerate(raw):  # batched, as a rollout would call it on byte-tokenizer ids
-        b_BL[i, :len(r)] = r
-        m_BL[i, :len(r)] = True
+        b_BL[i, : len(r)] = r
+        m_BL[i, : len(r)] = True
     hashes = jnp.asarray(wk.term_hashes_2V)
-    ids, ok = jax.jit(jax.vmap(lambda b, m: W.bytes_to_terms(hashes, b, m, max_terms=24)))(
-        b_BL, m_BL)
+    ids, ok = jax.jit(jax.vmap(lambda b, m: W.bytes_to_terms(hashes, b, m, max_terms=24)))(b_BL, m_BL)
     ids, ok = np.asarray(ids), np.asarray(ok)
     for i, t in enumerate(texts):
         e, em = wk.encode(t, 24)

@@ -33,9 +33,19 @@ def run_with_grads(case, impl, dtype=jnp.float32):
     cu = jnp.asarray(case["cu_seqlens"]) if "cu_seqlens" in case else None
 
     def fn(q, k, v, g, beta, h0):
-        return kda(q, k, v, g, beta, scale=float(case["scale"]), initial_state=h0,
-                   output_final_state=True, cu_seqlens=cu,
-                   use_qk_l2norm=bool(case["use_qk_l2norm"]), impl=impl)
+        return kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=float(case["scale"]),
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            use_qk_l2norm=bool(case["use_qk_l2norm"]),
+            impl=impl,
+        )
 
     @jax.jit  # under jit, as users run it (XLA fuses differently than op-by-op)
     def outputs_and_grads(args, do, dht):
@@ -64,13 +74,27 @@ def test_golden_float32(golden_dir, name, impl):
 def test_golden_bfloat16(golden_dir, name, impl):
     """bf16 inputs: within fla's thresholds of an f32 run on the rounded inputs, 2e-2 of golden."""
     case = load_case(golden_dir, name)
-    rounded = {k: (np.asarray(jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
-                   if k in ("q", "k", "v", "g", "beta") else v) for k, v in case.items()}
+    rounded = {
+        k: (
+            np.asarray(jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
+            if k in ("q", "k", "v", "g", "beta")
+            else v
+        )
+        for k, v in case.items()
+    }
     got16 = run_with_grads(rounded, impl, dtype=jnp.bfloat16)
     ref32 = run_with_grads(rounded, impl, dtype=jnp.float32)
     assert got16["o"].dtype == jnp.bfloat16 and got16["ht"].dtype == jnp.float32
-    limits = {"o": 5e-3, "ht": 5e-3, "dq": 1e-2, "dk": 1e-2, "dv": 1e-2, "dg": 2e-2,
-              "dbeta": 2e-2, "dh0": 1e-2}
+    limits = {
+        "o": 5e-3,
+        "ht": 5e-3,
+        "dq": 1e-2,
+        "dk": 1e-2,
+        "dv": 1e-2,
+        "dg": 2e-2,
+        "dbeta": 2e-2,
+        "dh0": 1e-2,
+    }
     for key, limit in limits.items():
         err = rel_rms(ref32[key], got16[key])
         assert err <= limit, f"{name} {impl} {key} vs f32-on-rounded: {err:.2e}"
@@ -95,8 +119,7 @@ def outputs_and_grads(impl, inputs, **kw):
     op = impl if callable(impl) else partial(kda, impl=impl)
 
     def fn(q, k, v, g, beta, h0):
-        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                  use_qk_l2norm=True, **kw)
+        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True, **kw)
 
     @jax.jit
     def run(*args):
@@ -108,9 +131,16 @@ def outputs_and_grads(impl, inputs, **kw):
     return run(q, k, v, g, beta, h0)
 
 
-@pytest.mark.parametrize("T,g_min,zero_state", [
-    (1, -1.0, False), (37, -20.0, False), (64, -5.0, True), (130, -20.0, False), (200, -0.1, True),
-])
+@pytest.mark.parametrize(
+    "T,g_min,zero_state",
+    [
+        (1, -1.0, False),
+        (37, -20.0, False),
+        (64, -5.0, True),
+        (130, -20.0, False),
+        (200, -0.1, True),
+    ],
+)
 def test_chunk_matches_recurrent(T, g_min, zero_state):
     inputs = random_inputs(T, 2, T, 2, 16, 32, g_min)
     if zero_state:
@@ -129,16 +159,36 @@ def test_varlen_matches_separate_runs_under_jit():
     T = int(cu[-1])
     q, k, v, g, beta, _ = random_inputs(1, 1, T, 2, 16, 16, -3.0)
     h0 = jax.random.normal(jax.random.PRNGKey(5), (len(lens), 2, 16, 16))
-    packed = jax.jit(lambda cu: kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                    cu_seqlens=cu, use_qk_l2norm=True, impl="chunk"))(cu)
+    packed = jax.jit(
+        lambda cu: kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            use_qk_l2norm=True,
+            impl="chunk",
+        )
+    )(cu)
     for n in range(len(lens)):
         sl = slice(cu[n], cu[n + 1])
-        o_n, ht_n = kda(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl],
-                        initial_state=h0[n:n + 1], output_final_state=True,
-                        use_qk_l2norm=True, impl="recurrent")
+        o_n, ht_n = kda(
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            g[:, sl],
+            beta[:, sl],
+            initial_state=h0[n : n + 1],
+            output_final_state=True,
+            use_qk_l2norm=True,
+            impl="recurrent",
+        )
         if lens[n]:
             assert rel_rms(o_n, packed[0][:, sl]) <= 1e-5
-        assert rel_rms(ht_n, packed[1][n:n + 1]) <= 1e-5
+        assert rel_rms(ht_n, packed[1][n : n + 1]) <= 1e-5
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -148,8 +198,15 @@ def test_segment_ids_reset_state(impl):
     seg = jnp.asarray([[0] * 40 + [1] * 70 + [2] * 40])
     o, _ = kda(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True, impl=impl)
     for lo, hi in ((0, 40), (40, 110), (110, 150)):
-        o_doc, _ = kda(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], g[:, lo:hi], beta[:, lo:hi],
-                       use_qk_l2norm=True, impl="recurrent")
+        o_doc, _ = kda(
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            g[:, lo:hi],
+            beta[:, lo:hi],
+            use_qk_l2norm=True,
+            impl="recurrent",
+        )
         assert rel_rms(o_doc, o[:, lo:hi]) <= 1e-5
 
 
@@ -162,9 +219,15 @@ def test_segment_ids_chunk_gradients_match_recurrent():
         assert rel_rms(r, c) <= 1e-4
 
 
-@pytest.mark.parametrize("mode, fwd_rows, T", [
-    ("plain", 2 * 2 * 64, 300), ("segments", 2 * 2 * 64, 300), ("varlen", 2 * 2 * 64, 300),
-    ("varlen", 4 * 2 * 64, 500)])   # the 4-chunk forward step once, on the mode that needs the most
+@pytest.mark.parametrize(
+    "mode, fwd_rows, T",
+    [
+        ("plain", 2 * 2 * 64, 300),
+        ("segments", 2 * 2 * 64, 300),
+        ("varlen", 2 * 2 * 64, 300),
+        ("varlen", 4 * 2 * 64, 500),
+    ],
+)  # the 4-chunk forward step once, on the mode that needs the most
 def test_chunk_group_loop_matches_recurrent(monkeypatch, mode, fwd_rows, T):
     """The chunk loops handle several chunks per step. With 2 chunks per backward step (B*H*n*C
     rows, B=1, H=2) and T=300 (5 chunks) the state crosses steps and the last step is half
@@ -247,7 +310,9 @@ def test_score_tiers_agree_with_exact_pairwise(step_decay):
     def naive(q, k, G):
         i = jnp.arange(64)
         lower = i[:, None] >= i[None, :]
-        decay = jnp.where(lower[:, :, None], jnp.exp(jnp.minimum(G[..., :, None, :] - G[..., None, :, :], 0)), 0)
+        decay = jnp.where(
+            lower[:, :, None], jnp.exp(jnp.minimum(G[..., :, None, :] - G[..., None, :, :], 0)), 0
+        )
         score = lambda x: jnp.sum(x[..., :, None, :] * k[..., None, :, :] * decay, -1)
         return score(k) * (i[:, None] > i[None, :]), score(q)
 
@@ -262,9 +327,11 @@ def test_score_tiers_agree_with_exact_pairwise(step_decay):
 
 
 def test_import_pulls_in_jax_only():
-    code = ("import sys; from pallas_kernels.kda import kda; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('flax', 'jaxllm', 'optax', 'orbax', 'torch')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; from pallas_kernels.kda import kda; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('flax', 'jaxllm', 'optax', 'orbax', 'torch')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -273,14 +340,17 @@ def small():
     return random_inputs(0, 1, 10, 2, 8, 8, -1.0)[:5]
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda a: dict(a, k=a["k"][:, :5]), "k must have q's shape"),
-    (lambda a: dict(a, v=a["v"][:, :5]), "v must be"),
-    (lambda a: dict(a, g=a["g"][..., :4]), "g must have q's shape"),
-    (lambda a: dict(a, beta=a["beta"][..., None]), "beta must be"),
-    (lambda a: dict(a, k=a["k"].astype(jnp.bfloat16)), "share a dtype"),
-    (lambda a: dict(a, q=a["q"][0]), r"q must be \[B,T,H,K\]"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: dict(a, k=a["k"][:, :5]), "k must have q's shape"),
+        (lambda a: dict(a, v=a["v"][:, :5]), "v must be"),
+        (lambda a: dict(a, g=a["g"][..., :4]), "g must have q's shape"),
+        (lambda a: dict(a, beta=a["beta"][..., None]), "beta must be"),
+        (lambda a: dict(a, k=a["k"].astype(jnp.bfloat16)), "share a dtype"),
+        (lambda a: dict(a, q=a["q"][0]), r"q must be \[B,T,H,K\]"),
+    ],
+)
 def test_bad_shapes_and_dtypes(small, mutate, match):
     args = mutate(dict(zip("q k v g beta".split(), small)))
     for impl in IMPLS:
@@ -288,11 +358,14 @@ def test_bad_shapes_and_dtypes(small, mutate, match):
             kda(**args, impl=impl)
 
 
-@pytest.mark.parametrize("cu,match", [
-    ([1, 4, 10], "must start at 0"),
-    ([0, 6, 4, 10], "non-decreasing"),
-    ([0, 4, 9], "must end at T=10"),
-])
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        ([1, 4, 10], "must start at 0"),
+        ([0, 6, 4, 10], "non-decreasing"),
+        ([0, 4, 9], "must end at T=10"),
+    ],
+)
 def test_bad_cu_seqlens(small, cu, match):
     with pytest.raises(ValueError, match=match):
         kda(*small, cu_seqlens=jnp.asarray(cu, jnp.int32), impl="chunk")
@@ -304,8 +377,7 @@ def test_bad_batch_and_state_with_cu_seqlens(small):
     with pytest.raises(ValueError, match="batch size must be 1"):
         kda(two(q), two(k), two(v), two(g), two(beta), cu_seqlens=jnp.asarray([0, 10]))
     with pytest.raises(ValueError, match="number of sequences"):
-        kda(q, k, v, g, beta, cu_seqlens=jnp.asarray([0, 4, 10]),
-            initial_state=jnp.zeros((1, 2, 8, 8)))
+        kda(q, k, v, g, beta, cu_seqlens=jnp.asarray([0, 4, 10]), initial_state=jnp.zeros((1, 2, 8, 8)))
     with pytest.raises(ValueError, match="impl must be one of"):
         kda(q, k, v, g, beta, impl="fast")
     with pytest.raises(ValueError, match="interpret=True applies to the Pallas kernels only"):

@@ -32,7 +32,7 @@ def rel_rms(ref, got):
     ref = np.asarray(ref, np.float64)
     got = np.asarray(got, np.float64)
     assert ref.shape == got.shape and np.isfinite(got).all()
-    return float(np.sqrt(np.mean((ref - got) ** 2)) / max(np.sqrt(np.mean(ref ** 2)), 1e-30))
+    return float(np.sqrt(np.mean((ref - got) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
 
 
 def outputs_and_grads(fn, inputs, do, dht):

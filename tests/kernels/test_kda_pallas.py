@@ -24,7 +24,7 @@ from pallas_kernels.kda.gpu import kda_pallas_gpu
 from pallas_kernels.kda.reference import kda_recurrent
 from pallas_kernels.kda.tpu import kda_pallas_tpu
 
-TOL = 1e-4           # float32
+TOL = 1e-4  # float32
 TOL_BF16_OUT = 8e-3  # values that are rounded to bfloat16 on the way out (2^-8 = 3.9e-3)
 
 # Through the public dispatcher, so the impl= / interpret= wiring is what is tested.
@@ -40,15 +40,16 @@ def rel_err(ref, got):
     got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
     assert ref.shape == got.shape, (ref.shape, got.shape)
     assert np.all(np.isfinite(got)), "non-finite values"
-    return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+    return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref**2)) + 1e-30))
 
 
 def value_and_grads(fn, inputs, do, dht, cu_seqlens=None, segment_ids=None, **kw):
     """(o, ht, grads of sum(o*do) + sum(ht*dht) w.r.t. q,k,v,g,beta,h0), jitted; cu_seqlens traced."""
 
     def loss(q, k, v, g, beta, h0, cu, seg):
-        o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                   segment_ids=seg, **kw)
+        o, ht = fn(
+            q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, segment_ids=seg, **kw
+        )
         val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht * dht)
         return val, (o, ht)
 
@@ -70,8 +71,14 @@ def random_case(seed, B, T, H, K, V, *, n_seq=None, min_log_decay=-1.0, dtype=jn
     h0 = 0.5 * f(N, H, K, V)
     do, dht = f(B, T, H, V), f(N, H, K, V)
     cast = lambda x: jnp.asarray(x).astype(dtype)
-    inputs = (cast(q), cast(k), cast(v), jnp.asarray(g.astype(np.float32)), jnp.asarray(beta),
-              jnp.asarray(h0))
+    inputs = (
+        cast(q),
+        cast(k),
+        cast(v),
+        jnp.asarray(g.astype(np.float32)),
+        jnp.asarray(beta),
+        jnp.asarray(h0),
+    )
     return inputs, cast(do), jnp.asarray(dht)
 
 
@@ -93,16 +100,21 @@ class TestKDAPallas:
         d = dict(np.load(golden_dir / "kda" / f"{case}.npz"))
         inputs = tuple(jnp.asarray(d[n]) for n in ("q", "k", "v", "g", "beta", "h0"))
         cu = jnp.asarray(d["cu_seqlens"]) if "cu_seqlens" in d else None
-        o, ht, grads = value_and_grads(kernel, inputs, jnp.asarray(d["do"]), jnp.asarray(d["dht"]),
-                                       cu, scale=float(d["scale"]),
-                                       use_qk_l2norm=bool(d["use_qk_l2norm"]))
+        o, ht, grads = value_and_grads(
+            kernel,
+            inputs,
+            jnp.asarray(d["do"]),
+            jnp.asarray(d["dht"]),
+            cu,
+            scale=float(d["scale"]),
+            use_qk_l2norm=bool(d["use_qk_l2norm"]),
+        )
         assert rel_err(d["o"], o) <= TOL
         assert rel_err(d["ht"], ht) <= TOL
         for name, grad in zip(GRAD_NAMES, grads):
             assert rel_err(d[name], grad) <= TOL, name
 
-    def _check_against_recurrent(self, kernel, inputs, do, dht, cu=None, seg=None, tol_out=TOL,
-                                 **kw):
+    def _check_against_recurrent(self, kernel, inputs, do, dht, cu=None, seg=None, tol_out=TOL, **kw):
         ref = value_and_grads(kda_recurrent, inputs, do, dht, cu, seg, **kw)
         got = value_and_grads(kernel, inputs, do, dht, cu, seg, **kw)
         assert got[0].dtype == inputs[2].dtype and got[0].shape == ref[0].shape
@@ -123,7 +135,7 @@ class TestKDAPallas:
     def test_short_sequence_odd_dims(self, kernel):
         # T < 64 (a single padded chunk); K, V not powers of two (the GPU kernel pads them)
         inputs, do, dht = random_case(2, B=1, T=37, H=2, K=24, V=20, min_log_decay=-5.0)
-        q, k = inputs[0] / 5.0, inputs[1] / 5.0   # no L2 norm: keep |k| ~ 1
+        q, k = inputs[0] / 5.0, inputs[1] / 5.0  # no L2 norm: keep |k| ~ 1
         self._check_against_recurrent(kernel, (q, k) + inputs[2:], do, dht, scale=0.3)
 
     def test_varlen(self, kernel):
@@ -141,15 +153,12 @@ class TestKDAPallas:
         seg[0, 65:] += 1
         seg[0, 90:] += 1
         inputs, do, dht = random_case(7, B=2, T=100, H=2, K=16, V=16, min_log_decay=-6.0)
-        self._check_against_recurrent(kernel, inputs, do, dht, seg=jnp.asarray(seg),
-                                      use_qk_l2norm=True)
+        self._check_against_recurrent(kernel, inputs, do, dht, seg=jnp.asarray(seg), use_qk_l2norm=True)
 
     def test_bf16_inputs(self, kernel):
         # bf16 q/k/v (f32 gates, beta, state): o and dq/dk/dv come back in bf16
-        inputs, do, dht = random_case(4, B=1, T=70, H=2, K=16, V=16, min_log_decay=-3.0,
-                                      dtype=jnp.bfloat16)
-        self._check_against_recurrent(kernel, inputs, do, dht, tol_out=TOL_BF16_OUT,
-                                      use_qk_l2norm=True)
+        inputs, do, dht = random_case(4, B=1, T=70, H=2, K=16, V=16, min_log_decay=-3.0, dtype=jnp.bfloat16)
+        self._check_against_recurrent(kernel, inputs, do, dht, tol_out=TOL_BF16_OUT, use_qk_l2norm=True)
 
     def test_without_final_state(self, kernel):
         inputs, _, _ = random_case(5, B=1, T=20, H=1, K=16, V=16)
@@ -201,13 +210,19 @@ class TestKDAPallas:
 
         def loss(q, k, v, g, beta, h0, ids):
             kw = {mode: ids}
-            o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                       use_qk_l2norm=True, **kw)
+            o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True, **kw)
             return jnp.sum(o.astype(f32)) + jnp.sum(ht)
 
         ids = sds((B, T), jnp.int32) if mode == "segment_ids" else sds((N + 1,), jnp.int32)
-        args = (sds((B, T, H, K), bf16), sds((B, T, H, K), bf16), sds((B, T, H, V), bf16),
-                sds((B, T, H, K), f32), sds((B, T, H), f32), sds((N, H, K, V), f32), ids)
+        args = (
+            sds((B, T, H, K), bf16),
+            sds((B, T, H, K), bf16),
+            sds((B, T, H, V), bf16),
+            sds((B, T, H, K), f32),
+            sds((B, T, H), f32),
+            sds((N, H, K, V), f32),
+            ids,
+        )
         grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
         target = contextlib.nullcontext()
         if platform == "cuda":
@@ -232,9 +247,13 @@ class TestKDAPallas:
         else:
             launches = _triton_kernels(text)
             BV = 64
-            want = [("kda_chunk_intra_gpu", [B, H, NC]), ("kda_state_fwd_gpu", [B, H, V // BV]),
-                    ("kda_chunk_intra_gpu", [B, H, NC]), ("kda_state_bwd_gpu", [B, H, V // BV]),
-                    ("kda_chunk_grads_gpu", [B, H, NC])]
+            want = [
+                ("kda_chunk_intra_gpu", [B, H, NC]),
+                ("kda_state_fwd_gpu", [B, H, V // BV]),
+                ("kda_chunk_intra_gpu", [B, H, NC]),
+                ("kda_state_bwd_gpu", [B, H, V // BV]),
+                ("kda_chunk_grads_gpu", [B, H, NC]),
+            ]
             assert sorted(launches) == sorted(want)
 
 
@@ -260,18 +279,27 @@ def _mosaic_kernels(module_text):
             PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(kernel.operation)
             head = next(line for line in str(kernel).splitlines() if "iteration_bounds" in line)
         itemsize = {"bf16": 2, "f32": 4, "i32": 4}
-        nbytes = [math.prod(int(d) for d in dims.rstrip("x").split("x")) * itemsize[dt] for dims, dt in
-                  re.findall(r"memref<((?:\d+x)+)(\w+), #tpu.memory_space<vmem>>", head)]
+        nbytes = [
+            math.prod(int(d) for d in dims.rstrip("x").split("x")) * itemsize[dt]
+            for dims, dt in re.findall(r"memref<((?:\d+x)+)(\w+), #tpu.memory_space<vmem>>", head)
+        ]
         n_scratch = int(re.search(r"scratch_operands = (\d+)", head).group(1))
-        out.append({
-            "name": re.search(r"func\.func @(\w+)\(", head).group(1),
-            "grid": [int(x) for x in re.search(r"iteration_bounds = array<i64: ([\d, ]+)>", head)
-                     .group(1).split(",")],
-            "semantics": re.findall(r"#tpu\.dimension_semantics<(\w+)>", head),
-            "windows": [[int(x) for x in w.split(",")] for w in
-                        re.findall(r"window_bounds = array<i64: ([\d, ]+)>", head)],
-            "vmem_bytes": 2 * sum(nbytes[:len(nbytes) - n_scratch]) + sum(nbytes[len(nbytes) - n_scratch:]),
-        })
+        out.append(
+            {
+                "name": re.search(r"func\.func @(\w+)\(", head).group(1),
+                "grid": [
+                    int(x)
+                    for x in re.search(r"iteration_bounds = array<i64: ([\d, ]+)>", head).group(1).split(",")
+                ],
+                "semantics": re.findall(r"#tpu\.dimension_semantics<(\w+)>", head),
+                "windows": [
+                    [int(x) for x in w.split(",")]
+                    for w in re.findall(r"window_bounds = array<i64: ([\d, ]+)>", head)
+                ],
+                "vmem_bytes": 2 * sum(nbytes[: len(nbytes) - n_scratch])
+                + sum(nbytes[len(nbytes) - n_scratch :]),
+            }
+        )
     return out
 
 
@@ -307,9 +335,15 @@ def test_tpu_megacore_no_races(golden_dir):
     fn = functools.partial(kda_pallas_tpu, interpret=params)
     d = dict(np.load(golden_dir / "kda" / "kda_varlen.npz"))
     inputs = tuple(jnp.asarray(d[n]) for n in ("q", "k", "v", "g", "beta", "h0"))
-    o, ht, grads = value_and_grads(fn, inputs, jnp.asarray(d["do"]), jnp.asarray(d["dht"]),
-                                   jnp.asarray(d["cu_seqlens"]), scale=float(d["scale"]),
-                                   use_qk_l2norm=bool(d["use_qk_l2norm"]))
+    o, ht, grads = value_and_grads(
+        fn,
+        inputs,
+        jnp.asarray(d["do"]),
+        jnp.asarray(d["dht"]),
+        jnp.asarray(d["cu_seqlens"]),
+        scale=float(d["scale"]),
+        use_qk_l2norm=bool(d["use_qk_l2norm"]),
+    )
     assert not tpu_interpret.races.races_found
     assert rel_err(d["o"], o) <= TOL and rel_err(d["ht"], ht) <= TOL
     for name, grad in zip(GRAD_NAMES, grads):

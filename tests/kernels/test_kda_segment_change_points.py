@@ -26,11 +26,13 @@ TOL = 1e-5  # float32, rms(ref - impl) / rms(ref)
 # Row 0 is the issue's case (all three documents inside one 64-token chunk); row 1 alternates two
 # ids with boundaries off the 16-token grid, so 16-token chunks also see an id come back inside
 # one chunk (2, 1, 2 in tokens 0-15).
-SEG_BT = np.array([[0] * 16 + [1] * 16 + [0] * 16,
-                   [2] * 5 + [1] * 6 + [2] * 9 + [1] * 12 + [2] * 16], np.int32)
+SEG_BT = np.array(
+    [[0] * 16 + [1] * 16 + [0] * 16, [2] * 5 + [1] * 6 + [2] * 9 + [1] * 12 + [2] * 16], np.int32
+)
 # The same documents under ids that are never reused: what raw-id comparisons did get right.
-DOC_BT = np.array([[0] * 16 + [1] * 16 + [2] * 16,
-                   [0] * 5 + [1] * 6 + [2] * 9 + [3] * 12 + [4] * 16], np.int32)
+DOC_BT = np.array(
+    [[0] * 16 + [1] * 16 + [2] * 16, [0] * 5 + [1] * 6 + [2] * 9 + [3] * 12 + [4] * 16], np.int32
+)
 
 IMPLS = {
     "recurrent": kda_recurrent,
@@ -46,7 +48,7 @@ def rel_rms(ref, got):
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     assert ref.shape == got.shape, (ref.shape, got.shape)
     assert np.all(np.isfinite(got)), "non-finite values"
-    return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+    return float(np.sqrt(np.mean((ref - got) ** 2)) / (np.sqrt(np.mean(ref**2)) + 1e-30))
 
 
 def spans(seg_T):
@@ -60,12 +62,19 @@ def separate(q, k, v, g, beta, h0, seg_BT):
     document, every later one starts from zero; the final state is the last document's."""
     outs, finals = [], []
     for b in range(q.shape[0]):
-        state, o_b = h0[b:b + 1], []
+        state, o_b = h0[b : b + 1], []
         for i, (lo, hi) in enumerate(spans(seg_BT[b])):
-            sl = lambda x: x[b:b + 1, lo:hi]
-            o, state = kda_recurrent(sl(q), sl(k), sl(v), sl(g), sl(beta),
-                                     initial_state=state if i == 0 else None,
-                                     output_final_state=True, use_qk_l2norm=True)
+            sl = lambda x: x[b : b + 1, lo:hi]
+            o, state = kda_recurrent(
+                sl(q),
+                sl(k),
+                sl(v),
+                sl(g),
+                sl(beta),
+                initial_state=state if i == 0 else None,
+                output_final_state=True,
+                use_qk_l2norm=True,
+            )
             o_b.append(o)
         outs.append(jnp.concatenate(o_b, axis=1))
         finals.append(state)
@@ -97,8 +106,13 @@ def reference():
     """The case and its answers, computed once: the recurrence with explicit resets (distinct
     ids), which `test_reference_is_separate_documents` ties to the documents run one by one."""
     inputs, do, dht = case(0, *SEG_BT.shape)
-    recurrent = lambda *a: kda_recurrent(*a[:5], initial_state=a[5], segment_ids=jnp.asarray(DOC_BT),
-                                         output_final_state=True, use_qk_l2norm=True)
+    recurrent = lambda *a: kda_recurrent(
+        *a[:5],
+        initial_state=a[5],
+        segment_ids=jnp.asarray(DOC_BT),
+        output_final_state=True,
+        use_qk_l2norm=True,
+    )
     return inputs, do, dht, value_and_grads(recurrent, inputs, do, dht)
 
 
@@ -119,8 +133,9 @@ def test_reference_is_separate_documents(reference):
 def test_reused_id_equals_separate_documents(impl, reference):
     inputs, do, dht, ref = reference
     seg = jnp.asarray(SEG_BT)
-    packed = lambda *a: IMPLS[impl](*a[:5], initial_state=a[5], segment_ids=seg,
-                                    output_final_state=True, use_qk_l2norm=True)
+    packed = lambda *a: IMPLS[impl](
+        *a[:5], initial_state=a[5], segment_ids=seg, output_final_state=True, use_qk_l2norm=True
+    )
     got = value_and_grads(packed, inputs, do, dht)
     names = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
     errs = {n: rel_rms(r, x) for n, r, x in zip(names, ref, got)}
@@ -130,8 +145,15 @@ def test_reused_id_equals_separate_documents(impl, reference):
 def test_through_dispatcher(reference):
     # kda(...) hands the ids on untouched; the public entry gives the same answer
     inputs, _, _, ref = reference
-    o, ht = jax.jit(lambda *a: kda(*a[:5], initial_state=a[5], segment_ids=jnp.asarray(SEG_BT),
-                                   output_final_state=True, use_qk_l2norm=True,
-                                   impl="chunk"))(*inputs)
+    o, ht = jax.jit(
+        lambda *a: kda(
+            *a[:5],
+            initial_state=a[5],
+            segment_ids=jnp.asarray(SEG_BT),
+            output_final_state=True,
+            use_qk_l2norm=True,
+            impl="chunk",
+        )
+    )(*inputs)
     assert rel_rms(ref[0], o) <= TOL
     assert rel_rms(ref[1], ht) <= TOL

@@ -52,8 +52,9 @@ def _callees(line: str) -> list[str]:
 def reduce_fusions_under_conditionals(hlo_text: str) -> list[str]:
     """YNN fusions that contain a reduce and run inside a conditional branch (at any depth)."""
     comps = computations(hlo_text)
-    todo = [b for lines in comps.values() for line in lines
-            if " conditional(" in line for b in _callees(line)]
+    todo = [
+        b for lines in comps.values() for line in lines if " conditional(" in line for b in _callees(line)
+    ]
     seen, bad = set(), []
     while todo:
         name = todo.pop()
@@ -63,8 +64,8 @@ def reduce_fusions_under_conditionals(hlo_text: str) -> list[str]:
         for line in comps[name]:
             callees = _callees(line)
             if YNN_KIND in line and any(
-                    "reduce" in _OPCODE.findall(body_line)
-                    for c in callees for body_line in comps.get(c, [])):
+                "reduce" in _OPCODE.findall(body_line) for c in callees for body_line in comps.get(c, [])
+            ):
                 op = re.search(r'op_name="([^"]*)"', line)
                 bad.append(f"{line.split('=')[0].strip()} in {name}: {op.group(1) if op else line.strip()}")
             todo += callees
@@ -105,13 +106,18 @@ def test_hlo_scan_finds_a_reduce_fusion_in_a_branch():
     x = jnp.ones((4, 16, 64))
 
     def with_reduce(x):
-        return jax.lax.cond(x[0, 0, 0] > 0, lambda y: jnp.sum(y * 2.0, axis=1),
-                            lambda y: jnp.sum(y, axis=1), x)
+        return jax.lax.cond(
+            x[0, 0, 0] > 0, lambda y: jnp.sum(y * 2.0, axis=1), lambda y: jnp.sum(y, axis=1), x
+        )
 
     def with_dot(x):
         ones = jnp.ones(x.shape[1], x.dtype)
-        return jax.lax.cond(x[0, 0, 0] > 0, lambda y: jnp.einsum("bcx,c->bx", y * 2.0, ones),
-                            lambda y: jnp.einsum("bcx,c->bx", y, ones), x)
+        return jax.lax.cond(
+            x[0, 0, 0] > 0,
+            lambda y: jnp.einsum("bcx,c->bx", y * 2.0, ones),
+            lambda y: jnp.einsum("bcx,c->bx", y, ones),
+            x,
+        )
 
     reduce_text = jax.jit(with_reduce).lower(x).compile().as_text()
     assert reduce_fusions_under_conditionals(jax.jit(with_dot).lower(x).compile().as_text()) == []
@@ -124,11 +130,17 @@ def test_backward_runs_and_has_no_reduce_fusion_in_a_branch(golden_dir, tmp_path
     hlo = tmp_path / "kda_bwd.hlo.txt"
     # With the XLA flags the user started the suite with, not the suite's -O0 (tests/conftest.py).
     env = dict(os.environ, XLA_FLAGS=os.environ.get("JAXLLM_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
-    proc = subprocess.run([sys.executable, "-c", REPRODUCER, str(golden_dir / "kda" / "kda_varlen.npz"),
-                           str(hlo)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", REPRODUCER, str(golden_dir / "kda" / "kda_varlen.npz"), str(hlo)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     # The HLO holds for every CPU: checked first, so a regression is named even where it crashes.
     assert hlo.exists(), f"did not compile (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     bad = reduce_fusions_under_conditionals(hlo.read_text())
     assert not bad, "YNN reduce fusions inside conditional branches:\n" + "\n".join(bad[:10])
     assert proc.returncode == 0 and "ok" in proc.stdout, (
-        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )

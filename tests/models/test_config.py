@@ -25,7 +25,7 @@ def test_released_layout_is_one_indexed(golden_dir):
     c = KimiLinearConfig.from_hf_config(_hf(golden_dir, "kimi_linear_tiny_hubcfg"))
     assert c.layer_types == ("kda", "kda", "kda", "mla")
     assert c.mlp_layer_types == ("dense", "moe", "moe", "moe")
-    assert (c.kda_num_heads, c.kda_head_dim) == (6, 8)      # linear_attn_config, not top-level head_dim
+    assert (c.kda_num_heads, c.kda_head_dim) == (6, 8)  # linear_attn_config, not top-level head_dim
 
 
 @pytest.mark.parametrize("layout", ["released", "transformers"])
@@ -53,15 +53,18 @@ def test_small_config_is_about_100m():
     assert 80e6 < counts["total"] < 130e6
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("layer_types", ("kda", "attn", "kda", "mla"), "layer_types"),
-    ("mlp_layer_types", ("dense", "moe"), "mlp_layer_types"),
-    ("kda_impl", "fast", "kda_impl"),
-    ("dtype", "int8", "dtype"),
-    ("num_experts_per_token", 99, "num_experts_per_token"),
-    ("hidden_size", 0, "hidden_size"),
-    ("moe_dispatch", "magic", "moe_dispatch"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("layer_types", ("kda", "attn", "kda", "mla"), "layer_types"),
+        ("mlp_layer_types", ("dense", "moe"), "mlp_layer_types"),
+        ("kda_impl", "fast", "kda_impl"),
+        ("dtype", "int8", "dtype"),
+        ("num_experts_per_token", 99, "num_experts_per_token"),
+        ("hidden_size", 0, "hidden_size"),
+        ("moe_dispatch", "magic", "moe_dispatch"),
+    ],
+)
 def test_bad_field_is_named(field, value, needle):
     c = KimiLinearConfig.from_file(CONFIGS / "tiny.json")
     with pytest.raises(ConfigError, match=needle):

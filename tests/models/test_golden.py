@@ -11,7 +11,7 @@ CASES = ["kimi_linear_tiny", "kimi_linear_tiny_hubcfg"]
 
 def rel_rms(ref, x):
     ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
-    return float(np.sqrt(np.mean((ref - x) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+    return float(np.sqrt(np.mean((ref - x) ** 2)) / np.sqrt(np.mean(ref**2)))
 
 
 KDA_IMPLS = ("recurrent", "chunk")  # both always ship; a broken import must fail, not drop cases

@@ -28,6 +28,7 @@ def _random_model(**overrides):
 
 def _leaves(params):
     import flax.linen as nn
+
     p = nn.meta.unbox(params)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p)}
 
@@ -50,8 +51,9 @@ def test_round_trip(tmp_path, layout, shard, q_lora):
     np.testing.assert_array_equal(model.apply(params, ids), model2.apply(params2, ids))
 
 
-@pytest.mark.parametrize("case,layout", [("kimi_linear_tiny", "transformers"),
-                                         ("kimi_linear_tiny_hubcfg", "released")])
+@pytest.mark.parametrize(
+    "case,layout", [("kimi_linear_tiny", "transformers"), ("kimi_linear_tiny_hubcfg", "released")]
+)
 def test_resave_golden_reproduces_hub_tensors(golden_dir, tmp_path, case, layout):
     model, params = jaxllm.load_hf_checkpoint(golden_dir / case, kda_impl="recurrent")
     jaxllm.save_hf_checkpoint(tmp_path, model, params, layout=layout)
@@ -81,7 +83,9 @@ def test_unexpected_key_named(golden_dir, tmp_path):
     t = _copy_golden(golden_dir, tmp_path)
     t["model.layers.1.self_attn.g_b_proj.bias"] = np.zeros(48, np.float32)
     save_file(t, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): model\.layers\.1\.self_attn\.g_b_proj\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(1\): model\.layers\.1\.self_attn\.g_b_proj\.bias"
+    ):
         jaxllm.load_hf_checkpoint(tmp_path)
 
 
@@ -100,8 +104,9 @@ def test_missing_files(tmp_path):
 
 
 def test_bf16_load_keeps_gates_float32(golden_dir):
-    model, params = jaxllm.load_hf_checkpoint(golden_dir / "kimi_linear_tiny_hubcfg", dtype=jnp.bfloat16,
-                                              kda_impl="recurrent")
+    model, params = jaxllm.load_hf_checkpoint(
+        golden_dir / "kimi_linear_tiny_hubcfg", dtype=jnp.bfloat16, kda_impl="recurrent"
+    )
     attn = params["params"]["layers_0"]["self_attn"]
     assert attn["q_proj"].dtype == jnp.bfloat16
     assert attn["A_log"].dtype == jnp.float32 and attn["dt_bias"].dtype == jnp.float32

@@ -18,14 +18,15 @@ KDA_IMPLS = ("recurrent", "chunk")  # both always ship; a broken import must fai
 
 def rel_rms(ref, x):
     ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
-    return float(np.sqrt(np.mean((ref - x) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+    return float(np.sqrt(np.mean((ref - x) ** 2)) / (np.sqrt(np.mean(ref**2)) + 1e-30))
 
 
 def _model(two_layers=False, **kw):
     config = KimiLinearConfig.from_file(CONFIGS / "tiny.json", **kw)
-    if two_layers:   # one KDA + one MLA layer, dense then MoE: every kind, half the compile time
-        config = config.replace(num_hidden_layers=2, layer_types=("kda", "mla"),
-                                mlp_layer_types=("dense", "moe"))
+    if two_layers:  # one KDA + one MLA layer, dense then MoE: every kind, half the compile time
+        config = config.replace(
+            num_hidden_layers=2, layer_types=("kda", "mla"), mlp_layer_types=("dense", "moe")
+        )
     model = KimiLinear(config)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     return config, model, params
@@ -40,18 +41,20 @@ def test_prefill_equals_prefill_then_decode(impl, T, k):
     ids = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, config.vocab_size)
     full = jax.jit(model.apply)(params, ids)
 
-    logits_a, cache_a = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))(params, ids, init_cache(config, B, cap))
+    logits_a, cache_a = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))(
+        params, ids, init_cache(config, B, cap)
+    )
     assert rel_rms(full, logits_a) < 1e-5
 
     step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
-    logits_b, cache_b = step(params, ids[:, :T - k], init_cache(config, B, cap))
+    logits_b, cache_b = step(params, ids[:, : T - k], init_cache(config, B, cap))
     step_logits = []
     for t in range(T - k, T):
-        lt, cache_b = step(params, ids[:, t:t + 1], cache_b)
+        lt, cache_b = step(params, ids[:, t : t + 1], cache_b)
         step_logits.append(lt)
     step_logits = jnp.concatenate(step_logits, axis=1)
-    assert rel_rms(full[:, :T - k], logits_b) < 1e-5
-    assert rel_rms(full[:, T - k:], step_logits) < 1e-5
+    assert rel_rms(full[:, : T - k], logits_b) < 1e-5
+    assert rel_rms(full[:, T - k :], step_logits) < 1e-5
     assert int(cache_a.pos) == int(cache_b.pos) == T
 
     for i, (la, lb) in enumerate(zip(cache_a.layers, cache_b.layers)):
@@ -61,8 +64,12 @@ def test_prefill_equals_prefill_then_decode(impl, T, k):
             assert rel_rms(xa, xb) < 1e-5, (i, name)
     # the KDA state is float32 [B,H,K,V]
     s = cache_a.layers[0].state_BHKV
-    assert s.dtype == jnp.float32 and s.shape == (B, config.kda_num_heads, config.kda_head_dim,
-                                                  config.kda_head_dim)
+    assert s.dtype == jnp.float32 and s.shape == (
+        B,
+        config.kda_num_heads,
+        config.kda_head_dim,
+        config.kda_head_dim,
+    )
 
 
 @pytest.mark.parametrize("impl", KDA_IMPLS)
@@ -82,12 +89,12 @@ def test_packed_equals_separate(impl):
         start = 0
         for n in ls:
             if n:
-                docs.append(np.pad(np.asarray(ids[b, start:start + n]), (0, T - n)))
+                docs.append(np.pad(np.asarray(ids[b, start : start + n]), (0, T - n)))
                 spans.append((b, start, n))
             start += n
     alone = apply(params, jnp.asarray(np.stack(docs)))
     for j, (b, start, n) in enumerate(spans):
-        assert rel_rms(alone[j, :n], packed[b, start:start + n]) < 1e-5, (b, start, n)
+        assert rel_rms(alone[j, :n], packed[b, start : start + n]) < 1e-5, (b, start, n)
     # without segment ids the second document sees the first (so this test can fail)
     joined = apply(params, ids)
     assert rel_rms(alone[1, :9], joined[0, 5:14]) > 1e-2
@@ -144,13 +151,19 @@ def _project_ops(jaxpr, prims):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in prims:
             tb = eqn.source_info.traceback
-            mine = [f for f in (tb.frames if tb else ()) if "/jaxllm/" in f.file_name
-                    or "/pallas_kernels/" in f.file_name]
+            mine = [
+                f
+                for f in (tb.frames if tb else ())
+                if "/jaxllm/" in f.file_name or "/pallas_kernels/" in f.file_name
+            ]
             if mine:
-                yield eqn.primitive.name, pathlib.Path(mine[0].file_name).name, tuple(
-                    str(v.aval.dtype) for v in eqn.invars if hasattr(v, "aval"))
+                yield (
+                    eqn.primitive.name,
+                    pathlib.Path(mine[0].file_name).name,
+                    tuple(str(v.aval.dtype) for v in eqn.invars if hasattr(v, "aval")),
+                )
         for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
                     yield from _project_ops(sub, prims)
@@ -168,13 +181,21 @@ def test_bf16_compute_close_to_f32():
     assert rel_rms(a, b) < 0.04
     # A missing float32 upcast adds only ~0.5% to that, so check the computation itself: norms,
     # the KDA gate and beta, the softmax and the recurrence take float32 operands in the bf16 model.
-    ops = set(_project_ops(jax.make_jaxpr(m16.apply)(params, ids).jaxpr,
-                           ("rsqrt", "exp", "log1p", "logistic", "reduce_max")))
+    ops = set(
+        _project_ops(
+            jax.make_jaxpr(m16.apply)(params, ids).jaxpr, ("rsqrt", "exp", "log1p", "logistic", "reduce_max")
+        )
+    )
     assert {(p, f) for p, f, _ in ops} >= {
-        ("rsqrt", "norms.py"), ("logistic", "norms.py"),                         # RMSNorm, gated output norm
-        ("exp", "kda_attention.py"), ("log1p", "kda_attention.py"),              # gate: exp(A_log), softplus
-        ("logistic", "kda_attention.py"),                                        # beta
-        ("reduce_max", "mla.py"), ("exp", "mla.py"), ("exp", "reference.py")}    # softmax, decay
+        ("rsqrt", "norms.py"),
+        ("logistic", "norms.py"),  # RMSNorm, gated output norm
+        ("exp", "kda_attention.py"),
+        ("log1p", "kda_attention.py"),  # gate: exp(A_log), softplus
+        ("logistic", "kda_attention.py"),  # beta
+        ("reduce_max", "mla.py"),
+        ("exp", "mla.py"),
+        ("exp", "reference.py"),
+    }  # softmax, decay
     low = sorted(op for op in ops if any(d != "float32" for d in op[2]))
     assert not low, low
 

@@ -136,10 +136,14 @@ def test_without_enhanced_features():
     H = 6
     rng = np.random.default_rng(0)
     sd = {
-        "temp_head.mlp.0.weight": rng.normal(size=(32, H)), "temp_head.mlp.0.bias": rng.normal(size=32),
-        "temp_head.mlp.2.weight": rng.normal(size=(1, 32)), "temp_head.mlp.2.bias": rng.normal(size=1),
-        "top_p_head.mlp.0.weight": rng.normal(size=(32, H + 1)), "top_p_head.mlp.0.bias": rng.normal(size=32),
-        "top_p_head.mlp.2.weight": rng.normal(size=(1, 32)), "top_p_head.mlp.2.bias": rng.normal(size=1),
+        "temp_head.mlp.0.weight": rng.normal(size=(32, H)),
+        "temp_head.mlp.0.bias": rng.normal(size=32),
+        "temp_head.mlp.2.weight": rng.normal(size=(1, 32)),
+        "temp_head.mlp.2.bias": rng.normal(size=1),
+        "top_p_head.mlp.0.weight": rng.normal(size=(32, H + 1)),
+        "top_p_head.mlp.0.bias": rng.normal(size=32),
+        "top_p_head.mlp.2.weight": rng.normal(size=(1, 32)),
+        "top_p_head.mlp.2.bias": rng.normal(size=1),
     }
     module, variables = heads_from_official(sd)
     assert not module.use_enhanced_features and module.mlp_dim == 32
@@ -147,11 +151,16 @@ def test_without_enhanced_features():
     T, P = module.apply(variables, jnp.asarray(h, jnp.float32))  # no logits needed
     relu = lambda z: np.maximum(z, 0)  # noqa: E731
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    t_ref = 2 * sig(relu(h @ sd["temp_head.mlp.0.weight"].T + sd["temp_head.mlp.0.bias"])
-                    @ sd["temp_head.mlp.2.weight"].T + sd["temp_head.mlp.2.bias"])
+    t_ref = 2 * sig(
+        relu(h @ sd["temp_head.mlp.0.weight"].T + sd["temp_head.mlp.0.bias"]) @ sd["temp_head.mlp.2.weight"].T
+        + sd["temp_head.mlp.2.bias"]
+    )
     x = np.concatenate([h, t_ref], -1)
-    p_ref = sig(relu(x @ sd["top_p_head.mlp.0.weight"].T + sd["top_p_head.mlp.0.bias"])
-                @ sd["top_p_head.mlp.2.weight"].T + sd["top_p_head.mlp.2.bias"])
+    p_ref = sig(
+        relu(x @ sd["top_p_head.mlp.0.weight"].T + sd["top_p_head.mlp.0.bias"])
+        @ sd["top_p_head.mlp.2.weight"].T
+        + sd["top_p_head.mlp.2.bias"]
+    )
     np.testing.assert_allclose(T, t_ref, rtol=1e-5)
     np.testing.assert_allclose(P, p_ref, rtol=1e-5)
 

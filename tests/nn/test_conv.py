@@ -13,7 +13,7 @@ def _ref(x, w, seg=None):
         for t in range(T):
             for j in range(W):
                 s = t - W + 1 + j
-                if s < 0 or (seg is not None and np.any(seg[b, s:t + 1] != seg[b, t])):
+                if s < 0 or (seg is not None and np.any(seg[b, s : t + 1] != seg[b, t])):
                     continue
                 y[b, t] += w[j] * x[b, s]
     return y
@@ -47,7 +47,7 @@ def test_segment_reset_and_state():
 
 def test_steps_continue_full_sequence():
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 8, 2, 3)).astype(np.float32)   # several channel dims
+    x = rng.normal(size=(2, 8, 2, 3)).astype(np.float32)  # several channel dims
     w = rng.normal(size=(4, 2, 3)).astype(np.float32)
     full, _ = causal_conv(jnp.asarray(x), jnp.asarray(w))
     y0, state = causal_conv(jnp.asarray(x[:, :5]), jnp.asarray(w))
@@ -56,5 +56,7 @@ def test_steps_continue_full_sequence():
         yt, state = causal_conv_step(jnp.asarray(x[:, t]), jnp.asarray(w), state)
         outs.append(yt[:, None])
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-6)
-    y1, _ = causal_conv(jnp.asarray(x[:, 5:]), jnp.asarray(w), state_BSC=causal_conv(jnp.asarray(x[:, :5]), jnp.asarray(w))[1])
+    y1, _ = causal_conv(
+        jnp.asarray(x[:, 5:]), jnp.asarray(w), state_BSC=causal_conv(jnp.asarray(x[:, :5]), jnp.asarray(w))[1]
+    )
     np.testing.assert_allclose(y1, full[:, 5:], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ def _layer(impl="recurrent"):
 def test_gate_formula():
     rng = np.random.default_rng(0)
     graw = rng.normal(size=(1, 3, 2, 4)).astype(np.float32) * 15
-    graw[0, 0, 0, 0] = 30.0                      # softplus linear above 20
+    graw[0, 0, 0, 0] = 30.0  # softplus linear above 20
     A_log = np.log(np.array([1.5, 12.0], np.float32))
     dt = rng.normal(size=(2, 4)).astype(np.float32)
     g = np.asarray(kda_gate(jnp.asarray(graw), jnp.asarray(A_log), jnp.asarray(dt)))
@@ -29,8 +29,23 @@ def test_param_shapes_and_axes():
     assert v["q_proj"].names == ("embed", "heads", "kv") and v["q_proj"].value.shape == (16, 2, 8)
     assert v["q_conv"].names == ("conv", "heads", "kv") and v["q_conv"].value.shape == (4, 2, 8)
     assert v["A_log"].value.dtype == jnp.float32 and v["dt_bias"].value.shape == (2, 8)
-    assert set(v) == {"q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv", "A_log", "dt_bias",
-                      "f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj"}
+    assert set(v) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "q_conv",
+        "k_conv",
+        "v_conv",
+        "A_log",
+        "dt_bias",
+        "f_a_proj",
+        "f_b_proj",
+        "b_proj",
+        "g_a_proj",
+        "g_b_proj",
+        "o_norm",
+        "o_proj",
+    }
     # no biases anywhere (g_b_proj included), as in the released checkpoints
 
 
@@ -44,7 +59,7 @@ def test_steps_match_full_and_segments_reset(impl):
     y0, cache = m.apply(v, x[:, :6], cache=cache)
     outs = [y0]
     for t in range(6, 11):
-        yt, cache = m.apply(v, x[:, t:t + 1], cache=cache)
+        yt, cache = m.apply(v, x[:, t : t + 1], cache=cache)
         outs.append(yt)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
     assert cache.state_BHKV.dtype == jnp.float32 and cache.state_BHKV.shape == (2, 2, 8, 8)
@@ -53,4 +68,4 @@ def test_steps_match_full_and_segments_reset(impl):
     packed, _ = m.apply(v, x, segment_ids=seg)
     second, _ = m.apply(v, x[:, 5:])
     np.testing.assert_allclose(packed[:, 5:], second, rtol=2e-5, atol=2e-5)
-    assert not np.allclose(full[:, 5:], second, atol=1e-3)     # without the reset they differ
+    assert not np.allclose(full[:, 5:], second, atol=1e-3)  # without the reset they differ

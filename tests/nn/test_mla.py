@@ -7,8 +7,16 @@ from jaxllm.nn.mla import MLA
 
 
 def _mla(q_lora=None, impl="expanded"):
-    return MLA(hidden_size=24, num_heads=3, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
-               v_head_dim=6, q_lora_rank=q_lora, impl=impl)
+    return MLA(
+        hidden_size=24,
+        num_heads=3,
+        kv_lora_rank=10,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        q_lora_rank=q_lora,
+        impl=impl,
+    )
 
 
 def _numpy_reference(p, x, nope):
@@ -19,7 +27,7 @@ def _numpy_reference(p, x, nope):
     ckv = x @ p["kv_a_proj_with_mqa"]
     R = p["kv_a_layernorm"].shape[0]
     lat = ckv[..., :R]
-    lat = lat / np.sqrt(np.mean(lat ** 2, -1, keepdims=True) + 1e-6) * p["kv_a_layernorm"]
+    lat = lat / np.sqrt(np.mean(lat**2, -1, keepdims=True) + 1e-6) * p["kv_a_layernorm"]
     kv = np.einsum("btr,rhx->bthx", lat, p["kv_b_proj"])
     H = kv.shape[2]
     k = np.concatenate([kv[..., :nope], np.repeat(ckv[:, :, None, R:], H, axis=2)], -1)
@@ -39,6 +47,7 @@ def test_expanded_matches_numpy():
     v = m.init(jax.random.PRNGKey(1), x)
     y, _ = m.apply(v, x)
     import flax.linen as nn
+
     ref = _numpy_reference(nn.meta.unbox(v)["params"], x, 8)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
@@ -63,10 +72,10 @@ def test_cache_steps_match_full():
     v = m.init(jax.random.PRNGKey(1), x)
     full, _ = m.apply(v, x)
     cache = m.init_cache(2, 12)
-    y0, cache = m.apply(v, x[:, :5], cache=cache, pos=0)           # expanded over the buffer
+    y0, cache = m.apply(v, x[:, :5], cache=cache, pos=0)  # expanded over the buffer
     outs = [y0]
     for t in range(5, 9):
-        yt, cache = m.apply(v, x[:, t:t + 1], cache=cache, pos=t)  # absorbed one-token steps
+        yt, cache = m.apply(v, x[:, t : t + 1], cache=cache, pos=t)  # absorbed one-token steps
         outs.append(yt)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
     assert cache.latent_BSR.shape == (2, 12, 10) and cache.k_rope_BSP.shape == (2, 12, 4)

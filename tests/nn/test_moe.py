@@ -36,23 +36,32 @@ def test_route_matches_numpy(n_group, topk_group):
     x = rng.normal(size=(N, D)).astype(np.float32)
     w = rng.normal(size=(D, E)).astype(np.float32) * 0.3
     bias = rng.normal(size=E).astype(np.float32) * 0.5
-    wts, idx = route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias), top_k=K, n_group=n_group,
-                     topk_group=topk_group, renormalize=True, scaling=2.446)
+    wts, idx = route(
+        jnp.asarray(x),
+        jnp.asarray(w),
+        jnp.asarray(bias),
+        top_k=K,
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalize=True,
+        scaling=2.446,
+    )
     rw, ri = _route_numpy(x, w, bias, K, n_group, topk_group, True, 2.446)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), 1), np.sort(ri, 1))
     order = np.argsort(np.asarray(idx), 1)
-    np.testing.assert_allclose(np.take_along_axis(np.asarray(wts), order, 1),
-                               np.take_along_axis(rw, np.argsort(ri, 1), 1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.take_along_axis(np.asarray(wts), order, 1), np.take_along_axis(rw, np.argsort(ri, 1), 1), rtol=1e-5
+    )
     assert wts.dtype == jnp.float32
 
 
 def test_weights_use_uncorrected_scores():
     x = jnp.ones((1, 2))
-    w = jnp.zeros((2, 4))                       # every score sigmoid(0) = 0.5
-    bias = jnp.array([0.0, 5.0, 0.0, 5.0])      # bias picks experts 1 and 3 ...
+    w = jnp.zeros((2, 4))  # every score sigmoid(0) = 0.5
+    bias = jnp.array([0.0, 5.0, 0.0, 5.0])  # bias picks experts 1 and 3 ...
     wts, idx = route(x, w, bias, top_k=2, renormalize=False, scaling=1.0)
     assert sorted(np.asarray(idx)[0].tolist()) == [1, 3]
-    np.testing.assert_allclose(wts, 0.5)        # ... but weights are the unbiased 0.5
+    np.testing.assert_allclose(wts, 0.5)  # ... but weights are the unbiased 0.5
 
 
 @pytest.mark.parametrize("dispatch", ["ragged", "blocked", "gather"])
@@ -64,7 +73,7 @@ def test_dispatch_matches_onehot(dispatch, N):
     w1, w3 = (jnp.asarray(rng.normal(size=(E, D, F)) * 0.3, jnp.float32) for _ in range(2))
     w2 = jnp.asarray(rng.normal(size=(E, F, D)) * 0.3, jnp.float32)
     wts, idx = route(x, jnp.asarray(rng.normal(size=(D, E)), jnp.float32), None, top_k=K)
-    if N == 40:   # make the load uneven (some experts empty)
+    if N == 40:  # make the load uneven (some experts empty)
         idx = jnp.where(idx == 5, 0, idx)
         idx = idx.at[:, 1].set(jnp.where(idx[:, 0] == idx[:, 1], (idx[:, 0] + 1) % 5, idx[:, 1]))
     ref = moe_experts(x, wts, idx, w1, w3, w2, dispatch="onehot")
@@ -74,6 +83,7 @@ def test_dispatch_matches_onehot(dispatch, N):
 
 def test_blocked_with_small_blocks_many_groups():
     from jaxllm.nn.moe import experts_blocked, experts_onehot
+
     rng = np.random.default_rng(2)
     E, D, F, K, N = 16, 8, 6, 4, 50
     x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
@@ -83,30 +93,48 @@ def test_blocked_with_small_blocks_many_groups():
     wts = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
     ref = experts_onehot(x, wts, idx, w1, w3, w2)
     for bm in (1, 3, 8, 64):
-        np.testing.assert_allclose(experts_blocked(x, wts, idx, w1, w3, w2, block_rows=bm), ref,
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            experts_blocked(x, wts, idx, w1, w3, w2, block_rows=bm), ref, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_moe_module_shared_expert_and_axes():
     import flax.linen as nn
+
     E, D, F, K, S = 4, 12, 8, 2, 2
-    m = MoE(hidden_size=D, num_experts=E, num_experts_per_token=K, moe_intermediate_size=F,
-            num_shared_experts=S, routed_scaling_factor=2.0)
+    m = MoE(
+        hidden_size=D,
+        num_experts=E,
+        num_experts_per_token=K,
+        moe_intermediate_size=F,
+        num_shared_experts=S,
+        routed_scaling_factor=2.0,
+    )
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 5, D)), jnp.float32)
     # Shapes and axes from an abstract init (a concrete one compiles every initializer: ~15 s), then
     # random values, with a non-zero correction bias so that routing by biased scores but weighting
     # by raw ones matters.
     boxes = jax.eval_shape(m.init, jax.random.PRNGKey(1), x)["params"]
-    axes = {"router": ("embed", None), "e_score_correction_bias": (None,),
-            "w1": ("expert", "embed", "mlp"), "w3": ("expert", "embed", "mlp"), "w2": ("expert", "mlp", "embed"),
-            "shared_gate_proj": ("embed", "mlp"), "shared_up_proj": ("embed", "mlp"),
-            "shared_down_proj": ("mlp", "embed")}
+    axes = {
+        "router": ("embed", None),
+        "e_score_correction_bias": (None,),
+        "w1": ("expert", "embed", "mlp"),
+        "w3": ("expert", "embed", "mlp"),
+        "w2": ("expert", "mlp", "embed"),
+        "shared_gate_proj": ("embed", "mlp"),
+        "shared_up_proj": ("embed", "mlp"),
+        "shared_down_proj": ("mlp", "embed"),
+    }
     assert {k: b.names for k, b in boxes.items()} == axes
     assert all(isinstance(b, nn.LogicallyPartitioned) for b in boxes.values())
     assert boxes["shared_gate_proj"].value.shape == (D, F * S)
-    v = {"params": {k: b.replace_boxed(jnp.asarray(rng.normal(size=b.value.shape) * 0.4, jnp.float32))
-                    for k, b in boxes.items()}}
+    v = {
+        "params": {
+            k: b.replace_boxed(jnp.asarray(rng.normal(size=b.value.shape) * 0.4, jnp.float32))
+            for k, b in boxes.items()
+        }
+    }
     y = np.asarray(jax.jit(m.apply)(v, x), np.float64)
 
     # The same layer in float64 numpy, token by token: routing, K experts, then the shared expert.
@@ -118,11 +146,20 @@ def test_moe_module_shared_expert_and_axes():
     for n in range(len(x_ND)):
         for w, e in zip(wts[n], idx[n]):
             ref[n] += w * (silu(x_ND[n] @ p["w1"][e]) * (x_ND[n] @ p["w3"][e])) @ p["w2"][e]
-        ref[n] += (silu(x_ND[n] @ p["shared_gate_proj"]) * (x_ND[n] @ p["shared_up_proj"])) @ p["shared_down_proj"]
+        ref[n] += (silu(x_ND[n] @ p["shared_gate_proj"]) * (x_ND[n] @ p["shared_up_proj"])) @ p[
+            "shared_down_proj"
+        ]
     np.testing.assert_allclose(y.reshape(-1, D), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_dispatch_named():
     with pytest.raises(ValueError, match="dispatch"):
-        moe_experts(jnp.ones((1, 2)), jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32),
-                    jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2)), dispatch="sparse")
+        moe_experts(
+            jnp.ones((1, 2)),
+            jnp.ones((1, 1)),
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.ones((2, 2, 2)),
+            jnp.ones((2, 2, 2)),
+            jnp.ones((2, 2, 2)),
+            dispatch="sparse",
+        )

@@ -14,8 +14,11 @@ def test_rms_norm_formula_and_dtype():
     y = rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5)
     assert y.dtype == jnp.bfloat16
     g = rng.normal(size=(3, 8)).astype(np.float32)
-    np.testing.assert_allclose(gated_rms_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), 1e-5),
-                               ref / (1 + np.exp(-g)), rtol=1e-5)
+    np.testing.assert_allclose(
+        gated_rms_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), 1e-5),
+        ref / (1 + np.exp(-g)),
+        rtol=1e-5,
+    )
 
 
 def test_eps_matters_for_small_inputs():

@@ -22,7 +22,7 @@ CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 def rel_rms(ref, x):
     ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
     assert ref.shape == x.shape, (ref.shape, x.shape)
-    return float(np.sqrt(np.mean((ref - x) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+    return float(np.sqrt(np.mean((ref - x) ** 2)) / (np.sqrt(np.mean(ref**2)) + 1e-30))
 
 
 def spans(seg_T):
@@ -38,20 +38,23 @@ def reused(n):
 def test_conv_reused_id_equals_separate_documents():
     # Documents shorter than the 3-token window between two that share an id, so the taps (and
     # the returned state) of a later document could reach an earlier one with the same id.
-    seg = np.array([[0] * 4 + [1] + [0] * 3 + [1] * 2 + [0] + [1],
-                    [3] * 3 + [4] * 2 + [3] * 7], np.int32)
+    seg = np.array([[0] * 4 + [1] + [0] * 3 + [1] * 2 + [0] + [1], [3] * 3 + [4] * 2 + [3] * 7], np.int32)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 12, 3)).astype(np.float32)
     w = rng.normal(size=(4, 3)).astype(np.float32)
-    s0 = rng.normal(size=(2, 3, 3)).astype(np.float32)   # the row's state feeds its first document
-    y, state = causal_conv(jnp.asarray(x), jnp.asarray(w), state_BSC=jnp.asarray(s0),
-                           segment_ids_BT=jnp.asarray(seg))
+    s0 = rng.normal(size=(2, 3, 3)).astype(np.float32)  # the row's state feeds its first document
+    y, state = causal_conv(
+        jnp.asarray(x), jnp.asarray(w), state_BSC=jnp.asarray(s0), segment_ids_BT=jnp.asarray(seg)
+    )
     for b in range(2):
         for i, (lo, hi) in enumerate(spans(seg[b])):
-            y_doc, state_doc = causal_conv(jnp.asarray(x[b:b + 1, lo:hi]), jnp.asarray(w),
-                                           state_BSC=jnp.asarray(s0[b:b + 1]) if i == 0 else None)
-            np.testing.assert_allclose(y[b:b + 1, lo:hi], y_doc, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(state[b:b + 1], state_doc)   # the last document's
+            y_doc, state_doc = causal_conv(
+                jnp.asarray(x[b : b + 1, lo:hi]),
+                jnp.asarray(w),
+                state_BSC=jnp.asarray(s0[b : b + 1]) if i == 0 else None,
+            )
+            np.testing.assert_allclose(y[b : b + 1, lo:hi], y_doc, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(state[b : b + 1], state_doc)  # the last document's
 
 
 def test_attention_mask_reused_id():
@@ -64,20 +67,28 @@ def test_attention_mask_reused_id():
 @pytest.mark.parametrize("impl", ["expanded", "absorbed"])
 def test_mla_reused_id_equals_separate_documents(impl):
     n = 4
-    m = MLA(hidden_size=24, num_heads=3, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
-            v_head_dim=6, impl=impl)
+    m = MLA(
+        hidden_size=24,
+        num_heads=3,
+        kv_lora_rank=10,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        impl=impl,
+    )
     x_BTD = jax.random.normal(jax.random.PRNGKey(0), (1, 3 * n, 24))
     params = m.init(jax.random.PRNGKey(1), x_BTD)
     packed, _ = m.apply(params, x_BTD, segment_ids=jnp.asarray(reused(n)))
-    alone, _ = m.apply(params, x_BTD.reshape(3, n, 24))   # the three documents as three rows
+    alone, _ = m.apply(params, x_BTD.reshape(3, n, 24))  # the three documents as three rows
     assert rel_rms(alone.reshape(1, 3 * n, 24), packed) <= 1e-5
 
 
 def test_model_reused_id_equals_three_sequences():
     # one KDA (chunk op) and one MLA layer, dense FFNs: every consumer of the ids, tiny and fast
     config = KimiLinearConfig.from_file(CONFIGS / "tiny.json", kda_impl="chunk")
-    config = config.replace(num_hidden_layers=2, layer_types=("kda", "mla"),
-                            mlp_layer_types=("dense", "dense"))
+    config = config.replace(
+        num_hidden_layers=2, layer_types=("kda", "mla"), mlp_layer_types=("dense", "dense")
+    )
     model = KimiLinear(config)
     n = 6
     doc_BN = jax.random.randint(jax.random.PRNGKey(2), (3, n), 0, config.vocab_size)

@@ -194,8 +194,9 @@ def test_matches_numpy_reference(variant, seed, x64):
 def test_megatron_soft_top_p_needs_rand_vals():
     logits, T, P, labels, _ = _random_case(0, dtype=np.float32)
     with pytest.raises(ValueError, match="rand_vals"):
-        A.soft_top_p_loss(jnp.asarray(logits), jnp.asarray(T), jnp.asarray(P), jnp.asarray(labels),
-                          variant="megatron")
+        A.soft_top_p_loss(
+            jnp.asarray(logits), jnp.asarray(T), jnp.asarray(P), jnp.asarray(labels), variant="megatron"
+        )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 5])
@@ -209,9 +210,7 @@ def test_chunking_does_not_change_values_or_gradients(chunk_size, x64):
         return out["loss"], out
 
     (l0, o0), g0 = jax.value_and_grad(f, (0, 1), has_aux=True)(T, P, None)
-    (l1, o1), g1 = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True), static_argnums=2)(
-        T, P, chunk_size
-    )
+    (l1, o1), g1 = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True), static_argnums=2)(T, P, chunk_size)
     np.testing.assert_allclose(l1, l0, rtol=1e-12)
     np.testing.assert_allclose(o1["temp_loss"], o0["temp_loss"], rtol=1e-12)
     for a, b in zip(g1, g0):
@@ -243,17 +242,22 @@ def test_drop_mask_semantics(x64):
 def test_no_valid_tokens_gives_zero_not_nan():
     logits, T, P, _, r = (jnp.asarray(a) for a in _random_case(5, dtype=np.float32))
     labels = jnp.full(logits.shape[:2], -100, jnp.int32)
-    out, grads = jax.value_and_grad(
-        lambda t, p: A.autodeco_loss(logits, t, p, labels, r)["loss"], (0, 1)
-    )(T, P)
+    out, grads = jax.value_and_grad(lambda t, p: A.autodeco_loss(logits, t, p, labels, r)["loss"], (0, 1))(
+        T, P
+    )
     assert float(out) == 0.0
     assert all(np.all(np.asarray(g) == 0) for g in grads)
 
 
 def test_bf16_inputs_compute_in_float32():
     logits, T, P, labels, r = _random_case(6, dtype=np.float32)
-    out16 = A.autodeco_loss(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(T, jnp.bfloat16),
-                            jnp.asarray(P, jnp.bfloat16), jnp.asarray(labels), jnp.asarray(r))
+    out16 = A.autodeco_loss(
+        jnp.asarray(logits, jnp.bfloat16),
+        jnp.asarray(T, jnp.bfloat16),
+        jnp.asarray(P, jnp.bfloat16),
+        jnp.asarray(labels),
+        jnp.asarray(r),
+    )
     assert out16["loss"].dtype == jnp.float32
     assert A.prob_stats(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(T, jnp.bfloat16)).dtype == jnp.float32
 
@@ -307,8 +311,10 @@ def test_soft_top_p_tends_to_hard_top_p_as_alpha_grows(x64):
     # A token outside the strict nucleus is suppressed ever harder.
     y_out = int(np.flatnonzero(~keep)[0])
     labels_out = jnp.asarray([[-100, y_out]], jnp.int32)
-    outs = [float(A.soft_top_p_loss(jnp.asarray(logits), T, P, labels_out, alpha=a))
-            for a in (30.0, 300.0, 3000.0)]
+    outs = [
+        float(A.soft_top_p_loss(jnp.asarray(logits), T, P, labels_out, alpha=a))
+        for a in (30.0, 300.0, 3000.0)
+    ]
     w_out = float(_np_softmax(logits[0, 0])[y_out])
     assert outs[0] < outs[1] <= outs[2]
     # q_gold -> 0, so the loss saturates at the official floor -log(0 + 1e-9).

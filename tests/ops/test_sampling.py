@@ -24,8 +24,9 @@ def _softmax(x):
     return e / e.sum()
 
 
-def np_reference(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seen=None,
-                 presence=0.0, repetition=1.0):
+def np_reference(
+    logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seen=None, presence=0.0, repetition=1.0
+):
     """The intended distribution for one row, straight from the definitions."""
     lg = np.array(logits, np.float64)
     if seen is not None:
@@ -120,14 +121,18 @@ def test_autodeco_rows_use_their_own_head_predictions():
     tokens = _draw(config, n=n, temperature_B=t_B, top_p_B=p_B)
     for g, (t_hat, p_hat) in enumerate(heads):
         expected = np_reference(LOGITS_V, temperature=t_hat * 0.8, top_p=min(max(p_hat * 0.9, 0), 1))
-        _assert_matches(tokens[g * n // 2:(g + 1) * n // 2], expected, naive=_softmax(LOGITS_V))
+        _assert_matches(tokens[g * n // 2 : (g + 1) * n // 2], expected, naive=_softmax(LOGITS_V))
 
 
 def test_autodeco_top_p_is_clipped_to_one():
     # P_head * user top-p > 1 clips to 1 (no truncation), it does not wrap or error.
     config = SamplingConfig(mode="autodeco", temperature=1.0, top_p=1.0)
-    probs = sampling_probs(jnp.asarray(LOGITS_V, jnp.float32)[None], config,
-                           temperature_B=jnp.asarray([1.0]), top_p_B=jnp.asarray([1.7]))
+    probs = sampling_probs(
+        jnp.asarray(LOGITS_V, jnp.float32)[None],
+        config,
+        temperature_B=jnp.asarray([1.0]),
+        top_p_B=jnp.asarray([1.7]),
+    )
     np.testing.assert_allclose(np.asarray(probs[0]), _softmax(LOGITS_V), rtol=1e-5)
 
 
@@ -135,28 +140,33 @@ def test_autodeco_greedy_when_user_temperature_is_zero():
     config = SamplingConfig(mode="autodeco", temperature=0.0)
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(64, 50)), jnp.float32)
-    tokens = _sample(logits, jax.random.key(1), config,
-                     temperature_B=jnp.full((64,), 1.5), top_p_B=jnp.full((64,), 0.9))
+    tokens = _sample(
+        logits, jax.random.key(1), config, temperature_B=jnp.full((64,), 1.5), top_p_B=jnp.full((64,), 0.9)
+    )
     np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), -1))
 
 
 def test_fixed_mean_matches_intended_distribution_and_constant_heads():
-    config = SamplingConfig(mode="fixed_mean", temperature=1.0, top_p=1.0,
-                            mean_temperature=0.798, mean_top_p=0.907)
+    config = SamplingConfig(
+        mode="fixed_mean", temperature=1.0, top_p=1.0, mean_temperature=0.798, mean_top_p=0.907
+    )
     expected = np_reference(LOGITS_V, temperature=0.798, top_p=0.907)
     tokens = _draw(config, seed=3)
     _assert_matches(tokens, expected, naive=_softmax(LOGITS_V))
     # Same key, autodeco with the mean as a constant head output: identical draws.
     auto = SamplingConfig(mode="autodeco")
-    tokens_auto = _draw(auto, seed=3, temperature_B=jnp.full((N_DRAWS,), 0.798),
-                        top_p_B=jnp.full((N_DRAWS,), 0.907))
+    tokens_auto = _draw(
+        auto, seed=3, temperature_B=jnp.full((N_DRAWS,), 0.798), top_p_B=jnp.full((N_DRAWS,), 0.907)
+    )
     np.testing.assert_array_equal(tokens, tokens_auto)
     # User values multiply the means as they multiply the heads' predictions.
-    scaled = SamplingConfig(mode="fixed_mean", temperature=0.5, top_p=0.8,
-                            mean_temperature=0.798, mean_top_p=0.907)
+    scaled = SamplingConfig(
+        mode="fixed_mean", temperature=0.5, top_p=0.8, mean_temperature=0.798, mean_top_p=0.907
+    )
     probs = sampling_probs(jnp.asarray(LOGITS_V, jnp.float32)[None], scaled)
-    np.testing.assert_allclose(np.asarray(probs[0]),
-                               np_reference(LOGITS_V, temperature=0.399, top_p=0.907 * 0.8), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(probs[0]), np_reference(LOGITS_V, temperature=0.399, top_p=0.907 * 0.8), atol=1e-6
+    )
 
 
 def test_greedy_modes():
@@ -182,12 +192,18 @@ def test_sampling_probs_matches_reference_on_random_rows():
     t_hat = rng.uniform(0.3, 1.8, B)
     p_hat = rng.uniform(0.05, 1.0, B)
     config = SamplingConfig(mode="autodeco", temperature=0.9, top_p=0.95, top_k=40, min_p=0.01)
-    probs = np.asarray(sampling_probs(jnp.asarray(logits, jnp.float32), config,
-                                      temperature_B=jnp.asarray(t_hat, jnp.float32),
-                                      top_p_B=jnp.asarray(p_hat, jnp.float32)))
+    probs = np.asarray(
+        sampling_probs(
+            jnp.asarray(logits, jnp.float32),
+            config,
+            temperature_B=jnp.asarray(t_hat, jnp.float32),
+            top_p_B=jnp.asarray(p_hat, jnp.float32),
+        )
+    )
     for b in range(B):
-        want = np_reference(logits[b], temperature=t_hat[b] * 0.9, top_p=min(p_hat[b] * 0.95, 1.0),
-                            top_k=40, min_p=0.01)
+        want = np_reference(
+            logits[b], temperature=t_hat[b] * 0.9, top_p=min(p_hat[b] * 0.95, 1.0), top_k=40, min_p=0.01
+        )
         np.testing.assert_allclose(probs[b], want, atol=2e-6)
 
 
@@ -196,7 +212,7 @@ def test_top_p_keeps_the_crossing_token_and_the_top_token():
     logits = jnp.asarray(np.log(probs)[None], jnp.float32)
     for p, n_keep in [(0.5, 1), (0.51, 2), (0.79, 2), (0.81, 3), (1.0, 4), (0.0, 1), (1e-6, 1)]:
         keep = np.asarray(top_p_keep_mask(logits, jnp.asarray([p], jnp.float32))[0])
-        assert keep.sum() == n_keep and keep[: n_keep].all(), (p, keep)
+        assert keep.sum() == n_keep and keep[:n_keep].all(), (p, keep)
 
 
 def test_top_p_one_keeps_tiny_tokens():
@@ -257,22 +273,42 @@ def test_bad_inputs_name_the_argument():
         (lambda: sample_next(logits.astype(jnp.int32), key, cfg), "logits_BV"),
         (lambda: sample_next(logits, jnp.zeros((3,)), cfg), "rng"),
         (lambda: sample_next(logits, key, {"mode": "sample"}), "config"),
-        (lambda: sample_next(logits, key, cfg, prev_tokens_BT=jnp.zeros((2, 4), jnp.int32)), "prev_tokens_BT"),
-        (lambda: sample_next(logits, key, cfg, prev_tokens_BT=jnp.full((3, 4), 10, jnp.int32)), "prev_tokens_BT"),
-        (lambda: sample_next(logits, key, cfg, prev_tokens_BT=jnp.zeros((3, 4), jnp.int32),
-                             prev_mask_BT=jnp.ones((3, 5), bool)), "prev_mask_BT"),
+        (
+            lambda: sample_next(logits, key, cfg, prev_tokens_BT=jnp.zeros((2, 4), jnp.int32)),
+            "prev_tokens_BT",
+        ),
+        (
+            lambda: sample_next(logits, key, cfg, prev_tokens_BT=jnp.full((3, 4), 10, jnp.int32)),
+            "prev_tokens_BT",
+        ),
+        (
+            lambda: sample_next(
+                logits,
+                key,
+                cfg,
+                prev_tokens_BT=jnp.zeros((3, 4), jnp.int32),
+                prev_mask_BT=jnp.ones((3, 5), bool),
+            ),
+            "prev_mask_BT",
+        ),
         (lambda: sample_next(logits, key, cfg, prev_mask_BT=jnp.ones((3, 5), bool)), "prev_mask_BT"),
         (lambda: sample_next(logits, key, auto, top_p_B=jnp.ones(3)), "temperature_B"),
         (lambda: sample_next(logits, key, auto, temperature_B=jnp.ones(3)), "top_p_B"),
-        (lambda: sample_next(logits, key, auto, temperature_B=jnp.ones(4), top_p_B=jnp.ones(3)), "temperature_B"),
+        (
+            lambda: sample_next(logits, key, auto, temperature_B=jnp.ones(4), top_p_B=jnp.ones(3)),
+            "temperature_B",
+        ),
         (lambda: sample_next(logits, key, cfg, temperature_B=jnp.ones(3)), "temperature_B"),
     ]
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
             fn()
     # Out-of-range ids are fine where the mask says they are padding.
-    ok = sample_next(logits, key, cfg, prev_tokens_BT=jnp.full((3, 2), -1, jnp.int32),
-                     prev_mask_BT=jnp.zeros((3, 2), bool))
+    ok = sample_next(
+        logits, key, cfg, prev_tokens_BT=jnp.full((3, 2), -1, jnp.int32), prev_mask_BT=jnp.zeros((3, 2), bool)
+    )
     assert ok.shape == (3,)
     # [B, 1] head outputs (the heads' own shape at one position) are accepted.
-    assert sample_next(logits, key, auto, temperature_B=jnp.ones((3, 1)), top_p_B=jnp.ones((3, 1))).shape == (3,)
+    assert sample_next(logits, key, auto, temperature_B=jnp.ones((3, 1)), top_p_B=jnp.ones((3, 1))).shape == (
+        3,
+    )

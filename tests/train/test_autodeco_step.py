@@ -10,8 +10,13 @@ import optax
 
 from jaxllm.nn.autodeco import AutoDecoHeads, heads_from_official
 from jaxllm.ops.autodeco import autodeco_loss
-from jaxllm.train.autodeco import (AutoDecoTrainConfig, init_state, make_loss_fn, make_optimizer,
-                                   make_train_step)
+from jaxllm.train.autodeco import (
+    AutoDecoTrainConfig,
+    init_state,
+    make_loss_fn,
+    make_optimizer,
+    make_train_step,
+)
 
 H, V, MLP = 8, 48, 32
 
@@ -75,8 +80,9 @@ def test_temperature_head_reaches_the_weighted_objectives_optimum():
     hidden[..., 1:] = 0.0
     batch["hidden"] = jnp.asarray(hidden)
     module, params = _fresh(batch)
-    config = AutoDecoTrainConfig(learning_rate=3e-3, max_grad_norm=None, drop_prob=0.0,
-                                 train_heads=("temp_head",))
+    config = AutoDecoTrainConfig(
+        learning_rate=3e-3, max_grad_norm=None, drop_prob=0.0, train_heads=("temp_head",)
+    )
     tx = make_optimizer(config)
     state = init_state(params, tx, jax.random.key(1))
     step = jax.jit(make_train_step(module, tx, config))
@@ -159,8 +165,10 @@ def test_train_only_top_p_head_leaves_temperature_head_unchanged():
     old, new = nn.meta.unbox(params)["params"], nn.meta.unbox(state["params"])["params"]
     for a, b in zip(jax.tree.leaves(old["temp_head"]), jax.tree.leaves(new["temp_head"])):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(old["top_p_head"]), jax.tree.leaves(new["top_p_head"])))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(old["top_p_head"]), jax.tree.leaves(new["top_p_head"]))
+    )
     np.testing.assert_allclose(m["loss"], m["top_p_loss"], rtol=1e-6)
 
 
@@ -168,8 +176,12 @@ def test_works_on_official_heads(golden_dir):
     with np.load(golden_dir / "autodeco" / "autodeco_small.npz") as f:
         d = {k: f[k] for k in f.files}
     module, params = heads_from_official({k: v for k, v in d.items() if "_head." in k})
-    batch = {"hidden": jnp.asarray(d["hidden"], jnp.float32), "logits": jnp.asarray(d["logits"], jnp.float32),
-             "labels": jnp.asarray(d["labels"]), "rand_vals": jnp.asarray(d["rand_vals"], jnp.float32)}
+    batch = {
+        "hidden": jnp.asarray(d["hidden"], jnp.float32),
+        "logits": jnp.asarray(d["logits"], jnp.float32),
+        "labels": jnp.asarray(d["labels"]),
+        "rand_vals": jnp.asarray(d["rand_vals"], jnp.float32),
+    }
     config = AutoDecoTrainConfig()
     tx = make_optimizer(config)
     _, m = make_train_step(module, tx, config)(init_state(params, tx, jax.random.key(0)), batch)

@@ -11,95 +11,124 @@ import jax.numpy as jnp
 
 
 def _param(mod, name, shape, names, init=None):
-  init = init or nn.initializers.normal(0.02)
-  return mod.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+    init = init or nn.initializers.normal(0.02)
+    return mod.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
 
 
 def rms_norm(x, w, eps=1e-6):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w).astype(x.dtype)
 
 
 class Block(nn.Module):
-  dim: int
-  heads: int
-  head_dim: int
-  mlp: int
-  experts: int
+    dim: int
+    heads: int
+    head_dim: int
+    mlp: int
+    experts: int
 
-  @nn.compact
-  def __call__(self, x_BTD, seg_BT):
-    D, H, K, F, E = self.dim, self.heads, self.head_dim, self.mlp, self.experts
-    T = x_BTD.shape[1]
-    h = rms_norm(x_BTD, _param(self, "attn_norm", (D,), ("embed",), nn.initializers.ones))
-    q_BTHK = jnp.einsum("btd,dhk->bthk", h, _param(self, "wq", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype))
-    k_BTHK = jnp.einsum("btd,dhk->bthk", h, _param(self, "wk", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype))
-    v_BTHK = jnp.einsum("btd,dhk->bthk", h, _param(self, "wv", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype))
-    s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32) / jnp.sqrt(K)
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    same = seg_BT[:, :, None] == seg_BT[:, None, :]
-    s_BHTS = jnp.where((causal[None] & same)[:, None], s_BHTS, -1e30)
-    p_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(h.dtype)
-    o_BTHK = jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BTHK)
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", o_BTHK,
-                               _param(self, "wo", (H, K, D), ("heads", "kv", "embed")).astype(h.dtype))
-    h = rms_norm(x_BTD, _param(self, "ffn_norm", (D,), ("embed",), nn.initializers.ones))
-    gate_BTE = jax.nn.softmax(jnp.einsum("btd,de->bte", h, _param(self, "router", (D, E), ("embed", None)).astype(
-        h.dtype)).astype(jnp.float32), -1).astype(h.dtype)
-    up_BTEF = jax.nn.silu(jnp.einsum("btd,edf->btef", h, _param(self, "w1", (E, D, F), ("expert", "embed", "mlp")).astype(
-        h.dtype)))
-    y_BTED = jnp.einsum("btef,efd->bted", up_BTEF, _param(self, "w2", (E, F, D), ("expert", "mlp", "embed")).astype(
-        h.dtype))
-    b = _param(self, "bias", (D,), ("embed",), nn.initializers.zeros)
-    return x_BTD + jnp.einsum("bted,bte->btd", y_BTED, gate_BTE) + b.astype(h.dtype)
+    @nn.compact
+    def __call__(self, x_BTD, seg_BT):
+        D, H, K, F, E = self.dim, self.heads, self.head_dim, self.mlp, self.experts
+        T = x_BTD.shape[1]
+        h = rms_norm(x_BTD, _param(self, "attn_norm", (D,), ("embed",), nn.initializers.ones))
+        q_BTHK = jnp.einsum(
+            "btd,dhk->bthk", h, _param(self, "wq", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype)
+        )
+        k_BTHK = jnp.einsum(
+            "btd,dhk->bthk", h, _param(self, "wk", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype)
+        )
+        v_BTHK = jnp.einsum(
+            "btd,dhk->bthk", h, _param(self, "wv", (D, H, K), ("embed", "heads", "kv")).astype(h.dtype)
+        )
+        s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32) / jnp.sqrt(K)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        same = seg_BT[:, :, None] == seg_BT[:, None, :]
+        s_BHTS = jnp.where((causal[None] & same)[:, None], s_BHTS, -1e30)
+        p_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(h.dtype)
+        o_BTHK = jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BTHK)
+        x_BTD = x_BTD + jnp.einsum(
+            "bthk,hkd->btd", o_BTHK, _param(self, "wo", (H, K, D), ("heads", "kv", "embed")).astype(h.dtype)
+        )
+        h = rms_norm(x_BTD, _param(self, "ffn_norm", (D,), ("embed",), nn.initializers.ones))
+        gate_BTE = jax.nn.softmax(
+            jnp.einsum(
+                "btd,de->bte", h, _param(self, "router", (D, E), ("embed", None)).astype(h.dtype)
+            ).astype(jnp.float32),
+            -1,
+        ).astype(h.dtype)
+        up_BTEF = jax.nn.silu(
+            jnp.einsum(
+                "btd,edf->btef", h, _param(self, "w1", (E, D, F), ("expert", "embed", "mlp")).astype(h.dtype)
+            )
+        )
+        y_BTED = jnp.einsum(
+            "btef,efd->bted",
+            up_BTEF,
+            _param(self, "w2", (E, F, D), ("expert", "mlp", "embed")).astype(h.dtype),
+        )
+        b = _param(self, "bias", (D,), ("embed",), nn.initializers.zeros)
+        return x_BTD + jnp.einsum("bted,bte->btd", y_BTED, gate_BTE) + b.astype(h.dtype)
 
 
 class TinyLM(nn.Module):
-  vocab_size: int = 320
-  dim: int = 32
-  layers: int = 2
-  heads: int = 2
-  head_dim: int = 8
-  mlp: int = 32
-  experts: int = 4
-  remat: str = "none"
+    vocab_size: int = 320
+    dim: int = 32
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 8
+    mlp: int = 32
+    experts: int = 4
+    remat: str = "none"
 
-  @nn.compact
-  def __call__(self, input_ids_BT, *, segment_ids=None):
-    seg = jnp.ones_like(input_ids_BT) if segment_ids is None else segment_ids
-    emb = _param(self, "embed", (self.vocab_size, self.dim), ("vocab", "embed"))
-    x = jnp.take(emb, input_ids_BT, axis=0)
-    block = Block
-    if self.remat != "none":
-      policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[self.remat]
-      block = nn.remat(Block, policy=policy)
-    for i in range(self.layers):
-      x = block(self.dim, self.heads, self.head_dim, self.mlp, self.experts, name=f"block_{i}")(x, seg)
-    x = rms_norm(x, _param(self, "final_norm", (self.dim,), ("embed",), nn.initializers.ones))
-    head = _param(self, "lm_head", (self.dim, self.vocab_size), ("embed", "vocab"))
-    return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
+    @nn.compact
+    def __call__(self, input_ids_BT, *, segment_ids=None):
+        seg = jnp.ones_like(input_ids_BT) if segment_ids is None else segment_ids
+        emb = _param(self, "embed", (self.vocab_size, self.dim), ("vocab", "embed"))
+        x = jnp.take(emb, input_ids_BT, axis=0)
+        block = Block
+        if self.remat != "none":
+            policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[self.remat]
+            block = nn.remat(Block, policy=policy)
+        for i in range(self.layers):
+            x = block(self.dim, self.heads, self.head_dim, self.mlp, self.experts, name=f"block_{i}")(x, seg)
+        x = rms_norm(x, _param(self, "final_norm", (self.dim,), ("embed",), nn.initializers.ones))
+        head = _param(self, "lm_head", (self.dim, self.vocab_size), ("embed", "vocab"))
+        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
 
 
 def tiny_factory(model_args, *, vocab_size, compute_dtype, param_dtype, remat):
-  del compute_dtype, param_dtype
-  return TinyLM(**{"vocab_size": vocab_size, "remat": remat, **model_args})
+    del compute_dtype, param_dtype
+    return TinyLM(**{"vocab_size": vocab_size, "remat": remat, **model_args})
 
 
 def register():
-  from jaxllm.train.models import register_model
-  register_model("tiny_test", tiny_factory)
+    from jaxllm.train.models import register_model
+
+    register_model("tiny_test", tiny_factory)
 
 
 def run_config(data_dir, *overrides, **fields):
-  """A quick RunConfig for the tiny test LM (1 device, no samples, no progress bar, sync checkpoints);
-  ``fields`` replace the defaults, ``overrides`` are ``key=value`` strings as on the command line."""
-  from jaxllm.train import RunConfig
-  from jaxllm.train.config import apply_overrides
+    """A quick RunConfig for the tiny test LM (1 device, no samples, no progress bar, sync checkpoints);
+    ``fields`` replace the defaults, ``overrides`` are ``key=value`` strings as on the command line."""
+    from jaxllm.train import RunConfig
+    from jaxllm.train.config import apply_overrides
 
-  base = dict(model="tiny_test", seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2, save_every=4,
-              data_dir=data_dir, num_samples=0, progress=False, async_checkpoints=False)
-  return apply_overrides(RunConfig(**{**base, **fields}), overrides)
+    base = dict(
+        model="tiny_test",
+        seq_len=32,
+        batch_size=8,
+        steps=12,
+        lr=1e-2,
+        warmup_steps=2,
+        save_every=4,
+        data_dir=data_dir,
+        num_samples=0,
+        progress=False,
+        async_checkpoints=False,
+    )
+    return apply_overrides(RunConfig(**{**base, **fields}), overrides)
 
 
 def quiet(_msg):
-  pass
+    pass

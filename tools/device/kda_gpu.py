@@ -46,25 +46,32 @@ TOL_BF16 = 1e-2
 # ----------------------------------------------------------------------------------------------
 # fla (torch) side: runs in a subprocess, prints one JSON line
 
+
 def fla_worker(T_list, reps):
     out = {}
     try:
         import torch
+
         try:
             from fla.ops.kda import chunk_kda
         except ImportError:
             wheels = sorted(glob.glob(str(WHEELS / "fla_core-*.whl")))
             if not wheels:
                 raise
-            r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
-                                "--quiet", wheels[-1]], capture_output=True, text=True)
-            if r.returncode != 0:   # read-only site-packages: unpack the pure-Python wheel
+            r = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheels[-1]],
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode != 0:  # read-only site-packages: unpack the pure-Python wheel
                 import tempfile
                 import zipfile
+
                 target = tempfile.mkdtemp(prefix="fla_wheel_")
                 zipfile.ZipFile(wheels[-1]).extractall(target)
                 sys.path.insert(0, target)
             import importlib
+
             importlib.invalidate_caches()
             from fla.ops.kda import chunk_kda
     except Exception as e:  # noqa: BLE001 - report and go on
@@ -84,14 +91,23 @@ def fla_worker(T_list, reps):
 
             def fwd():
                 with torch.no_grad():
-                    return chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                     use_qk_l2norm_in_kernel=True)
+                    return chunk_kda(
+                        q,
+                        k,
+                        v,
+                        g,
+                        beta,
+                        initial_state=h0,
+                        output_final_state=True,
+                        use_qk_l2norm_in_kernel=True,
+                    )
 
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
 
             def fwd_bwd():
-                o, _ = chunk_kda(*leaves, initial_state=h0, output_final_state=True,
-                                 use_qk_l2norm_in_kernel=True)
+                o, _ = chunk_kda(
+                    *leaves, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True
+                )
                 o.backward(do)
                 for x in leaves:
                     x.grad = None
@@ -134,16 +150,21 @@ def run_fla(T_list, reps, timeout_s, smoke=False):
 # ----------------------------------------------------------------------------------------------
 # JAX side
 
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="time T=2048 only")
     ap.add_argument("--T", type=int, nargs="*", default=None)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="start no new timing after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=420.0, help="start no new timing after this many seconds"
+    )
     ap.add_argument("--skip-fla", action="store_true")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU smoke test of this script: tiny shapes, Pallas interpret mode")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU smoke test of this script: tiny shapes, Pallas interpret mode",
+    )
     ap.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global B, H, K, V
@@ -167,23 +188,29 @@ def main():
 
     from pallas_kernels.kda.gpu import kda_pallas_gpu
     from pallas_kernels.kda.reference import kda_recurrent
+
     if args.smoke:
         kda_pallas_gpu = functools.partial(kda_pallas_gpu, interpret=True)
     kda_pallas_gpu_tf32 = functools.partial(kda_pallas_gpu, dot_precision="default")
     try:
         from pallas_kernels.kda.chunk import kda_chunk
+
         xla_name = "chunk"
     except ImportError:
         kda_chunk, xla_name = kda_recurrent, "recurrent"
 
     print(f"jax {jax.__version__} devices {jax.devices()} xla path: {xla_name}", flush=True)
-    report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "xla_path": xla_name, "shape": {"B": B, "H": H, "K": K, "V": V}}
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "xla_path": xla_name,
+        "shape": {"B": B, "H": H, "K": K, "V": V},
+    }
 
     def rel(a, b):
         a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
         b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-        return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
+        return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b**2)) + 1e-30))
 
     def inputs(key, Bn, T, dtype, n_seq=None):
         ks = jax.random.split(key, 8)
@@ -192,7 +219,7 @@ def main():
         k = jax.random.normal(ks[1], (Bn, T, H, K), dtype)
         v = jax.random.normal(ks[2], (Bn, T, H, V), dtype)
         g = -jax.random.uniform(ks[3], (Bn, T, H, K)) * 0.5
-        g = jnp.where(jax.random.uniform(ks[4], g.shape) < 0.05, -15.0, g)   # some extreme gates
+        g = jnp.where(jax.random.uniform(ks[4], g.shape) < 0.05, -15.0, g)  # some extreme gates
         beta = jax.nn.sigmoid(jax.random.normal(ks[5], (Bn, T, H)))
         h0 = jax.random.normal(ks[6], (N, H, K, V)) * 0.1
         do = jax.random.normal(ks[7], (Bn, T, H, V), dtype)
@@ -201,16 +228,21 @@ def main():
 
     def grads_fn(fn, cu=None):
         def loss(q, k, v, g, beta, h0, do, dht):
-            o, ht = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                       cu_seqlens=cu, use_qk_l2norm=True)
+            o, ht = fn(
+                q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, use_qk_l2norm=True
+            )
             return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht * dht), (o, ht)
+
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
 
     # 1. correctness ---------------------------------------------------------------------------
     checks = {}
     all_ok = True
-    cases = [("f32", jnp.float32, 2, 300, None), ("bf16", jnp.bfloat16, 2, 300, None),
-             ("f32_varlen", jnp.float32, 1, 400, jnp.asarray([0, 50, 50, 250, 400], jnp.int32))]
+    cases = [
+        ("f32", jnp.float32, 2, 300, None),
+        ("bf16", jnp.bfloat16, 2, 300, None),
+        ("f32_varlen", jnp.float32, 1, 400, jnp.asarray([0, 50, 50, 250, 400], jnp.int32)),
+    ]
     if args.smoke:
         cases = [("f32", jnp.float32, 1, 70, None)]
     cases.append(("bf16_tf32dots", jnp.bfloat16, 2, 300, None))
@@ -228,8 +260,12 @@ def main():
             for ref_name, ref_fn in refs.items():
                 ref_g, (ref_o, ref_ht) = grads_fn(ref_fn, cu)(*x, do, dht)
                 errs = {"o": rel(o, ref_o), "ht": rel(ht, ref_ht)}
-                errs.update({n: rel(gg, rg) for n, gg, rg in
-                             zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), got_g, ref_g)})
+                errs.update(
+                    {
+                        n: rel(gg, rg)
+                        for n, gg, rg in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), got_g, ref_g)
+                    }
+                )
                 ok &= all(np.isfinite(e) and e <= tol for e in errs.values())
                 checks[name][f"vs_{ref_name}"] = {k_: round(e, 8) for k_, e in errs.items()}
             checks[name]["ok"] = ok
@@ -245,7 +281,7 @@ def main():
     # 2. timing --------------------------------------------------------------------------------
     def bench(fn, *a):
         out = fn(*a)
-        jax.block_until_ready(out)            # compile + warm up
+        jax.block_until_ready(out)  # compile + warm up
         jax.block_until_ready(fn(*a))
         times = []
         for _ in range(args.reps):
@@ -255,22 +291,28 @@ def main():
         return statistics.median(times)
 
     def fwd_fn(fn):
-        return jax.jit(lambda q, k, v, g, beta, h0: fn(q, k, v, g, beta, initial_state=h0,
-                                                       output_final_state=True, use_qk_l2norm=True))
+        return jax.jit(
+            lambda q, k, v, g, beta, h0: fn(
+                q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True
+            )
+        )
 
     def fwd_bwd_fn(fn):
         def loss(q, k, v, g, beta, h0, do):
-            o, _ = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                      use_qk_l2norm=True)
+            o, _ = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
             return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+
         return jax.jit(jax.grad(loss, argnums=tuple(range(5))))
 
     timings = {}
-    impls = {"pallas_gpu": kda_pallas_gpu, "pallas_gpu_tf32": kda_pallas_gpu_tf32,
-             f"jax_{xla_name}": kda_chunk}
+    impls = {
+        "pallas_gpu": kda_pallas_gpu,
+        "pallas_gpu_tf32": kda_pallas_gpu_tf32,
+        f"jax_{xla_name}": kda_chunk,
+    }
     for T in T_list:
         x, do, _ = inputs(jax.random.PRNGKey(2), B, T, jnp.bfloat16)
-        g = -jax.random.uniform(jax.random.PRNGKey(3), x[3].shape) * 0.5   # as the fla run
+        g = -jax.random.uniform(jax.random.PRNGKey(3), x[3].shape) * 0.5  # as the fla run
         x = (x[0], x[1], x[2], g, x[4], jnp.zeros_like(x[5]))
         for name, fn in impls.items():
             if time.time() - t_start > args.budget_s:
@@ -310,8 +352,10 @@ def main():
     print(json.dumps(report))
 
     # short table, last
-    print(f"\nKDA B={B} H={H} K={K} V={V} bf16 on {report['device']}, jax {jax.__version__}; "
-          f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})")
+    print(
+        f"\nKDA B={B} H={H} K={K} V={V} bf16 on {report['device']}, jax {jax.__version__}; "
+        f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})"
+    )
     cols = ["pallas_gpu", "pallas_gpu_tf32", f"jax_{xla_name}", "fla_chunk_kda"]
     print(f"{'T':>6} {'':<8}" + "".join(f"{c:>18}" for c in cols))
     for T in map(str, T_list):
