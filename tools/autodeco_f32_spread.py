@@ -19,10 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.ops import autodeco as A
 

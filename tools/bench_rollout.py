@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxllm.agent import protocol, rollout, synth  # noqa: E402
+from jaxllm.agent import rollout, synth  # noqa: E402
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig  # noqa: E402
 from jaxllm.data.tokenizers import ByteTokenizer  # noqa: E402
 from jaxllm.models import KimiLinear  # noqa: E402

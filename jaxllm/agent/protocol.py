@@ -26,6 +26,8 @@ import datetime
 import json
 from typing import Iterable, Sequence, Union
 
+from jaxllm.errors import TrajectoryError
+
 __all__ = [
     "THINK_OPEN",
     "THINK_CLOSE",
@@ -479,10 +481,6 @@ def initial_messages(question: str, system_prompt: str) -> list[dict]:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("initial_messages: question must be a non-empty string")
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-
-
-class TrajectoryError(ValueError):
-    pass
 
 
 def split_turns(messages: Sequence[dict]) -> list[tuple[Action, str | None]]:

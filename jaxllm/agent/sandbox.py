@@ -53,6 +53,8 @@ import signal
 import sys
 import time
 
+from jaxllm.errors import SandboxUnavailableError
+
 # Host-only modules (selectors, shutil, subprocess, tempfile) are imported inside the host
 # functions: the child runs this file as a script and must not have ``subprocess`` (and with it
 # the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
@@ -90,10 +92,6 @@ NO_ISOLATION_MESSAGE = (
     "code that gets past it can read and write whatever the calling user can, open network "
     "connections (without seccomp) and see every process on the host."
 )
-
-
-class SandboxUnavailableError(RuntimeError):
-    """The requested (or, for "auto", any) OS isolation mode is not available on this host."""
 
 
 @dataclasses.dataclass(frozen=True)

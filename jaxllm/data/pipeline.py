@@ -34,11 +34,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxllm.errors import DataStateError, TokenIdError
+
 STATE_FORMAT = "jaxllm.packed_rows.v1"
-
-
-class DataStateError(ValueError):
-    """A data position that does not belong to this pipeline (other layout, missing rows, old format)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +97,6 @@ def rows_to_batch(tokens: np.ndarray, segs: np.ndarray) -> dict[str, np.ndarray]
         "segment_ids": segs[:, :-1],
         "loss_mask": ((segs[:, 1:] == segs[:, :-1]) & (segs[:, :-1] > 0)).astype(np.int32),
     }
-
-
-class TokenIdError(ValueError):
-    """A token id outside the model's vocabulary."""
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "batch") -> None:

@@ -28,12 +28,10 @@ import zlib
 
 import numpy as np
 
+from jaxllm.errors import DatasetError
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 VALIDATION_EVERY = 50  # 1 in 50 files/documents (by content hash) goes to the validation split.
-
-
-class DatasetError(ValueError):
-    """A dataset spec or path that cannot be used."""
 
 
 def default_data_dir() -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxllm.errors import ConfigError
+
 LAYER_TYPES = ("kda", "mla")
 MLP_TYPES = ("dense", "moe")
 KDA_IMPLS = ("auto", "recurrent", "chunk")
@@ -28,10 +30,6 @@ ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
 _HF_LAYER = {"linear_attention": "kda", "full_attention": "mla", "kda": "kda", "mla": "mla"}
 _HF_MLP = {"dense": "dense", "sparse": "moe", "moe": "moe"}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,16 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.errors import CheckpointError
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.kimi_linear import KimiLinear
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 KEEP_FLOAT32 = ("A_log", "dt_bias", "e_score_correction_bias")  # gates/router bias stay float32
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------------------------ transforms

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.nn._params import fan_in_init, param, project
+from jaxllm.nn._params import fan_in_init, param
 from jaxllm.nn.mlp import swiglu
 
 DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")

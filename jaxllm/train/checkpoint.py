@@ -27,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxllm.errors import CheckpointError
+
 DATA_ITEM = "data_state"
 OLD_DATA_ITEM = "data"  # one JSON for all hosts, before per-process data states
 _PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
@@ -93,10 +95,6 @@ class PerProcessJsonSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class PerProcessJsonRestore(ocp.args.CheckpointArgs):
     rows: Sequence[int] | None = None  # None: every row of every file
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored into the current run."""
 
 
 def param_signature(params) -> dict[str, list[int]]:

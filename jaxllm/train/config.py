@@ -13,10 +13,7 @@ import os
 import typing
 from typing import Any, Mapping, Sequence
 
-
-class ConfigError(ValueError):
-    """A run config that cannot be used."""
-
+from jaxllm.errors import ConfigError
 
 _CHOICES = {
     "param_dtype": ("float32", "bfloat16"),

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
+from jaxllm.errors import JaxllmError
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import ConfigError, RunConfig, save_config
@@ -34,7 +36,7 @@ CONFIG_FILE = "run_config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(JaxllmError, RuntimeError):
     """Training produced a NaN/Inf loss, gradient or parameter."""
 
     def __init__(self, step: int, what: str, last_good: int | None, directory: str):
@@ -522,8 +524,8 @@ def generate_samples(s: Setup, params, log) -> list[str]:
     """A few continuations of ``sample_prompt`` (``|``-separated prompts) via ``jaxllm.decode``."""
     c = s.config
     try:
-        from jaxllm.train.inference import generate_text
         import jaxllm.decode  # noqa: F401
+        from jaxllm.train.inference import generate_text
     except ImportError as e:
         log(f"(no samples: jaxllm.decode.generate is not available: {e})")
         return []

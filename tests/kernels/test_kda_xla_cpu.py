@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-
 YNN_KIND = '"kind":"__ynn_fusion"'
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")

@@ -1,9 +1,9 @@
 """The two golden Kimi Linear checkpoints (saved by transformers 5.24): logits and cached greedy ids."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
 import jaxllm
 
 CASES = ["kimi_linear_tiny", "kimi_linear_tiny_hubcfg"]

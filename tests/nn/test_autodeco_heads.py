@@ -1,11 +1,10 @@
 """AutoDeco heads module: official weights reproduce the official T, P and statistics."""
 
-import numpy as np
-import pytest
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as PS
 

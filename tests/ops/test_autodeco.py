@@ -1,10 +1,9 @@
 """AutoDeco losses and statistics against the official code's float64 outputs and a numpy reference."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from jaxllm.ops import autodeco as A
 

@@ -1,12 +1,11 @@
 """Sampler tests: empirical frequencies over many vectorised draws against a numpy reference of
 the intended (penalised, tempered, truncated) distribution."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-
-import jax
-import jax.numpy as jnp
 
 from jaxllm.ops.sampling import SamplingConfig, sample_next, sampling_probs, top_p_keep_mask
 

@@ -9,12 +9,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
 import tiny_lm  # noqa: E402
+
 from jaxllm import sharding as shd  # noqa: E402
-from jaxllm.train import ConfigError, RunConfig, train  # noqa: E402
+from jaxllm.train import (  # noqa: E402
+    ConfigError,
+    RunConfig,
+    loop,  # noqa: E402
+    train,
+)
 from jaxllm.train import checkpoint as ckpt_lib  # noqa: E402
-from jaxllm.train import loop  # noqa: E402
 
 tiny_lm.register()
 workdir, data_dir = sys.argv[1], sys.argv[2]

@@ -44,6 +44,7 @@ if nproc > 1:
 assert jax.process_count() == nproc and jax.device_count() == 8 and jax.process_index() == pid
 
 import tiny_lm  # noqa: E402
+
 from jaxllm.train import loop  # noqa: E402
 
 tiny_lm.register()

@@ -7,6 +7,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import tiny_lm  # noqa: E402
+
 from jaxllm.train import loop  # noqa: E402
 from jaxllm.train.config import load_config  # noqa: E402
 

@@ -1,12 +1,11 @@
 """Heads-only AutoDeco training step."""
 
-import numpy as np
-import pytest
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 from jaxllm.nn.autodeco import AutoDecoHeads, heads_from_official
 from jaxllm.ops.autodeco import autodeco_loss

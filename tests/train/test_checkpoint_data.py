@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
+import tiny_lm
 from etils import epath
 
-import tiny_lm
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import loop
 

@@ -1,5 +1,6 @@
 """Run config: loading, overrides and error messages that name the field."""
 
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def test_defaults_and_overrides():
         64,
         "files:/tmp/x.txt",
     )
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 2.0  # frozen
 
 

@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxllm.train.config import RunConfig
 from jaxllm.train.optim import decay_mask, lr_schedule, make_optimizer

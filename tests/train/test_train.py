@@ -1,15 +1,12 @@
 """End-to-end training on a tiny LM (1 device): metrics, accumulation, checkpoint errors, NaN stop."""
 
 import json
-import os
-import pathlib
-import shutil
 
 import jax
 import numpy as np
 import pytest
-
 import tiny_lm
+
 from jaxllm.train import CheckpointError, ConfigError, NonFiniteLossError, loop, train
 from jaxllm.train.step import DTYPES, make_train_step
 

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import tiny_lm
+
 from jaxllm.data.sources import DatasetError, load_source
-from jaxllm.train import ConfigError, train
-from jaxllm.train import loop
+from jaxllm.train import ConfigError, loop, train
 
 tiny_lm.register()
 

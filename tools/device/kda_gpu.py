@@ -127,7 +127,6 @@ def fla_worker(T_list, reps):
                     times.append(s.elapsed_time(e))
                 res[name] = statistics.median(times)
             out[str(T)] = res
-            del q, k, v, g, beta, h0, do, leaves
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             out[str(T)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -180,11 +179,11 @@ def main():
     t_start = time.time()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, str(REPO))
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
-
-    import functools
 
     from pallas_kernels.kda.gpu import kda_pallas_gpu
     from pallas_kernels.kda.reference import kda_recurrent

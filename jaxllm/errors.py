@@ -1,0 +1,38 @@
+"""Every error jaxllm raises for bad user input, in one place (the bottom of the package).
+
+Each subclasses `JaxllmError` and the builtin a caller would expect (`ValueError` for input that
+cannot be used, `RuntimeError` for an environment that cannot do what was asked), so both
+`except jaxllm.errors.JaxllmError` and `except ValueError` work.
+"""
+
+
+class JaxllmError(Exception):
+    """Base of the errors below."""
+
+
+class ConfigError(JaxllmError, ValueError):
+    """A model or run config that cannot be used; the message names the field."""
+
+
+class CheckpointError(JaxllmError, ValueError):
+    """A checkpoint (orbax run directory or Hugging Face folder) that cannot be read into this model."""
+
+
+class DatasetError(JaxllmError, ValueError):
+    """A dataset spec or path that cannot be used."""
+
+
+class DataStateError(JaxllmError, ValueError):
+    """A data position that does not belong to this pipeline (other layout, missing rows, old format)."""
+
+
+class TokenIdError(JaxllmError, ValueError):
+    """A token id outside the model's vocabulary."""
+
+
+class TrajectoryError(JaxllmError, ValueError):
+    """An agent trajectory that does not follow the ReAct protocol."""
+
+
+class SandboxUnavailableError(JaxllmError, RuntimeError):
+    """The requested (or, for "auto", any) OS isolation mode is not available on this host."""
