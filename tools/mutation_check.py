@@ -135,10 +135,8 @@ MUTATIONS = [
     Mutation(
         "kda-gpu-state-grid",
         "pallas_kernels/kda/gpu.py",
-        "        grid=(B, H, V // BV),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
-        "_seq_vspec(Tp, V, BV=BV),",
-        "        grid=(B, H, 1),\n        in_specs=[_whole((NC,)), _whole((NC,)), _seq_spec(Tp, K), "
-        "_seq_vspec(Tp, V, BV=BV),",
+        "_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),\n        grid=(B, H, V // BV),\n",
+        "_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),\n        grid=(B, H, 1),\n",
         (
             "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",
         ),
@@ -186,16 +184,16 @@ MUTATIONS = [
     Mutation(
         "train-bf16-cast-disabled",
         "jaxllm/train/step.py",
-        "  if dtype == jnp.float32:\n    return params\n",
-        "  if True:\n    return params\n",
+        "    if dtype == jnp.float32:\n        return params\n",
+        "    if True:\n        return params\n",
         ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
         "compute_dtype=bfloat16 leaves the step in float32",
     ),
     Mutation(
         "train-remat-ignored",
         "jaxllm/train/loop.py",
-        "param_dtype=config.param_dtype, remat=config.remat)",
-        'param_dtype=config.param_dtype, remat="none")',
+        "            remat=config.remat,\n",
+        '            remat="none",\n',
         ("tests/train/test_train.py::test_bf16_compute_and_remat_run",),
         "the remat setting never reaches the model",
     ),
@@ -269,8 +267,8 @@ MUTATIONS = [
     Mutation(
         "sandbox-code-objects",
         "jaxllm/agent/sandbox.py",
-        '                  "code.__new__")',
-        "                  )",
+        '    "code.__new__",\n',
+        "",
         (SANDBOX_TESTS + "test_audit_hook_denies_constructing_code_objects",),
         "the audit hook allows constructing code objects",
     ),
