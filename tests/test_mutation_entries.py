@@ -6,12 +6,14 @@ instead of when someone next runs the (slow) mutation check.
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "tools" / "mutation_check.py")
 mutation_check = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("mutation_check", mutation_check)  # dataclasses look their module up
 _spec.loader.exec_module(mutation_check)
 
 
