@@ -187,8 +187,9 @@ def last_query_index(messages: Sequence[Mapping]) -> int:
 
 
 def split_reasoning(message: Mapping) -> tuple[str, str]:
-    """(reasoning, content) of an assistant message: ``reasoning_content`` if given, else the
-    text up to the last ``</think>`` (after its ``<think>``), with the template's newline trims."""
+    """(reasoning, content) of an assistant message: ``reasoning_content`` if given; else the
+    text before the first ``</think>`` (after the last ``<think>`` in it) and the text after the
+    last ``</think>``, with the template's newline trims."""
     content = message.get("content") or ""
     reasoning = message.get("reasoning_content")
     if isinstance(reasoning, str):

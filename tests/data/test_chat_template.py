@@ -122,7 +122,7 @@ def test_tool_call_forms_and_grouped_tool_responses():
         {"role": "user", "content": "q"},
         {
             "role": "assistant",
-            "content": "",
+            "content": "\nChecking both.",
             "reasoning_content": "two calls",
             "tool_calls": [{"name": "a", "arguments": '{"x": 1}'}, {"name": "b", "arguments": {"y": "é"}}],
         },
@@ -130,7 +130,7 @@ def test_tool_call_forms_and_grouped_tool_responses():
         {"role": "tool", "content": "r2"},
     ]
     assert render_chat(msgs) == (
-        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\ntwo calls\n</think>\n\n"
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\ntwo calls\n</think>\n\nChecking both.\n"
         '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
         '<tool_call>\n{"name": "b", "arguments": {"y": "é"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nr1\n</tool_response>\n<tool_response>\nr2\n</tool_response><|im_end|>\n"
@@ -327,8 +327,17 @@ def test_python_rendering_equals_the_jinja_template(tmp_path, golden_dir):
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>hello"}],
         [
             {"role": "user", "content": "q"},
-            {"role": "assistant", "content": None, "tool_calls": [{"name": "a", "arguments": {"k": "<&>"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"name": "a", "arguments": {"k": "<&> é"}}],
+            },
             {"role": "tool", "content": "r1"},
+            {
+                "role": "assistant",
+                "content": "Then b.",
+                "tool_calls": [{"name": "b", "arguments": '{"z": 0}'}],
+            },
             {"role": "tool", "content": "r2"},
             {"role": "system", "content": "late system"},
             {"role": "assistant", "content": "\n\nok", "reasoning_content": "\nr\n"},

@@ -172,8 +172,11 @@ def test_config_token_missing_from_tokenizer_json_is_added_at_its_id(tmp_path, t
         load_hf_tokenizer(path)
 
 
-def test_chat_template_is_read(tmp_path, tok):
+def test_chat_template_is_read(tmp_path, tok, folder):
     assert tok.chat_template == "{{ messages }}"
+    assert (
+        load_hf_tokenizer(folder / "tokenizer.json").chat_template == "{{ messages }}"
+    )  # the file path works too
     path = write_folder(tmp_path / "jinja", build_tokenizer(), config_extra={"chat_template": None})
     (path / "chat_template.jinja").write_text("{{ x }}")
     assert load_hf_tokenizer(path).chat_template == "{{ x }}"
