@@ -33,6 +33,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("embed", ("fsdp",)),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("kv", ()),
     ("expert", ("expert",)),

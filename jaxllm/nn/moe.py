@@ -1,4 +1,4 @@
-"""Mixture of experts with a DeepSeek-V3 style router ("noaux_tc"), as in Kimi Linear.
+"""Mixture of experts: a DeepSeek-V3 style router ("noaux_tc", Kimi Linear) or a plain softmax top-k one (Qwen3-MoE).
 
 Router (float32): s = sigmoid(x W_g); experts chosen on s + e_score_correction_bias with grouped
 top-k (each of n_group groups scored by the sum of its two best corrected scores, the topk_group best
@@ -6,6 +6,9 @@ groups kept, the rest at -inf, then top-k experts); weights = the *uncorrected* 
 experts, renormalised as w / (sum(w) + 1e-20) when configured, times routed_scaling_factor.
 Experts: w2(silu(w1 x) * w3 x), stacked along an `expert` axis. Shared experts: one SwiGLU of width
 moe_intermediate_size * num_shared_experts, added unweighted.
+Qwen3-MoE: `correction_bias=False` (no e_score_correction_bias), softmax scores, no groups, top-k,
+renormalised only with norm_topk_prob, no shared experts; its load-balancing loss reads
+`load_balance_stats` (`return_router_stats=True`).
 
 Dispatch implementations (all give the same result):
 - "onehot":  every expert on every token, combined by a dense [N,E] weight matrix (test reference);
@@ -40,16 +43,22 @@ def route(
     scaling: float = 1.0,
     activation: str = "sigmoid",
 ):
-    """Returns (weights_NK float32, experts_NK int32)."""
-    logits = jnp.dot(
-        x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    """Returns (weights_NK float32, experts_NK int32). `bias_E` None: choose on the scores alone."""
+    return select_experts(
+        router_scores(x_ND, w_router_DE, activation),
+        bias_E,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalize=renormalize,
+        scaling=scaling,
     )
-    if activation == "sigmoid":
-        scores = jax.nn.sigmoid(logits)
-    elif activation == "softmax":
-        scores = jax.nn.softmax(logits, axis=-1)
-    else:
-        raise ValueError(f"route: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+
+
+def select_experts(
+    scores, bias_E, *, top_k: int, n_group: int = 1, topk_group: int = 1, renormalize=True, scaling=1.0
+):
+    """`route` from the [N,E] router scores."""
     choice = scores if bias_E is None else scores + bias_E.astype(jnp.float32)
     N, E = choice.shape
     if n_group > 1:
@@ -64,6 +73,27 @@ def route(
     if renormalize:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
     return w * scaling, idx_NK.astype(jnp.int32)
+
+
+def router_scores(x_ND, w_router_DE, activation: str = "sigmoid"):
+    """[N,E] float32 router probabilities (sigmoid or softmax of x W_g, in float32)."""
+    logits = jnp.dot(
+        x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    if activation == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    if activation == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    raise ValueError(f"route: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+
+
+def load_balance_stats(probs_NE, idx_NK):
+    """(routed_E, prob_E): per expert, the mean over tokens of how often it is chosen (summed over
+    the k slots) and of its router probability; transformers' `load_balancing_loss_func` is
+    E * sum_e routed_e * prob_e with both means taken over every layer's tokens together."""
+    E = probs_NE.shape[-1]
+    routed_E = jnp.mean(jnp.sum(jax.nn.one_hot(idx_NK, E, dtype=jnp.float32), axis=1), axis=0)
+    return routed_E, jnp.mean(probs_NE.astype(jnp.float32), axis=0)
 
 
 def _expert(x, w1, w3, w2):
@@ -175,6 +205,8 @@ class MoE(nn.Module):
     routed_scaling_factor: float = 1.0
     router_activation: str = "sigmoid"
     dispatch: str = "auto"
+    correction_bias: bool = True  # DeepSeek-V3's e_score_correction_bias (Kimi); False for Qwen3-MoE
+    return_router_stats: bool = False  # also return `load_balance_stats` (Qwen3-MoE's aux loss)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -182,24 +214,25 @@ class MoE(nn.Module):
     def __call__(self, x_BTD):
         D, E, F, pd = self.hidden_size, self.num_experts, self.moe_intermediate_size, self.param_dtype
         router = param(self, "router", (D, E), ("embed", None), dtype=pd, init=fan_in_init(D))
-        bias = param(
-            self, "e_score_correction_bias", (E,), (None,), dtype=jnp.float32, init=nn.initializers.zeros
-        )
+        bias = None
+        if self.correction_bias:
+            bias = param(
+                self, "e_score_correction_bias", (E,), (None,), dtype=jnp.float32, init=nn.initializers.zeros
+            )
         w1 = param(self, "w1", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
         w3 = param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), dtype=pd, init=fan_in_init(D))
         w2 = param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), dtype=pd, init=fan_in_init(F))
         B, T = x_BTD.shape[:2]
         x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
-        weights, idx = route(
-            x_ND,
-            router,
+        scores = router_scores(x_ND, router, self.router_activation)
+        weights, idx = select_experts(
+            scores,
             bias,
             top_k=self.num_experts_per_token,
             n_group=self.n_group,
             topk_group=self.topk_group,
             renormalize=self.renormalize,
             scaling=self.routed_scaling_factor,
-            activation=self.router_activation,
         )
         cd = self.dtype
         y = moe_experts(
@@ -212,4 +245,6 @@ class MoE(nn.Module):
             su = param(self, "shared_up_proj", (D, Fs), ("embed", "mlp"), dtype=pd, init=fan_in_init(D))
             sd = param(self, "shared_down_proj", (Fs, D), ("mlp", "embed"), dtype=pd, init=fan_in_init(Fs))
             y = y + swiglu(x_BTD.astype(cd), sg, su, sd)
+        if self.return_router_stats:
+            return y, load_balance_stats(scores, idx)
         return y
