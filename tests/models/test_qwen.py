@@ -160,6 +160,26 @@ def test_hidden_is_the_final_norm_output_and_remat_agrees():
         assert max(jax.tree.leaves(jax.tree.map(lambda x, y: _rel(x, y), g0, g))) < 1e-5
 
 
+def test_nnx_bridge_and_logical_axes():
+    from flax import nnx
+
+    from jaxllm.sharding import LOGICAL_AXIS_RULES
+
+    model = Qwen(QwenConfig.from_file(GOLDEN / "qwen3_moe_tiny", moe_dispatch="onehot"))
+    ids = jnp.arange(6, dtype=jnp.int32).reshape(1, 6)
+    boxed = model.init(jax.random.PRNGKey(0), ids)["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    used = {n for x in leaves for n in x.names} - {None}
+    assert used <= {name for name, _ in LOGICAL_AXIS_RULES}, used
+    assert {"kv_heads", "expert"} <= used
+    with nnx.use_eager_sharding(False):  # no mesh here
+        m = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
+        nnx.bridge.lazy_init(m, ids)
+    variables = {"params": nnx.to_pure_dict(nnx.state(m, nnx.Param))}
+    np.testing.assert_allclose(model.apply(variables, ids).logits, m(ids).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_cache_overflow_and_bad_inputs_are_refused():
     model, params = _load("llama_tiny")
     with pytest.raises(ValueError, match="capacity"):
