@@ -180,6 +180,22 @@ def test_nnx_bridge_and_logical_axes():
     np.testing.assert_allclose(model.apply(variables, ids).logits, m(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_tied_embeddings():
+    config = QwenConfig.from_file(GOLDEN / "qwen3_tiny", tie_word_embeddings=True)
+    model = Qwen(config)
+    ids = jnp.asarray(_golden("qwen3_tiny")["input_ids"][:, :8], jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids)
+    assert "lm_head" not in params["params"]
+    assert "lm_head.weight" not in {s.hf_key for s in hf_key_specs(config)}
+    out = model.apply(params, ids)
+    embed = nn.meta.unbox(params)["params"]["embed_tokens"]
+    np.testing.assert_allclose(out.hidden @ embed.T, out.logits, rtol=1e-5, atol=1e-6)
+    assert (
+        base.count_params(model)["active_without_embeddings"]
+        == base.count_params(model)["total"] - embed.size
+    )
+
+
 def test_cache_overflow_and_bad_inputs_are_refused():
     model, params = _load("llama_tiny")
     with pytest.raises(ValueError, match="capacity"):
