@@ -1,8 +1,8 @@
-"""Cached decoding for Kimi Linear: prefill, single-token steps in a `lax.fori_loop`, `generate`.
+"""Cached decoding for any model of the contract (`jaxllm.models.base`): prefill, single-token
+steps in a `lax.fori_loop`, `generate`.
 
-Caches (`jaxllm.models.kimi_linear.init_cache`): per KDA layer the float32 state [B,H,K,V] and the
-short-conv inputs [B,W-1,H,K]; per MLA layer a latent cache [B,S,kv_lora_rank] + shared rope key
-[B,S,qk_rope_head_dim] of fixed capacity S = prompt length + max_new_tokens.
+The cache is the model's own (`model.init_cache(batch, capacity)`, capacity = prompt length +
+max_new_tokens): Kimi Linear keeps KDA states and MLA latents, the Qwen/Llama families keys and values.
 
     ids = jaxllm.generate(model, params, prompt_ids_BT, max_new_tokens=32)           # greedy
     ids = jaxllm.generate(model, params, prompt_ids_BT, max_new_tokens=32,
@@ -20,21 +20,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models.kimi_linear import KimiLinear, ModelCache, check_token_ids, init_cache
+from jaxllm.models.base import LanguageModel, check_token_ids
 
 
-def prefill(model: KimiLinear, params, prompt_ids_BT, capacity: int, *, cache_dtype=None):
+def prefill(model: LanguageModel, params, prompt_ids_BT, capacity: int, *, cache_dtype=None):
     """Run the prompt into a fresh cache of `capacity` tokens: (logits_BTV, hidden_BTD, cache)."""
-    B = prompt_ids_BT.shape[0]
-    cache = init_cache(model.config, B, capacity, cache_dtype)
-    logits, cache, hidden = model.apply(params, prompt_ids_BT, cache=cache, return_hidden=True)
-    return logits, hidden, cache
+    cache = model.init_cache(prompt_ids_BT.shape[0], capacity, cache_dtype)
+    out = model.apply(params, prompt_ids_BT, cache=cache)
+    return out.logits, out.hidden, out.cache
 
 
-def decode_step(model: KimiLinear, params, token_B, cache: ModelCache):
+def decode_step(model: LanguageModel, params, token_B, cache):
     """One token per row after the cached ones: (logits_BV, hidden_BD, new cache)."""
-    logits, cache, hidden = model.apply(params, token_B[:, None], cache=cache, return_hidden=True)
-    return logits[:, 0], hidden[:, 0], cache
+    out = model.apply(params, token_B[:, None], cache=cache)
+    return out.logits[:, 0], out.hidden[:, 0], out.cache
 
 
 def _heads_outputs(out):
@@ -85,7 +84,7 @@ def _generate_fn(
 
 
 def generate(
-    model: KimiLinear,
+    model: LanguageModel,
     params,
     prompt_ids,
     max_new_tokens: int = 16,

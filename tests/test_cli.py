@@ -56,7 +56,7 @@ def test_train_and_plot(tmp_path, data_dir, capsys):
         (["remat=sometimes"], "allowed values: none, full, dots"),
         (["dataset=files:/nonexistent/corpus.txt"], "dataset path '/nonexistent/corpus.txt' does not exist"),
         (["model_args.vocab_size=10"], "smaller than the tokenizer's vocabulary"),
-        (["model=gpt5"], "model='gpt5' is not a known model"),
+        (["model=gpt5"], "model_type 'gpt5' is not a known architecture"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, data_dir, capsys, extra, message):

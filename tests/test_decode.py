@@ -38,16 +38,16 @@ def test_cached_greedy_equals_uncached(tiny):
     seq[:, :9] = prompt
     apply = jax.jit(model.apply)
     for t in range(9, 9 + n):  # re-run the whole (right-padded, causal) sequence every step, no cache
-        seq[:, t] = np.argmax(np.asarray(apply(params, jnp.asarray(seq)))[:, t - 1], -1)
+        seq[:, t] = np.argmax(np.asarray(apply(params, jnp.asarray(seq)).logits)[:, t - 1], -1)
     np.testing.assert_array_equal(out, seq)
 
 
 def test_prefill_and_step_helpers(tiny):
     model, params, prompt = tiny
     logits, hidden, cache = prefill(model, params, prompt, 12)
-    assert logits.shape == (2, 9, 256) and hidden.shape == (2, 9, 64) and int(cache.pos) == 9
+    assert logits.shape == (2, 9, 256) and hidden.shape == (2, 9, 64) and cache.pos.tolist() == [9, 9]
     l1, h1, cache = decode_step(model, params, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
-    assert l1.shape == (2, 256) and h1.shape == (2, 64) and int(cache.pos) == 10
+    assert l1.shape == (2, 256) and h1.shape == (2, 64) and cache.pos.tolist() == [10, 10]
 
 
 def test_argument_checks(tiny):
@@ -103,7 +103,7 @@ def test_autodeco_heads_drive_sampling(tiny):
     greedy = np.asarray(jaxllm.generate(model, params, prompt, max_new_tokens=N_NEW))
     cfg = sampling.SamplingConfig(mode="autodeco")
     heads = _Heads()
-    apply = jax.jit(lambda seq: model.apply(params, seq, return_hidden=True))
+    apply = jax.jit(lambda seq: (lambda o: (o.logits, o.hidden))(model.apply(params, seq)))
 
     def run(t, p, seed):
         hp = {"params": {"t": jnp.float32(t), "p": jnp.float32(p)}}

@@ -37,8 +37,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jaxllm.models.base import count_params  # noqa: E402
 from jaxllm.models.config import KimiLinearConfig  # noqa: E402
-from jaxllm.models.kimi_linear import KimiLinear, count_params, init_cache  # noqa: E402
+from jaxllm.models.kimi_linear import KimiLinear, init_cache  # noqa: E402
 from jaxllm.nn.autodeco import AutoDecoHeads  # noqa: E402
 from jaxllm.ops.sampling import SamplingConfig, sample_next  # noqa: E402
 
@@ -50,7 +51,7 @@ def filled_cache(config, batch, length, capacity, key):
     leaves = [
         (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
     ]
-    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.int32(length))
+    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32))
 
 
 def _bootstrap_ci(x, n=2000, seed=0):
@@ -90,13 +91,14 @@ def main(argv=None):
     ad_cfg = SamplingConfig(mode="autodeco", temperature=1.0, top_p=1.0)
 
     def base_step(p, tok, cache, rng):
-        logits, cache, _ = model.apply(p, tok[:, None], cache=cache, return_hidden=True)
+        out = model.apply(p, tok[:, None], cache=cache)
         rng, sub = jax.random.split(rng)
-        return sample_next(logits[:, -1], sub, base_cfg), cache, rng
+        return sample_next(out.logits[:, -1], sub, base_cfg), out.cache, rng
 
     def ad_step(p, hp, tok, cache, rng):
-        logits, cache, hidden = model.apply(p, tok[:, None], cache=cache, return_hidden=True)
-        t, pp = heads.apply(hp, hidden[:, -1], logits[:, -1])
+        out = model.apply(p, tok[:, None], cache=cache)
+        logits, cache = out.logits, out.cache
+        t, pp = heads.apply(hp, out.hidden[:, -1], logits[:, -1])
         rng, sub = jax.random.split(rng)
         tok = sample_next(logits[:, -1], sub, ad_cfg, temperature_B=t.reshape(-1), top_p_B=pp.reshape(-1))
         return tok, cache, rng
@@ -142,7 +144,7 @@ def main(argv=None):
         "config": args.config,
         "vocab_size": V,
         "hidden_size": H,
-        "params": int(count_params(config)["total"]),
+        "params": int(count_params(model)["total"]),
         "batch": B,
         "context": args.context,
         "dtype": args.dtype,

@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jaxllm.models.base import cache_bytes  # noqa: E402
 from jaxllm.models.config import KimiLinearConfig  # noqa: E402
-from jaxllm.models.kimi_linear import KimiLinear, cache_bytes, init_cache  # noqa: E402
+from jaxllm.models.kimi_linear import KimiLinear, init_cache  # noqa: E402
 
 
 def _filled_cache(config, batch, length, capacity, key):
@@ -36,7 +37,7 @@ def _filled_cache(config, batch, length, capacity, key):
     leaves = [
         (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
     ]
-    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.int32(length))
+    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32))
 
 
 def _kda_bytes(config, cache):
@@ -57,8 +58,8 @@ def time_decode(config, params, batch, length, reps, key):
 
     @jax.jit
     def _step(p, tok, c):
-        logits, c = model.apply(p, tok[:, None], cache=c)
-        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), c
+        out = model.apply(p, tok[:, None], cache=c)
+        return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32), out.cache
 
     step = jax.jit(_step, donate_argnums=(2,))
     tok = jnp.zeros((batch,), jnp.int32)

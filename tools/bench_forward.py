@@ -54,7 +54,7 @@ def main(argv=None):
     ids_np = np.asarray(ids)
 
     def loss_fn(p, x, y):
-        logits = model.apply(p, x)
+        logits = model.apply(p, x).logits
         logp = jax.nn.log_softmax(logits, -1)
         return -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
 
@@ -77,7 +77,7 @@ def main(argv=None):
     # like-for-like check on the logits
     with torch.no_grad():
         t_logits = tmodel(input_ids=tx).logits.float().numpy()
-    j_logits = np.asarray(jax.jit(model.apply)(params, x))
+    j_logits = np.asarray(jax.jit(model.apply)(params, x).logits)
     rel = float(np.sqrt(np.mean((t_logits - j_logits) ** 2) / np.mean(t_logits**2)))
 
     jax.block_until_ready(step(params, x, y))  # compile

@@ -28,8 +28,7 @@ observation plus one more full turn still leaves room for a forced final turn; i
 observation is replaced (as Tongyi DeepResearch does) by the user message
 ``protocol.FORCE_ANSWER`` and the row gets exactly one more turn (``forced_answer`` is set).
 
-**Per-row caches.** ``ModelCache.pos`` is one scalar for the whole batch (decode.py assumes
-equal-length rows), but rows of a rollout have different lengths. The loop therefore keeps one
+**Per-row caches.** Rows of a rollout have different lengths. The loop keeps one
 batch-1 cache per row, stacked on a leading axis, and ``jax.vmap``s the model over rows (each row
 its own ``pos``); a row that does not take part in a call keeps its cache unchanged (a per-row
 select), so rows never see each other's padding. Token sequences of any length are appended
@@ -204,8 +203,8 @@ def _select_rows(active_R, new, old):
 
 def _row_logits(model, params, caches, toks_RC):
     def one(cache, toks_C):
-        logits, new_cache = model.apply(params, toks_C[None], cache=cache)
-        return logits[0, -1], new_cache
+        out = model.apply(params, toks_C[None], cache=cache)
+        return out.logits[0, -1], out.cache
 
     return jax.vmap(one)(caches, toks_RC)
 
@@ -391,9 +390,7 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
 
 
 def _init_caches(model, B, T):
-    from jaxllm.models.kimi_linear import init_cache
-
-    one = init_cache(model.config, 1, T)
+    one = model.init_cache(1, T)
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), one)
 
 
@@ -413,7 +410,7 @@ def segmented_rollout(
     """Run one ReAct episode per question, batched; see the module docstring.
 
     Args:
-      model, params: a ``KimiLinear`` and its params.
+      model, params: a model of the contract (``jaxllm.models.base``) and its params.
       tokenizer: ``encode(text) -> ids`` / ``decode(ids) -> text`` (e.g. ``ByteTokenizer``);
         ``pad_id`` pads the returned rows.
       executor: runs parsed actions (``synth.wiki_executor(wiki)`` for the simulated wiki).

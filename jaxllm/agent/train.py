@@ -329,12 +329,11 @@ def make_rl_step(
     def loss_fn(params, batch):
         tokens = batch["tokens"]
         out = apply_fn(cast_for_compute(params, compute_dtype), tokens, segment_ids=jnp.ones_like(tokens))
-        logits, aux = out if isinstance(out, tuple) else (out, 0.0)
-        logp = token_logprobs(logits, tokens)
+        logp = token_logprobs(out.logits, tokens)
         loss, stats = clipped_policy_loss(
             logp, batch["old_logp"], batch["adv"], batch["mask"], eps_low, eps_high
         )
-        return loss + jnp.asarray(aux, jnp.float32), (loss, stats)
+        return loss + out.aux_loss(), (loss, stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -34,6 +34,9 @@ _HF_MLP = {"dense": "dense", "sparse": "moe", "moe": "moe"}
 
 @dataclasses.dataclass(frozen=True)
 class KimiLinearConfig:
+    model_type: ClassVar[str] = "kimi_linear"  # the Hugging Face model_type (the registry's key)
+    HF_LAYOUTS: ClassVar[tuple[str, ...]] = ("released", "transformers")  # config.json/key layouts we write
+
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int

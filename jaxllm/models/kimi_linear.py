@@ -4,26 +4,24 @@
     for each layer: x = x + Attn(RMSNorm(x));  x = x + FFN(RMSNorm(x))
     logits = lm_head(RMSNorm(x))            (float32)
 
-`KimiLinear(config).apply(params, input_ids_BT, segment_ids=None, cache=None, return_hidden=False)`:
-- no cache: returns `logits_BTV` (or `(logits_BTV, hidden_BTD)` with return_hidden);
-- with a `ModelCache` (see `init_cache`): runs the T tokens after the cached ones and returns
-  `(logits_BTV, new_cache)` (or `(logits_BTV, new_cache, hidden_BTD)`).
-`segment_ids` [B,T] packs several documents per row: KDA state and short convs reset where the id
-changes, MLA attends within a document only. Ids mark change points: a document starts wherever
-the id differs from the previous token's, so `[0,0,1,1,0,0]` is three documents (a reused id never
-joins an earlier one).
+`KimiLinear(config)` implements the model contract of `jaxllm.models.base` (`ModelOutput`,
+`init_cache`, per-row cache positions, segment ids as change points). No positional encoding:
+`positions` is accepted and ignored. The hub-key table of the released checkpoints is `HF_TABLE`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxllm.models import registry
+from jaxllm.models.base import ModelOutput, cache_bytes, check_inputs, count_params
 from jaxllm.models.config import KimiLinearConfig
+from jaxllm.models.hf_keys import Conv, Identity, Linear, Reshape, expand_table
 from jaxllm.nn._params import param, project
 from jaxllm.nn.kda_attention import KDACache, KimiDeltaAttention, init_kda_cache
 from jaxllm.nn.mla import MLA, MLACache, init_mla_cache
@@ -35,7 +33,7 @@ from pallas_kernels.kda.common import document_index
 
 class ModelCache(NamedTuple):
     layers: tuple  # per layer: KDACache (KDA layers) or MLACache (MLA layers)
-    pos: jax.Array  # int32 scalar: tokens already in the cache
+    pos: jax.Array  # int32 [B]: tokens already in the cache, per row
 
 
 def init_cache(config: KimiLinearConfig, batch: int, capacity: int, dtype=None) -> ModelCache:
@@ -53,53 +51,7 @@ def init_cache(config: KimiLinearConfig, batch: int, capacity: int, dtype=None) 
             layers.append(
                 init_mla_cache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype)
             )
-    return ModelCache(tuple(layers), jnp.zeros((), jnp.int32))
-
-
-def cache_bytes(cache: ModelCache) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache.layers)))
-
-
-def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
-    """Raise ValueError naming the bad ids when they are concrete and outside [0, vocab_size)."""
-    dtype = getattr(input_ids, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got {type(input_ids).__name__} of dtype {dtype}")
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        where = np.argwhere(bad)[:5].tolist()
-        raise ValueError(
-            f"{name}: token ids must be in [0, {vocab_size}); got {ids[bad][:5].tolist()} "
-            f"at positions {where}"
-        )
-
-
-def count_params(config: KimiLinearConfig) -> dict[str, int]:
-    """Parameter counts from `jax.eval_shape` of init (nothing allocated).
-
-    total; active = parameters used for one token (routed experts: only num_experts_per_token of
-    num_experts per MoE layer); active_without_embeddings = active minus embedding and lm_head.
-    """
-    import math
-
-    model = KimiLinear(config)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    tree = nn.meta.unbox(shapes)["params"]
-    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
-    inactive = 0
-    for i, t in enumerate(config.mlp_layer_types):
-        if t == "moe":
-            moe = tree[f"layers_{i}"]["moe"]
-            per_expert = sum(math.prod(moe[n].shape[1:]) for n in ("w1", "w2", "w3"))
-            inactive += (config.num_experts - config.num_experts_per_token) * per_expert
-    embed = math.prod(tree["embed_tokens"].shape) + (
-        0 if config.tie_word_embeddings else math.prod(tree["lm_head"].shape)
-    )
-    active = total - inactive
-    return {"total": total, "active": active, "active_without_embeddings": active - embed}
+    return ModelCache(tuple(layers), jnp.zeros((batch,), jnp.int32))
 
 
 class DecoderLayer(nn.Module):
@@ -178,17 +130,12 @@ class KimiLinear(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids_BT, *, segment_ids=None, cache: ModelCache | None = None, return_hidden: bool = False
-    ):
+        self, input_ids_BT, *, positions=None, segment_ids=None, cache: ModelCache | None = None
+    ) -> ModelOutput:
+        del positions  # NoPE: no layer reads positions; the MLA cache slot comes from cache.pos
         c = self.config
         cd, pd = c.compute_dtype, c.weight_dtype
-        check_token_ids(input_ids_BT, c.vocab_size)
-        if input_ids_BT.ndim != 2:
-            raise ValueError(f"input_ids must be [B,T], got shape {input_ids_BT.shape}")
-        if segment_ids is not None and segment_ids.shape != input_ids_BT.shape:
-            raise ValueError(
-                f"segment_ids must have input_ids' shape {input_ids_BT.shape}, got {segment_ids.shape}"
-            )
+        check_inputs(input_ids_BT, c.vocab_size, segment_ids=segment_ids, cache=cache)
         if segment_ids is not None:
             # once, here: every layer then compares document indices (each consumer converts too)
             segment_ids = document_index(segment_ids)
@@ -231,12 +178,109 @@ class KimiLinear(nn.Module):
                 init=nn.initializers.normal(0.02),
             )
             logits = project(hidden, head, out_dtype=jnp.float32)
-        logits = logits.astype(jnp.float32)
-        if cache is None:
-            return (logits, hidden) if return_hidden else logits
-        new_cache = ModelCache(tuple(new_layers), cache.pos + input_ids_BT.shape[1])
-        return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
+        new_cache = None
+        if cache is not None:
+            new_cache = ModelCache(tuple(new_layers), cache.pos + input_ids_BT.shape[1])
+        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache)
 
+
+# ------------------------------------------------------------------------------------ hub keys
+# (kind, hub key template, param path template, transform[, aliases]); {i} layer, {e} expert.
+L = "model.layers.{i}."
+P = "layers_{i}/"
+HF_TABLE = [
+    ("global", "model.embed_tokens.weight", "embed_tokens", Identity()),
+    ("global", "model.norm.weight", "norm/weight", Identity()),
+    ("lm_head", "lm_head.weight", "lm_head", Linear()),
+    ("layer", L + "input_layernorm.weight", P + "input_layernorm/weight", Identity()),
+    ("layer", L + "post_attention_layernorm.weight", P + "post_attention_layernorm/weight", Identity()),
+    # KDA
+    *[("kda", L + f"self_attn.{n}_proj.weight", P + f"self_attn/{n}_proj", Linear()) for n in "qkv"],
+    *[("kda", L + f"self_attn.{n}_conv1d.weight", P + f"self_attn/{n}_conv", Conv()) for n in "qkv"],
+    ("kda", L + "self_attn.A_log", P + "self_attn/A_log", Reshape(lambda s: (1, 1, s[0], 1))),
+    ("kda", L + "self_attn.dt_bias", P + "self_attn/dt_bias", Reshape(lambda s: (math.prod(s),))),
+    *[
+        ("kda", L + f"self_attn.{n}.weight", P + f"self_attn/{n}", Linear())
+        for n in ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")
+    ],
+    ("kda", L + "self_attn.o_norm.weight", P + "self_attn/o_norm", Identity()),
+    ("kda", L + "self_attn.o_proj.weight", P + "self_attn/o_proj", Linear(2)),
+    # MLA
+    ("mla_q", L + "self_attn.q_proj.weight", P + "self_attn/q_proj", Linear()),
+    ("mla_qlora", L + "self_attn.q_a_proj.weight", P + "self_attn/q_a_proj", Linear()),
+    ("mla_qlora", L + "self_attn.q_a_layernorm.weight", P + "self_attn/q_a_layernorm", Identity()),
+    ("mla_qlora", L + "self_attn.q_b_proj.weight", P + "self_attn/q_b_proj", Linear()),
+    ("mla", L + "self_attn.kv_a_proj_with_mqa.weight", P + "self_attn/kv_a_proj_with_mqa", Linear()),
+    ("mla", L + "self_attn.kv_a_layernorm.weight", P + "self_attn/kv_a_layernorm", Identity()),
+    ("mla", L + "self_attn.kv_b_proj.weight", P + "self_attn/kv_b_proj", Linear()),
+    ("mla", L + "self_attn.o_proj.weight", P + "self_attn/o_proj", Linear(2)),
+    # dense FFN: released `mlp.*`, transformers re-save `block_sparse_moe.*`
+    *[
+        ("dense", L + f"mlp.{n}.weight", P + f"mlp/{n}", Linear(), (L + f"block_sparse_moe.{n}.weight",))
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ],
+    # MoE
+    ("moe", L + "block_sparse_moe.gate.weight", P + "moe/router", Linear()),
+    (
+        "moe",
+        L + "block_sparse_moe.gate.e_score_correction_bias",
+        P + "moe/e_score_correction_bias",
+        Identity(),
+    ),
+    *[
+        ("expert", L + f"block_sparse_moe.experts.{{e}}.{n}.weight", P + f"moe/{n}", Linear())
+        for n in ("w1", "w2", "w3")
+    ],
+    *[
+        ("shared", L + f"block_sparse_moe.shared_experts.{n}.weight", P + f"moe/shared_{n}", Linear())
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ],
+]
+
+
+def hf_key_specs(config: KimiLinearConfig):
+    """Every hub key a checkpoint of this config holds."""
+    layer_kinds = []
+    for attn, ffn in zip(config.layer_types, config.mlp_layer_types):
+        kinds = {"layer", attn, ffn}
+        if attn == "mla":
+            kinds.add("mla_qlora" if config.q_lora_rank else "mla_q")
+        if ffn == "moe":
+            kinds.add("expert")
+            if config.num_shared_experts:
+                kinds.add("shared")
+        layer_kinds.append(kinds)
+    global_kinds = {"global"} if config.tie_word_embeddings else {"global", "lm_head"}
+    return expand_table(
+        HF_TABLE, global_kinds=global_kinds, layer_kinds=layer_kinds, num_experts=config.num_experts
+    )
+
+
+def default_layer_types(num_layers: int, mla_every: int = 4) -> tuple[str, ...]:
+    """Kimi Linear's 3:1 hybrid: every `mla_every`-th layer is MLA, the rest KDA."""
+    return tuple("mla" if (i + 1) % mla_every == 0 else "kda" for i in range(num_layers))
+
+
+def run_defaults(args: dict) -> dict:
+    """`jaxllm train` model_args: missing `layer_types` = 3 KDA : 1 MLA; missing `mlp_layer_types` =
+    first layer dense, the rest MoE when `num_experts` > 0."""
+    args = dict(args)
+    n = args.get("num_hidden_layers")
+    if isinstance(n, int) and n > 0:
+        args.setdefault("layer_types", default_layer_types(n))
+        moe = args.get("num_experts", 0) > 0
+        args.setdefault("mlp_layer_types", tuple("moe" if moe and i > 0 else "dense" for i in range(n)))
+    return args
+
+
+ARCHITECTURE = registry.Architecture(
+    "kimi_linear",
+    KimiLinearConfig,
+    KimiLinear,
+    hf_key_specs,
+    keep_float32=("A_log", "dt_bias", "e_score_correction_bias"),  # gates and the router bias
+    run_defaults=run_defaults,
+)
 
 __all__ = [
     "KimiLinear",
@@ -245,6 +289,7 @@ __all__ = [
     "init_cache",
     "cache_bytes",
     "count_params",
+    "ARCHITECTURE",
     "KDACache",
     "MLACache",
 ]

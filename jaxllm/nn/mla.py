@@ -11,7 +11,8 @@ Two paths, equal up to float rounding:
 - expanded: per-head K/V materialised (training, prefill);
 - absorbed: W_uk folded into the query and W_uv into the output, attention over the cached
   (normalised) latent and shared rope key, no per-head K/V (decode).
-Decode cache: `MLACache(latent_BSR, k_rope_BSP)` of fixed capacity S; `pos` = tokens already in it.
+Decode cache: `MLACache(latent_BSR, k_rope_BSP)` of fixed capacity S; `pos` [B] = tokens already in
+it per row (rows may hold different lengths).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
     Without `pos`: causal over the T tokens (and same document when `segment_ids` is given: a
     document starts wherever the id differs from the previous token's, so a reused id is another
     document).
-    With `pos`: T new tokens at positions pos.. over a cache buffer of `capacity` that holds the
-    `pos` earlier tokens (key s visible iff s < pos).
+    With `pos` (int32 [B], tokens already cached per row): T new tokens over a cache buffer of
+    `capacity` slots; key slot s of row b is visible iff s < pos[b].
     """
     if pos is None:
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
@@ -59,7 +60,17 @@ def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
             doc = document_index(segment_ids)  # raw ids would join documents that reuse an id
             mask = mask & (doc[:, :, None] == doc[:, None, :])
         return mask
-    return jnp.broadcast_to((jnp.arange(capacity) < pos)[None, None, :], (1, T, capacity))
+    pos = jnp.asarray(pos, jnp.int32).reshape(-1)
+    visible_BS = jnp.arange(capacity)[None, :] < pos[:, None]
+    return jnp.broadcast_to(visible_BS[:, None, :], (pos.shape[0], T, capacity))
+
+
+def write_rows(buffer_BS_, new_BT_, pos_B):
+    """Write each row's T new entries at its own offset pos[b] of a [B,S,...] cache buffer."""
+    start = lambda p: (p,) + (0,) * (buffer_BS_.ndim - 2)
+    return jax.vmap(lambda buf, new, p: jax.lax.dynamic_update_slice(buf, new, start(p)))(
+        buffer_BS_, new_BT_.astype(buffer_BS_.dtype), pos_B
+    )
 
 
 def softmax_attention(scores_BHTS, mask_BTS):
@@ -77,6 +88,8 @@ def _blocks(latent, k_rope, mask):
 
 def _joint_softmax(scores, masks):
     sizes = [s.shape[-1] for s in scores]
+    rows = max(m.shape[0] for m in masks)  # per-row cache masks [B,..] beside a shared causal [1,..]
+    masks = [jnp.broadcast_to(m, (rows,) + m.shape[1:]) for m in masks]
     p = softmax_attention(jnp.concatenate(scores, -1), jnp.concatenate(masks, -1))
     return jnp.split(p, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
@@ -191,7 +204,7 @@ class MLA(nn.Module):
             if segment_ids is not None:
                 raise ValueError("MLA: segment_ids (packed rows) cannot be combined with a decode cache")
             if pos is None:
-                raise ValueError("MLA: a cache needs `pos`, the number of tokens already cached")
+                raise ValueError("MLA: a cache needs `pos` [B], the number of tokens already cached per row")
             S = cache.latent_BSR.shape[1]
             # new tokens at the cache's precision, as later steps will read them
             latent_BTR = latent_BTR.astype(cache.latent_BSR.dtype)
@@ -203,8 +216,9 @@ class MLA(nn.Module):
         fn = mla_absorbed if absorbed else mla_expanded
         o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
         if cache is not None:
+            pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32).reshape(-1), (B,))
             new_cache = MLACache(
-                jax.lax.dynamic_update_slice(cache.latent_BSR, latent_BTR, (0, pos, 0)),
-                jax.lax.dynamic_update_slice(cache.k_rope_BSP, k_rope_BTP, (0, pos, 0)),
+                write_rows(cache.latent_BSR, latent_BTR, pos_B),
+                write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B),
             )
         return project(o_BTHV, o_w, n_in=2), new_cache

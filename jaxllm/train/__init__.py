@@ -7,7 +7,7 @@ train(RunConfig(steps=100), "runs/tiny")
 from jaxllm.train.checkpoint import CheckpointError
 from jaxllm.train.config import ConfigError, RunConfig, apply_overrides, load_config
 from jaxllm.train.loop import NonFiniteLossError, TrainResult, train
-from jaxllm.train.models import build_model, register_model
+from jaxllm.train.models import build_model
 
 __all__ = [
     "CheckpointError",
@@ -18,6 +18,5 @@ __all__ = [
     "apply_overrides",
     "build_model",
     "load_config",
-    "register_model",
     "train",
 ]

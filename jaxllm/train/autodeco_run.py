@@ -65,9 +65,8 @@ def _flat(batch):
 
 def _base_outputs(model):
     def fwd(base_params, inputs, segment_ids):
-        out = model.apply(base_params, inputs, segment_ids=segment_ids, return_hidden=True)
-        logits, hidden = out
-        return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(hidden)
+        out = model.apply(base_params, inputs, segment_ids=segment_ids)
+        return jax.lax.stop_gradient(out.logits), jax.lax.stop_gradient(out.hidden)
 
     return fwd
 
@@ -115,11 +114,6 @@ def train_heads(
 
     model, base_params, tokenizer = load_trained(workdir, step=base_step)
     config = load_config(os.path.join(workdir, CONFIG_FILE))
-    if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
-        raise ConfigError(
-            f"autodeco-train: model={config.model!r} does not expose hidden states; AutoDeco heads "
-            "need a model whose apply(..., return_hidden=True) returns (logits, hidden), e.g. kimi_linear"
-        )
     H, V = model.config.hidden_size, model.config.vocab_size
     rows = batch_size or config.batch_size
     source = load_source(config.dataset, "train", data_dir=config.data_dir or None, text_key=config.text_key)

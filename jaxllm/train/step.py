@@ -37,14 +37,14 @@ def token_loss_sum(logits_BTV, targets_BT, mask_BT):
 def make_loss_fn(apply_fn: Callable, compute_dtype=jnp.float32):
     """loss_fn(params, microbatch) -> (objective, (ce_sum, count, aux_loss)).
 
-    objective = summed token cross-entropy + aux_loss * count (aux losses are per-microbatch means).
+    apply_fn returns a `jaxllm.models.base.ModelOutput`; objective = summed token cross-entropy +
+    aux_loss * count (the model's auxiliary losses are per-microbatch means).
     """
 
     def loss_fn(params, mb):
         out = apply_fn(cast_for_compute(params, compute_dtype), mb["inputs"], segment_ids=mb["segment_ids"])
-        logits, aux = out if isinstance(out, tuple) else (out, 0.0)
-        loss_sum, count = token_loss_sum(logits, mb["targets"], mb["loss_mask"])
-        aux = jnp.asarray(aux, jnp.float32)
+        loss_sum, count = token_loss_sum(out.logits, mb["targets"], mb["loss_mask"])
+        aux = out.aux_loss()
         return loss_sum + aux * count, (loss_sum, count, aux)
 
     return loss_fn

@@ -242,7 +242,7 @@ def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
 
     @jax.jit
     def lp(p):
-        return at.token_logprobs(model.apply(p, toks), toks)
+        return at.token_logprobs(model.apply(p, toks).logits, toks)
 
     old = lp(params)
     tx = optax.sgd(0.02)

@@ -170,7 +170,7 @@ def test_free_greedy_turns_equal_the_argmax_of_a_full_forward(model_params, wiki
     )
     assert set(out.status.tolist()) <= {R.ANSWERED, R.MAX_TURNS, R.MAX_TOKENS}
     assert out.model_mask.sum() > 20
-    logits = np.asarray(model.apply(params, jnp.asarray(out.tokens)))  # causal: padding is harmless
+    logits = np.asarray(model.apply(params, jnp.asarray(out.tokens)).logits)  # causal: padding is harmless
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
     for r in range(len(qs)):
         t = np.flatnonzero(out.model_mask[r])
@@ -277,7 +277,7 @@ def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki)
         model, params, TOK, synth.wiki_executor(wiki), qs, config=cfg, system_prompt=SYSTEM
     )
     assert not np.array_equal(a.tokens, greedy.tokens)  # sampling really samples
-    logits = model.apply(params, jnp.asarray(a.tokens))
+    logits = model.apply(params, jnp.asarray(a.tokens)).logits
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     for r in range(len(qs)):
         t = np.flatnonzero(a.model_mask[r])

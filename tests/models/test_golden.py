@@ -22,7 +22,7 @@ KDA_IMPLS = ("recurrent", "chunk")  # both always ship; a broken import must fai
 def test_golden_logits(golden_dir, case, impl):
     model, params = jaxllm.load_hf_checkpoint(golden_dir / case, dtype=jnp.float32, kda_impl=impl)
     g = np.load(golden_dir / case / "golden.npz")
-    logits = model.apply(params, jnp.asarray(g["input_ids"]))
+    logits = model.apply(params, jnp.asarray(g["input_ids"])).logits
     assert logits.shape == g["logits"].shape
     assert logits.dtype == jnp.float32
     assert rel_rms(g["logits"], logits) <= 1e-4

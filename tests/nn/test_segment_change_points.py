@@ -97,6 +97,6 @@ def test_model_reused_id_equals_three_sequences():
     ids_BT = jnp.concatenate([doc_BN.reshape(1, 3 * n), jnp.pad(doc_BN, ((0, 0), (0, 2 * n)))])
     seg_BT = jnp.concatenate([jnp.asarray(reused(n)), jnp.zeros((3, 3 * n), jnp.int32)])
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids_BT)
-    logits = jax.jit(model.apply)(params, ids_BT, segment_ids=seg_BT)
+    logits = jax.jit(model.apply)(params, ids_BT, segment_ids=seg_BT).logits
     packed, alone = logits[0].reshape(3, n, -1), logits[1:, :n]
     assert rel_rms(alone, packed) <= 1e-5

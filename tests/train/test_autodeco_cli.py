@@ -116,11 +116,11 @@ def test_mean_values_match_the_heads_on_the_eval_data(workdir):
     for _ in range(info["steps"]):
         next(data)
     t_sum = p_sum = n = 0.0
-    fwd = jax.jit(lambda p, x, s: model.apply(p, x, segment_ids=s, return_hidden=True))
+    fwd = jax.jit(lambda p, x, s: model.apply(p, x, segment_ids=s))
     for _ in range(info["eval_batches"]):
         b = {k: jnp.asarray(v[0]) for k, v in next(data).items()}
-        logits, hidden = fwd(params, b["inputs"], b["segment_ids"])
-        t, p = module.apply(variables, hidden, logits)
+        out = fwd(params, b["inputs"], b["segment_ids"])
+        t, p = module.apply(variables, out.hidden, out.logits)
         valid = np.asarray(ad.shifted_labels(b["targets"], b["loss_mask"])[:, 1:] != -100)
         t_sum += float(np.asarray(t)[:, :-1, 0][valid].sum())
         p_sum += float(np.asarray(p)[:, :-1, 0][valid].sum())

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from jaxllm.models.registry import config_from_run_args
 from jaxllm.train.config import ConfigError, RunConfig, apply_overrides, load_config
-from jaxllm.train.models import kimi_config
 
 
 def test_defaults_and_overrides():
@@ -55,9 +55,12 @@ def test_bad_values_name_field_and_allowed_values():
 
 def test_kimi_model_args_are_validated():
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['hiden_size'\]"):
-        kimi_config({"hiden_size": 3}, vocab_size=320, compute_dtype="float32", param_dtype="float32")
+        config_from_run_args(
+            "kimi_linear", {"hiden_size": 3}, vocab_size=320, compute_dtype="float32", param_dtype="float32"
+        )
     with pytest.raises(ConfigError, match="hidden_size"):
-        kimi_config(
+        config_from_run_args(
+            "kimi_linear",
             {
                 "hidden_size": -1,
                 "num_hidden_layers": 1,
@@ -76,6 +79,15 @@ def test_default_config_file_loads():
 
     path = pathlib.Path(__file__).parents[2] / "configs" / "train_default.json"
     c = load_config(str(path))
-    cfg = kimi_config(c.model_args, vocab_size=320, compute_dtype="float32", param_dtype="float32")
+    cfg = config_from_run_args(
+        c.model, c.model_args, vocab_size=320, compute_dtype="float32", param_dtype="float32"
+    )
     assert cfg.layer_types.count("kda") == 3 * cfg.layer_types.count("mla")
     assert "moe" in cfg.mlp_layer_types
+
+
+def test_unknown_model_type_names_the_known_ones():
+    with pytest.raises(
+        ConfigError, match=r"model_type 'kimi' is not a known architecture; known: .*kimi_linear.*qwen3_moe"
+    ):
+        config_from_run_args("kimi", {}, vocab_size=320, compute_dtype="float32", param_dtype="float32")

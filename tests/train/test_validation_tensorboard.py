@@ -74,7 +74,7 @@ def test_val_loss_is_the_token_mean_over_the_first_eval_batches_of_the_held_out_
             logits = s.model.apply(
                 r.params, jnp.asarray(b["inputs"][i]), segment_ids=jnp.asarray(b["segment_ids"][i])
             )
-            logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+            logp = jax.nn.log_softmax(np.asarray(logits.logits, np.float64), -1)
             ce = -np.take_along_axis(np.asarray(logp), b["targets"][i][..., None], -1)[..., 0]
             total += float((ce * b["loss_mask"][i]).sum())
             count += float(b["loss_mask"][i].sum())

@@ -1,13 +1,20 @@
-"""A tiny Linen LM for training-stack tests: same call and logical axis names as the Kimi model.
+"""A tiny Linen LM for training-stack tests: the model contract's call and the Kimi model's logical
+axis names, registered as model_type "tiny_test".
 
-`TinyLM(...).apply(variables, input_ids_BT, segment_ids=segment_ids_BT) -> logits_BTV`.
+`TinyLM(TinyConfig(...)).apply(variables, input_ids_BT, segment_ids=segment_ids_BT) -> ModelOutput`.
 Causal attention within segments plus a softly-gated expert FFN (every expert used,
 so there are no routing near-ties and sharded runs match single-device runs).
 """
 
+import dataclasses
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxllm.models import registry
+from jaxllm.models.base import ModelOutput
 
 
 def _param(mod, name, shape, names, init=None):
@@ -71,7 +78,9 @@ class Block(nn.Module):
         return x_BTD + jnp.einsum("bted,bte->btd", y_BTED, gate_BTE) + b.astype(h.dtype)
 
 
-class TinyLM(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    model_type: ClassVar[str] = "tiny_test"
     vocab_size: int = 320
     dim: int = 32
     layers: int = 2
@@ -79,33 +88,39 @@ class TinyLM(nn.Module):
     head_dim: int = 8
     mlp: int = 32
     experts: int = 4
+
+    @property
+    def hidden_size(self):
+        return self.dim
+
+
+class TinyLM(nn.Module):
+    config: TinyConfig
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids_BT, *, segment_ids=None):
+    def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, cache=None):
+        del positions
+        if cache is not None:
+            raise ValueError("TinyLM has no decode cache")
+        c = self.config
         seg = jnp.ones_like(input_ids_BT) if segment_ids is None else segment_ids
-        emb = _param(self, "embed", (self.vocab_size, self.dim), ("vocab", "embed"))
+        emb = _param(self, "embed", (c.vocab_size, c.dim), ("vocab", "embed"))
         x = jnp.take(emb, input_ids_BT, axis=0)
         block = Block
         if self.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[self.remat]
             block = nn.remat(Block, policy=policy)
-        for i in range(self.layers):
-            x = block(self.dim, self.heads, self.head_dim, self.mlp, self.experts, name=f"block_{i}")(x, seg)
-        x = rms_norm(x, _param(self, "final_norm", (self.dim,), ("embed",), nn.initializers.ones))
-        head = _param(self, "lm_head", (self.dim, self.vocab_size), ("embed", "vocab"))
-        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
-
-
-def tiny_factory(model_args, *, vocab_size, compute_dtype, param_dtype, remat):
-    del compute_dtype, param_dtype
-    return TinyLM(**{"vocab_size": vocab_size, "remat": remat, **model_args})
+        for i in range(c.layers):
+            x = block(c.dim, c.heads, c.head_dim, c.mlp, c.experts, name=f"block_{i}")(x, seg)
+        x = rms_norm(x, _param(self, "final_norm", (c.dim,), ("embed",), nn.initializers.ones))
+        head = _param(self, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"))
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
+        return ModelOutput(logits, x)
 
 
 def register():
-    from jaxllm.train.models import register_model
-
-    register_model("tiny_test", tiny_factory)
+    registry.register(registry.Architecture("tiny_test", TinyConfig, TinyLM, hf_key_specs=lambda config: []))
 
 
 def run_config(data_dir, *overrides, **fields):

@@ -1,0 +1,152 @@
+"""The one model contract every architecture implements and every caller uses.
+
+    model = jaxllm.models.build(config)                       # a Flax Linen module
+    out = model.apply(params, input_ids_BT)                   # -> ModelOutput
+    out.logits, out.hidden, out.cache, out.aux_losses   # [B,T,V] f32, [B,T,D], cache, {name: loss}
+
+    cache = model.init_cache(batch, capacity)                 # every row empty: cache.pos == 0
+    out = model.apply(params, prompt_BT, cache=cache)         # prefill; out.cache.pos == T per row
+    out = model.apply(params, token_B1, cache=out.cache)      # one more token per row
+
+`__call__(input_ids_BT, *, positions=None, segment_ids=None, cache=None) -> ModelOutput`:
+- `input_ids_BT` int32 [B,T].
+- `segment_ids` [B,T] packs several documents per row; ids mark change points (a document starts
+  wherever the id differs from the previous token's), so a reused id never joins an earlier one.
+- `positions` [B,T] int32: each token's position for rotary embeddings. Default: without a cache,
+  the position inside its document (0 at every document start); with a cache, `cache.pos[:, None]
+  + arange(T)`. Models without positional encoding (Kimi Linear's NoPE MLA) accept and ignore it.
+- `cache`: from `init_cache(batch, capacity, dtype)`, a pytree whose `pos` is int32 [B], the tokens
+  already cached per row. The T new tokens of row b go to slots `pos[b] .. pos[b]+T-1` and attend
+  to the row's cached tokens and causally to each other; the returned cache has `pos + T`.
+  `segment_ids` and a cache do not combine.
+
+Auxiliary losses (MoE balance, router z-loss) come back in `aux_losses` as float32 scalars already
+scaled by their coefficients; the training step adds their sum to the objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Protocol, runtime_checkable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.kda.common import document_index
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B,T,V] float32
+    hidden: jax.Array  # [B,T,D] the final-norm hidden state the LM head reads (AutoDeco heads read it too)
+    cache: Any = None  # the cache after these tokens, when one was given
+    aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> float32 scalar, scaled
+
+    def aux_loss(self) -> jax.Array:
+        """The sum of the auxiliary losses (0 when there are none)."""
+        return sum(self.aux_losses.values(), jnp.zeros((), jnp.float32))
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What decode, training, AutoDeco and the agent rely on. A Linen module with a `config`."""
+
+    config: Any
+
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> Any: ...
+
+    def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, cache=None) -> ModelOutput: ...
+
+
+def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
+    """Raise ValueError naming the bad ids when they are concrete and outside [0, vocab_size)."""
+    dtype = getattr(input_ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got {type(input_ids).__name__} of dtype {dtype}")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = np.argwhere(bad)[:5].tolist()
+        raise ValueError(
+            f"{name}: token ids must be in [0, {vocab_size}); got {ids[bad][:5].tolist()} at positions {where}"
+        )
+
+
+def check_inputs(input_ids_BT, vocab_size: int, *, positions=None, segment_ids=None, cache=None):
+    """The checks every model runs at entry: ids, shapes of positions/segment ids, cache rows."""
+    check_token_ids(input_ids_BT, vocab_size)
+    if input_ids_BT.ndim != 2:
+        raise ValueError(f"input_ids must be [B,T], got shape {input_ids_BT.shape}")
+    for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+        if x is not None and x.shape != input_ids_BT.shape:
+            raise ValueError(f"{name} must have input_ids' shape {input_ids_BT.shape}, got {x.shape}")
+    if cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a decode cache")
+        pos = jnp.shape(cache.pos)
+        if pos != (input_ids_BT.shape[0],):
+            raise ValueError(
+                f"cache.pos must be [B] = [{input_ids_BT.shape[0]}] (one length per row), got {pos}"
+            )
+
+
+def positions_in_document(segment_ids_BT):
+    """0-based position of each token inside its document ([B,T] int32)."""
+    doc = document_index(segment_ids_BT)
+    T = doc.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), doc.shape)
+    starts = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def default_positions(input_ids_BT, *, segment_ids=None, cache=None):
+    """The positions the contract promises when the caller gives none (see the module docstring)."""
+    B, T = input_ids_BT.shape
+    if cache is not None:
+        return cache.pos.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    if segment_ids is not None:
+        return positions_in_document(segment_ids)
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+
+
+def cache_bytes(cache) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)))
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts from `jax.eval_shape` of init (nothing allocated).
+
+    total; active = used for one token (a routed MoE layer, any module named `moe` holding stacked
+    experts `w1`/`w2`/`w3` [E, ...], contributes only `config.num_experts_per_token` of its E
+    experts); active_without_embeddings = active minus the embedding and an untied LM head.
+    """
+    config = model.config
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    tree = nn.meta.unbox(shapes)["params"]
+    size = lambda x: math.prod(x.shape)
+    total = sum(size(x) for x in jax.tree_util.tree_leaves(tree))
+    inactive = 0
+
+    def visit(node):
+        nonlocal inactive
+        for name, sub in node.items():
+            if not isinstance(sub, dict):
+                continue
+            if name == "moe" and all(k in sub for k in ("w1", "w2", "w3")):
+                n_experts = sub["w1"].shape[0]
+                per_expert = sum(math.prod(sub[k].shape[1:]) for k in ("w1", "w2", "w3"))
+                inactive += (n_experts - config.num_experts_per_token) * per_expert
+            else:
+                visit(sub)
+
+    visit(tree)
+    embed = size(tree["embed_tokens"]) + (0 if "lm_head" not in tree else size(tree["lm_head"]))
+    active = total - inactive
+    return {"total": total, "active": active, "active_without_embeddings": active - embed}
