@@ -51,7 +51,9 @@ def filled_cache(config, batch, length, capacity, key):
     leaves = [
         (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
     ]
-    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32))
+    return cache._replace(
+        layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32)
+    )
 
 
 def _bootstrap_ci(x, n=2000, seed=0):

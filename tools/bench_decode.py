@@ -37,7 +37,9 @@ def _filled_cache(config, batch, length, capacity, key):
     leaves = [
         (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)
     ]
-    return cache._replace(layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32))
+    return cache._replace(
+        layers=jax.tree_util.tree_unflatten(tree, leaves), pos=jnp.full((batch,), length, jnp.int32)
+    )
 
 
 def _kda_bytes(config, cache):
