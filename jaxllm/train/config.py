@@ -26,9 +26,13 @@ _CHOICES = {
 class RunConfig:
     """Everything a training run needs. Steps count optimizer updates."""
 
-    # Model: a name from ``jaxllm.train.models.MODELS`` and the arguments of its config.
+    # Model: a registered model_type (``jaxllm.models.registry``) and the arguments of its config.
     model: str = "kimi_linear"
     model_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Fine-tune: a Hugging Face checkpoint folder whose weights start the run (its config.json is the
+    # model's; ``model`` must be its model_type; model_args override runtime fields). Resuming from
+    # this run's own checkpoints takes precedence.
+    init_from: str = ""
     # Data.
     dataset: str = "stdlib"  # 'stdlib' | 'files:<paths>' | 'tfds:<name>'
     data_dir: str = ""  # where TFDS array_record files live; '' = $JAXLLM_DATA_DIR or ~/.cache/jaxllm/tfds

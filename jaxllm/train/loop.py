@@ -24,6 +24,7 @@ from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
 from jaxllm.errors import JaxllmError
+from jaxllm.models.hf import load_hf_checkpoint
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import ConfigError, RunConfig, save_config
@@ -116,7 +117,7 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
     if model is None:
         model = build_model(
             config.model,
-            config.model_args,
+            _model_args(config),
             vocab_size=vocab_size,
             compute_dtype=config.compute_dtype,
             param_dtype=config.param_dtype,
@@ -176,9 +177,44 @@ def abstract_state(s: Setup):
     )
 
 
+def _model_args(config: RunConfig) -> dict:
+    """model_args, with the config.json of ``init_from`` as the model's config."""
+    if not config.init_from:
+        return dict(config.model_args)
+    if not os.path.isfile(os.path.join(config.init_from, "config.json")):
+        raise ConfigError(
+            f"init_from={config.init_from!r} is not a Hugging Face checkpoint folder: no config.json"
+        )
+    if "config_file" in config.model_args:
+        raise ConfigError("init_from and model_args.config_file both name the model's config; keep one")
+    return {"config_file": config.init_from, **config.model_args}
+
+
 def init_state(s: Setup):
-    init = jax.jit(s.init_fn, out_shardings=s.state_shardings)
-    return init(jax.random.PRNGKey(s.config.seed))
+    """A fresh train state: initialised params, or the ``init_from`` checkpoint's, placed on their shardings."""
+    if not s.config.init_from:
+        init = jax.jit(s.init_fn, out_shardings=s.state_shardings)
+        return init(jax.random.PRNGKey(s.config.seed))
+    abstract = abstract_state(s)
+    _, variables = load_hf_checkpoint(
+        s.config.init_from,
+        dtype=s.config.param_dtype,
+        param_shardings=s.state_shardings["params"]["params"],
+        **{k: v for k, v in s.config.model_args.items() if k != "vocab_size"},
+    )
+    if jax.tree.structure(variables) != jax.tree.structure(abstract["params"]):
+        raise ConfigError(
+            f"init_from={s.config.init_from!r}: its parameters do not match model {s.config.model!r}"
+        )
+    # the run's dtypes (vectors such as norms stay float32 under a bf16 param_dtype)
+    to_run = jax.jit(
+        lambda v: jax.tree.map(lambda x, a: x.astype(a.dtype), v, abstract["params"]),
+        out_shardings=s.state_shardings["params"],
+    )
+    params = to_run(variables)
+    opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(params)
+    _, state_rng = jax.random.split(jax.random.PRNGKey(s.config.seed))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": state_rng}
 
 
 def batch_shape(s: Setup) -> tuple[int, int, int]:
