@@ -164,7 +164,7 @@ def test_attention_matches_numpy(name):
     seg = jnp.asarray([[0] * 3 + [1] * 4 + [0] * 3, [5] * T])  # a reused id is a new document
     v = _params(m, x, pos)
     for segment_ids in (None, seg):
-        y, cache = m.apply(v, x, pos, segment_ids=segment_ids)
+        y, cache = jax.jit(m.apply)(v, x, pos, segment_ids=segment_ids)
         ref = _attention_np(
             v["params"], x, np.asarray(pos), seg=segment_ids, heads=4, kv_heads=2, opts=CASES[name]
         )
@@ -192,20 +192,21 @@ def test_cached_steps_with_ragged_rows_match_uncached(name):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, T, 32))
     pos_full = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
     v = _params(m, x, pos_full)
-    full, _ = m.apply(v, x, pos_full)
+    apply = jax.jit(m.apply)
+    full, _ = apply(v, x, pos_full)
 
     lengths = [5, 2]
     caches, outs = [], [[], []]
     for b, n in enumerate(lengths):  # prefill each row on its own, then stack the rows
         cache = m.init_cache(1, S)
-        y, cache = m.apply(
+        y, cache = apply(
             v, x[b : b + 1, :n], pos_full[b : b + 1, :n], cache=cache, pos=jnp.zeros(1, jnp.int32)
         )
         outs[b].append(y[0])
         caches.append(cache)
     cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *caches)
     pos = jnp.asarray(lengths, jnp.int32)
-    step = jax.jit(lambda c, xt, p: m.apply(v, xt, p[:, None], cache=c, pos=p))
+    step = lambda c, xt, p: apply(v, xt, p[:, None], cache=c, pos=p)
     for _ in range(T - min(lengths)):
         idx = jnp.minimum(pos, T - 1)  # a row that is done repeats its last token (ignored)
         y, cache = step(cache, x[jnp.arange(2), idx][:, None], pos)
