@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxllm
 from jaxllm.errors import ConfigError
 from jaxllm.models import base, registry
 from jaxllm.models.qwen import Qwen, QwenConfig, hf_key_specs
@@ -32,31 +33,7 @@ def _abstract(model):
 
 @functools.cache
 def _load(case):
-    """Test-local loader from `hf_key_specs` (until models/hf.py's loader dispatches on model_type):
-    every hub key must be in the table and the reverse, each at the shape the table expects."""
-    from safetensors.numpy import load_file
-
-    config = QwenConfig.from_file(GOLDEN / case)
-    model = Qwen(config)
-    abstract = _abstract(model)
-    tensors = load_file(GOLDEN / case / "model.safetensors")
-    specs = hf_key_specs(config)
-    assert sorted(s.hf_key for s in specs) == sorted(tensors)
-    params = {}
-    for s in specs:
-        leaf = functools.reduce(lambda t, k: t[k], s.path, abstract)
-        shape = leaf.shape[1:] if s.expert is not None else leaf.shape
-        w = tensors[s.hf_key]
-        assert w.shape == s.transform.hf_shape(shape), s.hf_key
-        node = functools.reduce(lambda t, k: t.setdefault(k, {}), s.path[:-1], params)
-        if s.expert is None:
-            node[s.path[-1]] = s.transform.to_ours(w, shape)
-        else:
-            node.setdefault(s.path[-1], np.zeros(leaf.shape, np.float32))[s.expert] = s.transform.to_ours(
-                w, shape
-            )
-    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, abstract)
-    return model, {"params": jax.tree.map(jnp.asarray, params)}
+    return jaxllm.load_hf_checkpoint(GOLDEN / case, dtype=jnp.float32)
 
 
 def _golden(case):
@@ -77,9 +54,20 @@ def test_logits_match_transformers(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cached_greedy_decode_matches_transformers(case):
+def test_generate_matches_transformers_greedy(case):
     model, params = _load(case)
     g = _golden(case)
+    prompt = jnp.asarray(g["input_ids"], jnp.int32)
+    n_new = g["greedy_ids"].shape[1] - prompt.shape[1]
+    np.testing.assert_array_equal(
+        jaxllm.generate(model, params, prompt, max_new_tokens=n_new), g["greedy_ids"]
+    )
+
+
+def test_own_cached_greedy_loop_matches_transformers():
+    """init_cache + apply alone (no decode engine): prefill, then one token per step."""
+    model, params = _load("qwen3_moe_tiny")
+    g = _golden("qwen3_moe_tiny")
     prompt = jnp.asarray(g["input_ids"], jnp.int32)
     B, T = prompt.shape
     n_new = g["greedy_ids"].shape[1] - T
@@ -92,6 +80,25 @@ def test_cached_greedy_decode_matches_transformers(case):
         out = apply(params, nxt, out.cache)
     np.testing.assert_array_equal(np.asarray(jnp.concatenate(ids, 1)), g["greedy_ids"])
     np.testing.assert_array_equal(out.cache.pos, [T + n_new] * B)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hub_keys_and_save_load_round_trip(case, tmp_path):
+    """The table names exactly the checkpoint's keys; save -> load is bit for bit, and the saved
+    tensors equal transformers' file."""
+    from safetensors.numpy import load_file
+
+    model, params = _load(case)
+    original = load_file(GOLDEN / case / "model.safetensors")
+    assert sorted(s.hf_key for s in hf_key_specs(model.config)) == sorted(original)
+    jaxllm.save_hf_checkpoint(tmp_path, model, params)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert sorted(saved) == sorted(original)
+    for k in original:
+        np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
+    model2, params2 = jaxllm.load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert model2.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
 @pytest.mark.parametrize("case", ["llama_tiny"])  # qk-norm and biases: tests/nn/test_rope_attention.py
