@@ -80,10 +80,23 @@ def _train(args) -> int:
 
 # --------------------------------------------------------------------------- generate
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="a training workdir (run_config.json + checkpoints)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training workdir (run_config.json + checkpoints)")
+    src.add_argument(
+        "--checkpoint",
+        help="a Hugging Face model folder (config.json, safetensors, tokenizer.json): a plain model or "
+        "an AutoDeco checkpoint, merged or head-only. Text is cut at the tokenizer's first stop id "
+        "(eos, <|im_end|>) after decoding all --max-new-tokens",
+    )
+    p.add_argument(
+        "--base",
+        help="with a head-only AutoDeco --checkpoint: the base model folder (default: the config's "
+        "base_model_name_or_path when it is a local folder); its tokenizer is used when the "
+        "checkpoint has none",
+    )
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, help="with --workdir: checkpoint step (default: latest)")
     p.add_argument(
         "--temperature",
         type=float,
@@ -98,16 +111,48 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     heads.add_argument(
         "--autodeco",
         action="store_true",
-        help="per-token T and top-p from the heads of `jaxllm autodeco-train` (<workdir>/autodeco)",
+        help="per-token T and top-p from the AutoDeco heads: those of `jaxllm autodeco-train` "
+        "(<workdir>/autodeco) or of an AutoDeco --checkpoint",
     )
     heads.add_argument(
         "--fixed-mean",
         action="store_true",
-        help="the mean T and top-p of those heads as fixed values (the 'MeanShift' baseline)",
+        help="with --workdir: the mean T and top-p of its heads as fixed values (the 'MeanShift' baseline)",
     )
 
 
+def _generate_hf(args) -> int:
+    """`generate --checkpoint DIR`: a Hugging Face folder, plain or AutoDeco."""
+    from jaxllm.train import autodeco_run as ad
+    from jaxllm.train.config import ConfigError
+    from jaxllm.train.inference import generate_hf_text, load_hf_for_generation
+
+    if args.fixed_mean or args.step is not None:
+        flag = "--fixed-mean (it reads the mean T/P of autodeco-train)" if args.fixed_mean else "--step"
+        raise ConfigError(f"{flag} needs --workdir, not --checkpoint")
+    model, params, tokenizer, heads = load_hf_for_generation(
+        args.checkpoint, args.base, autodeco=args.autodeco
+    )
+    if args.autodeco:
+        t = 1.0 if args.temperature is None else args.temperature
+        sampling = ad.sampling_config("autodeco", temperature=t, top_p=args.top_p)
+    else:
+        t = 0.0 if args.temperature is None else args.temperature
+        sampling = ad.sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
+    text = generate_hf_text(
+        model, params, tokenizer, args.prompt, args.max_new_tokens, sampling, heads=heads, seed=args.seed
+    )
+    print(text)
+    return 0
+
+
 def _generate(args) -> int:
+    if args.checkpoint is not None:
+        return _generate_hf(args)
+    if args.base is not None:
+        from jaxllm.train.config import ConfigError
+
+        raise ConfigError("--base needs --checkpoint (a head-only AutoDeco folder)")
     from jaxllm.train.inference import generate_text, load_trained
 
     model, params, tokenizer = load_trained(args.workdir, step=args.step)
@@ -165,7 +210,12 @@ def _plot(args) -> int:
 
 
 register_command("train", "train a model (see docs/training.md)", _train_args, _train)
-register_command("generate", "generate text from a trained workdir", _generate_args, _generate)
+register_command(
+    "generate",
+    "generate text from a trained workdir or a Hugging Face folder (plain or AutoDeco)",
+    _generate_args,
+    _generate,
+)
 
 
 # --------------------------------------------------------------------------- autodeco-train

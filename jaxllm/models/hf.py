@@ -11,6 +11,12 @@ sharding (`jax.make_array_from_callback`, so on several hosts each process keeps
 its devices hold); stacked MoE experts wait in one host buffer per parameter until their last
 expert is read. Host memory stays near the largest tensor plus those expert buffers, not the whole
 model. Missing, unexpected or mis-shaped keys raise a `CheckpointError` naming every one.
+
+An AutoDeco checkpoint (config.json `model_type: "autodeco"`, the official wrapper's config: every
+base field plus `base_model_type`) loads as its base model: the config with `model_type =
+base_model_type`, the base weights under the `llm.` prefix when the files hold them (merged
+checkpoints), the heads' `temp_head.*` / `top_p_head.*` keys set aside (`models/autodeco_hf.py`
+reads them).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ from jaxllm.models import registry
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 FALLBACK_LOAD_DTYPE = "bfloat16"  # when config.json names no dtype: what released checkpoints hold
+AUTODECO = "autodeco"  # model_type of the official AutoDeco wrapper's config.json
+AUTODECO_HEAD_PREFIXES = ("temp_head.", "top_p_head.")
+AUTODECO_BASE_PREFIX = "llm."  # the wrapper holds the base model as `self.llm`
+AUTODECO_HEADS_FILE = "autodeco_heads.safetensors"  # head-only checkpoints
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -85,6 +95,53 @@ def _checkpoint_files(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found")
 
 
+def is_autodeco_config(hf_config: dict) -> bool:
+    return hf_config.get("model_type") == AUTODECO
+
+
+def autodeco_base_config(hf_config: dict, path) -> dict:
+    """The base model's config dict inside an AutoDeco wrapper's: `model_type = base_model_type`.
+
+    The wrapper copies every base field, so only model_type differs. Official configs re-saved
+    before its fix_base_model_type_bug commit hold `base_model_type: "autodeco"`; that, like a
+    missing field, is an error naming the field (the base architecture cannot be guessed).
+    """
+    base_type = hf_config.get("base_model_type")
+    if not isinstance(base_type, str) or base_type in ("", AUTODECO):
+        raise CheckpointError(
+            f"{path}: config.json is an AutoDeco wrapper (model_type 'autodeco') but its base_model_type "
+            f"is {base_type!r}; set base_model_type to the base model's model_type (known: "
+            f"{', '.join(registry.model_types())}). Official configs re-saved before the "
+            "fix_base_model_type_bug commit hold 'autodeco' there"
+        )
+    return {**hf_config, "model_type": base_type}
+
+
+def _head_only_error(path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a head-only AutoDeco checkpoint (no base weights); load it with "
+        "jaxllm.models.autodeco_hf.load_autodeco(path, base=BASE_DIR)"
+    )
+
+
+def _autodeco_base_keys(path, files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(hub key -> file, hub key -> key stored in the file) of the base inside an AutoDeco folder.
+
+    Head keys are set aside; `llm.` is stripped where present (merged checkpoints).
+    """
+    files_out, stored = {}, {}
+    for key, fn in files.items():
+        if key.startswith(AUTODECO_HEAD_PREFIXES):
+            continue
+        name = key[len(AUTODECO_BASE_PREFIX) :] if key.startswith(AUTODECO_BASE_PREFIX) else key
+        if name in stored:
+            raise CheckpointError(f"checkpoint {path} holds both {stored[name]} and {key}")
+        files_out[name], stored[name] = fn, key
+    if not files_out:
+        raise _head_only_error(path)
+    return files_out, stored
+
+
 # ------------------------------------------------------------------------------------ loader
 def _resolve_keys(path, specs, files):
     """hub key found in the files -> its spec; raise naming every missing and unexpected key."""
@@ -133,6 +190,9 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
     """
     path = os.fspath(path)
     hf_config = registry.read_hf_config(path)
+    autodeco = is_autodeco_config(hf_config)
+    if autodeco:
+        hf_config = autodeco_base_config(hf_config, path)
     dtype = stored_dtype(hf_config) if dtype is None else jnp.dtype(dtype)
     overrides = {
         "param_dtype": dtype.name,
@@ -143,7 +203,12 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
     arch = registry.of(config)
     model = registry.build(config)
     abstract = _abstract_params(model)
+    if autodeco and not any(os.path.exists(os.path.join(path, f)) for f in (SAFE_SINGLE, SAFE_INDEX)):
+        raise _head_only_error(path)
     files = _checkpoint_files(path)
+    stored = {k: k for k in files}  # key as the files spell it (an AutoDeco base: under `llm.`)
+    if autodeco:
+        files, stored = _autodeco_base_keys(path, files)
     resolved = _resolve_keys(path, arch.hf_key_specs(config), files)
 
     by_file = defaultdict(list)
@@ -165,12 +230,12 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
                 s = resolved[key]
                 shape, full_shape = _shape_dtype_of(abstract, s)
                 want = s.transform.hf_shape(shape)
-                got = tuple(f.get_slice(key).get_shape())
+                got = tuple(f.get_slice(stored[key]).get_shape())
                 if got != want:
-                    misshaped.append(f"{key}: got {list(got)}, expected {list(want)}")
+                    misshaped.append(f"{stored[key]}: got {list(got)}, expected {list(want)}")
                     continue
                 target = np.float32 if s.path[-1] in arch.keep_float32 else dtype
-                w = np.asarray(s.transform.to_ours(f.get_tensor(key), shape), target)
+                w = np.asarray(s.transform.to_ours(f.get_tensor(stored[key]), shape), target)
                 if s.expert is None:
                     finish(s.path, w)
                     continue
