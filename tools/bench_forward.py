@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""Forward+backward tokens/s: jaxllm vs transformers' KimiLinearForCausalLM (pure-torch path, CPU).
+"""Forward+backward tokens/s: jaxllm vs transformers' model of the same `model_type` (CPU).
 
+Any registered architecture: `--model kimi_linear` (transformers' KimiLinearForCausalLM, pure-torch
+path) or `--model qwen3_moe` (Qwen3MoeForCausalLM), or `--config` any Hugging Face config.json.
 Same config, same weights (written by `jaxllm.save_hf_checkpoint` and read back by
-`KimiLinearForCausalLM.from_pretrained`), same batch of token ids, next-token cross-entropy loss,
+`AutoModelForCausalLM.from_pretrained`), same batch of token ids, next-token cross-entropy loss,
 gradients for every parameter. Both run in this one process, alternating, so machine noise hits
 both; the JSON line carries both throughputs, their ratio and the relative RMS difference of the
 two models' logits (a check that the comparison is like for like).
 
 Needs torch and transformers (not test dependencies): pip install torch transformers
 
-    python tools/bench_forward.py --config configs/small.json --batch 2 --seq 256
+    python tools/bench_forward.py --model kimi_linear --batch 2 --seq 256     # configs/small.json
+    python tools/bench_forward.py --model qwen3_moe --batch 2 --seq 256       # configs/qwen3_moe_small.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,13 +34,15 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jaxllm  # noqa: E402
-from jaxllm.models.config import KimiLinearConfig  # noqa: E402
-from jaxllm.models.kimi_linear import KimiLinear  # noqa: E402
+from jaxllm.models import registry  # noqa: E402
+
+DEFAULT_CONFIGS = {"kimi_linear": "configs/small.json", "qwen3_moe": "configs/qwen3_moe_small.json"}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/small.json")
+    ap.add_argument("--model", default="kimi_linear", choices=sorted(DEFAULT_CONFIGS))
+    ap.add_argument("--config", default=None, help="a Hugging Face config.json (default: the --model's)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
@@ -45,10 +51,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    from transformers import KimiLinearForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = KimiLinearConfig.from_file(args.config, kda_impl=args.kda_impl, moe_dispatch=args.moe_dispatch)
-    model = KimiLinear(config)
+    args.config = args.config or DEFAULT_CONFIGS[args.model]
+    hf_config = registry.read_hf_config(args.config)
+    arch = registry.get(hf_config["model_type"])
+    fields = {f.name for f in dataclasses.fields(arch.config_cls)}
+    runtime = {
+        k: v for k, v in (("kda_impl", args.kda_impl), ("moe_dispatch", args.moe_dispatch)) if k in fields
+    }
+    config = arch.config_cls.from_hf_config(hf_config, **runtime)
+    model = registry.build(config)
     ids = jax.random.randint(jax.random.PRNGKey(0), (args.batch, args.seq + 1), 0, config.vocab_size)
     params = jax.jit(model.init)(jax.random.PRNGKey(1), ids[:, :8])
     ids_np = np.asarray(ids)
@@ -62,8 +75,9 @@ def main(argv=None):
     x, y = ids[:, :-1], ids[:, 1:]
 
     with tempfile.TemporaryDirectory() as d:
-        jaxllm.save_hf_checkpoint(d, model, params, layout="transformers")
-        tmodel = KimiLinearForCausalLM.from_pretrained(d, dtype=torch.float32)
+        layout = "transformers" if "transformers" in getattr(config, "HF_LAYOUTS", ()) else None
+        jaxllm.save_hf_checkpoint(d, model, params, layout=layout)
+        tmodel = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     tmodel.train()
     tx = torch.as_tensor(ids_np[:, :-1], dtype=torch.long)
 
@@ -96,13 +110,13 @@ def main(argv=None):
         json.dumps(
             dict(
                 bench="forward_backward",
+                model_type=config.model_type,
                 config=os.path.basename(args.config),
                 device=jax.devices()[0].device_kind,
                 batch=args.batch,
                 seq=args.seq,
                 reps=args.reps,
-                kda_impl=args.kda_impl,
-                moe_dispatch=args.moe_dispatch,
+                **runtime,
                 jaxllm_tokens_per_s=round(j_tps, 1),
                 transformers_tokens_per_s=round(t_tps, 1),
                 speedup=round(j_tps / t_tps, 2),

@@ -1,6 +1,6 @@
 """Flax Linen layers (thin wrappers over pure functions). Names resolve lazily.
 
-from jaxllm.nn import MLA, KimiDeltaAttention, MoE, MLP, RMSNorm
+from jaxllm.nn import MLA, Attention, KimiDeltaAttention, MoE, MLP, RMSNorm
 """
 
 import importlib
@@ -18,6 +18,11 @@ _LAZY = {
     "MLACache": "jaxllm.nn.mla",
     "mla_expanded": "jaxllm.nn.mla",
     "mla_absorbed": "jaxllm.nn.mla",
+    "Attention": "jaxllm.nn.attention",
+    "KVCache": "jaxllm.nn.attention",
+    "attend": "jaxllm.nn.attention",
+    "apply_rope": "jaxllm.nn.rope",
+    "inverse_frequencies": "jaxllm.nn.rope",
     "MoE": "jaxllm.nn.moe",
     "route": "jaxllm.nn.moe",
     "moe_experts": "jaxllm.nn.moe",

@@ -249,5 +249,8 @@ def heads_to_official(params) -> dict:
                     value = np.asarray(params[head][layer][kind])
                 except KeyError as e:
                     raise ValueError(f"params[{head!r}] lacks {layer}/{kind}") from e
-                out[_official_key(head, layer, kind)] = value.T if kind == "kernel" else value
+                # contiguous: safetensors' save_file writes a transposed view's memory as is
+                out[_official_key(head, layer, kind)] = np.ascontiguousarray(
+                    value.T if kind == "kernel" else value
+                )
     return out

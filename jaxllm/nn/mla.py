@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.nn._params import fan_in_init, param, project
+from jaxllm.nn.attention import cache_mask, causal_mask, write_rows
 from jaxllm.nn.norms import rms_norm
-from pallas_kernels.kda.common import document_index
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -42,34 +42,6 @@ def init_mla_cache(batch, capacity, kv_lora_rank, qk_rope_head_dim, dtype=jnp.fl
     return MLACache(
         jnp.zeros((batch, capacity, kv_lora_rank), dtype),
         jnp.zeros((batch, capacity, qk_rope_head_dim), dtype),
-    )
-
-
-def attention_mask(T, *, segment_ids=None, pos=None, capacity=None):
-    """Boolean mask [B or 1, T, S].
-
-    Without `pos`: causal over the T tokens (and same document when `segment_ids` is given: a
-    document starts wherever the id differs from the previous token's, so a reused id is another
-    document).
-    With `pos` (int32 [B], tokens already cached per row): T new tokens over a cache buffer of
-    `capacity` slots; key slot s of row b is visible iff s < pos[b].
-    """
-    if pos is None:
-        mask = jnp.tril(jnp.ones((T, T), bool))[None]
-        if segment_ids is not None:
-            doc = document_index(segment_ids)  # raw ids would join documents that reuse an id
-            mask = mask & (doc[:, :, None] == doc[:, None, :])
-        return mask
-    pos = jnp.asarray(pos, jnp.int32).reshape(-1)
-    visible_BS = jnp.arange(capacity)[None, :] < pos[:, None]
-    return jnp.broadcast_to(visible_BS[:, None, :], (pos.shape[0], T, capacity))
-
-
-def write_rows(buffer_BS_, new_BT_, pos_B):
-    """Write each row's T new entries at its own offset pos[b] of a [B,S,...] cache buffer."""
-    start = lambda p: (p,) + (0,) * (buffer_BS_.ndim - 2)
-    return jax.vmap(lambda buf, new, p: jax.lax.dynamic_update_slice(buf, new, start(p)))(
-        buffer_BS_, new_BT_.astype(buffer_BS_.dtype), pos_B
     )
 
 
@@ -198,7 +170,7 @@ class MLA(nn.Module):
         new_cache = None
         if cache is None:
             lat, kr = latent_BTR, k_rope_BTP
-            mask = attention_mask(T, segment_ids=segment_ids)
+            mask = causal_mask(T, segment_ids)
             absorbed = self.impl == "absorbed"
         else:
             if segment_ids is not None:
@@ -211,12 +183,12 @@ class MLA(nn.Module):
             k_rope_BTP = k_rope_BTP.astype(cache.k_rope_BSP.dtype)
             lat = (cache.latent_BSR, latent_BTR)
             kr = (cache.k_rope_BSP, k_rope_BTP)
-            mask = (attention_mask(T, pos=pos, capacity=S), attention_mask(T))
+            pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32).reshape(-1), (B,))
+            mask = (cache_mask(pos_B, T, S), causal_mask(T))
             absorbed = self.impl == "absorbed" or (self.impl == "auto" and T == 1)
         fn = mla_absorbed if absorbed else mla_expanded
         o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
         if cache is not None:
-            pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32).reshape(-1), (B,))
             new_cache = MLACache(
                 write_rows(cache.latent_BSR, latent_BTR, pos_B),
                 write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B),

@@ -70,6 +70,8 @@ def test_official_round_trip_is_exact(golden_dir):
     for k in sd:
         assert back[k].shape == sd[k].shape
         np.testing.assert_array_equal(back[k], sd[k])
+        # safetensors writes a non-contiguous (transposed) view's memory as it lies: wrong heads
+        assert back[k].flags.c_contiguous, k
     # Merged checkpoints carry the base model under llm.*: ignored, not an error.
     merged = dict(sd, **{"llm.lm_head.weight": np.zeros((3, 3))})
     module, _ = heads_from_official(merged)

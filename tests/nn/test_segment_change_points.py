@@ -13,8 +13,9 @@ import pytest
 
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.kimi_linear import KimiLinear
+from jaxllm.nn.attention import causal_mask
 from jaxllm.nn.conv import causal_conv
-from jaxllm.nn.mla import MLA, attention_mask
+from jaxllm.nn.mla import MLA
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 
@@ -61,7 +62,7 @@ def test_attention_mask_reused_id():
     n = 3
     doc = np.repeat(np.arange(3), n)
     want = (doc[:, None] == doc[None, :]) & np.tril(np.ones((3 * n, 3 * n), bool))
-    np.testing.assert_array_equal(attention_mask(3 * n, segment_ids=jnp.asarray(reused(n)))[0], want)
+    np.testing.assert_array_equal(causal_mask(3 * n, jnp.asarray(reused(n)))[0], want)
 
 
 @pytest.mark.parametrize("impl", ["expanded", "absorbed"])
