@@ -14,11 +14,17 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
                     [--keep-limit-hits]
     jaxllm agent run --workdir W (--data questions.jsonl | --question TEXT) [--out preds.jsonl]
                      [--temperature T] [--batch-size B] [--seed S] [--step N] [--wiki-seed W]
+    jaxllm agent run --checkpoint HF_DIR (--data questions.jsonl | --question TEXT) [--out ...]
+                     [--max-turns 4] [--turn-tokens 128] [--token-budget 1536] [--wiki JSON]
+                     [--wiki-seed W] [--rollout segmented] [--temperature T] ...
 
 ``synth`` and ``eval`` delegate to the modules' own ``main`` (``jaxllm.agent.synth.main``,
 ``jaxllm.agent.evaluate.main``) unless ``--wiki``/``--system-prompt`` are given (then the records
 also carry the ``wiki`` config so that ``sft`` trains for that world). ``sft``/``rl``/``run`` call
-``jaxllm.agent.train``. Bad input (missing files, malformed JSONL, invalid values, a workdir
+``jaxllm.agent.train``. ``run --checkpoint`` runs a Hugging Face model folder (any registered
+model_type, its ``tokenizer.json``; the Qwen3 chat template and Tongyi's system prompt when the
+tokenizer is a chat model's, see ``train.load_hf_agent``) with the rollout limits and wiki given
+as flags, through the segmented loop. Bad input (missing files, malformed JSONL, invalid values, a workdir
 without a checkpoint) prints one ``error: ...`` line and exits 2.
 """
 
@@ -276,7 +282,14 @@ def _rl(args) -> int:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="a trained agent workdir (`agent sft` / `agent rl`)")
+    agent = p.add_mutually_exclusive_group(required=True)
+    agent.add_argument("--workdir", help="a trained agent workdir (`agent sft` / `agent rl`)")
+    agent.add_argument(
+        "--checkpoint",
+        help="a Hugging Face model folder (config.json, safetensors, tokenizer.json) of any "
+        "registered model_type; the Qwen3 chat format and Tongyi's system prompt when its "
+        "tokenizer is a chat model's",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="JSONL of {question[, answer]}")
     src.add_argument("--question", help="one question")
@@ -290,13 +303,27 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--rollout", choices=("scan", "segmented"), default="scan")
+    p.add_argument(
+        "--rollout",
+        choices=("scan", "segmented"),
+        default=None,
+        help="default: scan for --workdir, segmented for --checkpoint (the scan loop needs the byte tokenizer)",
+    )
     p.add_argument(
         "--wiki-seed",
         type=int,
         default=None,
         help="act in this world instead of the one the agent was trained for (same "
-        "wiki config otherwise): tests whether it reads or remembers",
+        "wiki config otherwise): tests whether it reads or remembers; with --checkpoint, the world (default 0)",
+    )
+    # A checkpoint has no agent workdir: its limits and world come from flags (AgentSettings' defaults).
+    p.add_argument("--wiki", default=None, help="--checkpoint: WikiConfig fields as JSON")
+    p.add_argument("--max-turns", type=int, default=None, help="--checkpoint: assistant turns (default 4)")
+    p.add_argument(
+        "--turn-tokens", type=int, default=None, help="--checkpoint: tokens per turn (default 128)"
+    )
+    p.add_argument(
+        "--token-budget", type=int, default=None, help="--checkpoint: tokens per episode (default 1536)"
     )
 
 
@@ -324,11 +351,21 @@ def _run(args) -> int:
                 raise ValueError(f"{args.data}:{i}: missing 'question'")
     if args.limit is not None:
         records = records[: args.limit]
-    settings = train.load_settings(args.workdir)
-    if args.wiki_seed is not None:
-        settings = dataclasses.replace(settings, wiki={**settings.wiki, "seed": args.wiki_seed})
-    train.check_world(records, settings, "questions")
-    model, params, tok = load_trained(args.workdir, args.step)
+    if args.checkpoint is not None:
+        model, params, tok, settings, fmt, impl = _load_checkpoint_agent(args, records)
+    else:
+        given = [
+            f for f in ("wiki", "max_turns", "turn_tokens", "token_budget") if getattr(args, f) is not None
+        ]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} applies to --checkpoint; a workdir keeps its own in agent.json")
+        settings = train.load_settings(args.workdir)
+        if args.wiki_seed is not None:
+            settings = dataclasses.replace(settings, wiki={**settings.wiki, "seed": args.wiki_seed})
+        train.check_world(records, settings, "questions")
+        model, params, tok = load_trained(args.workdir, args.step)
+        fmt, impl = None, args.rollout or "scan"
     sampling = None
     if args.temperature > 0:
         from jaxllm.ops.sampling import SamplingConfig
@@ -343,7 +380,8 @@ def _run(args) -> int:
         batch_size=args.batch_size,
         sampling=sampling,
         seed=args.seed,
-        impl=args.rollout,
+        impl=impl,
+        chat_format=fmt,
     )
     out = []
     for r, p in zip(records, preds):
@@ -367,6 +405,32 @@ def _run(args) -> int:
         summary["out"] = args.out
     print(json.dumps(summary))
     return 0
+
+
+def _load_checkpoint_agent(args, records):
+    """``run --checkpoint``: (model, params, tokenizer, settings, chat format, rollout impl)."""
+    from jaxllm.agent import train
+
+    if args.step is not None:
+        raise ValueError("--step applies to --workdir; a Hugging Face checkpoint has one set of weights")
+    if args.rollout == "scan":  # refused before any weights are read
+        raise ValueError(
+            "--rollout scan needs the byte tokenizer (stops are matched on byte tokens in jnp); "
+            "a Hugging Face checkpoint's tokenizer runs with --rollout segmented"
+        )
+    wiki = _json_object(args.wiki) if args.wiki else {}
+    if "seed" in wiki:
+        raise ValueError("--wiki must not hold 'seed'; use --wiki-seed")
+    wiki["seed"] = 0 if args.wiki_seed is None else args.wiki_seed
+    train.check_world(records, train.AgentSettings("", wiki), "questions")  # before any weights
+    model, params, tok, settings, fmt = train.load_hf_agent(
+        args.checkpoint,
+        wiki=wiki,
+        max_turns=args.max_turns,
+        turn_tokens=args.turn_tokens,
+        token_budget=args.token_budget,
+    )
+    return model, params, tok, settings, fmt, "segmented"
 
 
 def _exists(path: str) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from typing import Iterable, Sequence, Union
+from typing import ClassVar, Iterable, Sequence, Union
 
 from jaxllm.errors import TrajectoryError
 
@@ -65,6 +65,9 @@ __all__ = [
     "TrajectoryError",
     "FORCE_ANSWER",
     "force_answer_message",
+    "ChatFormat",
+    "Qwen3Format",
+    "CHATML",
 ]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -514,3 +517,73 @@ def split_turns(messages: Sequence[dict]) -> list[tuple[Action, str | None]]:
         steps.append((action, obs))
         i += 2
     return steps
+
+
+# ------------------------------------------------------------------------------------------
+# Chat formats: how a rollout frames its prompt and the user turns between assistant turns
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """The text a rollout writes around the model's turns; the default is the chatml above.
+
+    ``prompt(messages)``: system + question + the generation prompt. ``user_turn(content,
+    model_closed_turn)``: the text between one assistant turn's content and the next one's (the
+    assistant's ``<|im_end|>`` unless the model wrote it, the user turn, the generation prompt);
+    ``observation`` and ``forced_answer`` are the two user turns a rollout appends. Messages are
+    the same for every format: the observation is a user turn ``<tool_response>...`` (Tongyi's
+    way), so a trajectory reads the same whatever format produced it.
+    """
+
+    name: ClassVar[str] = "chatml"
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt(self, messages: Sequence[dict]) -> str:
+        return self.render(messages, add_generation_prompt=True)
+
+    def user_turn(self, content: str, model_closed_turn: bool = False) -> str:
+        # Rendered through the format's own template, so both formats frame a turn as they render it.
+        head = "" if model_closed_turn else IM_END
+        return f"{head}\n" + self.render([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def observation(self, observation: str, model_closed_turn: bool = False) -> str:
+        return self.user_turn(wrap_tool_response(observation), model_closed_turn)
+
+    def forced_answer(self, model_closed_turn: bool = False) -> str:
+        return self.user_turn(FORCE_ANSWER, model_closed_turn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Format(ChatFormat):
+    """The Qwen3 chat template (``jaxllm.data.chat_template.render_chat``), as Qwen3 and
+    Tongyi-DeepResearch (a Qwen3-MoE) were trained on. ``tools``: schemas the template lists in
+    the system turn (Tongyi lists them in its system prompt instead and passes none);
+    ``enable_thinking=False`` pre-fills an empty ``<think>`` block in every generation prompt."""
+
+    name: ClassVar[str] = "qwen3"
+    tools: tuple = ()
+    enable_thinking: bool = True
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        from jaxllm.data import chat_template
+
+        return chat_template.render_chat(
+            messages,
+            tools=list(self.tools) or None,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=self.enable_thinking,
+        )
+
+    def __post_init__(self):
+        object.__setattr__(self, "tools", tuple(self.tools or ()))
+
+    def user_turn(self, content: str, model_closed_turn: bool = False) -> str:
+        # A lone user message has no system turn: the template must not list the tools again.
+        return ChatFormat.user_turn(dataclasses.replace(self, tools=()), content, model_closed_turn)
+
+
+#: The default format: chatml (``render_chat`` above).
+CHATML = ChatFormat()

@@ -1,11 +1,14 @@
-"""ReAct rollouts with a Kimi Linear model and its decode caches: a Python-segmented loop
-(``segmented_rollout``, any tokenizer) and the same loop compiled as one ``lax.scan`` over turns
-(``scan_rollout``, byte tokenizer), where the simulated wiki's environment step runs in jnp and
-``io_callback`` is the bridge to Python tools; both give identical results.
+"""ReAct rollouts with any model of the contract (``jaxllm.models.base``) and its decode caches: a
+Python-segmented loop (``segmented_rollout``, any tokenizer and chat format) and the same loop
+compiled as one ``lax.scan`` over turns (``scan_rollout``, byte tokenizer, chatml), where the
+simulated wiki's environment step runs in jnp and ``io_callback`` is the bridge to Python tools;
+both give identical results.
 
 Per turn every running row decodes with its cache until a stop string (``protocol.STOP_STRINGS``,
-plus ``<|im_end|>`` for a model that closes its own chatml turn) or the per-turn token cap; the
-turn is parsed with ``protocol`` and executed by a ``tools.ToolExecutor`` (any backends: the
+plus ``<|im_end|>`` for a model that closes its own chatml turn), a stop id of the tokenizer (a
+Hugging Face tokenizer's ``stop_ids``: ``<|im_end|>`` and the eos ids are single special ids,
+which decoding drops, so they end a turn by id; see ``cut_turn_ids``) or the per-turn token cap;
+the turn is parsed with ``protocol`` and executed by a ``tools.ToolExecutor`` (any backends: the
 simulated wiki, the sandbox, real web tools); the observation's tokens (chat framing included) are
 appended to the row's cache. Rows run batched and stop independently:
 
@@ -17,6 +20,11 @@ appended to the row's cache. Rows run batched and stop independently:
                                     config=rollout.RolloutConfig(max_turns=8, turn_tokens=256,
                                                                  token_budget=8192))
     out.tokens, out.kind, out.status, out.answers, out.messages
+
+**Chat formats.** ``chat_format`` (a ``protocol.ChatFormat``) renders the prompt, the observation
+turns and the forced-answer turn: ``protocol.CHATML`` (default) or ``protocol.Qwen3Format`` (the
+Qwen3 chat template of ``jaxllm.data.chat_template``, for Qwen3 / Tongyi-DeepResearch checkpoints
+with their ``load_hf_tokenizer`` tokenizer). The messages are the same in both.
 
 Statuses: ``ANSWERED`` (a well-formed ``<answer>``), ``MAX_TURNS`` (``max_turns`` assistant turns
 without an answer), ``MAX_TOKENS`` (the token budget forced a final-answer turn, and that turn did
@@ -87,6 +95,8 @@ __all__ = [
     "scan_rollout",
     "TURN_STOPS",
     "cut_turn",
+    "cut_turn_ids",
+    "decode_turn",
     "ENVS",
     "wiki_of",
     "RUNNING",
@@ -131,6 +141,54 @@ def cut_turn(text: str) -> tuple[str, str | None]:
         if i_end < first:
             return text[:i_end], protocol.IM_END
     return kept, stop
+
+
+#: Tags the parser reads: kept in a turn's text even where a tokenizer flags them special.
+_PROTOCOL_TAGS = (
+    protocol.THINK_OPEN,
+    protocol.THINK_CLOSE,
+    protocol.TOOL_CALL_OPEN,
+    protocol.TOOL_CALL_CLOSE,
+    protocol.ANSWER_OPEN,
+    protocol.ANSWER_CLOSE,
+    protocol.TOOL_RESPONSE_OPEN,
+    protocol.TOOL_RESPONSE_CLOSE,
+    protocol.CODE_OPEN,
+    protocol.CODE_CLOSE,
+)
+
+
+def decode_turn(tokenizer, ids) -> str:
+    """The text of a turn's ids as the parser should see it.
+
+    A tokenizer without ``special_ids`` (the byte tokenizer) decodes as usual. A Hugging Face one
+    (``PretrainedTokenizer``) drops its special ids (``<|im_start|>``, ``<|endoftext|>``...) but
+    keeps the protocol's tags even where the folder flags them special, and drops ids past its
+    vocabulary (a model's embedding is padded beyond it: Qwen3's 151936 rows for 151669 tokens,
+    and a model can sample those ids), as the byte tokenizer does.
+    """
+    special = getattr(tokenizer, "special_ids", None)
+    if special is None:
+        return tokenizer.decode(np.asarray(ids, np.int32))
+    added = getattr(tokenizer, "added_tokens", {})
+    drop = set(special) - {added[t] for t in _PROTOCOL_TAGS if t in added}
+    keep = [int(i) for i in ids if 0 <= int(i) < tokenizer.vocab_size and int(i) not in drop]
+    return tokenizer.decode(keep, skip_special_tokens=False)
+
+
+def cut_turn_ids(tokenizer, ids) -> tuple[str, str | None]:
+    """``cut_turn`` of a turn's ids, where a stop id of the tokenizer (``stop_ids``:
+    ``<|im_end|>``, eos) also ends the turn: its text is what precedes the first stop id, cut by
+    ``cut_turn`` (a stop string before it wins), and the stop is that token (``<|im_end|>``:
+    the model closed its turn). Tokenizers without ``stop_ids`` give ``cut_turn(decode(ids))``.
+    """
+    stops = {int(i) for i in getattr(tokenizer, "stop_ids", ())}
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    k = next((j for j, i in enumerate(ids) if i in stops), len(ids))
+    text, stop = cut_turn(decode_turn(tokenizer, ids[:k]))
+    if stop is None and k < len(ids):
+        return text, tokenizer.id_to_token(ids[k])
+    return text, stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,20 +308,18 @@ def _step_fn(model_cls, config, sampling):
 
 
 def _framing(observation_content: str, model_closed_turn: bool) -> str:
-    """Text between an assistant turn's content and the next assistant turn's content."""
-    head = "" if model_closed_turn else protocol.IM_END
-    return (
-        f"{head}\n{protocol.IM_START}user\n{observation_content}{protocol.IM_END}\n"
-        f"{protocol.IM_START}assistant\n"
-    )
+    """Chatml text between an assistant turn's content and the next assistant turn's content
+    (the scan loop's framing; the segmented loop asks its ``ChatFormat``)."""
+    return protocol.CHATML.user_turn(observation_content, model_closed_turn)
 
 
 class _Episodes:
     """Host-side bookkeeping shared by both loops: parse a finished turn, run the tool, decide the
     row's status and the tokens to append (observation or forced-answer message)."""
 
-    def __init__(self, B, cfg, executor, tokenizer, messages, limit):
+    def __init__(self, B, cfg, executor, tokenizer, messages, limit, fmt=protocol.CHATML):
         self.cfg, self.executor, self.tokenizer, self.limit = cfg, executor, tokenizer, limit
+        self.fmt = fmt
         self.messages = messages
         self.status = np.full((B,), RUNNING, np.int32)
         self.turns = np.zeros((B,), np.int32)
@@ -280,7 +336,7 @@ class _Episodes:
         append, or None when the row has ended."""
         cfg = self.cfg
         self.turns[r] += 1
-        text, stop = cut_turn(self.tokenizer.decode(np.asarray(gen_ids, np.int32)))
+        text, stop = cut_turn_ids(self.tokenizer, gen_ids)
         if self.messages is not None:  # scan_rollout rebuilds the messages from the tokens
             self.messages[r].append({"role": "assistant", "content": text})
         action = protocol.parse_assistant(text)
@@ -304,10 +360,10 @@ class _Episodes:
             return None
         closed = stop == protocol.IM_END
         content = protocol.wrap_tool_response(obs.text)
-        ids = self.enc(_framing(content, closed))
+        ids = self.enc(self.fmt.user_turn(content, closed))
         if length_r + len(ids) + cfg.turn_tokens > self.limit:
             content = protocol.FORCE_ANSWER
-            ids = self.enc(_framing(content, closed))
+            ids = self.enc(self.fmt.forced_answer(closed))
             self.forced_answer[r] = True
         if self.messages is not None:
             self.messages[r].append({"role": "user", "content": content})
@@ -329,7 +385,9 @@ class _Episodes:
         )
 
 
-def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, who):
+def _prepare(
+    model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, who, fmt=None
+):
     """Validate the arguments; returns (prompts, forced_ids, episodes)."""
     from jaxllm.agent import synth
 
@@ -337,6 +395,9 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
     B = len(questions)
     if B == 0:
         raise ValueError(f"{who}: no questions")
+    fmt = protocol.CHATML if fmt is None else fmt
+    if not isinstance(fmt, protocol.ChatFormat):
+        raise ValueError(f"{who}: chat_format must be a protocol.ChatFormat, got {type(fmt).__name__}")
     if not isinstance(executor, tools.ToolExecutor):
         raise ValueError(f"{who}: executor must be a tools.ToolExecutor, got {type(executor).__name__}")
     if sampling is not None:
@@ -365,8 +426,8 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
     vocab = model.config.vocab_size
     messages = [protocol.initial_messages(q, system_prompt) for q in questions]
     enc = lambda text: np.asarray(tokenizer.encode(text), np.int32)  # noqa: E731
-    prompts = [enc(protocol.render_chat(m, add_generation_prompt=True)) for m in messages]
-    force_len = len(enc(_framing(protocol.FORCE_ANSWER, False)))
+    prompts = [enc(fmt.prompt(m)) for m in messages]
+    force_len = len(enc(fmt.forced_answer(False)))
     reserve = force_len + cfg.turn_tokens  # room a forced final turn needs
     limit = cfg.token_budget - reserve  # a normal turn must end by here
     for r, p in enumerate(prompts):
@@ -386,7 +447,7 @@ def _prepare(model, tokenizer, executor, questions, cfg, system_prompt, sampling
     for ids in prompts + [i for row in forced_ids for i in row]:
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"{who}: the tokenizer gives ids outside the model's vocabulary [0, {vocab})")
-    return prompts, forced_ids, _Episodes(B, cfg, executor, tokenizer, messages, limit)
+    return prompts, forced_ids, _Episodes(B, cfg, executor, tokenizer, messages, limit, fmt)
 
 
 def _init_caches(model, B, T):
@@ -406,13 +467,15 @@ def segmented_rollout(
     sampling=None,
     rng=None,
     forced_turns: Sequence[Sequence[str]] | None = None,
+    chat_format: protocol.ChatFormat | None = None,
 ) -> RolloutResult:
     """Run one ReAct episode per question, batched; see the module docstring.
 
     Args:
       model, params: a model of the contract (``jaxllm.models.base``) and its params.
-      tokenizer: ``encode(text) -> ids`` / ``decode(ids) -> text`` (e.g. ``ByteTokenizer``);
-        ``pad_id`` pads the returned rows.
+      tokenizer: ``encode(text) -> ids`` / ``decode(ids) -> text`` (e.g. ``ByteTokenizer``, or a
+        ``PretrainedTokenizer`` from ``jaxllm.data.hf_tokenizer.load_hf_tokenizer``, whose
+        ``stop_ids`` end a turn by id); ``pad_id`` pads the returned rows.
       executor: runs parsed actions (``synth.wiki_executor(wiki)`` for the simulated wiki).
       questions: one per row.
       system_prompt: default ``protocol.build_system_prompt(executor.tool_specs(),
@@ -423,6 +486,8 @@ def segmented_rollout(
         of ``forced_turns[row][i]`` (written, not sampled: ``KIND_FORCED``) and the model
         continues from there unless a stop string is already complete. For scripted episodes,
         replaying demonstrations, or forcing a ``<think>\\n`` prefix.
+      chat_format: ``protocol.CHATML`` (None) or ``protocol.Qwen3Format(...)``: how the prompt,
+        observations and the forced-answer message are framed.
     """
     cfg = config
     prompts, forced_ids, ep = _prepare(
@@ -436,6 +501,7 @@ def segmented_rollout(
         rng,
         forced_turns,
         "segmented_rollout",
+        chat_format,
     )
     B = len(prompts)
     vocab = model.config.vocab_size
@@ -503,7 +569,7 @@ def segmented_rollout(
                 gen[r].append(int(tok[r]))
                 was_forced = forced[r] >= 0
                 push(r, [tok[r]], KIND_FORCED if was_forced else KIND_MODEL, None if was_forced else [lp[r]])
-                _, stop = cut_turn(tokenizer.decode(gen[r]))
+                _, stop = cut_turn_ids(tokenizer, gen[r])
                 if stop is not None or len(gen[r]) >= cfg.turn_tokens:
                     generating[r] = False
         pending = [np.zeros((0,), np.int32) for _ in range(B)]
@@ -1227,7 +1293,7 @@ def _rebuild_messages(tokenizer, initial, tokens_r, turns_r, start_r, len_r, obs
     msgs = list(initial)
     for i in range(int(turns_r)):
         s, n, o = int(start_r[i]), int(len_r[i]), int(obs_r[i])
-        text, stop = cut_turn(tokenizer.decode(tokens_r[s : s + n]))
+        text, stop = cut_turn_ids(tokenizer, tokens_r[s : s + n])
         msgs.append({"role": "assistant", "content": text})
         if o:
             framed = tokenizer.decode(tokens_r[s + n : s + n + o])
@@ -1252,6 +1318,7 @@ def scan_rollout(
     rng=None,
     forced_turns: Sequence[Sequence[str]] | None = None,
     env: str = "auto",
+    chat_format: protocol.ChatFormat | None = None,
 ) -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
     decode per turn with the stop strings matched on byte tokens in jnp, then the environment.
@@ -1265,15 +1332,22 @@ def scan_rollout(
     (default): ``"jnp"`` when the executor is the simulated wiki, else ``"host"``. Results are
     identical either way, and identical to ``segmented_rollout``; ``host_callbacks`` counts the
     callbacks made. Byte-level tokenizers only (``ByteTokenizer``), since stops and calls are
-    matched on tokens. Compiled once per (model config, batch size, budget, chunk, turn cap, max
-    turns, sampling, env).
+    matched on tokens; chatml only (the jnp environment gathers chatml framing). Any other
+    tokenizer or format is refused: use ``segmented_rollout`` (``--rollout segmented``). Compiled
+    once per (model config, batch size, budget, chunk, turn cap, max turns, sampling, env).
     """
     from jaxllm.data.tokenizers import ByteTokenizer
 
     if not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(
-            f"scan_rollout: needs a ByteTokenizer (stop strings are matched on byte "
-            f"tokens), got {type(tokenizer).__name__}; use segmented_rollout"
+            f"scan_rollout: needs a ByteTokenizer (stop strings and tool calls are matched on "
+            f"byte tokens in jnp), got {type(tokenizer).__name__}; use the segmented loop "
+            f"(--rollout segmented, rollout.segmented_rollout)"
+        )
+    if chat_format is not None and chat_format != protocol.CHATML:
+        raise ValueError(
+            f"scan_rollout: renders chatml only, got the {chat_format.name} chat format; use the "
+            f"segmented loop (--rollout segmented, rollout.segmented_rollout)"
         )
     if env not in ENVS:
         raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")

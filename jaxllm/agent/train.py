@@ -17,7 +17,9 @@ Pure pieces (numpy / jnp, tested against hand-computed numbers):
   ``make_rl_step`` (one optimizer update; no KL, no entropy term).
 
 Drivers: ``train_sft`` (SFT from scratch on synthesized trajectories), ``train_rl`` (on-policy RL
-from an SFT workdir), ``run_questions`` (roll out a trained agent on questions). Workdirs have the
+from an SFT workdir), ``run_questions`` (roll out a trained agent on questions), and
+``load_hf_agent`` (a Hugging Face checkpoint folder as an agent: model, tokenizer, chat format,
+system prompt; ``chat_setup`` picks the last two). Workdirs have the
 layout of ``jaxllm train`` (``run_config.json``, ``checkpoints/``, ``metrics.jsonl``) plus
 ``agent.json`` (system prompt, wiki config, rollout limits), so ``jaxllm.train.inference.
 load_trained`` loads them.
@@ -66,6 +68,8 @@ __all__ = [
     "train_sft",
     "train_rl",
     "run_questions",
+    "chat_setup",
+    "load_hf_agent",
     "load_settings",
     "AGENT_FILE",
     "DROP_STATUSES",
@@ -581,10 +585,11 @@ def run_questions(
     seed: int = 0,
     impl: str = "scan",
     wiki: SimulatedWiki | None = None,
+    chat_format: protocol.ChatFormat | None = None,
 ) -> list[dict]:
     """Roll the agent out on ``questions`` (fixed-size batches; the last one is padded with
     repeats so only one shape compiles). Returns per question {question, prediction, status,
-    turns, trajectory}."""
+    turns, trajectory}. ``chat_format``: default chatml (``rollout.segmented_rollout``)."""
     fn = _rollout_fn(impl)
     wiki = wiki or SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)
@@ -609,6 +614,7 @@ def run_questions(
             system_prompt=settings.system_prompt,
             sampling=sampling,
             rng=sub if sampling is not None else None,
+            chat_format=chat_format,
         )
         names = res.status_names()
         for r in range(n):
@@ -622,6 +628,71 @@ def run_questions(
                 }
             )
     return out
+
+
+def chat_setup(tokenizer, tool_specs, date=synth.SYNTH_DATE) -> tuple[protocol.ChatFormat, str]:
+    """The chat format and system prompt for a released model's tokenizer: the Qwen3 template and
+    Tongyi DeepResearch's system prompt (tools listed in it, as Tongyi does) when the tokenizer is
+    a chat model's (it has a chat template or ``<|im_start|>`` as a token); else chatml and
+    ``protocol.build_system_prompt``. ``date``: the simulated wiki's by default."""
+    from jaxllm.data.chat_template import tongyi_system_prompt
+
+    specs = list(tool_specs)
+    chat = getattr(tokenizer, "chat_template", None) or protocol.IM_START in getattr(
+        tokenizer, "added_tokens", {}
+    )
+    if chat:
+        return protocol.Qwen3Format(), tongyi_system_prompt(specs, date=date)
+    return protocol.CHATML, protocol.build_system_prompt(specs, date=date)
+
+
+def _check_hf_folder(path: str) -> None:
+    """Fail before loading any weights when ``path`` is not a model folder with a tokenizer."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint {path!r}: no such directory")
+    for name, what in (("config.json", "a Hugging Face model folder"), ("tokenizer.json", "its tokenizer")):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(
+                f"--checkpoint {path!r} has no {name}: give {what} (config.json, weights, tokenizer.json)"
+            )
+
+
+def load_hf_agent(
+    path: str,
+    *,
+    wiki: dict | None = None,
+    max_turns: int | None = None,
+    turn_tokens: int | None = None,
+    token_budget: int | None = None,
+    dtype=None,
+):
+    """A Hugging Face checkpoint folder as an agent in the simulated wiki: ``(model, params,
+    tokenizer, settings, chat_format)``. The model comes from ``jaxllm.load_hf_checkpoint`` (any
+    registered model_type), the tokenizer from ``load_hf_tokenizer(path)``, the format and system
+    prompt from ``chat_setup``; there is no agent workdir, so the rollout limits (None: the
+    ``AgentSettings`` defaults) and the wiki config (WikiConfig fields) are given here."""
+    import jaxllm
+    from jaxllm.data.hf_tokenizer import load_hf_tokenizer
+
+    _check_hf_folder(path)
+    tokenizer = load_hf_tokenizer(path)
+    limits = {
+        k: v
+        for k, v in (("max_turns", max_turns), ("turn_tokens", turn_tokens), ("token_budget", token_budget))
+        if v is not None
+    }
+    settings = AgentSettings(system_prompt="", wiki={"seed": 0, **(wiki or {})}, **limits)
+    settings.rollout_config()  # limits and wiki are valid before any weights are read
+    specs = synth.wiki_executor(SimulatedWiki(settings.wiki_config())).tool_specs()
+    fmt, system_prompt = chat_setup(tokenizer, specs)
+    settings = dataclasses.replace(settings, system_prompt=system_prompt)
+    model, params = jaxllm.load_hf_checkpoint(path, dtype=dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"--checkpoint {path!r}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size {model.config.vocab_size}"
+        )
+    return model, params, tokenizer, settings, fmt
 
 
 def train_rl(
