@@ -164,7 +164,7 @@ def test_turn_ends_on_im_end_by_id(tok, episode):
     assert episode.tokens[1, : len(n)].tolist() == n
 
 
-def test_free_turn_is_the_models_greedy_choice(model_params, episode):
+def test_free_turn_is_the_models_greedy_choice(tok, model_params, episode):
     model, params = model_params
     assert episode.status[1] == R.MAX_TURNS and episode.turns[1] == 2
     row = episode.tokens[1, : episode.lengths[1]]
@@ -176,6 +176,9 @@ def test_free_turn_is_the_models_greedy_choice(model_params, episode):
     np.testing.assert_allclose(
         episode.logprobs[1, t], logp[np.arange(len(t)), episode.tokens[1, t]], atol=1e-4
     )
+    # The random model samples <|endoftext|> (an eos id of generation_config.json) after 57 tokens,
+    # under the cap of 80: the free turn ends on that id too.
+    assert row[t[-1]] == tok.added_tokens["<|endoftext|>"] and len(t) < CFG.turn_tokens
 
 
 def test_stop_ids_and_decoding(tok, tmp_path):
