@@ -159,15 +159,20 @@ def experts_blocked(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, block_r
     block_e = jnp.clip(jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bm, side="right"), 0, E - 1)
     used = jnp.arange(n_blocks) * bm < pad_end[-1]
 
+    # Each block's expert weights are gathered once, outside the loop: indexing the [E,...] stacks
+    # inside lax.map made the backward scatter-add a full [E,D,F] gradient per block (13x the
+    # forward time at 32 experts); gathered, the backward is one scatter-add per weight.
+    w1_blocks, w3_blocks, w2_blocks = w1_EDF[block_e], w3_EDF[block_e], w2_EFD[block_e]
+
     def one_block(args):
-        xb, e, u = args
+        xb, w1, w3, w2, u = args
         return jax.lax.cond(
             u,
-            lambda: _expert(xb, w1_EDF[e], w3_EDF[e], w2_EFD[e]),
-            lambda: jnp.zeros((bm, w2_EFD.shape[-1]), xb.dtype),
+            lambda: _expert(xb, w1, w3, w2),
+            lambda: jnp.zeros((bm, w2.shape[-1]), xb.dtype),
         )
 
-    y_pad = jax.lax.map(one_block, (x_pad.reshape(n_blocks, bm, D), block_e, used))
+    y_pad = jax.lax.map(one_block, (x_pad.reshape(n_blocks, bm, D), w1_blocks, w3_blocks, w2_blocks, used))
     ys = y_pad.reshape(n_blocks * bm, -1)[dest]
     return _unsort_combine(ys, order, weights_NK)
 

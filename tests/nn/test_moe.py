@@ -81,6 +81,26 @@ def test_dispatch_matches_onehot(dispatch, N):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dispatch", ["ragged", "blocked", "gather"])
+def test_dispatch_gradients_match_onehot(dispatch):
+    rng = np.random.default_rng(3)
+    E, D, F, K, N = 8, 12, 10, 2, 40
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, D, F)) * 0.3, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, F, D)) * 0.3, jnp.float32)
+    wts, idx = route(x, jnp.asarray(rng.normal(size=(D, E)), jnp.float32), None, top_k=K)
+    idx = jnp.where(idx == 5, 0, idx)  # uneven load, one expert empty
+    idx = idx.at[:, 1].set(jnp.where(idx[:, 0] == idx[:, 1], (idx[:, 0] + 1) % 5, idx[:, 1]))
+    cot = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+
+    def grads(d):
+        f = lambda x, wts, w1, w3, w2: jnp.sum(moe_experts(x, wts, idx, w1, w3, w2, dispatch=d) * cot)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(x, wts, w1, w3, w2)
+
+    for name, got, want in zip(("x", "weights", "w1", "w3", "w2"), grads(dispatch), grads("onehot")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 def test_blocked_with_small_blocks_many_groups():
     from jaxllm.nn.moe import experts_blocked, experts_onehot
 
