@@ -34,5 +34,5 @@ class TrajectoryError(JaxllmError, ValueError):
     """An agent trajectory that does not follow the ReAct protocol."""
 
 
-class SandboxUnavailableError(JaxllmError, RuntimeError):
-    """The requested (or, for "auto", any) OS isolation mode is not available on this host."""
+# `jaxllm.agent.sandbox.SandboxUnavailableError` stays in that file: it is the sandbox child's
+# entry point and imports the standard library only.

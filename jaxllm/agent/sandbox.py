@@ -53,11 +53,17 @@ import signal
 import sys
 import time
 
-from jaxllm.errors import SandboxUnavailableError
-
 # Host-only modules (selectors, shutil, subprocess, tempfile) are imported inside the host
 # functions: the child runs this file as a script and must not have ``subprocess`` (and with it
 # the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The requested (or, for "auto", any) OS isolation mode is not available on this host.
+
+    Defined here, not in `jaxllm.errors`: this file is the sandbox child's entry point and imports
+    the standard library only."""
+
 
 __all__ = [
     "SandboxResult",

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxllm.models.base import ModelOutput
 from jaxllm.train.step import all_finite, make_train_step, token_loss_sum
 
 
 class Bigram:
-    """apply(variables, ids, segment_ids=...) -> (logits, aux) with aux = 0.5 * mean(W^2)."""
+    """apply(variables, ids, segment_ids=...) -> ModelOutput with aux_losses {"l2": 0.5 * mean(W^2)}."""
 
     def __init__(self, with_aux):
         self.with_aux = with_aux
@@ -18,7 +19,8 @@ class Bigram:
         del segment_ids
         w = variables["params"]["w"]
         logits = w[ids]
-        return (logits, 0.5 * jnp.mean(w**2)) if self.with_aux else logits
+        aux = {"l2": 0.5 * jnp.mean(w**2)} if self.with_aux else {}
+        return ModelOutput(logits, logits, aux_losses=aux)
 
 
 def batch(rng, a=2, b=2, t=5, v=7):
