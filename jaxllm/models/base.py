@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.nn._params import param, project
 from pallas_kernels.kda.common import document_index
 
 
@@ -150,3 +151,43 @@ def count_params(model: nn.Module) -> dict[str, int]:
     embed = size(tree["embed_tokens"]) + (0 if "lm_head" not in tree else size(tree["lm_head"]))
     active = total - inactive
     return {"total": total, "active": active, "active_without_embeddings": active - embed}
+
+
+# ------------------------------------------------------------------ pieces every decoder shares
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+def remat_layer(layer_cls, remat: str):
+    """The decoder layer class under a rematerialisation policy: "none", "full" (the backward keeps
+    only each layer's inputs) or "dots" (also its matmul outputs)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    return layer_cls if remat == "none" else nn.remat(layer_cls, policy=REMAT_POLICIES[remat])
+
+
+def embed_tokens(module: nn.Module, config, input_ids_BT):
+    """(the `embed_tokens` table [V,D], the ids embedded in the compute dtype [B,T,D])."""
+    embed_VD = param(
+        module,
+        "embed_tokens",
+        (config.vocab_size, config.hidden_size),
+        ("vocab", "embed"),
+        dtype=config.weight_dtype,
+        init=nn.initializers.normal(0.02),
+    )
+    return embed_VD, jnp.take(embed_VD, input_ids_BT, axis=0).astype(config.compute_dtype)
+
+
+def lm_head_logits(module: nn.Module, config, hidden_BTD, embed_VD):
+    """float32 logits: `hidden @ embed^T` with tied embeddings, else a separate `lm_head` [D,V]."""
+    if config.tie_word_embeddings:
+        return project(hidden_BTD, embed_VD.T, out_dtype=jnp.float32)
+    head_DV = param(
+        module,
+        "lm_head",
+        (config.hidden_size, config.vocab_size),
+        ("embed", "vocab"),
+        dtype=config.weight_dtype,
+        init=nn.initializers.normal(0.02),
+    )
+    return project(hidden_BTD, head_DV, out_dtype=jnp.float32)

@@ -18,11 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models import registry
+from jaxllm.models import base, registry
 from jaxllm.models.base import ModelOutput, cache_bytes, check_inputs, count_params
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.hf_keys import Conv, Identity, Linear, Reshape, expand_table
-from jaxllm.nn._params import param, project
 from jaxllm.nn.kda_attention import KDACache, KimiDeltaAttention, init_kda_cache
 from jaxllm.nn.mla import MLA, MLACache, init_mla_cache
 from jaxllm.nn.mlp import MLP
@@ -115,9 +114,6 @@ class DecoderLayer(nn.Module):
         return x + f.astype(x.dtype), new_cache
 
 
-REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-
-
 class KimiLinear(nn.Module):
     """The hybrid stack. `remat`: rematerialise each decoder layer in the backward pass —
     "none", "full" (save only layer inputs) or "dots" (also save matmul outputs)."""
@@ -134,29 +130,15 @@ class KimiLinear(nn.Module):
     ) -> ModelOutput:
         del positions  # NoPE: no layer reads positions; the MLA cache slot comes from cache.pos
         c = self.config
-        cd, pd = c.compute_dtype, c.weight_dtype
+        pd = c.weight_dtype
         check_inputs(input_ids_BT, c.vocab_size, segment_ids=segment_ids, cache=cache)
         if segment_ids is not None:
             # once, here: every layer then compares document indices (each consumer converts too)
             segment_ids = document_index(segment_ids)
         if cache is not None and len(cache.layers) != c.num_hidden_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
-        embed = param(
-            self,
-            "embed_tokens",
-            (c.vocab_size, c.hidden_size),
-            ("vocab", "embed"),
-            dtype=pd,
-            init=nn.initializers.normal(0.02),
-        )
-        x = jnp.take(embed, input_ids_BT, axis=0).astype(cd)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        layer_cls = (
-            DecoderLayer
-            if self.remat == "none"
-            else nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
-        )
+        embed, x = base.embed_tokens(self, c, input_ids_BT)
+        layer_cls = base.remat_layer(DecoderLayer, self.remat)
         new_layers = []
         pos = None if cache is None else cache.pos
         for i in range(c.num_hidden_layers):
@@ -166,18 +148,7 @@ class KimiLinear(nn.Module):
             )
             new_layers.append(nc)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
-        if c.tie_word_embeddings:
-            logits = project(hidden, embed.T, out_dtype=jnp.float32)
-        else:
-            head = param(
-                self,
-                "lm_head",
-                (c.hidden_size, c.vocab_size),
-                ("embed", "vocab"),
-                dtype=pd,
-                init=nn.initializers.normal(0.02),
-            )
-            logits = project(hidden, head, out_dtype=jnp.float32)
+        logits = base.lm_head_logits(self, c, hidden, embed)
         new_cache = None
         if cache is not None:
             new_cache = ModelCache(tuple(new_layers), cache.pos + input_ids_BT.shape[1])

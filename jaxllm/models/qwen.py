@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from jaxllm.errors import ConfigError
 from jaxllm.models import base, registry
 from jaxllm.models.hf_keys import Identity, Linear, Reshape, expand_table
-from jaxllm.nn._params import param, project
 from jaxllm.nn.attention import Attention, KVCache, init_kv_cache
 from jaxllm.nn.mlp import MLP
 from jaxllm.nn.moe import MoE
@@ -401,9 +400,6 @@ def load_balance_loss(stats, num_experts: int):
     return num_experts * jnp.sum(routed_E * prob_E)
 
 
-REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-
-
 class Qwen(nn.Module):
     """Qwen3 / Qwen3-MoE / Qwen2 / Llama decoder (contract: `models/base.py`). `remat`: rematerialise
     each decoder layer in the backward pass — "none", "full" (save only layer inputs) or "dots"
@@ -418,7 +414,7 @@ class Qwen(nn.Module):
     @nn.compact
     def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, cache: QwenCache | None = None):
         c = self.config
-        cd, pd = c.compute_dtype, c.weight_dtype
+        pd = c.weight_dtype
         base.check_inputs(
             input_ids_BT, c.vocab_size, positions=positions, segment_ids=segment_ids, cache=cache
         )
@@ -431,22 +427,8 @@ class Qwen(nn.Module):
             positions = base.default_positions(input_ids_BT, segment_ids=segment_ids, cache=cache)
         if segment_ids is not None:
             segment_ids = document_index(segment_ids)  # once here; the layers compare indices
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        layer_cls = (
-            DecoderLayer
-            if self.remat == "none"
-            else nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
-        )
-        embed = param(
-            self,
-            "embed_tokens",
-            (c.vocab_size, c.hidden_size),
-            ("vocab", "embed"),
-            dtype=pd,
-            init=nn.initializers.normal(0.02),
-        )
-        x = jnp.take(embed, input_ids_BT, axis=0).astype(cd)
+        layer_cls = base.remat_layer(DecoderLayer, self.remat)
+        embed, x = base.embed_tokens(self, c, input_ids_BT)
         pos = None if cache is None else cache.pos
         new_layers, stats = [], []
         for i in range(c.num_hidden_layers):
@@ -458,18 +440,7 @@ class Qwen(nn.Module):
             if st is not None:
                 stats.append(st)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
-        if c.tie_word_embeddings:
-            logits = project(hidden, embed.T, out_dtype=jnp.float32)
-        else:
-            head = param(
-                self,
-                "lm_head",
-                (c.hidden_size, c.vocab_size),
-                ("embed", "vocab"),
-                dtype=pd,
-                init=nn.initializers.normal(0.02),
-            )
-            logits = project(hidden, head, out_dtype=jnp.float32)
+        logits = base.lm_head_logits(self, c, hidden, embed)
         aux = {}
         if stats and cache is None and c.output_router_logits:
             aux["load_balance"] = c.router_aux_loss_coef * load_balance_loss(stats, c.num_experts)
