@@ -12,13 +12,13 @@ Writes either back (`to_hf_config(layout=...)`). Our own fields: `layer_types` i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 from jaxllm.errors import ConfigError
+from jaxllm.models import registry
 
 LAYER_TYPES = ("kda", "mla")
 MLP_TYPES = ("dense", "moe")
@@ -354,8 +354,4 @@ class KimiLinearConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "KimiLinearConfig":
         """Read a config.json (HF style, either layout) or a directory holding one."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f), **overrides)
+        return cls.from_hf_config(registry.read_hf_config(path), **overrides)

@@ -193,6 +193,8 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
     autodeco = is_autodeco_config(hf_config)
     if autodeco:
         hf_config = autodeco_base_config(hf_config, path)
+    if autodeco and not any(os.path.exists(os.path.join(path, f)) for f in (SAFE_SINGLE, SAFE_INDEX)):
+        raise _head_only_error(path)
     dtype = stored_dtype(hf_config) if dtype is None else jnp.dtype(dtype)
     overrides = {
         "param_dtype": dtype.name,
@@ -203,8 +205,6 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
     arch = registry.of(config)
     model = registry.build(config)
     abstract = _abstract_params(model)
-    if autodeco and not any(os.path.exists(os.path.join(path, f)) for f in (SAFE_SINGLE, SAFE_INDEX)):
-        raise _head_only_error(path)
     files = _checkpoint_files(path)
     stored = {k: k for k in files}  # key as the files spell it (an AutoDeco base: under `llm.`)
     if autodeco:
