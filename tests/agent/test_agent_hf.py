@@ -9,6 +9,7 @@ special; the tags not), 296 ids in all, below the tiny model's vocab_size 300.
 import json
 import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,9 @@ from jaxllm.data.tokenizers import ByteTokenizer
 tokenizers = pytest.importorskip("tokenizers")
 
 QWEN3_MOE = pathlib.Path(__file__).parents[1] / "golden" / "qwen_family" / "qwen3_moe_tiny"
-SPECIAL = ("<|endoftext|>", ct.IM_START, ct.IM_END)
-TAGS = tuple(t for t in ct.QWEN_SPECIAL_TOKENS if t not in SPECIAL)
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "data"))
+from qwen_tokenizer_folder import qwen_bpe, write_folder  # noqa: E402
+
 CFG = R.RolloutConfig(max_turns=2, turn_tokens=80, token_budget=1600, chunk=32)
 WIKI = SimulatedWiki(WikiConfig(seed=0))
 PERSON = WIKI.world.by_kind("person")[0]
@@ -42,43 +44,11 @@ CLOSED = f"<think>\nNo tool needed.\n</think>\n\nI give up.{ct.IM_END}never writ
 
 def build_folder(path, *, tags_special=False):
     """A Qwen-style tokenizer folder (tokenizer.json, tokenizer_config.json, generation_config.json)."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     # 256 byte symbols + 31 merges + 9 chat tokens = 296 ids < the model's 300.
-    trainer = trainers.BpeTrainer(
-        vocab_size=256 + 31, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
     corpus = [ct.tongyi_system_prompt(SPECS, date=synth.SYNTH_DATE), SEARCH, ANSWER]
-    tok.train_from_iterator(corpus, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=tags_special, normalized=False) for t in TAGS])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    decoder = {
-        str(i): {
-            "content": t.content,
-            "special": t.special,
-            "normalized": False,
-            "lstrip": False,
-            "rstrip": False,
-        }
-        for i, t in tok.get_added_tokens_decoder().items()
-    }
-    config = {
-        "added_tokens_decoder": decoder,
-        "bos_token": None,
-        "eos_token": ct.IM_END,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "chat_template": "{{ messages }}",  # present, as in Qwen's folders; rendered by jaxllm in Python
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = qwen_bpe(corpus, 256 + 31, tags_special=tags_special)
     eos = [tok.token_to_id(ct.IM_END), tok.token_to_id("<|endoftext|>")]
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
-    return path
+    return write_folder(path, tok, generation={"eos_token_id": eos})
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ generation_config.json with two eos ids.
 """
 
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -19,8 +20,9 @@ from jaxllm.errors import CheckpointError, TokenIdError
 
 tokenizers = pytest.importorskip("tokenizers")
 
-SPECIAL = ("<|endoftext|>", IM_START, IM_END)  # special=True in Qwen's files
-TAGS = tuple(t for t in QWEN_SPECIAL_TOKENS if t not in SPECIAL)  # added, special=False
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from qwen_tokenizer_folder import TAGS, qwen_bpe, write_folder  # noqa: E402
+
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",
     'search the web: {"name": "search", "arguments": {"query": ["Paris"]}}',
@@ -30,45 +32,7 @@ CORPUS = [
 
 
 def build_tokenizer(tags=TAGS):
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    # As in Qwen's tokenizer.json: the chat tokens come after the BPE vocabulary.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
-    return tok
-
-
-def write_folder(path, tok, *, config_extra=None, generation=None):
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    decoder = {
-        str(i): {
-            "content": t.content,
-            "special": t.special,
-            "normalized": False,
-            "lstrip": False,
-            "rstrip": False,
-        }
-        for i, t in tok.get_added_tokens_decoder().items()
-    }
-    config = {
-        "added_tokens_decoder": decoder,
-        "bos_token": None,
-        "eos_token": IM_END,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "chat_template": "{{ messages }}",
-        **(config_extra or {}),
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    if generation is not None:
-        (path / "generation_config.json").write_text(json.dumps(generation))
-    return path
+    return qwen_bpe(CORPUS, 320, tags=tags)
 
 
 @pytest.fixture(scope="module")
