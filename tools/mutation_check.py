@@ -354,6 +354,22 @@ MUTATIONS = [
         ("tests/models/test_hf_streaming.py::test_peak_host_memory_is_near_one_shard",),
         "the loader keeps every converted tensor on the host until the end",
     ),
+    Mutation(
+        "hf-load-reads-whole-tensors",
+        "jaxllm/models/hf.py",
+        "boxes[s.path] = host_box(sharding_of(s.path), ",
+        "boxes[s.path] = host_box(None, ",
+        ("tests/models/test_hf_host_reads.py::test_each_process_reads_what_its_devices_hold",),
+        "every process reads every tensor whole from the files, not only what its devices hold",
+    ),
+    Mutation(
+        "hf-read-box-linear-widens",
+        "jaxllm/models/hf_keys.py",
+        "        box_in, box_out = _widen(box[:n], shape[:n]), _widen(box[n:], shape[n:])",
+        "        box_in, box_out = tuple((0, d) for d in shape[:n]), _widen(box[n:], shape[n:])",
+        ("tests/models/test_hf_host_reads.py::test_a_box_split_along_a_leading_dimension_reads_only_itself",),
+        "a Linear read takes every input row instead of the box's",
+    ),
 ]
 
 

@@ -7,10 +7,11 @@
 The folder's `config.json` names the `model_type`; the registry (`models/registry.py`) gives its
 config class, model and hub-key table (`models/hf_keys.py`). The loader streams: it opens one
 safetensors shard at a time, converts one tensor at a time and places it straight onto its
-sharding (`jax.make_array_from_callback`, so on several hosts each process keeps only the slices
-its devices hold); stacked MoE experts wait in one host buffer per parameter until their last
-expert is read. Host memory stays near the largest tensor plus those expert buffers, not the whole
-model. Missing, unexpected or mis-shaped keys raise a `CheckpointError` naming every one.
+sharding (`jax.make_array_from_callback`). On several hosts each process reads from the files only
+the part of each parameter its devices hold (`host_box`; the transforms read boxes, see
+`models/hf_keys.py`), and experts held elsewhere are not read at all. Stacked MoE experts wait in
+one host buffer per parameter until its last local expert is read. Host memory stays near the
+largest tensor plus those expert buffers, not the whole model. Missing, unexpected or mis-shaped keys raise a `CheckpointError` naming every one.
 
 An AutoDeco checkpoint (config.json `model_type: "autodeco"`, the official wrapper's config: every
 base field plus `base_model_type`) loads as its base model: the config with `model_type =
@@ -163,11 +164,37 @@ def _resolve_keys(path, specs, files):
     return resolved
 
 
-def _place(host_array, sharding):
-    """One parameter onto its sharding; each process fills only the slices its devices hold."""
+def host_box(sharding, shape) -> tuple[tuple[int, int], ...]:
+    """The part of a parameter this process's devices hold: the bounding box of their slices."""
+    full = tuple((0, n) for n in shape)
     if sharding is None:
-        return jax.device_put(host_array)
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+        return full
+    indices = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+    box = []
+    for d, n in enumerate(shape):
+        spans = [idx[d].indices(n)[:2] for idx in indices]
+        box.append((min(a for a, _ in spans), max(b for _, b in spans)))
+    return tuple(box)
+
+
+def _place(block, box, full_shape, sharding):
+    """One parameter onto its sharding from the host `block` that holds `box` of it."""
+    if sharding is None:
+        return jax.device_put(block)
+
+    def local(index):
+        return block[_within_box(index, box, full_shape)]
+
+    return jax.make_array_from_callback(tuple(full_shape), sharding, local)
+
+
+def _within_box(index, box, full_shape):
+    """A device's index (slices of the whole parameter) as indices into the block holding `box`."""
+    out = []
+    for sl, (start, _), n in zip(index, box, full_shape):
+        a, b, _ = sl.indices(n)
+        out.append(slice(a - start, b - start))
+    return tuple(out)
 
 
 def stored_dtype(hf_config: dict):
@@ -211,18 +238,29 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
         files, stored = _autodeco_base_keys(path, files)
     resolved = _resolve_keys(path, arch.hf_key_specs(config), files)
 
+    def sharding_of(param_path):
+        return None if param_shardings is None else _get(param_shardings, param_path)
+
+    boxes = {}  # param path -> the box of it this process's devices hold
+    for s in resolved.values():
+        if s.path not in boxes:
+            boxes[s.path] = host_box(sharding_of(s.path), _shape_dtype_of(abstract, s)[1])
+
+    def is_local(s):  # an expert no local device holds is never read
+        return s.expert is None or boxes[s.path][0][0] <= s.expert < boxes[s.path][0][1]
+
     by_file = defaultdict(list)
     for key in resolved:
         by_file[files[key]].append(key)
-    experts_left = defaultdict(int)  # stacked param -> experts not read yet
+    experts_left = defaultdict(int)  # stacked param -> local experts not read yet
     for s in resolved.values():
-        if s.expert is not None:
+        if s.expert is not None and is_local(s):
             experts_left[s.path] += 1
     params, buffers, misshaped = {}, {}, []
 
-    def finish(param_path, host_array):
-        sharding = None if param_shardings is None else _get(param_shardings, param_path)
-        _set(params, param_path, _place(host_array, sharding))
+    def finish(param_path, block):
+        full_shape = tuple(_get(abstract, param_path).shape)
+        _set(params, param_path, _place(block, boxes[param_path], full_shape, sharding_of(param_path)))
 
     for fn in sorted(by_file):
         with safe_open(fn, "numpy") as f:
@@ -230,18 +268,22 @@ def load_hf_checkpoint(path, dtype=None, *, compute_dtype=None, param_shardings=
                 s = resolved[key]
                 shape, full_shape = _shape_dtype_of(abstract, s)
                 want = s.transform.hf_shape(shape)
-                got = tuple(f.get_slice(stored[key]).get_shape())
+                tensor = f.get_slice(stored[key])
+                got = tuple(tensor.get_shape())
                 if got != want:
                     misshaped.append(f"{stored[key]}: got {list(got)}, expected {list(want)}")
                     continue
+                if not is_local(s):
+                    continue
                 target = np.float32 if s.path[-1] in arch.keep_float32 else dtype
-                w = np.asarray(s.transform.to_ours(f.get_tensor(stored[key]), shape), target)
+                box = boxes[s.path]
+                w = np.asarray(s.transform.read_box(tensor.__getitem__, shape, box[-len(shape) :]), target)
                 if s.expert is None:
                     finish(s.path, w)
                     continue
                 if s.path not in buffers:
-                    buffers[s.path] = np.zeros(full_shape, target)
-                buffers[s.path][s.expert] = w
+                    buffers[s.path] = np.zeros([b - a for a, b in box], target)
+                buffers[s.path][s.expert - box[0][0]] = w
                 experts_left[s.path] -= 1
                 if experts_left[s.path] == 0:
                     finish(s.path, buffers.pop(s.path))

@@ -4,6 +4,12 @@ A family writes its checkpoint layout as a list of entries
 `(kind, hub key template, param path template, transform[, aliases])` with `{i}` the layer and
 `{e}` the expert, and expands it for one config with `expand_table`: the loader and writer in
 `models/hf.py` then work for every family alike.
+
+Each transform also reads a box of our parameter (`read_box`): the part of the hub tensor under it
+and no more, so a process of a multi-host run reads from the files only what its devices hold. A
+box is one (start, stop) pair per dimension of our shape. Flattened dimension groups are read as
+one contiguous range that covers the box (the box widened where its flat indices are not one
+range: sharding splits one dimension of a group, so this is rarely wider than the box).
 """
 
 from __future__ import annotations
@@ -11,6 +17,41 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Callable
+
+Box = tuple[tuple[int, int], ...]
+
+
+def _widen(box: Box, dims) -> Box:
+    """The smallest box holding `box` whose row-major flat indices over `dims` form one range."""
+    for k, (start, stop) in enumerate(box):
+        if stop - start > 1:  # the first dimension spanning more than one index: later ones go whole
+            return tuple(box[: k + 1]) + tuple((0, n) for n in dims[k + 1 :])
+    return tuple(box)
+
+
+def _flat_range(box: Box, dims) -> tuple[int, int]:
+    """[lo, hi) of a `_widen`ed box's flat indices over `dims`."""
+    strides = [math.prod(dims[k + 1 :]) for k in range(len(dims))]
+    lo = sum(start * s for (start, _), s in zip(box, strides))
+    hi = sum((stop - 1) * s for (_, stop), s in zip(box, strides)) + 1
+    return lo, hi
+
+
+def _lengths(box: Box) -> tuple[int, ...]:
+    return tuple(stop - start for start, stop in box)
+
+
+def _within(box: Box, outer: Box) -> tuple[slice, ...]:
+    """`box` as indices into an array holding `outer`."""
+    return tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, outer))
+
+
+def _read_flat(get, hub_shape, lo: int, hi: int):
+    """Flat elements [lo, hi) of a hub tensor, reading whole rows of its first dimension only."""
+    row = math.prod(hub_shape[1:])
+    first, last = lo // row, (hi - 1) // row + 1
+    w = get((slice(first, last),) + tuple(slice(0, n) for n in hub_shape[1:]))
+    return w.reshape(-1)[lo - first * row : hi - first * row]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +64,9 @@ class Identity:
 
     def to_hf(self, p, shape):
         return p
+
+    def read_box(self, get, shape, box: Box):
+        return get(tuple(slice(a, b) for a, b in box))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +84,13 @@ class Linear:
     def to_hf(self, p, shape):
         return p.reshape(math.prod(shape[: self.n_in]), -1).T
 
+    def read_box(self, get, shape, box: Box):
+        n = self.n_in
+        box_in, box_out = _widen(box[:n], shape[:n]), _widen(box[n:], shape[n:])
+        (i0, i1), (o0, o1) = _flat_range(box_in, shape[:n]), _flat_range(box_out, shape[n:])
+        w = get((slice(o0, o1), slice(i0, i1))).T.reshape(_lengths(box_in + box_out))
+        return w[_within(box, box_in + box_out)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -53,6 +104,13 @@ class Conv:
 
     def to_hf(self, p, shape):
         return p.reshape(shape[0], -1).T[:, None, :]
+
+    def read_box(self, get, shape, box: Box):
+        box_ch = _widen(box[1:], shape[1:])
+        c0, c1 = _flat_range(box_ch, shape[1:])
+        (w0, w1), outer = box[0], (box[0],) + box_ch
+        w = get((slice(c0, c1), slice(0, 1), slice(w0, w1)))[:, 0, :].T.reshape(_lengths(outer))
+        return w[_within(box, outer)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +127,12 @@ class Reshape:
 
     def to_hf(self, p, shape):
         return p.reshape(self.hf_shape(shape))
+
+    def read_box(self, get, shape, box: Box):
+        outer = _widen(box, shape)
+        lo, hi = _flat_range(outer, shape)
+        w = _read_flat(get, self.hf_shape(shape), lo, hi).reshape(_lengths(outer))
+        return w[_within(box, outer)]
 
 
 @dataclasses.dataclass(frozen=True)
