@@ -7,10 +7,17 @@
     k         = [k_nope, k_rope broadcast over heads]    no rotation (NoPE)
     o         = o_proj(softmax(q k^T * (nope+rope)^-1/2, causal) v)
 
-Two paths, equal up to float rounding:
-- expanded: per-head K/V materialised (training, prefill);
+Two forms, equal up to float rounding:
+- expanded: per-head K/V from the latent (training, prefill: H kv heads of dim nope+rope / v);
 - absorbed: W_uk folded into the query and W_uv into the output, attention over the cached
-  (normalised) latent and shared rope key, no per-head K/V (decode).
+  (normalised) latent and shared rope key as one kv head (keys [latent, k_rope] of dim
+  kv_lora_rank+rope, values the latent), no per-head K/V (cached appends and decode).
+`impl="auto"` (the default) runs both through the blockwise online-softmax attention of
+`pallas_kernels.attention` (O(T) memory, no [B,H,T,S] scores; `attention_impl` picks its
+backend): expanded without a cache, absorbed with one (the new tokens are written into the
+cache first, then attend slots 0 .. pos[b]+T-1 of row b; key blocks past every row's length are
+never read). `impl="expanded"|"absorbed"` are the dense forms (`mla_expanded`, `mla_absorbed`:
+float32 scores over all keys), kept as references.
 Decode cache: `MLACache(latent_BSR, k_rope_BSP)` of fixed capacity S; `pos` [B] = tokens already in
 it per row (rows may hold different lengths).
 """
@@ -28,6 +35,8 @@ import numpy as np
 from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.attention import cache_mask, causal_mask, write_rows
 from jaxllm.nn.norms import rms_norm
+from pallas_kernels.attention import IMPLS as ATTENTION_IMPLS
+from pallas_kernels.attention import attention
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -115,6 +124,39 @@ def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: i
     return jnp.einsum("bhtr,rhv->bthv", ctx_BHTR, w_uv)
 
 
+def mla_blockwise_expanded(
+    q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, segment_ids, *, nope, scale, impl="auto"
+):
+    """Causal self-attention with per-head K/V (training, prefill) in O(T) memory. o_BTHV in q's dtype."""
+    H = q_BTHD.shape[2]
+    kv_BTHX = project(latent_BTR.astype(q_BTHD.dtype), w_kvb_RHX)
+    k_rope_BTHP = jnp.broadcast_to(
+        k_rope_BTP[:, :, None].astype(q_BTHD.dtype), k_rope_BTP.shape[:2] + (H, k_rope_BTP.shape[-1])
+    )
+    k_BTHD = jnp.concatenate([kv_BTHX[..., :nope], k_rope_BTHP], axis=-1)
+    return attention(q_BTHD, k_BTHD, kv_BTHX[..., nope:], scale=scale, segment_ids=segment_ids, impl=impl)
+
+
+def mla_blockwise_absorbed(q_BTHD, cache: MLACache, pos_B, w_kvb_RHX, *, nope, scale, impl="auto"):
+    """T queries at positions pos[b] .. pos[b]+T-1 over cache slots 0 .. pos[b]+T-1 (the new tokens
+    already written), absorbed: one shared kv head, keys [latent, k_rope] read in place from the
+    cache, values the latent; W_uk folds into the query, W_uv into the output. o_BTHV in q's dtype."""
+    T = q_BTHD.shape[1]
+    dt = q_BTHD.dtype
+    w_uk_RHN, w_uv_RHV = w_kvb_RHX[..., :nope].astype(dt), w_kvb_RHX[..., nope:].astype(dt)
+    q_lat_BTHR = jnp.einsum(
+        "bthn,rhn->bthr", q_BTHD[..., :nope], w_uk_RHN, preferred_element_type=jnp.float32
+    )
+    q_BTHK = jnp.concatenate([q_lat_BTHR.astype(dt), q_BTHD[..., nope:]], axis=-1)
+    lat_BS1R, kr_BS1P = cache.latent_BSR[:, :, None], cache.k_rope_BSP[:, :, None]
+    ctx_BTHR = attention(
+        q_BTHK, (lat_BS1R, kr_BS1P), lat_BS1R, scale=scale, q_offset=pos_B, kv_length=pos_B + T, impl=impl
+    )
+    return jnp.einsum(
+        "bthr,rhv->bthv", ctx_BTHR.astype(dt), w_uv_RHV, preferred_element_type=jnp.float32
+    ).astype(dt)
+
+
 class MLA(nn.Module):
     hidden_size: int
     num_heads: int
@@ -124,7 +166,10 @@ class MLA(nn.Module):
     v_head_dim: int
     q_lora_rank: int | None = None
     latent_norm_eps: float = LATENT_NORM_EPS
-    impl: str = "auto"  # "auto" (absorbed for one-token decode, else expanded) | "expanded" | "absorbed"
+    impl: str = (
+        "auto"  # "auto" (blockwise: expanded w/o cache, absorbed with) | dense "expanded" | "absorbed"
+    )
+    attention_impl: str = "auto"  # backend of the blockwise attention (pallas_kernels.attention.IMPLS)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -135,6 +180,10 @@ class MLA(nn.Module):
     def __call__(self, x_BTD, *, segment_ids=None, cache: MLACache | None = None, pos=None):
         if self.impl not in ("auto", "expanded", "absorbed"):
             raise ValueError(f"MLA.impl must be 'auto', 'expanded' or 'absorbed', got {self.impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"MLA.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         D, H, R = self.hidden_size, self.num_heads, self.kv_lora_rank
         N, P, Vd = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         pd = self.param_dtype
@@ -167,30 +216,47 @@ class MLA(nn.Module):
         k_rope_BTP = ckv[..., R:]
         scale = 1.0 / math.sqrt(N + P)
 
-        new_cache = None
-        if cache is None:
-            lat, kr = latent_BTR, k_rope_BTP
-            mask = causal_mask(T, segment_ids)
-            absorbed = self.impl == "absorbed"
-        else:
+        if cache is not None:
             if segment_ids is not None:
                 raise ValueError("MLA: segment_ids (packed rows) cannot be combined with a decode cache")
             if pos is None:
                 raise ValueError("MLA: a cache needs `pos` [B], the number of tokens already cached per row")
-            S = cache.latent_BSR.shape[1]
             # new tokens at the cache's precision, as later steps will read them
             latent_BTR = latent_BTR.astype(cache.latent_BSR.dtype)
             k_rope_BTP = k_rope_BTP.astype(cache.k_rope_BSP.dtype)
-            lat = (cache.latent_BSR, latent_BTR)
-            kr = (cache.k_rope_BSP, k_rope_BTP)
             pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32).reshape(-1), (B,))
-            mask = (cache_mask(pos_B, T, S), causal_mask(T))
-            absorbed = self.impl == "absorbed" or (self.impl == "auto" and T == 1)
-        fn = mla_absorbed if absorbed else mla_expanded
-        o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
-        if cache is not None:
+        if self.impl == "auto":
+            if cache is None:
+                o_BTHV = mla_blockwise_expanded(
+                    q_BTHD,
+                    latent_BTR,
+                    k_rope_BTP,
+                    kv_b,
+                    segment_ids,
+                    nope=N,
+                    scale=scale,
+                    impl=self.attention_impl,
+                )
+                return project(o_BTHV.astype(self.dtype), o_w, n_in=2), None
             new_cache = MLACache(
                 write_rows(cache.latent_BSR, latent_BTR, pos_B),
                 write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B),
             )
+            o_BTHV = mla_blockwise_absorbed(
+                q_BTHD, new_cache, pos_B, kv_b, nope=N, scale=scale, impl=self.attention_impl
+            )
+            return project(o_BTHV.astype(self.dtype), o_w, n_in=2), new_cache
+        # the dense reference forms
+        fn = mla_absorbed if self.impl == "absorbed" else mla_expanded
+        if cache is None:
+            o_BTHV = fn(
+                q_BTHD, latent_BTR, k_rope_BTP, kv_b, causal_mask(T, segment_ids), nope=N, scale=scale
+            )
+            return project(o_BTHV.astype(self.dtype), o_w, n_in=2), None
+        lat, kr = (cache.latent_BSR, latent_BTR), (cache.k_rope_BSP, k_rope_BTP)
+        mask = (cache_mask(pos_B, T, cache.latent_BSR.shape[1]), causal_mask(T))
+        o_BTHV = fn(q_BTHD, lat, kr, kv_b, mask, nope=N, scale=scale).astype(self.dtype)
+        new_cache = MLACache(
+            write_rows(cache.latent_BSR, latent_BTR, pos_B), write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B)
+        )
         return project(o_BTHV, o_w, n_in=2), new_cache

@@ -1,0 +1,123 @@
+"""Shared pieces of every attention implementation: argument checks, the visibility rule, the
+online-softmax block step.
+
+Shapes: q `[B,T,H,K]`, k `[B,S,G,K]` (or a tuple of key parts `[B,S,G,K_i]` whose features
+concatenate to K), v `[B,S,G,V]`, H a multiple of G (query head h reads kv head h // (H // G)).
+Query t of row b sits at position `q_offset[b] + t`; key s at position s. Key s is visible to it
+iff s < kv_length[b], s <= its position (causal), and both are in the same document (segment ids
+are change points, compared through `document_index`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.kda.common import document_index
+
+F32 = jnp.float32
+NEG = float(jnp.finfo(jnp.float32).min)  # masked score: finite, so a fully masked row stays NaN-free
+
+
+class Problem(NamedTuple):
+    """Checked arguments, normalised: key parts as a tuple, per-row int32 offsets and lengths."""
+
+    q: jax.Array  # [B,T,H,K]
+    k_parts: tuple  # ([B,S,G,K_i], ...)
+    v: jax.Array  # [B,S,G,V]
+    q_offset_B: jax.Array  # int32 [B]
+    kv_length_B: jax.Array  # int32 [B]
+    doc_BT: jax.Array | None  # document index of each token (self-attention, S == T) or None
+    scale: float
+    causal: bool
+
+
+def key_parts(k) -> tuple:
+    return tuple(k) if isinstance(k, (tuple, list)) else (k,)
+
+
+def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length) -> Problem:
+    """Raise ValueError naming the argument for any shape/dtype mismatch; return the Problem."""
+    parts = key_parts(k)
+    if q.ndim != 4:
+        raise ValueError(f"attention: q must be [B,T,H,K], got shape {q.shape}")
+    B, T, H, K = q.shape
+    if v.ndim != 4 or v.shape[0] != B:
+        raise ValueError(f"attention: v must be [B,S,G,V] with B={B}, got {v.shape}")
+    S, G = v.shape[1], v.shape[2]
+    for i, kp in enumerate(parts):
+        if kp.ndim != 4 or kp.shape[:3] != (B, S, G):
+            raise ValueError(
+                f"attention: key part {i} must be [B,S,G,K_i] = [{B},{S},{G},K_i], got {kp.shape}"
+            )
+    if sum(kp.shape[-1] for kp in parts) != K:
+        dims = [kp.shape[-1] for kp in parts]
+        raise ValueError(f"attention: key feature dims {dims} must add up to q's head dim {K}")
+    if G == 0 or H % G:
+        raise ValueError(f"attention: q heads {H} must be a multiple of kv heads {G}")
+    for name, x in (("q", q), ("v", v), *((f"k[{i}]", kp) for i, kp in enumerate(parts))):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"attention: {name} must be a floating array, got dtype {x.dtype}")
+    doc = None
+    if segment_ids is not None:
+        if S != T:
+            raise ValueError(f"attention: segment_ids need self-attention (S == T), got T={T}, S={S}")
+        if q_offset is not None:
+            raise ValueError("attention: segment_ids (packed rows) cannot be combined with q_offset")
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"attention: segment_ids must be [B,T] = {(B, T)}, got {segment_ids.shape}")
+        doc = document_index(segment_ids)
+    offset = _per_row("q_offset", q_offset, B, 0)
+    length = _per_row("kv_length", kv_length, B, S)
+    scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
+    return Problem(q, parts, v, offset, length, doc, scale, bool(causal))
+
+
+def _per_row(name, x, B, default):
+    if x is None:
+        return jnp.full((B,), default, jnp.int32)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"attention: {name} must be integer, got {x.dtype}")
+    if x.ndim > 1 or (x.ndim == 1 and x.shape[0] not in (1, B)):
+        raise ValueError(f"attention: {name} must be a scalar or [B] = [{B}], got shape {x.shape}")
+    return jnp.broadcast_to(x.astype(jnp.int32).reshape(-1), (B,))
+
+
+def visible(q_pos, k_pos, kv_len, q_doc, k_doc, *, causal):
+    """Boolean mask (broadcasting): key at k_pos visible to the query at q_pos."""
+    mask = k_pos < kv_len
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+    if q_doc is not None:
+        mask = mask & (q_doc == k_doc)
+    return mask
+
+
+def keys_needed(q_offset, q_end, kv_len, *, causal):
+    """Exclusive bound on the keys any of the queries q_offset+[0, q_end) can see (per row)."""
+    return jnp.minimum(kv_len, q_offset + q_end) if causal else kv_len
+
+
+def online_step(s, mask, m, l, acc, pv):
+    """One key block of the online softmax (float32 statistics).
+
+    s: scores [..., r, c]; mask broadcastable to s; m, l: [..., r, 1]; acc: [..., r, V];
+    pv(p) -> [..., r, V] the weighted values of this block. Masked keys get weight exactly 0.
+    """
+    s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)  # rescale what earlier blocks summed against the old max
+    return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv(p)
+
+
+def finish(m, l, acc):
+    """Output and log-sum-exp of the accumulated blocks; rows that saw no key give 0 (lse 0)."""
+    seen = l > 0
+    o = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return o, lse

@@ -1,0 +1,44 @@
+"""Dense softmax attention: the ground truth every blockwise path is tested against.
+
+Materialises the `[B,H,T,S]` scores (float32), so it is for tests and small shapes only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import common as c
+
+
+def attention_reference(q, k, v, *, scale=None, causal=True, segment_ids=None, q_offset=None, kv_length=None):
+    """softmax(q k^T * scale, visible) v; see `pallas_kernels.attention.attention`. o in v's dtype."""
+    pb = c.problem(
+        q, k, v, scale=scale, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_length=kv_length
+    )
+    B, T, H, _ = q.shape
+    S, G = v.shape[1], v.shape[2]
+    k_BSGK = jnp.concatenate([kp.astype(c.F32) for kp in pb.k_parts], axis=-1)
+    q_BTGRK = q.astype(c.F32).reshape(B, T, G, H // G, -1)
+    s = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, precision="highest") * pb.scale
+    q_pos = pb.q_offset_B[:, None] + jnp.arange(T)[None]  # [B,T]
+    k_pos = jnp.arange(S)
+    doc = pb.doc_BT
+    mask_BTS = c.visible(
+        q_pos[:, :, None],
+        k_pos[None, None, :],
+        pb.kv_length_B[:, None, None],
+        None if doc is None else doc[:, :, None],
+        None if doc is None else doc[:, None, :],
+        causal=pb.causal,
+    )
+    mask = mask_BTS[:, None, None]
+    s = jnp.where(mask, s, c.NEG)
+    p = jnp.where(mask, jnp.exp(s - jnp.max(s, -1, keepdims=True)), 0.0)
+    denom = jnp.sum(p, -1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)  # rows with no visible key give 0
+    o = jnp.einsum("bgrts,bsgv->btgrv", p, v.astype(c.F32), precision="highest")
+    return o.reshape(B, T, H, -1).astype(v.dtype)
+
+
+attention_reference = jax.jit(attention_reference, static_argnames=("scale", "causal"))
