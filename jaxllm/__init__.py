@@ -8,6 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "complete": ("jaxllm.decode", "complete"),
     "generate": ("jaxllm.decode", "generate"),
     "load_hf_checkpoint": ("jaxllm.models.hf", "load_hf_checkpoint"),
     "save_hf_checkpoint": ("jaxllm.models.hf", "save_hf_checkpoint"),

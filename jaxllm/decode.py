@@ -1,41 +1,149 @@
-"""Cached decoding for any model of the contract (`jaxllm.models.base`): prefill, single-token
-steps in a `lax.fori_loop`, `generate`.
+"""The one inference engine for any model of the contract (`jaxllm.models.base`): a batched cache
+with per-row lengths, ragged prompts, chunked prefill, per-row stops, one `pick` for every path.
 
-The cache is the model's own (`model.init_cache(batch, capacity)`, capacity = prompt length +
-max_new_tokens): Kimi Linear keeps KDA states and MLA latents, the Qwen/Llama families keys and values.
-
-    ids = jaxllm.generate(model, params, prompt_ids_BT, max_new_tokens=32)           # greedy
-    ids = jaxllm.generate(model, params, prompt_ids_BT, max_new_tokens=32,
-                          sampling=SamplingConfig(temperature=0.7, top_p=0.9), rng=key)
+    out = jaxllm.complete(model, params, [[5, 9, 2], [7] * 130], max_new_tokens=32,
+                          stop_ids=[eos_id])                       # greedy; ragged prompts
+    out.tokens[b, :out.lengths[b]]                                 # row b's new tokens (stop included)
+    ids = jaxllm.generate(model, params, prompt_ids_BT, max_new_tokens=32)           # [B, T + 32]
+    ids = jaxllm.generate(..., sampling=SamplingConfig(temperature=0.7, top_p=0.9), rng=key)
     ids = jaxllm.generate(..., sampling=SamplingConfig(mode="autodeco"), rng=key,
                           autodeco=(heads_module, heads_params))
 
-All prompts of a batch have the same length (no padding); returns [B, T + max_new_tokens] int32.
+How it works:
+- One cache for the whole batch (`model.init_cache`); row b holds `cache.pos[b]` tokens. Prompts of
+  different lengths are right-padded to one bucketed length and run through `append` in chunks of
+  `prefill_chunk` tokens; each append says how many of its tokens are real per row (the contract's
+  `lengths`), so a row's padding never reaches its state and the next token goes to its own slot.
+- Prompt lengths are bucketed (powers of two up to the chunk, then multiples of it): a new length
+  compiles nothing new until it crosses a bucket.
+- Decoding runs in a `lax.while_loop` that ends when every row has stopped (a stop id, a stop
+  sequence, or `max_new_tokens`). A finished row appends nothing: its length is 0, so its state
+  and cache stay as they were.
+- `pick` is the only token chooser: greedy, every `SamplingConfig` mode, AutoDeco heads, penalties;
+  per-row PRNG keys, so a row samples the same tokens whatever else is in its batch.
+- `append` and `decode` are also public (jitted, the cache donated): the agent's rollouts feed
+  observations of different lengths per row through `append`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.models.base import LanguageModel, check_token_ids
 
-
-def prefill(model: LanguageModel, params, prompt_ids_BT, capacity: int, *, cache_dtype=None):
-    """Run the prompt into a fresh cache of `capacity` tokens: (logits_BTV, hidden_BTD, cache)."""
-    cache = model.init_cache(prompt_ids_BT.shape[0], capacity, cache_dtype)
-    out = model.apply(params, prompt_ids_BT, cache=cache)
-    return out.logits, out.hidden, out.cache
+DEFAULT_PREFILL_CHUNK = 256  # tokens per row per append while prefilling
+MIN_BUCKET = 8
 
 
-def decode_step(model: LanguageModel, params, token_B, cache):
-    """One token per row after the cached ones: (logits_BV, hidden_BD, new cache)."""
-    out = model.apply(params, token_B[:, None], cache=cache)
-    return out.logits[:, 0], out.hidden[:, 0], out.cache
+@flax.struct.dataclass
+class Completion:
+    """What `complete` returns; B rows, N = max_new_tokens."""
+
+    tokens: jax.Array  # [B, N] int32 new tokens; pad_id after each row's end
+    lengths: jax.Array  # [B] int32 new tokens per row, the stop token included
+    stopped: jax.Array  # [B] bool: the row ended on a stop id or stop sequence
+    logprobs: jax.Array  # [B, N] float32 log-probability of each token under the model (raw logits)
 
 
+# ------------------------------------------------------------------------------------ prompts
+def prompt_bucket(n: int, chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """The padded prompt length of a longest prompt of n tokens: a power of two (>= 8) up to the
+    chunk, then a multiple of the chunk."""
+    if n <= chunk:
+        return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // chunk) * chunk
+
+
+def pad_prompts(prompts, vocab_size: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts (a [B,T] array or a list of id sequences) -> (ids [B,Tmax] right-padded, lengths [B])."""
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
+        ids = np.asarray(prompts)
+        check_token_ids(ids, vocab_size, "prompt_ids")
+        if ids.shape[1] < 1:
+            raise ValueError("prompt_ids must hold at least one token per row")
+        return ids.astype(np.int32), np.full(ids.shape[0], ids.shape[1], np.int32)
+    if isinstance(prompts, (np.ndarray, jax.Array)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(
+            "prompt_ids must be a [B,T] integer array or a non-empty list of token id sequences, "
+            f"got {type(prompts).__name__} {getattr(prompts, 'shape', '')}"
+        )
+    rows = []
+    for b, p in enumerate(prompts):
+        row = np.asarray(p)
+        if row.ndim != 1 or row.size == 0:
+            raise ValueError(
+                f"prompt {b} must be a non-empty 1-D sequence of token ids, got shape {row.shape}"
+            )
+        check_token_ids(row, vocab_size, f"prompt {b}")
+        rows.append(row.astype(np.int32))
+    lengths = np.array([len(r) for r in rows], np.int32)
+    ids = np.full((len(rows), lengths.max()), pad_id, np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+    return ids, lengths
+
+
+def stop_table(stop_ids, batch: int, vocab_size: int) -> np.ndarray:
+    """Stop ids as int32 [B, S] (-1 = none): one list for every row, or one list per row."""
+    if stop_ids is None:
+        stop_ids = []
+    lists = list(stop_ids)
+    per_row = bool(lists) and all(isinstance(x, (list, tuple, np.ndarray)) for x in lists)
+    if not per_row:
+        lists = [lists] * batch
+    if len(lists) != batch:
+        raise ValueError(f"stop_ids: one list per row needs {batch} lists, got {len(lists)}")
+    width = max(1, max(len(x) for x in lists))
+    table = np.full((batch, width), -1, np.int32)
+    for b, ids in enumerate(lists):
+        for j, t in enumerate(ids):
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < vocab_size:
+                raise ValueError(f"stop_ids: row {b} holds {t!r}; stop ids must be ints in [0, {vocab_size})")
+            table[b, j] = t
+    return table
+
+
+def sequence_table(stop_sequences, batch: int, vocab_size: int) -> np.ndarray:
+    """Stop sequences as int32 [B, S, L] right-aligned (-1 before a shorter sequence's first id)."""
+    lists = list(stop_sequences or [])
+    per_row = bool(lists) and all(
+        isinstance(x, (list, tuple)) and all(isinstance(y, (list, tuple, np.ndarray)) for y in x)
+        for x in lists
+    )
+    if not per_row:
+        lists = [lists] * batch
+    if len(lists) != batch:
+        raise ValueError(f"stop_sequences: one list per row needs {batch} lists, got {len(lists)}")
+    n = max(1, max(len(x) for x in lists))
+    width = max([1] + [len(s) for x in lists for s in x])
+    table = np.full((batch, n, width), -1, np.int32)
+    for b, seqs in enumerate(lists):
+        for j, seq in enumerate(seqs):
+            seq = np.asarray(seq)
+            if seq.ndim != 1 or seq.size == 0:
+                raise ValueError(f"stop_sequences: row {b} sequence {j} must be a non-empty list of ids")
+            check_token_ids(seq, vocab_size, f"stop_sequences row {b}")
+            table[b, j, width - seq.size :] = seq
+    return table
+
+
+def sequence_hit(out_BN, n_B, table_BSL):
+    """[B] bool: row b's last generated tokens (out[b, :n[b]]) end with one of its stop sequences."""
+    L = table_BSL.shape[-1]
+    idx_BL = n_B[:, None] - L + jnp.arange(L)[None]
+    tail_BL = jnp.where(idx_BL >= 0, jnp.take_along_axis(out_BN, jnp.maximum(idx_BL, 0), axis=1), -2)
+    match_BSL = (table_BSL == -1) | (table_BSL == tail_BL[:, None, :])
+    real_BS = (table_BSL != -1).any(-1)
+    return (match_BSL.all(-1) & real_BS).any(-1)
+
+
+# ------------------------------------------------------------------------------------ picking
 def _heads_outputs(out):
     if isinstance(out, dict):
         return out["temperature_B"], out["top_p_B"]
@@ -43,44 +151,258 @@ def _heads_outputs(out):
     return t, p
 
 
-@functools.lru_cache(maxsize=32)
-def _generate_fn(
-    model_cls, config, prompt_len: int, max_new_tokens: int, sampling, heads_module, cache_dtype
+def pick(
+    logits_BV,
+    hidden_BD,
+    keys_B,
+    *,
+    sampling=None,
+    heads=None,
+    heads_params=None,
+    prev_tokens_BN=None,
+    prev_count_B=None,
 ):
+    """The next token of every row: greedy (sampling None), else `sample_next` with per-row keys,
+    AutoDeco heads (`heads.apply(heads_params, hidden_BD, logits_BV)` -> temperature/top-p per row)
+    and penalties over each row's first `prev_count[b]` previous tokens."""
+    if sampling is None:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    from jaxllm.ops.sampling import sample_next
+
+    kw = {}
+    heads_module = heads
+    if heads_module is not None:
+        t_B, p_B = _heads_outputs(heads_module.apply(heads_params, hidden_BD, logits_BV))
+        kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))
+    if prev_tokens_BN is not None:
+        kw["prev_tokens_BT"] = prev_tokens_BN
+        kw["prev_mask_BT"] = jnp.arange(prev_tokens_BN.shape[1])[None] < prev_count_B[:, None]
+    return sample_next(logits_BV, keys_B, sampling, **kw)
+
+
+def split_rows(keys_B):
+    """(next keys, keys to draw with now), one per row."""
+    both = jax.vmap(jax.random.split)(keys_B)
+    return both[:, 0], both[:, 1]
+
+
+def row_keys(rng, batch: int):
+    """[B] typed keys from one key (split) or a batch of per-row keys (kept)."""
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.dtype != jnp.uint32 or rng.ndim not in (1, 2):
+            raise ValueError(f"rng must be a PRNG key or [B] keys, got dtype {rng.dtype} shape {rng.shape}")
+        rng = jax.random.wrap_key_data(rng)
+    if rng.shape == ():
+        return jax.random.split(rng, batch)
+    if rng.shape != (batch,):
+        raise ValueError(f"rng: one key per row needs [B] = [{batch}] keys, got shape {rng.shape}")
+    return rng
+
+
+# ------------------------------------------------------------------------------------ the engine
+def _last_real(x_BT, lengths_B):
+    """x[b, lengths[b]-1] for every row (row 0 when a row appended nothing; the caller keeps its old one)."""
+    idx = jnp.maximum(lengths_B - 1, 0)
+    return jnp.take_along_axis(x_BT, idx.reshape((-1, 1) + (1,) * (x_BT.ndim - 2)), axis=1)[:, 0]
+
+
+def append_tokens(model, params, cache, ids_BT, lengths_B, last_logits_BV, last_hidden_BD):
+    """Append up to T tokens per row (the first lengths[b] are real) to the cache; returns (cache,
+    logits and hidden at each row's last real token, the old ones for rows that appended nothing)."""
+    out = model.apply(params, ids_BT, cache=cache, lengths=lengths_B)
+    fed = (lengths_B > 0)[:, None]
+    logits = jnp.where(fed, _last_real(out.logits, lengths_B), last_logits_BV)
+    hidden = jnp.where(fed, _last_real(out.hidden, lengths_B).astype(last_hidden_BD.dtype), last_hidden_BD)
+    return out.cache, logits, hidden
+
+
+def prefill_chunks(model, params, cache, ids_BP, lengths_B, chunk: int):
+    """Append right-padded prompts [B,P] in chunks of `chunk` (P a multiple of it, or P <= chunk)."""
+    B, P = ids_BP.shape
+    C = min(chunk, P)
+    if P % C:
+        raise ValueError(f"prefill: padded length {P} is not a multiple of the chunk {C}")
+    V, D = model.config.vocab_size, model.config.hidden_size
+    logits = jnp.zeros((B, V), jnp.float32)
+    hidden = jnp.zeros((B, D), model.config.compute_dtype)
+
+    def one(carry, c):
+        cache, logits, hidden = carry
+        ids = jax.lax.dynamic_slice_in_dim(ids_BP, c * C, C, axis=1)
+        n_B = jnp.clip(lengths_B - c * C, 0, C)
+        return append_tokens(model, params, cache, ids, n_B, logits, hidden), None
+
+    (cache, logits, hidden), _ = jax.lax.scan(one, (cache, logits, hidden), jnp.arange(P // C))
+    return cache, logits, hidden
+
+
+def decode_loop(
+    model,
+    params,
+    cache,
+    logits_BV,
+    hidden_BD,
+    keys_B,
+    active_B,
+    stop_BS,
+    seq_BSL,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    sampling=None,
+    heads=None,
+    heads_params=None,
+):
+    """Pick, record and append one token per active row until every row has stopped.
+
+    Returns (Completion, cache, keys). A row stops after a stop id, a stop sequence or
+    max_new_tokens new tokens; inactive rows produce nothing.
+    """
+    B, N = logits_BV.shape[0], max_new_tokens
+    out = jnp.full((B, N), pad_id, jnp.int32)
+    logp = jnp.zeros((B, N), jnp.float32)
+    n_B = jnp.zeros((B,), jnp.int32)
+
+    def cond(c):
+        step, done = c[0], c[6]
+        return (step < N) & ~jnp.all(done)
+
+    def body(c):
+        step, cache, logits, hidden, keys, out, done, stopped, n_B, logp = c
+        keys, draw = split_rows(keys)
+        tok = pick(
+            logits,
+            hidden,
+            draw,
+            sampling=sampling,
+            heads=heads,
+            heads_params=heads_params,
+            prev_tokens_BN=out,
+            prev_count_B=n_B,
+        )
+        live = ~done
+        tok = jnp.where(live, tok, pad_id)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+        out = out.at[:, step].set(tok)
+        logp = logp.at[:, step].set(jnp.where(live, lp, 0.0))
+        n_B = n_B + live
+        hit = live & ((tok[:, None] == stop_BS).any(-1) | sequence_hit(out, n_B, seq_BSL))
+        stopped = stopped | hit
+        done = done | hit | (n_B >= N)
+
+        def feed(args):
+            cache, logits, hidden = args
+            return append_tokens(
+                model, params, cache, tok[:, None], (~done).astype(jnp.int32), logits, hidden
+            )
+
+        cache, logits, hidden = jax.lax.cond(jnp.any(~done), feed, lambda a: a, (cache, logits, hidden))
+        return step + 1, cache, logits, hidden, keys, out, done, stopped, n_B, logp
+
+    init = (0, cache, logits_BV, hidden_BD, keys_B, out, ~active_B, jnp.zeros((B,), bool), n_B, logp)
+    _, cache, _, _, keys, out, _, stopped, n_B, logp = jax.lax.while_loop(cond, body, init)
+    return Completion(out, n_B, stopped, logp), cache, keys
+
+
+@functools.lru_cache(maxsize=32)
+def _complete_fn(model_cls, config, padded_len, max_new_tokens, sampling, heads, cache_dtype, chunk, pad_id):
     model = model_cls(config)
-    total = prompt_len + max_new_tokens
 
-    def pick(logits_BV, hidden_BD, rng, out_BN, n_done, heads_params):
-        if sampling is None:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        from jaxllm.ops.sampling import sample_next
-
-        kw = {}
-        if heads_module is not None:
-            t_B, p_B = _heads_outputs(heads_module.apply(heads_params, hidden_BD, logits_BV))
-            kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))
-        mask_BN = jnp.broadcast_to(jnp.arange(out_BN.shape[1])[None] < n_done, out_BN.shape)
-        return sample_next(logits_BV, rng, sampling, prev_tokens_BT=out_BN, prev_mask_BT=mask_BN, **kw)
-
-    def run(params, prompt_BT, rng, heads_params):
-        B = prompt_BT.shape[0]
-        logits, hidden, cache = prefill(model, params, prompt_BT, total, cache_dtype=cache_dtype)
-        out = jnp.zeros((B, max(max_new_tokens, 1)), jnp.int32)
-        rng, sub = jax.random.split(rng)
-        tok = pick(logits[:, -1], hidden[:, -1], sub, out, 0, heads_params)
-        out = out.at[:, 0].set(tok)
-
-        def body(i, carry):
-            cache, tok, out, rng = carry
-            logits_BV, hidden_BD, cache = decode_step(model, params, tok, cache)
-            rng, sub = jax.random.split(rng)
-            nxt = pick(logits_BV, hidden_BD, sub, out, i, heads_params)
-            return cache, nxt, out.at[:, i].set(nxt), rng
-
-        _, _, out, _ = jax.lax.fori_loop(1, max_new_tokens, body, (cache, tok, out, rng))
-        return jnp.concatenate([prompt_BT, out[:, :max_new_tokens]], axis=1)
+    def run(params, ids_BP, lengths_B, keys_B, stop_BS, seq_BSL, heads_params):
+        B = ids_BP.shape[0]
+        cache = model.init_cache(B, padded_len + max_new_tokens, cache_dtype)
+        cache, logits, hidden = prefill_chunks(model, params, cache, ids_BP, lengths_B, chunk)
+        done, _, _ = decode_loop(
+            model,
+            params,
+            cache,
+            logits,
+            hidden,
+            keys_B,
+            jnp.ones((B,), bool),
+            stop_BS,
+            seq_BSL,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            sampling=sampling,
+            heads=heads,
+            heads_params=heads_params,
+        )
+        return done
 
     return jax.jit(run)
+
+
+def complete(
+    model: LanguageModel,
+    params,
+    prompts,
+    max_new_tokens: int = 16,
+    sampling=None,
+    rng=None,
+    autodeco=None,
+    *,
+    stop_ids=None,
+    stop_sequences=None,
+    pad_id: int = 0,
+    cache_dtype=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    pad_to: int | None = None,
+) -> Completion:
+    """Continue every prompt (ragged: a list of id sequences, or a [B,T] array) in one batch.
+
+    sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`: one key,
+    split per row, or [B] keys, one per row). autodeco: optional `(heads_module, heads_params)`;
+    `heads_module.apply(heads_params, hidden_BD, logits_BV)` gives per-row temperature and top-p
+    (use `SamplingConfig(mode="autodeco")`). stop_ids: ids that end a row (one list, or one list
+    per row); stop_sequences: id sequences that end a row when its new tokens end with one (one
+    list of sequences, or one per row). pad_to: the padded prompt length (default: the bucket of
+    the longest prompt, `prompt_bucket`); one value for every call compiles once for all of them.
+    """
+    config = model.config
+    ids, lengths = pad_prompts(prompts, config.vocab_size, pad_id)
+    B = ids.shape[0]
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+    if not 0 <= pad_id < config.vocab_size:
+        raise ValueError(f"pad_id must be in [0, {config.vocab_size}), got {pad_id}")
+    heads, heads_params = (None, None) if autodeco is None else autodeco
+    if sampling is not None and rng is None:
+        raise ValueError("sampling needs an `rng` key (jax.random.key(...)), or [B] keys, one per row")
+    if autodeco is not None and sampling is None:
+        raise ValueError("autodeco heads need `sampling` (e.g. SamplingConfig(mode='autodeco'))")
+    keys = row_keys(jax.random.key(0) if rng is None else rng, B)
+    P = prompt_bucket(ids.shape[1], prefill_chunk) if pad_to is None else pad_to
+    if not isinstance(P, int) or P < ids.shape[1] or (P > prefill_chunk and P % prefill_chunk):
+        raise ValueError(
+            f"pad_to must be an int >= the longest prompt ({ids.shape[1]}) and, above prefill_chunk "
+            f"({prefill_chunk}), a multiple of it; got {pad_to!r}"
+        )
+    ids_BP = np.full((B, P), pad_id, np.int32)
+    ids_BP[:, : ids.shape[1]] = ids
+    fn = _complete_fn(
+        type(model),
+        config,
+        P,
+        max_new_tokens,
+        sampling,
+        heads,
+        None if cache_dtype is None else jnp.dtype(cache_dtype),
+        prefill_chunk,
+        pad_id,
+    )
+    return fn(
+        params,
+        jnp.asarray(ids_BP),
+        jnp.asarray(lengths),
+        keys,
+        jnp.asarray(stop_table(stop_ids, B, config.vocab_size)),
+        jnp.asarray(sequence_table(stop_sequences, B, config.vocab_size)),
+        heads_params,
+    )
 
 
 def generate(
@@ -92,40 +414,48 @@ def generate(
     rng=None,
     autodeco=None,
     *,
+    stop_ids=None,
+    pad_id: int = 0,
     cache_dtype=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ):
-    """Prefill the prompts then decode `max_new_tokens` tokens; returns [B, T + max_new_tokens] ids.
-
-    sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`).
-    autodeco: optional `(heads_module, heads_params)`; `heads_module.apply(heads_params, hidden_BD,
-    logits_BV)` gives per-row temperature and top-p (a dict with `temperature_B`/`top_p_B`, or a pair)
-    passed to `sample_next` (use `SamplingConfig(mode="autodeco")`).
-    """
-    config = model.config
+    """`complete` for a [B,T] prompt array: returns [B, T + max_new_tokens] ids (the prompt, then
+    the new tokens; pad_id after a row's stop id). See `complete` for the arguments."""
     prompt = jnp.asarray(prompt_ids)
     if prompt.ndim != 2:
         raise ValueError(f"generate: prompt_ids must be [B,T], got shape {prompt.shape}")
     if prompt.shape[1] < 1:
         raise ValueError("generate: prompt_ids must hold at least one token per row")
-    check_token_ids(prompt, config.vocab_size, "prompt_ids")
+    check_token_ids(prompt, model.config.vocab_size, "prompt_ids")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens == 0:
         return prompt.astype(jnp.int32)
-    heads_module, heads_params = (None, None) if autodeco is None else autodeco
-    if sampling is not None and rng is None:
-        raise ValueError("generate: sampling needs an `rng` key (jax.random.key(...))")
-    if autodeco is not None and sampling is None:
-        raise ValueError("generate: autodeco heads need `sampling` (e.g. SamplingConfig(mode='autodeco'))")
-    if rng is None:
-        rng = jax.random.PRNGKey(0)
-    fn = _generate_fn(
-        type(model),
-        config,
-        prompt.shape[1],
+    done = complete(
+        model,
+        params,
+        prompt,
         max_new_tokens,
         sampling,
-        heads_module,
-        None if cache_dtype is None else jnp.dtype(cache_dtype),
+        rng,
+        autodeco,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        cache_dtype=cache_dtype,
+        prefill_chunk=prefill_chunk,
     )
-    return fn(params, prompt.astype(jnp.int32), rng, heads_params)
+    return jnp.concatenate([prompt.astype(jnp.int32), done.tokens], axis=1)
+
+
+# ------------------------------------------------------------------------------------ single steps
+def prefill(model: LanguageModel, params, prompt_ids_BT, capacity: int, *, cache_dtype=None):
+    """Run equal-length prompts into a fresh cache of `capacity` tokens: (logits_BTV, hidden_BTD, cache)."""
+    cache = model.init_cache(prompt_ids_BT.shape[0], capacity, cache_dtype)
+    out = model.apply(params, prompt_ids_BT, cache=cache)
+    return out.logits, out.hidden, out.cache
+
+
+def decode_step(model: LanguageModel, params, token_B, cache):
+    """One token per row after the cached ones: (logits_BV, hidden_BD, new cache)."""
+    out = model.apply(params, token_B[:, None], cache=cache)
+    return out.logits[:, 0], out.hidden[:, 0], out.cache

@@ -370,6 +370,39 @@ MUTATIONS = [
         ("tests/models/test_hf_host_reads.py::test_a_box_split_along_a_leading_dimension_reads_only_itself",),
         "a Linear read takes every input row instead of the box's",
     ),
+    # issue 15: the engine
+    Mutation(
+        "kda-ragged-writes-padding",
+        "jaxllm/nn/kda_attention.py",
+        "            beta_BTH = jnp.where(valid_BT[:, :, None], beta_BTH, 0.0)\n",
+        "",
+        ("tests/test_engine.py::test_ragged_batch_equals_each_prompt_alone[kimi_linear_tiny]",),
+        "a row's padding tokens write the KDA state",
+    ),
+    Mutation(
+        "kda-ragged-conv-state",
+        "jaxllm/nn/kda_attention.py",
+        "            new_cache = KDACache(new_cache.state_BHKV, *conv_after)",
+        "            new_cache = new_cache",
+        ("tests/test_engine.py::test_ragged_batch_equals_each_prompt_alone[kimi_linear_tiny]",),
+        "the short conv's state is taken after a row's padding, not after its last real token",
+    ),
+    Mutation(
+        "engine-pos-counts-padding",
+        "jaxllm/models/base.py",
+        "    return cache.pos + (T if lengths_B is None else lengths_B)",
+        "    return cache.pos + T",
+        ("tests/test_engine.py::test_ragged_batch_equals_each_prompt_alone[qwen3_tiny]",),
+        "a row's cache position advances over its padding",
+    ),
+    Mutation(
+        "engine-one-key-for-all-rows",
+        "jaxllm/ops/sampling.py",
+        "        drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, final_BV)",
+        "        drawn_B = jax.random.categorical(rng[0], final_BV, axis=-1)",
+        ("tests/test_engine.py::test_sampled_rows_depend_only_on_their_keys",),
+        "every row draws with the first row's key",
+    ),
 ]
 
 

@@ -19,6 +19,11 @@
   already cached per row. The T new tokens of row b go to slots `pos[b] .. pos[b]+T-1` and attend
   to the row's cached tokens and causally to each other; the returned cache has `pos + T`.
   `segment_ids` and a cache do not combine.
+- `lengths` int32 [B] (with a cache only): row b's real tokens are the first `lengths[b]` of its T
+  (ragged prompts padded to one T, rows that are finished: 0). The others change nothing a later
+  step reads: recurrent states and conv states stay, the returned `pos` is `pos + lengths`, so
+  their attention-cache slots are free and overwritten by the next append. Their logits are junk.
+  Slots pos[b] .. pos[b]+T-1 must fit in the capacity all the same. Default: all T.
 
 Auxiliary losses (MoE balance, router z-loss) come back in `aux_losses` as float32 scalars already
 scaled by their coefficients; the training step adds their sum to the objective.
@@ -60,7 +65,9 @@ class LanguageModel(Protocol):
 
     def init_cache(self, batch: int, capacity: int, dtype=None) -> Any: ...
 
-    def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, cache=None) -> ModelOutput: ...
+    def __call__(
+        self, input_ids_BT, *, positions=None, segment_ids=None, cache=None, lengths=None
+    ) -> ModelOutput: ...
 
 
 def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids"):
@@ -95,6 +102,30 @@ def check_inputs(input_ids_BT, vocab_size: int, *, positions=None, segment_ids=N
             raise ValueError(
                 f"cache.pos must be [B] = [{input_ids_BT.shape[0]}] (one length per row), got {pos}"
             )
+
+
+def append_lengths(lengths_B, input_ids_BT, cache):
+    """The real tokens per row of an append (`lengths` of the contract) as int32 [B], checked."""
+    B, T = input_ids_BT.shape
+    if lengths_B is None:
+        return None
+    if cache is None:
+        raise ValueError("lengths (real tokens per row) applies to a cached append; give a cache")
+    lengths_B = jnp.asarray(lengths_B)
+    if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+        raise ValueError(
+            f"lengths must be an integer array of shape [B] = [{B}], got {lengths_B.dtype}{lengths_B.shape}"
+        )
+    if not isinstance(lengths_B, jax.core.Tracer):
+        bad = (np.asarray(lengths_B) < 0) | (np.asarray(lengths_B) > T)
+        if bad.any():
+            raise ValueError(f"lengths must be in [0, T={T}], got {np.asarray(lengths_B).tolist()}")
+    return lengths_B.astype(jnp.int32)
+
+
+def advanced_pos(cache, lengths_B, T: int):
+    """`cache.pos` after an append of T tokens of which `lengths` (None: all) are real."""
+    return cache.pos + (T if lengths_B is None else lengths_B)
 
 
 def positions_in_document(segment_ids_BT):

@@ -58,7 +58,7 @@ class DecoderLayer(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x, *, segment_ids=None, cache=None, pos=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, pos=None, lengths=None):
         c = self.config
         cd, pd = c.compute_dtype, c.weight_dtype
         h = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="input_layernorm")(x)
@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
                 param_dtype=pd,
                 name="self_attn",
             )
-            y, new_cache = attn(h, segment_ids=segment_ids, cache=cache)
+            y, new_cache = attn(h, segment_ids=segment_ids, cache=cache, lengths=lengths)
         else:
             attn = MLA(
                 c.hidden_size,
@@ -126,12 +126,19 @@ class KimiLinear(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids_BT, *, positions=None, segment_ids=None, cache: ModelCache | None = None
+        self,
+        input_ids_BT,
+        *,
+        positions=None,
+        segment_ids=None,
+        cache: ModelCache | None = None,
+        lengths=None,
     ) -> ModelOutput:
         del positions  # NoPE: no layer reads positions; the MLA cache slot comes from cache.pos
         c = self.config
         pd = c.weight_dtype
         check_inputs(input_ids_BT, c.vocab_size, segment_ids=segment_ids, cache=cache)
+        lengths = base.append_lengths(lengths, input_ids_BT, cache)
         if segment_ids is not None:
             # once, here: every layer then compares document indices (each consumer converts too)
             segment_ids = document_index(segment_ids)
@@ -144,14 +151,16 @@ class KimiLinear(nn.Module):
         for i in range(c.num_hidden_layers):
             layer_cache = None if cache is None else cache.layers[i]
             x, nc = layer_cls(c, i, name=f"layers_{i}")(
-                x, segment_ids=segment_ids, cache=layer_cache, pos=pos
+                x, segment_ids=segment_ids, cache=layer_cache, pos=pos, lengths=lengths
             )
             new_layers.append(nc)
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
         logits = base.lm_head_logits(self, c, hidden, embed)
         new_cache = None
         if cache is not None:
-            new_cache = ModelCache(tuple(new_layers), cache.pos + input_ids_BT.shape[1])
+            new_cache = ModelCache(
+                tuple(new_layers), base.advanced_pos(cache, lengths, input_ids_BT.shape[1])
+            )
         return ModelOutput(logits.astype(jnp.float32), hidden, new_cache)
 
 

@@ -412,13 +412,16 @@ class Qwen(nn.Module):
         return init_cache(self.config, batch, capacity, dtype)
 
     @nn.compact
-    def __call__(self, input_ids_BT, *, positions=None, segment_ids=None, cache: QwenCache | None = None):
+    def __call__(
+        self, input_ids_BT, *, positions=None, segment_ids=None, cache: QwenCache | None = None, lengths=None
+    ):
         c = self.config
         pd = c.weight_dtype
         base.check_inputs(
             input_ids_BT, c.vocab_size, positions=positions, segment_ids=segment_ids, cache=cache
         )
         T = input_ids_BT.shape[1]
+        lengths = base.append_lengths(lengths, input_ids_BT, cache)  # attention needs only the new pos
         if cache is not None:
             if len(cache.layers) != c.num_hidden_layers:
                 raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
@@ -444,7 +447,9 @@ class Qwen(nn.Module):
         aux = {}
         if stats and cache is None and c.output_router_logits:
             aux["load_balance"] = c.router_aux_loss_coef * load_balance_loss(stats, c.num_experts)
-        new_cache = None if cache is None else QwenCache(tuple(new_layers), cache.pos + T)
+        new_cache = (
+            None if cache is None else QwenCache(tuple(new_layers), base.advanced_pos(cache, lengths, T))
+        )
         return base.ModelOutput(logits=logits, hidden=hidden, cache=new_cache, aux_losses=aux)
 
 

@@ -7,6 +7,7 @@ Tap order (as in the checkpoints' `q_conv1d.weight [C,1,W]`): out[t] = sum_j w[j
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.kda.common import document_index
@@ -56,3 +57,12 @@ def causal_conv_step(x_BC, w_WC, state_BSC):
     window = jnp.concatenate([state_BSC.astype(x_BC.dtype), x_BC[:, None]], axis=1)
     y = jnp.sum(window.astype(jnp.float32) * w_WC.astype(jnp.float32)[None], axis=1)
     return y.astype(x_BC.dtype), window[:, 1:]
+
+
+def conv_state_after(state_BSC, x_BTC, n_B):
+    """The conv state after only the first n[b] of row b's T inputs: the W-1 inputs before
+    position n[b] (ragged appends; n = 0 leaves the row's state as it was). In the state's dtype."""
+    S = state_BSC.shape[1]
+    xp = jnp.concatenate([state_BSC, x_BTC.astype(state_BSC.dtype)], axis=1)  # [B, S+T, *C]
+    take = lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, S, axis=0)
+    return jax.vmap(take)(xp, jnp.asarray(n_B, jnp.int32))

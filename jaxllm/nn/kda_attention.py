@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.nn._params import fan_in_init, param, project
-from jaxllm.nn.conv import causal_conv, causal_conv_step
+from jaxllm.nn.conv import causal_conv, causal_conv_step, conv_state_after
 from jaxllm.nn.norms import gated_rms_norm
 
 
@@ -62,7 +62,9 @@ class KimiDeltaAttention(nn.Module):
         return init_kda_cache(batch, self.num_heads, self.head_dim, self.conv_kernel, dtype or self.dtype)
 
     @nn.compact
-    def __call__(self, x_BTD, *, segment_ids=None, cache: KDACache | None = None):
+    def __call__(self, x_BTD, *, segment_ids=None, cache: KDACache | None = None, lengths=None):
+        """lengths: with a cache, int32 [B]: only the first lengths[b] of row b's T tokens are real
+        (ragged appends, finished rows); the others leave the row's state and conv state as they were."""
         D, H, K, W = self.hidden_size, self.num_heads, self.head_dim, self.conv_kernel
         pd = self.param_dtype
         init_d = fan_in_init(D)
@@ -103,6 +105,15 @@ class KimiDeltaAttention(nn.Module):
         from pallas_kernels.kda import kda, kda_step
 
         new_cache = None
+        if cache is not None and lengths is not None:
+            # a token past its row's length neither decays (g = 0) nor writes (beta = 0) the state
+            valid_BT = jnp.arange(T)[None, :] < lengths[:, None]
+            g_BTHK = jnp.where(valid_BT[:, :, None, None], g_BTHK, 0.0)
+            beta_BTH = jnp.where(valid_BT[:, :, None], beta_BTH, 0.0)
+            conv_after = [
+                conv_state_after(s, raw, lengths)
+                for s, raw in ((cache.conv_q, q), (cache.conv_k, k), (cache.conv_v, v))
+            ]
         if cache is not None and T == 1 and segment_ids is None:
             q1, sq = causal_conv_step(q[:, 0], cq, cache.conv_q)
             k1, sk = causal_conv_step(k[:, 0], ck, cache.conv_k)
@@ -134,6 +145,8 @@ class KimiDeltaAttention(nn.Module):
             )
             if cache is not None:
                 new_cache = KDACache(state, sq, sk, sv)
+        if cache is not None and lengths is not None:
+            new_cache = KDACache(new_cache.state_BHKV, *conv_after)
 
         gate = project(project(x, g_a), g_b)
         o_BTHK = gated_rms_norm(o_BTHK.astype(jnp.float32), o_norm, gate, self.norm_eps).astype(self.dtype)

@@ -254,13 +254,14 @@ def _sampling_probs_impl(logits_BV, config, **extra):
 # entry point
 
 
-def _validate_rng(rng):
+def _validate_rng(rng, batch: int):
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
-    is_typed_key = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    if not (is_typed_key and rng.shape == ()) and not (rng.dtype == jnp.uint32 and rng.ndim == 1):
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.dtype == jnp.uint32 and rng.ndim in (1, 2):
+        rng = jax.random.wrap_key_data(rng)  # raw PRNGKey data: [2] one key, [B, 2] one per row
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.shape not in ((), (batch,)):
         raise ValueError(
-            f"rng must be a single PRNG key (jax.random.key(...) or PRNGKey), got dtype {rng.dtype} "
-            f"shape {tuple(rng.shape)}"
+            f"rng must be one PRNG key (jax.random.key(...) or PRNGKey) or one per row ([B] = [{batch}] "
+            f"keys), got dtype {rng.dtype} shape {tuple(rng.shape)}"
         )
     return rng
 
@@ -335,7 +336,8 @@ def sample_next(
 
     Args:
       logits_BV: ``[B, V]`` next-token logits.
-      rng: one PRNG key for the whole batch (rows draw independently).
+      rng: one PRNG key for the whole batch (rows draw independently), or ``[B]`` keys, one per
+        row: a row's draw then depends on its own key only, whatever else is in the batch.
       config: a :class:`SamplingConfig` (static under ``jax.jit``).
       prev_tokens_BT: ``[B, T]`` previously generated tokens, for the penalties.
       prev_mask_BT: ``[B, T]`` which of ``prev_tokens_BT`` count (default: all).
@@ -345,7 +347,7 @@ def sample_next(
     Returns:
       ``[B]`` int32 token ids.
     """
-    rng = _validate_rng(rng)
+    rng = _validate_rng(rng, logits_BV.shape[0] if getattr(logits_BV, "ndim", 0) == 2 else -1)
     extra = _validate(logits_BV, config, prev_tokens_BT, prev_mask_BT, temperature_B, top_p_B)
     return _sample_impl(logits_BV, rng, config, **extra)
 
@@ -356,5 +358,9 @@ def _sample_impl(logits_BV, rng, config, **extra):
     final_BV, greedy_B, argmax_B = processed_logits(logits_BV, config, **extra)
     if config.is_greedy:
         return argmax_B
-    drawn_B = jax.random.categorical(rng, final_BV, axis=-1).astype(jnp.int32)
+    if rng.shape:  # one key per row
+        drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, final_BV)
+    else:
+        drawn_B = jax.random.categorical(rng, final_BV, axis=-1)
+    drawn_B = drawn_B.astype(jnp.int32)
     return jnp.where(greedy_B, argmax_B, drawn_B)
