@@ -76,7 +76,10 @@ MUTATIONS = [
         "jaxllm/decode.py",
         "kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))",
         "kw = dict(temperature_B=jnp.ones_like(t_B).reshape(-1), top_p_B=jnp.ones_like(p_B).reshape(-1))",
-        ("tests/test_decode.py::test_autodeco_heads_drive_sampling",),
+        (
+            "tests/test_decode.py::test_autodeco_heads_drive_sampling",
+            "tests/agent/test_rollout.py::test_scan_equals_segmented_with_autodeco_sampling",
+        ),
         "the sampler ignores the heads' temperature and top-p",
     ),
     Mutation(

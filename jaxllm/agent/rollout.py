@@ -36,12 +36,12 @@ observation plus one more full turn still leaves room for a forced final turn; i
 observation is replaced (as Tongyi DeepResearch does) by the user message
 ``protocol.FORCE_ANSWER`` and the row gets exactly one more turn (``forced_answer`` is set).
 
-**Per-row caches.** Rows of a rollout have different lengths. The loop keeps one
-batch-1 cache per row, stacked on a leading axis, and ``jax.vmap``s the model over rows (each row
-its own ``pos``); a row that does not take part in a call keeps its cache unchanged (a per-row
-select), so rows never see each other's padding. Token sequences of any length are appended
-exactly: full chunks of ``chunk`` tokens through the prefill path, the rest one token at a time,
-so only two shapes are ever compiled.
+**One batched cache.** Rows of a rollout have different lengths. Both loops sit on the inference
+engine (``jaxllm.decode``): one cache for the batch with a position per row, appends of up to
+``chunk`` tokens per call in which row b's first ``n[b]`` tokens are real (``decode.append_tokens``:
+a row with nothing to append, or past its end, keeps its state), and ``decode.pick`` for every
+token (greedy, the ``SamplingConfig`` modes, AutoDeco heads through ``autodeco=(heads, params)``),
+with one PRNG key per row.
 
 **Masks.** ``kind[b, t]`` says who wrote each token: ``KIND_PROMPT`` (system + question + the
 first generation prompt), ``KIND_MODEL`` (sampled by the model), ``KIND_FORCED`` (written into an
@@ -86,6 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from jaxllm import decode
 from jaxllm.agent import protocol, tools
 
 __all__ = [
@@ -249,55 +250,56 @@ class RolloutResult:
 
 
 # ------------------------------------------------------------------------------------------
-# Compiled pieces: per-row caches under vmap
+# Compiled pieces: one batched cache, the inference engine's append and pick
 # ------------------------------------------------------------------------------------------
 
 
-def _select_rows(active_R, new, old):
-    return jax.tree_util.tree_map(
-        lambda n, o: jnp.where(active_R.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
-    )
+def _init_cache(model, B, T, C):
+    """One cache for every row. Appends are padded to at most C tokens past a row's end.
+    Built under jit so that every leaf is its own buffer (the steps donate the cache)."""
+    return jax.jit(lambda: model.init_cache(B, T + C))()
 
 
-def _row_logits(model, params, caches, toks_RC):
-    def one(cache, toks_C):
-        out = model.apply(params, toks_C[None], cache=cache)
-        return out.logits[0, -1], out.cache
+def _zeros_last(model, B):
+    """(logits_BV, hidden_BD) before anything was appended."""
+    c = model.config
+    return jnp.zeros((B, c.vocab_size), jnp.float32), jnp.zeros((B, c.hidden_size), c.compute_dtype)
 
-    return jax.vmap(one)(caches, toks_RC)
+
+def _choose(last, keys, forced_R, *, sampling, heads, heads_params):
+    """The next token of every row (the engine's `pick`; a forced id wins), its log-probability
+    under the raw logits, and the row keys to use next."""
+    logits_RV, hidden_RD = last
+    keys, draw = decode.split_rows(keys)
+    tok = decode.pick(logits_RV, hidden_RD, draw, sampling=sampling, heads=heads, heads_params=heads_params)
+    tok = jnp.where(forced_R >= 0, forced_R, tok)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_RV, axis=-1), tok[:, None], -1)[:, 0]
+    return tok, logp, keys
 
 
 @functools.lru_cache(maxsize=16)
 def _feed_fn(model_cls, config):
     model = model_cls(config)
 
-    def feed(params, caches, last_logits_RV, toks_RC, active_R):
-        logits_RV, new = _row_logits(model, params, caches, toks_RC)
-        return (jnp.where(active_R[:, None], logits_RV, last_logits_RV), _select_rows(active_R, new, caches))
+    def feed(params, cache, last, toks_RC, n_R):
+        cache, logits, hidden = decode.append_tokens(model, params, cache, toks_RC, n_R, *last)
+        return cache, (logits, hidden)
 
     return jax.jit(feed, donate_argnums=(1, 2))
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model_cls, config, sampling):
+def _step_fn(model_cls, config, sampling, heads):
     model = model_cls(config)
 
-    def step(params, caches, last_logits_RV, forced_R, active_R, rng):
-        if sampling is None:
-            tok = jnp.argmax(last_logits_RV, axis=-1).astype(jnp.int32)
-        else:
-            from jaxllm.ops.sampling import sample_next
-
-            tok = sample_next(last_logits_RV, rng, sampling).astype(jnp.int32)
-        tok = jnp.where(forced_R >= 0, forced_R, tok)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits_RV, axis=-1), tok[:, None], -1)[:, 0]
-        logits_RV, new = _row_logits(model, params, caches, tok[:, None])
-        return (
-            tok,
-            logp,
-            jnp.where(active_R[:, None], logits_RV, last_logits_RV),
-            _select_rows(active_R, new, caches),
+    def step(params, cache, last, forced_R, active_R, keys, heads_params):
+        tok, logp, keys = _choose(
+            last, keys, forced_R, sampling=sampling, heads=heads, heads_params=heads_params
         )
+        cache, logits, hidden = decode.append_tokens(
+            model, params, cache, tok[:, None], active_R.astype(jnp.int32), *last
+        )
+        return tok, logp, cache, (logits, hidden), keys
 
     return jax.jit(step, donate_argnums=(1, 2))
 
@@ -386,7 +388,18 @@ class _Episodes:
 
 
 def _prepare(
-    model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, who, fmt=None
+    model,
+    tokenizer,
+    executor,
+    questions,
+    cfg,
+    system_prompt,
+    sampling,
+    rng,
+    forced_turns,
+    who,
+    fmt=None,
+    autodeco=None,
 ):
     """Validate the arguments; returns (prompts, forced_ids, episodes)."""
     from jaxllm.agent import synth
@@ -401,17 +414,15 @@ def _prepare(
     if not isinstance(executor, tools.ToolExecutor):
         raise ValueError(f"{who}: executor must be a tools.ToolExecutor, got {type(executor).__name__}")
     if sampling is not None:
-        if (
-            sampling.mode not in ("greedy", "sample")
-            or sampling.presence_penalty != 0
-            or sampling.repetition_penalty != 1
-        ):
+        if sampling.presence_penalty != 0 or sampling.repetition_penalty != 1:
             raise ValueError(
-                f"{who}: sampling supports modes 'greedy'/'sample' without "
-                f"presence/repetition penalties, got {sampling}"
+                f"{who}: presence/repetition penalties are not applied in rollouts (they would need "
+                f"each row's earlier turns); got {sampling}"
             )
         if rng is None:
             raise ValueError(f"{who}: sampling needs an `rng` key")
+    if (autodeco is not None) != (sampling is not None and sampling.mode == "autodeco"):
+        raise ValueError(f"{who}: AutoDeco heads (autodeco=) and SamplingConfig(mode='autodeco') go together")
     if forced_turns is not None:
         if len(forced_turns) != B or any(isinstance(f, str) for f in forced_turns):
             raise ValueError(
@@ -450,11 +461,6 @@ def _prepare(
     return prompts, forced_ids, _Episodes(B, cfg, executor, tokenizer, messages, limit, fmt)
 
 
-def _init_caches(model, B, T):
-    one = model.init_cache(1, T)
-    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), one)
-
-
 def segmented_rollout(
     model,
     params,
@@ -468,6 +474,7 @@ def segmented_rollout(
     rng=None,
     forced_turns: Sequence[Sequence[str]] | None = None,
     chat_format: protocol.ChatFormat | None = None,
+    autodeco=None,
 ) -> RolloutResult:
     """Run one ReAct episode per question, batched; see the module docstring.
 
@@ -480,8 +487,10 @@ def segmented_rollout(
       questions: one per row.
       system_prompt: default ``protocol.build_system_prompt(executor.tool_specs(),
         date=synth.SYNTH_DATE)``, the prompt synthesized trajectories carry.
-      sampling: None for greedy, else a ``SamplingConfig`` (modes "greedy"/"sample", no
-        penalties) with ``rng``.
+      sampling: None for greedy, else a ``SamplingConfig`` (any mode, no penalties) with ``rng``
+        (one key, split per row, or one key per row).
+      autodeco: ``(heads_module, heads_params)`` for ``SamplingConfig(mode="autodeco")``: the
+        heads read each row's last hidden state and logits (see ``jaxllm.decode.pick``).
       forced_turns: optional, per row a list of texts; turn i of that row starts with the tokens
         of ``forced_turns[row][i]`` (written, not sampled: ``KIND_FORCED``) and the model
         continues from there unless a stop string is already complete. For scripted episodes,
@@ -502,9 +511,9 @@ def segmented_rollout(
         forced_turns,
         "segmented_rollout",
         chat_format,
+        autodeco,
     )
     B = len(prompts)
-    vocab = model.config.vocab_size
     T = cfg.token_budget
     pad = getattr(tokenizer, "pad_id", 0) or 0
     tokens = np.full((B, T), pad, np.int32)
@@ -521,28 +530,26 @@ def segmented_rollout(
         length[r] += n
 
     mcfg = model.config
-    caches = _init_caches(model, B, T)
-    last_logits = jnp.zeros((B, vocab), jnp.float32)
-    feed = _feed_fn(type(model), mcfg)
-    step = _step_fn(type(model), mcfg, sampling)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
     C = cfg.chunk
+    cache = _init_cache(model, B, T, C)
+    last = _zeros_last(model, B)
+    heads, heads_params = (None, None) if autodeco is None else autodeco
+    feed = _feed_fn(type(model), mcfg)
+    step = _step_fn(type(model), mcfg, sampling, heads)
+    keys = decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B)
 
     def feed_rows(pending):
-        """Append each row's pending ids (rows with none are left alone)."""
-        nonlocal caches, last_logits
-        n_full = np.array([len(p) // C for p in pending])
-        for j in range(int(n_full.max(initial=0))):
-            act = n_full > j
-            toks = np.stack(
-                [p[j * C : (j + 1) * C] if a else np.full((C,), pad, np.int32) for p, a in zip(pending, act)]
-            )
-            last_logits, caches = feed(params, caches, last_logits, jnp.asarray(toks), jnp.asarray(act))
-        rest = [p[n * C :] for p, n in zip(pending, n_full)]
-        for i in range(max(len(x) for x in rest)):
-            act = np.array([len(x) > i for x in rest])
-            toks = np.array([[x[i] if len(x) > i else pad] for x in rest], np.int32)
-            last_logits, caches = feed(params, caches, last_logits, jnp.asarray(toks), jnp.asarray(act))
+        """Append each row's pending ids in chunks of at most C (rows with none are left alone)."""
+        nonlocal cache, last
+        longest = max(len(p) for p in pending)
+        for j in range(0, longest, C):
+            parts = [p[j : j + C] for p in pending]
+            width = min(C, decode.prompt_bucket(max(len(x) for x in parts), C))  # few shapes
+            toks = np.full((B, width), pad, np.int32)
+            for r, x in enumerate(parts):
+                toks[r, : len(x)] = x
+            n = np.array([len(x) for x in parts], np.int32)
+            cache, last = feed(params, cache, last, jnp.asarray(toks), jnp.asarray(n))
 
     pending = []
     for r, p in enumerate(prompts):
@@ -560,9 +567,8 @@ def segmented_rollout(
                 script = forced_ids[r][t] if t < len(forced_ids[r]) else ()
                 if len(gen[r]) < len(script):
                     forced[r] = script[len(gen[r])]
-            rng, sub = jax.random.split(rng)
-            tok, lp, last_logits, caches = step(
-                params, caches, last_logits, jnp.asarray(forced), jnp.asarray(generating), sub
+            tok, lp, cache, last, keys = step(
+                params, cache, last, jnp.asarray(forced), jnp.asarray(generating), keys, heads_params
             )
             tok, lp = np.asarray(tok), np.asarray(lp)
             for r in np.flatnonzero(generating):
@@ -992,6 +998,7 @@ def _scan_fn(
     sampling,
     env_static: _EnvStatic | None = None,
     pad: int = 0,
+    heads=None,
 ):
     """The jitted scan rollout (byte tokenizer). Per turn, rows the jnp wiki judge does not take
     (all rows without ``env_static``) go through one io_callback to the host judge of the call
@@ -1011,37 +1018,26 @@ def _scan_fn(
         got = jnp.take_along_axis(vals_BN, jnp.clip(rel, 0, vals_BN.shape[1] - 1), axis=1)
         return jnp.where(inside, got.astype(buf.dtype), buf)
 
-    def feed_pending(params, caches, last_logits, pending, n_B, active):
-        n_full = jnp.where(active, n_B // C, 0)
+    def feed_pending(params, cache, last, pending, n_B, active):
+        """Append each running row's pending ids, C at a time (the engine's ragged append)."""
+        n_B = jnp.where(active, n_B, 0)
+        pending = jnp.pad(pending, ((0, 0), (0, C)), constant_values=pad)  # a last chunk may pass T
 
         def chunk_body(carry):
-            j, caches, last_logits = carry
+            j, cache, last = carry
             toks = jax.lax.dynamic_slice_in_dim(pending, j * C, C, axis=1)
-            logits, new = _row_logits(model, params, caches, toks)
-            act = n_full > j
-            return (j + 1, _select_rows(act, new, caches), jnp.where(act[:, None], logits, last_logits))
+            n = jnp.clip(n_B - j * C, 0, C)
+            cache, logits, hidden = decode.append_tokens(model, params, cache, toks, n, *last)
+            return j + 1, cache, (logits, hidden)
 
-        _, caches, last_logits = jax.lax.while_loop(
-            lambda c: c[0] < n_full.max(), chunk_body, (jnp.int32(0), caches, last_logits)
+        _, cache, last = jax.lax.while_loop(
+            lambda c: c[0] * C < n_B.max(), chunk_body, (jnp.int32(0), cache, last)
         )
-        rest = jnp.where(active, n_B - n_full * C, 0)
-
-        def one_body(carry):
-            i, caches, last_logits = carry
-            idx = jnp.clip(n_full * C + i, 0, T - 1)
-            toks = pending[row_idx, idx][:, None]
-            logits, new = _row_logits(model, params, caches, toks)
-            act = rest > i
-            return (i + 1, _select_rows(act, new, caches), jnp.where(act[:, None], logits, last_logits))
-
-        _, caches, last_logits = jax.lax.while_loop(
-            lambda c: c[0] < rest.max(), one_body, (jnp.int32(0), caches, last_logits)
-        )
-        return caches, last_logits
+        return cache, last
 
     def run(
         params,
-        caches,
+        cache,
         tokens,
         kind,
         logprobs,
@@ -1049,18 +1045,19 @@ def _scan_fn(
         pending,
         n_pending,
         forced_BNL,
-        rng,
+        keys,
         call_id,
         env,
         limit,
+        heads_params,
     ):
         zB = jnp.zeros((B,), jnp.int32)
         zBN = jnp.zeros((B, max_turns), jnp.int32)
 
         def turn(carry, n):
             (
-                caches,
-                last_logits,
+                cache,
+                last,
                 tokens,
                 kind,
                 logprobs,
@@ -1074,17 +1071,17 @@ def _scan_fn(
                 forced_ans,
                 rec,
                 ans_span,
-                rng,
+                keys,
             ) = carry
             running = status == RUNNING
-            caches, last_logits = feed_pending(params, caches, last_logits, pending, n_pending, running)
+            cache, last = feed_pending(params, cache, last, pending, n_pending, running)
             forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
             start = length
 
             def dec_body(c):
                 (
-                    caches,
-                    last_logits,
+                    cache,
+                    last,
                     tokens,
                     kind,
                     logprobs,
@@ -1094,21 +1091,16 @@ def _scan_fn(
                     text,
                     text_len,
                     gen,
-                    rng,
+                    keys,
                 ) = c
                 forced = jnp.where(turn_len < L, forced_BL[row_idx, jnp.clip(turn_len, 0, L - 1)], -1)
-                rng, sub = jax.random.split(rng)
-                if sampling is None:
-                    tok = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
-                else:
-                    from jaxllm.ops.sampling import sample_next
-
-                    tok = sample_next(last_logits, sub, sampling).astype(jnp.int32)
-                tok = jnp.where(forced >= 0, forced, tok)
-                lp = jnp.take_along_axis(jax.nn.log_softmax(last_logits, -1), tok[:, None], -1)[:, 0]
-                logits, new = _row_logits(model, params, caches, tok[:, None])
-                caches = _select_rows(gen, new, caches)
-                last_logits = jnp.where(gen[:, None], logits, last_logits)
+                tok, lp, keys = _choose(
+                    last, keys, forced, sampling=sampling, heads=heads, heads_params=heads_params
+                )
+                cache, logits, hidden = decode.append_tokens(
+                    model, params, cache, tok[:, None], gen.astype(jnp.int32), *last
+                )
+                last = (logits, hidden)
                 one = gen.astype(jnp.int32)
                 tokens = write(tokens, length, tok[:, None], one)
                 kind = write(kind, length, jnp.where(forced >= 0, KIND_FORCED, KIND_MODEL)[:, None], one)
@@ -1127,8 +1119,8 @@ def _scan_fn(
                 hit = (tail_ok & (text_len[:, None] >= stop_lens[None])).any(-1) & is_text
                 gen = gen & ~hit & (turn_len < L)
                 return (
-                    caches,
-                    last_logits,
+                    cache,
+                    last,
                     tokens,
                     kind,
                     logprobs,
@@ -1138,12 +1130,12 @@ def _scan_fn(
                     text,
                     text_len,
                     gen,
-                    rng,
+                    keys,
                 )
 
             init = (
-                caches,
-                last_logits,
+                cache,
+                last,
                 tokens,
                 kind,
                 logprobs,
@@ -1153,9 +1145,9 @@ def _scan_fn(
                 jnp.full((B, K), -1, jnp.int32),
                 zB,
                 running,
-                rng,
+                keys,
             )
-            (caches, last_logits, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _, rng) = (
+            (cache, last, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _, keys) = (
                 jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
             )
 
@@ -1227,8 +1219,8 @@ def _scan_fn(
             kind = write(kind, length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending)
             length = length + n_pending
             return (
-                caches,
-                last_logits,
+                cache,
+                last,
                 tokens,
                 kind,
                 logprobs,
@@ -1242,12 +1234,12 @@ def _scan_fn(
                 forced_ans,
                 rec,
                 ans_span,
-                rng,
+                keys,
             ), None
 
         carry = (
-            caches,
-            jnp.zeros((B, model.config.vocab_size), jnp.float32),
+            cache,
+            _zeros_last(model, B),
             tokens,
             kind,
             logprobs,
@@ -1261,7 +1253,7 @@ def _scan_fn(
             jnp.zeros((B,), bool),
             (zBN, zBN, zBN),
             jnp.full((B, 2), -1, jnp.int32),
-            rng,
+            keys,
         )
         carry, _ = jax.lax.scan(turn, carry, jnp.arange(max_turns))
         (
@@ -1319,6 +1311,7 @@ def scan_rollout(
     forced_turns: Sequence[Sequence[str]] | None = None,
     env: str = "auto",
     chat_format: protocol.ChatFormat | None = None,
+    autodeco=None,
 ) -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
     decode per turn with the stop strings matched on byte tokens in jnp, then the environment.
@@ -1353,7 +1346,17 @@ def scan_rollout(
         raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")
     cfg = config
     prompts, forced_ids, ep = _prepare(
-        model, tokenizer, executor, questions, cfg, system_prompt, sampling, rng, forced_turns, "scan_rollout"
+        model,
+        tokenizer,
+        executor,
+        questions,
+        cfg,
+        system_prompt,
+        sampling,
+        rng,
+        forced_turns,
+        "scan_rollout",
+        autodeco=autodeco,
     )
     wiki = wiki_of(executor) if env != "host" else None
     if env == "jnp" and wiki is None:
@@ -1403,13 +1406,16 @@ def scan_rollout(
             n,
         )
 
-    fn = _scan_fn(type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling, env_static, pad)
+    heads, heads_params = (None, None) if autodeco is None else autodeco
+    fn = _scan_fn(
+        type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling, env_static, pad, heads
+    )
     call_id = next(_CALL_IDS)
     _HOSTS[call_id] = host
     try:
         out = fn(
             params,
-            _init_caches(model, B, T),
+            _init_cache(model, B, T, cfg.chunk),
             jnp.asarray(tokens),
             jnp.asarray(kind),
             jnp.zeros((B, T), jnp.float32),
@@ -1417,10 +1423,11 @@ def scan_rollout(
             jnp.asarray(pending),
             jnp.asarray(n_pending),
             jnp.asarray(forced),
-            jax.random.PRNGKey(0) if rng is None else rng,
+            decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B),
             jnp.int32(call_id),
             env_arrays,
             jnp.int32(ep.limit),
+            heads_params,
         )
         out = jax.tree_util.tree_map(np.asarray, out)
     finally:

@@ -7,6 +7,7 @@ greedy turns are checked against a no-cache forward pass of the finished rows.
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -571,3 +572,59 @@ def test_scan_rollout_jnp_env_sends_other_turns_to_the_host(model_params, wiki):
     scan = R.scan_rollout(model, params, TOK, ex, qs, config=CFG, system_prompt=SYSTEM, forced_turns=forced)
     _assert_same(seg, scan)
     assert scan.host_callbacks == 1
+
+
+class _Heads(nn.Module):
+    """Stand-in AutoDeco heads that read both inputs: temperature from the hidden state, top-p
+    from the logits (the real heads' interface: `apply(params, hidden_BD, logits_BV)`)."""
+
+    @nn.compact
+    def __call__(self, hidden_BD, logits_BV):
+        scale = self.param("scale", nn.initializers.constant(1.0), ())
+        t_B = scale * (0.5 + jax.nn.sigmoid(hidden_BD[:, 0].astype(jnp.float32)))
+        p_B = 0.7 + 0.3 * jax.nn.sigmoid(logits_BV.max(-1) - logits_BV.mean(-1))
+        return {"temperature_B": t_B, "top_p_B": p_B}
+
+
+def test_scan_equals_segmented_with_autodeco_sampling(model_params, wiki):
+    """Both loops pick through the engine: AutoDeco heads, per-row keys, same draws."""
+    from jaxllm.ops.sampling import SamplingConfig
+
+    model, params = model_params
+    qs = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
+    forced = [["<think>\n"], [], [], [], []]
+    heads = _Heads()
+    kw = dict(config=CFG, system_prompt=SYSTEM, forced_turns=forced, sampling=SamplingConfig(mode="autodeco"))
+
+    def run(loop, scale, seed):
+        hp = {"params": {"scale": jnp.float32(scale)}}
+        ex = synth.wiki_executor(wiki)
+        return loop(model, params, TOK, ex, qs, rng=jax.random.key(seed), autodeco=(heads, hp), **kw)
+
+    seg, scan = run(R.segmented_rollout, 3.0, 1), run(R.scan_rollout, 3.0, 1)
+    _assert_same(seg, scan)
+    greedy = R.segmented_rollout(
+        model,
+        params,
+        TOK,
+        synth.wiki_executor(wiki),
+        qs,
+        config=CFG,
+        system_prompt=SYSTEM,
+        forced_turns=forced,
+    )
+    assert (seg.tokens != greedy.tokens).any()  # the heads' temperatures really sampled
+    cold = run(R.segmented_rollout, 1e-6, 1)  # the heads' temperature drives the draws: near 0 is greedy
+    np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+    with pytest.raises(ValueError, match="go together"):
+        R.segmented_rollout(
+            model,
+            params,
+            TOK,
+            synth.wiki_executor(wiki),
+            qs,
+            config=CFG,
+            sampling=SamplingConfig(),
+            rng=jax.random.key(0),
+            autodeco=(heads, {}),
+        )
