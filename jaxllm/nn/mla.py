@@ -125,7 +125,7 @@ def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: i
 
 
 def mla_blockwise_expanded(
-    q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, segment_ids, *, nope, scale, impl="auto"
+    q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, segment_ids, *, nope, scale, **attention_kw
 ):
     """Causal self-attention with per-head K/V (training, prefill) in O(T) memory. o_BTHV in q's dtype."""
     H = q_BTHD.shape[2]
@@ -134,27 +134,56 @@ def mla_blockwise_expanded(
         k_rope_BTP[:, :, None].astype(q_BTHD.dtype), k_rope_BTP.shape[:2] + (H, k_rope_BTP.shape[-1])
     )
     k_BTHD = jnp.concatenate([kv_BTHX[..., :nope], k_rope_BTHP], axis=-1)
-    return attention(q_BTHD, k_BTHD, kv_BTHX[..., nope:], scale=scale, segment_ids=segment_ids, impl=impl)
+    return attention(
+        q_BTHD, k_BTHD, kv_BTHX[..., nope:], scale=scale, segment_ids=segment_ids, **attention_kw
+    )
 
 
-def mla_blockwise_absorbed(q_BTHD, cache: MLACache, pos_B, w_kvb_RHX, *, nope, scale, impl="auto"):
+ABSORBED_ROWS_PER_STEP = 1024  # query rows (rows x tokens x heads) one step of the absorbed append holds
+
+
+def _row_group(B, rows_per_batch_row):
+    """Largest divisor g of B with g * rows_per_batch_row <= ABSORBED_ROWS_PER_STEP (at least 1)."""
+    fits = [g for g in range(1, B + 1) if B % g == 0 and g * rows_per_batch_row <= ABSORBED_ROWS_PER_STEP]
+    return max(fits, default=1)
+
+
+def mla_blockwise_absorbed(q_BTHD, cache: MLACache, pos_B, w_kvb_RHX, *, nope, scale, **attention_kw):
     """T queries at positions pos[b] .. pos[b]+T-1 over cache slots 0 .. pos[b]+T-1 (the new tokens
     already written), absorbed: one shared kv head, keys [latent, k_rope] read in place from the
-    cache, values the latent; W_uk folds into the query, W_uv into the output. o_BTHV in q's dtype."""
-    T = q_BTHD.shape[1]
+    cache, values the latent; W_uk folds into the query, W_uv into the output. o_BTHV in q's dtype.
+
+    Rows go in groups (a lax.map when B*T*H exceeds ABSORBED_ROWS_PER_STEP): the absorbed query and
+    context are kv_lora_rank wide per head, so for all rows at once they outweigh the layer's
+    weights; each group reads its own cache rows in place (`kv_rows`), never a copy of them."""
+    B, T, H, _ = q_BTHD.shape
     dt = q_BTHD.dtype
     w_uk_RHN, w_uv_RHV = w_kvb_RHX[..., :nope].astype(dt), w_kvb_RHX[..., nope:].astype(dt)
-    q_lat_BTHR = jnp.einsum(
-        "bthn,rhn->bthr", q_BTHD[..., :nope], w_uk_RHN, preferred_element_type=jnp.float32
-    )
-    q_BTHK = jnp.concatenate([q_lat_BTHR.astype(dt), q_BTHD[..., nope:]], axis=-1)
-    lat_BS1R, kr_BS1P = cache.latent_BSR[:, :, None], cache.k_rope_BSP[:, :, None]
-    ctx_BTHR = attention(
-        q_BTHK, (lat_BS1R, kr_BS1P), lat_BS1R, scale=scale, q_offset=pos_B, kv_length=pos_B + T, impl=impl
-    )
-    return jnp.einsum(
-        "bthr,rhv->bthv", ctx_BTHR.astype(dt), w_uv_RHV, preferred_element_type=jnp.float32
-    ).astype(dt)
+    g = _row_group(B, T * H)
+
+    def group(n):
+        q_gTHD = jax.lax.dynamic_slice_in_dim(q_BTHD, n * g, g)
+        pos_g = jax.lax.dynamic_slice_in_dim(pos_B, n * g, g)
+        q_lat_gTHR = jnp.einsum(
+            "bthn,rhn->bthr", q_gTHD[..., :nope], w_uk_RHN, preferred_element_type=jnp.float32
+        )
+        q_gTHK = jnp.concatenate([q_lat_gTHR.astype(dt), q_gTHD[..., nope:]], axis=-1)
+        ctx_gTHR = attention(  # [B,S,*] keys/values: one kv head (no unit axis: see attention.common)
+            q_gTHK,
+            (cache.latent_BSR, cache.k_rope_BSP),
+            cache.latent_BSR,
+            scale=scale,
+            q_offset=pos_g,
+            kv_length=pos_g + T,
+            kv_rows=n * g + jnp.arange(g, dtype=jnp.int32),
+            **attention_kw,
+        )
+        o = jnp.einsum("bthr,rhv->bthv", ctx_gTHR.astype(dt), w_uv_RHV, preferred_element_type=jnp.float32)
+        return o.astype(dt)
+
+    if g == B:
+        return group(0)
+    return jax.lax.map(group, jnp.arange(B // g)).reshape(B, T, H, -1)
 
 
 class MLA(nn.Module):
@@ -170,6 +199,7 @@ class MLA(nn.Module):
         "auto"  # "auto" (blockwise: expanded w/o cache, absorbed with) | dense "expanded" | "absorbed"
     )
     attention_impl: str = "auto"  # backend of the blockwise attention (pallas_kernels.attention.IMPLS)
+    attention_options: tuple = ()  # more keywords for it, e.g. (("block_q", 64), ("interpret", True))
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -226,6 +256,7 @@ class MLA(nn.Module):
             k_rope_BTP = k_rope_BTP.astype(cache.k_rope_BSP.dtype)
             pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32).reshape(-1), (B,))
         if self.impl == "auto":
+            attention_kw = dict(self.attention_options, impl=self.attention_impl)
             if cache is None:
                 o_BTHV = mla_blockwise_expanded(
                     q_BTHD,
@@ -235,7 +266,7 @@ class MLA(nn.Module):
                     segment_ids,
                     nope=N,
                     scale=scale,
-                    impl=self.attention_impl,
+                    **attention_kw,
                 )
                 return project(o_BTHV.astype(self.dtype), o_w, n_in=2), None
             new_cache = MLACache(
@@ -243,7 +274,7 @@ class MLA(nn.Module):
                 write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B),
             )
             o_BTHV = mla_blockwise_absorbed(
-                q_BTHD, new_cache, pos_B, kv_b, nope=N, scale=scale, impl=self.attention_impl
+                q_BTHD, new_cache, pos_B, kv_b, nope=N, scale=scale, **attention_kw
             )
             return project(o_BTHV.astype(self.dtype), o_w, n_in=2), new_cache
         # the dense reference forms

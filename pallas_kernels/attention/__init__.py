@@ -9,7 +9,9 @@ to K (read in place: a cache split into latent and rope parts is never concatena
 `[B,S,G,V]` (V may differ from K); H a multiple of G (GQA; G = 1 is MQA). Query t of row b sits at
 position `q_offset[b] + t` (default 0) and sees key s iff `s < kv_length[b]` (default S),
 `s <= q_offset[b] + t` when `causal`, and, with `segment_ids` [B,T] (self-attention only), both
-are in the same document: ids mark change points (`[0,0,1,1,0,0]` is three documents). Scores,
+are in the same document: ids mark change points (`[0,0,1,1,0,0]` is three documents). With
+`kv_rows` [B], query row b reads row kv_rows[b] of k/v (`[B_kv,S,...]`): a group of a decode
+cache's rows, read in place. k/v may be `[B,S,K]`/`[B,S,V]`: one kv head without a unit axis. Scores,
 softmax statistics and accumulation are float32 whatever the input dtype; o is in v's dtype; a
 query that sees no key gets 0.
 
@@ -56,6 +58,7 @@ def attention(
     segment_ids=None,
     q_offset=None,
     kv_length=None,
+    kv_rows=None,
     impl="auto",
     block_q=None,
     block_k=None,
@@ -65,7 +68,14 @@ def attention(
     impl = resolve_impl(impl)
     if interpret and impl != "pallas_tpu":
         raise ValueError(f"attention: interpret=True applies to the Pallas kernels only, not impl={impl!r}")
-    kwargs = dict(scale=scale, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_length=kv_length)
+    kwargs = dict(
+        scale=scale,
+        causal=causal,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        kv_rows=kv_rows,
+    )
     blocks = {k_: b for k_, b in (("block_q", block_q), ("block_k", block_k)) if b is not None}
     if impl == "reference":
         return attention_reference(q, k, v, **kwargs)

@@ -51,15 +51,24 @@ def blockwise_attention(
     segment_ids=None,
     q_offset=None,
     kv_length=None,
+    kv_rows=None,
     block_q=DEFAULT_BLOCK_Q,
     block_k=DEFAULT_BLOCK_K,
 ):
     """Blockwise attention; arguments as `pallas_kernels.attention.attention`. o [B,T,H,V] in v's dtype."""
     pb = c.problem(
-        q, k, v, scale=scale, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_length=kv_length
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        kv_rows=kv_rows,
     )
     B, T, H, K = q.shape
-    S, G = v.shape[1], v.shape[2]
+    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
     if T == 0 or S == 0:
         return jnp.zeros((B, T, H, v.shape[-1]), v.dtype)
     bq, bk = max(1, min(int(block_q), T)), max(1, min(int(block_k), S))
@@ -70,7 +79,7 @@ def blockwise_attention(
         q_doc = jnp.pad(pb.doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
         k_doc = pb.doc_BT
     cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
-    o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, q_doc, k_doc)
+    o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)
     return o5[:, :T].reshape(B, T, H, -1)
 
 
@@ -78,7 +87,11 @@ def _key_block(k_parts, v, b, j, bk):
     """Key block j of row b read in place: (start, k [bk,G,K], v [bk,G,V])."""
     S = v.shape[1]
     s0 = jnp.minimum(j * bk, S - bk)
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x[b], s0, bk, axis=0)
+
+    def take(x):  # [bk,G,*] (a one-head [B,S,*] buffer gets its head axis per block, not as a whole)
+        blk = jax.lax.dynamic_slice_in_dim(x[b], s0, bk, axis=0)
+        return blk if x.ndim == 4 else blk[:, None]
+
     k_blk = jnp.concatenate([take(kp) for kp in k_parts], axis=-1) if len(k_parts) > 1 else take(k_parts[0])
     return s0, k_blk, take(v)
 
@@ -101,7 +114,7 @@ def _scores(cfg, q_blk, k_blk):
     return s * cfg.scale
 
 
-def _forward(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc):
+def _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
     B, Tp, G, R, _ = q5.shape
     S, V = v.shape[1], v.shape[-1]
     nq, nk = Tp // cfg.bq, _cdiv(S, cfg.bk)
@@ -114,7 +127,7 @@ def _forward(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc):
         n_blocks = jnp.clip(_cdiv(hi, cfg.bk), 0, nk)
 
         def key_block(j, st):
-            s0, k_blk, v_blk = _key_block(k_parts, v, b, j, cfg.bk)
+            s0, k_blk, v_blk = _key_block(k_parts, v, kv_rows[b], j, cfg.bk)
             mask = _mask(cfg, b, i, j, s0, off, kv_len, q_doc, k_doc)[None, :, None, :]
             pv = lambda p: jnp.einsum(
                 "gqrs,sgv->gqrv", p.astype(v.dtype), v_blk, preferred_element_type=c.F32
@@ -137,13 +150,13 @@ def _forward(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc):
-    return _forward(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc)[0]
+def _flash(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
+    return _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc)[0]
 
 
-def _flash_fwd(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc):
-    o5, lse = _forward(cfg, q5, k_parts, v, off, kv_len, q_doc, k_doc)
-    return o5, (q5, k_parts, v, off, kv_len, q_doc, k_doc, o5, lse)
+def _flash_fwd(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
+    o5, lse = _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc)
+    return o5, (q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc, o5, lse)
 
 
 def _add_at(buf, upd, b, start):
@@ -154,16 +167,16 @@ def _add_at(buf, upd, b, start):
 
 
 def _flash_bwd(cfg, res, do5):
-    q5, k_parts, v, off, kv_len, q_doc, k_doc, o5, lse = res
+    q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc, o5, lse = res
     B, Tp, G, R, K = q5.shape
-    S, V = v.shape[1], v.shape[-1]
+    Bk, S, V = v.shape[0], v.shape[1], v.shape[-1]
     nq, nk = Tp // cfg.bq, _cdiv(S, cfg.bk)
     delta = jnp.sum(do5.astype(c.F32) * o5.astype(c.F32), axis=-1)  # [B,Tp,G,R] = rowsum(dO * O)
 
     def key_block(n, carry):
         dq, dk, dv = carry
         b, j = n // nk, n % nk
-        s0, k_blk, v_blk = _key_block(k_parts, v, b, j, cfg.bk)
+        s0, k_blk, v_blk = _key_block(k_parts, v, kv_rows[b], j, cfg.bk)
         live = j * cfg.bk < c.keys_needed(off[b], cfg.T, kv_len[b], causal=cfg.causal)
         first = (
             jnp.clip((j * cfg.bk - off[b]) // cfg.bq, 0, nq) if cfg.causal else 0
@@ -191,15 +204,24 @@ def _flash_bwd(cfg, res, do5):
 
         zeros = (jnp.zeros((cfg.bk, G, K), c.F32), jnp.zeros((cfg.bk, G, V), c.F32))
         dq, dk_j, dv_j = jax.lax.fori_loop(first, last, query_block, (dq, *zeros))
-        return dq, _add_at(dk, dk_j, b, s0), _add_at(dv, dv_j, b, s0)
+        return dq, _add_at(dk, dk_j, kv_rows[b], s0), _add_at(dv, dv_j, kv_rows[b], s0)
 
-    init = (jnp.zeros(q5.shape, c.F32), jnp.zeros((B, S, G, K), c.F32), jnp.zeros((B, S, G, V), c.F32))
+    init = (jnp.zeros(q5.shape, c.F32), jnp.zeros((Bk, S, G, K), c.F32), jnp.zeros((Bk, S, G, V), c.F32))
     dq, dk, dv = jax.lax.fori_loop(0, B * nk, key_block, init)
     dk_parts, at = [], 0
     for kp in k_parts:
-        dk_parts.append(dk[..., at : at + kp.shape[-1]].astype(kp.dtype))
+        dk_parts.append(dk[..., at : at + kp.shape[-1]].reshape(kp.shape).astype(kp.dtype))
         at += kp.shape[-1]
-    return dq.astype(q5.dtype), tuple(dk_parts), dv.astype(v.dtype), None, None, None, None
+    return (
+        dq.astype(q5.dtype),
+        tuple(dk_parts),
+        dv.reshape(v.shape).astype(v.dtype),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -3,9 +3,12 @@ online-softmax block step.
 
 Shapes: q `[B,T,H,K]`, k `[B,S,G,K]` (or a tuple of key parts `[B,S,G,K_i]` whose features
 concatenate to K), v `[B,S,G,V]`, H a multiple of G (query head h reads kv head h // (H // G)).
+Keys and values may also come as `[B,S,K]` / `[B,S,V]`: one kv head (MQA) without a unit axis (a
+reshape to `[B,S,1,K]` made XLA:CPU copy a whole decode cache into another layout).
 Query t of row b sits at position `q_offset[b] + t`; key s at position s. Key s is visible to it
 iff s < kv_length[b], s <= its position (causal), and both are in the same document (segment ids
-are change points, compared through `document_index`).
+are change points, compared through `document_index`). With `kv_rows` [B], query row b reads key
+row kv_rows[b] of a `[B_kv,S,...]` buffer (a group of rows of a decode cache, read in place).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Problem(NamedTuple):
     v: jax.Array  # [B,S,G,V]
     q_offset_B: jax.Array  # int32 [B]
     kv_length_B: jax.Array  # int32 [B]
+    kv_rows_B: jax.Array  # int32 [B]: the key/value row each query row reads
     doc_BT: jax.Array | None  # document index of each token (self-attention, S == T) or None
     scale: float
     causal: bool
@@ -39,20 +43,21 @@ def key_parts(k) -> tuple:
     return tuple(k) if isinstance(k, (tuple, list)) else (k,)
 
 
-def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length) -> Problem:
+def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length, kv_rows=None) -> Problem:
     """Raise ValueError naming the argument for any shape/dtype mismatch; return the Problem."""
     parts = key_parts(k)
     if q.ndim != 4:
         raise ValueError(f"attention: q must be [B,T,H,K], got shape {q.shape}")
     B, T, H, K = q.shape
-    if v.ndim != 4 or v.shape[0] != B:
-        raise ValueError(f"attention: v must be [B,S,G,V] with B={B}, got {v.shape}")
-    S, G = v.shape[1], v.shape[2]
+    if v.ndim not in (3, 4) or (kv_rows is None and v.shape[0] != B):
+        raise ValueError(
+            f"attention: v must be [B,S,G,V] (or [B,S,V]: one kv head) with B={B}, got {v.shape}"
+        )
+    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
     for i, kp in enumerate(parts):
-        if kp.ndim != 4 or kp.shape[:3] != (B, S, G):
-            raise ValueError(
-                f"attention: key part {i} must be [B,S,G,K_i] = [{B},{S},{G},K_i], got {kp.shape}"
-            )
+        if kp.ndim != v.ndim or kp.shape[:-1] != v.shape[:-1]:
+            want = list(v.shape[:-1]) + ["K_i"]
+            raise ValueError(f"attention: key part {i} must be {want} (v's leading dims), got {kp.shape}")
     if sum(kp.shape[-1] for kp in parts) != K:
         dims = [kp.shape[-1] for kp in parts]
         raise ValueError(f"attention: key feature dims {dims} must add up to q's head dim {K}")
@@ -70,10 +75,21 @@ def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length) -> Prob
         if segment_ids.shape != (B, T):
             raise ValueError(f"attention: segment_ids must be [B,T] = {(B, T)}, got {segment_ids.shape}")
         doc = document_index(segment_ids)
+    if kv_rows is None:
+        rows = jnp.arange(B, dtype=jnp.int32)
+    else:
+        if segment_ids is not None:
+            raise ValueError("attention: segment_ids (self-attention) cannot be combined with kv_rows")
+        rows = jnp.asarray(kv_rows)
+        if rows.shape != (B,) or not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise ValueError(
+                f"attention: kv_rows must be integer [B] = [{B}], got {rows.dtype}{list(rows.shape)}"
+            )
+        rows = rows.astype(jnp.int32)
     offset = _per_row("q_offset", q_offset, B, 0)
     length = _per_row("kv_length", kv_length, B, S)
     scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
-    return Problem(q, parts, v, offset, length, doc, scale, bool(causal))
+    return Problem(q, parts, v, offset, length, rows, doc, scale, bool(causal))
 
 
 def _per_row(name, x, B, default):

@@ -11,12 +11,27 @@ import jax.numpy as jnp
 from pallas_kernels.attention import common as c
 
 
-def attention_reference(q, k, v, *, scale=None, causal=True, segment_ids=None, q_offset=None, kv_length=None):
+def attention_reference(
+    q, k, v, *, scale=None, causal=True, segment_ids=None, q_offset=None, kv_length=None, kv_rows=None
+):
     """softmax(q k^T * scale, visible) v; see `pallas_kernels.attention.attention`. o in v's dtype."""
     pb = c.problem(
-        q, k, v, scale=scale, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_length=kv_length
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        kv_rows=kv_rows,
     )
+    v = v[pb.kv_rows_B]  # each query row's keys and values (small shapes only)
+    pb = pb._replace(k_parts=tuple(kp[pb.kv_rows_B] for kp in pb.k_parts))
     B, T, H, _ = q.shape
+    if v.ndim == 3:  # one kv head
+        pb = pb._replace(k_parts=tuple(kp[:, :, None] for kp in pb.k_parts))
+        v = v[:, :, None]
     S, G = v.shape[1], v.shape[2]
     k_BSGK = jnp.concatenate([kp.astype(c.F32) for kp in pb.k_parts], axis=-1)
     q_BTGRK = q.astype(c.F32).reshape(B, T, G, H // G, -1)

@@ -112,7 +112,7 @@ def _split_refs(refs, n_parts, segmented):
 
 
 # ---------------------------------------------------------------------------- forward
-def _fwd_kernel(off_ref, len_ref, *refs, cfg, n_parts):
+def _fwd_kernel(off_ref, len_ref, rows_ref, *refs, cfg, n_parts):
     q_refs, k_refs, v_ref, qdoc_ref, kdoc_ref, refs = _split_refs(refs, n_parts, cfg.segmented)
     o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -146,42 +146,39 @@ def _specs(cfg, q_parts, k_parts, v, *, key_major):
     def ij(i_or_j, j_or_i):
         return (j_or_i, i_or_j) if key_major else (i_or_j, j_or_i)
 
-    def q_map(b, g, x, y, off_ref, len_ref):
+    def q_map(b, g, x, y, off_ref, len_ref, rows_ref):
         i, j = ij(x, y)
         if key_major:  # skipped query blocks repeat the first live one: no DMA
             i = jnp.minimum(jnp.maximum(i, _first_query_block(cfg, off_ref, len_ref, b, j)), cfg.nm - 1)
         return i, j
 
-    def k_map(b, g, x, y, off_ref, len_ref):
+    def k_map(b, g, x, y, off_ref, len_ref, rows_ref):
         i, j = ij(x, y)
         if not key_major:  # skipped key blocks repeat the last live one: no DMA
             j = jnp.clip(j, 0, jnp.maximum(_last_key_block(cfg, off_ref, len_ref, b, i), 0))
         return i, j
 
     q_spec = lambda d: pl.BlockSpec(
-        (None, None, cfg.bm, d), lambda b, g, x, y, o, n: (b, g, q_map(b, g, x, y, o, n)[0], 0)
+        (None, None, cfg.bm, d), lambda b, g, x, y, *r: (b, g, q_map(b, g, x, y, *r)[0], 0)
     )
-    k_spec = lambda d: pl.BlockSpec(
-        (None, None, cfg.bk, d), lambda b, g, x, y, o, n: (b, g, k_map(b, g, x, y, o, n)[1], 0)
+    k_spec = lambda d, own_row=False: pl.BlockSpec(  # keys of row kv_rows[b]; own_row: row b (dk, dv)
+        (None, None, cfg.bk, d),
+        lambda b, g, x, y, *r: (b if own_row else r[2][b], g, k_map(b, g, x, y, *r)[1], 0),
     )
     specs = [q_spec(qp.shape[-1]) for qp in q_parts] + [k_spec(kp.shape[-1]) for kp in k_parts]
     specs.append(k_spec(v.shape[-1]))
     if cfg.segmented:
-        specs.append(
-            pl.BlockSpec((None, cfg.bm, 1), lambda b, g, x, y, o, n: (b, q_map(b, g, x, y, o, n)[0], 0))
-        )
-        specs.append(
-            pl.BlockSpec((None, 1, cfg.bk), lambda b, g, x, y, o, n: (b, 0, k_map(b, g, x, y, o, n)[1]))
-        )
+        specs.append(pl.BlockSpec((None, cfg.bm, 1), lambda b, g, x, y, *r: (b, q_map(b, g, x, y, *r)[0], 0)))
+        specs.append(pl.BlockSpec((None, 1, cfg.bk), lambda b, g, x, y, *r: (b, 0, k_map(b, g, x, y, *r)[1])))
     return specs, q_spec, k_spec
 
 
-def _fwd(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret):
+def _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret):
     B, G, Mp, _ = q_parts[0].shape
     V = v.shape[-1]
     in_specs, q_spec, _ = _specs(cfg, q_parts, k_parts, v, key_major=False)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=3,
         grid=(B, G, cfg.nm, cfg.nk),
         in_specs=in_specs,
         out_specs=[q_spec(V), q_spec(1)],
@@ -200,7 +197,7 @@ def _fwd(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret):
         ),
         interpret=_interpret_arg(interpret),
         name="attention_fwd_tpu",
-    )(off, kv_len, *q_parts, *k_parts, v, *docs)
+    )(off, kv_len, kv_rows, *q_parts, *k_parts, v, *docs)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -211,7 +208,7 @@ def _probs_and_ds(cfg, q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, mask):
     return p, p * (dp - delta_ref[...]) * cfg.scale
 
 
-def _dkdv_kernel(off_ref, len_ref, *refs, cfg, n_parts):
+def _dkdv_kernel(off_ref, len_ref, rows_ref, *refs, cfg, n_parts):
     q_refs, k_refs, v_ref, qdoc_ref, kdoc_ref, refs = _split_refs(refs, n_parts, cfg.segmented)
     do_ref, lse_ref, delta_ref, *refs = refs
     dk_refs, dv_ref = refs[:n_parts], refs[n_parts]
@@ -239,7 +236,7 @@ def _dkdv_kernel(off_ref, len_ref, *refs, cfg, n_parts):
             out[...] = acc[...]
 
 
-def _dq_kernel(off_ref, len_ref, *refs, cfg, n_parts):
+def _dq_kernel(off_ref, len_ref, rows_ref, *refs, cfg, n_parts):
     q_refs, k_refs, v_ref, qdoc_ref, kdoc_ref, refs = _split_refs(refs, n_parts, cfg.segmented)
     do_ref, lse_ref, delta_ref, *refs = refs
     dq_refs, dq_acc = refs[:n_parts], refs[n_parts:]
@@ -264,7 +261,7 @@ def _dq_kernel(off_ref, len_ref, *refs, cfg, n_parts):
             out[...] = acc[...]
 
 
-def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, docs, do, lse, delta, interpret, *, key_major):
+def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, do, lse, delta, interpret, *, key_major):
     B, G, Mp, _ = q_parts[0].shape
     S = v.shape[2]
     in_specs, q_spec, k_spec = _specs(cfg, q_parts, k_parts, v, key_major=key_major)
@@ -273,7 +270,7 @@ def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, docs, do, lse, delta, inter
     if key_major:
         kernel, grid = _dkdv_kernel, (B, G, cfg.nk, cfg.nm)
         dims = [kp.shape[-1] for kp in k_parts] + [v.shape[-1]]
-        out_specs = [k_spec(d) for d in dims]
+        out_specs = [k_spec(d, own_row=True) for d in dims]  # per query row; summed per kv row below
         out_shape = [f32(B, G, S, d) for d in dims]
         scratch = [pltpu.VMEM((cfg.bk, d), c.F32) for d in dims]
     else:
@@ -283,7 +280,7 @@ def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, docs, do, lse, delta, inter
         out_shape = [f32(B, G, Mp, d) for d in dims]
         scratch = [pltpu.VMEM((cfg.bm, d), c.F32) for d in dims]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+        num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
     )
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg, n_parts=len(k_parts)),
@@ -294,30 +291,32 @@ def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, docs, do, lse, delta, inter
         ),
         interpret=_interpret_arg(interpret),
         name="attention_dkdv_tpu" if key_major else "attention_dq_tpu",
-    )(off, kv_len, *q_parts, *k_parts, v, *docs, do, lse, delta)
+    )(off, kv_len, kv_rows, *q_parts, *k_parts, v, *docs, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------- custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7))
-def _flash(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret):
-    return _fwd(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 8))
+def _flash(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret):
+    return _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret)[0]
 
 
-def _flash_fwd(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret):
-    o, lse = _fwd(cfg, q_parts, k_parts, v, off, kv_len, docs, interpret)
-    return o, (q_parts, k_parts, v, off, kv_len, docs, o, lse)
+def _flash_fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret):
+    o, lse = _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret)
+    return o, (q_parts, k_parts, v, off, kv_len, kv_rows, docs, o, lse)
 
 
 def _flash_bwd(cfg, interpret, res, do):
-    q_parts, k_parts, v, off, kv_len, docs, o, lse = res
+    q_parts, k_parts, v, off, kv_len, kv_rows, docs, o, lse = res
     delta = jnp.sum(do.astype(c.F32) * o.astype(c.F32), axis=-1, keepdims=True)
-    args = (cfg, q_parts, k_parts, v, off, kv_len, docs, do, lse, delta, interpret)
-    *dk, dv = _bwd_call(*args, key_major=True)
+    args = (cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, do, lse, delta, interpret)
+    per_row = _bwd_call(*args, key_major=True)  # [B,G,S,*] per query row -> sum into kv rows
+    *dk, dv = (jnp.zeros((v.shape[0],) + d.shape[1:], c.F32).at[kv_rows].add(d) for d in per_row)
     dq = _bwd_call(*args, key_major=False)
     return (
         tuple(d.astype(x.dtype) for d, x in zip(dq, q_parts)),
         tuple(d.astype(x.dtype) for d, x in zip(dk, k_parts)),
         dv.astype(v.dtype),
+        None,
         None,
         None,
         None,
@@ -337,16 +336,25 @@ def attention_pallas_tpu(
     segment_ids=None,
     q_offset=None,
     kv_length=None,
+    kv_rows=None,
     block_q=DEFAULT_BLOCK_Q,
     block_k=DEFAULT_BLOCK_K,
     interpret=False,
 ):
     """Attention through the Pallas TPU kernels; arguments as `pallas_kernels.attention.attention`."""
     pb = c.problem(
-        q, k, v, scale=scale, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_length=kv_length
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        kv_rows=kv_rows,
     )
     B, T, H, K = q.shape
-    S, G, V = v.shape[1], v.shape[2], v.shape[3]
+    S, G, V = v.shape[1], (v.shape[2] if v.ndim == 4 else 1), v.shape[-1]
     R = H // G
     if T == 0 or S == 0:
         return jnp.zeros((B, T, H, V), v.dtype)
@@ -358,8 +366,12 @@ def attention_pallas_tpu(
     widths = [kp.shape[-1] for kp in pb.k_parts]
     bounds = [sum(widths[:n]) for n in range(len(widths) + 1)]
     q_parts = tuple(q_BGMK[..., a:e] for a, e in zip(bounds[:-1], bounds[1:]))
+
     # keys padded only when block_k does not divide S (pick a divisor for large caches)
-    pad_s = lambda x: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0))), 1, 2)
+    def pad_s(x):  # [B,S,G,*] or [B,S,*] -> [B,G,Sp,*]
+        x = x.reshape(x.shape[0], S, G, x.shape[-1])
+        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0))), 1, 2)
+
     k_parts = tuple(pad_s(kp) for kp in pb.k_parts)
     docs = ()
     if pb.doc_BT is not None:
@@ -368,6 +380,6 @@ def attention_pallas_tpu(
         docs = (q_doc[..., None], k_doc[:, None, :])
     cfg = _Cfg(pb.scale, pb.causal, bq * R, bk, R, T, pb.doc_BT is not None, Sp // bk, Tp // bq)
     kv_len = jnp.minimum(pb.kv_length_B, S)  # padded keys are never visible
-    o = _flash(cfg, q_parts, k_parts, pad_s(v), pb.q_offset_B, kv_len, docs, interpret)
+    o = _flash(cfg, q_parts, k_parts, pad_s(v), pb.q_offset_B, kv_len, pb.kv_rows_B, docs, interpret)
     o = jnp.swapaxes(o.reshape(B, G, Tp, R, V), 1, 2).reshape(B, Tp, H, V)
     return o[:, :T]

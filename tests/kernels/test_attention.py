@@ -46,12 +46,12 @@ def inputs(B, T, H, G, K, V, S=None, dtype=jnp.float32, seed=0):
 def value_and_grads(fn, q, k, v, do, **kw):
     """(o, (dq, dk, dv)) of sum(o * do), jitted; integer side inputs traced."""
 
-    def loss(q, k, v, seg, off, length):
-        o = fn(q, k, v, segment_ids=seg, q_offset=off, kv_length=length, **kw)
+    def loss(q, k, v, seg, off, length, rows):
+        o = fn(q, k, v, segment_ids=seg, q_offset=off, kv_length=length, kv_rows=rows, **kw)
         return jnp.sum(o.astype(jnp.float32) * do), o
 
-    seg, off, length = (kw.pop(n, None) for n in ("segment_ids", "q_offset", "kv_length"))
-    grads, o = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, seg, off, length)
+    seg, off, length, rows = (kw.pop(n, None) for n in ("segment_ids", "q_offset", "kv_length", "kv_rows"))
+    grads, o = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, seg, off, length, rows)
     return o, grads
 
 
@@ -65,43 +65,43 @@ def check(fn, q, k, v, do, tol=TOL, **kw):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 class TestAttention:
-    def test_causal_gqa_ragged_qk_ne_v(self, impl):
-        # T = 21: ragged last query block (8) and key block (16); 4 q heads on 2 kv heads; K != V
-        check(IMPLS[impl], *inputs(2, 21, 4, 2, 12, 8))
-
-    def test_packed_reused_id(self, impl):
-        # ids mark change points: the second run of 0 is a third document, not the first again
-        seg = jnp.asarray([[0] * 8 + [1] * 8 + [0] * 8, [5] * 3 + [7] * 21], jnp.int32)
-        check(IMPLS[impl], *inputs(2, 24, 2, 2, 12, 8), segment_ids=seg)
+    def test_causal_packed_gqa_ragged_qk_ne_v(self, impl):
+        # T = 21: a ragged last query block (8) and key block (16); 4 q heads on 2 kv heads; K != V.
+        # Row 0 packs three documents, the third reusing the first's id (ids mark change points);
+        # row 1 is one document (plain causal).
+        seg = jnp.asarray([[0] * 7 + [1] * 7 + [0] * 7, [5] * 21], jnp.int32)
+        check(IMPLS[impl], *inputs(2, 21, 4, 2, 12, 8), segment_ids=seg)
 
     def test_mqa_cached_append_key_parts(self, impl):
-        # absorbed MLA's shape: one kv head, keys = two parts read in place, per-row positions.
-        # Slots past each row's reach hold NaN: any read of a key block past it poisons the row.
-        B, T, S, H = 3, 5, 64, 4
-        q, k, v, do = inputs(B, T, H, 1, 12, 8, S=S)
-        pos = jnp.asarray([0, 20, 59], jnp.int32)
-        reach = np.asarray(-(-(pos + T) // 16) * 16)  # end of the last key block a row needs
-        poison = jnp.arange(S)[None, :, None, None] >= jnp.asarray(reach)[:, None, None, None]
+        # absorbed MLA's shape: one kv head as [B,S,K] (no head axis), keys = two parts read in
+        # place, per-row positions, query rows reading cache rows 2, 0, 3 of 4 (kv_rows). Slots
+        # past each row's reach hold NaN: any read of a key block past it poisons the row.
+        T, S, H = 5, 64, 4
+        q, _, _, do = inputs(3, T, H, 1, 12, 8)
+        _, k, v, _ = inputs(4, T, H, 1, 12, 8, S=S, seed=1)
+        k, v = k[:, :, 0], v[:, :, 0]
+        rows, pos = jnp.asarray([2, 0, 3], jnp.int32), jnp.asarray([0, 20, 59], jnp.int32)
+        reach = jnp.zeros(4, jnp.int32).at[rows].set(-(-(pos + T) // 16) * 16)  # end of the last block read
+        poison = jnp.arange(S)[None, :, None] >= reach[:, None, None]
         k, v = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+        kw = dict(q_offset=pos, kv_length=pos + T, kv_rows=rows)
         fn = lambda q, k, v, **kw: IMPLS[impl](q, (k[..., :9], k[..., 9:]), v, **kw)
-        ref = lambda q, k, v, **kw: attention_reference(
-            q, jnp.where(poison, 0.0, k), jnp.where(poison, 0.0, v), **kw
-        )
-        o_ref, g_ref = value_and_grads(ref, q, k, v, do, q_offset=pos, kv_length=pos + T)
-        o, g = value_and_grads(fn, q, k, v, do, q_offset=pos, kv_length=pos + T, block_q=2, block_k=16)
-        g = (g[0], jnp.where(poison, 0.0, g[1]), jnp.where(poison, 0.0, g[2]))
-        g_ref = (g_ref[0], jnp.where(poison, 0.0, g_ref[1]), jnp.where(poison, 0.0, g_ref[2]))
-        for a, b in zip((o_ref, *g_ref), (o, *g)):
+        clean = lambda x: jnp.where(poison, 0.0, x)
+        ref = lambda q, k, v, **kw: attention_reference(q, clean(k), clean(v), **kw)
+        o_ref, g_ref = value_and_grads(ref, q, k, v, do, **kw)
+        o, g = value_and_grads(fn, q, k, v, do, block_q=2, block_k=16, **kw)
+        for a, b in zip((o_ref, g_ref[0], *map(clean, g_ref[1:])), (o, g[0], *map(clean, g[1:]))):
             assert rel_err(a, b) <= TOL
 
-    def test_not_causal_and_empty_rows(self, impl):
-        q, k, v, do = inputs(2, 9, 2, 1, 8, 8, S=20)
-        o = check(IMPLS[impl], q, k, v, do, causal=False, kv_length=jnp.asarray([0, 13], jnp.int32))
-        np.testing.assert_array_equal(o[0], 0.0)  # a row that sees no key gives 0, not NaN
-
-    def test_bf16_inputs_float32_statistics(self, impl):
-        # bf16 in, statistics in f32: error at the bf16 rounding of the output, not worse
-        q, k, v, do = inputs(1, 40, 2, 2, 16, 16, dtype=jnp.bfloat16)
+    def test_not_causal_empty_rows_bf16(self, impl):
+        # forward only (the backward shares the masks): no causal mask, a row that sees no key
+        # gives 0 (not NaN); bf16 inputs keep float32 statistics (error at bf16's rounding)
+        q, k, v, _ = inputs(2, 9, 2, 1, 8, 8, S=20)
+        length = jnp.asarray([0, 13], jnp.int32)
+        o = IMPLS[impl](q, k, v, causal=False, kv_length=length, block_q=8, block_k=16)
+        assert rel_err(attention_reference(q, k, v, causal=False, kv_length=length), o) <= TOL
+        np.testing.assert_array_equal(o[0], 0.0)
+        q, k, v, _ = inputs(1, 40, 2, 2, 16, 16, dtype=jnp.bfloat16)
         o = IMPLS[impl](q, k, v, block_q=8, block_k=16)
         assert o.dtype == jnp.bfloat16
         assert rel_err(attention_reference(q, k, v), o) <= 8e-3
