@@ -21,8 +21,9 @@ Implementations (`impl`):
                key blocks past every query's reach are never read (any backend)
   "pallas_tpu" Pallas Mosaic TPU kernels, forward and backward
   "gpu"        `jax.nn.dot_product_attention(implementation="cudnn")` where cuDNN takes the
-               shapes (bf16/fp16, one key part, K == V <= 128, plain causal or no mask, no
-               offsets), the blockwise path otherwise
+               call (bf16/fp16, one key part, V <= K <= 256 with v zero-padded to K, plain
+               causal or no mask: no segment ids, offsets, lengths or kv_rows; see
+               `gpu.cudnn_fits`), the blockwise path otherwise
   "auto"       pallas_tpu on TPU, gpu on GPU, blockwise elsewhere
 `interpret=True` runs the Pallas TPU kernels in interpret mode on any backend (CPU tests).
 """

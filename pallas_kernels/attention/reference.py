@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention import common as c
+from pallas_kernels.kda.common import document_index
 
 
 def attention_reference(
@@ -36,17 +37,15 @@ def attention_reference(
     k_BSGK = jnp.concatenate([kp.astype(c.F32) for kp in pb.k_parts], axis=-1)
     q_BTGRK = q.astype(c.F32).reshape(B, T, G, H // G, -1)
     s = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, precision="highest") * pb.scale
-    q_pos = pb.q_offset_B[:, None] + jnp.arange(T)[None]  # [B,T]
-    k_pos = jnp.arange(S)
-    doc = pb.doc_BT
-    mask_BTS = c.visible(
-        q_pos[:, :, None],
-        k_pos[None, None, :],
-        pb.kv_length_B[:, None, None],
-        None if doc is None else doc[:, :, None],
-        None if doc is None else doc[:, None, :],
-        causal=pb.causal,
-    )
+    # the mask written out here, not through common.visible, so a bug there shows against it
+    q_pos_BT1 = (pb.q_offset_B[:, None] + jnp.arange(T)[None])[:, :, None]
+    k_pos_11S = jnp.arange(S)[None, None, :]
+    mask_BTS = k_pos_11S < pb.kv_length_B[:, None, None]
+    if pb.causal:
+        mask_BTS &= k_pos_11S <= q_pos_BT1
+    if segment_ids is not None:
+        doc_BT = document_index(segment_ids)
+        mask_BTS &= doc_BT[:, :, None] == doc_BT[:, None, :]
     mask = mask_BTS[:, None, None]
     s = jnp.where(mask, s, c.NEG)
     p = jnp.where(mask, jnp.exp(s - jnp.max(s, -1, keepdims=True)), 0.0)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import attention, attention_reference
+from pallas_kernels.attention.gpu import cudnn_fits
 
 TOL = 1e-5
 
@@ -98,11 +99,12 @@ class TestAttention:
         # gives 0 (not NaN); bf16 inputs keep float32 statistics (error at bf16's rounding)
         q, k, v, _ = inputs(2, 9, 2, 1, 8, 8, S=20)
         length = jnp.asarray([0, 13], jnp.int32)
-        o = IMPLS[impl](q, k, v, causal=False, kv_length=length, block_q=8, block_k=16)
+        fn = jax.jit(functools.partial(IMPLS[impl], block_q=8, block_k=16), static_argnames="causal")
+        o = fn(q, k, v, causal=False, kv_length=length)
         assert rel_err(attention_reference(q, k, v, causal=False, kv_length=length), o) <= TOL
         np.testing.assert_array_equal(o[0], 0.0)
         q, k, v, _ = inputs(1, 40, 2, 2, 16, 16, dtype=jnp.bfloat16)
-        o = IMPLS[impl](q, k, v, block_q=8, block_k=16)
+        o = fn(q, k, v)
         assert o.dtype == jnp.bfloat16
         assert rel_err(attention_reference(q, k, v), o) <= 8e-3
 
@@ -120,3 +122,16 @@ def test_errors_name_the_input():
         attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="interpret=True"):
         attention(q, k, v, impl="blockwise", interpret=True)
+
+
+def test_gpu_path_takes_cudnn_only_where_it_fits():
+    q, k, v, _ = inputs(1, 16, 4, 2, 16, 8, dtype=jnp.bfloat16)
+    assert cudnn_fits(q, k, v, backend="gpu")  # v narrower than k: zero-padded
+    assert not cudnn_fits(q, k, v, backend="cpu")
+    assert not cudnn_fits(q.astype(jnp.float32), k, v, backend="gpu")
+    assert not cudnn_fits(q, (k[..., :8], k[..., 8:]), v, backend="gpu")
+    assert not cudnn_fits(q, k, v, segment_ids=jnp.zeros((1, 16), jnp.int32), backend="gpu")
+    assert not cudnn_fits(q, k, v, q_offset=jnp.zeros(1, jnp.int32), backend="gpu")
+    # off GPU, impl="gpu" is the blockwise path
+    got = jax.jit(functools.partial(attention, impl="gpu", block_q=8, block_k=8))(q, k, v)
+    assert rel_err(attention_reference(q, k, v), got) <= 8e-3

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.nn import mla
 from jaxllm.nn.mla import MLA, MLACache
 
 TOL = 1e-5
@@ -80,8 +81,10 @@ def test_blockwise_equals_expanded(attention):
 
 
 @pytest.mark.parametrize("attention", list(ATTENTION))
-def test_cached_append_equals_dense(attention):
-    # a 5-token chunk appended to a 40-slot cache holding 0, 11 and 33 tokens per row
+def test_cached_append_equals_dense(attention, monkeypatch):
+    # a 5-token chunk appended to a 40-slot cache holding 0, 11 and 33 tokens per row, one row
+    # per step of the absorbed append (each step reads its own cache row: kv_rows)
+    monkeypatch.setattr(mla, "ABSORBED_ROWS_PER_STEP", 5 * 3)
     B, T, S = 3, 5, 40
     kx, kl, kr = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (B, T, 24))
