@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from typing import Callable, NamedTuple
@@ -85,8 +86,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--checkpoint",
         help="a Hugging Face model folder (config.json, safetensors, tokenizer.json): a plain model or "
-        "an AutoDeco checkpoint, merged or head-only. Text is cut at the tokenizer's first stop id "
-        "(eos, <|im_end|>) after decoding all --max-new-tokens",
+        "an AutoDeco checkpoint, merged or head-only. A row ends at the tokenizer's stop ids (eos, "
+        "<|im_end|>)",
     )
     p.add_argument(
         "--base",
@@ -94,7 +95,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         "base_model_name_or_path when it is a local folder); its tokenizer is used when the "
         "checkpoint has none",
     )
-    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument(
+        "--prompt", default=None, help="text to continue (default 'def '); its text streams as it comes"
+    )
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        help='several prompts decoded in one batch: one per line (a .jsonl file: {"prompt": ...} per '
+        "line); prints one JSON line per prompt",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--step", type=int, help="with --workdir: checkpoint step (default: latest)")
     p.add_argument(
@@ -121,11 +130,68 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _read_prompts(args) -> list[str]:
+    """--prompt, or every prompt of --prompts-file (one per line; a .jsonl file: {"prompt": ...} per line)."""
+    from jaxllm.errors import ConfigError
+
+    if args.prompts_file is None:
+        return ["def " if args.prompt is None else args.prompt]
+    if args.prompt is not None:
+        raise ConfigError("give --prompt or --prompts-file, not both")
+    with open(args.prompts_file, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    if args.prompts_file.endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{args.prompts_file}:{i}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ConfigError(
+                    f'{args.prompts_file}:{i}: each line must be an object with a "prompt" string'
+                )
+            prompts.append(rec["prompt"])
+    else:
+        prompts = [line for line in lines if line]
+    if not prompts:
+        raise ConfigError(f"{args.prompts_file}: no prompts")
+    return prompts
+
+
+def _print_generations(args, model, params, tokenizer, sampling, heads=None) -> int:
+    """One prompt: its text streamed as the tokens come. Several: one JSON line per prompt."""
+    from jaxllm.generation import generate_texts
+
+    prompts = _read_prompts(args)
+    kw = dict(heads=heads, seed=args.seed)
+    if len(prompts) == 1 and args.prompts_file is None:
+        print(prompts[0], end="", flush=True)
+        generate_texts(
+            model,
+            params,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            sampling,
+            stream_to=lambda piece: print(piece, end="", flush=True),
+            **kw,
+        )
+        print()
+        return 0
+    texts = generate_texts(model, params, tokenizer, prompts, args.max_new_tokens, sampling, **kw)
+    for p, t in zip(prompts, texts):
+        print(json.dumps({"prompt": p, "completion": t[len(p) :]}, ensure_ascii=False))
+    return 0
+
+
 def _generate_hf(args) -> int:
     """`generate --checkpoint DIR`: a Hugging Face folder, plain or AutoDeco."""
+    from jaxllm.generation import load_hf_for_generation
     from jaxllm.train import autodeco_run as ad
     from jaxllm.train.config import ConfigError
-    from jaxllm.train.inference import generate_hf_text, load_hf_for_generation
 
     if args.fixed_mean or args.step is not None:
         flag = "--fixed-mean (it reads the mean T/P of autodeco-train)" if args.fixed_mean else "--step"
@@ -139,11 +205,7 @@ def _generate_hf(args) -> int:
     else:
         t = 0.0 if args.temperature is None else args.temperature
         sampling = ad.sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
-    text = generate_hf_text(
-        model, params, tokenizer, args.prompt, args.max_new_tokens, sampling, heads=heads, seed=args.seed
-    )
-    print(text)
-    return 0
+    return _print_generations(args, model, params, tokenizer, sampling, heads)
 
 
 def _generate(args) -> int:
@@ -153,45 +215,21 @@ def _generate(args) -> int:
         from jaxllm.train.config import ConfigError
 
         raise ConfigError("--base needs --checkpoint (a head-only AutoDeco folder)")
-    from jaxllm.train.inference import generate_text, load_trained
+    from jaxllm.train import autodeco_run as ad
+    from jaxllm.train.inference import load_trained
 
     model, params, tokenizer = load_trained(args.workdir, step=args.step)
     if args.autodeco or args.fixed_mean:
-        from jaxllm.train import autodeco_run as ad
-
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=hidden)
         t = 1.0 if args.temperature is None else args.temperature
         sampling = ad.sampling_config(
             "autodeco" if args.autodeco else "fixed_mean", info, temperature=t, top_p=args.top_p
         )
-        print(
-            ad.generate_text(
-                model,
-                params,
-                tokenizer,
-                args.prompt,
-                args.max_new_tokens,
-                sampling,
-                heads=(heads_module, heads_vars),
-                seed=args.seed,
-            )
-        )
-        return 0
-    args.temperature = 0.0 if args.temperature is None else args.temperature
-    print(
-        generate_text(
-            model,
-            params,
-            tokenizer,
-            args.prompt,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    )
-    return 0
+        return _print_generations(args, model, params, tokenizer, sampling, (heads_module, heads_vars))
+    t = 0.0 if args.temperature is None else args.temperature
+    sampling = ad.sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
+    return _print_generations(args, model, params, tokenizer, sampling)
 
 
 # --------------------------------------------------------------------------- plot

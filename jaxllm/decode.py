@@ -237,129 +237,168 @@ def prefill_chunks(model, params, cache, ids_BP, lengths_B, chunk: int):
     return cache, logits, hidden
 
 
-def decode_loop(
+@flax.struct.dataclass
+class DecodeState:
+    """Everything one decode step reads and writes (B rows, N = max_new_tokens)."""
+
+    step: jax.Array  # int32 scalar: tokens picked so far (columns of `tokens` written)
+    cache: object
+    logits: jax.Array  # [B, V] next-token logits of each row
+    hidden: jax.Array  # [B, D] the hidden state they came from (AutoDeco heads read it)
+    keys: jax.Array  # [B] PRNG keys
+    tokens: jax.Array  # [B, N] int32, pad after each row's end
+    logprobs: jax.Array  # [B, N] float32
+    lengths: jax.Array  # [B] int32 new tokens per row
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool: ended on a stop id or sequence
+
+
+def start_state(
+    cache, logits_BV, hidden_BD, keys_B, active_B, max_new_tokens: int, pad_id: int
+) -> DecodeState:
+    B, N = logits_BV.shape[0], max_new_tokens
+    return DecodeState(
+        step=jnp.int32(0),
+        cache=cache,
+        logits=logits_BV,
+        hidden=hidden_BD,
+        keys=keys_B,
+        tokens=jnp.full((B, N), pad_id, jnp.int32),
+        logprobs=jnp.zeros((B, N), jnp.float32),
+        lengths=jnp.zeros((B,), jnp.int32),
+        done=~active_B,
+        stopped=jnp.zeros((B,), bool),
+    )
+
+
+def decode_step_rows(
     model,
     params,
-    cache,
-    logits_BV,
-    hidden_BD,
-    keys_B,
-    active_B,
+    st: DecodeState,
     stop_BS,
     seq_BSL,
     *,
-    max_new_tokens: int,
     pad_id: int,
     sampling=None,
     heads=None,
     heads_params=None,
-):
-    """Pick, record and append one token per active row until every row has stopped.
+) -> DecodeState:
+    """Pick and record one token per live row, end the rows that hit a stop or max_new_tokens, and
+    append the token of every row still live (the others append nothing)."""
+    N = st.tokens.shape[1]
+    keys, draw = split_rows(st.keys)
+    tok = pick(
+        st.logits,
+        st.hidden,
+        draw,
+        sampling=sampling,
+        heads=heads,
+        heads_params=heads_params,
+        prev_tokens_BN=st.tokens,
+        prev_count_B=st.lengths,
+    )
+    live = ~st.done
+    tok = jnp.where(live, tok, pad_id)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(st.logits, -1), tok[:, None], -1)[:, 0]
+    tokens = st.tokens.at[:, st.step].set(tok)
+    logprobs = st.logprobs.at[:, st.step].set(jnp.where(live, lp, 0.0))
+    lengths = st.lengths + live
+    hit = live & ((tok[:, None] == stop_BS).any(-1) | sequence_hit(tokens, lengths, seq_BSL))
+    done = st.done | hit | (lengths >= N)
 
-    Returns (Completion, cache, keys). A row stops after a stop id, a stop sequence or
-    max_new_tokens new tokens; inactive rows produce nothing.
-    """
-    B, N = logits_BV.shape[0], max_new_tokens
-    out = jnp.full((B, N), pad_id, jnp.int32)
-    logp = jnp.zeros((B, N), jnp.float32)
-    n_B = jnp.zeros((B,), jnp.int32)
+    def feed(args):
+        return append_tokens(model, params, *args[:1], tok[:, None], (~done).astype(jnp.int32), *args[1:])
 
-    def cond(c):
-        step, done = c[0], c[6]
-        return (step < N) & ~jnp.all(done)
+    cache, logits, hidden = jax.lax.cond(jnp.any(~done), feed, lambda a: a, (st.cache, st.logits, st.hidden))
+    return DecodeState(
+        st.step + 1, cache, logits, hidden, keys, tokens, logprobs, lengths, done, st.stopped | hit
+    )
 
-    def body(c):
-        step, cache, logits, hidden, keys, out, done, stopped, n_B, logp = c
-        keys, draw = split_rows(keys)
-        tok = pick(
-            logits,
-            hidden,
-            draw,
-            sampling=sampling,
-            heads=heads,
-            heads_params=heads_params,
-            prev_tokens_BN=out,
-            prev_count_B=n_B,
-        )
-        live = ~done
-        tok = jnp.where(live, tok, pad_id)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
-        out = out.at[:, step].set(tok)
-        logp = logp.at[:, step].set(jnp.where(live, lp, 0.0))
-        n_B = n_B + live
-        hit = live & ((tok[:, None] == stop_BS).any(-1) | sequence_hit(out, n_B, seq_BSL))
-        stopped = stopped | hit
-        done = done | hit | (n_B >= N)
 
-        def feed(args):
-            cache, logits, hidden = args
-            return append_tokens(
-                model, params, cache, tok[:, None], (~done).astype(jnp.int32), logits, hidden
-            )
+def decode_loop(
+    model,
+    params,
+    st: DecodeState,
+    stop_BS,
+    seq_BSL,
+    *,
+    pad_id: int,
+    sampling=None,
+    heads=None,
+    heads_params=None,
+) -> DecodeState:
+    """`decode_step_rows` in a `lax.while_loop` until every row is done."""
+    N = st.tokens.shape[1]
+    step = functools.partial(
+        decode_step_rows,
+        model,
+        params,
+        stop_BS=stop_BS,
+        seq_BSL=seq_BSL,
+        pad_id=pad_id,
+        sampling=sampling,
+        heads=heads,
+        heads_params=heads_params,
+    )
+    return jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), step, st)
 
-        cache, logits, hidden = jax.lax.cond(jnp.any(~done), feed, lambda a: a, (cache, logits, hidden))
-        return step + 1, cache, logits, hidden, keys, out, done, stopped, n_B, logp
 
-    init = (0, cache, logits_BV, hidden_BD, keys_B, out, ~active_B, jnp.zeros((B,), bool), n_B, logp)
-    _, cache, _, _, keys, out, _, stopped, n_B, logp = jax.lax.while_loop(cond, body, init)
-    return Completion(out, n_B, stopped, logp), cache, keys
+def _completion(st: DecodeState) -> Completion:
+    return Completion(st.tokens, st.lengths, st.stopped, st.logprobs)
 
 
 @functools.lru_cache(maxsize=32)
-def _complete_fn(model_cls, config, padded_len, max_new_tokens, sampling, heads, cache_dtype, chunk, pad_id):
+def _complete_fn(
+    model_cls,
+    config,
+    padded_len,
+    max_new_tokens,
+    sampling,
+    heads,
+    cache_dtype,
+    chunk,
+    pad_id,
+    streaming=False,
+):
+    """jit(run) for `complete`; with `streaming`, (jit(start), jit(step)) for `stream`."""
     model = model_cls(config)
 
-    def run(params, ids_BP, lengths_B, keys_B, stop_BS, seq_BSL, heads_params):
+    def start(params, ids_BP, lengths_B, keys_B):
         B = ids_BP.shape[0]
         cache = model.init_cache(B, padded_len + max_new_tokens, cache_dtype)
         cache, logits, hidden = prefill_chunks(model, params, cache, ids_BP, lengths_B, chunk)
-        done, _, _ = decode_loop(
-            model,
-            params,
-            cache,
-            logits,
-            hidden,
-            keys_B,
-            jnp.ones((B,), bool),
-            stop_BS,
-            seq_BSL,
-            max_new_tokens=max_new_tokens,
-            pad_id=pad_id,
-            sampling=sampling,
-            heads=heads,
-            heads_params=heads_params,
-        )
-        return done
+        return start_state(cache, logits, hidden, keys_B, jnp.ones((B,), bool), max_new_tokens, pad_id)
 
+    kw = dict(pad_id=pad_id, sampling=sampling, heads=heads)
+
+    def run(params, ids_BP, lengths_B, keys_B, stop_BS, seq_BSL, heads_params):
+        st = start(params, ids_BP, lengths_B, keys_B)
+        return _completion(decode_loop(model, params, st, stop_BS, seq_BSL, heads_params=heads_params, **kw))
+
+    def step(params, st, stop_BS, seq_BSL, heads_params):
+        return decode_step_rows(model, params, st, stop_BS, seq_BSL, heads_params=heads_params, **kw)
+
+    if streaming:
+        return jax.jit(start), jax.jit(step, donate_argnums=(1,))
     return jax.jit(run)
 
 
-def complete(
-    model: LanguageModel,
-    params,
+def _prepare(
+    model,
     prompts,
-    max_new_tokens: int = 16,
-    sampling=None,
-    rng=None,
-    autodeco=None,
-    *,
-    stop_ids=None,
-    stop_sequences=None,
-    pad_id: int = 0,
-    cache_dtype=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    pad_to: int | None = None,
-) -> Completion:
-    """Continue every prompt (ragged: a list of id sequences, or a [B,T] array) in one batch.
-
-    sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`: one key,
-    split per row, or [B] keys, one per row). autodeco: optional `(heads_module, heads_params)`;
-    `heads_module.apply(heads_params, hidden_BD, logits_BV)` gives per-row temperature and top-p
-    (use `SamplingConfig(mode="autodeco")`). stop_ids: ids that end a row (one list, or one list
-    per row); stop_sequences: id sequences that end a row when its new tokens end with one (one
-    list of sequences, or one per row). pad_to: the padded prompt length (default: the bucket of
-    the longest prompt, `prompt_bucket`); one value for every call compiles once for all of them.
-    """
+    max_new_tokens,
+    sampling,
+    rng,
+    autodeco,
+    stop_ids,
+    stop_sequences,
+    pad_id,
+    cache_dtype,
+    prefill_chunk,
+    pad_to,
+    streaming,
+):
+    """Check `complete`/`stream` arguments; (compiled function(s), its array arguments)."""
     config = model.config
     ids, lengths = pad_prompts(prompts, config.vocab_size, pad_id)
     B = ids.shape[0]
@@ -393,16 +432,100 @@ def complete(
         None if cache_dtype is None else jnp.dtype(cache_dtype),
         prefill_chunk,
         pad_id,
+        streaming,
     )
-    return fn(
-        params,
-        jnp.asarray(ids_BP),
-        jnp.asarray(lengths),
-        keys,
-        jnp.asarray(stop_table(stop_ids, B, config.vocab_size)),
-        jnp.asarray(sequence_table(stop_sequences, B, config.vocab_size)),
-        heads_params,
+    stops = jnp.asarray(stop_table(stop_ids, B, config.vocab_size))
+    seqs = jnp.asarray(sequence_table(stop_sequences, B, config.vocab_size))
+    return fn, (jnp.asarray(ids_BP), jnp.asarray(lengths), keys), (stops, seqs, heads_params)
+
+
+def complete(
+    model: LanguageModel,
+    params,
+    prompts,
+    max_new_tokens: int = 16,
+    sampling=None,
+    rng=None,
+    autodeco=None,
+    *,
+    stop_ids=None,
+    stop_sequences=None,
+    pad_id: int = 0,
+    cache_dtype=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    pad_to: int | None = None,
+) -> Completion:
+    """Continue every prompt (ragged: a list of id sequences, or a [B,T] array) in one batch.
+
+    sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`: one key,
+    split per row, or [B] keys, one per row). autodeco: optional `(heads_module, heads_params)`;
+    `heads_module.apply(heads_params, hidden_BD, logits_BV)` gives per-row temperature and top-p
+    (use `SamplingConfig(mode="autodeco")`). stop_ids: ids that end a row (one list, or one list
+    per row); stop_sequences: id sequences that end a row when its new tokens end with one (one
+    list of sequences, or one per row). pad_to: the padded prompt length (default: the bucket of
+    the longest prompt, `prompt_bucket`); one value for every call compiles once for all of them.
+    """
+    fn, prompt_args, step_args = _prepare(
+        model,
+        prompts,
+        max_new_tokens,
+        sampling,
+        rng,
+        autodeco,
+        stop_ids,
+        stop_sequences,
+        pad_id,
+        cache_dtype,
+        prefill_chunk,
+        pad_to,
+        False,
     )
+    return fn(params, *prompt_args, *step_args)
+
+
+def stream(
+    model: LanguageModel,
+    params,
+    prompts,
+    max_new_tokens: int = 16,
+    sampling=None,
+    rng=None,
+    autodeco=None,
+    *,
+    stop_ids=None,
+    stop_sequences=None,
+    pad_id: int = 0,
+    cache_dtype=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    pad_to: int | None = None,
+):
+    """`complete`, one step at a time: yields `(tokens_B, live_B)` numpy arrays as each token is
+    picked (live: the row produced a token this step), then returns when every row is done. The
+    same compiled step as `complete`'s loop (the cache donated from step to step), driven from Python.
+    Tokens equal `complete`'s, step for step."""
+    (start, step), prompt_args, (stops, seqs, heads_params) = _prepare(
+        model,
+        prompts,
+        max_new_tokens,
+        sampling,
+        rng,
+        autodeco,
+        stop_ids,
+        stop_sequences,
+        pad_id,
+        cache_dtype,
+        prefill_chunk,
+        pad_to,
+        True,
+    )
+    st = start(params, *prompt_args)
+    while True:
+        live = ~np.asarray(st.done)
+        if not live.any() or int(st.step) >= max_new_tokens:
+            return
+        i = int(st.step)
+        st = step(params, st, stops, seqs, heads_params)
+        yield np.asarray(st.tokens[:, i]), live
 
 
 def generate(

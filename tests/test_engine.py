@@ -125,3 +125,15 @@ def test_bad_arguments_are_named(qwen):
         args = dict(prompts=[[1, 2, 3, 4, 5], [6]], max_new_tokens=2) | kwargs
         with pytest.raises(ValueError, match=match):
             jaxllm.complete(model, params, **args)
+
+
+def test_stream_yields_completes_tokens_step_by_step(qwen):
+    model, params, prompts = qwen
+    stops = [[], [int(jaxllm.complete(model, params, [prompts[1]], 4).tokens[0, 1])]]
+    done = jaxllm.complete(model, params, prompts[:2], N_NEW, stop_ids=stops, **BATCH)
+    steps = list(decode.stream(model, params, prompts[:2], N_NEW, stop_ids=stops, **BATCH))
+    tokens = np.stack([t for t, _ in steps], 1)
+    live = np.stack([v for _, v in steps], 1)
+    np.testing.assert_array_equal(live.sum(1), np.asarray(done.lengths))
+    np.testing.assert_array_equal(np.where(live, tokens, 0), np.asarray(done.tokens)[:, : tokens.shape[1]])
+    assert live[0].all() and live[1].sum() == 2  # row 1 stopped after its stop id, row 0 ran on

@@ -21,7 +21,6 @@ from jaxllm import cli
 from jaxllm.errors import CheckpointError
 from jaxllm.models.autodeco_hf import load_autodeco, save_autodeco
 from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
-from jaxllm.train.inference import cut_at_stop
 
 GOLDEN = pathlib.Path(__file__).parents[1] / "golden" / "qwen_family" / "qwen2_tiny"
 HEAD_KEYS = {
@@ -320,11 +319,24 @@ def test_generate_text_cut_at_stop_id(tmp_path, capsys):
     assert out == prompt + words(new[:2]) + "\n"
 
 
-def test_cut_at_stop():
-    assert cut_at_stop([4, 5, 6, 5], (5,)).tolist() == [4]
-    assert cut_at_stop([4, 5, 6], (9, 6)).tolist() == [4, 5]
-    assert cut_at_stop([4, 5], ()).tolist() == [4, 5]
-    assert cut_at_stop([7, 4], (7,)).tolist() == []
+def test_generate_prompts_file_prints_one_json_line_per_prompt(tmp_path, capsys):
+    # the two golden prompts in one ragged batch (the second cut shorter): each row as it is alone
+    g = np.load(GOLDEN / "golden.npz")
+    new = g["greedy_ids"][0, 40:48]
+    d = tmp_path / "plain"
+    shutil.copytree(GOLDEN, d)
+    write_tokenizer(d, eos=f"w{new[2]}")
+    prompts = [words(g["input_ids"][0]) + " ", words(g["input_ids"][1][:23]) + " "]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rc, out, err = run_generate(capsys, "--checkpoint", d, "--prompts-file", path, "--max-new-tokens", 8)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert rows[0]["completion"] == words(new[:2])  # cut at the stop id
+    rc, alone, err = run_generate(capsys, "--checkpoint", d, "--prompt", prompts[1], "--max-new-tokens", 8)
+    assert rc == 0, err
+    assert alone == prompts[1] + rows[1]["completion"] + "\n"
 
 
 def test_generate_errors_one_line(tmp_path, capsys, merged_dirs):
