@@ -11,6 +11,12 @@ os.environ["JAXLLM_USER_XLA_FLAGS"] = USER_XLA_FLAGS
 if "--xla_backend_optimization_level" not in USER_XLA_FLAGS:
     os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
 
+# libtpu (the `[tpu-aot]` extra: TPU compile checks without a chip) holds /tmp/libtpu_lockfile for
+# the life of the process that loads it; a second process (another xdist worker, another session's
+# run) then fails with "ABORTED: ... libtpu multi-process lockfile". Compiling needs no chip, so
+# let several processes load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import pytest  # noqa: E402
 
 # The README runs the suite with `-n 2 --dist loadscope`: each module stays on one worker, so a
