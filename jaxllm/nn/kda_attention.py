@@ -48,6 +48,48 @@ def _dt_bias_init(key, shape, dtype):
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
+def _per_shard_if_pallas(fn, impl, q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_BHKV, seg_BT):
+    """`fn(q, k, v, g, beta, h0, seg) -> (o_BTHV, state_BHKV or None)`, once per shard when `impl`
+    is a Pallas kernel and a mesh is set (`jax.set_mesh`, as the train loop does).
+
+    XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"),
+    so a multi-chip TPU step fails to compile unless the kernel runs under `shard_map`. Rows and
+    heads are independent in KDA, so splitting the batch over the mesh's batch axes and the heads
+    over its head axis (the rules of `jaxllm.sharding`) gives the same result. Pure-JAX impls and
+    meshes without jaxllm's axis names are left to XLA.
+    """
+    from jaxllm import sharding as shd
+    from pallas_kernels.kda import resolve_impl
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if (
+        not resolve_impl(impl).startswith("pallas")
+        or mesh.empty
+        or mesh.size == 1
+        or not set(shd.MESH_AXES) <= set(mesh.axis_names)
+    ):
+        return fn(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_BHKV, seg_BT)
+    from jax.sharding import PartitionSpec as P
+
+    spec = tuple(shd.logical_to_spec(("batch", None, "heads", None), q_BTHK.shape, mesh))
+    b, h = (spec + (None,) * 4)[0], (spec + (None,) * 4)[2]
+    tok, state = P(b, None, h, None), P(b, h, None, None)
+    args = [q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_BHKV, seg_BT]
+    specs = [tok, tok, tok, tok, P(b, None, h), state, P(b, None)]
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def body(*xs):
+        full = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    out_specs = (tok, state if h0_BHKV is not None else None)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_specs, check_vma=False
+    )(*(args[i] for i in present))
+
+
 class KimiDeltaAttention(nn.Module):
     hidden_size: int
     num_heads: int
@@ -130,18 +172,28 @@ class KimiDeltaAttention(nn.Module):
             k, sk = causal_conv(k, ck, state_BSC=states[1], segment_ids_BT=segment_ids)
             v, sv = causal_conv(v, cv, state_BSC=states[2], segment_ids_BT=segment_ids)
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-            o_BTHK, state = kda(
+            o_BTHK, state = _per_shard_if_pallas(
+                lambda q, k, v, g, beta, h0, seg: kda(
+                    q,
+                    k,
+                    v,
+                    g,
+                    beta,
+                    scale=scale,
+                    initial_state=h0,
+                    output_final_state=cache is not None,
+                    use_qk_l2norm=True,
+                    impl=self.impl,
+                    segment_ids=seg,
+                ),
+                self.impl,
                 q,
                 k,
                 v,
                 g_BTHK,
                 beta_BTH,
-                scale=scale,
-                initial_state=None if cache is None else cache.state_BHKV,
-                output_final_state=cache is not None,
-                use_qk_l2norm=True,
-                impl=self.impl,
-                segment_ids=segment_ids,
+                None if cache is None else cache.state_BHKV,
+                segment_ids,
             )
             if cache is not None:
                 new_cache = KDACache(state, sq, sk, sv)
