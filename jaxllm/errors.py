@@ -34,5 +34,21 @@ class TrajectoryError(JaxllmError, ValueError):
     """An agent trajectory that does not follow the ReAct protocol."""
 
 
+class NonFiniteLossError(JaxllmError, RuntimeError):
+    """Training produced a NaN/Inf loss, gradient or parameter; the step was not applied."""
+
+    def __init__(self, step: int, what: str, last_good: int | None = None, directory: str = ""):
+        self.step, self.what, self.last_good = step, what, last_good
+        where = (
+            f"last good checkpoint: step {last_good} in {directory}"
+            if last_good is not None
+            else "no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"non-finite {what} at step {step}; training stopped, nothing after step "
+            f"{step - 1} was saved; {where}"
+        )
+
+
 # `jaxllm.agent.sandbox.SandboxUnavailableError` stays in that file: it is the sandbox child's
 # entry point and imports the standard library only.

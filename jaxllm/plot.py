@@ -1,4 +1,8 @@
-"""Loss curves from ``metrics.jsonl`` files as a PNG (needs matplotlib: ``pip install matplotlib``)."""
+"""Loss curves from ``metrics.jsonl`` files as a PNG (needs matplotlib: ``pip install matplotlib``).
+
+Runs of MoE models also get a second panel: each MoE layer's max/mean expert load per step
+(``moe/<layer>/max_mean_load``; 1 = perfectly even), with the overflow fraction in the legend.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,18 @@ def metric_curve(path: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
 
 
+def load_curves(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{MoE layer: (steps, max/mean expert load)} of one run; empty for a dense model."""
+    layers = set()
+    for rec in read_jsonl(_metrics_path(path)):
+        layers.update(k[len("moe/") : -len("/max_mean_load")] for k in rec if _is_load_key(k))
+    return {layer: metric_curve(path, f"moe/{layer}/max_mean_load") for layer in sorted(layers)}
+
+
+def _is_load_key(key: str) -> bool:
+    return key.startswith("moe/") and key.endswith("/max_mean_load")
+
+
 def loss_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, training losses) of one run."""
     return metric_curve(path, "loss")
@@ -48,8 +64,12 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("`jaxllm plot` needs matplotlib: pip install matplotlib") from e
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for path in [paths] if isinstance(paths, str) else paths:
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    loads = {path: load_curves(path) for path in paths}
+    with_load = any(loads.values())
+    fig, axes = plt.subplots(1, 2 if with_load else 1, figsize=(13 if with_load else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    for path in paths:
         steps, losses = loss_curve(path)
         label = (
             os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))) or path
@@ -58,10 +78,21 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
         val_steps, val_losses = metric_curve(path, "val_loss")
         if len(val_steps):  # runs with eval_every > 0: held-out loss, same colour, markers
             ax.plot(val_steps, val_losses, "o--", color=line.get_color(), label=f"{label} (validation)")
+        for layer, (load_steps, ratio) in loads[path].items():
+            over_steps, over = metric_curve(path, f"moe/{layer}/overflow")
+            last = f", overflow {over[-1]:.2f}" if len(over) else ""
+            axes[0, 1].plot(load_steps, moving_average(ratio, smooth), label=f"{label} {layer}{last}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if with_load:
+        lax = axes[0, 1]
+        lax.axhline(1.0, color="grey", lw=0.8)
+        lax.set_xlabel("step")
+        lax.set_ylabel("max / mean expert load (1 = even)")
+        lax.grid(alpha=0.3)
+        lax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -324,42 +323,33 @@ def make_rl_step(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     compute_dtype=jnp.float32,
+    bias_update_rate: float = 0.0,
 ):
     """rl_step(state, batch) -> (new_state, metrics): one optimizer update on the clipped
-    token-mean objective (no KL, no entropy bonus). ``batch``: tokens, mask, old_logp [B, T] and
-    adv [B]. State as ``jaxllm.train.step``: {step, params, opt_state, rng}."""
-    from jaxllm.train.step import all_finite, cast_for_compute
+    token-mean objective (no KL, no entropy bonus) plus the model's aux losses. ``batch``: tokens,
+    mask, old_logp [B, T] and adv [B]. The shared step builder (``jaxllm.train.step.make_step``,
+    one microbatch: its NaN policy and MoE load balancing included)."""
+    from jaxllm.train.step import LossOutput, apply_with_load, cast_for_compute, make_step
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, rng=None):
+        del rng
         tokens = batch["tokens"]
-        out = apply_fn(cast_for_compute(params, compute_dtype), tokens, segment_ids=jnp.ones_like(tokens))
+        out, load = apply_with_load(
+            apply_fn, cast_for_compute(params, compute_dtype), tokens, segment_ids=jnp.ones_like(tokens)
+        )
         logp = token_logprobs(out.logits, tokens)
         loss, stats = clipped_policy_loss(
             logp, batch["old_logp"], batch["adv"], batch["mask"], eps_low, eps_high
         )
-        return loss + out.aux_loss(), (loss, stats)
+        # The step divides by the token count: hand it sums (the policy loss is a token mean over
+        # max(tokens, 1), so the sums below divide back to exactly the means).
+        n = jnp.maximum(stats["tokens"], 1.0)
+        means = {k: v * n for k, v in stats.items() if k != "tokens"}
+        means["loss"], means["aux_loss"] = loss * n, out.aux_loss() * n
+        objective = (loss + out.aux_loss()) * n
+        return objective, LossOutput(stats["tokens"], means, {"tokens": stats["tokens"]}, load)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def rl_step(state, batch):
-        (_, (loss, stats)), grads = grad_fn(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state["step"]),
-            "params_finite": all_finite(params),
-            **stats,
-        }
-        return {
-            "step": state["step"] + 1,
-            "params": params,
-            "opt_state": opt_state,
-            "rng": jax.random.split(state["rng"])[0],
-        }, metrics
-
-    return rl_step
+    return make_step(loss_fn, tx, schedule=schedule, microbatched=False, bias_update_rate=bias_update_rate)
 
 
 # ------------------------------------------------------------------------------------------
@@ -482,6 +472,7 @@ def train_sft(
     from jaxllm.train import checkpoint as ckpt_lib
     from jaxllm.train import loop
     from jaxllm.train import metrics as metrics_lib
+    from jaxllm.train.step import check_finite
 
     t0 = time.perf_counter()
     s = loop.setup(config)
@@ -535,9 +526,8 @@ def train_sft(
             ts = time.perf_counter()
             state, m = step_fn(state, loop.global_batch(s, b))
             m = jax.device_get(m)
+            check_finite(m, step, last_good=ck.latest_step(), directory=ck.directory)
             loss = float(m["loss"])
-            if not math.isfinite(loss):
-                raise RuntimeError(f"sft: non-finite loss at step {step}")
             losses.append(loss)
             mlog.write(
                 {
@@ -547,6 +537,7 @@ def train_sft(
                     "lr": float(m["lr"]),
                     "tokens": int(m["tokens"]),
                     "step_time_s": time.perf_counter() - ts,
+                    **metrics_lib.aux_and_load_record(m),
                 }
             )
             if step % max(1, config.log_every) == 0 or step == config.steps:
@@ -723,6 +714,7 @@ def train_rl(
     from jaxllm.train import metrics as metrics_lib
     from jaxllm.train.inference import load_trained
     from jaxllm.train.optim import make_optimizer
+    from jaxllm.train.step import check_finite, require_correction_biases
 
     if group < 2:
         raise ValueError(f"group must be >= 2 (leave-one-out baseline), got {group}")
@@ -734,14 +726,21 @@ def train_rl(
     settings = load_settings(init_workdir)
     check_world(records, settings, "RL questions")
     model, params, tok = load_trained(init_workdir, init_step)
+    require_correction_biases(config.moe_bias_update_rate, params, config.model)
     wiki = SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)
     tx, schedule = make_optimizer(config)
     _make_run_config(config, workdir)
     settings.save(workdir)
-    step_fn = jax.jit(
-        make_rl_step(model.apply, tx, schedule, eps_low=eps_low, eps_high=eps_high), donate_argnums=(0,)
+    rl_step = make_rl_step(
+        model.apply,
+        tx,
+        schedule,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        bias_update_rate=config.moe_bias_update_rate,
     )
+    step_fn = jax.jit(rl_step, donate_argnums=(0,))
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -788,8 +787,7 @@ def train_rl(
         state, m = step_fn(state, {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "old_logp", "adv")})
         m = jax.device_get(m)
         t_upd = time.perf_counter() - ts
-        if not (math.isfinite(float(m["loss"])) and bool(m["params_finite"])):
-            raise RuntimeError(f"rl: non-finite loss or parameters at step {step}")
+        check_finite(m, step)  # the one NaN policy (RL saves only at the end)
         rec = {
             "step": step,
             "reward": float(b["rewards"].mean()),
@@ -806,6 +804,7 @@ def train_rl(
             "mean_length": float(res.lengths.mean()),
             "rollout_s": t_roll,
             "update_s": t_upd,
+            **metrics_lib.aux_and_load_record(m),
         }
         mlog.write(rec)
         rewards_hist.append(rec["reward"])

@@ -76,6 +76,9 @@ class KimiLinearConfig:
     kda_impl: str = "auto"
     mla_impl: str = "auto"
     moe_dispatch: str = "auto"
+    # training-only MoE losses (0 = off), returned in ModelOutput.aux_losses without a cache
+    seq_balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
+    router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -115,6 +118,10 @@ class KimiLinearConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(f, f"must be a non-negative int, got {v!r}")
+        for f in ("seq_balance_loss_alpha", "router_z_loss_coef"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                bad(f, f"must be a finite number >= 0 (0 = off), got {v!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
             bad("q_lora_rank", f"must be None or a positive int, got {self.q_lora_rank!r}")
         if len(self.layer_types) != self.num_hidden_layers:

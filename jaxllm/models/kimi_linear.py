@@ -92,10 +92,11 @@ class DecoderLayer(nn.Module):
             y, new_cache = attn(h, segment_ids=segment_ids, cache=cache, pos=pos)
         x = x + y.astype(x.dtype)
         h = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="post_attention_layernorm")(x)
+        aux = {}
         if c.mlp_layer_types[self.layer_idx] == "dense":
             f = MLP(c.hidden_size, c.intermediate_size, dtype=cd, param_dtype=pd, name="mlp")(h)
         else:
-            f = MoE(
+            f, aux = MoE(
                 c.hidden_size,
                 c.num_experts,
                 c.num_experts_per_token,
@@ -107,11 +108,14 @@ class DecoderLayer(nn.Module):
                 routed_scaling_factor=c.routed_scaling_factor,
                 router_activation=c.moe_router_activation_func,
                 dispatch=c.moe_dispatch,
+                return_aux_losses=True,
+                balance_loss_alpha=c.seq_balance_loss_alpha if cache is None else 0.0,
+                router_z_loss_coef=c.router_z_loss_coef if cache is None else 0.0,
                 dtype=cd,
                 param_dtype=pd,
                 name="moe",
             )(h)
-        return x + f.astype(x.dtype), new_cache
+        return x + f.astype(x.dtype), new_cache, aux
 
 
 class KimiLinear(nn.Module):
@@ -146,14 +150,16 @@ class KimiLinear(nn.Module):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
         embed, x = base.embed_tokens(self, c, input_ids_BT)
         layer_cls = base.remat_layer(DecoderLayer, self.remat)
-        new_layers = []
+        new_layers, aux_losses = [], {}
         pos = None if cache is None else cache.pos
         for i in range(c.num_hidden_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, nc = layer_cls(c, i, name=f"layers_{i}")(
+            x, nc, aux = layer_cls(c, i, name=f"layers_{i}")(
                 x, segment_ids=segment_ids, cache=layer_cache, pos=pos, lengths=lengths
             )
             new_layers.append(nc)
+            for name, value in aux.items():  # MoE losses: the sum over layers
+                aux_losses[name] = aux_losses.get(name, 0.0) + value
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
         logits = base.lm_head_logits(self, c, hidden, embed)
         new_cache = None
@@ -161,7 +167,7 @@ class KimiLinear(nn.Module):
             new_cache = ModelCache(
                 tuple(new_layers), base.advanced_pos(cache, lengths, input_ids_BT.shape[1])
             )
-        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache)
+        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache, aux_losses)
 
 
 # ------------------------------------------------------------------------------------ hub keys

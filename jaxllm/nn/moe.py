@@ -10,6 +10,13 @@ Qwen3-MoE: `correction_bias=False` (no e_score_correction_bias), softmax scores,
 renormalised only with norm_topk_prob, no shared experts; its load-balancing loss reads
 `load_balance_stats` (`return_router_stats=True`).
 
+Load balancing (training): the module sows each call's routing counts (assignments per expert, [E]
+float32) into the `ROUTER_LOAD` collection when the caller makes it mutable; the train step reads
+them to move `e_score_correction_bias` (`update_correction_bias`: DeepSeek-V3's aux-loss-free rule,
+outside the gradient) and to report `load_stats`. With `return_aux_losses=True` it also returns
+DeepSeek-V3's sequence-wise balance loss (`sequence_balance_loss`, weight `balance_loss_alpha`)
+and the router z-loss (`router_z_loss`, weight `router_z_loss_coef`), already scaled.
+
 Dispatch implementations (all give the same result):
 - "onehot":  every expert on every token, combined by a dense [N,E] weight matrix (test reference);
 - "gather":  gather the chosen experts' weights per token (best for a few tokens, i.e. decode);
@@ -75,16 +82,72 @@ def select_experts(
     return w * scaling, idx_NK.astype(jnp.int32)
 
 
-def router_scores(x_ND, w_router_DE, activation: str = "sigmoid"):
-    """[N,E] float32 router probabilities (sigmoid or softmax of x W_g, in float32)."""
-    logits = jnp.dot(
+def router_logits(x_ND, w_router_DE):
+    """[N,E] float32 x W_g."""
+    return jnp.dot(
         x_ND.astype(jnp.float32), w_router_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
+
+
+def scores_from_logits(logits_NE, activation: str = "sigmoid"):
     if activation == "sigmoid":
-        return jax.nn.sigmoid(logits)
+        return jax.nn.sigmoid(logits_NE)
     if activation == "softmax":
-        return jax.nn.softmax(logits, axis=-1)
+        return jax.nn.softmax(logits_NE, axis=-1)
     raise ValueError(f"route: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+
+
+def router_scores(x_ND, w_router_DE, activation: str = "sigmoid"):
+    """[N,E] float32 router probabilities (sigmoid or softmax of x W_g, in float32)."""
+    return scores_from_logits(router_logits(x_ND, w_router_DE), activation)
+
+
+# ------------------------------------------------------------------ load balancing (pure functions)
+ROUTER_LOAD = "router_load"  # the Flax collection the MoE module sows its routing counts into
+LOAD_NAME = "expert_load"  # the sown variable's name, a sibling of the module's params
+
+
+def expert_load(idx_NK, num_experts: int):
+    """[E] float32: how many of the N*K assignments each expert received."""
+    return jnp.bincount(idx_NK.reshape(-1), length=num_experts).astype(jnp.float32)
+
+
+def update_correction_bias(bias_E, load_E, rate):
+    """DeepSeek-V3's aux-loss-free balancing: every expert's bias moves by `rate` towards the mean
+    load (up when under-loaded, down when over-loaded, still when exactly at the mean)."""
+    load_E = load_E.astype(jnp.float32)
+    step_E = rate * jnp.sign(jnp.mean(load_E) - load_E)
+    return (bias_E.astype(jnp.float32) + step_E).astype(bias_E.dtype)
+
+
+def load_stats(load_E):
+    """(max/mean load, overflow fraction) of one layer's counts [E]. The overflow is the fraction of
+    assignments above the even share, i.e. what a capacity factor of 1 would drop (this dispatch is
+    dropless, so nothing is dropped); both are 1 and 0 when the layer routed nothing."""
+    load_E = load_E.astype(jnp.float32)
+    mean = jnp.mean(load_E)
+    total = jnp.sum(load_E)
+    ratio = jnp.where(mean > 0, jnp.max(load_E) / jnp.where(mean > 0, mean, 1.0), 1.0)
+    over = jnp.sum(jnp.maximum(load_E - mean, 0.0)) / jnp.maximum(total, 1.0)
+    return ratio, over
+
+
+def sequence_balance_loss(scores_BTE, idx_BTK):
+    """DeepSeek-V3's sequence-wise balance loss (unweighted): per row, sum_e f_e * P_e with
+    f_e = E / (K T) * (times e is chosen) and P_e = mean over the row of the scores normalised to
+    sum 1 over experts; the mean over rows. 1 when every row spreads its tokens evenly."""
+    B, T, E = scores_BTE.shape
+    K = idx_BTK.shape[-1]
+    chosen_BE = jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), axis=(1, 2))
+    f_BE = chosen_BE * (E / (K * T))
+    s = scores_BTE.astype(jnp.float32)
+    p_BE = jnp.mean(s / (jnp.sum(s, axis=-1, keepdims=True) + 1e-20), axis=1)
+    return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+
+
+def router_z_loss(logits_NE):
+    """ST-MoE's router z-loss (unweighted): the mean over tokens of logsumexp(router logits)^2."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)))
 
 
 def load_balance_stats(probs_NE, idx_NK):
@@ -204,6 +267,9 @@ class MoE(nn.Module):
     dispatch: str = "auto"
     correction_bias: bool = True  # DeepSeek-V3's e_score_correction_bias (Kimi); False for Qwen3-MoE
     return_router_stats: bool = False  # also return `load_balance_stats` (Qwen3-MoE's aux loss)
+    return_aux_losses: bool = False  # also return {name: scaled loss} (below; empty when both are 0)
+    balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
+    router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -221,7 +287,8 @@ class MoE(nn.Module):
         w2 = param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), dtype=pd, init=fan_in_init(F))
         B, T = x_BTD.shape[:2]
         x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
-        scores = router_scores(x_ND, router, self.router_activation)
+        logits = router_logits(x_ND, router)
+        scores = scores_from_logits(logits, self.router_activation)
         weights, idx = select_experts(
             scores,
             bias,
@@ -231,6 +298,8 @@ class MoE(nn.Module):
             renormalize=self.renormalize,
             scaling=self.routed_scaling_factor,
         )
+        if not self.is_initializing():  # counts are per call, never part of the variables
+            self.sow(ROUTER_LOAD, LOAD_NAME, expert_load(idx, E), init_fn=lambda: 0.0, reduce_fn=jnp.add)
         cd = self.dtype
         y = moe_experts(
             x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch
@@ -244,4 +313,13 @@ class MoE(nn.Module):
             y = y + swiglu(x_BTD.astype(cd), sg, su, sd)
         if self.return_router_stats:
             return y, load_balance_stats(scores, idx)
+        if self.return_aux_losses:
+            aux = {}
+            if self.balance_loss_alpha:
+                K = self.num_experts_per_token
+                balance = sequence_balance_loss(scores.reshape(B, T, E), idx.reshape(B, T, K))
+                aux["moe_balance"] = self.balance_loss_alpha * balance
+            if self.router_z_loss_coef:
+                aux["router_z"] = self.router_z_loss_coef * router_z_loss(logits)
+            return y, aux
         return y

@@ -9,7 +9,8 @@ official ``temp_loss + top_p_loss`` (:func:`jaxllm.ops.autodeco.autodeco_loss`):
 * the easy-token drop draws one uniform per shifted position from the state's PRNG key
   (or takes ``batch["rand_vals"]`` when given, e.g. to replay the official draws).
 
-State and step follow :mod:`jaxllm.train.step`: ``state = {"step", "params", "opt_state", "rng"}``
+The step is :func:`jaxllm.train.step.make_step` (the one builder, its NaN policy included):
+``state = {"step", "params", "opt_state", "rng"}``
 and ``train_step(state, batch) -> (new_state, metrics)``, a pure function to wrap in ``jax.jit``
 (with shardings) by the caller. ``batch = {"hidden": [B, S, H], "logits": [B, S, V],
 "labels": [B, S]}`` (labels HF-style: ``-100`` ignored, shifted inside the loss).
@@ -25,13 +26,13 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxllm.nn.autodeco import HEADS, AutoDecoHeads
 from jaxllm.ops.autodeco import VARIANTS, autodeco_loss
+from jaxllm.train.step import LossOutput, make_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,34 +184,35 @@ def make_loss_fn(module: AutoDecoHeads, config: AutoDecoTrainConfig):
 def make_train_step(
     module: AutoDecoHeads, optimizer: optax.GradientTransformation, config: AutoDecoTrainConfig
 ):
-    """train_step(state, batch) -> (new_state, metrics); pure, wrap in ``jax.jit``."""
-    grad_fn = jax.value_and_grad(make_loss_fn(module, config), has_aux=True)
+    """train_step(state, batch) -> (new_state, metrics); pure, wrap in ``jax.jit``. The shared step
+    builder (`jaxllm.train.step.make_step`, one microbatch) around the AutoDeco loss; the easy-token
+    draws come from the step's key (``batch["rand_vals"]`` replaces them)."""
+    loss_fn = make_loss_fn(module, config)
 
-    def train_step(state, batch):
-        check_batch(batch)
-        rng, draw_rng = jax.random.split(state["rng"])
+    def step_loss(params, batch, rng):
         B, S = batch["labels"].shape
         compute_dtype = jnp.promote_types(batch["logits"].dtype, jnp.float32)
         rand_vals = batch.get("rand_vals")
         if rand_vals is None:
-            rand_vals = jax.random.uniform(draw_rng, (B, S - 1), compute_dtype)
-        (loss, (out, temperature, top_p)), grads = grad_fn(state["params"], batch, rand_vals)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+            rand_vals = jax.random.uniform(rng, (B, S - 1), compute_dtype)
+        loss, (out, temperature, top_p) = loss_fn(params, batch, rand_vals)
         # Mean predictions over the positions the loss covers (the same shift as the loss).
         valid = (batch["labels"][:, 1:] != -100).astype(compute_dtype)
         n = jnp.maximum(valid.sum(), 1.0)
-        metrics = {
+        means = {
             "loss": loss,
             "temp_loss": out["temp_loss"],
             "top_p_loss": out["top_p_loss"],
-            "grad_norm": optax.tree.norm(nn.meta.unbox(grads)),
             "mean_temperature": jnp.sum(temperature[:, :-1, 0] * valid) / n,
             "mean_top_p": jnp.sum(top_p[:, :-1, 0] * valid) / n,
-            "n_valid": out["n_valid"],
-            "n_temp": out["n_temp"],
         }
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
-        return new_state, metrics
+        totals = {"n_valid": out["n_valid"], "n_temp": out["n_temp"]}
+        return loss, LossOutput(jnp.float32(1.0), means, totals)  # the loss is a mean already
+
+    step = make_step(step_loss, optimizer, microbatched=False)
+
+    def train_step(state, batch):
+        check_batch(batch)
+        return step(state, batch)
 
     return train_step

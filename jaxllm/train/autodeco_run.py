@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Callable
@@ -98,6 +97,7 @@ def train_heads(
     from jaxllm.train.config import load_config
     from jaxllm.train.inference import load_trained
     from jaxllm.train.loop import CONFIG_FILE
+    from jaxllm.train.step import check_finite
 
     log = log or (lambda msg: print(msg, flush=True))
     for name, v, ok in (
@@ -181,13 +181,10 @@ def train_heads(
             batch = {k: jnp.asarray(v) for k, v in _flat(next(data)).items()}
             t0 = time.perf_counter()
             state, m = step_fn(state, base_params, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            m = jax.device_get(m)
+            check_finite(m, step)  # the one NaN policy: nothing is saved before the end
+            m = {k: float(v) for k, v in m.items() if k != "finite"}
             dt = time.perf_counter() - t0
-            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-                raise CheckpointError(
-                    f"autodeco-train: non-finite loss/gradient ({m['loss']}, {m['grad_norm']}) at step "
-                    f"{step}; nothing was saved"
-                )
             losses.append(m["loss"])
             mf.write(json.dumps({"step": step, **m, "step_time_s": dt}) + "\n")
             if step == 1 or step % max(1, steps // 10) == 0 or step == steps:

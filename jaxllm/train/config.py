@@ -52,6 +52,9 @@ class RunConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    # MoE aux-loss-free balancing (DeepSeek-V3): after each step every expert's e_score_correction_bias
+    # moves by this rate * sign(mean load - its load); 0 = off (DeepSeek-V3 used 1e-3).
+    moe_bias_update_rate: float = 0.0
     # Numerics and memory.
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "float32"  # weights are cast to this inside the step
@@ -121,6 +124,10 @@ class RunConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.moe_bias_update_rate < float("inf"):
+            raise ConfigError(
+                f"moe_bias_update_rate={self.moe_bias_update_rate} must be a finite number >= 0 (0 = off)"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):

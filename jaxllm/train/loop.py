@@ -7,7 +7,6 @@ tests and other entry points can reuse it (``setup``, ``restore_or_init``, ...).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable
@@ -23,34 +22,24 @@ from jaxllm import sharding as shd
 from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
-from jaxllm.errors import JaxllmError
+from jaxllm.errors import NonFiniteLossError  # noqa: F401 - re-exported: jaxllm.train, the CLI
 from jaxllm.models.hf import load_hf_checkpoint
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import ConfigError, RunConfig, save_config
 from jaxllm.train.models import build_model
 from jaxllm.train.optim import make_optimizer
-from jaxllm.train.step import DTYPES, make_eval_step, make_train_step
+from jaxllm.train.step import (
+    DTYPES,
+    check_finite,
+    make_eval_step,
+    make_train_step,
+    require_correction_biases,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class NonFiniteLossError(JaxllmError, RuntimeError):
-    """Training produced a NaN/Inf loss, gradient or parameter."""
-
-    def __init__(self, step: int, what: str, last_good: int | None, directory: str):
-        self.step, self.last_good = step, last_good
-        where = (
-            f"last good checkpoint: step {last_good} in {directory}"
-            if last_good is not None
-            else "no checkpoint was saved before it"
-        )
-        super().__init__(
-            f"non-finite {what} at step {step}; training stopped, nothing after step "
-            f"{step - 1} was saved; {where}"
-        )
 
 
 @dataclasses.dataclass
@@ -155,6 +144,7 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
     boxed = jax.eval_shape(
         lambda r: model.init(r, ids, segment_ids=jnp.ones_like(ids)), jax.random.PRNGKey(0)
     )
+    require_correction_biases(config.moe_bias_update_rate, boxed, config.model)
     param_sh = shd.tree_shardings(boxed, mesh)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     index = shd.path_index(abstract["params"], param_sh)
@@ -287,7 +277,10 @@ def global_batch(s: Setup, batch: dict[str, np.ndarray], rows=None) -> dict[str,
 
 
 def compile_step(s: Setup):
-    step = make_train_step(s.model.apply, s.tx, s.schedule, DTYPES[s.config.compute_dtype])
+    c = s.config
+    step = make_train_step(
+        s.model.apply, s.tx, s.schedule, DTYPES[c.compute_dtype], bias_update_rate=c.moe_bias_update_rate
+    )
     replicated = NamedSharding(s.mesh, P())
     jitted = jax.jit(
         step,
@@ -295,7 +288,6 @@ def compile_step(s: Setup):
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=(0,),
     )
-    c = s.config
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s.batch_sharding)
@@ -374,16 +366,6 @@ def restore(ckpt, step: int, abstract, meta: dict, data: PackedBatches):
 
 def _is_main() -> bool:
     return jax.process_index() == 0
-
-
-def _finite_problem(m: dict) -> str | None:
-    if not math.isfinite(float(m["loss"])):
-        return f"loss ({float(m['loss'])})"
-    if not math.isfinite(float(m["grad_norm"])):
-        return f"gradient norm ({float(m['grad_norm'])})"
-    if not bool(m["params_finite"]):
-        return "parameters after the update"
-    return None
 
 
 @dataclasses.dataclass
@@ -496,10 +478,9 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
             state, m = step_fn(state, batch)
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
-            problem = _finite_problem(m)
-            if problem:
+            if not bool(m["finite"]):
                 ckpt.wait()
-                raise NonFiniteLossError(step, problem, ckpt.latest_step(), ckpt.directory)
+                check_finite(m, step, last_good=ckpt.latest_step(), directory=ckpt.directory)
             loss = float(m["loss"])
             losses[step] = loss
             tok_s = tokens_per_step / dt
@@ -524,8 +505,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
                 }
                 if flops:
                     rec["mfu"] = flops / dt / (peak * 1e12)
-                if float(m["aux_loss"]):
-                    rec["aux_loss"] = float(m["aux_loss"])
+                rec.update(metrics_lib.aux_and_load_record(m))
                 if val_loss is not None:
                     rec["val_loss"] = val_loss
                 mlog.write(rec)

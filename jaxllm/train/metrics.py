@@ -55,11 +55,23 @@ TENSORBOARD_TAGS = {
     "grad_norm": "train/grad_norm",
     "lr": "train/lr",
     "aux_loss": "train/aux_loss",
+    "moe_max_mean_load": "moe/max_mean_load",
+    "moe_overflow": "moe/overflow",
     "tokens_per_s": "perf/tokens_per_s",
     "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s",
     "val_loss": "val/loss",
 }
+
+
+def aux_and_load_record(m: dict) -> dict[str, float]:
+    """The metrics.jsonl entries of a step's auxiliary losses (when any is non-zero) and MoE load
+    (``moe_max_mean_load``, ``moe_overflow``, ``moe/<layer>/...``, when the model routes)."""
+    rec = {}
+    if float(m.get("aux_loss", 0.0)):
+        rec.update({k: float(v) for k, v in m.items() if k == "aux_loss" or k.startswith("aux/")})
+    rec.update({k: float(v) for k, v in m.items() if k.startswith("moe")})
+    return rec
 
 
 def require_tensorboardx():
@@ -94,6 +106,9 @@ class TensorBoardLog:
         for key, tag in TENSORBOARD_TAGS.items():
             if key in record:
                 self._w.add_scalar(tag, float(record[key]), step)
+        for key, value in record.items():  # per-layer MoE load and named aux losses keep their names
+            if key.startswith(("moe/", "aux/")):
+                self._w.add_scalar(key, float(value), step)
 
     def close(self) -> None:
         self._w.close()

@@ -254,7 +254,7 @@ def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
         "rng": jax.random.PRNGKey(0),
     }
     state, m = step(state, {"tokens": toks, "mask": mask, "old_logp": old, "adv": jnp.array([1.0, -1.0])})
-    assert float(m["ratio_dev"]) < 1e-5 and float(m["tokens"]) == 20 and bool(m["params_finite"])
+    assert float(m["ratio_dev"]) < 1e-5 and float(m["tokens"]) == 20 and bool(m["finite"])
     assert float(m["loss"]) == pytest.approx(0.0, abs=1e-6)
     new = lp(state["params"])
     d = ((new - old) * mask).sum(1) / mask.sum(1)

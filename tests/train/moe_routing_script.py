@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jaxllm import sharding as shd  # noqa: E402
 from jaxllm.nn.moe import route  # noqa: E402
 from jaxllm.train import RunConfig, loop  # noqa: E402
-from jaxllm.train.step import make_loss_fn  # noqa: E402
+from jaxllm.train.step import lm_loss  # noqa: E402
 
 mode, data_dir = sys.argv[1], sys.argv[2]
 TOP_K = 2
@@ -94,16 +94,12 @@ def make_setup(name):
 
 def loss_grads_and_moe_inputs(s):
     """jit(params, batch) -> (mean token loss, grads, {layer: MoE input [B*T, D]}) on s.mesh."""
-    loss_fn = make_loss_fn(s.model.apply)
+    loss_fn = lm_loss(s.model.apply)
 
     def f(params, batch):
         mb = jax.tree.map(lambda x: x[0], batch)
-
-        def obj(p):
-            o, aux = loss_fn(p, mb)
-            return o, aux
-
-        (_, (ce, n, _)), g = jax.value_and_grad(obj, has_aux=True)(params)
+        (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        ce, n = out.means["loss"], out.weight
         _, inter = s.model.apply(
             params,
             mb["inputs"],

@@ -1,12 +1,17 @@
-"""The pure train step: masked token loss, aux losses, accumulation and the finiteness flag."""
+"""The pure train step: masked token loss, aux losses, accumulation, the NaN policy and the MoE bias update."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from jaxllm.errors import NonFiniteLossError
 from jaxllm.models.base import ModelOutput
-from jaxllm.train.step import all_finite, make_train_step, token_loss_sum
+from jaxllm.models.config import KimiLinearConfig
+from jaxllm.models.kimi_linear import KimiLinear
+from jaxllm.train.step import all_finite, check_finite, make_train_step, token_loss_sum
 
 
 class Bigram:
@@ -15,12 +20,13 @@ class Bigram:
     def __init__(self, with_aux):
         self.with_aux = with_aux
 
-    def apply(self, variables, ids, *, segment_ids):
+    def apply(self, variables, ids, *, segment_ids, mutable=()):
         del segment_ids
         w = variables["params"]["w"]
         logits = w[ids]
         aux = {"l2": 0.5 * jnp.mean(w**2)} if self.with_aux else {}
-        return ModelOutput(logits, logits, aux_losses=aux)
+        out = ModelOutput(logits, logits, aux_losses=aux)
+        return (out, {}) if mutable else out
 
 
 def batch(rng, a=2, b=2, t=5, v=7):
@@ -57,7 +63,7 @@ def test_loss_is_masked_mean_cross_entropy_over_all_microbatches():
     want = (ce * bt["loss_mask"]).sum() / bt["loss_mask"].sum()
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
     assert int(m["tokens"]) == bt["loss_mask"].sum() and int(new_state["step"]) == 1
-    assert bool(m["params_finite"])
+    assert bool(m["finite"])
 
 
 def test_aux_loss_is_reported_apart_and_trained():
@@ -75,3 +81,96 @@ def test_token_loss_sum_and_all_finite():
     assert float(n) == 1
     assert bool(all_finite({"a": jnp.ones(3) * 1e30}))  # large but finite: a norm would overflow
     assert not bool(all_finite({"a": jnp.array([1.0, jnp.nan])}))
+
+
+def test_nonfinite_step_is_not_applied():
+    """The NaN policy of the one step builder: params and optimizer state stay, `finite` is False."""
+    bt = batch(np.random.default_rng(0))
+    params = {"params": {"w": jnp.full((7, 7), jnp.nan)}}
+    tx = optax.adam(0.1)
+    step = jax.jit(make_train_step(Bigram(False).apply, tx, lambda s: 0.1))
+    state = {
+        "step": jnp.int32(0),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.PRNGKey(0),
+    }
+    new, m = step(state, bt)
+    assert not bool(m["finite"]) and int(new["step"]) == 1
+    assert np.isnan(new["params"]["params"]["w"]).all()  # the old (NaN) params, not an update of them
+    for a, b in zip(jax.tree.leaves(new["opt_state"]), jax.tree.leaves(state["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
+        check_finite(jax.device_get(m), 3)
+
+
+KIMI_MOE = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    layer_types=("mla", "mla"),
+    mlp_layer_types=("dense", "moe"),
+    kda_num_heads=1,
+    kda_head_dim=8,
+    num_attention_heads=1,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=0,
+    v_head_dim=8,
+    intermediate_size=16,
+    moe_intermediate_size=8,
+    num_experts=8,
+    num_experts_per_token=2,
+)
+
+
+def kimi_step(rate, **config):
+    model = KimiLinear(KimiLinearConfig(**{**KIMI_MOE, **config}))
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 2, 12)).astype(np.int32)
+    bt = {
+        "inputs": ids,
+        "targets": np.roll(ids, -1, -1),
+        "segment_ids": np.ones_like(ids),
+        "loss_mask": np.ones_like(ids),
+    }
+    params = model.init(jax.random.PRNGKey(0), ids[0])
+    params = jax.tree.map(lambda x: x, nn.meta.unbox(params))
+    params["params"]["layers_1"]["moe"]["e_score_correction_bias"] = jnp.linspace(-0.1, 0.1, 8)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    state = {
+        "step": jnp.int32(0),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.PRNGKey(0),
+    }
+    step = jax.jit(make_train_step(model.apply, tx, lambda s: 1e-2, bias_update_rate=rate))
+    return state, step(state, bt)
+
+
+def test_bias_update_moves_each_bias_towards_the_mean_load_and_nothing_else():
+    state, (on, m_on) = kimi_step(0.05)
+    _, (off, m_off) = kimi_step(0.0)
+    load = np.asarray(m_on["expert_load/layers_1/moe"])  # both microbatches' counts
+    assert load.sum() == 2 * 2 * 12 * 2  # every token of both microbatches, k = 2
+    np.testing.assert_array_equal(load, m_off["expert_load/layers_1/moe"])
+    old = np.asarray(state["params"]["params"]["layers_1"]["moe"]["e_score_correction_bias"])
+    new = np.asarray(on["params"]["params"]["layers_1"]["moe"]["e_score_correction_bias"])
+    np.testing.assert_allclose(new, old + 0.05 * np.sign(load.mean() - load), rtol=1e-6, atol=1e-7)
+    # outside the gradient and the optimizer: without the update (rate 0) the bias does not move
+    np.testing.assert_array_equal(off["params"]["params"]["layers_1"]["moe"]["e_score_correction_bias"], old)
+    flat_on = jax.tree_util.tree_flatten_with_path(on["params"])[0]
+    for (path, a), b in zip(flat_on, jax.tree.leaves(off["params"])):
+        if "e_score_correction_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(a, b)
+    ratio = load.max() / load.mean()
+    np.testing.assert_allclose(m_on["moe_max_mean_load"], ratio, rtol=1e-6)
+    np.testing.assert_allclose(m_on["moe/layers_1/moe/max_mean_load"], ratio, rtol=1e-6)
+
+
+def test_kimi_moe_aux_losses_reach_the_objective():
+    _, (_, m) = kimi_step(0.0, seq_balance_loss_alpha=0.01, router_z_loss_coef=0.001)
+    _, (_, m0) = kimi_step(0.0)
+    assert float(m0["aux_loss"]) == 0.0 and "aux/moe_balance" not in m0
+    assert float(m["aux/moe_balance"]) > 0 and float(m["aux/router_z"]) > 0
+    np.testing.assert_allclose(m["aux_loss"], m["aux/moe_balance"] + m["aux/router_z"], rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], m0["loss"], rtol=1e-6)  # reported apart from the cross-entropy
