@@ -459,7 +459,7 @@ def complete(
 
     sampling: None for greedy, else a `jaxllm.ops.sampling.SamplingConfig` (needs `rng`: one key,
     split per row, or [B] keys, one per row). autodeco: optional `(heads_module, heads_params)`;
-    `heads_module.apply(heads_params, hidden_BD, logits_BV)` gives per-row temperature and top-p
+    `heads_module.apply(heads_params, hidden, logits)` gives per-row temperature and top-p
     (use `SamplingConfig(mode="autodeco")`). stop_ids: ids that end a row (one list, or one list
     per row); stop_sequences: id sequences that end a row when its new tokens end with one (one
     list of sequences, or one per row). pad_to: the padded prompt length (default: the bucket of

@@ -20,6 +20,15 @@ Episodes (``--mode``):
 * ``free``: only ``<think>\\n`` is forced; the random model writes the rest (greedy), its turns
   are not canonical calls, so both scan variants go through the host for every turn.
 
+Baseline (``--baseline REV``, default the last commit before the inference engine): the same
+scan and segmented loops as they were at REV, one batch-1 cache per row under ``jax.vmap``, loaded
+from git (``scan_jnp_per_row``, ``segmented_per_row``); ``speedup_*_vs_per_row`` compares them
+with today's loops on the same episodes (``--baseline none`` skips them).
+
+``--generate``: also one line per batch size (1, 8, 64) of ``jaxllm.complete`` on ragged prompts
+(8-128 tokens, 32 new tokens, no stops), tokens/s of the batch against the same prompts decoded
+one at a time (batch 1) in the same run.
+
 Timing: one untimed warm-up call per loop (compilation; reported as ``first_s``), then ``--reps``
 timed calls interleaved (scan_jnp, scan_host, segmented, scan_jnp, ...) so machine noise hits all
 alike; ``seconds`` is the median. Tokens per call: ``model_tokens`` = assistant-turn tokens (decoded
@@ -34,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -53,6 +64,68 @@ from jaxllm.models import KimiLinear  # noqa: E402
 from jaxllm.models.config import KimiLinearConfig  # noqa: E402
 
 LOOPS = ("scan_jnp", "scan_host", "segmented")
+PER_ROW = ("scan_jnp_per_row", "segmented_per_row")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BASELINE = "c1b2420"  # the last commit whose rollouts kept one cache per row
+
+
+def rollout_at(rev: str):
+    """`jaxllm.agent.rollout` as it was at git revision `rev` (a module object)."""
+    try:
+        src = subprocess.run(
+            ["git", "-C", ROOT, "show", f"{rev}:jaxllm/agent/rollout.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--baseline {rev}: cannot read jaxllm/agent/rollout.py from git ({e})") from None
+    spec = importlib.util.spec_from_loader(f"rollout_at_{rev}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    exec(compile(src, f"{rev}:jaxllm/agent/rollout.py", "exec"), module.__dict__)
+    return module
+
+
+def bench_generate(model, params, reps: int, seed: int) -> list[dict]:
+    """tokens/s of one ragged batch vs the same prompts one at a time."""
+    import jaxllm
+
+    rng = np.random.default_rng(seed)
+    rows, n_new = [], 32
+    for batch in (1, 8, 64):
+        prompts = [rng.integers(3, 259, int(n)).tolist() for n in rng.integers(8, 129, batch)]
+        pad = dict(pad_to=128)  # one bucket for every call: compile once
+        together = lambda: jaxllm.complete(model, params, prompts, n_new, **pad).tokens.block_until_ready()  # noqa: E731
+
+        def alone():
+            for p in prompts:
+                jaxllm.complete(model, params, [p], n_new, **pad).tokens.block_until_ready()
+
+        together(), alone()  # compile
+        t_batch, t_alone = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            together()
+            t_batch.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            alone()
+            t_alone.append(time.perf_counter() - t0)
+        sec, sec1 = float(np.median(t_batch)), float(np.median(t_alone))
+        tokens = batch * n_new
+        rows.append(
+            dict(
+                bench="generate",
+                batch=batch,
+                new_tokens=tokens,
+                prompt_tokens=sum(len(p) for p in prompts),
+                seconds=round(sec, 3),
+                new_tok_s=round(tokens / sec, 1),
+                one_at_a_time_s=round(sec1, 3),
+                speedup_vs_one_at_a_time=round(sec1 / sec, 2),
+            )
+        )
+    return rows
 
 
 def episodes(args, tok):
@@ -89,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--mode", default="replay", choices=["replay", "free"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", default=BASELINE, help="git revision of the per-row-cache loops, or 'none'")
+    ap.add_argument("--generate", action="store_true", help="also time jaxllm.complete at batch 1/8/64")
     args = ap.parse_args(argv)
 
     tok = ByteTokenizer()
@@ -116,13 +191,25 @@ def main(argv=None):
         ),
         "segmented": lambda: rollout.segmented_rollout(model, params, tok, executor, questions, **common),
     }
-    first, results, times = {}, {}, {k: [] for k in LOOPS}
-    for k in LOOPS:
+    names = LOOPS
+    if args.baseline != "none":
+        old = rollout_at(args.baseline)
+        old_cfg = old.RolloutConfig(**dataclasses.asdict(cfg))
+        old_common = dict(config=old_cfg, forced_turns=forced)
+        calls["scan_jnp_per_row"] = lambda: old.scan_rollout(
+            model, params, tok, executor, questions, env="jnp", **old_common
+        )
+        calls["segmented_per_row"] = lambda: old.segmented_rollout(
+            model, params, tok, executor, questions, **old_common
+        )
+        names = LOOPS + PER_ROW
+    first, results, times = {}, {}, {k: [] for k in names}
+    for k in names:
         t0 = time.perf_counter()
         results[k] = calls[k]()
         first[k] = time.perf_counter() - t0
     for _ in range(args.reps):
-        for k in LOOPS:
+        for k in names:
             t0 = time.perf_counter()
             calls[k]()
             times[k].append(time.perf_counter() - t0)
@@ -132,12 +219,12 @@ def main(argv=None):
         and np.array_equal(results[k].kind, ref.kind)
         and np.array_equal(results[k].status, ref.status)
         and results[k].messages == ref.messages
-        for k in LOOPS
+        for k in names
     )
     model_tokens = int(ref.assistant_mask.sum())
     all_tokens = int(ref.lengths.sum())
     loops = {}
-    for k in LOOPS:
+    for k in names:
         sec = float(np.median(times[k]))
         loops[k] = dict(
             seconds=round(sec, 3),
@@ -174,7 +261,14 @@ def main(argv=None):
         speedup_scan_jnp_vs_scan_host=ratio("scan_jnp", "scan_host"),
         identical=bool(identical),
     )
-    print(json.dumps(row))
+    if args.baseline != "none":
+        row["baseline"] = args.baseline
+        row["speedup_scan_jnp_vs_per_row"] = ratio("scan_jnp", "scan_jnp_per_row")
+        row["speedup_segmented_vs_per_row"] = ratio("segmented", "segmented_per_row")
+    print(json.dumps(row), flush=True)
+    if args.generate:
+        for line in bench_generate(model, params, args.reps, args.seed):
+            print(json.dumps(line), flush=True)
     return 0 if identical else 1
 
 
