@@ -411,7 +411,7 @@ MUTATIONS = [
         "attention-no-causal-mask",
         "pallas_kernels/attention/common.py",
         "        mask = mask & (k_pos <= q_pos)\n",
-        "",
+        "        mask = mask & (k_pos >= 0)\n",
         (
             "tests/kernels/test_attention.py::TestAttention::test_causal_packed_gqa_ragged_qk_ne_v",
             "tests/nn/test_mla_blockwise.py::test_blockwise_equals_expanded",

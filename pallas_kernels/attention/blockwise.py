@@ -89,7 +89,10 @@ def _key_block(k_parts, v, b, j, bk):
     s0 = jnp.minimum(j * bk, S - bk)
 
     def take(x):  # [bk,G,*] (a one-head [B,S,*] buffer gets its head axis per block, not as a whole)
-        blk = jax.lax.dynamic_slice_in_dim(x[b], s0, bk, axis=0)
+        # one slice of the whole buffer (no row-sized operand left outside the key loop). XLA:CPU
+        # of jax 0.10 still converts a bf16 buffer sliced in a loop to f32 once, outside it (a
+        # float32 copy of a bf16 cache); jax 0.12's does not (docs/kernels.md)
+        blk = jax.lax.dynamic_slice(x, (b, s0) + (0,) * (x.ndim - 2), (1, bk) + x.shape[2:])[0]
         return blk if x.ndim == 4 else blk[:, None]
 
     k_blk = jnp.concatenate([take(kp) for kp in k_parts], axis=-1) if len(k_parts) > 1 else take(k_parts[0])
