@@ -158,6 +158,18 @@ MUTATIONS = [
         "the forward kernel needs more VMEM than it is given: only Mosaic itself (libtpu) sees it",
         needs="libtpu",
     ),
+    Mutation(
+        "kda-tpu-bwd-vmem-overrun",
+        "pallas_kernels/kda/tpu.py",
+        "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),\n        interpret=interpret,\n"
+        '        name="kda_chunk_bwd_tpu",',
+        "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=512 * 1024),\n"
+        '        interpret=interpret,\n        name="kda_chunk_bwd_tpu",',
+        ("tests/tpu/test_tpu_aot.py::test_kda_kernel_fwd_bwd_compiles_for_v5e[128-bf16-segment_ids]",),
+        "the backward kernel's windows and scratch overrun the VMEM it is given: interpret mode runs it, "
+        "Mosaic (tests/tpu, libtpu) refuses it",
+        needs="libtpu",
+    ),
     # 7. K = V = 128: the GPU kernel's V slices
     Mutation(
         "kda-gpu-fwd-v-slice",
