@@ -460,7 +460,7 @@ MUTATIONS = [
     Mutation(
         "attention-tpu-reads-past-reach",
         "pallas_kernels/attention/tpu.py",
-        "    return jnp.minimum(_cdiv(hi, cfg.bk), cfg.nk) - 1",
+        "    return jnp.minimum(_div(hi + cfg.bk - 1, cfg.bk), cfg.nk) - 1",
         "    return cfg.nk - 1 + 0 * hi",
         ("tests/kernels/test_attention.py::TestAttention::test_mqa_cached_append_key_parts[pallas_tpu]",),
         "the TPU kernel fetches and computes every key block, past each row's length",
@@ -496,6 +496,79 @@ MUTATIONS = [
         '        if self.impl == "auto" and cache is None:\n',
         ("tests/nn/test_mla_memory.py::test_append_temporaries_flat_in_capacity",),
         "a cached append expands per-head K/V over the whole cache capacity again",
+    ),
+    # issue 17: MoE load balancing (aux-loss-free bias update, aux losses) and the one step builder
+    Mutation(
+        "moe-bias-update-sign-flipped",
+        "jaxllm/nn/moe.py",
+        "    step_E = rate * jnp.sign(jnp.mean(load_E) - load_E)\n",
+        "    step_E = rate * jnp.sign(load_E - jnp.mean(load_E))\n",
+        (
+            "tests/nn/test_moe_balance.py::test_bias_moves_towards_the_mean_load_by_the_rate",
+            "tests/train/test_step.py::test_bias_update_moves_each_bias_towards_the_mean_load_and_nothing_else",
+            "tests/train/test_moe_balancing.py::test_bias_update_balances_a_skewed_router_and_off_stays_skewed",
+        ),
+        "over-loaded experts get a higher correction bias (the update drives collapse)",
+    ),
+    Mutation(
+        "moe-bias-from-optimizer-output",
+        "jaxllm/train/step.py",
+        "        return update_correction_bias(old, loads[layer], rate)\n",
+        "        return update_correction_bias(new, loads[layer], rate)\n",
+        (
+            "tests/train/test_step.py::test_bias_update_moves_each_bias_towards_the_mean_load_and_nothing_else",
+        ),
+        "the bias update starts from the optimizer's output (weight decay shrinks the bias)",
+    ),
+    Mutation(
+        "moe-bias-not-checkpointed",
+        "jaxllm/train/checkpoint.py",
+        '                    "state": ocp.args.StandardSave(state),\n',
+        '                    "state": ocp.args.StandardSave(jax.tree_util.tree_map_with_path(lambda p, x: x * 0 '
+        'if "e_score_correction_bias" in jax.tree_util.keystr(p) else x, state)),\n',
+        ("tests/train/test_resume.py::test_sigkill_then_resume_matches_uninterrupted[moe]",),
+        "checkpoints hold zero correction biases: a resumed run loses the balancing state",
+    ),
+    Mutation(
+        "nan-policy-update-applied",
+        "jaxllm/train/step.py",
+        '            "params": keep_finite(new_params, params),\n',
+        '            "params": new_params,\n',
+        (
+            "tests/train/test_step.py::test_nonfinite_step_is_not_applied",
+            "tests/train/test_autodeco_step.py::test_nonfinite_step_is_not_applied",
+            "tests/agent/test_agent_train.py::test_one_rl_update_moves_logprobs_with_the_advantage_sign",
+        ),
+        "a non-finite step writes its NaN params into the state",
+    ),
+    Mutation(
+        "nan-policy-sft-unchecked",
+        "jaxllm/agent/train.py",
+        "            check_finite(m, step, last_good=ck.latest_step(), directory=ck.directory)\n",
+        "",
+        ("tests/agent/test_agent_train_nan.py::test_sft_stops_at_the_first_nonfinite_step",),
+        "agent SFT trains (and checkpoints) on after a non-finite step: the NaN policy in one loop only",
+    ),
+    Mutation(
+        "kimi-moe-aux-losses-dropped",
+        "jaxllm/models/kimi_linear.py",
+        "        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache, aux_losses)\n",
+        "        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache)\n",
+        (
+            "tests/train/test_step.py::test_kimi_moe_aux_losses_reach_the_objective",
+            "tests/train/test_moe_metrics.py::test_metrics_jsonl_has_per_layer_load_and_named_aux_losses",
+        ),
+        "the MoE balance and router z losses never reach the objective",
+    ),
+    Mutation(
+        "moe-load-sown-at-init",
+        "jaxllm/nn/moe.py",
+        "        if not self.is_initializing():  # counts are per call, never part of the variables\n",
+        "        if True:\n",
+        (
+            "tests/train/test_step.py::test_bias_update_moves_each_bias_towards_the_mean_load_and_nothing_else",
+        ),
+        "init's routing counts land in the variables and are added to every step's counts",
     ),
 ]
 

@@ -40,6 +40,8 @@ __all__ = ["attention_pallas_tpu"]
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
+MAX_BLOCK_ROWS = 512  # query rows (tokens x folded heads) per block: 2048 x 192 overflowed the
+# dq kernel's 16 MiB scoped VMEM on v5e (libtpu AOT compile, GQA with 8 heads per kv head)
 _TRANS_B = (((1,), (1,)), ((), ()))  # a @ b.T
 _TRANS_A = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -66,24 +68,31 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def _div(a, b: int):
+    """a // b for a >= 0 (truncating division: floor division of signed ints lowers through
+    `sign`, which Mosaic lowers only knowing the chip)."""
+    return jax.lax.div(a, jnp.int32(b)) if isinstance(a, jax.Array) else a // b
+
+
 # ---------------------------------------------------------------------------- block bounds
 def _last_key_block(cfg, off_ref, len_ref, b, i):
     """Index of the last key block query block i of row b can see (-1: none)."""
-    t_end = jnp.minimum(((i + 1) * cfg.bm - 1) // cfg.R + 1, cfg.T)
+    t_end = jnp.minimum(_div((i + 1) * cfg.bm - 1, cfg.R) + 1, cfg.T)
     hi = c.keys_needed(off_ref[b], t_end, len_ref[b], causal=cfg.causal)
-    return jnp.minimum(_cdiv(hi, cfg.bk), cfg.nk) - 1
+    return jnp.minimum(_div(hi + cfg.bk - 1, cfg.bk), cfg.nk) - 1
 
 
 def _first_query_block(cfg, off_ref, len_ref, b, j):
     """Index of the first query block of row b that can see key block j (nm: none)."""
     live = j * cfg.bk < c.keys_needed(off_ref[b], cfg.T, len_ref[b], causal=cfg.causal)
-    first = jnp.clip(((j * cfg.bk - off_ref[b]) * cfg.R) // cfg.bm, 0, cfg.nm) if cfg.causal else 0
+    first = _div(jnp.maximum(j * cfg.bk - off_ref[b], 0) * cfg.R, cfg.bm) if cfg.causal else 0
+    first = jnp.minimum(first, cfg.nm)
     return jnp.where(live, first, cfg.nm)
 
 
 def _mask(cfg, off_ref, len_ref, qdoc_ref, kdoc_ref, b, i, j):
     rows = jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, cfg.bk), 0) + i * cfg.bm
-    t = rows // cfg.R
+    t = _div(rows, cfg.R)
     k_pos = jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, cfg.bk), 1) + j * cfg.bk
     qd = kd = None
     if cfg.segmented:
@@ -358,7 +367,8 @@ def attention_pallas_tpu(
     R = H // G
     if T == 0 or S == 0:
         return jnp.zeros((B, T, H, V), v.dtype)
-    bq, bk = max(1, min(int(block_q), T)), max(1, min(int(block_k), S))
+    bq = max(1, min(int(block_q), T, MAX_BLOCK_ROWS // R))
+    bk = max(1, min(int(block_k), S))
     Tp, Sp = _cdiv(T, bq) * bq, _cdiv(S, bk) * bk
     # [B,T,G,R,K] -> [B,G,T*R,K]: the heads of a kv group are rows of one query block
     q_BGMK = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
