@@ -11,6 +11,8 @@ Mosaic for the Pallas kernels), as it would be on the slice. Nothing runs, nothi
         --mesh fsdp=16,expert=4 --seq-len 4096 --batch 64 --remat full --param-dtype bfloat16 \\
         --compute-dtype bfloat16
 
+    python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --dtype bfloat16   # KDA op alone
+
 Prints one JSON line: per-device bytes (arguments, outputs, aliased, temporaries, generated code,
 and their peak sum), the compiler's FLOP / transcendental / byte-access counts per device, the
 mesh, the topology's HBM per chip where known, and the lower / compile times.
@@ -174,6 +176,31 @@ def compile_train_step(
     return compiled, t1 - t0, t2 - t1
 
 
+def compile_kda_op(shape, topology: str, *, impl: str, dtype: str = "bfloat16", backward: bool = False):
+    """(compiled, lower s, compile s): `pallas_kernels.kda.kda` alone (in-kernel L2 norm, no state),
+    q/k/v `[B,T,H,K]` (K = V) in `dtype`, forward or forward+backward, on one device of `topology`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from pallas_kernels.kda import kda
+
+    B, T, H, K = shape
+    on = SingleDeviceSharding(tpu_devices(topology)[0])
+    f32, dt = jnp.float32, jnp.dtype(dtype)
+    args = [jax.ShapeDtypeStruct((B, T, H, K), d, sharding=on) for d in (dt, dt, dt, f32)]
+    args.append(jax.ShapeDtypeStruct((B, T, H), f32, sharding=on))
+    fwd = lambda q, k, v, g, beta: kda(q, k, v, g, beta, use_qk_l2norm=True, impl=impl)[0]
+    loss = lambda *a: jnp.sum(fwd(*a).astype(f32))
+    fn = jax.jit(jax.grad(loss, argnums=tuple(range(5))) if backward else fwd)
+    with traced_as_on_tpu():
+        t0 = time.perf_counter()
+        lowered = fn.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
 def memory_report(compiled) -> dict:
     """Per-device bytes from the compiled executable's memory analysis and cost analysis."""
     m = compiled.memory_analysis()
@@ -211,9 +238,7 @@ def hbm_gib(device) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--config", required=True, help="model config.json (Hugging Face layout), e.g. configs/small.json"
-    )
+    ap.add_argument("--config", help="model config.json (Hugging Face layout), e.g. configs/small.json")
     ap.add_argument("--topology", required=True, help="libtpu topology name, e.g. v5e:2x2, v5p:4x4x4")
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. fsdp=16,expert=4 (unnamed axes: 1)")
     ap.add_argument("--seq-len", type=int, default=4096)
@@ -236,7 +261,27 @@ def main(argv=None) -> int:
         metavar="FIELD=JSON",
         help="model config override, repeatable",
     )
+    ap.add_argument(
+        "--kda",
+        metavar="B,T,H,K",
+        help="compile the KDA op alone instead (pallas_tpu and chunk, forward and forward+backward)",
+    )
+    ap.add_argument("--dtype", default="bfloat16", help="q/k/v dtype for --kda")
     a = ap.parse_args(argv)
+    if a.kda:
+        shape = tuple(int(x) for x in a.kda.split(","))
+        for impl in ("pallas_tpu", "chunk"):
+            for backward in (False, True):
+                compiled, t_lower, t_compile = compile_kda_op(
+                    shape, a.topology, impl=impl, dtype=a.dtype, backward=backward
+                )
+                row = {"kda": shape, "dtype": a.dtype, "impl": impl, "pass": "fwd+bwd" if backward else "fwd"}
+                row.update(topology=a.topology, **memory_report(compiled))
+                row.update(lower_s=round(t_lower, 1), compile_s=round(t_compile, 1))
+                print(json.dumps(row), flush=True)
+        return 0
+    if not a.config:
+        ap.error("--config is required (or --kda B,T,H,K)")
     model_args = {}
     for item in a.model_arg:
         key, _, value = item.partition("=")
