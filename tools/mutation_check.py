@@ -476,8 +476,8 @@ MUTATIONS = [
     Mutation(
         "mla-append-reads-wrong-rows",
         "jaxllm/nn/mla.py",
-        "            kv_rows=n * g + jnp.arange(g, dtype=jnp.int32),",
-        "            kv_rows=jnp.arange(g, dtype=jnp.int32),",
+        "        kv_rows = n * g + jnp.arange(g, dtype=jnp.int32)",
+        "        kv_rows = jnp.arange(g, dtype=jnp.int32)",
         ("tests/nn/test_mla_blockwise.py::test_cached_append_equals_dense",),
         "every row group of the absorbed append reads the first group's cache rows",
     ),

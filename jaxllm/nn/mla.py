@@ -148,42 +148,66 @@ def _row_group(B, rows_per_batch_row):
     return max(fits, default=1)
 
 
-def mla_blockwise_absorbed(q_BTHD, cache: MLACache, pos_B, w_kvb_RHX, *, nope, scale, **attention_kw):
+def mla_blockwise_absorbed(
+    q_BTHD, cache: MLACache, pos_B, w_kvb_RHX, *, nope, scale, kv_rows=None, **attention_kw
+):
     """T queries at positions pos[b] .. pos[b]+T-1 over cache slots 0 .. pos[b]+T-1 (the new tokens
     already written), absorbed: one shared kv head, keys [latent, k_rope] read in place from the
-    cache, values the latent; W_uk folds into the query, W_uv into the output. o_BTHV in q's dtype.
-
-    Rows go in groups (a lax.map when B*T*H exceeds ABSORBED_ROWS_PER_STEP): the absorbed query and
-    context are kv_lora_rank wide per head, so for all rows at once they outweigh the layer's
-    weights; each group reads its own cache rows in place (`kv_rows`), never a copy of them."""
-    B, T, H, _ = q_BTHD.shape
+    cache, values the latent; W_uk folds into the query, W_uv into the output. Query row b reads
+    cache row kv_rows[b] (default b). o_BTHV in q's dtype."""
+    T = q_BTHD.shape[1]
     dt = q_BTHD.dtype
     w_uk_RHN, w_uv_RHV = w_kvb_RHX[..., :nope].astype(dt), w_kvb_RHX[..., nope:].astype(dt)
+    q_lat_BTHR = jnp.einsum(
+        "bthn,rhn->bthr", q_BTHD[..., :nope], w_uk_RHN, preferred_element_type=jnp.float32
+    )
+    q_BTHK = jnp.concatenate([q_lat_BTHR.astype(dt), q_BTHD[..., nope:]], axis=-1)
+    ctx_BTHR = attention(  # [B,S,*] keys/values: one kv head (no unit axis: see attention.common)
+        q_BTHK,
+        (cache.latent_BSR, cache.k_rope_BSP),
+        cache.latent_BSR,
+        scale=scale,
+        q_offset=pos_B,
+        kv_length=pos_B + T,
+        kv_rows=kv_rows,
+        **attention_kw,
+    )
+    o = jnp.einsum("bthr,rhv->bthv", ctx_BTHR.astype(dt), w_uv_RHV, preferred_element_type=jnp.float32)
+    return o.astype(dt)
+
+
+def mla_absorbed_append(
+    x_BTD, query, cache: MLACache, pos_B, w_kvb_RHX, w_o_HVD, *, nope, scale, **attention_kw
+):
+    """The layer's output y_BTD for T new tokens whose latents are already in `cache`: per group of
+    rows, query(x) [the q projection] -> `mla_blockwise_absorbed` -> o_proj.
+
+    Rows go in groups (a lax.map when B*T*H exceeds ABSORBED_ROWS_PER_STEP): the absorbed query and
+    context are kv_lora_rank wide per head, so for all rows at once they (and even the plain query
+    and output) outweigh the layer's weights; each group reads its own cache rows in place
+    (`kv_rows`), never a copy of them."""
+    B, T = x_BTD.shape[:2]
+    H = w_kvb_RHX.shape[1]
     g = _row_group(B, T * H)
 
     def group(n):
-        q_gTHD = jax.lax.dynamic_slice_in_dim(q_BTHD, n * g, g)
-        pos_g = jax.lax.dynamic_slice_in_dim(pos_B, n * g, g)
-        q_lat_gTHR = jnp.einsum(
-            "bthn,rhn->bthr", q_gTHD[..., :nope], w_uk_RHN, preferred_element_type=jnp.float32
-        )
-        q_gTHK = jnp.concatenate([q_lat_gTHR.astype(dt), q_gTHD[..., nope:]], axis=-1)
-        ctx_gTHR = attention(  # [B,S,*] keys/values: one kv head (no unit axis: see attention.common)
-            q_gTHK,
-            (cache.latent_BSR, cache.k_rope_BSP),
-            cache.latent_BSR,
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, n * g, g)
+        kv_rows = n * g + jnp.arange(g, dtype=jnp.int32)
+        o_gTHV = mla_blockwise_absorbed(
+            query(rows(x_BTD)),
+            cache,
+            rows(pos_B),
+            w_kvb_RHX,
+            nope=nope,
             scale=scale,
-            q_offset=pos_g,
-            kv_length=pos_g + T,
-            kv_rows=n * g + jnp.arange(g, dtype=jnp.int32),
+            kv_rows=kv_rows,
             **attention_kw,
         )
-        o = jnp.einsum("bthr,rhv->bthv", ctx_gTHR.astype(dt), w_uv_RHV, preferred_element_type=jnp.float32)
-        return o.astype(dt)
+        return project(o_gTHV, w_o_HVD, n_in=2)
 
     if g == B:
         return group(0)
-    return jax.lax.map(group, jnp.arange(B // g)).reshape(B, T, H, -1)
+    return jax.lax.map(group, jnp.arange(B // g)).reshape(B, T, -1)
 
 
 class MLA(nn.Module):
@@ -226,12 +250,12 @@ class MLA(nn.Module):
             q_b = param(
                 self, "q_b_proj", (Rq, H, N + P), ("q_lora", "heads", "kv"), dtype=pd, init=fan_in_init(Rq)
             )
-            q_BTHD = project(rms_norm(project(x, q_a), q_a_norm, self.latent_norm_eps), q_b)
+            query = lambda x: project(rms_norm(project(x, q_a), q_a_norm, self.latent_norm_eps), q_b)
         else:
             q_w = param(
                 self, "q_proj", (D, H, N + P), ("embed", "heads", "kv"), dtype=pd, init=fan_in_init(D)
             )
-            q_BTHD = project(x, q_w)
+            query = lambda x: project(x, q_w)
         kv_a = param(
             self, "kv_a_proj_with_mqa", (D, R + P), ("embed", "kv_lora"), dtype=pd, init=fan_in_init(D)
         )
@@ -259,7 +283,7 @@ class MLA(nn.Module):
             attention_kw = dict(self.attention_options, impl=self.attention_impl)
             if cache is None:
                 o_BTHV = mla_blockwise_expanded(
-                    q_BTHD,
+                    query(x),
                     latent_BTR,
                     k_rope_BTP,
                     kv_b,
@@ -273,12 +297,13 @@ class MLA(nn.Module):
                 write_rows(cache.latent_BSR, latent_BTR, pos_B),
                 write_rows(cache.k_rope_BSP, k_rope_BTP, pos_B),
             )
-            o_BTHV = mla_blockwise_absorbed(
-                q_BTHD, new_cache, pos_B, kv_b, nope=N, scale=scale, **attention_kw
+            y_BTD = mla_absorbed_append(
+                x, query, new_cache, pos_B, kv_b, o_w.astype(self.dtype), nope=N, scale=scale, **attention_kw
             )
-            return project(o_BTHV.astype(self.dtype), o_w, n_in=2), new_cache
+            return y_BTD, new_cache
         # the dense reference forms
         fn = mla_absorbed if self.impl == "absorbed" else mla_expanded
+        q_BTHD = query(x)
         if cache is None:
             o_BTHV = fn(
                 q_BTHD, latent_BTR, k_rope_BTP, kv_b, causal_mask(T, segment_ids), nope=N, scale=scale
