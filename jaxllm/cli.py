@@ -215,8 +215,8 @@ def _generate(args) -> int:
         from jaxllm.train.config import ConfigError
 
         raise ConfigError("--base needs --checkpoint (a head-only AutoDeco folder)")
+    from jaxllm.run_dir import load_trained
     from jaxllm.train import autodeco_run as ad
-    from jaxllm.train.inference import load_trained
 
     model, params, tokenizer = load_trained(args.workdir, step=args.step)
     if args.autodeco or args.fixed_mean:

@@ -10,11 +10,12 @@ import os
 
 import numpy as np
 
+from jaxllm import run_dir
 from jaxllm.train.metrics import read_jsonl
 
 
 def _metrics_path(path: str) -> str:
-    full = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    full = run_dir.metrics_file(path) if os.path.isdir(path) else path
     if not os.path.exists(full):
         raise FileNotFoundError(f"no metrics file at {full!r} (give a training workdir or a metrics.jsonl)")
     return full

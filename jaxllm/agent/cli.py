@@ -253,14 +253,16 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
 
 
 def _rl(args) -> int:
-    import os
 
+    from jaxllm import run_dir
     from jaxllm.agent import train
+    from jaxllm.errors import ConfigError
     from jaxllm.train.config import load_config
 
-    path = os.path.join(args.init, "run_config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"--init {args.init!r} is not a training workdir: run_config.json not found")
+    try:
+        path = run_dir.require_run(args.init)
+    except ConfigError as e:
+        raise ValueError(f"--init: {e}") from None
     defaults = ["lr=1e-4", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.0", "log_every=1"]
     config = load_config(path, _overrides(args, defaults))
     records = train.read_records(args.data)
@@ -332,7 +334,7 @@ def _run(args) -> int:
     from collections import Counter
 
     from jaxllm.agent import evaluate, synth, train
-    from jaxllm.train.inference import load_trained
+    from jaxllm.run_dir import load_trained
 
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")

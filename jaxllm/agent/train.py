@@ -21,7 +21,7 @@ from an SFT workdir), ``run_questions`` (roll out a trained agent on questions),
 ``load_hf_agent`` (a Hugging Face checkpoint folder as an agent: model, tokenizer, chat format,
 system prompt; ``chat_setup`` picks the last two). Workdirs have the
 layout of ``jaxllm train`` (``run_config.json``, ``checkpoints/``, ``metrics.jsonl``) plus
-``agent.json`` (system prompt, wiki config, rollout limits), so ``jaxllm.train.inference.
+``agent.json`` (system prompt, wiki config, rollout limits), so ``jaxllm.run_dir.
 load_trained`` loads them.
 
 **On-policy.** Each RL step samples a fresh batch (``questions_per_step`` questions x ``group``
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxllm import run_dir
 from jaxllm.agent import evaluate, protocol, rollout, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 
@@ -74,7 +75,7 @@ __all__ = [
     "DROP_STATUSES",
 ]
 
-AGENT_FILE = "agent.json"
+AGENT_FILE = run_dir.AGENT_FILE
 #: Statuses whose trajectories are left out of the RL loss: a turn or token limit was hit and no
 #: answer was given. A wrong answer (ANSWERED, reward 0) and TOOL_ERROR stay in as negatives.
 DROP_STATUSES = (rollout.MAX_TURNS, rollout.MAX_TOKENS)
@@ -112,12 +113,12 @@ class AgentSettings:
         )
 
     def save(self, workdir: str) -> None:
-        with open(os.path.join(workdir, AGENT_FILE), "w", encoding="utf-8") as f:
+        with open(run_dir.agent_file(workdir), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
 
 def load_settings(workdir: str) -> AgentSettings:
-    path = os.path.join(workdir, AGENT_FILE)
+    path = run_dir.agent_file(workdir)
     if not os.path.exists(path):
         raise ValueError(
             f"{workdir!r} is not an agent workdir: {AGENT_FILE} not found (train one with `jaxllm agent sft`)"
@@ -440,13 +441,13 @@ def _make_run_config(config, workdir: str):
     from jaxllm.train.config import save_config
 
     os.makedirs(workdir, exist_ok=True)
-    save_config(config, os.path.join(workdir, "run_config.json"))
+    save_config(config, run_dir.config_file(workdir))
 
 
 def _save_checkpoint(workdir: str, config, state) -> str:
     from jaxllm.train import checkpoint as ckpt_lib
 
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1, async_save=False)
+    ck = ckpt_lib.Checkpointer(run_dir.checkpoints(workdir), save_every=1, keep=1, async_save=False)
     try:
         ck.save(int(state["step"]), state, {}, ckpt_lib.make_meta(config, state["params"]), force=True)
     finally:
@@ -489,7 +490,7 @@ def train_sft(
     rows_per_step = config.batch_size
     _make_run_config(config, workdir)
     settings.save(workdir)
-    mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    mlog = metrics_lib.MetricsLog(run_dir.metrics_file(workdir))
     lengths = [len(e[0]) for e in examples]
     log(
         f"sft: {len(examples)} trajectories ({np.mean(lengths):.0f} tokens on average, max "
@@ -501,7 +502,7 @@ def train_sft(
         step_fn = loop.compile_step(s)
         state = loop.init_state(s)
         if init_workdir is not None:
-            from jaxllm.train.inference import load_trained
+            from jaxllm.run_dir import load_trained
 
             _, params, _ = load_trained(init_workdir)
             state = jax.device_put(
@@ -509,7 +510,7 @@ def train_sft(
             )
             log(f"sft: starting from the params of {init_workdir}")
         ck = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), save_every=1, keep=config.keep_checkpoints, async_save=False
+            run_dir.checkpoints(workdir), save_every=1, keep=config.keep_checkpoints, async_save=False
         )
         meta = ckpt_lib.make_meta(config, state["params"])
         order = rng.permutation(R)
@@ -711,8 +712,8 @@ def train_rl(
     The update's rows are padded to a multiple of ``length_multiple`` tokens, so only a few
     shapes compile."""
     from jaxllm.ops.sampling import SamplingConfig
+    from jaxllm.run_dir import load_trained
     from jaxllm.train import metrics as metrics_lib
-    from jaxllm.train.inference import load_trained
     from jaxllm.train.optim import make_optimizer
     from jaxllm.train.step import check_finite, require_correction_biases
 
@@ -752,7 +753,7 @@ def train_rl(
     fn = _rollout_fn(impl)
     rng = random.Random(config.seed)
     order, pos = list(range(len(records))), len(records)
-    mlog = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    mlog = metrics_lib.MetricsLog(run_dir.metrics_file(workdir))
     rewards_hist = []
     log(
         f"rl: {len(records)} questions; {config.steps} steps x {questions_per_step} questions x "

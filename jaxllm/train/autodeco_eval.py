@@ -82,8 +82,8 @@ def line_passes(prompt: str, continuation: str, kind: str) -> bool:
 def evaluate(
     workdir: str, *, samples: int = 200, max_new_tokens: int = 48, seed: int = 0, modes=None, log=print
 ) -> list[dict]:
+    from jaxllm.run_dir import load_trained
     from jaxllm.train import autodeco_run as ad
-    from jaxllm.train.inference import load_trained
 
     model, params, tok = load_trained(workdir)
     heads_module, heads_vars, info = ad.load_heads(workdir, hidden_size=model.config.hidden_size)

@@ -32,17 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import run_dir
 from jaxllm.train.checkpoint import CheckpointError
 from jaxllm.train.config import ConfigError
-
-HEADS_DIR = "autodeco"
-HEADS_FILE = "heads.safetensors"
-INFO_FILE = "heads.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-def heads_dir(workdir: str) -> str:
-    return os.path.join(workdir, HEADS_DIR)
 
 
 def shifted_labels(targets_BS, loss_mask_BS):
@@ -87,6 +79,7 @@ def train_heads(
     from jaxllm.data.pipeline import PackedBatches
     from jaxllm.data.sources import load_source
     from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
+    from jaxllm.run_dir import load_trained
     from jaxllm.train.autodeco import (
         AutoDecoTrainConfig,
         init_state,
@@ -95,8 +88,6 @@ def train_heads(
         make_train_step,
     )
     from jaxllm.train.config import load_config
-    from jaxllm.train.inference import load_trained
-    from jaxllm.train.loop import CONFIG_FILE
     from jaxllm.train.step import check_finite
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -113,7 +104,7 @@ def train_heads(
         raise ConfigError(f"autodeco-train: {e}") from None
 
     model, base_params, tokenizer = load_trained(workdir, step=base_step)
-    config = load_config(os.path.join(workdir, CONFIG_FILE))
+    config = load_config(run_dir.config_file(workdir))
     H, V = model.config.hidden_size, model.config.vocab_size
     rows = batch_size or config.batch_size
     source = load_source(config.dataset, "train", data_dir=config.data_dir or None, text_key=config.text_key)
@@ -166,14 +157,14 @@ def train_heads(
         logits, hidden = fwd(base_params, batch["inputs"], batch["segment_ids"])
         return eval_heads(head_params, logits, hidden, batch["targets"], batch["loss_mask"], rand_vals)
 
-    out_dir = heads_dir(workdir)
+    out_dir = run_dir.autodeco_dir(workdir)
     os.makedirs(out_dir, exist_ok=True)
     log(
         f"autodeco-train: base {config.model} from {workdir} (hidden {H}, vocab {V}); heads "
         f"{sum(x.size for x in jax.tree.leaves(init_vars)):,} params; {steps} steps of {rows} x {config.seq_len} "
         f"tokens, lr {learning_rate}"
     )
-    mpath = os.path.join(out_dir, METRICS_FILE)
+    mpath = run_dir.metrics_file(out_dir)
     losses = []
     t_start = time.perf_counter()
     with open(mpath, "w", encoding="utf-8") as mf:
@@ -231,7 +222,7 @@ def train_heads(
     log(
         f"autodeco-train: loss {losses[0]:.4f} -> {losses[-1]:.4f}; eval loss init {info['eval_loss_init']:.4f} -> "
         f"trained {info['eval_loss_trained']:.4f} over {eval_batches} batch(es); mean T {info['mean_temperature']:.3f}, "
-        f"mean P {info['mean_top_p']:.3f}; saved {os.path.join(out_dir, HEADS_FILE)}"
+        f"mean P {info['mean_top_p']:.3f}; saved {run_dir.heads_file(out_dir)}"
     )
     return info
 
@@ -250,25 +241,25 @@ def _save(out_dir: str, state_dict: dict, info: dict) -> None:
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
-    tmp = os.path.join(out_dir, HEADS_FILE + ".tmp")
+    tmp = run_dir.heads_file(out_dir) + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, HEADS_FILE))
-    tmp = os.path.join(out_dir, INFO_FILE + ".tmp")
+    os.replace(tmp, run_dir.heads_file(out_dir))
+    tmp = run_dir.heads_info_file(out_dir) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, INFO_FILE))
+    os.replace(tmp, run_dir.heads_info_file(out_dir))
 
 
 def load_heads(workdir: str, *, hidden_size: int | None = None):
     """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
     from jaxllm.nn.autodeco import heads_from_official
 
-    d = heads_dir(workdir)
-    path, ipath = os.path.join(d, HEADS_FILE), os.path.join(d, INFO_FILE)
+    d = run_dir.autodeco_dir(workdir)
+    path, ipath = run_dir.heads_file(d), run_dir.heads_info_file(d)
     if not os.path.exists(path) or not os.path.exists(ipath):
         raise CheckpointError(
-            f"no AutoDeco heads in {d} ({HEADS_FILE} and {INFO_FILE}); train them first with "
+            f"no AutoDeco heads in {d} ({run_dir.HEADS_FILE} and {run_dir.HEADS_INFO_FILE}); train them first with "
             f"`jaxllm autodeco-train --workdir {workdir}`"
         )
     try:

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxllm import run_dir
 from jaxllm import sharding as shd
 from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
@@ -36,10 +37,6 @@ from jaxllm.train.step import (
     make_train_step,
     require_correction_biases,
 )
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "run_config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -79,7 +76,7 @@ def model_vocab_size(config: RunConfig, tokenizer) -> int:
 
 def checkpoint_dir(config: RunConfig, workdir: str) -> str:
     """``config.checkpoint_dir``, or ``<workdir>/checkpoints`` when that is empty."""
-    return config.checkpoint_dir or os.path.join(workdir, CHECKPOINT_DIR)
+    return run_dir.checkpoints(workdir, config.checkpoint_dir)
 
 
 def make_run_mesh(config: RunConfig):
@@ -98,9 +95,8 @@ def _cast_params(tree, dtype):
     )
 
 
-def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
-    """Builds mesh, tokenizer, model, optimizer and all shardings (no arrays allocated)."""
-    mesh = mesh or make_run_mesh(config)
+def build_run_model(config: RunConfig, model=None):
+    """(model, tokenizer, vocab size) of a run config; no arrays allocated."""
     tokenizer = make_tokenizer(config.tokenizer)
     vocab_size = model_vocab_size(config, tokenizer)
     if model is None:
@@ -118,6 +114,20 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
             f"the model's vocab_size {vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} (tokenizer={config.tokenizer!r})"
         )
+    return model, tokenizer, vocab_size
+
+
+def init_variables(config: RunConfig, model, rng):
+    """The model's variables as a run stores them (unboxed, in the run's param dtype)."""
+    ids = jnp.zeros((1, config.seq_len), jnp.int32)
+    variables = shd.unbox(model.init(rng, ids, segment_ids=jnp.ones_like(ids)))
+    return _cast_params(variables, DTYPES[config.param_dtype])
+
+
+def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
+    """Builds mesh, tokenizer, model, optimizer and all shardings (no arrays allocated)."""
+    mesh = mesh or make_run_mesh(config)
+    model, tokenizer, vocab_size = build_run_model(config, model)
     micro = config.batch_size // config.grad_accum
     shards = shd.batch_shard_count(mesh)
     if micro % shards:
@@ -128,12 +138,10 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
         )
     tx, schedule = make_optimizer(config)
     ids = jnp.zeros((1, config.seq_len), jnp.int32)
-    param_dtype = DTYPES[config.param_dtype]
 
     def init_fn(rng):
         init_rng, state_rng = jax.random.split(rng)
-        variables = shd.unbox(model.init(init_rng, ids, segment_ids=jnp.ones_like(ids)))
-        variables = _cast_params(variables, param_dtype)
+        variables = init_variables(config, model, init_rng)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": variables,
@@ -428,7 +436,7 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
         start = 0
         state = init_state(s)
     if _is_main():
-        save_config(c, os.path.join(workdir, CONFIG_FILE))
+        save_config(c, run_dir.config_file(workdir))
     nparams = metrics_lib.param_count(abstract["params"])
     log(shd.describe(s.mesh))
     log(
@@ -459,11 +467,9 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
         f"{'%.3g' % flops if flops else 'unknown'} FLOPs/step/device; peak {peak:.3g} TFLOP/s/device ({peak_src})"
     )
 
-    mlog = (
-        metrics_lib.MetricsLog(os.path.join(workdir, METRICS_FILE), resume_step=start) if _is_main() else None
-    )
+    mlog = metrics_lib.MetricsLog(run_dir.metrics_file(workdir), resume_step=start) if _is_main() else None
     tblog = (
-        metrics_lib.TensorBoardLog(os.path.join(workdir, metrics_lib.TENSORBOARD_DIR), resume_step=start)
+        metrics_lib.TensorBoardLog(run_dir.tensorboard_dir(workdir), resume_step=start)
         if c.tensorboard and _is_main()
         else None
     )
@@ -537,27 +543,17 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
 
 
 def generate_samples(s: Setup, params, log) -> list[str]:
-    """A few continuations of ``sample_prompt`` (``|``-separated prompts) via ``jaxllm.decode``."""
+    """A few continuations of ``sample_prompt`` (``|``-separated prompts), decoded in one batch."""
+    from jaxllm.generation import generate_texts
+    from jaxllm.ops.sampling import SamplingConfig
+
     c = s.config
-    try:
-        import jaxllm.decode  # noqa: F401
-        from jaxllm.train.inference import generate_text
-    except ImportError as e:
-        log(f"(no samples: jaxllm.decode.generate is not available: {e})")
-        return []
     prompts = [p for p in c.sample_prompt.split("|") if p] or [""]
-    out = []
-    for i in range(c.num_samples):
-        text = generate_text(
-            s.model,
-            params,
-            s.tokenizer,
-            prompts[i % len(prompts)],
-            c.sample_tokens,
-            temperature=c.sample_temperature,
-            top_p=c.sample_top_p,
-            seed=c.seed + i,
-        )
-        out.append(text)
+    prompts = [prompts[i % len(prompts)] for i in range(c.num_samples)]
+    sampling = None
+    if c.sample_temperature > 0:
+        sampling = SamplingConfig(mode="sample", temperature=c.sample_temperature, top_p=c.sample_top_p)
+    out = generate_texts(s.model, params, s.tokenizer, prompts, c.sample_tokens, sampling, seed=c.seed)
+    for i, text in enumerate(out):
         log(f"--- sample {i + 1} ---\n{text}")
     return out

@@ -48,7 +48,6 @@ class MetricsLog:
         self._f.close()
 
 
-TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl key -> TensorBoard tag.
 TENSORBOARD_TAGS = {
     "loss": "train/loss",

@@ -99,8 +99,8 @@ def test_mean_values_match_the_heads_on_the_eval_data(workdir):
     """heads.json's mean T/P equals the heads applied to the frozen base on the batches that follow training."""
     from jaxllm.data.pipeline import PackedBatches
     from jaxllm.data.sources import load_source
+    from jaxllm.run_dir import load_trained
     from jaxllm.train.config import load_config
-    from jaxllm.train.inference import load_trained
 
     model, params, tok = load_trained(str(workdir))
     module, variables, info = ad.load_heads(str(workdir))
@@ -197,3 +197,36 @@ def test_pass_at_1_task_checker():
     assert not line_passes("def ", "f(x)\n", "def")  # no colon
     assert line_passes("def f(x):\n    return ", "x + 1\n", "stmt")
     assert not line_passes("    if ", "x = = 1:\n", "stmt")
+
+
+def test_load_trained_restores_the_params_alone(workdir, monkeypatch):
+    """Inference reads the params of the checkpoint and nothing else: no optimizer (AdamW's two
+    moments would triple the bytes), no train setup. Equal to the params the full restore gives."""
+    from jaxllm import run_dir
+    from jaxllm.train import checkpoint as ckpt_lib
+    from jaxllm.train import loop
+    from jaxllm.train.config import load_config
+
+    config = load_config(run_dir.config_file(str(workdir)))
+    s = loop.setup(config)
+    ck = ckpt_lib.Checkpointer(run_dir.checkpoints(str(workdir)), save_every=1, keep=2, async_save=False)
+    abstract = loop.abstract_state(s)
+    full, _ = ck.restore(
+        ck.latest_step(), abstract, ckpt_lib.make_meta(config, abstract["params"]), data=False
+    )
+    ck.close()
+
+    def refuse(*a, **k):
+        raise AssertionError("load_trained built a training setup or an optimizer")
+
+    monkeypatch.setattr(loop, "setup", refuse)
+    monkeypatch.setattr(loop, "make_optimizer", refuse)
+    before = {id(a) for a in jax.live_arrays()}
+    model, params, _ = run_dir.load_trained(str(workdir))
+    new_bytes = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    assert new_bytes == param_bytes, (new_bytes, param_bytes)  # the restore made nothing else
+    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(full["opt_state"]))
+    assert opt_bytes >= 2 * param_bytes  # what a full restore would have added
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
