@@ -189,8 +189,7 @@ def _print_generations(args, model, params, tokenizer, sampling, heads=None) -> 
 
 def _generate_hf(args) -> int:
     """`generate --checkpoint DIR`: a Hugging Face folder, plain or AutoDeco."""
-    from jaxllm.generation import load_hf_for_generation
-    from jaxllm.train import autodeco_run as ad
+    from jaxllm.generation import load_hf_for_generation, sampling_config
     from jaxllm.train.config import ConfigError
 
     if args.fixed_mean or args.step is not None:
@@ -201,10 +200,10 @@ def _generate_hf(args) -> int:
     )
     if args.autodeco:
         t = 1.0 if args.temperature is None else args.temperature
-        sampling = ad.sampling_config("autodeco", temperature=t, top_p=args.top_p)
+        sampling = sampling_config("autodeco", temperature=t, top_p=args.top_p)
     else:
         t = 0.0 if args.temperature is None else args.temperature
-        sampling = ad.sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
+        sampling = sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
     return _print_generations(args, model, params, tokenizer, sampling, heads)
 
 
@@ -215,20 +214,20 @@ def _generate(args) -> int:
         from jaxllm.train.config import ConfigError
 
         raise ConfigError("--base needs --checkpoint (a head-only AutoDeco folder)")
-    from jaxllm.run_dir import load_trained
-    from jaxllm.train import autodeco_run as ad
+    from jaxllm.generation import sampling_config
+    from jaxllm.run_dir import load_heads, load_trained
 
     model, params, tokenizer = load_trained(args.workdir, step=args.step)
     if args.autodeco or args.fixed_mean:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        heads_module, heads_vars, info = ad.load_heads(args.workdir, hidden_size=hidden)
+        heads_module, heads_vars, info = load_heads(args.workdir, hidden_size=hidden)
         t = 1.0 if args.temperature is None else args.temperature
-        sampling = ad.sampling_config(
+        sampling = sampling_config(
             "autodeco" if args.autodeco else "fixed_mean", info, temperature=t, top_p=args.top_p
         )
         return _print_generations(args, model, params, tokenizer, sampling, (heads_module, heads_vars))
     t = 0.0 if args.temperature is None else args.temperature
-    sampling = ad.sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
+    sampling = sampling_config("sample", temperature=t, top_p=args.top_p) if t > 0 else None
     return _print_generations(args, model, params, tokenizer, sampling)
 
 

@@ -96,6 +96,47 @@ def generate_texts(
     return [prompts[0] + final]
 
 
+def sampling_config(mode: str, info: dict | None = None, *, temperature: float = 1.0, top_p: float = 1.0):
+    """The SamplingConfig of ``mode`` in ``greedy|sample|autodeco|fixed_mean`` (fixed_mean reads ``info``)."""
+    from jaxllm.ops.sampling import SamplingConfig
+
+    try:
+        if mode == "fixed_mean":
+            if info is None:
+                raise ValueError("fixed_mean sampling needs the heads' info (mean_temperature, mean_top_p)")
+            return SamplingConfig(
+                mode="fixed_mean",
+                temperature=temperature,
+                top_p=top_p,
+                mean_temperature=float(info["mean_temperature"]),
+                mean_top_p=float(info["mean_top_p"]),
+            )
+        if mode == "greedy":
+            return SamplingConfig(mode="greedy")
+        return SamplingConfig(mode=mode, temperature=temperature, top_p=top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def sample_ids(
+    model,
+    params,
+    tokenizer,
+    prompt: str,
+    n: int,
+    max_new_tokens: int,
+    sampling=None,
+    *,
+    heads=None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``n`` continuations of ``prompt`` in one batch, each exactly ``max_new_tokens`` long (no stop):
+    ``[n, max_new_tokens]`` ids. ``sampling`` None is greedy; mode ``autodeco`` needs ``heads``."""
+    ids = prompt_ids(tokenizer, prompt)
+    out = decode.complete(model, params, [ids] * n, max_new_tokens, **_sampling_args(sampling, heads, seed))
+    return np.asarray(out.tokens)
+
+
 # ------------------------------------------------------------------ Hugging Face folders
 TOKENIZER_FILE = "tokenizer.json"
 

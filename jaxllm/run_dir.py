@@ -105,3 +105,54 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
     finally:
         ckpt.close()
     return model, params, tokenizer
+
+
+def save_heads(out_dir: str, state_dict: dict, info: dict) -> None:
+    """AutoDeco heads (official key names) and their info into `out_dir`, each file replaced atomically."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
+    tmp = heads_file(out_dir) + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, heads_file(out_dir))
+    tmp = heads_info_file(out_dir) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, heads_info_file(out_dir))
+
+
+def load_heads(workdir: str, *, hidden_size: int | None = None):
+    """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
+    import json
+
+    from jaxllm.errors import CheckpointError
+    from jaxllm.nn.autodeco import heads_from_official
+
+    d = autodeco_dir(workdir)
+    path, ipath = heads_file(d), heads_info_file(d)
+    if not os.path.exists(path) or not os.path.exists(ipath):
+        raise CheckpointError(
+            f"no AutoDeco heads in {d} ({HEADS_FILE} and {HEADS_INFO_FILE}); train them first with "
+            f"`jaxllm autodeco-train --workdir {workdir}`"
+        )
+    try:
+        from safetensors.numpy import load_file
+
+        state_dict = load_file(path)
+        with open(ipath, encoding="utf-8") as f:
+            info = json.load(f)
+        module, variables = heads_from_official(state_dict)
+    except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors: name the file.
+        raise CheckpointError(
+            f"AutoDeco heads in {d} are unreadable or corrupted: {type(e).__name__}: {e}"
+        ) from e
+    H = state_dict["temp_head.mlp.0.weight"].shape[1]
+    if hidden_size is not None and H != hidden_size:
+        raise CheckpointError(
+            f"AutoDeco heads in {d} expect hidden size {H}, the base model has {hidden_size}"
+        )
+    return module, variables, info

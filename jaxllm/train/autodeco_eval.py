@@ -82,18 +82,20 @@ def line_passes(prompt: str, continuation: str, kind: str) -> bool:
 def evaluate(
     workdir: str, *, samples: int = 200, max_new_tokens: int = 48, seed: int = 0, modes=None, log=print
 ) -> list[dict]:
+    from jaxllm import generation, run_dir
     from jaxllm.run_dir import load_trained
-    from jaxllm.train import autodeco_run as ad
 
     model, params, tok = load_trained(workdir)
-    heads_module, heads_vars, info = ad.load_heads(workdir, hidden_size=model.config.hidden_size)
+    heads_module, heads_vars, info = run_dir.load_heads(workdir, hidden_size=model.config.hidden_size)
     heads = (heads_module, heads_vars)
     all_modes = {
         "greedy": None,
-        "sample T=1 p=1": ad.sampling_config("sample", temperature=1.0, top_p=1.0),
-        "autodeco": ad.sampling_config("autodeco"),
-        "fixed-mean": ad.sampling_config("fixed_mean", info),
-        "sample T=0.8 p=0.95 (train default)": ad.sampling_config("sample", temperature=0.8, top_p=0.95),
+        "sample T=1 p=1": generation.sampling_config("sample", temperature=1.0, top_p=1.0),
+        "autodeco": generation.sampling_config("autodeco"),
+        "fixed-mean": generation.sampling_config("fixed_mean", info),
+        "sample T=0.8 p=0.95 (train default)": generation.sampling_config(
+            "sample", temperature=0.8, top_p=0.95
+        ),
     }
     modes = modes or list(all_modes)
     rows = []
@@ -103,7 +105,7 @@ def evaluate(
         n = 1 if cfg is None else samples
         per_prompt = []
         for i, (prompt, kind) in enumerate(PROMPTS):
-            ids = ad.generate_ids(
+            ids = generation.sample_ids(
                 model, params, tok, prompt, n, max_new_tokens, cfg, heads=heads, seed=seed + 1000 * i
             )
             ok = [line_passes(prompt, tok.decode(r), kind) for r in ids]

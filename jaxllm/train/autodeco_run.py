@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import run_dir
-from jaxllm.train.checkpoint import CheckpointError
 from jaxllm.train.config import ConfigError
 
 
@@ -218,7 +217,7 @@ def train_heads(
         "eval_positions": int(ev["trained"][3]),
         "train_time_s": time.perf_counter() - t_start,
     }
-    _save(out_dir, heads_to_official(state["params"]), info)
+    run_dir.save_heads(out_dir, heads_to_official(state["params"]), info)
     log(
         f"autodeco-train: loss {losses[0]:.4f} -> {losses[-1]:.4f}; eval loss init {info['eval_loss_init']:.4f} -> "
         f"trained {info['eval_loss_trained']:.4f} over {eval_batches} batch(es); mean T {info['mean_temperature']:.3f}, "
@@ -235,107 +234,3 @@ def _latest_step(workdir: str, config) -> int | None:
     d = epath.Path(checkpoint_dir(config, workdir))
     steps = [int(x.name) for x in d.iterdir() if x.name.isdigit()] if d.is_dir() else []
     return max(steps) if steps else None
-
-
-def _save(out_dir: str, state_dict: dict, info: dict) -> None:
-    from safetensors.numpy import save_file
-
-    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
-    tmp = run_dir.heads_file(out_dir) + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, run_dir.heads_file(out_dir))
-    tmp = run_dir.heads_info_file(out_dir) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, run_dir.heads_info_file(out_dir))
-
-
-def load_heads(workdir: str, *, hidden_size: int | None = None):
-    """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
-    from jaxllm.nn.autodeco import heads_from_official
-
-    d = run_dir.autodeco_dir(workdir)
-    path, ipath = run_dir.heads_file(d), run_dir.heads_info_file(d)
-    if not os.path.exists(path) or not os.path.exists(ipath):
-        raise CheckpointError(
-            f"no AutoDeco heads in {d} ({run_dir.HEADS_FILE} and {run_dir.HEADS_INFO_FILE}); train them first with "
-            f"`jaxllm autodeco-train --workdir {workdir}`"
-        )
-    try:
-        from safetensors.numpy import load_file
-
-        state_dict = load_file(path)
-        with open(ipath, encoding="utf-8") as f:
-            info = json.load(f)
-        module, variables = heads_from_official(state_dict)
-    except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors: name the file.
-        raise CheckpointError(
-            f"AutoDeco heads in {d} are unreadable or corrupted: {type(e).__name__}: {e}"
-        ) from e
-    H = state_dict["temp_head.mlp.0.weight"].shape[1]
-    if hidden_size is not None and H != hidden_size:
-        raise CheckpointError(
-            f"AutoDeco heads in {d} expect hidden size {H}, the base model has {hidden_size}"
-        )
-    return module, variables, info
-
-
-def sampling_config(mode: str, info: dict | None = None, *, temperature: float = 1.0, top_p: float = 1.0):
-    """The SamplingConfig of ``mode`` in ``greedy|sample|autodeco|fixed_mean`` (fixed_mean reads ``info``)."""
-    from jaxllm.ops.sampling import SamplingConfig
-
-    try:
-        if mode == "fixed_mean":
-            if info is None:
-                raise ValueError("fixed_mean sampling needs the heads' info (mean_temperature, mean_top_p)")
-            return SamplingConfig(
-                mode="fixed_mean",
-                temperature=temperature,
-                top_p=top_p,
-                mean_temperature=float(info["mean_temperature"]),
-                mean_top_p=float(info["mean_top_p"]),
-            )
-        if mode == "greedy":
-            return SamplingConfig(mode="greedy")
-        return SamplingConfig(mode=mode, temperature=temperature, top_p=top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def generate_ids(
-    model,
-    params,
-    tokenizer,
-    prompt: str,
-    n: int,
-    max_new_tokens: int,
-    sampling=None,
-    *,
-    heads=None,
-    seed: int = 0,
-) -> np.ndarray:
-    """``n`` continuations of ``prompt`` in one batch: ``[n, max_new_tokens]`` generated ids.
-
-    ``sampling`` None is greedy; ``heads = (module, variables)`` is required for mode ``autodeco``.
-    """
-    from jaxllm.decode import generate
-
-    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)
-    prompt_BT = jnp.asarray(np.tile(ids[None], (n, 1)))
-    kwargs = {}
-    if sampling is not None and sampling.mode != "greedy":
-        kwargs = {"sampling": sampling, "rng": jax.random.PRNGKey(seed)}
-        if sampling.mode == "autodeco":
-            if heads is None:
-                raise ValueError("autodeco sampling needs heads=(module, variables)")
-            kwargs["autodeco"] = tuple(heads)
-    out = np.asarray(generate(model, params, prompt_BT, max_new_tokens=max_new_tokens, **kwargs))
-    return out[:, len(ids) :]
-
-
-def generate_text(
-    model, params, tokenizer, prompt: str, max_new_tokens: int, sampling=None, *, heads=None, seed: int = 0
-) -> str:
-    out = generate_ids(model, params, tokenizer, prompt, 1, max_new_tokens, sampling, heads=heads, seed=seed)
-    return prompt + tokenizer.decode(out[0])

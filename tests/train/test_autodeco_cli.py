@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import cli
+from jaxllm import cli, generation, run_dir
 from jaxllm.train import autodeco_run as ad
 
 OFFICIAL_KEYS = {
@@ -84,7 +84,7 @@ def test_autodeco_train_saves_official_heads_that_learned(workdir):
     # The saved file is what load_heads returns, and it is not the initialisation.
     from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
 
-    module, variables, info2 = ad.load_heads(str(workdir), hidden_size=H)
+    module, variables, info2 = run_dir.load_heads(str(workdir), hidden_size=H)
     assert info2 == info
     back = heads_to_official(variables)
     for k in OFFICIAL_KEYS:
@@ -103,7 +103,7 @@ def test_mean_values_match_the_heads_on_the_eval_data(workdir):
     from jaxllm.train.config import load_config
 
     model, params, tok = load_trained(str(workdir))
-    module, variables, info = ad.load_heads(str(workdir))
+    module, variables, info = run_dir.load_heads(str(workdir))
     c = load_config(str(workdir / "run_config.json"))
     data = PackedBatches(
         load_source(c.dataset, "train", data_dir=c.data_dir, text_key=c.text_key),
@@ -159,7 +159,7 @@ def test_generate_with_heads_and_fixed_mean(workdir, capsys):
 
 def test_fixed_mean_uses_the_saved_means(workdir):
     info = json.loads((workdir / "autodeco" / "heads.json").read_text())
-    cfg = ad.sampling_config("fixed_mean", info, temperature=0.5)
+    cfg = generation.sampling_config("fixed_mean", info, temperature=0.5)
     assert cfg.mode == "fixed_mean" and cfg.temperature == 0.5
     assert cfg.mean_temperature == info["mean_temperature"] and cfg.mean_top_p == info["mean_top_p"]
 
@@ -230,3 +230,18 @@ def test_load_trained_restores_the_params_alone(workdir, monkeypatch):
     assert opt_bytes >= 2 * param_bytes  # what a full restore would have added
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_autodeco_eval_runs_every_mode(workdir):
+    """The pass@1 evaluation decodes each mode through the engine (jaxllm.generation.sample_ids)."""
+    from jaxllm.train.autodeco_eval import evaluate
+
+    rows = evaluate(str(workdir), samples=2, max_new_tokens=4, log=lambda *a: None)
+    assert [r["mode"] for r in rows] == [
+        "greedy",
+        "sample T=1 p=1",
+        "autodeco",
+        "fixed-mean",
+        "sample T=0.8 p=0.95 (train default)",
+    ]
+    assert all(0.0 <= r["pass_at_1"] <= 1.0 for r in rows)
