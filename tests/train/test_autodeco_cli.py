@@ -232,16 +232,11 @@ def test_load_trained_restores_the_params_alone(workdir, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_autodeco_eval_runs_every_mode(workdir):
-    """The pass@1 evaluation decodes each mode through the engine (jaxllm.generation.sample_ids)."""
+def test_autodeco_eval_runs_the_heads_modes(workdir):
+    """The pass@1 evaluation decodes through the engine (jaxllm.generation.sample_ids)."""
     from jaxllm.train.autodeco_eval import evaluate
 
-    rows = evaluate(str(workdir), samples=2, max_new_tokens=4, log=lambda *a: None)
-    assert [r["mode"] for r in rows] == [
-        "greedy",
-        "sample T=1 p=1",
-        "autodeco",
-        "fixed-mean",
-        "sample T=0.8 p=0.95 (train default)",
-    ]
+    modes = ["autodeco", "fixed-mean"]  # the two that need the heads (each mode compiles once)
+    rows = evaluate(str(workdir), samples=2, max_new_tokens=4, modes=modes, log=lambda *a: None)
+    assert [r["mode"] for r in rows] == modes
     assert all(0.0 <= r["pass_at_1"] <= 1.0 for r in rows)
