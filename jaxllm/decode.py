@@ -217,15 +217,19 @@ def append_tokens(model, params, cache, ids_BT, lengths_B, last_logits_BV, last_
     return out.cache, logits, hidden
 
 
+def empty_last(model, batch: int):
+    """(logits_BV, hidden_BD) of rows that have appended nothing yet (zeros)."""
+    c = model.config
+    return jnp.zeros((batch, c.vocab_size), jnp.float32), jnp.zeros((batch, c.hidden_size), c.compute_dtype)
+
+
 def prefill_chunks(model, params, cache, ids_BP, lengths_B, chunk: int):
     """Append right-padded prompts [B,P] in chunks of `chunk` (P a multiple of it, or P <= chunk)."""
     B, P = ids_BP.shape
     C = min(chunk, P)
     if P % C:
         raise ValueError(f"prefill: padded length {P} is not a multiple of the chunk {C}")
-    V, D = model.config.vocab_size, model.config.hidden_size
-    logits = jnp.zeros((B, V), jnp.float32)
-    hidden = jnp.zeros((B, D), model.config.compute_dtype)
+    logits, hidden = empty_last(model, B)
 
     def one(carry, c):
         cache, logits, hidden = carry

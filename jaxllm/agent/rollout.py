@@ -260,12 +260,6 @@ def _init_cache(model, B, T, C):
     return jax.jit(lambda: model.init_cache(B, T + C))()
 
 
-def _zeros_last(model, B):
-    """(logits_BV, hidden_BD) before anything was appended."""
-    c = model.config
-    return jnp.zeros((B, c.vocab_size), jnp.float32), jnp.zeros((B, c.hidden_size), c.compute_dtype)
-
-
 def _choose(last, keys, forced_R, *, sampling, heads, heads_params):
     """The next token of every row (the engine's `pick`; a forced id wins), its log-probability
     under the raw logits, and the row keys to use next."""
@@ -532,7 +526,7 @@ def segmented_rollout(
     mcfg = model.config
     C = cfg.chunk
     cache = _init_cache(model, B, T, C)
-    last = _zeros_last(model, B)
+    last = decode.empty_last(model, B)
     heads, heads_params = (None, None) if autodeco is None else autodeco
     feed = _feed_fn(type(model), mcfg)
     step = _step_fn(type(model), mcfg, sampling, heads)
@@ -1239,7 +1233,7 @@ def _scan_fn(
 
         carry = (
             cache,
-            _zeros_last(model, B),
+            decode.empty_last(model, B),
             tokens,
             kind,
             logprobs,
