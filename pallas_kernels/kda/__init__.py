@@ -16,6 +16,8 @@ Implementations (`impl`):
   "pallas_gpu" Pallas GPU (Triton backend) kernels, forward and backward
   "auto"       the TPU kernel on TPU, the pure-JAX chunk elsewhere (the GPU kernel has no
                measured speed yet, see docs/kernels.md)
+`kda_context(..., axis_name=)` is the same op on a sequence split over a mesh axis (context
+parallelism; inside `shard_map`, see context.py).
 `interpret=True` runs either Pallas kernel in interpret mode on any backend (CPU tests).
 """
 
@@ -24,11 +26,12 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.kda.common import l2_normalize
+from pallas_kernels.kda.context import kda_context
 from pallas_kernels.kda.reference import kda_recurrent, kda_step
 
 IMPLS = ("auto", "recurrent", "chunk", "pallas_tpu", "pallas_gpu")
 
-__all__ = ["kda", "kda_recurrent", "kda_step", "l2_normalize", "IMPLS", "resolve_impl"]
+__all__ = ["kda", "kda_context", "kda_recurrent", "kda_step", "l2_normalize", "IMPLS", "resolve_impl"]
 
 
 def resolve_impl(impl: str) -> str:
