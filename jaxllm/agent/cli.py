@@ -31,10 +31,17 @@ without a checkpoint) prints one ``error: ...`` line and exits 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
+import os
 import sys
+from collections import Counter
 
+from jaxllm.agent import evaluate
 from jaxllm.cli import register_command
+from jaxllm.errors import CheckpointError, ConfigError
+from jaxllm.run_dir import load_trained, require_run
 
 __all__ = ["add_arguments", "run"]
 
@@ -91,8 +98,8 @@ def _synth_argv(args) -> list[str]:
 
 def _synth_custom(args) -> int:
     """synth with a custom wiki config / system prompt (records carry ``wiki``)."""
-    from jaxllm.agent import synth
-    from jaxllm.agent.wiki import WikiConfig
+    from jaxllm.agent import synth  # noqa: PLC0415 (loads jax: CLI --help stays fast)
+    from jaxllm.agent.wiki import WikiConfig  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     wiki = _json_object(args.wiki) if args.wiki else {}
     if "seed" in wiki:
@@ -133,8 +140,6 @@ def _eval_argv(args) -> list[str]:
 
 def _delegate(module: str, to_argv):
     def go(args) -> int:
-        import importlib
-
         return importlib.import_module(module).main(to_argv(args))
 
     return go
@@ -204,8 +209,8 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sft(args) -> int:
-    from jaxllm.agent import train
-    from jaxllm.train.config import load_config
+    from jaxllm.agent import train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
+    from jaxllm.train.config import load_config  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     config = load_config(args.config, _overrides(args, ["log_every=50"]))
     records = train.read_records(args.data, need_trajectory=True)
@@ -254,13 +259,11 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
 
 def _rl(args) -> int:
 
-    from jaxllm import run_dir
-    from jaxllm.agent import train
-    from jaxllm.errors import ConfigError
-    from jaxllm.train.config import load_config
+    from jaxllm.agent import train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
+    from jaxllm.train.config import load_config  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     try:
-        path = run_dir.require_run(args.init)
+        path = require_run(args.init)
     except ConfigError as e:
         raise ValueError(f"--init: {e}") from None
     defaults = ["lr=1e-4", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.0", "log_every=1"]
@@ -330,11 +333,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    import dataclasses
-    from collections import Counter
-
-    from jaxllm.agent import evaluate, synth, train
-    from jaxllm.run_dir import load_trained
+    from jaxllm.agent import synth, train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
@@ -370,7 +369,7 @@ def _run(args) -> int:
         fmt, impl = None, args.rollout or "scan"
     sampling = None
     if args.temperature > 0:
-        from jaxllm.ops.sampling import SamplingConfig
+        from jaxllm.ops.sampling import SamplingConfig  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
         sampling = SamplingConfig(mode="sample", temperature=args.temperature)
     preds = train.run_questions(
@@ -411,7 +410,7 @@ def _run(args) -> int:
 
 def _load_checkpoint_agent(args, records):
     """``run --checkpoint``: (model, params, tokenizer, settings, chat format, rollout impl)."""
-    from jaxllm.agent import train
+    from jaxllm.agent import train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     if args.step is not None:
         raise ValueError("--step applies to --workdir; a Hugging Face checkpoint has one set of weights")
@@ -436,8 +435,6 @@ def _load_checkpoint_agent(args, records):
 
 
 def _exists(path: str) -> bool:
-    import os
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     return True
@@ -471,8 +468,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from jaxllm.train.checkpoint import CheckpointError
-
     _, _, fn = _SUB[args.agent_command]
     try:
         return fn(args)
