@@ -20,22 +20,51 @@ and the router z-loss (`router_z_loss`, weight `router_z_loss_coef`), already sc
 Dispatch implementations (all give the same result):
 - "onehot":  every expert on every token, combined by a dense [N,E] weight matrix (test reference);
 - "gather":  gather the chosen experts' weights per token (best for a few tokens, i.e. decode);
-- "ragged":  sort assignments by expert, `jax.lax.ragged_dot` grouped matmuls (GPU/TPU);
+- "ragged":  sort assignments by expert, `jax.lax.ragged_dot` grouped matmuls;
 - "blocked": sort by expert, pad each group to a block multiple, one batched matmul over the blocks
-             (each with its expert's weights); the fast sorted path on CPU where ragged_dot is dense;
-- "auto":    gather for N*k <= num_experts, else blocked on CPU, ragged elsewhere.
+             (each with its expert's weights): no E-fold densification on any backend;
+- "auto":    gather for N*k <= num_experts, else the backend's entry in `AUTO_DISPATCH`.
+
+Expert parallelism (`jaxllm.nn.moe_parallel`): when the MoE runs under a mesh whose `expert` axis
+is > 1 (`jax.set_mesh`, as the train step does), tokens travel to their experts' devices and back
+by all-to-all inside `shard_map`, and the dispatch above runs on each device's received tokens
+(`grouped_ffn`); `capacity_factor` None = dropless. `expert_parallel=False` turns it off.
+
+The dispatch table (`AUTO_DISPATCH`; `tools/bench_moe.py` measures it, docs/training.md has the
+numbers):
+
+| backend | "auto" (N*k > E) | why |
+|---|---|---|
+| cpu | blocked | XLA:CPU lowers `ragged_dot` to a dense loop over every expert (~500x slower here) |
+| gpu | blocked | XLA:GPU rewrites `ragged_dot` into a dense dot over all E experts (E x the FLOPs) unless |
+|     |         | the cuDNN ragged-dot fusion is on; blocked costs (A + E*bm)/A of the ideal FLOPs, |
+|     |         | with bm chosen so that E*bm <= A/4 (<= 1.25x + rounding) once A/E >= 32 |
+| tpu | ragged  | XLA:TPU compiles `ragged_dot` to a grouped matmul (megablox-style); FLOPs from the |
+|     |         | libtpu AOT compile in docs/training.md |
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.nn import moe_parallel
 from jaxllm.nn._params import fan_in_init, param
 from jaxllm.nn.mlp import swiglu
 
 DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
+AUTO_DISPATCH = {"cpu": "blocked", "gpu": "blocked", "cuda": "blocked", "rocm": "blocked", "tpu": "ragged"}
+
+
+def auto_dispatch(n_assign: int, num_experts: int, backend: str | None = None) -> str:
+    """What dispatch="auto" runs for `n_assign` = N*k assignments (the table in the docstring)."""
+    if n_assign <= num_experts:
+        return "gather"
+    backend = backend or jax.default_backend()
+    return AUTO_DISPATCH.get(backend, "blocked")
 
 
 def route(
@@ -105,6 +134,7 @@ def router_scores(x_ND, w_router_DE, activation: str = "sigmoid"):
 # ------------------------------------------------------------------ load balancing (pure functions)
 ROUTER_LOAD = "router_load"  # the Flax collection the MoE module sows its routing counts into
 LOAD_NAME = "expert_load"  # the sown variable's name, a sibling of the module's params
+DROPPED_NAME = "dropped"  # expert-parallel assignments dropped past the capacity (int32, all devices)
 
 
 def expert_load(idx_NK, num_experts: int):
@@ -245,12 +275,33 @@ def moe_experts(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, dispatch="a
     if dispatch not in DISPATCHES:
         raise ValueError(f"moe dispatch must be one of {DISPATCHES}, got {dispatch!r}")
     if dispatch == "auto":
-        N, K = idx_NK.shape
-        if N * K <= w1_EDF.shape[0]:
-            dispatch = "gather"
-        else:
-            dispatch = "blocked" if jax.default_backend() == "cpu" else "ragged"
+        dispatch = auto_dispatch(idx_NK.size, w1_EDF.shape[0])
     return _IMPLS[dispatch](x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)
+
+
+def grouped_ffn(x_RD, e_R, w1_EDF, w3_EDF, w2_EFD, *, dispatch="auto"):
+    """Each row through its own expert: y_R = expert_{e_R}(x_R), 0 where e_R < 0 (an empty slot of
+    the expert-parallel receive buffer). Output in x's dtype."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"moe dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    E = w1_EDF.shape[0]
+    valid_R = e_R >= 0
+    if dispatch == "auto":
+        dispatch = auto_dispatch(e_R.shape[0], E)
+    if dispatch == "ragged":
+        # empty rows sort last, past the group sizes: ragged_dot leaves them 0 and skips them
+        e_or_end = jnp.where(valid_R, e_R, E)
+        order = jnp.argsort(e_or_end, stable=True)
+        gs = jnp.bincount(e_or_end, length=E).astype(jnp.int32)  # drops E (it counts -1 as 0)
+        xs = x_RD[order]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, w1_EDF, gs)) * jax.lax.ragged_dot(xs, w3_EDF, gs)
+        ys = jax.lax.ragged_dot(h.astype(x_RD.dtype), w2_EFD, gs)
+        return jnp.zeros_like(ys).at[order].set(ys).astype(x_RD.dtype)
+    # the other dispatches as one-slot routing with weight 1 (0 for empty rows, sent to expert 0)
+    y = _IMPLS[dispatch](
+        x_RD, valid_R[:, None].astype(jnp.float32), jnp.maximum(e_R, 0)[:, None], w1_EDF, w3_EDF, w2_EFD
+    )
+    return y.astype(x_RD.dtype)
 
 
 class MoE(nn.Module):
@@ -270,6 +321,8 @@ class MoE(nn.Module):
     return_aux_losses: bool = False  # also return {name: scaled loss} (below; empty when both are 0)
     balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
+    expert_parallel: bool = True  # all-to-all to the experts' devices when the mesh's `expert` > 1
+    capacity_factor: float | None = None  # expert-parallel slots per device pair; None = dropless
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -301,9 +354,26 @@ class MoE(nn.Module):
         if not self.is_initializing():  # counts are per call, never part of the variables
             self.sow(ROUTER_LOAD, LOAD_NAME, expert_load(idx, E), init_fn=lambda: 0.0, reduce_fn=jnp.add)
         cd = self.dtype
-        y = moe_experts(
-            x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch
-        )
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.expert_parallel and moe_parallel.can_shard(mesh, B * T, E):
+            ffn = functools.partial(grouped_ffn, dispatch=self.dispatch)
+            y, dropped = moe_parallel.expert_parallel_moe(
+                x_ND,
+                weights,
+                idx,
+                w1.astype(cd),
+                w3.astype(cd),
+                w2.astype(cd),
+                mesh=mesh,
+                ffn=ffn,
+                capacity_factor=self.capacity_factor,
+            )
+            if not self.is_initializing():
+                self.sow(ROUTER_LOAD, DROPPED_NAME, dropped, init_fn=lambda: 0, reduce_fn=jnp.add)
+        else:
+            y = moe_experts(
+                x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch
+            )
         y = y.astype(cd).reshape(B, T, D)
         if self.num_shared_experts:
             Fs = F * self.num_shared_experts

@@ -1,0 +1,144 @@
+"""Expert parallelism: tokens travel to the devices holding their experts and back (all-to-all).
+
+The experts' stacked weights are split along the `expert` mesh axis (E/ep experts per device) and
+the tokens along the mesh axes that shard the batch (`sharding.LOGICAL_AXIS_RULES`). Inside
+`shard_map`, each device:
+
+1. sorts its n*K (token, slot) assignments by expert; the experts of device d are
+   [d*E/ep, (d+1)*E/ep), so the sort also groups them by destination;
+2. packs them into a send buffer [ep, C, D]: slot c of row d is the c-th assignment bound for
+   device d; assignments past the capacity C are dropped (counted, their output is 0);
+3. `all_to_all` over `expert`: row s of the received [ep, C, D] holds what device s sent here;
+4. runs its local experts on the received rows only (a grouped matmul: `ragged_dot` or the
+   blocked sort: `moe.grouped_ffn`, passed in as `ffn`), empty slots excluded;
+5. sends the outputs back with the inverse `all_to_all` and combines each token's K outputs with
+   its routing weights (float32).
+
+Capacity: `capacity_factor=None` is dropless (C = n*K, the worst case of every local assignment
+bound for one device: exact, at ep times the buffer of an even load); a factor c gives
+C = ceil(c * n*K / ep) (c = 1: an even share). `jax.lax.ragged_all_to_all` would send only the
+filled slots, but XLA:CPU does not implement it (checked on jax 0.10.2), so the capacity-based
+`all_to_all` is used on every backend and is what the CPU tests check.
+
+Routing stays outside (the router and its top-k are cheap and token-local); shared experts stay
+dense in the caller. Weights enter replicated over every axis but `expert` (the `fsdp` all-gather
+happens at the `shard_map` boundary, the gradient's reduce-scatter on the way out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.sharding import LOGICAL_AXIS_RULES
+
+EXPERT_AXIS = "expert"
+
+
+def token_axes(mesh, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that split the flattened [B*T] tokens: the batch axes, then the length's."""
+    table = dict(rules)
+    axes = [a for a in (*table.get("batch", ()), *table.get("length", ())) if a in mesh.shape]
+    return tuple(dict.fromkeys(a for a in axes if mesh.shape[a] > 1))
+
+
+def expert_parallel_size(mesh) -> int:
+    """Size of the mesh's `expert` axis (1 when there is no mesh or no such axis)."""
+    if mesh is None or getattr(mesh, "empty", False) or EXPERT_AXIS not in mesh.shape:
+        return 1
+    return int(mesh.shape[EXPERT_AXIS])
+
+
+def capacity(n_assign: int, ep: int, capacity_factor: float | None) -> int:
+    """Slots per (source, destination) device pair for `n_assign` local assignments."""
+    if capacity_factor is None:
+        return n_assign
+    if not capacity_factor > 0:
+        raise ValueError(f"moe capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
+    return int(min(n_assign, max(1, math.ceil(capacity_factor * n_assign / ep))))
+
+
+def can_shard(mesh, num_tokens: int, num_experts: int, rules=LOGICAL_AXIS_RULES) -> bool:
+    """Whether `expert_parallel_moe` applies: an expert axis > 1 that divides the experts, and
+    tokens that the token axes divide."""
+    ep = expert_parallel_size(mesh)
+    shards = math.prod(mesh.shape[a] for a in token_axes(mesh, rules)) if ep > 1 else 1
+    return ep > 1 and num_experts % ep == 0 and num_tokens % shards == 0
+
+
+def _pack(idx_nK, experts_per_device: int, ep: int, cap: int):
+    """Where each local assignment goes: (order, slot, keep). `order` sorts the flattened
+    assignments by expert (stable: by token, then slot, within an expert); `slot` is the row of the
+    sorted assignment in the flattened [ep*C] send buffer, ep*C (out of range) when dropped."""
+    flat_e = idx_nK.reshape(-1)
+    A = flat_e.shape[0]
+    order = jnp.argsort(flat_e, stable=True)
+    dest = flat_e[order] // experts_per_device
+    count_d = jnp.bincount(dest, length=ep)
+    start_d = jnp.cumsum(count_d) - count_d
+    rank = jnp.arange(A) - start_d[dest]  # position among the assignments bound for the same device
+    keep = rank < cap
+    slot = jnp.where(keep, dest * cap + rank, ep * cap)
+    return order, slot, keep
+
+
+def _local_moe(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, cap, ffn, axes):
+    """The per-device body (inside shard_map): returns (y_nD float32, dropped count of this device)."""
+    n, K = idx_nK.shape
+    D = x_nD.shape[-1]
+    El = w1_lDF.shape[0]
+    ep = jax.lax.axis_size(EXPERT_AXIS)
+    order, slot, keep = _pack(idx_nK, El, ep, cap)
+    x_sorted = x_nD[order // K]
+    e_sorted = idx_nK.reshape(-1)[order] % El
+    send_x = jnp.zeros((ep * cap, D), x_nD.dtype).at[slot].set(x_sorted, mode="drop")
+    send_e = jnp.full((ep * cap,), -1, jnp.int32).at[slot].set(e_sorted, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x.reshape(ep, cap, D), EXPERT_AXIS, 0, 0)
+    recv_e = jax.lax.all_to_all(send_e.reshape(ep, cap), EXPERT_AXIS, 0, 0).reshape(-1)
+    y_r = ffn(recv_x.reshape(ep * cap, D), recv_e, w1_lDF, w3_lDF, w2_lFD)
+    back = jax.lax.all_to_all(y_r.astype(x_nD.dtype).reshape(ep, cap, D), EXPERT_AXIS, 0, 0)
+    y_sorted = back.reshape(ep * cap, D).at[slot].get(mode="fill", fill_value=0)
+    y_AD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    y_nD = jnp.einsum("nkd,nk->nd", y_AD.reshape(n, K, D).astype(jnp.float32), w_nK)
+    dropped = jnp.sum(~keep).astype(jnp.int32)
+    return y_nD, jax.lax.psum(dropped, axes) if axes else dropped
+
+
+def expert_parallel_moe(
+    x_ND,
+    weights_NK,
+    idx_NK,
+    w1_EDF,
+    w3_EDF,
+    w2_EFD,
+    *,
+    mesh,
+    ffn,
+    capacity_factor: float | None = None,
+    rules=LOGICAL_AXIS_RULES,
+):
+    """Expert-parallel `moe.moe_experts`: (y_ND float32, dropped assignments over all devices,
+    int32). `ffn(x_RD, e_R, w1, w3, w2)` is the local grouped matmul over this device's experts
+    (`moe.grouped_ffn`: rows with e_R < 0 are empty and give 0)."""
+    E = w1_EDF.shape[0]
+    N, K = idx_NK.shape
+    if not can_shard(mesh, N, E, rules):
+        raise ValueError(
+            f"expert_parallel_moe: needs an 'expert' mesh axis > 1 dividing the {E} experts and token "
+            f"axes dividing the {N} tokens; mesh {dict(mesh.shape)}, token axes {token_axes(mesh, rules)}"
+        )
+    axes = token_axes(mesh, rules)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    cap = capacity((N // shards) * K, expert_parallel_size(mesh), capacity_factor)
+    tok = P(axes if axes else None)
+    wspec = P(EXPERT_AXIS)
+    body = jax.shard_map(
+        lambda *a: _local_moe(*a, cap=cap, ffn=ffn, axes=axes),
+        mesh=mesh,
+        in_specs=(tok, tok, tok, wspec, wspec, wspec),
+        out_specs=(tok, P()),
+    )
+    return body(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)
