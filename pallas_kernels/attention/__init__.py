@@ -8,8 +8,10 @@ q `[B,T,H,K]`; k `[B,S,G,K]`, or a tuple of key parts `[B,S,G,K_i]` whose featur
 to K (read in place: a cache split into latent and rope parts is never concatenated); v
 `[B,S,G,V]` (V may differ from K); H a multiple of G (GQA; G = 1 is MQA). Query t of row b sits at
 position `q_offset[b] + t` (default 0) and sees key s iff `s < kv_length[b]` (default S),
-`s <= q_offset[b] + t` when `causal`, and, with `segment_ids` [B,T] (self-attention only), both
-are in the same document: ids mark change points (`[0,0,1,1,0,0]` is three documents). With
+`s <= q_offset[b] + t` when `causal`, and, with `segment_ids` [B,S] (the keys'; query t has that of
+key q_offset[b] + t, so without an offset S == T: self-attention), both are in the same document:
+ids mark change points (`[0,0,1,1,0,0]` is three documents). Context parallelism passes a span of
+queries at its offset against the whole sequence's keys and ids. With
 `kv_rows` [B], query row b reads row kv_rows[b] of k/v (`[B_kv,S,...]`): a group of a decode
 cache's rows, read in place. k/v may be `[B,S,K]`/`[B,S,V]`: one kv head without a unit axis. Scores,
 softmax statistics and accumulation are float32 whatever the input dtype; o is in v's dtype; a

@@ -75,9 +75,9 @@ def blockwise_attention(
     Tp = _cdiv(T, bq) * bq
     q5 = jnp.pad(q.reshape(B, T, G, H // G, K), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
     q_doc = k_doc = None
-    if pb.doc_BT is not None:
-        q_doc = jnp.pad(pb.doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
-        k_doc = pb.doc_BT
+    if pb.q_doc_BT is not None:
+        q_doc = jnp.pad(pb.q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
+        k_doc = pb.k_doc_BS
     cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
     o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)
     return o5[:, :T].reshape(B, T, H, -1)

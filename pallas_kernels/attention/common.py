@@ -6,8 +6,10 @@ concatenate to K), v `[B,S,G,V]`, H a multiple of G (query head h reads kv head 
 Keys and values may also come as `[B,S,K]` / `[B,S,V]`: one kv head (MQA) without a unit axis (a
 reshape to `[B,S,1,K]` made XLA:CPU copy a whole decode cache into another layout).
 Query t of row b sits at position `q_offset[b] + t`; key s at position s. Key s is visible to it
-iff s < kv_length[b], s <= its position (causal), and both are in the same document (segment ids
-are change points, compared through `document_index`). With `kv_rows` [B], query row b reads key
+iff s < kv_length[b], s <= its position (causal), and both are in the same document: segment ids
+`[B,S]` are the keys' (change points, compared through `document_index`) and query t's is that of
+key position q_offset[b] + t (self-attention when S == T and no offset; a span of the sequence
+against all of it under context parallelism). With `kv_rows` [B], query row b reads key
 row kv_rows[b] of a `[B_kv,S,...]` buffer (a group of rows of a decode cache, read in place).
 """
 
@@ -34,7 +36,8 @@ class Problem(NamedTuple):
     q_offset_B: jax.Array  # int32 [B]
     kv_length_B: jax.Array  # int32 [B]
     kv_rows_B: jax.Array  # int32 [B]: the key/value row each query row reads
-    doc_BT: jax.Array | None  # document index of each token (self-attention, S == T) or None
+    q_doc_BT: jax.Array | None  # document index of each query (that of key q_offset + t) or None
+    k_doc_BS: jax.Array | None  # document index of each key or None
     scale: float
     causal: bool
 
@@ -66,15 +69,22 @@ def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length, kv_rows
     for name, x in (("q", q), ("v", v), *((f"k[{i}]", kp) for i, kp in enumerate(parts))):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"attention: {name} must be a floating array, got dtype {x.dtype}")
-    doc = None
+    offset = _per_row("q_offset", q_offset, B, 0)
+    q_doc = k_doc = None
     if segment_ids is not None:
-        if S != T:
-            raise ValueError(f"attention: segment_ids need self-attention (S == T), got T={T}, S={S}")
-        if q_offset is not None:
-            raise ValueError("attention: segment_ids (packed rows) cannot be combined with q_offset")
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"attention: segment_ids must be [B,T] = {(B, T)}, got {segment_ids.shape}")
-        doc = document_index(segment_ids)
+        if segment_ids.shape != (B, S):
+            raise ValueError(
+                f"attention: segment_ids must be [B,S] = {(B, S)} (the keys' ids; query t has that of "
+                f"key q_offset + t), got {segment_ids.shape}"
+            )
+        if q_offset is None and S != T:
+            raise ValueError(
+                f"attention: segment_ids with T={T} queries != S={S} keys need q_offset (the queries' "
+                "first position among the keys)"
+            )
+        k_doc = document_index(segment_ids)
+        q_pos = jnp.clip(offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None], 0, S - 1)
+        q_doc = jnp.take_along_axis(k_doc, q_pos, axis=1)
     if kv_rows is None:
         rows = jnp.arange(B, dtype=jnp.int32)
     else:
@@ -86,10 +96,9 @@ def problem(q, k, v, *, scale, causal, segment_ids, q_offset, kv_length, kv_rows
                 f"attention: kv_rows must be integer [B] = [{B}], got {rows.dtype}{list(rows.shape)}"
             )
         rows = rows.astype(jnp.int32)
-    offset = _per_row("q_offset", q_offset, B, 0)
     length = _per_row("kv_length", kv_length, B, S)
     scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
-    return Problem(q, parts, v, offset, length, rows, doc, scale, bool(causal))
+    return Problem(q, parts, v, offset, length, rows, q_doc, k_doc, scale, bool(causal))
 
 
 def _per_row(name, x, B, default):

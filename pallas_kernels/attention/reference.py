@@ -43,9 +43,10 @@ def attention_reference(
     mask_BTS = k_pos_11S < pb.kv_length_B[:, None, None]
     if pb.causal:
         mask_BTS &= k_pos_11S <= q_pos_BT1
-    if segment_ids is not None:
-        doc_BT = document_index(segment_ids)
-        mask_BTS &= doc_BT[:, :, None] == doc_BT[:, None, :]
+    if segment_ids is not None:  # keys' documents; query t's is that of key q_offset + t
+        doc_BS = document_index(segment_ids)
+        q_doc_BT = jnp.take_along_axis(doc_BS, jnp.clip(q_pos_BT1[..., 0], 0, S - 1), axis=1)
+        mask_BTS &= q_doc_BT[:, :, None] == doc_BS[:, None, :]
     mask = mask_BTS[:, None, None]
     s = jnp.where(mask, s, c.NEG)
     p = jnp.where(mask, jnp.exp(s - jnp.max(s, -1, keepdims=True)), 0.0)

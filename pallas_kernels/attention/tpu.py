@@ -384,11 +384,11 @@ def attention_pallas_tpu(
 
     k_parts = tuple(pad_s(kp) for kp in pb.k_parts)
     docs = ()
-    if pb.doc_BT is not None:
-        q_doc = jnp.repeat(jnp.pad(pb.doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1), R, axis=1)
-        k_doc = jnp.pad(pb.doc_BT, ((0, 0), (0, Sp - S)), constant_values=-2)
+    if pb.q_doc_BT is not None:
+        q_doc = jnp.repeat(jnp.pad(pb.q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1), R, axis=1)
+        k_doc = jnp.pad(pb.k_doc_BS, ((0, 0), (0, Sp - S)), constant_values=-2)
         docs = (q_doc[..., None], k_doc[:, None, :])
-    cfg = _Cfg(pb.scale, pb.causal, bq * R, bk, R, T, pb.doc_BT is not None, Sp // bk, Tp // bq)
+    cfg = _Cfg(pb.scale, pb.causal, bq * R, bk, R, T, pb.q_doc_BT is not None, Sp // bk, Tp // bq)
     kv_len = jnp.minimum(pb.kv_length_B, S)  # padded keys are never visible
     o = _flash(cfg, q_parts, k_parts, pad_s(v), pb.q_offset_B, kv_len, pb.kv_rows_B, docs, interpret)
     o = jnp.swapaxes(o.reshape(B, G, Tp, R, V), 1, 2).reshape(B, Tp, H, V)
