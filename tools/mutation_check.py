@@ -570,6 +570,34 @@ MUTATIONS = [
         ),
         "init's routing counts land in the variables and are added to every step's counts",
     ),
+    # issue 14: the compiled rollout on any byte-string tokenizer
+    Mutation(
+        "rollout-scan-no-stop-ids",
+        "jaxllm/agent/react_jnp.py",
+        "    hit |= live_B & (tok_B[:, None] == tt.stop_ids[None]).any(-1)\n",
+        "",
+        (
+            "tests/agent/test_agent_hf.py::test_stop_hit_finds_the_stops_of_cut_turn_ids",
+            "tests/agent/test_agent_hf.py::test_scan_loop_equals_the_segmented_loop",
+        ),
+        "the scan loop ignores the tokenizer's stop ids (<|im_end|>, eos): turns run to the cap",
+    ),
+    Mutation(
+        "rollout-scan-stop-at-token-end-only",
+        "jaxllm/agent/react_jnp.py",
+        "    ends_here_BW = jnp.arange(W)[None] < n_B[:, None]\n",
+        "    ends_here_BW = jnp.arange(W)[None] == n_B[:, None] - 1\n",
+        ("tests/agent/test_agent_hf.py::test_stop_hit_finds_the_stops_of_cut_turn_ids",),
+        "a stop string that ends inside a multi-byte token is missed",
+    ),
+    Mutation(
+        "rollout-scan-specials-add-text",
+        "jaxllm/agent/react_jnp.py",
+        "        if i >= tokenizer.vocab_size or (i in tokenizer.special_ids and i not in kept):\n",
+        "        if i >= tokenizer.vocab_size:\n",
+        ("tests/agent/test_agent_hf.py::test_stop_hit_finds_the_stops_of_cut_turn_ids",),
+        "special ids add their text to the turn, though decoding drops them",
+    ),
 ]
 
 

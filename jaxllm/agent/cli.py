@@ -16,7 +16,7 @@ Imported by ``jaxllm.cli`` (it lists this module in ``PLUGIN_MODULES``); registe
                      [--temperature T] [--batch-size B] [--seed S] [--step N] [--wiki-seed W]
     jaxllm agent run --checkpoint HF_DIR (--data questions.jsonl | --question TEXT) [--out ...]
                      [--max-turns 4] [--turn-tokens 128] [--token-budget 1536] [--wiki JSON]
-                     [--wiki-seed W] [--rollout segmented] [--temperature T] ...
+                     [--wiki-seed W] [--rollout scan|segmented] [--temperature T] ...
 
 ``synth`` and ``eval`` delegate to the modules' own ``main`` (``jaxllm.agent.synth.main``,
 ``jaxllm.agent.evaluate.main``) unless ``--wiki``/``--system-prompt`` are given (then the records
@@ -24,7 +24,7 @@ also carry the ``wiki`` config so that ``sft`` trains for that world). ``sft``/`
 ``jaxllm.agent.train``. ``run --checkpoint`` runs a Hugging Face model folder (any registered
 model_type, its ``tokenizer.json``; the Qwen3 chat template and Tongyi's system prompt when the
 tokenizer is a chat model's, see ``train.load_hf_agent``) with the rollout limits and wiki given
-as flags, through the segmented loop. Bad input (missing files, malformed JSONL, invalid values, a workdir
+as flags, through the scan loop by default. Bad input (missing files, malformed JSONL, invalid values, a workdir
 without a checkpoint) prints one ``error: ...`` line and exits 2.
 """
 
@@ -312,7 +312,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "--rollout",
         choices=("scan", "segmented"),
         default=None,
-        help="default: scan for --workdir, segmented for --checkpoint (the scan loop needs the byte tokenizer)",
+        help="scan (default): one compiled loop (byte tokenizer or byte-level BPE); segmented: any tokenizer",
     )
     p.add_argument(
         "--wiki-seed",
@@ -414,11 +414,6 @@ def _load_checkpoint_agent(args, records):
 
     if args.step is not None:
         raise ValueError("--step applies to --workdir; a Hugging Face checkpoint has one set of weights")
-    if args.rollout == "scan":  # refused before any weights are read
-        raise ValueError(
-            "--rollout scan needs the byte tokenizer (stops are matched on byte tokens in jnp); "
-            "a Hugging Face checkpoint's tokenizer runs with --rollout segmented"
-        )
     wiki = _json_object(args.wiki) if args.wiki else {}
     if "seed" in wiki:
         raise ValueError("--wiki must not hold 'seed'; use --wiki-seed")
@@ -431,7 +426,7 @@ def _load_checkpoint_agent(args, records):
         turn_tokens=args.turn_tokens,
         token_budget=args.token_budget,
     )
-    return model, params, tok, settings, fmt, "segmented"
+    return model, params, tok, settings, fmt, args.rollout or "scan"
 
 
 def _exists(path: str) -> bool:

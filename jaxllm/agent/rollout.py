@@ -58,28 +58,27 @@ a turn cut at a ``<tool_response>`` the model forged, or at the per-turn cap, ke
 the row but not in ``messages`` (they are never executed or trusted).
 
 **The environment inside the scan** (``scan_rollout(env=...)``). With an executor from
-``synth.wiki_executor(wiki)`` (``wiki_of`` recognises it) each finished turn is first judged in
-jnp: ``_canonical_action`` matches the turn's bytes against the canonical forms (an ``<answer>``
-with a non-blank body, or one ``<tool_call>`` whose JSON is the ``json.dumps`` form of a
-``search``/``visit`` call, with plain strings), ``bytes_to_terms`` turns the query/URL/goal spans
-into wiki terms, ``search_step``/``visit_step`` give the observation's piece ids, and the
-pre-tokenised pieces plus the chat framing are gathered into the tokens to append; the budget,
-force-answer, max-turns and status rules are the host judge's. Every other turn (malformed JSON,
-escapes, other tools, ``PythonInterpreter``, several tags, a cap without a stop, special ids) goes
-to the host judge through ``io_callback`` under a ``lax.cond``, so a batch of canonical turns makes
-no callback at all, and the result is the same as the segmented loop's in every case (the jnp parser
-only accepts what ``protocol.parse_assistant`` and ``ToolExecutor`` turn into the same answer or
-observation; a fuzz test checks that). ``env="host"`` judges every turn on the host (any executor);
-``"auto"`` picks ``"jnp"`` when it can. ``RolloutResult.host_callbacks`` counts the callbacks.
-Messages and answers of the scan loop are rebuilt from the tokens and per-turn spans afterwards.
+``synth.wiki_executor(wiki)`` (``wiki_env.wiki_of`` recognises it), the byte tokenizer and chatml,
+each finished turn is first judged in jnp (``wiki_env.jnp_judge``: ``react_jnp.canonical_action``
+parses the canonical answers and ``search``/``visit`` calls, the wiki's ``search_step``/
+``visit_step`` give the observation, the budget and status rules are the host judge's). Every other
+turn goes to the host judge (``episodes.Episodes.judge``) through ``io_callback`` under a
+``lax.cond``, so a batch of canonical turns makes no callback at all, and the result is the same as
+the segmented loop's in every case (a fuzz test checks that). ``env="host"`` judges every turn on
+the host (any executor, any tokenizer with byte-string tokens, any chat format); ``"auto"`` picks
+``"jnp"`` when it can. ``RolloutResult.host_callbacks`` counts the callbacks. Messages and answers
+of the scan loop are rebuilt from the tokens and per-turn spans afterwards.
+
+Modules: ``episodes`` (host bookkeeping, config, result), ``react_jnp`` (a turn read in jnp: text
+bytes, stops, the canonical-action parser), ``wiki_env`` (the simulated wiki's step in jnp), this
+one (the two loops on the inference engine).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +86,29 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxllm import decode
-from jaxllm.agent import protocol, tools
+from jaxllm.agent import protocol, react_jnp, tools, wiki_env
+from jaxllm.agent.episodes import (
+    ANSWERED,
+    KIND_FORCED,
+    KIND_MODEL,
+    KIND_PAD,
+    KIND_PROMPT,
+    KIND_TOOL,
+    MAX_TOKENS,
+    MAX_TURNS,
+    RUNNING,
+    STATUS_NAMES,
+    TOOL_ERROR,
+    TURN_STOPS,
+    RolloutConfig,
+    RolloutResult,
+    cut_turn,
+    cut_turn_ids,
+    decode_turn,
+    prepare,
+)
+from jaxllm.agent.wiki_env import wiki_of
+from jaxllm.data.tokenizers import ByteTokenizer
 
 __all__ = [
     "RolloutConfig",
@@ -113,140 +134,8 @@ __all__ = [
     "KIND_TOOL",
 ]
 
-RUNNING, ANSWERED, MAX_TURNS, MAX_TOKENS, TOOL_ERROR = 0, 1, 2, 3, 4
-STATUS_NAMES = {
-    RUNNING: "running",
-    ANSWERED: "answered",
-    MAX_TURNS: "max_turns",
-    MAX_TOKENS: "max_tokens",
-    TOOL_ERROR: "tool_error",
-}
-KIND_PAD, KIND_PROMPT, KIND_MODEL, KIND_FORCED, KIND_TOOL = 0, 1, 2, 3, 4
-
-#: Strings that end an assistant turn: the protocol's stops, and ``<|im_end|>`` (a chatml model
-#: closing its own turn; the text before it is the turn).
-TURN_STOPS = protocol.STOP_STRINGS + (protocol.IM_END,)
-
-
-def cut_turn(text: str) -> tuple[str, str | None]:
-    """The turn text the parser sees and the stop that ended it (None: no stop, e.g. the cap).
-
-    The first of ``TURN_STOPS`` anywhere decides: ``</tool_call>`` / ``</answer>`` are kept,
-    a forged ``<tool_response>`` is cut with everything after it (``protocol.truncate_at_stop``),
-    ``<|im_end|>`` is cut (it is the chat template's, not the content's).
-    """
-    i_end = text.find(protocol.IM_END)
-    kept, stop = protocol.truncate_at_stop(text)
-    if i_end >= 0:
-        first = min((text.find(s) for s in protocol.STOP_STRINGS if s in text), default=len(text))
-        if i_end < first:
-            return text[:i_end], protocol.IM_END
-    return kept, stop
-
-
-#: Tags the parser reads: kept in a turn's text even where a tokenizer flags them special.
-_PROTOCOL_TAGS = (
-    protocol.THINK_OPEN,
-    protocol.THINK_CLOSE,
-    protocol.TOOL_CALL_OPEN,
-    protocol.TOOL_CALL_CLOSE,
-    protocol.ANSWER_OPEN,
-    protocol.ANSWER_CLOSE,
-    protocol.TOOL_RESPONSE_OPEN,
-    protocol.TOOL_RESPONSE_CLOSE,
-    protocol.CODE_OPEN,
-    protocol.CODE_CLOSE,
-)
-
-
-def decode_turn(tokenizer, ids) -> str:
-    """The text of a turn's ids as the parser should see it.
-
-    A tokenizer without ``special_ids`` (the byte tokenizer) decodes as usual. A Hugging Face one
-    (``PretrainedTokenizer``) drops its special ids (``<|im_start|>``, ``<|endoftext|>``...) but
-    keeps the protocol's tags even where the folder flags them special, and drops ids past its
-    vocabulary (a model's embedding is padded beyond it: Qwen3's 151936 rows for 151669 tokens,
-    and a model can sample those ids), as the byte tokenizer does.
-    """
-    special = getattr(tokenizer, "special_ids", None)
-    if special is None:
-        return tokenizer.decode(np.asarray(ids, np.int32))
-    added = getattr(tokenizer, "added_tokens", {})
-    drop = set(special) - {added[t] for t in _PROTOCOL_TAGS if t in added}
-    keep = [int(i) for i in ids if 0 <= int(i) < tokenizer.vocab_size and int(i) not in drop]
-    return tokenizer.decode(keep, skip_special_tokens=False)
-
-
-def cut_turn_ids(tokenizer, ids) -> tuple[str, str | None]:
-    """``cut_turn`` of a turn's ids, where a stop id of the tokenizer (``stop_ids``:
-    ``<|im_end|>``, eos) also ends the turn: its text is what precedes the first stop id, cut by
-    ``cut_turn`` (a stop string before it wins), and the stop is that token (``<|im_end|>``:
-    the model closed its turn). Tokenizers without ``stop_ids`` give ``cut_turn(decode(ids))``.
-    """
-    stops = {int(i) for i in getattr(tokenizer, "stop_ids", ())}
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    k = next((j for j, i in enumerate(ids) if i in stops), len(ids))
-    text, stop = cut_turn(decode_turn(tokenizer, ids[:k]))
-    if stop is None and k < len(ids):
-        return text, tokenizer.id_to_token(ids[k])
-    return text, stop
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """max_turns: assistant turns per row. turn_tokens: tokens per turn at most.
-    token_budget: tokens per row at most, prompt included (also the cache capacity).
-    chunk: tokens per prefill call when appending prompts and observations.
-    max_tool_errors: stop a row with TOOL_ERROR after this many error observations in a row
-    (None: never; errors are observations the model can react to)."""
-
-    max_turns: int = 8
-    turn_tokens: int = 256
-    token_budget: int = 8192
-    chunk: int = 32
-    max_tool_errors: int | None = None
-
-    def __post_init__(self):
-        for f in ("max_turns", "turn_tokens", "token_budget", "chunk"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"RolloutConfig.{f} must be an int >= 1, got {v!r}")
-        v = self.max_tool_errors
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"RolloutConfig.max_tool_errors must be None or an int >= 1, got {v!r}")
-
-
-@dataclasses.dataclass
-class RolloutResult:
-    tokens: np.ndarray  # [B, token_budget] int32, pad_id after `lengths`
-    kind: np.ndarray  # [B, token_budget] int8, KIND_*
-    logprobs: np.ndarray  # [B, token_budget] float32, log p of sampled tokens (else 0)
-    lengths: np.ndarray  # [B] int32
-    status: np.ndarray  # [B] int32, ANSWERED | MAX_TURNS | MAX_TOKENS | TOOL_ERROR
-    turns: np.ndarray  # [B] int32, assistant turns taken
-    tool_errors: np.ndarray  # [B] int32, error observations received
-    forced_answer: np.ndarray  # [B] bool, the budget forced a final-answer turn
-    answers: list  # [B] answer text or None
-    messages: list  # [B] chat messages (system, question, turns)
-    host_callbacks: int | None = None  # scan_rollout: io_callback calls made (None: segmented)
-
-    @property
-    def model_mask(self) -> np.ndarray:
-        """Tokens the model sampled (the RL loss mask)."""
-        return self.kind == KIND_MODEL
-
-    @property
-    def assistant_mask(self) -> np.ndarray:
-        """Tokens of assistant turns, sampled or forced."""
-        return (self.kind == KIND_MODEL) | (self.kind == KIND_FORCED)
-
-    @property
-    def tool_mask(self) -> np.ndarray:
-        """Observation tokens and the chat framing the environment added."""
-        return self.kind == KIND_TOOL
-
-    def status_names(self) -> list[str]:
-        return [STATUS_NAMES[int(s)] for s in self.status]
+ENVS = ("auto", "jnp", "host")
+DEFAULT_CONFIG = RolloutConfig()
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,163 +187,6 @@ def _step_fn(model_cls, config, sampling, heads):
     return jax.jit(step, donate_argnums=(1, 2))
 
 
-# ------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------
-
-
-def _framing(observation_content: str, model_closed_turn: bool) -> str:
-    """Chatml text between an assistant turn's content and the next assistant turn's content
-    (the scan loop's framing; the segmented loop asks its ``ChatFormat``)."""
-    return protocol.CHATML.user_turn(observation_content, model_closed_turn)
-
-
-class _Episodes:
-    """Host-side bookkeeping shared by both loops: parse a finished turn, run the tool, decide the
-    row's status and the tokens to append (observation or forced-answer message)."""
-
-    def __init__(self, B, cfg, executor, tokenizer, messages, limit, fmt=protocol.CHATML):
-        self.cfg, self.executor, self.tokenizer, self.limit = cfg, executor, tokenizer, limit
-        self.fmt = fmt
-        self.messages = messages
-        self.status = np.full((B,), RUNNING, np.int32)
-        self.turns = np.zeros((B,), np.int32)
-        self.n_err = np.zeros((B,), np.int32)
-        self.consec_err = np.zeros((B,), np.int32)
-        self.forced_answer = np.zeros((B,), bool)
-        self.answers: list = [None] * B
-
-    def enc(self, text):
-        return np.asarray(self.tokenizer.encode(text), np.int32)
-
-    def judge(self, r, gen_ids, length_r):
-        """After row r's turn (its tokens ``gen_ids``, the row now ``length_r`` long): the ids to
-        append, or None when the row has ended."""
-        cfg = self.cfg
-        self.turns[r] += 1
-        text, stop = cut_turn_ids(self.tokenizer, gen_ids)
-        if self.messages is not None:  # scan_rollout rebuilds the messages from the tokens
-            self.messages[r].append({"role": "assistant", "content": text})
-        action = protocol.parse_assistant(text)
-        if isinstance(action, protocol.Answer):
-            self.status[r], self.answers[r] = ANSWERED, action.text
-            return None
-        if self.forced_answer[r]:
-            self.status[r] = MAX_TOKENS
-            return None
-        obs = self.executor.execute(action)
-        if obs.error:
-            self.n_err[r] += 1
-            self.consec_err[r] += 1
-        else:
-            self.consec_err[r] = 0
-        if cfg.max_tool_errors is not None and self.consec_err[r] >= cfg.max_tool_errors:
-            self.status[r] = TOOL_ERROR
-            return None
-        if self.turns[r] >= cfg.max_turns:
-            self.status[r] = MAX_TURNS
-            return None
-        closed = stop == protocol.IM_END
-        content = protocol.wrap_tool_response(obs.text)
-        ids = self.enc(self.fmt.user_turn(content, closed))
-        if length_r + len(ids) + cfg.turn_tokens > self.limit:
-            content = protocol.FORCE_ANSWER
-            ids = self.enc(self.fmt.forced_answer(closed))
-            self.forced_answer[r] = True
-        if self.messages is not None:
-            self.messages[r].append({"role": "user", "content": content})
-        return ids
-
-    def result(self, tokens, kind, logprobs, length, host_callbacks=None):
-        return RolloutResult(
-            tokens=tokens,
-            kind=kind,
-            logprobs=logprobs,
-            lengths=length,
-            status=self.status,
-            turns=self.turns,
-            tool_errors=self.n_err,
-            forced_answer=self.forced_answer,
-            answers=self.answers,
-            messages=self.messages,
-            host_callbacks=host_callbacks,
-        )
-
-
-def _prepare(
-    model,
-    tokenizer,
-    executor,
-    questions,
-    cfg,
-    system_prompt,
-    sampling,
-    rng,
-    forced_turns,
-    who,
-    fmt=None,
-    autodeco=None,
-):
-    """Validate the arguments; returns (prompts, forced_ids, episodes)."""
-    from jaxllm.agent import synth
-
-    questions = list(questions)
-    B = len(questions)
-    if B == 0:
-        raise ValueError(f"{who}: no questions")
-    fmt = protocol.CHATML if fmt is None else fmt
-    if not isinstance(fmt, protocol.ChatFormat):
-        raise ValueError(f"{who}: chat_format must be a protocol.ChatFormat, got {type(fmt).__name__}")
-    if not isinstance(executor, tools.ToolExecutor):
-        raise ValueError(f"{who}: executor must be a tools.ToolExecutor, got {type(executor).__name__}")
-    if sampling is not None:
-        if sampling.presence_penalty != 0 or sampling.repetition_penalty != 1:
-            raise ValueError(
-                f"{who}: presence/repetition penalties are not applied in rollouts (they would need "
-                f"each row's earlier turns); got {sampling}"
-            )
-        if rng is None:
-            raise ValueError(f"{who}: sampling needs an `rng` key")
-    if (autodeco is not None) != (sampling is not None and sampling.mode == "autodeco"):
-        raise ValueError(f"{who}: AutoDeco heads (autodeco=) and SamplingConfig(mode='autodeco') go together")
-    if forced_turns is not None:
-        if len(forced_turns) != B or any(isinstance(f, str) for f in forced_turns):
-            raise ValueError(
-                f"{who}: forced_turns must hold one list of turn texts per "
-                f"question ({B}), got {len(forced_turns)} entries"
-            )
-        forced_ids = [[np.asarray(tokenizer.encode(t), np.int32) for t in row] for row in forced_turns]
-    else:
-        forced_ids = [[] for _ in range(B)]
-    if system_prompt is None:
-        system_prompt = protocol.build_system_prompt(executor.tool_specs(), date=synth.SYNTH_DATE)
-    vocab = model.config.vocab_size
-    messages = [protocol.initial_messages(q, system_prompt) for q in questions]
-    enc = lambda text: np.asarray(tokenizer.encode(text), np.int32)  # noqa: E731
-    prompts = [enc(fmt.prompt(m)) for m in messages]
-    force_len = len(enc(fmt.forced_answer(False)))
-    reserve = force_len + cfg.turn_tokens  # room a forced final turn needs
-    limit = cfg.token_budget - reserve  # a normal turn must end by here
-    for r, p in enumerate(prompts):
-        if len(p) + cfg.turn_tokens > limit:
-            raise ValueError(
-                f"{who}: token_budget {cfg.token_budget} is too small for row {r}: the "
-                f"prompt has {len(p)} tokens, a turn up to {cfg.turn_tokens}, and {reserve} must "
-                f"stay free for a forced final answer (turn_tokens + {force_len})"
-            )
-    for r, row in enumerate(forced_ids):
-        for i, ids in enumerate(row):
-            if len(ids) > cfg.turn_tokens:
-                raise ValueError(
-                    f"{who}: forced_turns[{r}][{i}] has {len(ids)} tokens, "
-                    f"more than turn_tokens={cfg.turn_tokens}"
-                )
-    for ids in prompts + [i for row in forced_ids for i in row]:
-        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"{who}: the tokenizer gives ids outside the model's vocabulary [0, {vocab})")
-    return prompts, forced_ids, _Episodes(B, cfg, executor, tokenizer, messages, limit, fmt)
-
-
 def segmented_rollout(
     model,
     params,
@@ -462,7 +194,7 @@ def segmented_rollout(
     executor: tools.ToolExecutor,
     questions: Sequence[str],
     *,
-    config: RolloutConfig = RolloutConfig(),
+    config: RolloutConfig = DEFAULT_CONFIG,
     system_prompt: str | None = None,
     sampling=None,
     rng=None,
@@ -493,7 +225,7 @@ def segmented_rollout(
         observations and the forced-answer message are framed.
     """
     cfg = config
-    prompts, forced_ids, ep = _prepare(
+    prompts, forced_ids, ep = prepare(
         model,
         tokenizer,
         executor,
@@ -582,394 +314,8 @@ def segmented_rollout(
 
 
 # ------------------------------------------------------------------------------------------
-# The simulated wiki's environment step in jnp (for scan_rollout)
-# ------------------------------------------------------------------------------------------
-
-ENVS = ("auto", "jnp", "host")
-_A_NONE, _A_ANSWER, _A_SEARCH, _A_VISIT = 0, 1, 2, 3
-_WS_JSON = (9, 10, 13, 32)  # JSON whitespace; also stripped by str.strip
-_WS_LEAD = (9, 10, 11, 12, 13, 32)  # ASCII whitespace that str.lstrip removes before <think>
-#: skeletons of the canonical calls (``json.dumps`` of ``render_tool_call``, string contents
-#: removed): name, tool, "arguments", then the argument object; [LIST] is ``""(, "")*``
-_CALL_HEAD = '{"": "", "": {"": '
-_PERIOD = '"", '
-
-
-def _b(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def wiki_of(executor) -> "object | None":
-    """The ``SimulatedWiki`` behind ``executor`` when the jnp environment step reproduces its
-    ``search``/``visit`` exactly (a plain ``tools.ToolExecutor`` whose search and visit backends
-    are the wiki's ``WikiTool``s with the released schemas), else None."""
-    from jaxllm.agent import wiki as wk
-
-    if (
-        not isinstance(executor, tools.ToolExecutor)
-        or type(executor).execute is not tools.ToolExecutor.execute
-    ):
-        return None
-    s, v = executor.backends.get("search"), executor.backends.get("visit")
-    if not (
-        isinstance(s, wk.WikiTool)
-        and isinstance(v, wk.WikiTool)
-        and s.wiki is v.wiki
-        and s.name == "search"
-        and v.name == "visit"
-        and type(s) is wk.WikiTool
-        and type(v) is wk.WikiTool
-    ):
-        return None
-    if executor.specs.get("search") != tools.SEARCH or executor.specs.get("visit") != tools.VISIT:
-        return None
-    w = s.wiki
-    methods = ("search", "visit", "join", "search_ids", "visit_ids", "encode", "_encode_many")
-    if any(getattr(type(w), m) is not getattr(wk.SimulatedWiki, m) for m in methods):
-        return None
-    if any("<" in p for p in w.pieces):  # wrap_tool_response would escape tags: keep it on the host
-        return None
-    return w
-
-
-class _EnvArrays(NamedTuple):
-    """Device arrays of the jnp wiki environment (a jit argument)."""
-
-    wiki: object  # wiki.WikiArrays
-    hashes_2V: jax.Array  # term hashes for bytes_to_terms
-    piece_flat: jax.Array  # tokens of all pieces, concatenated
-    piece_start: jax.Array  # [P + 3]
-    piece_len: jax.Array  # [P + 3]
-
-
-@dataclasses.dataclass(frozen=True)
-class _EnvStatic:
-    """Static side of the jnp wiki environment (part of the compiled program's key)."""
-
-    layout: object  # wiki.PieceLayout
-    n_terms: int  # terms kept per query / URL / goal (SimulatedWiki.max_terms)
-    cap: int  # executor.max_observation_chars
-    prefix_len: int
-    suffix_len: int
-
-    @property
-    def prefix(self):  # piece ids of the framing around an observation, and the force message
-        return self.layout.size
-
-    @property
-    def suffix(self):
-        return self.layout.size + 1
-
-    @property
-    def force(self):
-        return self.layout.size + 2
-
-
-def _wiki_env(wiki, tokenizer, executor):
-    """Piece tokens (the wiki's pieces, then the chat framing before and after a tool response
-    and the framed force-answer message) as device arrays, and the static side."""
-    head = f"{protocol.IM_END}\n{protocol.IM_START}user\n{protocol.TOOL_RESPONSE_OPEN}\n"
-    tail = f"\n{protocol.TOOL_RESPONSE_CLOSE}{protocol.IM_END}\n{protocol.IM_START}assistant\n"
-    assert _framing(protocol.wrap_tool_response("x"), False) == head + "x" + tail
-    texts = list(wiki.pieces) + [head, tail, _framing(protocol.FORCE_ANSWER, False)]
-    toks = [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
-    lens = np.array([len(t) for t in toks], np.int32)
-    start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
-    flat = np.concatenate(toks + [np.zeros((1,), np.int32)])
-    arrays = _EnvArrays(
-        wiki._arrays,
-        jnp.asarray(wiki.term_hashes_2V),
-        jnp.asarray(flat),
-        jnp.asarray(start),
-        jnp.asarray(lens),
-    )
-    static = _EnvStatic(
-        wiki.layout, int(wiki.max_terms), int(executor.max_observation_chars), int(lens[-3]), int(lens[-2])
-    )
-    return arrays, static
-
-
-class _Action(NamedTuple):
-    kind: jax.Array  # _A_*
-    ans_lo: jax.Array  # answer body span in the turn
-    ans_hi: jax.Array
-    q_terms: jax.Array  # [Q, n_terms] search queries
-    q_mask: jax.Array
-    q_valid: jax.Array  # [Q]
-    q_more: jax.Array
-    u_terms: jax.Array  # [U, n_terms] visit URLs
-    u_mask: jax.Array
-    u_valid: jax.Array  # [U]
-    u_more: jax.Array
-    g_terms: jax.Array  # [n_terms] visit goal
-    g_mask: jax.Array
-
-
-def _canonical_action(tok_L, n, hashes_2V, *, Q: int, U: int, n_terms: int) -> _Action:
-    """One turn's byte tokens (``n`` of them) as a canonical action, in jnp.
-
-    Accepted (``kind != _A_NONE``) are only turns that ``protocol.parse_assistant`` parses into
-    an ``Answer`` with a non-blank body, or a ``search``/``visit`` ``ToolCall`` that
-    ``ToolExecutor`` validates and runs: no special ids; optional leading ASCII whitespace and
-    one ``<think>...</think>``; any prose; the action last, ending the turn. A call's body must be
-    the ``json.dumps`` form (``", "`` and ``": "`` separators, keys name/arguments, then
-    query | url,goal | goal,url) with plain strings (no escapes, no control characters). Everything
-    else (malformed or odd JSON, other tools, ``<code>``, several tags) is left to the host
-    judge, which gives the same result as always.
-    """
-    from jaxllm.agent.wiki import bytes_to_terms
-    from jaxllm.data.tokenizers import ByteTokenizer
-
-    L = tok_L.shape[0]
-    PADW = 64
-    pos = jnp.arange(L)
-    inside = pos < n
-    b = jnp.where(inside, tok_L - ByteTokenizer.offset, -1)
-    plain = (~inside | ((tok_L >= ByteTokenizer.offset) & (tok_L < ByteTokenizer.vocab_size))).all()
-    bp = jnp.concatenate([b, jnp.full((PADW,), -1, b.dtype)])
-
-    def occ(s):
-        p = _b(s)
-        hit = inside & (pos + len(p) <= n)
-        for j, c in enumerate(p):
-            hit &= bp[j : j + L] == c
-        return hit
-
-    def at(arr_p, i, s):
-        p = _b(s)
-        got = jax.lax.dynamic_slice(arr_p, (jnp.clip(i, 0, L),), (len(p),))
-        return (got == p).all() & (i >= 0)
-
-    def isin(x, vals):
-        return functools.reduce(jnp.logical_or, [x == v for v in vals])
-
-    o_think, c_think = occ(protocol.THINK_OPEN), occ(protocol.THINK_CLOSE)
-    n_ot, n_ct = o_think.sum(), c_think.sum()
-    p0, p1 = jnp.argmax(o_think), jnp.argmax(c_think)
-    think_a = (n_ot == 0) & (n_ct == 0)
-    think_b = (
-        (n_ot == 1)
-        & (n_ct == 1)
-        & (isin(b, _WS_LEAD) | (pos >= p0)).all()
-        & (p1 >= p0 + len(protocol.THINK_OPEN))
-    )
-    act_min = jnp.where(think_b, p1 + len(protocol.THINK_CLOSE), 0)
-    o_call, o_ans = occ(protocol.TOOL_CALL_OPEN), occ(protocol.ANSWER_OPEN)
-    n_call, n_ans = o_call.sum(), o_ans.sum()
-    c0, a0 = jnp.argmax(o_call), jnp.argmax(o_ans)
-    n_ccall, n_cans = occ(protocol.TOOL_CALL_CLOSE).sum(), occ(protocol.ANSWER_CLOSE).sum()
-    others = (
-        occ(protocol.TOOL_RESPONSE_OPEN).any()
-        | occ(protocol.IM_END).any()
-        | occ(protocol.CODE_OPEN).any()
-        | occ(protocol.CODE_CLOSE).any()
-    )
-    base = plain & (think_a | think_b) & ~others
-    # an answer: <answer> once, after the thinking, </answer> once, ending the turn
-    e_ans = n - len(protocol.ANSWER_CLOSE)
-    lo_a = a0 + len(protocol.ANSWER_OPEN)
-    is_ans = (
-        base
-        & at(bp, e_ans, protocol.ANSWER_CLOSE)
-        & (n_ans == 1)
-        & (n_cans == 1)
-        & (n_call == 0)
-        & (n_ccall == 0)
-        & (a0 >= act_min)
-        & (e_ans >= lo_a)
-    )
-    is_ans &= ((pos >= lo_a) & (pos < e_ans) & (b >= 0x21) & (b <= 0x7E)).any()  # strip() != ""
-    # a tool call: <tool_call> once, after the thinking, </tool_call> once, ending the turn
-    e_call = n - len(protocol.TOOL_CALL_CLOSE)
-    lo_c = c0 + len(protocol.TOOL_CALL_OPEN)
-    is_call = (
-        base
-        & at(bp, e_call, protocol.TOOL_CALL_CLOSE)
-        & (n_call == 1)
-        & (n_ccall == 1)
-        & (n_ans == 0)
-        & (n_cans == 0)
-        & (c0 >= act_min)
-        & (e_call >= lo_c)
-    )
-    in_body = (pos >= lo_c) & (pos < e_call)
-    solid = in_body & ~isin(b, _WS_JSON)
-    bs = jnp.argmax(solid)
-    be = L - jnp.argmax(solid[::-1])
-    region = (pos >= bs) & (pos < be) & solid.any()
-    quote = region & (b == 34)
-    content = region & ~quote & ((jnp.cumsum(quote) - quote) % 2 == 1)
-    is_call &= ~(content & (b < 32)).any() & ~(region & (b == 92)).any()
-    keep = region & ~content
-    m = keep.sum()
-    skel = jnp.where(pos < m, b[jnp.argsort(~keep, stable=True)], -1)
-    sp = jnp.concatenate([skel, jnp.full((PADW,), -1, skel.dtype)])
-    qpos = jnp.argsort(~quote, stable=True)
-    n_q = quote.sum()
-
-    def span(j):
-        j = jnp.asarray(j)
-        return (qpos[jnp.clip(2 * j, 0, L - 1)] + 1, qpos[jnp.clip(2 * j + 1, 0, L - 1)], 2 * j + 1 < n_q)
-
-    def str_is(j, lit):
-        lo, hi, ok = span(j)
-        return ok & (hi - lo == len(_b(lit))) & at(bp, lo, lit)
-
-    def template(head, tail, listed):
-        hp, tp = _b(head), _b(tail)
-        mm = m - len(hp) - len(tp)
-        ok = (sp[: len(hp)] == hp).all() & (mm >= 0)
-        if len(tp):
-            ok &= (jax.lax.dynamic_slice(sp, (jnp.clip(m - len(tp), 0, L),), (len(tp),)) == tp).all()
-        if not listed:
-            return ok & (mm == 0), jnp.int32(1)
-        j = pos - len(hp)
-        per = jnp.asarray(_b(_PERIOD))[j % 4]
-        ok &= ((j < 0) | (j >= mm) | (skel == per)).all() & (mm >= 2) & (mm % 4 == 2)
-        return ok, (mm + 2) // 4
-
-    common = is_call & str_is(0, "name") & str_is(2, "arguments")
-    f_s, k_s = template(_CALL_HEAD + "[", "]}}", True)
-    f_v1, _ = template(_CALL_HEAD + '"", "": ""}}', "", False)
-    f_vug, k_ug = template(_CALL_HEAD + "[", '], "": ""}}', True)
-    f_vgu, k_gu = template(_CALL_HEAD + '"", "": [', "]}}", True)
-    search = common & str_is(1, "search") & f_s & str_is(3, "query")
-    vis = common & str_is(1, "visit")
-    v1_ug = vis & f_v1 & str_is(3, "url") & str_is(5, "goal")
-    v1_gu = vis & f_v1 & str_is(3, "goal") & str_is(5, "url")
-    vl_ug = vis & f_vug & str_is(3, "url") & str_is(4 + k_ug, "goal")
-    vl_gu = vis & f_vgu & str_is(3, "goal") & str_is(5, "url")
-    visit = v1_ug | v1_gu | vl_ug | vl_gu
-    url0 = jnp.where(v1_ug | vl_ug, 4, 6)
-    n_url = jnp.where(vl_ug, k_ug, jnp.where(vl_gu, k_gu, 1))
-    goal_j = jnp.where(v1_ug, 6, jnp.where(vl_ug, 5 + k_ug, 4))
-
-    bb = jnp.clip(b, 0, 255)
-
-    def terms_of(j, valid):
-        lo, hi, _ = span(j)
-        return bytes_to_terms(hashes_2V, bb, (pos >= lo) & (pos < hi) & valid, max_terms=n_terms)
-
-    qv = search & (jnp.arange(Q) < k_s)
-    q_terms, q_mask = jax.vmap(terms_of)(4 + jnp.arange(Q), qv)
-    uv = visit & (jnp.arange(U) < n_url)
-    u_terms, u_mask = jax.vmap(terms_of)(url0 + jnp.arange(U), uv)
-    g_terms, g_mask = terms_of(goal_j, visit)
-    kind = jnp.where(is_ans, _A_ANSWER, jnp.where(search, _A_SEARCH, jnp.where(visit, _A_VISIT, _A_NONE)))
-    return _Action(
-        kind.astype(jnp.int32),
-        lo_a,
-        e_ans,
-        q_terms,
-        q_mask,
-        qv,
-        search & (k_s > Q),
-        u_terms,
-        u_mask,
-        uv,
-        visit & (n_url > U),
-        g_terms,
-        g_mask,
-    )
-
-
-def _gather_pieces(env: _EnvArrays, ids_BP, T: int, pad: int):
-    """Tokens ``[B, T]`` of each row's piece ids (-1: none) and their total lengths ``[B]``."""
-    n_p = env.piece_len.shape[0]
-    lens = jnp.where(ids_BP >= 0, env.piece_len[jnp.clip(ids_BP, 0, n_p - 1)], 0)
-    cum = jnp.cumsum(lens, axis=-1)
-    t = jnp.arange(T)
-    j = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum)  # piece holding t
-    j = jnp.clip(j, 0, ids_BP.shape[1] - 1)
-    off = t[None] - (jnp.take_along_axis(cum, j, -1) - jnp.take_along_axis(lens, j, -1))
-    pid = jnp.clip(jnp.take_along_axis(ids_BP, j, -1), 0, n_p - 1)
-    src = jnp.clip(env.piece_start[pid] + off, 0, env.piece_flat.shape[0] - 1)
-    total = cum[:, -1]
-    return jnp.where(t[None] < total[:, None], env.piece_flat[src], pad), total
-
-
-def _jnp_judge(
-    env: _EnvArrays,
-    st: _EnvStatic,
-    turn_ids,
-    turn_len,
-    length,
-    running,
-    status,
-    turns,
-    consec,
-    forced,
-    limit,
-    *,
-    T: int,
-    L: int,
-    max_turns: int,
-    pad: int,
-):
-    """``_Episodes.judge`` for canonical turns (see ``_canonical_action``) on the simulated
-    wiki: ``search_step``/``visit_step`` and the piece tokens of their observation, the chat
-    framing, the budget and status rules. Returns ``ok`` (rows it judged) and their new state."""
-    from jaxllm.agent.wiki import search_step, visit_step
-
-    lay = st.layout
-    act = jax.vmap(
-        functools.partial(_canonical_action, Q=lay.max_queries, U=lay.max_urls, n_terms=st.n_terms),
-        in_axes=(0, 0, None),
-    )(turn_ids, turn_len, env.hashes_2V)
-    s_ids = jax.vmap(lambda q, m, v, more: search_step(env.wiki, q, m, v, more, layout=lay))(
-        act.q_terms, act.q_mask, act.q_valid, act.q_more
-    )
-    v_ids = jax.vmap(lambda u, um, uv, g, gm, more: visit_step(env.wiki, u, um, uv, g, gm, more, layout=lay))(
-        act.u_terms, act.u_mask, act.u_valid, act.g_terms, act.g_mask, act.u_more
-    )
-    W = max(s_ids.shape[1], v_ids.shape[1])
-    padw = lambda x: jnp.pad(x, ((0, 0), (0, W - x.shape[1])), constant_values=-1)  # noqa: E731
-    obs = jnp.where((act.kind == _A_SEARCH)[:, None], padw(s_ids), padw(v_ids))
-    B = turn_ids.shape[0]
-    row = jnp.concatenate([jnp.full((B, 1), st.prefix), obs, jnp.full((B, 1), st.suffix)], 1)
-    n_p = env.piece_len.shape[0]
-    total = jnp.where(row >= 0, env.piece_len[jnp.clip(row, 0, n_p - 1)], 0).sum(-1)
-    is_ans = act.kind == _A_ANSWER
-    is_call = (act.kind == _A_SEARCH) | (act.kind == _A_VISIT)
-    too_long = is_call & ~forced & (total - st.prefix_len - st.suffix_len > st.cap)
-    ok = running & (act.kind != _A_NONE) & ~too_long
-    turns1 = turns + 1
-    new_status = jnp.where(
-        is_ans, ANSWERED, jnp.where(forced, MAX_TOKENS, jnp.where(turns1 >= max_turns, MAX_TURNS, RUNNING))
-    )
-    consec1 = jnp.where(is_call & ~forced, 0, consec)
-    emit = is_call & ~forced & (turns1 < max_turns)
-    force = length + total + L > limit
-    force_row = jnp.full_like(row, -1).at[:, 0].set(st.force)
-    row = jnp.where(force[:, None], force_row, row)
-    pending, n_pending = _gather_pieces(env, row, T, pad)
-    return (
-        ok,
-        new_status.astype(jnp.int32),
-        turns1,
-        consec1,
-        forced | (emit & force),
-        pending,
-        jnp.where(emit, n_pending, 0).astype(jnp.int32),
-        is_ans,
-        act.ans_lo,
-        act.ans_hi,
-    )
-
-
-# ------------------------------------------------------------------------------------------
 # The compiled loop: lax.scan over turns; jnp wiki step, io_callback to the host judge
 # ------------------------------------------------------------------------------------------
-
-
-def _stop_patterns(tokenizer):
-    """Stop strings as byte-token rows (-1 padded on the left) for the jnp tail match."""
-    pats = [np.asarray(tokenizer.encode(s), np.int32) for s in TURN_STOPS]
-    k = max(len(p) for p in pats)
-    out = np.full((len(pats), k), -1, np.int32)
-    for i, p in enumerate(pats):
-        out[i, k - len(p) :] = p
-    return out, np.array([len(p) for p in pats], np.int32)
 
 
 _HOSTS: dict = {}  # call id -> the host judge of a running scan_rollout
@@ -990,19 +336,14 @@ def _scan_fn(
     max_turns: int,
     B: int,
     sampling,
-    env_static: _EnvStatic | None = None,
+    env_static: wiki_env.EnvStatic | None = None,
     pad: int = 0,
     heads=None,
 ):
-    """The jitted scan rollout (byte tokenizer). Per turn, rows the jnp wiki judge does not take
-    (all rows without ``env_static``) go through one io_callback to the host judge of the call
-    named by ``call_id``, under a ``lax.cond`` (no callback when there are none)."""
-    from jaxllm.data.tokenizers import ByteTokenizer
-
+    """The jitted scan rollout. Per turn, rows the jnp wiki judge does not take (all rows without
+    ``env_static``) go through one io_callback to the host judge of the call named by ``call_id``,
+    under a ``lax.cond`` (no callback when there are none)."""
     model = model_cls(config)
-    pats, lens = _stop_patterns(ByteTokenizer())
-    stop_pats, stop_lens, special_below = jnp.asarray(pats), jnp.asarray(lens), ByteTokenizer.offset
-    K = stop_pats.shape[1]
     row_idx = jnp.arange(B)
 
     def write(buf, length, vals_BN, n_B):
@@ -1044,8 +385,10 @@ def _scan_fn(
         env,
         limit,
         heads_params,
+        turn_text: react_jnp.TurnText,
     ):
         zB = jnp.zeros((B,), jnp.int32)
+        K = turn_text.stops_SK.shape[1]
         zBN = jnp.zeros((B, max_turns), jnp.int32)
 
         def turn(carry, n):
@@ -1083,7 +426,6 @@ def _scan_fn(
                     turn_ids,
                     turn_len,
                     text,
-                    text_len,
                     gen,
                     keys,
                 ) = c
@@ -1104,13 +446,7 @@ def _scan_fn(
                     jnp.where(gen, tok, turn_ids[row_idx, jnp.clip(turn_len, 0, L - 1)])
                 )
                 turn_len = turn_len + one
-                # decoded text drops special ids (and ids past the byte vocabulary, which a model
-                # with a larger vocab can sample): match stops on the text bytes only
-                is_text = gen & (tok >= special_below) & (tok < ByteTokenizer.vocab_size)
-                text = jnp.where(is_text[:, None], jnp.concatenate([text[:, 1:], tok[:, None]], 1), text)
-                text_len = text_len + is_text.astype(jnp.int32)
-                tail_ok = ((text[:, None, :] == stop_pats[None]) | (stop_pats[None] < 0)).all(-1)
-                hit = (tail_ok & (text_len[:, None] >= stop_lens[None])).any(-1) & is_text
+                text, hit = react_jnp.stop_hit(turn_text, text, tok, gen)
                 gen = gen & ~hit & (turn_len < L)
                 return (
                     cache,
@@ -1122,7 +458,6 @@ def _scan_fn(
                     turn_ids,
                     turn_len,
                     text,
-                    text_len,
                     gen,
                     keys,
                 )
@@ -1137,31 +472,32 @@ def _scan_fn(
                 jnp.zeros((B, L), jnp.int32),
                 zB,
                 jnp.full((B, K), -1, jnp.int32),
-                zB,
                 running,
                 keys,
             )
-            (cache, last, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, _, keys) = (
+            (cache, last, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, keys) = (
                 jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
             )
 
             state = (status, turns, n_err, consec, forced_ans)
             if env_static is not None:
-                (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo, a_hi) = _jnp_judge(
-                    env,
-                    env_static,
-                    turn_ids,
-                    turn_len,
-                    length,
-                    running,
-                    *state[:2],
-                    consec,
-                    forced_ans,
-                    limit,
-                    T=T,
-                    L=L,
-                    max_turns=max_turns,
-                    pad=pad,
+                (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo, a_hi) = (
+                    wiki_env.jnp_judge(
+                        env,
+                        env_static,
+                        turn_ids,
+                        turn_len,
+                        length,
+                        running,
+                        *state[:2],
+                        consec,
+                        forced_ans,
+                        limit,
+                        T=T,
+                        L=L,
+                        max_turns=max_turns,
+                        pad=pad,
+                    )
                 )
                 need_host = running & ~ok
                 use_j = running & ok
@@ -1273,18 +609,26 @@ def _scan_fn(
     return jax.jit(run)
 
 
-def _rebuild_messages(tokenizer, initial, tokens_r, turns_r, start_r, len_r, obs_r):
-    """A row's chat messages from its tokens and turn records (what ``_Episodes.judge`` appends
-    in the segmented loop: each turn's ``cut_turn`` text and the observation content)."""
+def _decode_all(tokenizer, ids) -> str:
+    """Text of ids with the chat template's special tokens kept (the framing around observations)."""
+    if getattr(tokenizer, "special_ids", None) is not None:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    return tokenizer.decode(ids)
+
+
+def _rebuild_messages(tokenizer, fmt, initial, tokens_r, turns_r, start_r, len_r, obs_r):
+    """A row's chat messages from its tokens and turn records (what ``Episodes.judge`` appends in
+    the segmented loop: each turn's ``cut_turn`` text, and the observation content inside the
+    format's framing of a user turn)."""
+    mark = "\x00content\x00"
     msgs = list(initial)
     for i in range(int(turns_r)):
         s, n, o = int(start_r[i]), int(len_r[i]), int(obs_r[i])
         text, stop = cut_turn_ids(tokenizer, tokens_r[s : s + n])
         msgs.append({"role": "assistant", "content": text})
         if o:
-            framed = tokenizer.decode(tokens_r[s + n : s + n + o])
-            head = ("" if stop == protocol.IM_END else protocol.IM_END) + f"\n{protocol.IM_START}user\n"
-            tail = f"{protocol.IM_END}\n{protocol.IM_START}assistant\n"
+            framed = _decode_all(tokenizer, tokens_r[s + n : s + n + o])
+            head, tail = fmt.user_turn(mark, stop == protocol.IM_END).split(mark)
             if not (framed.startswith(head) and framed.endswith(tail)):
                 raise AssertionError(f"scan_rollout: unexpected framing {framed[:40]!r}...")
             msgs.append({"role": "user", "content": framed[len(head) : len(framed) - len(tail)]})
@@ -1298,7 +642,7 @@ def scan_rollout(
     executor: tools.ToolExecutor,
     questions: Sequence[str],
     *,
-    config: RolloutConfig = RolloutConfig(),
+    config: RolloutConfig = DEFAULT_CONFIG,
     system_prompt: str | None = None,
     sampling=None,
     rng=None,
@@ -1308,38 +652,34 @@ def scan_rollout(
     autodeco=None,
 ) -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
-    decode per turn with the stop strings matched on byte tokens in jnp, then the environment.
+    decode per turn with the stop strings and stop ids matched in jnp on each token's bytes
+    (``react_jnp.stop_hit``), then the environment.
 
     ``env`` picks the environment step: ``"jnp"`` runs the simulated wiki in jnp inside the scan
-    (turns parsed from their bytes, ``search_step``/``visit_step``, observation piece tokens
-    gathered, budget and statuses applied) and sends only turns its canonical parser does not
-    accept (malformed or unusual calls, other tools) to the host through ``io_callback`` under a
-    ``lax.cond``; it needs an executor from ``synth.wiki_executor`` (see ``wiki_of``).
-    ``"host"`` sends every turn to the host (any executor: sandbox, real tools). ``"auto"``
-    (default): ``"jnp"`` when the executor is the simulated wiki, else ``"host"``. Results are
-    identical either way, and identical to ``segmented_rollout``; ``host_callbacks`` counts the
-    callbacks made. Byte-level tokenizers only (``ByteTokenizer``), since stops and calls are
-    matched on tokens; chatml only (the jnp environment gathers chatml framing). Any other
-    tokenizer or format is refused: use ``segmented_rollout`` (``--rollout segmented``). Compiled
-    once per (model config, batch size, budget, chunk, turn cap, max turns, sampling, env).
-    """
-    from jaxllm.data.tokenizers import ByteTokenizer
+    (``wiki_env.jnp_judge``) and sends only turns its canonical parser does not accept (malformed
+    or unusual calls, other tools) to the host through ``io_callback`` under a ``lax.cond``; it
+    needs an executor from ``synth.wiki_executor`` (see ``wiki_of``), the ``ByteTokenizer`` and
+    chatml. ``"host"`` sends every turn to the host judge (any executor: sandbox, real tools).
+    ``"auto"`` (default): ``"jnp"`` where it can, else ``"host"``. Results are identical either
+    way, and identical to ``segmented_rollout``; ``host_callbacks`` counts the callbacks made.
 
-    if not isinstance(tokenizer, ByteTokenizer):
-        raise ValueError(
-            f"scan_rollout: needs a ByteTokenizer (stop strings and tool calls are matched on "
-            f"byte tokens in jnp), got {type(tokenizer).__name__}; use the segmented loop "
-            f"(--rollout segmented, rollout.segmented_rollout)"
-        )
-    if chat_format is not None and chat_format != protocol.CHATML:
-        raise ValueError(
-            f"scan_rollout: renders chatml only, got the {chat_format.name} chat format; use the "
-            f"segmented loop (--rollout segmented, rollout.segmented_rollout)"
-        )
+    Tokenizers: the ``ByteTokenizer``, or a Hugging Face one whose tokens are byte strings
+    (byte-level BPE: Qwen, Llama-3; ``react_jnp.turn_text`` checks, and refuses others: use
+    ``segmented_rollout``, ``--rollout segmented``). Any ``chat_format``. Compiled once per (model
+    config, batch size, budget, chunk, turn cap, max turns, sampling, env).
+    """
     if env not in ENVS:
         raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")
+    fmt = protocol.CHATML if chat_format is None else chat_format
+    try:
+        turn_text = react_jnp.turn_text(tokenizer, model.config.vocab_size)
+    except ValueError as e:
+        raise ValueError(
+            f"scan_rollout: {e}; the compiled loop reads each token's bytes, use the segmented loop "
+            f"(--rollout segmented, rollout.segmented_rollout)"
+        ) from None
     cfg = config
-    prompts, forced_ids, ep = _prepare(
+    prompts, forced_ids, ep = prepare(
         model,
         tokenizer,
         executor,
@@ -1350,15 +690,20 @@ def scan_rollout(
         rng,
         forced_turns,
         "scan_rollout",
-        autodeco=autodeco,
+        fmt,
+        autodeco,
     )
-    wiki = wiki_of(executor) if env != "host" else None
+    jnp_ok = isinstance(tokenizer, ByteTokenizer) and fmt == protocol.CHATML
+    wiki = wiki_of(executor) if env != "host" and jnp_ok else None
     if env == "jnp" and wiki is None:
         raise ValueError(
-            "scan_rollout: env='jnp' needs an executor made by "
-            "synth.wiki_executor(wiki) (search and visit of a SimulatedWiki)"
+            "scan_rollout: env='jnp' needs an executor made by synth.wiki_executor(wiki) (search and "
+            "visit of a SimulatedWiki), the ByteTokenizer and the chatml format (observations are "
+            f"gathered from pre-tokenised pieces); got {type(tokenizer).__name__} and {fmt.name}"
         )
-    env_arrays, env_static = _wiki_env(wiki, tokenizer, executor) if wiki is not None else (None, None)
+    env_arrays, env_static = (
+        wiki_env.build_env(wiki, tokenizer, executor) if wiki is not None else (None, None)
+    )
     initial = [list(m) for m in ep.messages]
     ep.messages = None
     B, T, L = len(prompts), cfg.token_budget, cfg.turn_tokens
@@ -1422,6 +767,7 @@ def scan_rollout(
             env_arrays,
             jnp.int32(ep.limit),
             heads_params,
+            turn_text,
         )
         out = jax.tree_util.tree_map(np.asarray, out)
     finally:
@@ -1430,7 +776,8 @@ def scan_rollout(
     ep.status, ep.turns, ep.n_err = (np.array(a, np.int32) for a in (status, turns, n_err))
     ep.forced_answer = np.array(forced_ans, bool)
     ep.messages = [
-        _rebuild_messages(tokenizer, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec)) for r in range(B)
+        _rebuild_messages(tokenizer, fmt, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec))
+        for r in range(B)
     ]
     for r in range(B):
         if ep.status[r] == ANSWERED and ep.answers[r] is None:  # answered in the jnp judge

@@ -18,9 +18,9 @@ import pytest
 
 import jaxllm
 from jaxllm import cli
+from jaxllm.agent import episodes, react_jnp, synth, train
 from jaxllm.agent import protocol as P
 from jaxllm.agent import rollout as R
-from jaxllm.agent import synth, train
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data import chat_template as ct
 from jaxllm.data.hf_tokenizer import load_hf_tokenizer
@@ -173,22 +173,124 @@ def test_observation_and_forced_answer_use_the_format():
     no thinking, so every generation prompt pre-fills an empty think block)."""
     fmt, tok_b, ex = P.Qwen3Format(enable_thinking=False), ByteTokenizer(), synth.wiki_executor(WIKI)
     obs = ex.execute(P.parse_assistant(SEARCH)).text
-    ep = R._Episodes(1, CFG, ex, tok_b, [P.initial_messages("q", "s")], limit=10_000, fmt=fmt)
+    ep = episodes.Episodes(1, CFG, ex, tok_b, [P.initial_messages("q", "s")], limit=10_000, fmt=fmt)
     assert tok_b.decode(ep.judge(0, tok_b.encode(SEARCH), 0)) == fmt.observation(obs)
-    ep = R._Episodes(1, CFG, ex, tok_b, [P.initial_messages("q", "s")], limit=200, fmt=fmt)  # no room left
+    ep = episodes.Episodes(
+        1, CFG, ex, tok_b, [P.initial_messages("q", "s")], limit=200, fmt=fmt
+    )  # no room left
     assert tok_b.decode(ep.judge(0, tok_b.encode(SEARCH), 0)) == fmt.forced_answer() and ep.forced_answer[0]
     assert fmt.forced_answer() != P.CHATML.forced_answer()
 
 
-def test_scan_loop_refuses_other_tokenizers_and_formats(tok, model_params):
+def _assert_same(a, b):
+    for f in ("tokens", "kind", "lengths", "status", "turns", "tool_errors", "forced_answer"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert a.answers == b.answers and a.messages == b.messages
+
+
+def test_scan_loop_equals_the_segmented_loop(tok, model_params, episode):
+    """The compiled loop on the Hugging Face tokenizer and the Qwen3 format: stops found on each
+    token's bytes (a stop id, <|endoftext|>, ends row 1's free turn; <|im_end|> the scripted one),
+    every turn judged on the host, messages rebuilt through the format's framing."""
     model, params = model_params
-    ex = synth.wiki_executor(WIKI)
-    with pytest.raises(
-        ValueError, match="got PretrainedTokenizer; use the segmented loop \\(--rollout segmented"
-    ):
-        R.scan_rollout(model, params, tok, ex, ["q"], config=CFG)
-    with pytest.raises(ValueError, match="qwen3 chat format; use the segmented loop \\(--rollout segmented"):
-        R.scan_rollout(model, params, ByteTokenizer(), ex, ["q"], config=CFG, chat_format=FMT)
+    scan = R.scan_rollout(
+        model,
+        params,
+        tok,
+        synth.wiki_executor(WIKI),
+        ["Which person does the wiki list first?", "Who founded it?"],
+        config=CFG,
+        system_prompt="Answer with tools.",
+        forced_turns=[[SEARCH, ANSWER], [CLOSED]],
+        chat_format=FMT,
+    )
+    _assert_same(episode, scan)
+    assert scan.host_callbacks == 2  # env "auto" is "host" here: one callback per turn
+    with pytest.raises(ValueError, match="env='jnp' needs .* the ByteTokenizer and the chatml format"):
+        R.scan_rollout(
+            model, params, tok, synth.wiki_executor(WIKI), ["q"], config=CFG, system_prompt="s", env="jnp"
+        )
+
+
+def crossing_tokenizer(path):
+    """A byte-level BPE without the pre-tokenizer's regex split, so merges cross punctuation and
+    stop strings end inside tokens (as Qwen's ``>\\n`` after ``</answer>`` does)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 (optional dependency)
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"x</answer>\n{ct.IM_END}y</tool_call>z<tool_response>w " * 4, ANSWER, SEARCH]
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + 40, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    bpe.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", ct.IM_START, ct.IM_END)]
+    )
+    return load_hf_tokenizer(
+        write_folder(path, bpe, generation={"eos_token_id": [bpe.token_to_id(ct.IM_END)]})
+    )
+
+
+@pytest.mark.parametrize("which", ["qwen_bpe", "crossing"])
+def test_stop_hit_finds_the_stops_of_cut_turn_ids(tok, tmp_path, which):
+    """Token by token, react_jnp.stop_hit ends a turn exactly where cut_turn_ids first finds a stop
+    (string or id), on random mixes of the BPE's tokens: multi-byte tokens, stop strings split
+    across tokens or ending inside one, special ids (dropped from the text, so a stop may straddle
+    one), ids past the tokenizer's vocabulary, protocol tags as single ids."""
+    tok = tok if which == "qwen_bpe" else crossing_tokenizer(tmp_path / "crossing")
+    vocab = 300  # the model's, past both tokenizers' vocabularies
+    tt = react_jnp.turn_text(tok, vocab)
+    assert int(tt.n_V.max()) > 1 and int(tt.n_V[tok.added_tokens[ct.IM_END]]) == 0
+    texts = ("</answer>", "</tool_call>", "<tool_response>", "x</answer>\ny", "abc", "\n", "</ans")
+    pieces = [tok.encode(s).tolist() for s in texts]
+    pieces += [[int(i)] for s in texts for i in tok.encode(s)]
+    pieces += [[tok.added_tokens[ct.IM_START]], [298]]
+    if which == "crossing":  # the case the split BPE cannot make: a stop ending mid-token
+        inside = [i for i in range(tok.vocab_size) if ">" in tok.decode([i])[:-1]]  # ">\n", "e>w"
+        assert inside, "no token continues past a stop's closing >"
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(64):
+        ids = []
+        while len(ids) < 24:
+            ids += pieces[rng.integers(len(pieces))] if rng.random() < 0.5 else [int(rng.integers(vocab))]
+        rows.append(ids[:24])
+    ids_BN = jnp.asarray(rows, jnp.int32)
+    step = jax.jit(react_jnp.stop_hit)
+    tail = jnp.full((len(rows), tt.stops_SK.shape[1]), -1, jnp.int32)
+    live = jnp.ones((len(rows),), bool)
+    got = np.full((len(rows),), -1)
+    for t in range(ids_BN.shape[1]):
+        tail, hit = step(tt, tail, ids_BN[:, t], live)
+        hit = np.asarray(hit)
+        got[hit & (got < 0)] = t
+        live = live & ~jnp.asarray(hit)
+    want = [
+        next((t for t in range(len(r)) if R.cut_turn_ids(tok, r[: t + 1])[1] is not None), -1) for r in rows
+    ]
+    assert (np.asarray(want) >= 0).sum() >= 32  # most rows stop somewhere
+    np.testing.assert_array_equal(got, want)
+
+
+def test_scan_loop_refuses_tokens_that_are_not_bytes(tmp_path, model_params):
+    """A sentencepiece-style tokenizer (Metaspace, like Llama-2's) has no byte table: refused with
+    a pointer to the segmented loop, which runs any tokenizer."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 (optional dependency)
+
+    sp = tokenizers.Tokenizer(models.BPE())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    sp.train_from_iterator(
+        ["search the wiki for answers"], trainers.BpeTrainer(vocab_size=60, show_progress=False)
+    )
+    sp.add_special_tokens(["<|endoftext|>", ct.IM_START, ct.IM_END])
+    metaspace = load_hf_tokenizer(write_folder(tmp_path / "sp", sp))
+    model, params = model_params
+    with pytest.raises(ValueError, match="not a byte-level BPE token.*use the segmented loop"):
+        R.scan_rollout(model, params, metaspace, synth.wiki_executor(WIKI), ["q"], config=CFG)
 
 
 def test_chat_setup_follows_the_tokenizer(tok):
@@ -217,10 +319,11 @@ def hf_dir(tmp_path, tok_dir):
     return d
 
 
-def test_agent_run_checkpoint_end_to_end(hf_dir, tmp_path, capsys):
+@pytest.mark.parametrize("loop", [[], ["--rollout", "segmented"]], ids=["scan", "segmented"])
+def test_agent_run_checkpoint_end_to_end(hf_dir, tmp_path, capsys, loop):
     out = tmp_path / "preds.jsonl"
     argv = ["agent", "run", "--checkpoint", str(hf_dir), "--question", "Who founded it?", "--out", str(out)]
-    argv += ["--max-turns", "1", "--turn-tokens", "16"]  # the default token budget, 1536
+    argv += ["--max-turns", "1", "--turn-tokens", "16"] + loop  # the default token budget, 1536
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 1 and sum(summary["status"].values()) == 1
@@ -239,7 +342,6 @@ def test_agent_run_checkpoint_end_to_end(hf_dir, tmp_path, capsys):
         (["--checkpoint", "NOCONFIG"], "has no config.json"),
         (["--checkpoint", "NOTOK"], "has no tokenizer.json"),
         (["--checkpoint", "/nonexistent/dir"], "no such directory"),
-        (["--checkpoint", "CKPT", "--rollout", "scan"], "--rollout segmented"),
         (["--checkpoint", "CKPT", "--step", "3"], "--step applies to --workdir"),
         (["--checkpoint", "CKPT", "--token-budget", "100"], "token_budget"),
         (["--workdir", "W", "--max-turns", "2"], "--max-turns applies to --checkpoint"),

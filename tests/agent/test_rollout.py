@@ -15,7 +15,7 @@ import pytest
 
 from jaxllm.agent import protocol as P
 from jaxllm.agent import rollout as R
-from jaxllm.agent import synth, tools
+from jaxllm.agent import synth, tools, wiki_env
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.tokenizers import ByteTokenizer
 from jaxllm.models import KimiLinear, KimiLinearConfig
@@ -334,7 +334,7 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     )
     assert seg2.model_mask.sum() > 200
     _assert_same(seg2, scan2)
-    with pytest.raises(ValueError, match="needs a ByteTokenizer"):
+    with pytest.raises(ValueError, match="neither a ByteTokenizer nor a Hugging Face tokenizer"):
         R.scan_rollout(model, params, object(), synth.wiki_executor(wiki), ["q"])
 
 
@@ -431,9 +431,9 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
     canonical forms are all accepted; random mutations of them are either accepted that way or
     left to the host."""
     ex = synth.wiki_executor(wiki)
-    arrays, st = R._wiki_env(wiki, TOK, ex)
+    arrays, st = wiki_env.build_env(wiki, TOK, ex)
     B, L, T = 48, 256, 4000
-    judge = jax.jit(functools.partial(R._jnp_judge, T=T, L=L, max_turns=8, pad=0), static_argnums=1)
+    judge = jax.jit(functools.partial(wiki_env.jnp_judge, T=T, L=L, max_turns=8, pad=0), static_argnums=1)
     _, rows = _canonical_rows(wiki)
     p = wiki.world.by_kind("person")[3]
     canon = [t for row in rows for t in row] + [
@@ -483,7 +483,7 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
                 assert isinstance(action, P.ToolCall) and action.name in ("search", "visit"), text
                 obs = ex.execute(action)
                 assert not obs.error, text
-                want = TOK.encode(R._framing(P.wrap_tool_response(obs.text), False))
+                want = TOK.encode(wiki_env.framing(P.wrap_tool_response(obs.text), False))
                 np.testing.assert_array_equal(pend[i, : n_pend[i]], want, err_msg=text)
                 assert status[i] == R.RUNNING and consec[i] == 0 and not forced[i]
     assert all(taken[: len(canon)]), [t for t, k in zip(canon, taken) if not k]
@@ -516,7 +516,7 @@ def test_jnp_judge_takes_only_turns_the_host_judge_agrees_with(wiki):
     # an observation over the executor's character cap is cut by the host (with its note)
     small = tools.ToolExecutor(wiki.backends(), max_observation_chars=100)
     assert R.wiki_of(small) is wiki
-    _, st_small = R._wiki_env(wiki, TOK, small)
+    _, st_small = wiki_env.build_env(wiki, TOK, small)
     tok[1:3] = 0
     last = TOK.encode(rows[0][1])  # an answer turn
     tok[1, : len(last)] = last
