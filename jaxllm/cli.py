@@ -17,6 +17,15 @@ import os
 import sys
 from typing import Callable, NamedTuple
 
+from jaxllm.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    TokenIdError,
+)
+from jaxllm.run_dir import load_heads, load_trained
+
 
 class Command(NamedTuple):
     help: str
@@ -57,7 +66,7 @@ def _maybe_distributed(args) -> None:
     (read here: JAX takes those two only as arguments).
     """
     if getattr(args, "distributed", False) or os.environ.get("JAXLLM_DISTRIBUTED") == "1":
-        import jax
+        import jax  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
         kwargs = {}
         for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
@@ -71,7 +80,7 @@ def _maybe_distributed(args) -> None:
 
 def _train(args) -> int:
     _maybe_distributed(args)
-    from jaxllm.train import load_config, train
+    from jaxllm.train import load_config, train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
     config = load_config(args.config, overrides)
@@ -132,8 +141,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _read_prompts(args) -> list[str]:
     """--prompt, or every prompt of --prompts-file (one per line; a .jsonl file: {"prompt": ...} per line)."""
-    from jaxllm.errors import ConfigError
-
     if args.prompts_file is None:
         return ["def " if args.prompt is None else args.prompt]
     if args.prompt is not None:
@@ -163,7 +170,7 @@ def _read_prompts(args) -> list[str]:
 
 def _print_generations(args, model, params, tokenizer, sampling, heads=None) -> int:
     """One prompt: its text streamed as the tokens come. Several: one JSON line per prompt."""
-    from jaxllm.generation import generate_texts
+    from jaxllm.generation import generate_texts  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     prompts = _read_prompts(args)
     kw = dict(heads=heads, seed=args.seed)
@@ -189,8 +196,7 @@ def _print_generations(args, model, params, tokenizer, sampling, heads=None) -> 
 
 def _generate_hf(args) -> int:
     """`generate --checkpoint DIR`: a Hugging Face folder, plain or AutoDeco."""
-    from jaxllm.generation import load_hf_for_generation, sampling_config
-    from jaxllm.train.config import ConfigError
+    from jaxllm.generation import load_hf_for_generation, sampling_config  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     if args.fixed_mean or args.step is not None:
         flag = "--fixed-mean (it reads the mean T/P of autodeco-train)" if args.fixed_mean else "--step"
@@ -211,11 +217,8 @@ def _generate(args) -> int:
     if args.checkpoint is not None:
         return _generate_hf(args)
     if args.base is not None:
-        from jaxllm.train.config import ConfigError
-
         raise ConfigError("--base needs --checkpoint (a head-only AutoDeco folder)")
-    from jaxllm.generation import sampling_config
-    from jaxllm.run_dir import load_heads, load_trained
+    from jaxllm.generation import sampling_config  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     model, params, tokenizer = load_trained(args.workdir, step=args.step)
     if args.autodeco or args.fixed_mean:
@@ -239,7 +242,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plot(args) -> int:
-    from jaxllm.plot import plot_loss
+    from jaxllm.plot import plot_loss  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     path = plot_loss(args.workdirs, args.out, smooth=args.smooth)
     print(path)
@@ -275,7 +278,7 @@ def _autodeco_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _autodeco_train(args) -> int:
-    from jaxllm.train.autodeco_run import train_heads
+    from jaxllm.train.autodeco_run import train_heads  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     train_heads(
         args.workdir,
@@ -309,12 +312,6 @@ def _load_plugins() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from jaxllm.data.pipeline import TokenIdError
-    from jaxllm.data.sources import DatasetError
-    from jaxllm.train.checkpoint import CheckpointError
-    from jaxllm.train.config import ConfigError
-    from jaxllm.train.loop import NonFiniteLossError
-
     return (ConfigError, DatasetError, TokenIdError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
@@ -337,8 +334,6 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - only known user errors are caught below
         errors = _user_errors()
         if isinstance(e, errors):
-            from jaxllm.train.loop import NonFiniteLossError
-
             print(f"error: {e}", file=sys.stderr)
             return 3 if isinstance(e, NonFiniteLossError) else 2
         raise

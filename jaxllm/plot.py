@@ -59,10 +59,10 @@ def moving_average(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_loss(paths, out: str, smooth: int = 1) -> str:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (matplotlib on demand: Agg backend set before pyplot)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
     except ImportError as e:
         raise ImportError("`jaxllm plot` needs matplotlib: pip install matplotlib") from e
     paths = [paths] if isinstance(paths, str) else list(paths)

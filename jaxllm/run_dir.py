@@ -12,9 +12,10 @@ Everything else asks these functions for paths; no file name is spelled anywhere
 
 from __future__ import annotations
 
+import json
 import os
 
-from jaxllm.errors import ConfigError
+from jaxllm.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -73,14 +74,14 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
     Restores the params alone (no optimizer state is read or allocated), replicated over this
     process's devices; builds no optimizer, data pipeline or train step.
     """
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    import jax  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
+    from jax.sharding import NamedSharding  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
 
-    from jaxllm import sharding as shd
-    from jaxllm.train import checkpoint as ckpt_lib
-    from jaxllm.train.config import load_config
-    from jaxllm.train.loop import build_run_model, init_variables
+    from jaxllm import sharding as shd  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
+    from jaxllm.train import checkpoint as ckpt_lib  # noqa: PLC0415 (cycle: jaxllm.train.loop imports run_dir)
+    from jaxllm.train.config import load_config  # noqa: PLC0415 (cycle: jaxllm.train.loop imports run_dir)
+    from jaxllm.train.loop import build_run_model, init_variables  # noqa: PLC0415 (cycle: jaxllm.train.loop imports run_dir)
 
     config = load_config(require_run(workdir))
     model, tokenizer, _ = build_run_model(config, model)
@@ -109,10 +110,8 @@ def load_trained(workdir: str, step: int | None = None, *, model=None):
 
 def save_heads(out_dir: str, state_dict: dict, info: dict) -> None:
     """AutoDeco heads (official key names) and their info into `out_dir`, each file replaced atomically."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
+    import numpy as np  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
+    from safetensors.numpy import save_file  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
 
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_dict.items()}
     tmp = heads_file(out_dir) + ".tmp"
@@ -127,10 +126,7 @@ def save_heads(out_dir: str, state_dict: dict, info: dict) -> None:
 
 def load_heads(workdir: str, *, hidden_size: int | None = None):
     """``(module, variables, info)`` from ``<workdir>/autodeco``; clear errors when missing or mismatched."""
-    import json
-
-    from jaxllm.errors import CheckpointError
-    from jaxllm.nn.autodeco import heads_from_official
+    from jaxllm.nn.autodeco import heads_from_official  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
 
     d = autodeco_dir(workdir)
     path, ipath = heads_file(d), heads_info_file(d)
@@ -140,7 +136,7 @@ def load_heads(workdir: str, *, hidden_size: int | None = None):
             f"`jaxllm autodeco-train --workdir {workdir}`"
         )
     try:
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load_file  # noqa: PLC0415 (run_dir stays light: the CLI imports it at startup)
 
         state_dict = load_file(path)
         with open(ipath, encoding="utf-8") as f:

@@ -9,6 +9,7 @@ not the LLM-judge scores of the Tongyi report.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
@@ -204,8 +205,6 @@ def evaluate_jsonl(gold_path: str, pred_path: str | None = None, ks: Sequence[in
 
 def main(argv=None) -> int:
     """``python -m jaxllm.agent.evaluate GOLD [PRED] --k 1 3``: print metrics as one JSON line."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="jaxllm.agent.evaluate", description=main.__doc__)
     ap.add_argument("gold", help="JSONL of {question, answer[, prediction(s)]}")
     ap.add_argument(

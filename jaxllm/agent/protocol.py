@@ -26,6 +26,7 @@ import datetime
 import json
 from typing import ClassVar, Iterable, Sequence, Union
 
+from jaxllm.data import chat_template
 from jaxllm.errors import TrajectoryError
 
 __all__ = [
@@ -568,8 +569,6 @@ class Qwen3Format(ChatFormat):
     enable_thinking: bool = True
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        from jaxllm.data import chat_template
-
         return chat_template.render_chat(
             messages,
             tools=list(self.tools) or None,

@@ -55,7 +55,8 @@ import time
 
 # Host-only modules (selectors, shutil, subprocess, tempfile) are imported inside the host
 # functions: the child runs this file as a script and must not have ``subprocess`` (and with it
-# the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts.
+# the unaudited ``_posixsubprocess.fork_exec``) loaded when the user code starts. Modules of the
+# child's setup (ctypes, resource, _thread, ...) are imported where that setup uses them.
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -156,7 +157,7 @@ _PROBE_CACHE: dict[str, bool] = {}
 
 def _unshare_command(isolation: str) -> list[str]:
     """The ``unshare`` prefix that starts a child in the namespaces of ``isolation``."""
-    import shutil
+    import shutil  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     flags = (*_USERNS_FLAGS, *_NAMESPACE_FLAGS) if isolation == "userns" else _NAMESPACE_FLAGS
     return [shutil.which("unshare") or "unshare", *flags, "--fork", "--kill-child"]
@@ -164,8 +165,8 @@ def _unshare_command(isolation: str) -> list[str]:
 
 def _unshare_works(isolation: str) -> bool:
     """Whether ``unshare`` with the namespaces of ``isolation`` runs ``true`` (cached)."""
-    import shutil
-    import subprocess
+    import shutil  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
+    import subprocess  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     if isolation not in _PROBE_CACHE:
         ok = False
@@ -256,7 +257,7 @@ def _readonly_paths() -> list[str]:
 
 def _world_traversable(path: str) -> bool:
     """True if every directory from / to ``path`` is o+x and ``path`` itself is o+r."""
-    import stat
+    import stat  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     path = os.path.realpath(path)
     parts = path.split("/")
@@ -308,7 +309,7 @@ def _kill_uid(uid: int, wait_s: float = 5.0) -> bool:
     ``os.fork``, because the host process may be multi-threaded (JAX). Returns True when none
     is left.
     """
-    import subprocess
+    import subprocess  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     if os.geteuid() != 0:
         return True
@@ -340,7 +341,7 @@ _CGROUP_SLACK_MB = 64  # the supervisor and the interpreter itself, on top of th
 
 def _unescape_mountinfo(field: str) -> str:
     """Undo mountinfo's octal escapes (a space is written as ``\\040``)."""
-    import re
+    import re  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -510,9 +511,9 @@ def run_python(
     Never raises for anything the code does; raises ``ValueError`` for bad arguments and
     ``SandboxUnavailableError`` (a ``RuntimeError``) when the isolation asked for is unavailable.
     """
-    import shutil
-    import subprocess
-    import tempfile
+    import shutil  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
+    import subprocess  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
+    import tempfile  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     if not isinstance(code, str):
         raise ValueError(f"run_python: code must be a str, got {type(code).__name__}")
@@ -645,8 +646,8 @@ def _killpg(proc) -> None:
 def _collect(proc, timeout_s: float, cap: int, stop):
     """Read stdout/stderr up to ``cap`` bytes each until exit, timeout, or overflow; ``stop()``
     kills the run at the timeout or on overflow."""
-    import selectors
-    import subprocess
+    import selectors  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
+    import subprocess  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
@@ -792,13 +793,13 @@ def kept_mount_flags(statvfs_flags: int) -> int:
 
 
 def _libc():
-    import ctypes
+    import ctypes  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def _mount(libc, src, target, fstype, flags, data=None):
-    import ctypes
+    import ctypes  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     rc = libc.mount(
         src.encode() if src else None,
@@ -854,7 +855,7 @@ def _build_root(spec) -> None:
 
 
 def _set_limits(spec) -> None:
-    import resource
+    import resource  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     def lim(which, value):
         resource.setrlimit(which, (value, value))
@@ -878,7 +879,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 def _capability_sets(libc) -> list[int]:
     """(effective, permitted, inheritable) of this process, 64 bits each, via capget."""
-    import ctypes
+    import ctypes  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()
@@ -894,7 +895,7 @@ def _drop_capabilities(libc) -> None:
     securebits need CAP_SETPCAP, which only uid 0 (userns mode, or process mode as root) still
     has here. Raises if any capability is left.
     """
-    import ctypes
+    import ctypes  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS_LOCKED_NOROOT, 0, 0, 0) == 0:
         cap = 0
@@ -932,7 +933,7 @@ def _install_seccomp(seccomp_lib, isolation: str) -> None:
 def _load_syscall_filter():
     """``syscall_filter.py`` beside this file, loaded by path (the child does not import jaxllm;
     cached in ``sys.modules`` so the supervisor can load it before it chroots)."""
-    import importlib.util
+    import importlib.util  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     name = "_jaxllm_sandbox_syscall_filter"
     if name not in sys.modules:
@@ -1037,7 +1038,7 @@ def _install_audit_hook(workdir: str, read_prefixes: list[str], strict: bool) ->
     deny lists), so user code cannot switch it off by rebinding module globals or builtins. The
     re-entrancy guard is per thread, so one thread inside the hook does not let another through.
     """
-    import _thread
+    import _thread  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
     realpath, fspath, normcase, isdir = (os.path.realpath, os.fspath, os.path.normcase, os.path.isdir)
     get_ident, _isinstance, _any, _len, _str = _thread.get_ident, isinstance, any, len, str
@@ -1182,7 +1183,7 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
     if pid == 0:
         os.close(status_fd)
         try:
-            import traceback  # noqa: F401  loaded before any uid switch, for error reports
+            import traceback  # noqa: F401, PLC0415 - loaded before any uid switch, for error reports
 
             for sig, handler in saved_handlers.items():
                 signal.signal(sig, handler)
@@ -1204,7 +1205,7 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
             if sys.path and os.path.dirname(_THIS_FILE) == os.path.abspath(sys.path[0] or "."):
                 sys.path.pop(0)
             sys.dont_write_bytecode = True
-            import ctypes  # noqa: F401  pre-imported: numpy probes it; later ctypes use is denied
+            import ctypes  # noqa: F401, PLC0415 - pre-imported: numpy probes it; later ctypes use is denied
 
             if spec["audit"]:
                 loaded = sorted(_DENY_IMPORTS.intersection(sys.modules) - {"_ctypes"})
@@ -1228,7 +1229,7 @@ def _child_main(spec_path: str) -> None:  # pragma: no cover - exercised through
             if not isinstance(e.code, (int, type(None))):
                 print(e.code, file=sys.stderr)
         except BaseException:  # noqa: BLE001
-            import traceback
+            import traceback  # noqa: PLC0415 (sandbox: what the child loads is deliberate, see header)
 
             traceback.print_exc()
             rc = 1

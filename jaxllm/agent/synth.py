@@ -11,6 +11,7 @@ rejected (rejection sampling), so every exported trajectory is consistent with i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import random
@@ -373,8 +374,6 @@ def main(argv=None) -> int:
     ``--exclude F2`` skips the questions of an existing JSONL, so ``--seed 1 --wiki-seed 0
     --exclude train.jsonl`` draws a disjoint held-out set on the training world.
     """
-    import argparse
-
     ap = argparse.ArgumentParser(prog="jaxllm.agent.synth", description=main.__doc__)
     ap.add_argument("--out", required=True, help="output JSONL path")
     ap.add_argument("--n", type=int, required=True, help="number of questions")

@@ -18,7 +18,7 @@ import dataclasses
 import os
 from typing import Callable, Mapping
 
-from jaxllm.agent import protocol
+from jaxllm.agent import protocol, sandbox
 
 __all__ = [
     "SEARCH",
@@ -266,7 +266,6 @@ class ToolExecutor:
 
 def python_backend(**sandbox_kwargs) -> Backend:
     """A PythonInterpreter backend running the code with ``sandbox.run_python``."""
-    from jaxllm.agent import sandbox
 
     def run(arguments: dict, code: str | None) -> str:
         return sandbox.format_observation(sandbox.run_python(code or "", **sandbox_kwargs))

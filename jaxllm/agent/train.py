@@ -48,9 +48,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxllm
 from jaxllm import run_dir
 from jaxllm.agent import evaluate, protocol, rollout, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
+from jaxllm.data.chat_template import tongyi_system_prompt
+from jaxllm.data.hf_tokenizer import load_hf_tokenizer
+from jaxllm.ops.sampling import SamplingConfig
+from jaxllm.run_dir import load_trained
+from jaxllm.train import checkpoint as ckpt_lib
+from jaxllm.train import loop
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train.config import save_config
+from jaxllm.train.optim import make_optimizer
+from jaxllm.train.step import (
+    LossOutput,
+    apply_with_load,
+    cast_for_compute,
+    check_finite,
+    make_step,
+    require_correction_biases,
+)
 
 __all__ = [
     "AgentSettings",
@@ -330,7 +348,6 @@ def make_rl_step(
     token-mean objective (no KL, no entropy bonus) plus the model's aux losses. ``batch``: tokens,
     mask, old_logp [B, T] and adv [B]. The shared step builder (``jaxllm.train.step.make_step``,
     one microbatch: its NaN policy and MoE load balancing included)."""
-    from jaxllm.train.step import LossOutput, apply_with_load, cast_for_compute, make_step
 
     def loss_fn(params, batch, rng=None):
         del rng
@@ -438,15 +455,11 @@ def check_world(records: Sequence[dict], settings: AgentSettings, what: str = "r
 
 
 def _make_run_config(config, workdir: str):
-    from jaxllm.train.config import save_config
-
     os.makedirs(workdir, exist_ok=True)
     save_config(config, run_dir.config_file(workdir))
 
 
 def _save_checkpoint(workdir: str, config, state) -> str:
-    from jaxllm.train import checkpoint as ckpt_lib
-
     ck = ckpt_lib.Checkpointer(run_dir.checkpoints(workdir), save_every=1, keep=1, async_save=False)
     try:
         ck.save(int(state["step"]), state, {}, ckpt_lib.make_meta(config, state["params"]), force=True)
@@ -470,11 +483,6 @@ def train_sft(
     (fresh optimizer state and schedule). Saves checkpoints every ``config.save_every`` steps and
     at the end (keeping ``config.keep_checkpoints``), ``run_config.json`` and ``agent.json`` in
     ``workdir``; returns a summary."""
-    from jaxllm.train import checkpoint as ckpt_lib
-    from jaxllm.train import loop
-    from jaxllm.train import metrics as metrics_lib
-    from jaxllm.train.step import check_finite
-
     t0 = time.perf_counter()
     s = loop.setup(config)
     tok = s.tokenizer
@@ -502,8 +510,6 @@ def train_sft(
         step_fn = loop.compile_step(s)
         state = loop.init_state(s)
         if init_workdir is not None:
-            from jaxllm.run_dir import load_trained
-
             _, params, _ = load_trained(init_workdir)
             state = jax.device_put(
                 {**state, "params": params, "opt_state": s.tx.init(params)}, s.state_shardings
@@ -627,8 +633,6 @@ def chat_setup(tokenizer, tool_specs, date=synth.SYNTH_DATE) -> tuple[protocol.C
     Tongyi DeepResearch's system prompt (tools listed in it, as Tongyi does) when the tokenizer is
     a chat model's (it has a chat template or ``<|im_start|>`` as a token); else chatml and
     ``protocol.build_system_prompt``. ``date``: the simulated wiki's by default."""
-    from jaxllm.data.chat_template import tongyi_system_prompt
-
     specs = list(tool_specs)
     chat = getattr(tokenizer, "chat_template", None) or protocol.IM_START in getattr(
         tokenizer, "added_tokens", {}
@@ -663,9 +667,6 @@ def load_hf_agent(
     registered model_type), the tokenizer from ``load_hf_tokenizer(path)``, the format and system
     prompt from ``chat_setup``; there is no agent workdir, so the rollout limits (None: the
     ``AgentSettings`` defaults) and the wiki config (WikiConfig fields) are given here."""
-    import jaxllm
-    from jaxllm.data.hf_tokenizer import load_hf_tokenizer
-
     _check_hf_folder(path)
     tokenizer = load_hf_tokenizer(path)
     limits = {
@@ -711,12 +712,6 @@ def train_rl(
     clip fractions, ratio deviation, times per step) and the final checkpoint in ``workdir``.
     The update's rows are padded to a multiple of ``length_multiple`` tokens, so only a few
     shapes compile."""
-    from jaxllm.ops.sampling import SamplingConfig
-    from jaxllm.run_dir import load_trained
-    from jaxllm.train import metrics as metrics_lib
-    from jaxllm.train.optim import make_optimizer
-    from jaxllm.train.step import check_finite, require_correction_biases
-
     if group < 2:
         raise ValueError(f"group must be >= 2 (leave-one-out baseline), got {group}")
     if questions_per_step < 1:

@@ -292,7 +292,7 @@ TONGYI_PREAMBLE = (
 
 def _default_specs() -> Mapping[str, dict]:
     # Imported here: jaxllm.agent sits above jaxllm.data, and callers may pass their own specs.
-    from jaxllm.agent.tools import TOOL_SPECS
+    from jaxllm.agent.tools import TOOL_SPECS  # noqa: PLC0415 (layering: jaxllm.agent sits above jaxllm.data)
 
     return TOOL_SPECS
 

@@ -35,7 +35,7 @@ __all__ = ["PretrainedTokenizer", "load_hf_tokenizer", "read_token_name", "eos_i
 
 def _import_tokenizers():
     try:
-        import tokenizers
+        import tokenizers  # noqa: PLC0415 (optional dependency: tokenizers)
     except ImportError as e:
         raise ImportError(
             "loading a Hugging Face tokenizer folder needs the `tokenizers` package: pip install tokenizers"

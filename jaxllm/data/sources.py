@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import sysconfig
 import zlib
+from pydoc_data import topics
 
 import numpy as np
 
@@ -53,8 +55,6 @@ def _split_of(key: str) -> str:
 def stdlib_documents() -> list[tuple[str, str]]:
     """(key, text) pairs of the embedded corpus, in a fixed order."""
     out = []
-    from pydoc_data import topics
-
     for name in sorted(topics.topics):
         out.append((f"pydoc/{name}", topics.topics[name].strip()))
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
@@ -130,7 +130,7 @@ def _fingerprint(files: list[pathlib.Path], text_key: str) -> str:
 @functools.cache
 def _builder_class():
     """The TFDS builder, defined lazily so that importing this module stays light."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (tensorflow_datasets is slow to import: only when a corpus is read)
 
     class JaxllmText(tfds.core.GeneratorBasedBuilder):
         """Plain-text documents, one ``text`` feature per example, stored as array_record."""
@@ -179,7 +179,7 @@ def _builder_class():
 
 def text_builder(name: str, documents, data_dir: str):
     """A prepared TFDS builder for a corpus; prepares it on first use (array_record)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (tensorflow_datasets is slow to import: only when a corpus is read)
 
     cls = _builder_class()
     config = tfds.core.BuilderConfig(name=name, description=f"jaxllm corpus {name}")
@@ -224,8 +224,6 @@ def load_source(
     data_dir = data_dir or default_data_dir()
     kind, _, arg = spec.partition(":")
     if spec == "stdlib":
-        import sys
-
         name = f"stdlib_py{sys.version_info.major}{sys.version_info.minor}"
         builder = text_builder(name, stdlib_documents, data_dir)
         return TextSource(builder.as_data_source(split=split), "text", spec)
@@ -235,7 +233,7 @@ def load_source(
         builder = text_builder(name, lambda: file_documents(files, text_key), data_dir)
         return TextSource(builder.as_data_source(split=split), "text", spec)
     if kind == "tfds" and arg:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (tensorflow_datasets is slow to import: only when a corpus is read)
 
         try:
             src = tfds.data_source(

@@ -47,7 +47,7 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         try:
-            import tokenizers
+            import tokenizers  # noqa: PLC0415 (optional dependency: tokenizers)
         except ImportError as e:
             raise ImportError(
                 "tokenizer 'hf:...' needs the `tokenizers` package: pip install tokenizers"
@@ -88,7 +88,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str):
         try:
-            import sentencepiece
+            import sentencepiece  # noqa: PLC0415 (optional dependency: sentencepiece)
         except ImportError as e:
             raise ImportError(
                 "tokenizer 'spm:...' needs the `sentencepiece` package: pip install sentencepiece"

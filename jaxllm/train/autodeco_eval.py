@@ -30,6 +30,9 @@ import time
 
 import numpy as np
 
+from jaxllm import generation, run_dir
+from jaxllm.run_dir import load_trained
+
 # (prompt, kind). The prompt follows the BOS token, like `jaxllm generate`.
 PROMPTS = (
     ("import ", "import"),
@@ -82,9 +85,6 @@ def line_passes(prompt: str, continuation: str, kind: str) -> bool:
 def evaluate(
     workdir: str, *, samples: int = 200, max_new_tokens: int = 48, seed: int = 0, modes=None, log=print
 ) -> list[dict]:
-    from jaxllm import generation, run_dir
-    from jaxllm.run_dir import load_trained
-
     model, params, tok = load_trained(workdir)
     heads_module, heads_vars, info = run_dir.load_heads(workdir, hidden_size=model.config.hidden_size)
     heads = (heads_module, heads_vars)

@@ -28,12 +28,27 @@ import os
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxllm import run_dir
-from jaxllm.train.config import ConfigError
+from jaxllm.data.pipeline import PackedBatches
+from jaxllm.data.sources import load_source
+from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
+from jaxllm.run_dir import load_trained
+from jaxllm.train.autodeco import (
+    AutoDecoTrainConfig,
+    init_state,
+    make_loss_fn,
+    make_optimizer,
+    make_train_step,
+)
+from jaxllm.train.config import ConfigError, load_config
+from jaxllm.train.loop import checkpoint_dir
+from jaxllm.train.step import check_finite
 
 
 def shifted_labels(targets_BS, loss_mask_BS):
@@ -75,20 +90,6 @@ def train_heads(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Trains fresh AutoDeco heads on the frozen base of ``workdir``; returns the ``heads.json`` dict."""
-    from jaxllm.data.pipeline import PackedBatches
-    from jaxllm.data.sources import load_source
-    from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
-    from jaxllm.run_dir import load_trained
-    from jaxllm.train.autodeco import (
-        AutoDecoTrainConfig,
-        init_state,
-        make_loss_fn,
-        make_optimizer,
-        make_train_step,
-    )
-    from jaxllm.train.config import load_config
-    from jaxllm.train.step import check_finite
-
     log = log or (lambda msg: print(msg, flush=True))
     for name, v, ok in (
         ("steps", steps, isinstance(steps, int) and steps >= 1),
@@ -118,8 +119,6 @@ def train_heads(
     )
 
     heads = AutoDecoHeads()
-    import flax.linen as nn
-
     init_vars = nn.meta.unbox(
         heads.init(
             jax.random.PRNGKey(seed), jnp.zeros((1, 1, H), jnp.float32), jnp.zeros((1, 1, V), jnp.float32)
@@ -227,10 +226,6 @@ def train_heads(
 
 
 def _latest_step(workdir: str, config) -> int | None:
-    from etils import epath
-
-    from jaxllm.train.loop import checkpoint_dir
-
     d = epath.Path(checkpoint_dir(config, workdir))
     steps = [int(x.name) for x in d.iterdir() if x.name.isdigit()] if d.is_dir() else []
     return max(steps) if steps else None

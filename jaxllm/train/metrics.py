@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import ConfigError
+
 # Dense peak FLOP/s per chip (bf16), by substring of ``device.device_kind``. Rough public numbers.
 PEAK_TFLOPS = (
     ("v6", 918.0),
@@ -76,10 +78,8 @@ def aux_and_load_record(m: dict) -> dict[str, float]:
 def require_tensorboardx():
     """tensorboardX's ``SummaryWriter``, or a ConfigError that says how to install it."""
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional dependency: tensorboardX)
     except ImportError:
-        from jaxllm.train.config import ConfigError
-
         raise ConfigError(
             "tensorboard=true needs the tensorboardX package, which is not installed; "
             "pip install 'jaxllm[tb]' (or pip install tensorboardX), or set tensorboard=false"
@@ -177,7 +177,7 @@ class Progress:
         self._bar = None
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # noqa: PLC0415 (used when importable: a plain status line without it)
 
                 self._bar = tqdm(
                     total=total,

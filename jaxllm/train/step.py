@@ -29,6 +29,7 @@ what was non-finite. Nothing non-finite ever enters the state or a checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -254,8 +255,6 @@ def make_step(
 
 def nonfinite_what(metrics) -> str | None:
     """What was non-finite in a step's (host) metrics, or None when the step was applied."""
-    import math
-
     for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
         if key in metrics and not math.isfinite(float(metrics[key])):
             return f"{name} ({float(metrics[key])})"
