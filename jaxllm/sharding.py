@@ -2,9 +2,14 @@
 
 Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ...) through
 ``flax.linen.with_logical_partitioning``. One table, ``LOGICAL_AXIS_RULES``, maps
-each logical name onto zero or more mesh axes of a 4-axis mesh
-(``data``, ``fsdp``, ``tensor``, ``expert``). Everything else in the training
+each logical name onto zero or more mesh axes of a 5-axis mesh
+(``data``, ``fsdp``, ``tensor``, ``expert``, ``context``). Everything else in the training
 stack asks this module for ``NamedSharding``s; nothing else knows the rules.
+
+Activations use the same table: ``batch``, ``length`` (the sequence: split over ``context``,
+context parallelism), ``act_embed`` (the model width of activations: replicated, unlike the
+``embed`` dim of weights that FSDP splits), ``heads``, ``expert``. ``constrain`` pins an
+activation to its rule at layer boundaries when a mesh is set (``jax.set_mesh``).
 
 The same code runs on one CPU device (every mesh axis has size 1), on N virtual
 CPU devices, and multi-host after ``jax.distributed.initialize()``.
@@ -21,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
 # Logical axis -> mesh axes. A logical name missing from the table is replicated.
 # The batch is split over every axis that does not shard model weights along the
@@ -29,7 +34,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # (expert parallelism doubles as data parallelism outside the MoE blocks).
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", ()),
+    ("length", ("context",)),
+    ("act_embed", ()),
     ("embed", ("fsdp",)),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),
@@ -52,9 +58,10 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    context: int = 1
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
-        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        sizes = [self.data, self.fsdp, self.tensor, self.expert, self.context]
         for name, s in zip(MESH_AXES, sizes):
             if s == 0 or s < -1:
                 raise ValueError(f"mesh axis {name!r} has size {s}; allowed: a positive integer or -1 (fill)")
@@ -75,7 +82,7 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-    """Builds the 4-axis mesh (``data, fsdp, tensor, expert``) over all (global) devices."""
+    """Builds the 5-axis mesh (``data, fsdp, tensor, expert, context``) over all (global) devices."""
     devices = list(jax.devices()) if devices is None else list(devices)
     shape = config.shape(len(devices))
     # Auto axes: jit's in/out shardings pin params and batch; XLA propagates the rest.
@@ -213,10 +220,34 @@ def path_index(tree, shardings) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
     return {_path_key(p): (tuple(np.shape(x)), s) for (p, x), s in zip(leaves, shards)}
 
 
+def _spec_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def batch_spec(extra_leading: int = 0, rules=LOGICAL_AXIS_RULES) -> P:
-    """PartitionSpec for a ``[*leading, batch, length]`` token array."""
-    axes = _rules_dict(rules)["batch"]
-    return P(*([None] * extra_leading), axes if len(axes) > 1 else axes[0], None)
+    """PartitionSpec for a ``[*leading, batch, length]`` token array (rows over the batch axes, the
+    sequence over the length's: ``context``)."""
+    table = _rules_dict(rules)
+    return P(*([None] * extra_leading), _spec_entry(table["batch"]), _spec_entry(table["length"]))
+
+
+def context_size(mesh) -> int:
+    """Size of the mesh's ``context`` axis (1 without a mesh or without that axis)."""
+    if mesh is None or getattr(mesh, "empty", False) or "context" not in mesh.shape:
+        return 1
+    return int(mesh.shape["context"])
+
+
+def constrain(x, logical_names: Sequence[str | None], rules=LOGICAL_AXIS_RULES):
+    """``x`` pinned to the sharding its logical dim names give under the current mesh
+    (``jax.set_mesh``); unchanged without a mesh, on a mesh without jaxllm's axis names, or where
+    no named axis is > 1 (1 device). Dims the mesh does not divide stay unconstrained there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if mesh.manual_axes:  # inside shard_map: the caller owns the layout
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_names, x.shape, mesh, rules))
 
 
 def batch_shard_count(mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> int:

@@ -42,6 +42,22 @@ def test_mesh_axis_used_once_per_array():
     assert shd.logical_to_spec(("heads", "mlp"), (4, 8), mesh) == P("tensor")
 
 
+def test_activation_rules_split_the_sequence_over_context():
+    mesh = FakeMesh(fsdp=2, tensor=2, context=4)
+    # activations: rows over the batch axes, the sequence over context, width replicated
+    assert shd.logical_to_spec(("batch", "length", "act_embed"), (4, 64, 32), mesh) == P("fsdp", "context")
+    assert shd.logical_to_spec(("batch", "length", "heads", None), (4, 64, 2, 8), mesh) == P(
+        "fsdp", "context", "tensor"
+    )
+    # weights keep embed -> fsdp
+    assert shd.logical_to_spec(("embed", "heads", "kv"), (32, 4, 8), mesh) == P("fsdp", "tensor")
+
+
+def test_constrain_is_identity_without_a_mesh():
+    x = np.ones((2, 4, 3), np.float32)
+    assert shd.constrain(x, ("batch", "length", "act_embed")) is x
+
+
 def test_size_one_axes_dropped():
     assert shd.logical_to_spec(("embed", "mlp"), (32, 64), FakeMesh()) == P()
 
@@ -52,9 +68,10 @@ def test_rank_mismatch_raises():
 
 
 def test_mesh_config_shapes_and_errors():
-    assert shd.MeshConfig().shape(8) == (8, 1, 1, 1)
-    assert shd.MeshConfig(data=-1, fsdp=4, tensor=2).shape(8) == (1, 4, 2, 1)
-    assert shd.MeshConfig(data=2, expert=4).shape(8) == (2, 1, 1, 4)
+    assert shd.MeshConfig().shape(8) == (8, 1, 1, 1, 1)
+    assert shd.MeshConfig(data=-1, fsdp=4, tensor=2).shape(8) == (1, 4, 2, 1, 1)
+    assert shd.MeshConfig(data=2, expert=4).shape(8) == (2, 1, 1, 4, 1)
+    assert shd.MeshConfig(data=1, fsdp=2, context=4).shape(8) == (1, 2, 1, 1, 4)
     with pytest.raises(ValueError, match="needs 6 devices"):
         shd.MeshConfig(data=3, tensor=2).shape(8)
     with pytest.raises(ValueError, match="not a multiple"):
@@ -67,7 +84,7 @@ def test_make_mesh_single_device_and_batch_spec():
     mesh = shd.make_mesh()
     assert mesh.axis_names == shd.MESH_AXES
     assert mesh.devices.size == jax.device_count()
-    assert shd.batch_spec(extra_leading=1) == P(None, ("data", "fsdp", "expert"), None)
+    assert shd.batch_spec(extra_leading=1) == P(None, ("data", "fsdp", "expert"), "context")
     assert shd.batch_shard_count(mesh) == jax.device_count()
 
 

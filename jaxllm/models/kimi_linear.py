@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm import sharding as shd
 from jaxllm.models import base, registry
 from jaxllm.models.base import ModelOutput, cache_bytes, check_inputs, count_params
 from jaxllm.models.config import KimiLinearConfig
@@ -149,6 +150,9 @@ class KimiLinear(nn.Module):
         if cache is not None and len(cache.layers) != c.num_hidden_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.num_hidden_layers}")
         embed, x = base.embed_tokens(self, c, input_ids_BT)
+        # activations at layer boundaries: rows over the batch axes, the sequence over `context`
+        act = lambda x: shd.constrain(x, ("batch", "length", "act_embed"))  # noqa: E731
+        x = act(x)
         layer_cls = base.remat_layer(DecoderLayer, self.remat)
         new_layers, aux_losses = [], {}
         pos = None if cache is None else cache.pos
@@ -157,11 +161,12 @@ class KimiLinear(nn.Module):
             x, nc, aux = layer_cls(c, i, name=f"layers_{i}")(
                 x, segment_ids=segment_ids, cache=layer_cache, pos=pos, lengths=lengths
             )
+            x = act(x)
             new_layers.append(nc)
             for name, value in aux.items():  # MoE losses: the sum over layers
                 aux_losses[name] = aux_losses.get(name, 0.0) + value
         hidden = RMSNorm(c.rms_norm_eps, param_dtype=pd, name="norm")(x)
-        logits = base.lm_head_logits(self, c, hidden, embed)
+        logits = shd.constrain(base.lm_head_logits(self, c, hidden, embed), ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
             new_cache = ModelCache(

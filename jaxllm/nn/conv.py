@@ -3,6 +3,7 @@
 Tap order (as in the checkpoints' `q_conv1d.weight [C,1,W]`): out[t] = sum_j w[j] * x[t-W+1+j]
 (the last tap multiplies the current token), zero left padding. Our kernel layout is `w_W...`
 (taps first, then the channel dims). The decode state holds the last W-1 inputs `state_BW1...`.
+Under context parallelism (`causal_conv_context`) the previous span's last W-1 inputs are the state.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.nn.context_parallel import previous_span_tail
 from pallas_kernels.kda.common import document_index
 
 
@@ -50,6 +52,22 @@ def causal_conv(x_BTC, w_WC, *, state_BSC=None, segment_ids_BT=None):
         keep = run_BP[:, T:] == run_BT[:, -1:]
         new_state = new_state * keep[bcast].astype(new_state.dtype)
     return y.astype(x_BTC.dtype), new_state
+
+
+def causal_conv_context(x_BTC, w_WC, *, segment_ids_BT=None):
+    """`causal_conv` of this device's span of a sequence split over the mesh's `context` axis
+    (call inside `shard_map`): the W-1 inputs before the span come from the previous span
+    (ppermute; zeros before the first), dropped where a document starts between them and the
+    span's first token. Returns y_BTC, as `causal_conv` of the whole sequence gives it here."""
+    W = w_WC.shape[0]
+    halo_BSC = previous_span_tail(x_BTC, W - 1)
+    if segment_ids_BT is not None:
+        # halo token j is kept iff no change point lies between it and the span's first token
+        ids_BS = jnp.concatenate([previous_span_tail(segment_ids_BT, W - 1), segment_ids_BT[:, :1]], axis=1)
+        doc_BS = document_index(ids_BS)
+        keep_BS = doc_BS[:, :-1] == doc_BS[:, -1:]
+        halo_BSC = halo_BSC * keep_BS.reshape(keep_BS.shape + (1,) * (x_BTC.ndim - 2)).astype(halo_BSC.dtype)
+    return causal_conv(x_BTC, w_WC, state_BSC=halo_BSC, segment_ids_BT=segment_ids_BT)[0]
 
 
 def causal_conv_step(x_BC, w_WC, state_BSC):

@@ -17,10 +17,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxllm.nn import context_parallel as cp
 from jaxllm.nn._params import fan_in_init, param, project
-from jaxllm.nn.conv import causal_conv, causal_conv_step, conv_state_after
+from jaxllm.nn.conv import causal_conv, causal_conv_context, causal_conv_step, conv_state_after
 from jaxllm.nn.norms import gated_rms_norm
+from pallas_kernels.kda import kda_context
 
 
 class KDACache(NamedTuple):
@@ -90,6 +93,51 @@ def _per_shard_if_pallas(fn, impl, q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_
     )(*(args[i] for i in present))
 
 
+def kda_context_parallel(
+    mesh, qkv_raw, conv_ws, g_BTHK, beta_BTH, segment_ids, *, scale, impl="auto", axis_names=None
+):
+    """Short convs + SiLU + KDA of a sequence split over the mesh's `context` axis: one
+    `shard_map` in which each device convolves its span with the previous span's halo
+    (`causal_conv_context`) and runs `kda_context` (span state transitions across devices).
+
+    qkv_raw: the projected q, k, v `[B,T,H,K]` before the convs; conv_ws: their kernels `[W,H,K]`.
+    Returns o_BTHV (v's dtype). Rows go over the batch axes and heads over `tensor` as the rules say."""
+    q, k, v = qkv_raw
+    B, T, H = q.shape[:3]
+    tok, rows, h = cp.token_specs(mesh, B, H, T)
+    seg_in = () if segment_ids is None else (segment_ids,)
+
+    def body(q, k, v, cq, ck, cv, g, beta, *seg):
+        seg = seg[0] if seg else None
+        q, k, v = (
+            jax.nn.silu(causal_conv_context(x, w, segment_ids_BT=seg)) for x, w in ((q, cq), (k, ck), (v, cv))
+        )
+        o, _ = kda_context(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            axis_name=cp.CONTEXT_AXIS,
+            scale=scale,
+            use_qk_l2norm=True,
+            impl=impl,
+            segment_ids=seg,
+        )
+        return o
+
+    w_spec = P(None, h)
+    # check_vma=False: the chunk op's loops start from unvarying zeros; gradients were checked
+    # against one device (tests/kernels/test_kda_context.py, tests/train/test_context_parallel.py)
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tok, tok, tok, w_spec, w_spec, w_spec, tok, tok) + (rows,) * len(seg_in),
+        out_specs=tok,
+        check_vma=False,
+    )(q, k, v, *conv_ws, g_BTHK, beta_BTH, *seg_in)
+
+
 class KimiDeltaAttention(nn.Module):
     hidden_size: int
     num_heads: int
@@ -156,7 +204,12 @@ class KimiDeltaAttention(nn.Module):
                 conv_state_after(s, raw, lengths)
                 for s, raw in ((cache.conv_q, q), (cache.conv_k, k), (cache.conv_v, v))
             ]
-        if cache is not None and T == 1 and segment_ids is None:
+        mesh = cp.context_mesh() if cache is None else None
+        if mesh is not None:
+            o_BTHK = kda_context_parallel(
+                mesh, (q, k, v), (cq, ck, cv), g_BTHK, beta_BTH, segment_ids, scale=scale, impl=self.impl
+            ).astype(self.dtype)
+        elif cache is not None and T == 1 and segment_ids is None:
             q1, sq = causal_conv_step(q[:, 0], cq, cache.conv_q)
             k1, sk = causal_conv_step(k[:, 0], ck, cache.conv_k)
             v1, sv = causal_conv_step(v[:, 0], cv, cache.conv_v)

@@ -16,7 +16,10 @@ Two forms, equal up to float rounding:
 `pallas_kernels.attention` (O(T) memory, no [B,H,T,S] scores; `attention_impl` picks its
 backend): expanded without a cache, absorbed with one (the new tokens are written into the
 cache first, then attend slots 0 .. pos[b]+T-1 of row b; key blocks past every row's length are
-never read). `impl="expanded"|"absorbed"` are the dense forms (`mla_expanded`, `mla_absorbed`:
+never read). Under a multi-device mesh (`jax.set_mesh`) the expanded attention runs once per shard
+(`mla_sharded_expanded`) when the mesh splits the sequence (`context` > 1: context parallelism,
+the latent KV all-gathered) or the attention is the Pallas TPU kernel (XLA cannot partition it).
+`impl="expanded"|"absorbed"` are the dense forms (`mla_expanded`, `mla_absorbed`:
 float32 scores over all keys), kept as references.
 Decode cache: `MLACache(latent_BSR, k_rope_BSP)` of fixed capacity S; `pos` [B] = tokens already in
 it per row (rows may hold different lengths).
@@ -31,12 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jaxllm.nn import context_parallel as cp
 from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.attention import cache_mask, causal_mask, write_rows
 from jaxllm.nn.norms import rms_norm
 from pallas_kernels.attention import IMPLS as ATTENTION_IMPLS
-from pallas_kernels.attention import attention
+from pallas_kernels.attention import attention, resolve_impl
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -137,6 +142,53 @@ def mla_blockwise_expanded(
     return attention(
         q_BTHD, k_BTHD, kv_BTHX[..., nope:], scale=scale, segment_ids=segment_ids, **attention_kw
     )
+
+
+def mla_sharded_expanded(
+    mesh, q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, segment_ids, *, nope, scale, **attention_kw
+):
+    """`mla_blockwise_expanded` once per shard of `mesh` (inside `shard_map`): rows over the batch
+    axes, heads over `tensor`, and, when the mesh's `context` axis is > 1, the sequence over it.
+
+    Context parallelism: each device all-gathers the compressed latent and rope key (kv_lora_rank
+    + rope floats per token, cheap next to per-head K/V) and the segment ids, expands K/V for the
+    whole sequence and attends its span's queries at their offset (causal and per document across
+    spans). Without `context`, a Pallas kernel (which XLA cannot partition) gets one call per shard."""
+    B, T, H = q_BTHD.shape[:3]
+    tok, rows, h = cp.token_specs(mesh, B, H, T)
+    split = mesh.shape[cp.CONTEXT_AXIS] > 1
+    seg_in = () if segment_ids is None else (segment_ids,)
+
+    def body(q, latent, k_rope, w, *seg):
+        seg = seg[0] if seg else None
+        offset = None
+        if split:
+            offset = cp.span_offset(q.shape[1])
+            latent, k_rope = cp.gather_sequence(latent), cp.gather_sequence(k_rope)
+            seg = None if seg is None else cp.gather_sequence(seg)
+        return mla_blockwise_expanded(
+            q, latent, k_rope, w, seg, nope=nope, scale=scale, q_offset=offset, **attention_kw
+        )
+
+    # check_vma=False: the blockwise attention's loops start from unvarying zeros
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tok, rows, rows, P(None, h)) + (rows,) * len(seg_in),
+        out_specs=tok,
+        check_vma=False,
+    )(q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, *seg_in)
+
+
+def _shard_mesh(attention_impl):
+    """The mesh to run the expanded attention per shard under: one that splits the sequence, or
+    any multi-device jaxllm mesh when the attention is a Pallas kernel; else None (XLA partitions)."""
+    mesh = cp.jaxllm_mesh()
+    if mesh is None:
+        return None
+    if mesh.shape[cp.CONTEXT_AXIS] > 1 or resolve_impl(attention_impl) == "pallas_tpu":
+        return mesh
+    return None
 
 
 ABSORBED_ROWS_PER_STEP = 1024  # query rows (rows x tokens x heads) one step of the absorbed append holds
@@ -282,16 +334,12 @@ class MLA(nn.Module):
         if self.impl == "auto":
             attention_kw = dict(self.attention_options, impl=self.attention_impl)
             if cache is None:
-                o_BTHV = mla_blockwise_expanded(
-                    query(x),
-                    latent_BTR,
-                    k_rope_BTP,
-                    kv_b,
-                    segment_ids,
-                    nope=N,
-                    scale=scale,
-                    **attention_kw,
-                )
+                mesh = _shard_mesh(self.attention_impl)
+                args = (query(x), latent_BTR, k_rope_BTP, kv_b, segment_ids)
+                if mesh is None:
+                    o_BTHV = mla_blockwise_expanded(*args, nope=N, scale=scale, **attention_kw)
+                else:
+                    o_BTHV = mla_sharded_expanded(mesh, *args, nope=N, scale=scale, **attention_kw)
                 return project(o_BTHV.astype(self.dtype), o_w, n_in=2), None
             new_cache = MLACache(
                 write_rows(cache.latent_BSR, latent_BTR, pos_B),

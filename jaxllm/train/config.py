@@ -64,6 +64,7 @@ class RunConfig:
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
     mesh_expert: int = 1
+    mesh_context: int = 1  # context parallelism: the sequence split over this many devices (divides seq_len)
     # Checkpoints: under checkpoint_dir ('' = <workdir>/checkpoints); a multi-host run needs a directory every
     # host sees (a shared mount, or gs://bucket/... with gcsfs installed).
     checkpoint_dir: str = ""
@@ -136,7 +137,7 @@ class RunConfig:
             raise ConfigError(
                 f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"
             )
-        for name in ("mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_expert"):
+        for name in ("mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_expert", "mesh_context"):
             v = getattr(self, name)
             if v == 0 or v < -1:
                 raise ConfigError(

@@ -80,11 +80,13 @@ def checkpoint_dir(config: RunConfig, workdir: str) -> str:
 
 
 def make_run_mesh(config: RunConfig):
-    mesh_config = shd.MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert)
+    mesh_config = shd.MeshConfig(
+        config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert, config.mesh_context
+    )
     try:
         return shd.make_mesh(mesh_config)
     except ValueError as e:
-        raise ConfigError(f"mesh_data/mesh_fsdp/mesh_tensor/mesh_expert: {e}") from None
+        raise ConfigError(f"mesh_data/mesh_fsdp/mesh_tensor/mesh_expert/mesh_context: {e}") from None
 
 
 def _cast_params(tree, dtype):
@@ -135,6 +137,11 @@ def setup(config: RunConfig, *, model=None, mesh=None) -> Setup:
             f"batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} rows per "
             f"microbatch must be divisible by the {shards} batch shards of mesh {dict(mesh.shape)} "
             "(data x fsdp x expert)"
+        )
+    if config.seq_len % shd.context_size(mesh):
+        raise ConfigError(
+            f"seq_len={config.seq_len} must be divisible by the mesh's context axis "
+            f"({shd.context_size(mesh)}: context parallelism splits the sequence evenly)"
         )
     tx, schedule = make_optimizer(config)
     ids = jnp.zeros((1, config.seq_len), jnp.int32)
