@@ -116,10 +116,10 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.plot:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (only for --plot; Agg backend before pyplot)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
 
         L = [r["context"] for r in rows]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))

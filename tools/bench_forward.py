@@ -50,8 +50,8 @@ def main(argv=None):
     ap.add_argument("--moe-dispatch", default="auto")
     args = ap.parse_args(argv)
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 (optional dependency: the hf extra)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 (optional dependency: the hf extra)
 
     args.config = args.config or DEFAULT_CONFIGS[args.model]
     hf_config = registry.read_hf_config(args.config)

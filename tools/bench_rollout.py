@@ -57,6 +57,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jaxllm  # noqa: E402
 from jaxllm.agent import rollout, synth  # noqa: E402
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig  # noqa: E402
 from jaxllm.data.tokenizers import ByteTokenizer  # noqa: E402
@@ -89,8 +90,6 @@ def rollout_at(rev: str):
 
 def bench_generate(model, params, reps: int, seed: int) -> list[dict]:
     """tokens/s of one ragged batch vs the same prompts one at a time."""
-    import jaxllm
-
     rng = np.random.default_rng(seed)
     rows, n_new = [], 32
     for batch in (1, 8, 64):

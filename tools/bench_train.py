@@ -15,21 +15,24 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jaxllm.models.config import KimiLinearConfig  # noqa: E402
+from jaxllm.train import loop  # noqa: E402
+from jaxllm.train import metrics as ml  # noqa: E402
+from jaxllm.train.config import load_config  # noqa: E402
+
 
 def bench_jax(config, steps: int) -> dict:
-    import jax
-    import numpy as np
-
-    from jaxllm.train import loop
-    from jaxllm.train import metrics as ml
-
     s = loop.setup(config)
     with jax.set_mesh(s.mesh):
         state = loop.init_state(s)
@@ -70,8 +73,8 @@ def bench_jax(config, steps: int) -> dict:
 
 def bench_transformers(model_config, config, steps: int) -> dict:
     try:
-        import torch
-        import transformers
+        import torch  # noqa: PLC0415 (optional dependency: the hf extra)
+        import transformers  # noqa: PLC0415 (optional dependency: the hf extra)
     except ImportError as e:
         return {"skipped": f"torch/transformers not installed ({e.name})"}
     hf_cfg = model_config.to_hf_config(layout="transformers")
@@ -104,8 +107,6 @@ def bench_transformers(model_config, config, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from jaxllm.train.config import load_config
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "train_default.json"))
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
@@ -116,8 +117,6 @@ def main(argv=None) -> int:
     model_cfg = jax_res.pop("model_config")
     hf = {"skipped": "model has no KimiLinearConfig"}
     if model_cfg is not None:
-        from jaxllm.models.config import KimiLinearConfig
-
         hf = bench_transformers(KimiLinearConfig(**model_cfg), config, args.steps)
     out = {
         "bench": "train_step",
@@ -129,8 +128,6 @@ def main(argv=None) -> int:
     }
     if "tokens_per_s" in hf:
         out["speedup_vs_transformers"] = jax_res["tokens_per_s"] / hf["tokens_per_s"]
-    import platform
-
     out["machine"] = f"{platform.machine()} {os.cpu_count()} cpus, jax {__import__('jax').__version__}"
     print(json.dumps(out))
     return 0
