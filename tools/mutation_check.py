@@ -433,8 +433,8 @@ MUTATIONS = [
     Mutation(
         "attention-raw-segment-ids",
         "pallas_kernels/attention/common.py",
-        "        doc = document_index(segment_ids)\n",
-        "        doc = segment_ids\n",
+        "        k_doc = document_index(segment_ids)\n",
+        "        k_doc = segment_ids\n",
         (
             "tests/kernels/test_attention.py::TestAttention::test_causal_packed_gqa_ragged_qk_ne_v",
             "tests/nn/test_mla_blockwise.py::test_blockwise_equals_expanded",
@@ -597,6 +597,47 @@ MUTATIONS = [
         "        if i >= tokenizer.vocab_size:\n",
         ("tests/agent/test_agent_hf.py::test_stop_hit_finds_the_stops_of_cut_turn_ids",),
         "special ids add their text to the turn, though decoding drops them",
+    ),
+    # context parallelism (issue 16)
+    Mutation(
+        "kda-context-no-reset-at-span-boundary",
+        "pallas_kernels/kda/context.py",
+        "        s = jnp.where(reset[:, None, None, None], 0.0, s)\n",
+        "",
+        ("tests/kernels/test_kda_context.py::test_context_parallel_kda_matches_whole_sequence",),
+        "a document starting on a span boundary inherits the previous span's state",
+    ),
+    Mutation(
+        "kda-context-no-incoming-state",
+        "pallas_kernels/kda/context.py",
+        '    o = o0.astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", c.astype(jnp.float32), mine)\n',
+        "    o = o0.astype(jnp.float32)\n",
+        ("tests/kernels/test_kda_context.py::test_span_transition_is_the_affine_map_of_the_incoming_state",),
+        "a span's outputs ignore the state carried in from earlier spans",
+    ),
+    Mutation(
+        "attention-span-queries-document-from-offset",
+        "pallas_kernels/attention/common.py",
+        "        q_pos = jnp.clip(offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None], 0, S - 1)\n",
+        "        q_pos = jnp.clip(jnp.arange(T, dtype=jnp.int32)[None] + 0 * offset[:, None], 0, S - 1)\n",
+        ("tests/kernels/test_attention_context.py::test_span_queries_against_all_keys_match_self_attention",),
+        "a span's queries take the documents of the sequence's first tokens, not their own",
+    ),
+    Mutation(
+        "conv-context-halo-crosses-documents",
+        "jaxllm/nn/conv.py",
+        "        keep_BS = doc_BS[:, :-1] == doc_BS[:, -1:]\n",
+        "        keep_BS = doc_BS[:, :-1] >= 0\n",
+        ("tests/train/test_context_parallel.py",),
+        "the short conv reads the previous span's tokens of another document",
+    ),
+    Mutation(
+        "mla-context-no-query-offset",
+        "jaxllm/nn/mla.py",
+        "            offset = cp.span_offset(q.shape[1])\n",
+        "            offset = 0 * cp.span_offset(q.shape[1])\n",
+        ("tests/train/test_context_parallel.py",),
+        "MLA spans attend as if they were the sequence's start: later keys leak in",
     ),
 ]
 

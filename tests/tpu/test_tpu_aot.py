@@ -177,15 +177,10 @@ def test_kimi_linear_train_step_compiles_on_v5e_mesh():
     assert report["peak_bytes"] < 16 * 2**30  # a v5e chip's HBM
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="MLA calls the Pallas TPU attention without shard_map: on a mesh of more than one chip "
-    "XLA is asked to partition the Mosaic kernel and refuses (the KDA layer runs its kernel per shard)",
-)
 def test_mla_pallas_attention_on_mesh(v5e):
     """An MLA layer, forward and backward, with its default attention (the Pallas TPU kernel on a
-    TPU) and a batch split over the v5e:2x2 mesh, as in training."""
+    TPU) and a batch split over the v5e:2x2 mesh, as in training: XLA cannot partition a Mosaic
+    kernel, so the layer runs it per shard (`mla_sharded_expanded`)."""
     from jaxllm import sharding as shd
     from jaxllm.models import registry
     from jaxllm.nn import MLA
