@@ -59,8 +59,9 @@ for name, mesh_kw in (
     placed = (jax.device_put(params, p_sh), *(jax.device_put(x, rows) for x in (inputs, targets, seg)))
     with jax.set_mesh(mesh):
         sharded = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(p_sh, rows, rows, rows))
-        text = sharded.lower(*placed).as_text()
-        loss, grads = sharded(*placed)
+        lowered = sharded.lower(*placed)
+        text = lowered.as_text()
+        loss, grads = lowered.compile()(*placed)
     errs = jax.tree.map(
         lambda a, b: float(
             np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
@@ -70,12 +71,18 @@ for name, mesh_kw in (
         grads,
     )
     flat = {jax.tree_util.keystr(p): e for p, e in jax.tree_util.tree_flatten_with_path(errs)[0]}
+    diff2 = sum(
+        float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+        for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads))
+    )
+    norm2 = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in jax.tree.leaves(ref_grads))
     worst = max(flat, key=flat.get)
     result[name] = dict(
         loss=float(loss),
         ref_loss=float(ref_loss),
         loss_err=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
         grad_err=flat[worst],
+        grad_err_global=float(np.sqrt(diff2 / norm2)),
         worst=worst,
         all_gather="all-gather" in text or "all_gather" in text,
         ppermute="collective-permute" in text or "collective_permute" in text,

@@ -31,10 +31,12 @@ def test_train_step_with_context_parallelism_matches_one_device():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads(lines[-1][len("RESULT ") :])
+    print(got)
     for name in ("context8", "fsdp2_context4"):
         r = got[name]
         assert r["batch_spec"].endswith("'context')"), r  # the tokens really were split over context
         assert r["all_gather"] and r["ppermute"], r  # MLA's latent all-gather, the conv halo
         assert r["loss_err"] <= 1e-5, r
-        # float32 reduction order differs (sharded sums): 2e-5 rms-relative at most per parameter
+        assert r["grad_err_global"] <= 1e-5, r  # all gradients together, rms-relative
+        # per parameter: float32 sums in another order (sharded) reach ~1e-5 on the smallest ones
         assert r["grad_err"] <= 2e-5, r
