@@ -161,10 +161,12 @@ def pick(
     heads_params=None,
     prev_tokens_BN=None,
     prev_count_B=None,
+    prev_mask_BN=None,
 ):
     """The next token of every row: greedy (sampling None), else `sample_next` with per-row keys,
     AutoDeco heads (`heads.apply(heads_params, hidden_BD, logits_BV)` -> temperature/top-p per row)
-    and penalties over each row's first `prev_count[b]` previous tokens."""
+    and penalties over the previous tokens of each row: its first `prev_count[b]`, and of those
+    the ones `prev_mask_BN` marks (either may be None: all)."""
     if sampling is None:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     from jaxllm.ops.sampling import sample_next
@@ -175,8 +177,11 @@ def pick(
         t_B, p_B = _heads_outputs(heads_module.apply(heads_params, hidden_BD, logits_BV))
         kw = dict(temperature_B=t_B.reshape(-1), top_p_B=p_B.reshape(-1))
     if prev_tokens_BN is not None:
+        mask_BN = jnp.ones(prev_tokens_BN.shape, bool) if prev_mask_BN is None else prev_mask_BN
+        if prev_count_B is not None:
+            mask_BN &= jnp.arange(prev_tokens_BN.shape[1])[None] < prev_count_B[:, None]
         kw["prev_tokens_BT"] = prev_tokens_BN
-        kw["prev_mask_BT"] = jnp.arange(prev_tokens_BN.shape[1])[None] < prev_count_B[:, None]
+        kw["prev_mask_BT"] = mask_BN
     return sample_next(logits_BV, keys_B, sampling, **kw)
 
 

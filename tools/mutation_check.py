@@ -647,6 +647,22 @@ MUTATIONS = [
         ("tests/train/test_context_parallel.py",),
         "MLA spans attend as if they were the sequence's start: later keys leak in",
     ),
+    Mutation(
+        "rollout-penalties-forget-history",
+        "jaxllm/agent/rollout.py",
+        "            count_R = count_R + active_R.astype(jnp.int32)\n",
+        "",
+        ("tests/agent/test_rollout.py::test_penalties_see_each_rows_assistant_tokens",),
+        "the segmented loop's penalties never see the row's earlier tokens",
+    ),
+    Mutation(
+        "rollout-penalties-skip-forced",
+        "jaxllm/agent/rollout.py",
+        "(tokens, (kind == KIND_MODEL) | (kind == KIND_FORCED)) if _penalized(sampling) else None",
+        "(tokens, kind == KIND_MODEL) if _penalized(sampling) else None",
+        ("tests/agent/test_rollout.py::test_penalties_see_each_rows_assistant_tokens",),
+        "the scan loop's penalties skip the forced tokens of assistant turns",
+    ),
 ]
 
 

@@ -244,14 +244,8 @@ def prepare(
         raise ValueError(f"{who}: chat_format must be a protocol.ChatFormat, got {type(fmt).__name__}")
     if not isinstance(executor, tools.ToolExecutor):
         raise ValueError(f"{who}: executor must be a tools.ToolExecutor, got {type(executor).__name__}")
-    if sampling is not None:
-        if sampling.presence_penalty != 0 or sampling.repetition_penalty != 1:
-            raise ValueError(
-                f"{who}: presence/repetition penalties are not applied in rollouts (they would need "
-                f"each row's earlier turns); got {sampling}"
-            )
-        if rng is None:
-            raise ValueError(f"{who}: sampling needs an `rng` key")
+    if sampling is not None and rng is None:
+        raise ValueError(f"{who}: sampling needs an `rng` key")
     if (autodeco is not None) != (sampling is not None and sampling.mode == "autodeco"):
         raise ValueError(f"{who}: AutoDeco heads (autodeco=) and SamplingConfig(mode='autodeco') go together")
     if forced_turns is not None:

@@ -149,12 +149,27 @@ def _init_cache(model, B, T, C):
     return jax.jit(lambda: model.init_cache(B, T + C))()
 
 
-def _choose(last, keys, forced_R, *, sampling, heads, heads_params):
+def _penalized(sampling) -> bool:
+    return sampling is not None and (sampling.presence_penalty != 0 or sampling.repetition_penalty != 1)
+
+
+def _choose(last, keys, forced_R, *, sampling, heads, heads_params, seen=None):
     """The next token of every row (the engine's `pick`; a forced id wins), its log-probability
-    under the raw logits, and the row keys to use next."""
+    under the raw logits, and the row keys to use next. ``seen``: (tokens, mask) the penalties
+    look at (the row's assistant tokens so far)."""
     logits_RV, hidden_RD = last
     keys, draw = decode.split_rows(keys)
-    tok = decode.pick(logits_RV, hidden_RD, draw, sampling=sampling, heads=heads, heads_params=heads_params)
+    prev_tokens, prev_mask = (None, None) if seen is None else seen
+    tok = decode.pick(
+        logits_RV,
+        hidden_RD,
+        draw,
+        sampling=sampling,
+        heads=heads,
+        heads_params=heads_params,
+        prev_tokens_BN=prev_tokens,
+        prev_mask_BN=prev_mask,
+    )
     tok = jnp.where(forced_R >= 0, forced_R, tok)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits_RV, axis=-1), tok[:, None], -1)[:, 0]
     return tok, logp, keys
@@ -175,16 +190,26 @@ def _feed_fn(model_cls, config):
 def _step_fn(model_cls, config, sampling, heads):
     model = model_cls(config)
 
-    def step(params, cache, last, forced_R, active_R, keys, heads_params):
+    def step(params, cache, last, forced_R, active_R, keys, heads_params, history):
+        """history: the assistant tokens of each row so far (tokens, count), for the penalties."""
+        hist_RT, count_R = history
+        seen = (
+            (hist_RT, jnp.arange(hist_RT.shape[1])[None] < count_R[:, None]) if _penalized(sampling) else None
+        )
         tok, logp, keys = _choose(
-            last, keys, forced_R, sampling=sampling, heads=heads, heads_params=heads_params
+            last, keys, forced_R, sampling=sampling, heads=heads, heads_params=heads_params, seen=seen
         )
         cache, logits, hidden = decode.append_tokens(
             model, params, cache, tok[:, None], active_R.astype(jnp.int32), *last
         )
-        return tok, logp, cache, (logits, hidden), keys
+        if _penalized(sampling):
+            rows = jnp.arange(hist_RT.shape[0])
+            slot = jnp.clip(count_R, 0, hist_RT.shape[1] - 1)
+            hist_RT = hist_RT.at[rows, slot].set(jnp.where(active_R, tok, hist_RT[rows, slot]))
+            count_R = count_R + active_R.astype(jnp.int32)
+        return tok, logp, cache, (logits, hidden), keys, (hist_RT, count_R)
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(step, donate_argnums=(1, 2, 7))
 
 
 def segmented_rollout(
@@ -213,8 +238,9 @@ def segmented_rollout(
       questions: one per row.
       system_prompt: default ``protocol.build_system_prompt(executor.tool_specs(),
         date=synth.SYNTH_DATE)``, the prompt synthesized trajectories carry.
-      sampling: None for greedy, else a ``SamplingConfig`` (any mode, no penalties) with ``rng``
-        (one key, split per row, or one key per row).
+      sampling: None for greedy, else a ``SamplingConfig`` (any mode) with ``rng`` (one key, split
+        per row, or one key per row). Presence and repetition penalties look at the row's
+        assistant tokens so far (every turn, sampled or forced; not the prompt or observations).
       autodeco: ``(heads_module, heads_params)`` for ``SamplingConfig(mode="autodeco")``: the
         heads read each row's last hidden state and logits (see ``jaxllm.decode.pick``).
       forced_turns: optional, per row a list of texts; turn i of that row starts with the tokens
@@ -263,6 +289,9 @@ def segmented_rollout(
     feed = _feed_fn(type(model), mcfg)
     step = _step_fn(type(model), mcfg, sampling, heads)
     keys = decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B)
+    # the assistant tokens of each row, for penalties (empty when the sampling has none)
+    width = T if _penalized(sampling) else 1
+    history = (jnp.zeros((B, width), jnp.int32), jnp.zeros((B,), jnp.int32))
 
     def feed_rows(pending):
         """Append each row's pending ids in chunks of at most C (rows with none are left alone)."""
@@ -293,8 +322,8 @@ def segmented_rollout(
                 script = forced_ids[r][t] if t < len(forced_ids[r]) else ()
                 if len(gen[r]) < len(script):
                     forced[r] = script[len(gen[r])]
-            tok, lp, cache, last, keys = step(
-                params, cache, last, jnp.asarray(forced), jnp.asarray(generating), keys, heads_params
+            tok, lp, cache, last, keys, history = step(
+                params, cache, last, jnp.asarray(forced), jnp.asarray(generating), keys, heads_params, history
             )
             tok, lp = np.asarray(tok), np.asarray(lp)
             for r in np.flatnonzero(generating):
@@ -430,8 +459,11 @@ def _scan_fn(
                     keys,
                 ) = c
                 forced = jnp.where(turn_len < L, forced_BL[row_idx, jnp.clip(turn_len, 0, L - 1)], -1)
+                seen = (
+                    (tokens, (kind == KIND_MODEL) | (kind == KIND_FORCED)) if _penalized(sampling) else None
+                )
                 tok, lp, keys = _choose(
-                    last, keys, forced, sampling=sampling, heads=heads, heads_params=heads_params
+                    last, keys, forced, sampling=sampling, heads=heads, heads_params=heads_params, seen=seen
                 )
                 cache, logits, hidden = decode.append_tokens(
                     model, params, cache, tok[:, None], gen.astype(jnp.int32), *last

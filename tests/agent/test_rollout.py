@@ -19,6 +19,7 @@ from jaxllm.agent import synth, tools, wiki_env
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.tokenizers import ByteTokenizer
 from jaxllm.models import KimiLinear, KimiLinearConfig
+from jaxllm.ops.sampling import SamplingConfig
 
 TOK = ByteTokenizer()
 SYSTEM = "Answer with tools."
@@ -236,15 +237,11 @@ def test_argument_errors(model_params, wiki):
         )
     with pytest.raises(ValueError, match="RolloutConfig.max_tool_errors"):
         R.RolloutConfig(max_tool_errors=0)
-    from jaxllm.ops.sampling import SamplingConfig
-
     with pytest.raises(ValueError, match="needs an `rng`"):
         R.segmented_rollout(model, params, TOK, ex, ["q"], system_prompt=SYSTEM, sampling=SamplingConfig())
 
 
 def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki):
-    from jaxllm.ops.sampling import SamplingConfig
-
     model, params = model_params
     cfg = dataclasses.replace(CFG, max_turns=1, turn_tokens=40, max_tool_errors=None)
     qs = ["a?", "b?", "c?", "d?", "e?"]
@@ -588,8 +585,6 @@ class _Heads(nn.Module):
 
 def test_scan_equals_segmented_with_autodeco_sampling(model_params, wiki):
     """Both loops pick through the engine: AutoDeco heads, per-row keys, same draws."""
-    from jaxllm.ops.sampling import SamplingConfig
-
     model, params = model_params
     qs = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
     forced = [["<think>\n"], [], [], [], []]
@@ -628,3 +623,32 @@ def test_scan_equals_segmented_with_autodeco_sampling(model_params, wiki):
             rng=jax.random.key(0),
             autodeco=(heads, {}),
         )
+
+
+def test_penalties_see_each_rows_assistant_tokens(model_params, wiki):
+    """Presence/repetition penalties in both loops (the same draws): a presence penalty far above
+    any logit at a near-greedy temperature never repeats a token the row's assistant turns already
+    hold, forced tokens included, while the same sampling without it does."""
+    model, params = model_params
+    qs = ["Where was Ada born?", "Who founded it?", "Capital?"]
+    forced = [["<think>\nabcdefgh"], [], ["<think>\n"]]
+    cfg = R.RolloutConfig(max_turns=2, turn_tokens=24, token_budget=800, chunk=32)
+    kw = dict(config=cfg, system_prompt=SYSTEM, forced_turns=forced, rng=jax.random.key(3))
+    strong = SamplingConfig(temperature=0.05, presence_penalty=1e4, repetition_penalty=1.5)
+
+    def run(loop, sampling):
+        return loop(model, params, TOK, synth.wiki_executor(wiki), qs, sampling=sampling, **kw)
+
+    seg, scan = run(R.segmented_rollout, strong), run(R.scan_rollout, strong)
+    _assert_same(seg, scan)
+
+    def repeats(res):
+        n = 0
+        for r in range(len(qs)):
+            mine = res.assistant_mask[r]
+            for t in np.flatnonzero(res.model_mask[r]):
+                n += res.tokens[r, t] in set(res.tokens[r, :t][mine[:t]].tolist())
+        return n
+
+    assert seg.model_mask.sum() > 40 and repeats(seg) == 0
+    assert repeats(run(R.segmented_rollout, SamplingConfig(temperature=0.05))) > 5
