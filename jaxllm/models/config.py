@@ -76,6 +76,8 @@ class KimiLinearConfig:
     kda_impl: str = "auto"
     mla_impl: str = "auto"
     moe_dispatch: str = "auto"
+    moe_expert_parallel: bool = True  # under a mesh: expert-parallel all-to-all / per-device dispatch
+    moe_capacity_factor: float | None = None  # expert-parallel capacity per device pair; None = dropless
     # training-only MoE losses (0 = off), returned in ModelOutput.aux_losses without a cache
     seq_balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
@@ -158,6 +160,8 @@ class KimiLinearConfig:
                 bad("topk_group", f"{self.topk_group} > num_expert_group {self.num_expert_group}")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            bad("moe_capacity_factor", f"must be > 0 or null (dropless), got {self.moe_capacity_factor}")
         for f, allowed in (
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),

@@ -109,6 +109,8 @@ class DecoderLayer(nn.Module):
                 routed_scaling_factor=c.routed_scaling_factor,
                 router_activation=c.moe_router_activation_func,
                 dispatch=c.moe_dispatch,
+                expert_parallel=c.moe_expert_parallel,
+                capacity_factor=c.moe_capacity_factor,
                 return_aux_losses=True,
                 balance_loss_alpha=c.seq_balance_loss_alpha if cache is None else 0.0,
                 router_z_loss_coef=c.router_z_loss_coef if cache is None else 0.0,

@@ -84,6 +84,8 @@ class QwenConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     moe_dispatch: str = "auto"
+    moe_expert_parallel: bool = True  # under a mesh: expert-parallel all-to-all / per-device dispatch
+    moe_capacity_factor: float | None = None  # expert-parallel capacity per device pair; None = dropless
 
     def __post_init__(self):
         norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -160,6 +162,8 @@ class QwenConfig:
         for i in self.mlp_only_layers:
             if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
                 bad("mlp_only_layers", f"entry {i!r} outside 0..{self.num_hidden_layers - 1}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            bad("moe_capacity_factor", f"must be > 0 or null (dropless), got {self.moe_capacity_factor}")
         for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCHES)):
             if getattr(self, f) not in allowed:
                 bad(f, f"got {getattr(self, f)!r}; allowed: {allowed}")
@@ -383,6 +387,8 @@ class DecoderLayer(nn.Module):
                 renormalize=c.norm_topk_prob,
                 router_activation="softmax",
                 dispatch=c.moe_dispatch,
+                expert_parallel=c.moe_expert_parallel,
+                capacity_factor=c.moe_capacity_factor,
                 correction_bias=False,
                 return_router_stats=True,
                 dtype=cd,

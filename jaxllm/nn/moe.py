@@ -28,7 +28,10 @@ Dispatch implementations (all give the same result):
 Expert parallelism (`jaxllm.nn.moe_parallel`): when the MoE runs under a mesh whose `expert` axis
 is > 1 (`jax.set_mesh`, as the train step does), tokens travel to their experts' devices and back
 by all-to-all inside `shard_map`, and the dispatch above runs on each device's received tokens
-(`grouped_ffn`); `capacity_factor` None = dropless. `expert_parallel=False` turns it off.
+(`grouped_ffn`); `capacity_factor` None = dropless. Under a mesh without an expert axis each device
+dispatches its own tokens (`token_parallel_moe`): left to XLA, the argsort over token-sharded
+assignments gathers the whole batch's assignments onto every device. `expert_parallel=False` turns
+both off.
 
 The dispatch table (`AUTO_DISPATCH`; `tools/bench_moe.py` measures it, docs/training.md has the
 numbers):
@@ -321,7 +324,9 @@ class MoE(nn.Module):
     return_aux_losses: bool = False  # also return {name: scaled loss} (below; empty when both are 0)
     balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
-    expert_parallel: bool = True  # all-to-all to the experts' devices when the mesh's `expert` > 1
+    # under a mesh: all-to-all to the experts' devices when its `expert` axis > 1, else each device
+    # dispatches its own tokens (moe_parallel.token_parallel_moe); False: XLA partitions the dispatch
+    expert_parallel: bool = True
     capacity_factor: float | None = None  # expert-parallel slots per device pair; None = dropless
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -370,6 +375,17 @@ class MoE(nn.Module):
             )
             if not self.is_initializing():
                 self.sow(ROUTER_LOAD, DROPPED_NAME, dropped, init_fn=lambda: 0, reduce_fn=jnp.add)
+        elif self.expert_parallel and moe_parallel.can_shard_tokens(mesh, B * T):
+            y = moe_parallel.token_parallel_moe(
+                x_ND,
+                weights,
+                idx,
+                w1.astype(cd),
+                w3.astype(cd),
+                w2.astype(cd),
+                mesh=mesh,
+                experts=functools.partial(moe_experts, dispatch=self.dispatch),
+            )
         else:
             y = moe_experts(
                 x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch

@@ -1,0 +1,171 @@
+"""MoE dispatch benchmark: CPU tokens/s of each dispatch, and compiled FLOPs vs the ideal.
+
+    python tools/bench_moe.py cpu [--experts 32 --tokens 512 --steps 3]
+    python tools/bench_moe.py flops [--experts 256 --tokens 4096 --topology v5e:2x2]
+
+`cpu`: forward tokens/s of `moe.moe_experts` for each dispatch at the 48B-A3B layer widths (hidden
+2304, expert width 1024, top-8) with the experts scaled down (default 32 of 256), jitted on this
+machine's CPU; "gather" only when its [N, k, D, F] weight gather fits (decode sizes).
+
+`flops`: the compiled FLOP count of one MoE layer's routed experts (forward) at the real widths
+against the ideal 2 * tokens * top_k * 3 * hidden * moe_inter, ratio printed:
+- tpu: "ragged" (the table's TPU entry) compiled by libtpu for one chip of `--topology`
+  (`[tpu-aot]` extra, Python >= 3.12; skipped with the reason otherwise);
+- gpu: "blocked" (the table's GPU entry). No GPU compiler can run here (jaxlib's CUDA plugin needs a
+  GPU to compile), so its FLOPs are counted from the XLA:CPU compile of the same program: the
+  blocked dispatch is static dots whose shapes do not depend on the backend;
+- cpu: "blocked" and "ragged" as XLA:CPU compiles them (ragged_dot becomes dense there).
+
+Each result is one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.nn.moe import AUTO_DISPATCH, experts_blocked, moe_experts, route
+
+# libtpu locks a file for the life of the process that loads it; compiling needs no chip
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+HIDDEN, MOE_INTER, TOP_K = 2304, 1024, 8  # Kimi Linear 48B-A3B (configs/kimi_linear_48b_a3b.json)
+
+
+def ideal_flops(tokens: int, top_k: int = TOP_K, hidden: int = HIDDEN, inter: int = MOE_INTER) -> float:
+    """Matmul FLOPs of the routed experts' forward: each of the tokens*top_k assignments runs w1, w3
+    ([D,F]) and w2 ([F,D])."""
+    return 2.0 * tokens * top_k * 3 * hidden * inter
+
+
+def problem(tokens: int, experts: int, dtype=jnp.float32, seed: int = 0):
+    """(x, weights, idx, w1, w3, w2) with a random router (load roughly even)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(tokens, HIDDEN)), dtype)
+    router = jnp.asarray(rng.normal(size=(HIDDEN, experts)) * HIDDEN**-0.5, jnp.float32)
+    wts, idx = route(x, router, None, top_k=TOP_K)
+    w1, w3 = (jnp.asarray(rng.normal(size=(experts, HIDDEN, MOE_INTER)) * 0.02, dtype) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(experts, MOE_INTER, HIDDEN)) * 0.02, dtype)
+    return x, wts, idx, w1, w3, w2
+
+
+def abstract(args, sharding=None):
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+
+
+def compiled_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+    return float(cost.get("flops", float("nan")))
+
+
+def experts_fn(dispatch: str):
+    """moe_experts with `dispatch`; "blocked:BM" is the blocked dispatch with BM rows per block."""
+    if dispatch.startswith("blocked:"):
+        return functools.partial(experts_blocked, block_rows=int(dispatch.split(":")[1]))
+    return functools.partial(moe_experts, dispatch=dispatch)
+
+
+def bench_cpu(tokens: int, experts: int, steps: int, dispatches) -> list[dict]:
+    args = problem(tokens, experts)
+    rows = []
+    for dispatch in dispatches:
+        if dispatch == "gather" and tokens * TOP_K * HIDDEN * MOE_INTER * 4 * 3 > 2**31:
+            rows.append({"bench": "cpu", "dispatch": dispatch, "skipped": "[N,k,D,F] gather > 2 GiB"})
+            continue
+        f = jax.jit(experts_fn(dispatch))
+        t0 = time.perf_counter()
+        f(*args).block_until_ready()
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = f(*args)
+        out.block_until_ready()
+        dt = (time.perf_counter() - t0) / steps
+        flops = compiled_flops(f.lower(*args).compile())
+        rows.append(
+            {
+                "bench": "cpu",
+                "dispatch": dispatch,
+                "tokens": tokens,
+                "experts": experts,
+                "top_k": TOP_K,
+                "step_s": round(dt, 4),
+                "tokens_per_s": round(tokens / dt, 1),
+                "compile_s": round(compile_s, 2),
+                "flops_ratio": round(flops / ideal_flops(tokens), 3),
+            }
+        )
+    return rows
+
+
+def flops_row(backend: str, dispatch: str, compiled, tokens: int, experts: int, how: str) -> dict:
+    flops = compiled_flops(compiled)
+    ideal = ideal_flops(tokens)
+    return {
+        "bench": "flops",
+        "backend": backend,
+        "dispatch": dispatch,
+        "tokens": tokens,
+        "experts": experts,
+        "top_k": TOP_K,
+        "compiled_flops": flops,
+        "ideal_flops": ideal,
+        "ratio": round(flops / ideal, 3),
+        "how": how,
+    }
+
+
+def bench_flops(tokens: int, experts: int, topology: str) -> list[dict]:
+    args = abstract(problem(tokens, experts, dtype=jnp.bfloat16))
+    rows = []
+    for backend, dispatch in (("gpu", AUTO_DISPATCH["gpu"]), ("cpu", "blocked"), ("cpu", "ragged")):
+        f = jax.jit(experts_fn(dispatch))
+        how = "XLA:CPU compile (static dot shapes, as on GPU)" if backend == "gpu" else "XLA:CPU compile"
+        rows.append(flops_row(backend, dispatch, f.lower(*args).compile(), tokens, experts, how))
+    rows.append(tpu_flops(tokens, experts, topology, AUTO_DISPATCH["tpu"]))
+    return rows
+
+
+def tpu_flops(tokens: int, experts: int, topology: str, dispatch: str) -> dict:
+    try:
+        import libtpu  # noqa: F401, PLC0415 (optional [tpu-aot] extra)
+        from jax.experimental import topologies  # noqa: PLC0415 (only with libtpu)
+    except ImportError as e:
+        return {"bench": "flops", "backend": "tpu", "skipped": f"libtpu not importable ({e})"}
+    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    args = abstract(problem(tokens, experts, dtype=jnp.bfloat16), jax.sharding.SingleDeviceSharding(device))
+    compiled = jax.jit(experts_fn(dispatch)).lower(*args).compile()
+    return flops_row("tpu", dispatch, compiled, tokens, experts, f"libtpu AOT, {topology} one chip")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("cpu", "flops"))
+    ap.add_argument("--experts", type=int, default=None, help="default: 32 (cpu), 256 (flops)")
+    ap.add_argument("--tokens", type=int, default=None, help="default: 512 (cpu), 4096 (flops)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dispatch", action="append", default=None, help="cpu: repeatable (default all)")
+    ap.add_argument("--topology", default="v5e:2x2")
+    a = ap.parse_args(argv)
+    if a.what == "cpu":
+        rows = bench_cpu(
+            a.tokens or 512, a.experts or 32, a.steps, a.dispatch or ("blocked", "ragged", "onehot", "gather")
+        )
+    else:
+        rows = bench_flops(a.tokens or 4096, a.experts or 256, a.topology)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
