@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from jaxllm import cli
-from jaxllm.agent import evaluate, synth
+from jaxllm.agent import evaluate, protocol, synth, train
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -278,8 +278,6 @@ def agent_runs(tmp_path_factory):
 
 
 def test_synth_with_wiki_and_system_prompt_records_the_world(agent_runs):
-    from jaxllm.agent import protocol
-
     _, data, _, _ = agent_runs
     recs = _lines(data)
     assert all(r["wiki"] == {"seed": 0, **json.loads(WIKI)} for r in recs)
@@ -293,8 +291,6 @@ def test_synth_with_wiki_and_system_prompt_records_the_world(agent_runs):
 
 
 def test_sft_then_rl_write_workdirs(agent_runs, capsys):
-    from jaxllm.agent import train
-
     _, _, sft, rl = agent_runs
     for w in (sft, rl):
         assert (w / "run_config.json").exists() and (w / "agent.json").exists()
@@ -372,8 +368,6 @@ def test_run_writes_predictions_and_trajectories(agent_runs, capsys):
 
 
 def test_several_worlds_need_the_agents_world_named(agent_runs, tmp_path, capsys):
-    from jaxllm.agent import train
-
     _, _, sft, _ = agent_runs
     data = tmp_path / "worlds.jsonl"
     assert (

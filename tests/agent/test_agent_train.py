@@ -7,11 +7,16 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxllm.agent import evaluate, protocol, rollout
 from jaxllm.agent import train as at
 from jaxllm.data.tokenizers import ByteTokenizer
+from jaxllm.errors import NonFiniteLossError
+from jaxllm.models.config import KimiLinearConfig
+from jaxllm.models.kimi_linear import KimiLinear
+from jaxllm.train.step import check_finite
 
 TOK = ByteTokenizer()
 
@@ -215,10 +220,6 @@ def test_wilson_interval():
 def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
     """A tiny Kimi model: an update with A=+1 on row 0 and A=-1 on row 1 (masked model tokens
     only) raises row 0's and lowers row 1's mean log-prob of those tokens."""
-    import optax
-
-    from jaxllm.models.config import KimiLinearConfig
-    from jaxllm.models.kimi_linear import KimiLinear
 
     cfg = KimiLinearConfig(
         vocab_size=259,
@@ -261,8 +262,6 @@ def test_one_rl_update_moves_logprobs_with_the_advantage_sign():
     assert float(d[0]) > 0 > float(d[1])
     assert math.isfinite(float(m["grad_norm"]))
     # The one NaN policy: a non-finite update is not applied and the driver's check names it.
-    from jaxllm.errors import NonFiniteLossError
-    from jaxllm.train.step import check_finite
 
     bad = {
         "tokens": toks,

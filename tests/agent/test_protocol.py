@@ -1,5 +1,6 @@
 import json
 import pathlib
+import random
 
 import pytest
 
@@ -198,8 +199,6 @@ def test_python_interpreter_call_with_code():
 
 
 def test_parse_never_raises_on_junk():
-    import random
-
     rng = random.Random(0)
     alphabet = list('<>/{}[]":,tool_call answer think code response\n') + [
         "<tool_call>",

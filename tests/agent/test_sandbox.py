@@ -305,8 +305,6 @@ def test_symlink_out_of_the_workdir_is_denied(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 def test_kill_uid_kills_processes_that_left_the_process_group():
-    import subprocess
-
     uid = sandbox._UID_BASE + 999_999
     procs = [
         subprocess.Popen(
@@ -581,8 +579,8 @@ def run_hostile_set(run_python, configs, cases, target_dir, sentinel_env):
     Standard library only: the unprivileged test runs this function's source as ``nobody``.
     The sentinel is a process of the calling user that the code tries to kill and ptrace.
     """
-    import os
-    import subprocess
+    import os  # noqa: PLC0415 (this function's source runs standalone)
+    import subprocess  # noqa: PLC0415 (this function's source runs standalone)
 
     def own_pids():  # live processes of this user; zombies wait for pid 1 and run nothing
         pids = set()

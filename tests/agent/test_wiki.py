@@ -1,10 +1,12 @@
 import math
+import random
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.agent import synth, tools
 from jaxllm.agent import wiki as W
 
 
@@ -162,8 +164,6 @@ def test_encode_drops_unknown_words_and_pads(wk):
 
 
 def test_backends_plug_into_the_executor(wk):
-    from jaxllm.agent import tools
-
     ex = tools.ToolExecutor(wk.backends())
     obs = ex.step(
         '<think>x</think><tool_call>{"name": "search", "arguments": {"query": '
@@ -229,8 +229,6 @@ def test_term_table_maps_word_tokens(wk):
 
 
 def test_search_without_snippets_forces_visits():
-    from jaxllm.agent import synth
-
     wk = W.SimulatedWiki(W.WikiConfig(seed=3, snippets=False))
     text = wk.search([wk.pages[2].title])
     assert wk.pages[2].url in text and wk.pages[2].sentences[0] not in text
@@ -243,8 +241,6 @@ def test_search_without_snippets_forces_visits():
 
 
 def test_byte_level_jnp_analyser_equals_the_python_one(wk):
-    import random
-
     rng = random.Random(0)
     words = list(wk.vocab) + ["the", "of", "Zzz", "ÉCOLE", "kelvin\u212a", "naïve", "İstanbul"]
     junk = ["!!", "-", "é", "\n", "12", "A1b", "_", "\t", "ß"]

@@ -10,8 +10,8 @@ TAGS = tuple(t for t in QWEN_SPECIAL_TOKENS if t not in SPECIAL)  # added, speci
 
 
 def qwen_bpe(corpus, vocab_size, *, tags=TAGS, tags_special=False):
-    import tokenizers
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+    import tokenizers  # noqa: PLC0415 (optional dependency: tokenizers)
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 (optional dependency: tokenizers)
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

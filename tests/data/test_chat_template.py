@@ -14,6 +14,7 @@ from jaxllm.agent import protocol
 from jaxllm.agent.tools import TOOL_SPECS
 from jaxllm.data import chat_template as ct
 from jaxllm.data.chat_template import render_chat, tongyi_system_prompt
+from jaxllm.data.hf_tokenizer import load_hf_tokenizer
 
 WEATHER = {
     "name": "weather",
@@ -281,8 +282,8 @@ QWEN3_TEMPLATE = r"""{%- if tools %}
 def _jinja_renderer(template: str):
     """The template compiled as transformers' apply_chat_template compiles it."""
     pytest.importorskip("jinja2", reason="jinja2 is not installed: pip install jinja2 to compare with it")
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    import jinja2.ext  # noqa: PLC0415 (optional dependency: jinja2)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (optional dependency: jinja2)
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
@@ -297,9 +298,7 @@ def _jinja_renderer(template: str):
 def _folder_template(tmp_path):
     """The template as a tokenizer folder carries it, read back by load_hf_tokenizer."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import AddedToken, models, pre_tokenizers
-
-    from jaxllm.data.hf_tokenizer import load_hf_tokenizer
+    from tokenizers import AddedToken, models, pre_tokenizers  # noqa: PLC0415 (optional dependency: tokenizers)
 
     tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -1,6 +1,7 @@
 """TFDS array_record sources (no TensorFlow): embedded stdlib corpus and local files."""
 
 import json
+import sys
 
 import pytest
 
@@ -14,7 +15,6 @@ def test_stdlib_corpus_builds_and_reads(tmp_path):
     doc = train[0]
     assert isinstance(doc, (bytes, str)) and len(doc) > 0
     assert list((tmp_path / "jaxllm_text").glob("*/1.0.0/*.array_record*"))
-    import sys
 
     assert "tensorflow" not in sys.modules
 

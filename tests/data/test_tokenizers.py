@@ -9,7 +9,7 @@ from jaxllm.data.tokenizers import make_tokenizer
 
 def test_hf_tokenizer_file(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers, trainers  # noqa: PLC0415 (optional dependency: tokenizers)
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

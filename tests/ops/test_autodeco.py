@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.ops import autodeco as A
+from jaxllm.ops.sampling import top_p_keep_mask
 
 GOLDEN_CASES = ["autodeco_small", "autodeco_vocab300"]
 
@@ -323,7 +324,6 @@ def test_soft_top_p_tends_to_hard_top_p_as_alpha_grows(x64):
 def test_soft_limit_drops_the_crossing_token_that_hard_top_p_keeps(x64):
     # Documented train/inference mismatch: inference (vLLM) top-p keeps the token whose
     # inclusive cumsum first crosses P; the soft mask's limit removes it.
-    from jaxllm.ops.sampling import top_p_keep_mask
 
     rng = np.random.default_rng(12)
     logits_V = rng.normal(size=30) * 2.0
