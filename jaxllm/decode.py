@@ -34,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.models.base import LanguageModel, check_token_ids
 
@@ -220,6 +221,48 @@ def append_tokens(model, params, cache, ids_BT, lengths_B, last_logits_BV, last_
     logits = jnp.where(fed, _last_real(out.logits, lengths_B), last_logits_BV)
     hidden = jnp.where(fed, _last_real(out.hidden, lengths_B).astype(last_hidden_BD.dtype), last_hidden_BD)
     return out.cache, logits, hidden
+
+
+def auto_axes(mesh):
+    """``mesh`` with every axis in automatic mode: the models are written for the compiler's
+    sharding propagation, not for explicitly sharded types (``jax.make_mesh``'s default)."""
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def shard_rows(tree, mesh, rows: int, axis: str = "data"):
+    """``tree`` placed on ``mesh`` with every leaf whose leading dimension is the batch (``rows``:
+    caches, tokens, per-row keys) split over ``axis`` and every other leaf replicated, so a jitted
+    step runs each device's rows there (computation follows the data). ``mesh`` None: as is."""
+    if mesh is None:
+        return tree
+    if axis not in mesh.shape:
+        raise ValueError(f"shard_rows: the mesh has no {axis!r} axis (axes {tuple(mesh.shape)})")
+    if rows % mesh.shape[axis]:
+        raise ValueError(
+            f"shard_rows: {rows} rows do not split evenly over the mesh's {axis!r} axis of {mesh.shape[axis]}"
+        )
+    mesh = auto_axes(mesh)
+    split, whole = NamedSharding(mesh, PartitionSpec(axis)), NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        return jax.device_put(x, split if np.ndim(x) >= 1 and np.shape(x)[0] == rows else whole)
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def on_mesh(params, mesh):
+    """``params`` as they are when every leaf already lives on ``mesh``'s devices (sharded as the
+    caller chose), else replicated over it; ``mesh`` None: as is."""
+    if mesh is None or params is None:
+        return params
+    devices = set(mesh.devices.flat)
+    leaves = jax.tree_util.tree_leaves(params)
+    if all(isinstance(x, jax.Array) and set(x.sharding.device_set) == devices for x in leaves):
+        return params
+    return jax.device_put(params, NamedSharding(auto_axes(mesh), PartitionSpec()))
 
 
 def empty_last(model, batch: int):

@@ -663,6 +663,14 @@ MUTATIONS = [
         ("tests/agent/test_rollout.py::test_penalties_see_each_rows_assistant_tokens",),
         "the scan loop's penalties skip the forced tokens of assistant turns",
     ),
+    Mutation(
+        "rollout-rows-not-split",
+        "jaxllm/decode.py",
+        "    return jax.tree_util.tree_map(place, tree)\n",
+        "    return tree\n",
+        ("tests/agent/test_rollout.py::test_rows_split_over_the_data_axis_equal_one_device",),
+        "rollouts given a mesh keep every row on one device",
+    ),
 ]
 
 

@@ -128,6 +128,7 @@ class RolloutResult:
     answers: list  # [B] answer text or None
     messages: list  # [B] chat messages (system, question, turns)
     host_callbacks: int | None = None  # scan_rollout: io_callback calls made (None: segmented)
+    row_sharding: object = None  # how the rows were laid out on the devices (rollouts with a mesh)
 
     @property
     def model_mask(self) -> np.ndarray:
@@ -204,7 +205,7 @@ class Episodes:
             self.messages[r].append({"role": "user", "content": content})
         return ids
 
-    def result(self, tokens, kind, logprobs, length, host_callbacks=None):
+    def result(self, tokens, kind, logprobs, length, host_callbacks=None, row_sharding=None):
         return RolloutResult(
             tokens=tokens,
             kind=kind,
@@ -217,6 +218,7 @@ class Episodes:
             answers=self.answers,
             messages=self.messages,
             host_callbacks=host_callbacks,
+            row_sharding=row_sharding,
         )
 
 

@@ -143,10 +143,11 @@ DEFAULT_CONFIG = RolloutConfig()
 # ------------------------------------------------------------------------------------------
 
 
-def _init_cache(model, B, T, C):
-    """One cache for every row. Appends are padded to at most C tokens past a row's end.
-    Built under jit so that every leaf is its own buffer (the steps donate the cache)."""
-    return jax.jit(lambda: model.init_cache(B, T + C))()
+def _init_cache(model, B, T, C, mesh=None):
+    """One cache for every row (its rows split over the mesh's data axis when there is one).
+    Appends are padded to at most C tokens past a row's end. Built under jit so that every leaf is
+    its own buffer (the steps donate the cache)."""
+    return decode.shard_rows(jax.jit(lambda: model.init_cache(B, T + C))(), mesh, B)
 
 
 def _penalized(sampling) -> bool:
@@ -226,6 +227,7 @@ def segmented_rollout(
     forced_turns: Sequence[Sequence[str]] | None = None,
     chat_format: protocol.ChatFormat | None = None,
     autodeco=None,
+    mesh=None,
 ) -> RolloutResult:
     """Run one ReAct episode per question, batched; see the module docstring.
 
@@ -249,6 +251,11 @@ def segmented_rollout(
         replaying demonstrations, or forcing a ``<think>\\n`` prefix.
       chat_format: ``protocol.CHATML`` (None) or ``protocol.Qwen3Format(...)``: how the prompt,
         observations and the forced-answer message are framed.
+      mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: the rows (cache, tokens, keys) are split
+        over it and each device decodes its own rows; params stay as placed when they already live
+        on the mesh (e.g. sharded by ``load_hf_checkpoint``), else are replicated over it. The
+        number of questions must divide by the axis size. ``RolloutResult.row_sharding`` says how
+        the rows ran. Single-process meshes (results are gathered to the host).
     """
     cfg = config
     prompts, forced_ids, ep = prepare(
@@ -283,15 +290,16 @@ def segmented_rollout(
 
     mcfg = model.config
     C = cfg.chunk
-    cache = _init_cache(model, B, T, C)
-    last = decode.empty_last(model, B)
+    cache = _init_cache(model, B, T, C, mesh)
+    last = decode.shard_rows(decode.empty_last(model, B), mesh, B)
     heads, heads_params = (None, None) if autodeco is None else autodeco
+    params, heads_params = decode.on_mesh(params, mesh), decode.on_mesh(heads_params, mesh)
     feed = _feed_fn(type(model), mcfg)
     step = _step_fn(type(model), mcfg, sampling, heads)
-    keys = decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B)
+    keys = decode.shard_rows(decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B), mesh, B)
     # the assistant tokens of each row, for penalties (empty when the sampling has none)
     width = T if _penalized(sampling) else 1
-    history = (jnp.zeros((B, width), jnp.int32), jnp.zeros((B,), jnp.int32))
+    history = decode.shard_rows((jnp.zeros((B, width), jnp.int32), jnp.zeros((B,), jnp.int32)), mesh, B)
 
     def feed_rows(pending):
         """Append each row's pending ids in chunks of at most C (rows with none are left alone)."""
@@ -339,7 +347,8 @@ def segmented_rollout(
             if ids is not None:
                 push(r, ids, KIND_TOOL)
                 pending[r] = ids
-    return ep.result(tokens, kind, logprobs, length)
+    sharding = jax.tree_util.tree_leaves(cache)[0].sharding if mesh is not None else None
+    return ep.result(tokens, kind, logprobs, length, row_sharding=sharding)
 
 
 # ------------------------------------------------------------------------------------------
@@ -619,7 +628,7 @@ def _scan_fn(
         )
         carry, _ = jax.lax.scan(turn, carry, jnp.arange(max_turns))
         (
-            _,
+            cache,
             _,
             tokens,
             kind,
@@ -636,9 +645,10 @@ def _scan_fn(
             ans_span,
             _,
         ) = carry
-        return tokens, kind, logprobs, length, status, turns, n_err, forced_ans, rec, ans_span
+        # the cache is returned (and dropped by the caller) so that its donated buffer is updated in place
+        return cache, (tokens, kind, logprobs, length, status, turns, n_err, forced_ans, rec, ans_span)
 
-    return jax.jit(run)
+    return jax.jit(run, donate_argnums=(1,))
 
 
 def _decode_all(tokenizer, ids) -> str:
@@ -682,6 +692,7 @@ def scan_rollout(
     env: str = "auto",
     chat_format: protocol.ChatFormat | None = None,
     autodeco=None,
+    mesh=None,
 ) -> RolloutResult:
     """``segmented_rollout`` as one compiled program: ``lax.scan`` over turns, a ``while_loop``
     decode per turn with the stop strings and stop ids matched in jnp on each token's bytes
@@ -698,7 +709,9 @@ def scan_rollout(
     Tokenizers: the ``ByteTokenizer``, or a Hugging Face one whose tokens are byte strings
     (byte-level BPE: Qwen, Llama-3; ``react_jnp.turn_text`` checks, and refuses others: use
     ``segmented_rollout``, ``--rollout segmented``). Any ``chat_format``. Compiled once per (model
-    config, batch size, budget, chunk, turn cap, max turns, sampling, env).
+    config, batch size, budget, chunk, turn cap, max turns, sampling, env). ``mesh``: the rows split
+    over its ``data`` axis, as in ``segmented_rollout``; the host judge's callbacks gather what
+    they read to the host.
     """
     if env not in ENVS:
         raise ValueError(f"scan_rollout: env must be one of {ENVS}, got {env!r}")
@@ -784,23 +797,32 @@ def scan_rollout(
     call_id = next(_CALL_IDS)
     _HOSTS[call_id] = host
     try:
+        rows = decode.shard_rows(
+            (
+                jnp.asarray(tokens),
+                jnp.asarray(kind),
+                jnp.zeros((B, T), jnp.float32),
+                jnp.asarray(n_pending),
+                jnp.asarray(pending),
+                jnp.asarray(n_pending),
+                jnp.asarray(forced),
+                decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B),
+            ),
+            mesh,
+            B,
+        )
         out = fn(
-            params,
-            _init_cache(model, B, T, cfg.chunk),
-            jnp.asarray(tokens),
-            jnp.asarray(kind),
-            jnp.zeros((B, T), jnp.float32),
-            jnp.asarray(n_pending),
-            jnp.asarray(pending),
-            jnp.asarray(n_pending),
-            jnp.asarray(forced),
-            decode.row_keys(jax.random.PRNGKey(0) if rng is None else rng, B),
+            decode.on_mesh(params, mesh),
+            _init_cache(model, B, T, cfg.chunk, mesh),
+            *rows,
             jnp.int32(call_id),
             env_arrays,
             jnp.int32(ep.limit),
-            heads_params,
+            decode.on_mesh(heads_params, mesh),
             turn_text,
         )
+        _, out = out
+        sharding = out[0].sharding if mesh is not None else None
         out = jax.tree_util.tree_map(np.asarray, out)
     finally:
         del _HOSTS[call_id]
@@ -815,4 +837,4 @@ def scan_rollout(
         if ep.status[r] == ANSWERED and ep.answers[r] is None:  # answered in the jnp judge
             lo, hi = ans_span[r]
             ep.answers[r] = tokenizer.decode(toks[r, lo:hi]).strip()
-    return ep.result(toks, knd, lps, length, host_callbacks=calls[0])
+    return ep.result(toks, knd, lps, length, host_callbacks=calls[0], row_sharding=sharding)

@@ -6,6 +6,11 @@ greedy turns are checked against a no-cache forward pass of the finished rows.
 
 import dataclasses
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -652,3 +657,18 @@ def test_penalties_see_each_rows_assistant_tokens(model_params, wiki):
 
     assert seg.model_mask.sum() > 40 and repeats(seg) == 0
     assert repeats(run(R.segmented_rollout, SamplingConfig(temperature=0.05))) > 5
+
+
+def test_rows_split_over_the_data_axis_equal_one_device():
+    """Both loops with `mesh=` (4 virtual CPU devices, data=4): each device holds and decodes its
+    own rows (the row arrays come back split over `data`), and every result equals the same
+    sampled rollout on one device; rows that do not divide over the axis are refused."""
+    script = pathlib.Path(__file__).with_name("rollout_mesh_script.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for loop in ("segmented", "scan"):
+        assert got[loop]["devices"] == 4 and got[loop]["row_block"] == [1, 8], got
+        assert got[loop]["model_tokens"] > 20
+    assert "3 rows do not split evenly over the mesh's 'data' axis of 4" in got["error"]
