@@ -1,5 +1,5 @@
-"""Compiled memory of one MLA layer at a model's widths (XLA's `memory_analysis()`, CPU; nothing
-is run, so the 48B widths compile on a laptop).
+"""Compiled memory of one MLA layer (and, for the cached append, one KDA layer) at a model's widths
+(XLA's `memory_analysis()`, CPU; nothing is run, so the 48B widths compile on a laptop).
 
 Prints one JSON line per measurement:
 - `train`: forward + backward (gradients of params and input) of one layer over B x T tokens,
@@ -10,6 +10,8 @@ Prints one JSON line per measurement:
   decode engine does): impl="expanded" is the old path (per-head K/V expanded over the whole
   capacity), impl="auto" the absorbed blockwise one; `budget` = 2 x the bytes the chunk adds to
   the cache + the layer's weights (issue 15's goal), `within_budget` says whether temporaries fit.
+  `layer="kda"`: the same append through one KDA layer (chunk op from the cached state, conv state
+  taken at each row's length); its cache is a fixed-size state, so its budget is 2 x the state.
 
     python tools/mla_memory.py [--config configs/kimi_linear_48b_a3b.json] [--T 2048 4096 ...]
         [--dense-max-T 4096] [--batch 1] [--append-batch 64 --append-T 32 --capacity 32768]
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import KimiLinearConfig
+from jaxllm.nn.kda_attention import KimiDeltaAttention
 from jaxllm.nn.mla import MLA
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,6 +85,20 @@ def append_temp_bytes(layer, B, T, S, dtype) -> tuple[int, int, int]:
     return compiled.memory_analysis().temp_size_in_bytes, chunk, nbytes(params)
 
 
+def kda_append_temp_bytes(config, B, T, dtype) -> tuple[int, int, int]:
+    """(temporaries, cache bytes, weight bytes) of one KDA layer's cached T-token ragged append."""
+    layer = KimiDeltaAttention(
+        config.hidden_size, config.kda_num_heads, config.kda_head_dim, config.kda_conv_kernel, dtype=dtype
+    )
+    x = jax.ShapeDtypeStruct((B, T, config.hidden_size), dtype)
+    params = abstract_params(layer, x)
+    cache = jax.eval_shape(lambda: layer.init_cache(B, dtype))
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    step = jax.jit(lambda p, x, c, n: layer.apply(p, x, cache=c, lengths=n), donate_argnums=(2,))
+    compiled = step.lower(params, x, cache, lengths).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, nbytes(cache), nbytes(params)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "kimi_linear_48b_a3b.json"))
@@ -128,6 +145,18 @@ def main(argv=None):
             within_budget=temp <= budget,
         )
         print(json.dumps(line), flush=True)
+    temp, state, weights = kda_append_temp_bytes(config, B, T, dtype)
+    budget = 2 * state + weights
+    line = dict(what="append", layer="kda", B=B, T=T, dtype=args.dtype, temp_bytes=temp)
+    line.update(
+        temp_gib=round(temp / GIB, 4),
+        state_bytes=state,
+        weight_bytes=weights,
+        budget_bytes=budget,
+        temp_over_budget=round(temp / budget, 3),
+        within_budget=temp <= budget,
+    )
+    print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
