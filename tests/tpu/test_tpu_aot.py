@@ -177,6 +177,28 @@ def test_kimi_linear_train_step_compiles_on_v5e_mesh():
     assert report["peak_bytes"] < 16 * 2**30  # a v5e chip's HBM
 
 
+def test_kimi_linear_train_step_with_context_parallelism_compiles_on_v5e_mesh():
+    """The train step with the sequence split over `context` (v5e:2x2 as fsdp=2 x context=2), traced
+    as on a TPU: KDA's Pallas kernels run per span inside `kda_context`, the conv halo is a
+    collective-permute, MLA all-gathers the latent KV and runs its Pallas attention per shard.
+    Two layers (KDA + dense FFN, MLA + MoE), as test_kimi_linear_train_step_compiles_on_v5e_mesh."""
+    compiled, _, _ = tpu_aot.compile_train_step(
+        str(ROOT / "configs" / "small.json"),
+        TOPOLOGY,
+        {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1, "context": 2},
+        seq_len=256,
+        batch=2,
+        layers=2,
+        model_args={"layer_types": ["kda", "mla"] + ["kda"] * 10},
+        compute_dtype="bfloat16",
+    )
+    text = compiled.as_text()
+    assert "kda_chunk_fwd_tpu" in text and "kda_chunk_bwd_tpu" in text
+    assert "all-gather" in text and "collective-permute" in text
+    report = tpu_aot.memory_report(compiled)
+    assert report["peak_bytes"] < 16 * 2**30  # a v5e chip's HBM
+
+
 def test_mla_pallas_attention_on_mesh(v5e):
     """An MLA layer, forward and backward, with its default attention (the Pallas TPU kernel on a
     TPU) and a batch split over the v5e:2x2 mesh, as in training: XLA cannot partition a Mosaic
