@@ -2,6 +2,8 @@
 
     python tools/bench_moe.py cpu [--experts 32 --tokens 512 --steps 3]
     python tools/bench_moe.py flops [--experts 256 --tokens 4096 --topology v5e:2x2]
+    python tools/bench_moe.py layer --topology v5p:2x2x2 --mesh fsdp=2,expert=4 --rows 8 \
+        [--capacity-factor 1.25 | --no-expert-parallel]
 
 `cpu`: forward tokens/s of `moe.moe_experts` for each dispatch at the 48B-A3B layer widths (hidden
 2304, expert width 1024, top-8) with the experts scaled down (default 32 of 256), jitted on this
@@ -15,6 +17,11 @@ against the ideal 2 * tokens * top_k * 3 * hidden * moe_inter, ratio printed:
   GPU to compile), so its FLOPs are counted from the XLA:CPU compile of the same program: the
   blocked dispatch is static dots whose shapes do not depend on the backend;
 - cpu: "blocked" and "ragged" as XLA:CPU compiles them (ragged_dot becomes dense there).
+
+`layer`: one MoE layer of the 48B-A3B config (router, 256 routed experts, the shared expert),
+forward + backward in bf16, `--rows` x 4096 tokens sharded over the mesh, compiled by libtpu for
+`--topology`: per-chip temporaries and FLOPs of the expert-parallel dispatch (or, with
+`--no-expert-parallel`, of XLA partitioning the single-device dispatch).
 
 Each result is one JSON line.
 """
@@ -32,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.nn.moe import AUTO_DISPATCH, experts_blocked, moe_experts, route
+from jaxllm import sharding as shd
+from jaxllm.nn.moe import AUTO_DISPATCH, MoE, experts_blocked, moe_experts, route
 
 # libtpu locks a file for the life of the process that loads it; compiling needs no chip
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -57,8 +65,17 @@ def problem(tokens: int, experts: int, dtype=jnp.float32, seed: int = 0):
     return x, wts, idx, w1, w3, w2
 
 
-def abstract(args, sharding=None):
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+def abstract_problem(tokens: int, experts: int, dtype=jnp.bfloat16, sharding=None):
+    """`problem`'s shapes and dtypes only (compiling needs no data)."""
+    shapes = (
+        ((tokens, HIDDEN), dtype),
+        ((tokens, TOP_K), jnp.float32),
+        ((tokens, TOP_K), jnp.int32),
+        ((experts, HIDDEN, MOE_INTER), dtype),
+        ((experts, HIDDEN, MOE_INTER), dtype),
+        ((experts, MOE_INTER, HIDDEN), dtype),
+    )
+    return [jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for shape, dt in shapes]
 
 
 def compiled_flops(compiled) -> float:
@@ -125,7 +142,7 @@ def flops_row(backend: str, dispatch: str, compiled, tokens: int, experts: int, 
 
 
 def bench_flops(tokens: int, experts: int, topology: str) -> list[dict]:
-    args = abstract(problem(tokens, experts, dtype=jnp.bfloat16))
+    args = abstract_problem(tokens, experts)
     rows = []
     for backend, dispatch in (("gpu", AUTO_DISPATCH["gpu"]), ("cpu", "blocked"), ("cpu", "ragged")):
         f = jax.jit(experts_fn(dispatch))
@@ -142,20 +159,77 @@ def tpu_flops(tokens: int, experts: int, topology: str, dispatch: str) -> dict:
     except ImportError as e:
         return {"bench": "flops", "backend": "tpu", "skipped": f"libtpu not importable ({e})"}
     device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
-    args = abstract(problem(tokens, experts, dtype=jnp.bfloat16), jax.sharding.SingleDeviceSharding(device))
+    args = abstract_problem(tokens, experts, sharding=jax.sharding.SingleDeviceSharding(device))
     compiled = jax.jit(experts_fn(dispatch)).lower(*args).compile()
     return flops_row("tpu", dispatch, compiled, tokens, experts, f"libtpu AOT, {topology} one chip")
 
 
+def compile_layer(topology: str, mesh_text: str, rows: int, expert_parallel: bool, capacity_factor) -> dict:
+    """Per-chip memory and FLOPs of one MoE layer's forward + backward (see the module docstring)."""
+    from tpu_aot import memory_report, parse_mesh, tpu_devices, traced_as_on_tpu  # noqa: PLC0415 (libtpu)
+
+    mesh_sizes = parse_mesh(mesh_text)
+    mesh = shd.make_mesh(shd.MeshConfig(**mesh_sizes), devices=tpu_devices(topology))
+    moe = MoE(
+        HIDDEN,
+        256,
+        TOP_K,
+        MOE_INTER,
+        num_shared_experts=1,
+        routed_scaling_factor=2.446,
+        expert_parallel=expert_parallel,
+        capacity_factor=capacity_factor,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
+    boxed = jax.eval_shape(lambda: moe.init(jax.random.key(0), jnp.zeros((1, 8, HIDDEN), jnp.bfloat16)))
+    params = jax.tree.map(
+        lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=sh),
+        boxed,
+        shd.tree_shardings(boxed, mesh),
+        is_leaf=shd._is_boxed,
+    )
+    x_sharding = jax.sharding.NamedSharding(mesh, shd.batch_spec())
+    x = jax.ShapeDtypeStruct((rows, 4096, HIDDEN), jnp.bfloat16, sharding=x_sharding)
+    loss = lambda p, x: jnp.sum(jnp.square(moe.apply(p, x).astype(jnp.float32)))
+    with traced_as_on_tpu():
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
+        compiled = lowered.compile()
+    rep = memory_report(compiled)
+    return {
+        "bench": "layer",
+        "topology": topology,
+        "mesh": mesh_sizes,
+        "rows": rows,
+        "tokens": rows * 4096,
+        "expert_parallel": expert_parallel,
+        "capacity_factor": capacity_factor,
+        "temp_gb": round(rep["temp_bytes"] / 1e9, 3),
+        "peak_gb": round(rep["peak_bytes"] / 1e9, 3),
+        "tflop_per_chip": round(rep["flops"] / 1e12, 3),
+        "compile_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("cpu", "flops"))
+    ap.add_argument("what", choices=("cpu", "flops", "layer"))
     ap.add_argument("--experts", type=int, default=None, help="default: 32 (cpu), 256 (flops)")
     ap.add_argument("--tokens", type=int, default=None, help="default: 512 (cpu), 4096 (flops)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dispatch", action="append", default=None, help="cpu: repeatable (default all)")
     ap.add_argument("--topology", default="v5e:2x2")
+    ap.add_argument("--mesh", default="fsdp=2,expert=4", help="layer: mesh axis sizes")
+    ap.add_argument("--rows", type=int, default=8, help="layer: rows of 4096 tokens")
+    ap.add_argument("--capacity-factor", type=float, default=None, help="layer: default dropless")
+    ap.add_argument("--no-expert-parallel", action="store_true", help="layer: XLA partitions the dispatch")
     a = ap.parse_args(argv)
+    if a.what == "layer":
+        row = compile_layer(a.topology, a.mesh, a.rows, not a.no_expert_parallel, a.capacity_factor)
+        print(json.dumps(row), flush=True)
+        return 0
     if a.what == "cpu":
         rows = bench_cpu(
             a.tokens or 512, a.experts or 32, a.steps, a.dispatch or ("blocked", "ragged", "onehot", "gather")
