@@ -267,10 +267,16 @@ def main(argv=None) -> int:
         help="compile the KDA op alone instead (pallas_tpu and chunk, forward and forward+backward)",
     )
     ap.add_argument("--dtype", default="bfloat16", help="q/k/v dtype for --kda")
+    ap.add_argument(
+        "--impl",
+        action="append",
+        choices=("pallas_tpu", "chunk"),
+        help="--kda: only these impls (repeatable)",
+    )
     a = ap.parse_args(argv)
     if a.kda:
         shape = tuple(int(x) for x in a.kda.split(","))
-        for impl in ("pallas_tpu", "chunk"):
+        for impl in a.impl or ("pallas_tpu", "chunk"):
             for backward in (False, True):
                 compiled, t_lower, t_compile = compile_kda_op(
                     shape, a.topology, impl=impl, dtype=a.dtype, backward=backward

@@ -24,10 +24,13 @@ exp(G), gl = G[C-1]; see docs/kernels.md and research/kda.md section 2.3):
     o     = s (q Gamma) h + A D
     h'    = exp(gl) h + (k exp(gl - G))^T D
 
-Pairwise decays exp(G_i - G_j) are only formed for i >= j: across 16-token sub-chunks through a
-reference row n with j <= n <= i (two factors, each <= 1, then a matmul); inside a sub-chunk
-exactly, one column at a time. No exponent is ever positive, so per-step log decays of -20 or
-less are safe (they underflow to 0, as the true products do).
+Pairwise decays exp(G_i - G_j) go through the first row r of i's 16-token sub-chunk as
+exp(G_i - G_r) exp(G_r - G_j): one matmul per sub-chunk covers its off-diagonal part (j < r, both
+factors <= 1) and its diagonal block (factors within exp(+-SAFE_SPAN)). That form is taken per
+chunk where `factorisable_flags` (computed by XLA outside the kernels) says every sub-chunk's
+decay spans at most SAFE_SPAN; otherwise the diagonal blocks are built exactly, one column at a
+time, with no positive exponent, so per-step log decays of -20 or less are safe (they underflow
+to 0, as the true products do).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def dot_precision(precision):
 # chunk flags (int32 bit set per chunk)
 START = 1  # first chunk of a sequence: state := h0[seq] before it
 END = 2  # last chunk of a sequence: ht[seq] := state after it
+FAST = 4  # the chunk's diagonal blocks may be factorised (`factorisable_flags`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +140,65 @@ def _rows_at(x, j):
     return out
 
 
-def _pair(a, b, G, *, strict):
-    """M_ij = sum_d a_id b_jd exp(G_id - G_jd) for i > j (strict) or i >= j, else 0. [C, C]."""
+def _pick(onehot, x):
+    """onehot @ x at full precision whatever the context's: selecting rows must not round them."""
+    return lax.dot_general(
+        onehot, x, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=F32
+    )
+
+
+def _row_mm(x, r):
+    """Row r of x as [1, n], on the MXU (a one-hot [1, C] matmul) instead of a masked reduction."""
+    return _pick(jnp.where(_iota((1, x.shape[0]), 1) == r, 1.0, 0.0).astype(F32), x)
+
+
+# Largest |G_i - G_r| (r = first row of i's sub-chunk) for which the diagonal 16x16 blocks take the
+# matmul form: its factors stay within exp(60) ~ 1e26, far from float32 overflow (as chunk.py).
+SAFE_SPAN = 60.0
+
+
+def factorisable_flags(g, num_chunks, *, time_axis):
+    """[NC] int32: FAST for chunks whose diagonal 16x16 blocks may be factorised into matmuls,
+    from the raw per-step log decays g (time on `time_axis` (1 or 2), K last, NC * C steps).
+
+    |G_i - G_r| (r = first row of i's sub-chunk) is at most the sum of |g| over the sub-chunk's
+    other 15 rows; where that is <= SAFE_SPAN for every row, head and channel of the chunk, the
+    factors stay within exp(SAFE_SPAN). True for per-step log decays above -4 on average, not for
+    -20 per step (test_extreme_gates_ragged_length), which take the exact per-column form. Computed
+    by XLA outside the kernels: one reduction over g, and a scalar per chunk for the kernels."""
+    C = CHUNK
+    shape = g.shape[:time_axis] + (num_chunks, NSUB, SUB) + g.shape[time_axis + 1 :]
+    blocks = jnp.abs(g.astype(F32)).reshape(shape)
+    span = jnp.sum(lax.slice_in_dim(blocks, 1, SUB, axis=time_axis + 2), axis=time_axis + 2)
+    other = tuple(d for d in range(span.ndim) if d != time_axis)
+    assert g.shape[time_axis] == num_chunks * C
+    return jnp.where(jnp.max(span, axis=other) <= SAFE_SPAN, FAST, 0).astype(jnp.int32)
+
+
+def _block_factors(G, blk):
+    """Decay factors of sub-chunk `blk` in the factorised form, reference row r = its first row:
+    (e_left [C,K] = exp(G_i - G_r) on the sub-chunk's rows, e_right [C,K] = exp(G_r - G_j) on rows
+    j < r + SUB, zero elsewhere). (a e_left) (b e_right)^T holds M_ij for i in the sub-chunk and
+    every j <= i: the off-diagonal part through r with both factors <= 1, the diagonal block with
+    factors within exp(+-SAFE_SPAN); entries above the diagonal are garbage, masked by the caller."""
+    rowK = _iota(G.shape, 0)
+    Gr = _row_mm(G, blk * SUB)
+    e_left = jnp.where(_sub_of(rowK) == blk, jnp.exp(jnp.minimum(G - Gr, SAFE_SPAN)), 0.0)
+    e_right = jnp.where(rowK < (blk + 1) * SUB, jnp.exp(jnp.minimum(Gr - G, SAFE_SPAN)), 0.0)
+    return e_left, e_right
+
+
+def _pair_fast(a, b, G, strict):
+    C = a.shape[0]
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    out = jnp.zeros((C, C), F32)
+    for blk in range(NSUB):
+        e_left, e_right = _block_factors(G, blk)
+        out = out + _dot_nt(a * e_left, b * e_right)
+    return jnp.where((ci < ri) if strict else (ci <= ri), out, 0.0)
+
+
+def _pair_exact(a, b, G, strict):
     C, _ = a.shape
     rowK = _iota(a.shape, 0)
     ri, ci = _iota((C, C), 0), _iota((C, C), 1)
@@ -165,15 +226,28 @@ def _pair(a, b, G, *, strict):
     return lax.fori_loop(0, SUB, body, out)
 
 
-def _pair_grads(dM, a, b, G, *, strict):
-    """Cotangents of `_pair` w.r.t. a and b: da_i = sum_j dM_ij b_j e_ij, db_j = sum_i dM_ij a_i e_ij.
+def _pair(a, b, G, *, strict, fast):
+    """M_ij = sum_d a_id b_jd exp(G_id - G_jd) for i > j (strict) or i >= j, else 0. [C, C].
 
-    (The G cotangent is a * da - b * db.)
-    """
+    `fast` (scalar bool, from `factorisable_flags`): four matmuls, one per sub-chunk through its first
+    row; else the exact form (diagonal blocks one column at a time, any gate magnitude)."""
+    return lax.cond(fast, lambda *x: _pair_fast(*x, strict), lambda *x: _pair_exact(*x, strict), a, b, G)
+
+
+def _pair_grads_fast(dM, a, b, G):
+    da = jnp.zeros(a.shape, F32)
+    db = jnp.zeros(b.shape, F32)
+    for blk in range(NSUB):
+        e_left, e_right = _block_factors(G, blk)
+        da = da + e_left * _dot(dM, b * e_right)
+        db = db + e_right * _dot_tn(dM, a * e_left)
+    return da, db
+
+
+def _pair_grads_exact(dM, a, b, G, strict):
     C, _ = a.shape
     rowK = _iota(a.shape, 0)
     ri, ci = _iota((C, C), 0), _iota((C, C), 1)
-    dM = jnp.where((ci < ri) if strict else (ci <= ri), dM, 0.0)
     da = jnp.zeros(a.shape, F32)
     db = jnp.zeros(b.shape, F32)
     for blk in range(1, NSUB):
@@ -206,25 +280,36 @@ def _pair_grads(dM, a, b, G, *, strict):
     return lax.fori_loop(0, SUB, body, (da, db))
 
 
+def _pair_grads(dM, a, b, G, *, strict, fast):
+    """Cotangents of `_pair` w.r.t. a and b: da_i = sum_j dM_ij b_j e_ij, db_j = sum_i dM_ij a_i e_ij.
+
+    (The G cotangent is a * da - b * db.) `fast` as in `_pair`: the transposed products of the
+    factorised form (the factors are exact where dM is not masked to zero), else the exact form.
+    """
+    C = a.shape[0]
+    ri, ci = _iota((C, C), 0), _iota((C, C), 1)
+    dM = jnp.where((ci < ri) if strict else (ci <= ri), dM, 0.0)
+    return lax.cond(
+        fast, lambda *x: _pair_grads_fast(*x), lambda *x: _pair_grads_exact(*x, strict), dM, a, b, G
+    )
+
+
 def _unit_lower_inverse(L):
-    """(I + L)^-1 for strictly lower-triangular L [C, C]: 16-blocks by forward substitution,
-    then block rows merged with matmuls."""
+    """(I + L)^-1 for strictly lower-triangular L [C, C] by block doubling: with X the inverse of
+    the diagonal s-blocks and L_s the lower-left s-blocks inside each 2s-block,
+    X_2s = X - X L_s X (one step of block forward substitution; exact, no powers of L formed),
+    s = 1, 2, ..., C/2: log2(C) steps of two [C, C] matmuls instead of row-by-row substitution."""
     C = L.shape[0]
     ri, ci = _iota((C, C), 0), _iota((C, C), 1)
-    eye = jnp.where(ri == ci, 1.0, 0.0).astype(F32)
-    same = _sub_of(ri) == _sub_of(ci)
-    Ld = jnp.where(same, L, 0.0)
-    Loff = jnp.where(same, 0.0, L)
-    sub_r = _in_sub(ri)
-
-    def body(i, X):  # row r (r % 16 == i) := e_r - sum_{j<r, same block} L_rj X_j
-        return jnp.where(sub_r == i, eye - _dot(Ld, X), X)
-
-    dinv = lax.fori_loop(1, SUB, body, eye)
-    X = dinv
-    blk = _sub_of(ri)
-    for a in range(1, NSUB):
-        X = jnp.where(blk == a, X - _dot(dinv, _dot(Loff, X)), X)
+    X = jnp.where(ri == ci, 1.0, 0.0).astype(F32)
+    s = 1
+    while s < C:
+        shift = s.bit_length() - 1  # log2(s)
+        pair = lax.shift_right_logical(ri, shift + 1) == lax.shift_right_logical(ci, shift + 1)
+        cross = lax.shift_right_logical(ri, shift) != lax.shift_right_logical(ci, shift)
+        Ls = jnp.where(pair & cross, L, 0.0)
+        X = X - Ls if s == 1 else X - _dot(X, _dot(Ls, X))  # X = I at s = 1
+        s *= 2
     return X
 
 
@@ -241,6 +326,7 @@ class _Intra(NamedTuple):
     egl: jax.Array  # exp(gl - G) on rows that write the next state, else 0    [C,K]
     decay: jax.Array  # exp(gl) if the chunk-initial state survives the chunk, else 0  [K,1]
     same: jax.Array | None  # [C,C] rows i, j in the same segment (None: no segments)
+    fast: jax.Array  # scalar bool: the diagonal blocks may be factorised (`factorisable_flags`)
 
 
 def _segment_masks(seg):
@@ -252,13 +338,13 @@ def _segment_masks(seg):
     return rc == rr, rc == 0.0, rc == last, last == 0.0
 
 
-def _intra(q, k, v, G, beta, glc, scale, seg=None):
+def _intra(q, k, v, G, beta, glc, scale, seg, fast):
     C = q.shape[0]
     gamma = jnp.exp(G)
     egl = jnp.exp(_row(G, C - 1) - G)
     decay = jnp.exp(glc)
-    P = _pair(k, k, G, strict=True)
-    A = scale * _pair(q, k, G, strict=False)
+    P = _pair(k, k, G, strict=True, fast=fast)
+    A = scale * _pair(q, k, G, strict=False, fast=fast)
     same = None
     if seg is not None:
         same, reads_s0, in_last, carries = _segment_masks(seg)
@@ -271,7 +357,7 @@ def _intra(q, k, v, G, beta, glc, scale, seg=None):
     kb = beta * gamma * k
     vb = beta * v
     W, U = _dot(T, kb), _dot(T, vb)
-    return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl, decay, same)
+    return _Intra(gamma, P, T, kb, vb, W, U, A, k * egl, egl, decay, same, fast)
 
 
 def _l2norm(x):
@@ -285,7 +371,7 @@ def _l2norm_bwd(y, r, dy):
     return r * (dy - y * jnp.sum(y * dy, axis=1, keepdims=True))
 
 
-def chunk_intra(q, k, v, G, beta, glc, scale, seg=None, l2norm=False):
+def chunk_intra(q, k, v, G, beta, glc, scale, seg=None, l2norm=False, *, fast):
     """The state-independent part of a chunk (parallel over chunks).
 
     Returns (W [C,K], U [C,V], A [C,C], qg [C,K] = s q Gamma, kd [C,K] = k exp(gl - G),
@@ -294,7 +380,7 @@ def chunk_intra(q, k, v, G, beta, glc, scale, seg=None, l2norm=False):
     """
     if l2norm:
         q, k = _l2norm(q)[0], _l2norm(k)[0]
-    it = _intra(q, k, v, G, beta, glc, scale, seg)
+    it = _intra(q, k, v, G, beta, glc, scale, seg, fast)
     return it.W, it.U, it.A, scale * q * it.gamma, it.kd, it.decay
 
 
@@ -315,15 +401,15 @@ def state_bwd_step(W, A, qg, kd, decay, do, dhn):
     return _dot_tn(qg, do) - _dot_tn(W, dD) + decay * dhn
 
 
-def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None, l2norm=False):
+def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None, l2norm=False, *, fast):
     """One chunk forward. q,k,G [C,K]; v [C,V]; beta [C,1]; glc [K,1] = G[C-1] as a column;
     h [K,V] chunk-initial state; seg: optional segment ranks (see `_segment_masks`): the state
     resets to zero where the rank steps up. Returns (o [C,V], state after the chunk [K,V]),
     all float32."""
-    return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm), h)
+    return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm, fast=fast), h)
 
 
-def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
+def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, *, fast):
     """One chunk backward, recomputing the intra-chunk part.
 
     dhn [K,V] is the cotangent of the state after the chunk. Returns
@@ -334,7 +420,7 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
     C = q.shape[0]
     if l2norm:
         (q, rq), (k, rk) = _l2norm(q), _l2norm(k)
-    it = _intra(q, k, v, G, beta, glc, scale, seg)
+    it = _intra(q, k, v, G, beta, glc, scale, seg, fast)
     D = it.U - _dot(it.W, h)
     dD = _dot_tn(it.A, do) + _dot(it.kd, dhn)
     dh = _dot_tn(scale * q * it.gamma, do) - _dot_tn(it.W, dD) + it.decay * dhn
@@ -346,7 +432,7 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
     dA = _dot_nt(do, D) * scale
     if it.same is not None:
         dA = jnp.where(it.same, dA, 0.0)
-    dq_a, dk_a = _pair_grads(dA, q, k, G, strict=False)
+    dq_a, dk_a = _pair_grads(dA, q, k, G, strict=False, fast=it.fast)
     dq = dq + dq_a
     dk = dk_a
     dG = dG + q * dq_a - k * dk_a
@@ -367,7 +453,7 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False):
     if it.same is not None:
         dL = jnp.where(it.same, dL, 0.0)
     dbeta = dbeta + jnp.sum(dL * it.P, axis=1, keepdims=True)
-    dk_r, dk_c = _pair_grads(beta * dL, k, k, G, strict=True)
+    dk_r, dk_c = _pair_grads(beta * dL, k, k, G, strict=True, fast=it.fast)
     dk = dk + dk_r + dk_c
     dG = dG + k * (dk_r - dk_c)
 
@@ -531,8 +617,8 @@ def kda_pallas(
         has = jnp.zeros((n_seq,), bool).at[seq].max(lay.chunk_start)
         rc = rr = None
 
-    flags = flags.astype(jnp.int32)
     qL, kL, vL, gL, bL = (to_chunks(x) for x in (q, k, v, g, beta4))
+    flags = (flags | factorisable_flags(gL, NC, time_axis=2)).astype(jnp.int32)
     GL = jnp.cumsum(gL.reshape(B, H, NC, C, Kp), axis=3)
     glc = GL[:, :, :, C - 1, :, None]  # [B,H,NC,Kp,1]
     GL = GL.reshape(B, H, Tp, Kp)

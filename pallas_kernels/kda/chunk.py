@@ -454,6 +454,19 @@ unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 GROUP_ROWS = 1024  # B*H*n*C rows per backward loop step (n >= 1); 2048+ made it slower on CPU
 FORWARD_GROUP_ROWS = 2048  # the forward's leaner loop step is fastest on twice as many rows
+# (backward, forward) rows per loop step by backend; None: the CPU constants above. On a GPU a loop
+# step is a chain of kernel launches over the group, and with the CPU sizes a 4096-token row of
+# Kimi's 32 heads (2048 rows per chunk) ran its 64 chunks one per step; 2 / 4 chunks per step
+# halve / quarter the launches (not timed: no GPU run yet). TPU keeps the CPU sizes: the state
+# steps of a group are unrolled, and at 8 chunks per forward step the v5e compile of the forward
+# took 561 s (12 s at one) with 46 MiB of temporaries (0.8 MiB) -- and `impl="auto"` runs the
+# Pallas kernel there anyway.
+GROUP_ROWS_BY_BACKEND = {"cpu": None, "gpu": (4096, 8192), "tpu": None}
+
+
+def group_rows(backend: str) -> tuple[int, int]:
+    """(backward, forward) B*H*n*C rows per chunk-loop step on `backend` (unknown: the CPU's)."""
+    return GROUP_ROWS_BY_BACKEND.get(backend) or (GROUP_ROWS, FORWARD_GROUP_ROWS)
 
 
 class Parts(NamedTuple):
@@ -810,9 +823,10 @@ def kda_chunk(
     else:
         num_chunks = -(-T // chunk_size)
     rows = B * H * chunk_size
-    group = max(1, min(num_chunks, GROUP_ROWS // rows))
+    bwd_rows, fwd_rows = group_rows(jax.default_backend())
+    group = max(1, min(num_chunks, bwd_rows // rows))
     num_chunks = -(-num_chunks // group) * group
-    fwd_group = group * _largest_factor(num_chunks // group, FORWARD_GROUP_ROWS // (rows * group))
+    fwd_group = group * _largest_factor(num_chunks // group, fwd_rows // (rows * group))
     total = num_chunks * chunk_size
     xs = tuple(_pad_time(x, total) for x in xs)
     if flags is not None:

@@ -68,7 +68,19 @@ def jax_triton_available() -> bool:
     return importlib.util.find_spec("jax_triton") is not None
 
 
-BLOCK_V = 64  # V-slice per program of the sequential state passes
+BLOCK_V = 64  # widest V slice per program of the sequential state passes
+MIN_STATE_PROGRAMS = 128  # about one program per SM of an H100/H200 (132 SMs)
+
+
+def state_block_v(B: int, H: int, V: int) -> int:
+    """V slice per program of the sequential state passes: BLOCK_V, halved (down to 16, Triton's
+    smallest dot dim) while B * H * V / slice gives fewer than MIN_STATE_PROGRAMS programs. At
+    B = 1, H = 32, V = 128 (Kimi Linear, one row) that is 32: 128 programs instead of 64, each
+    carrying a [128, 32] f32 state slice (16 registers a thread at 8 warps instead of 32)."""
+    bv = min(BLOCK_V, V)
+    while bv > 16 and B * H * (V // bv) < MIN_STATE_PROGRAMS:
+        bv //= 2
+    return bv
 
 
 def _chunk_refs(refs, segmented):
@@ -80,10 +92,15 @@ def _chunk_refs(refs, segmented):
     return (q.astype(_F32), k.astype(_F32), v.astype(_F32), G, beta, glc, seg), rest
 
 
-def _intra_kernel_body(*refs, scale, segmented, l2norm):
+def _is_fast(flags_ref):
+    """The chunk's FAST flag (`pm.factorisable_flags`), for grids (B, H, NC)."""
+    return (flags_ref[pl.program_id(2)] & pm.FAST) != 0
+
+
+def _intra_kernel_body(flags_ref, *refs, scale, segmented, l2norm):
     """Grid (B, H, NC), all parallel: the state-independent part of one chunk."""
     (q, k, v, G, beta, glc, seg), outs = _chunk_refs(refs, segmented)
-    pm.store(outs, pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm))
+    pm.store(outs, pm.chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm, fast=_is_fast(flags_ref)))
 
 
 def _state_fwd_kernel_body(
@@ -183,14 +200,15 @@ def _state_bwd_kernel_body(
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
-def _grads_kernel_body(*refs, scale, segmented, l2norm):
+def _grads_kernel_body(flags_ref, *refs, scale, segmented, l2norm):
     """Grid (B, H, NC), all parallel: every input gradient of one chunk, given the chunk's
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
     hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
-    grads = pm.chunk_bwd(q, k, v, G, beta, glc, hs_ref[...], do_ref[...], dhs_ref[...], scale, seg, l2norm)[
-        :-1
-    ]  # the state cotangent is the state pass's job
+    h, do, dhn = hs_ref[...], do_ref[...], dhs_ref[...]
+    fast = _is_fast(flags_ref)
+    # the state cotangent (last) is the state pass's job
+    grads = pm.chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg, l2norm, fast=fast)[:-1]
     pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref), grads)
 
 
@@ -276,7 +294,7 @@ def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
             _intra_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
         ),
         grid=(B, H, NC),
-        in_specs=_chunk_input_specs(K, V, segmented),
+        in_specs=[_whole((NC,))] + _chunk_input_specs(K, V, segmented),
         out_specs=[
             _chunk_spec(K),
             _chunk_spec(V),
@@ -296,7 +314,7 @@ def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_intra_gpu",
-    )(*_chunk_inputs(ch))
+    )(ch.flags, *_chunk_inputs(ch))
 
 
 def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
@@ -305,7 +323,7 @@ def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
     C = pm.CHUNK
     NC = Tp // C
     N = ch.h0.shape[0]
-    BV = min(BLOCK_V, V)
+    BV = state_block_v(B, H, V)
     W, U, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)
     return pl.pallas_call(
         functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
@@ -339,7 +357,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
     C = pm.CHUNK
     NC = Tp // C
     N = ch.h0.shape[0]
-    BV = min(BLOCK_V, V)
+    BV = state_block_v(B, H, V)
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     # recompute the intra part (U is unused here)
@@ -369,7 +387,8 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
             _grads_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
         ),
         grid=(B, H, NC),
-        in_specs=_chunk_input_specs(K, V, segmented)
+        in_specs=[_whole((NC,))]
+        + _chunk_input_specs(K, V, segmented)
         + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],
         out_specs=[
             _chunk_spec(K),
@@ -390,7 +409,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_grads_gpu",
-    )(*_chunk_inputs(ch), hs, dhs, do)
+    )(ch.flags, *_chunk_inputs(ch), hs, dhs, do)
     return (*grads, dh0)
 
 

@@ -382,3 +382,32 @@ def test_bad_batch_and_state_with_cu_seqlens(small):
         kda(q, k, v, g, beta, impl="fast")
     with pytest.raises(ValueError, match="interpret=True applies to the Pallas kernels only"):
         kda(q, k, v, g, beta, impl="chunk", interpret=True)
+
+
+@pytest.mark.parametrize("backend,fwd_steps", [("cpu", 8), ("gpu", 2), ("tpu", 8)])
+def test_chunk_loop_groups_follow_the_backend(monkeypatch, backend, fwd_steps):
+    """The chunk path's loop grouping comes from a per-backend table (`chunk.group_rows`): at 16
+    heads (1024 rows per chunk) and 16 chunks the forward loop takes 2 chunks per step with the
+    CPU (and TPU) sizes and 8 with the GPU's (read off the traced loop)."""
+    from pallas_kernels.kda import chunk
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cpu = (chunk.GROUP_ROWS, chunk.FORWARD_GROUP_ROWS)
+    assert chunk.group_rows(backend) == ((4096, 8192) if backend == "gpu" else cpu)
+    x = jax.ShapeDtypeStruct((1, 16 * 64, 16, 16), jnp.float32)
+    beta = jax.ShapeDtypeStruct((1, 16 * 64, 16), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, g, b: chunk.kda_chunk(q, k, v, g, b)[0])(x, x, x, x, beta)
+    assert _scan_lengths(jaxpr.jaxpr) == [fwd_steps]
+
+
+def _scan_lengths(jaxpr):
+    """Lengths of the scans (static fori_loops) in a jaxpr and every jaxpr nested in it."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for p in eqn.params.values():
+            sub = getattr(p, "jaxpr", p)
+            if hasattr(sub, "eqns") and eqn.primitive.name != "scan":
+                out += _scan_lengths(sub)
+    return out

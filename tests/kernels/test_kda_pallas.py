@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import math
+import pathlib
 import re
 
 import jax
@@ -19,11 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.kda import _pallas_math as pm
 from pallas_kernels.kda import kda
-from pallas_kernels.kda.gpu import kda_pallas_gpu
+from pallas_kernels.kda.gpu import kda_pallas_gpu, state_block_v
 from pallas_kernels.kda.reference import kda_recurrent
+from pallas_kernels.kda.tpu import VMEM_LIMIT as TPU_VMEM_LIMIT
+from pallas_kernels.kda.tpu import head_block as tpu_head_block
 from pallas_kernels.kda.tpu import kda_pallas_tpu
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOL = 1e-4  # float32
 TOL_BF16_OUT = 8e-3  # values that are rounded to bfloat16 on the way out (2^-8 = 3.9e-3)
 
@@ -234,19 +239,20 @@ class TestKDAPallas:
         if platform == "tpu":
             launches = {kern["name"]: kern for kern in _mosaic_kernels(text)}
             assert sorted(launches) == ["kda_chunk_bwd_tpu", "kda_chunk_fwd_tpu"]
+            HB = tpu_head_block(H)
             for kern in launches.values():
-                assert kern["grid"] == [B, H, NC], kern["name"]
+                assert kern["grid"] == [B, H // HB, NC], kern["name"]
                 # the state is carried along the chunk axis: it must run in order on one core
                 assert kern["semantics"] == ["parallel", "parallel", "arbitrary"], kern["name"]
-                # q/k/v-wide windows are whole (64, 128) tiles of 128 lanes
-                assert [64, K] in [w[-2:] for w in kern["windows"]], kern["name"]
-                # double-buffered windows + scratch within v5e's default 16 MiB scoped VMEM
-                assert kern["vmem_bytes"] < 16 * 2**20, (kern["name"], kern["vmem_bytes"])
+                # q/k/v windows: one chunk of HB heads, read from the token-major [B,T,H,K] layout
+                assert [64, HB, K] in [w[-3:] for w in kern["windows"]], kern["name"]
+                # double-buffered windows + scratch within the scoped VMEM the kernels ask for
+                assert kern["vmem_bytes"] < TPU_VMEM_LIMIT, (kern["name"], kern["vmem_bytes"])
             if importlib.util.find_spec("libtpu") is not None:
                 _compile_for_v5e(grad_fn, args)
         else:
             launches = _triton_kernels(text)
-            BV = 64
+            BV = 16  # B * H <= 6: V split as finely as Triton's dots allow (gpu.state_block_v)
             want = [
                 ("kda_chunk_intra_gpu", [B, H, NC]),
                 ("kda_state_fwd_gpu", [B, H, V // BV]),
@@ -348,3 +354,56 @@ def test_tpu_megacore_no_races(golden_dir):
     assert rel_err(d["o"], o) <= TOL and rel_err(d["ht"], ht) <= TOL
     for name, grad in zip(GRAD_NAMES, grads):
         assert rel_err(d[name], grad) <= TOL, name
+
+
+def test_tpu_head_blocks(monkeypatch):
+    """TPU only: a grid step walks a block of heads (`tpu.head_block`); with HEAD_BLOCK = 2 and
+    H = 4 each row has two head blocks, so every index map's head-block term and the in-kernel
+    head loop are exercised (two chunks, initial and final state, f32; K = V = 128 is
+    test_kda_head128's). Mild gates (per-step log decay >= -0.1): a chunk's decay exp(gl) stays
+    ~0.05, so its gradient reaches dg visibly (at the other tests' gates it is below 1e-7)."""
+    from pallas_kernels.kda import tpu
+
+    monkeypatch.setattr(tpu, "HEAD_BLOCK", 2)
+    assert tpu.head_block(4) == 2
+    inputs, do, dht = random_case(11, B=1, T=128, H=4, K=32, V=32, min_log_decay=-0.02)
+    kernel = functools.partial(kda_pallas_tpu, interpret=True)
+    TestKDAPallas()._check_against_recurrent(kernel, inputs, do, dht, use_qk_l2norm=True)
+
+
+def test_gpu_state_passes_fill_the_card():
+    """The GPU state passes split V so that B * H * V / slice reaches ~one program per SM of an
+    H100 (132): 128 programs at Kimi's B = 1, H = 32, V = 128 (64-wide slices gave 64)."""
+    assert state_block_v(1, 32, 128) == 32
+    assert state_block_v(8, 16, 128) == 64  # enough rows: the widest slice
+    assert state_block_v(1, 2, 128) == 16 and state_block_v(1, 1, 16) == 16
+
+
+def test_diagonal_block_form_choice():
+    """The kernels factorise a chunk's 16x16 diagonal blocks into matmuls only where the log decay
+    within every sub-chunk spans at most SAFE_SPAN (factors up to exp(60)); stronger gates
+    (per-step log decays of -20, as in test_extreme_gates_ragged_length) take the exact form."""
+    B, H, K, NC = 1, 2, 8, 3
+    g = np.full((B, NC * 64, H, K), -1.0, np.float32)
+    g[:, 64:128] = -4.0  # 15 steps of -4 after a sub-chunk's first row: exactly SAFE_SPAN
+    g[:, 128 + 20, 1, 3] = -61.0  # one step, one head, one channel
+    g[:, 128 + 16, 0, 0] = -100.0  # a sub-chunk's first row: its own reference, spans nothing
+    flags = pm.factorisable_flags(jnp.asarray(g), NC, time_axis=1)
+    assert flags.tolist() == [pm.FAST, pm.FAST, 0]
+    g[:, 64 + 17] = -4.1
+    heads_major = jnp.asarray(g).transpose(0, 2, 1, 3)
+    assert pm.factorisable_flags(heads_major, NC, time_axis=2).tolist() == [pm.FAST, 0, 0]
+
+
+def test_tpu_kernel_work_is_matmul_shaped():
+    """Issue 19: per chunk and head at K = V = 128, the TPU kernels' elementwise ops (counted from
+    the traced kernel bodies by tools/kda_op_counts.py, factorised diagonal blocks) are at most
+    twice their matmul FLOPs; the per-column diagonal loops were ~18M / 42M ops, 0.7-0.8x."""
+    spec = importlib.util.spec_from_file_location("kda_op_counts", ROOT / "tools" / "kda_op_counts.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = {r["kernel"]: r for r in tool.kernel_counts(kda_pallas_tpu, K=128, V=128)}
+    assert sorted(rows) == ["kda_chunk_bwd_tpu", "kda_chunk_fwd_tpu"]
+    for r in rows.values():
+        assert r["elementwise_mop"] <= 2 * r["matmul_mflop"], r
+        assert r["elementwise_mop"] < 5.0, r  # the column loops alone were > 10M

@@ -1,0 +1,180 @@
+"""Matmul FLOPs vs elementwise ops per chunk and head of each Pallas KDA kernel, from the traced bodies.
+
+    python tools/kda_op_counts.py                 # K = V = 128, bf16 q/k/v, L2 norm in-kernel
+    python tools/kda_op_counts.py --K 64 --V 64 --cond exact
+
+Traces forward+backward of `kda_pallas_tpu` and `kda_pallas_gpu` (no compile, nothing runs), finds
+every `pallas_call` and walks its kernel jaxpr:
+
+* matmul FLOPs: 2 * output size * contracted size of each `dot_general`;
+* elementwise ops: output elements of every other array op (arithmetic, exp, compare, select,
+  iota, casts), input elements of reductions; loads, stores and pure shape changes (broadcast,
+  reshape, squeeze, transpose) are not counted;
+* transcendentals (exp, log, rsqrt, ...) are also listed on their own;
+* loops: a `scan` (static `fori_loop`) counts its body times its length; a `cond` counts one branch:
+  `--cond fast` (default) the last branch (the kernels' fast diagonal-block path, and the body of
+  each `pl.when`), `--cond exact` the costliest branch (the exact per-column path for gates whose
+  log decay spans more than `SAFE_SPAN` inside a 16-row sub-chunk).
+
+A kernel's body count times its grid size, divided by B * H * NC (chunks), gives the figures per
+chunk and head. Prints one JSON line, then a table. Estimates of work, not of time: Mosaic and
+Triton fuse, hoist and pad (a [64, 1] column occupies 64 x 128 lanes on a TPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels.kda.gpu import kda_pallas_gpu  # noqa: E402
+from pallas_kernels.kda.tpu import kda_pallas_tpu  # noqa: E402
+
+# not work: memory traffic, program ids, shape-only ops
+_FREE = {
+    "get",
+    "swap",
+    "load",
+    "store",
+    "masked_load",
+    "masked_swap",
+    "program_id",
+    "num_programs",
+    "multiple_of",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "transpose",
+}
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin", "reduce_and", "reduce_or"}
+_TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "rsqrt", "sqrt", "tanh", "logistic", "expm1", "pow"}
+
+
+def _size(aval) -> int:
+    return math.prod(getattr(aval, "shape", ()) or (1,))
+
+
+def _sub_jaxprs(params):
+    for p in params.values():
+        if isinstance(p, jax.extend.core.ClosedJaxpr):
+            yield p.jaxpr
+        elif isinstance(p, jax.extend.core.Jaxpr):
+            yield p
+
+
+def count(jaxpr, cond: str = "fast") -> dict:
+    """{'matmul_flops', 'elementwise', 'transcendental'} of one run of `jaxpr` (see module doc)."""
+    tot = {"matmul_flops": 0, "elementwise": 0, "transcendental": 0}
+
+    def add(c, times=1):
+        for key in tot:
+            tot[key] += times * c[key]
+
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            shape = eqn.invars[0].aval.shape
+            tot["matmul_flops"] += 2 * _size(eqn.outvars[0].aval) * math.prod(shape[d] for d in lhs_contract)
+        elif name == "scan":
+            add(count(eqn.params["jaxpr"].jaxpr, cond), eqn.params["length"])
+        elif name == "cond":
+            branches = [count(b.jaxpr, cond) for b in eqn.params["branches"]]
+            add(branches[-1] if cond == "fast" else max(branches, key=lambda c: c["elementwise"]))
+        elif name == "while":
+            raise ValueError("kda_op_counts: a while loop without a static trip count in a kernel body")
+        elif any(True for _ in _sub_jaxprs(eqn.params)):  # pjit, closed_call, custom_jvp, run_scoped
+            for sub in _sub_jaxprs(eqn.params):
+                add(count(sub, cond))
+        elif name in _FREE:
+            continue
+        elif name in _REDUCTIONS:
+            tot["elementwise"] += _size(eqn.invars[0].aval)
+        else:
+            n = sum(_size(v.aval) for v in eqn.outvars)
+            tot["elementwise"] += n
+            if name in _TRANSCENDENTAL:
+                tot["transcendental"] += n
+    return tot
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for sub in _sub_jaxprs(eqn.params):
+            yield from _pallas_calls(sub)
+
+
+def kernel_counts(fn, *, B=1, T=256, H=2, K=128, V=128, dtype="bfloat16", cond="fast") -> list[dict]:
+    """Per chunk and head counts of every `pallas_call` in forward+backward of `fn` (a
+    `kda_pallas_*` entry point), in trace order; a kernel launched twice (the GPU intra kernel,
+    recomputed in the backward) is listed twice."""
+    dt = jnp.dtype(dtype)
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((B, T, H, K), dt),
+        sds((B, T, H, K), dt),
+        sds((B, T, H, V), dt),
+        sds((B, T, H, K), jnp.float32),
+        sds((B, T, H), jnp.float32),
+    )
+
+    def loss(q, k, v, g, beta):
+        return jnp.sum(fn(q, k, v, g, beta, use_qk_l2norm=True)[0].astype(jnp.float32))
+
+    closed = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(5))))(*args)
+    chunk_heads = B * H * (-(-T // 64))
+    rows = []
+    for eqn in _pallas_calls(closed.jaxpr):
+        grid = math.prod(eqn.params["grid_mapping"].grid)
+        c = count(eqn.params["jaxpr"], cond)
+        per = {key: val * grid / chunk_heads for key, val in c.items()}
+        name = eqn.params.get("name") or getattr(eqn.params.get("name_and_src_info"), "name", "?")
+        rows.append(
+            {
+                "kernel": str(name),
+                "matmul_mflop": round(per["matmul_flops"] / 1e6, 3),
+                "elementwise_mop": round(per["elementwise"] / 1e6, 3),
+                "transcendental_mop": round(per["transcendental"] / 1e6, 3),
+                "ratio": round(per["elementwise"] / max(per["matmul_flops"], 1), 3),
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--V", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", help="q/k/v dtype")
+    ap.add_argument("--cond", default="fast", choices=("fast", "exact"))
+    a = ap.parse_args(argv)
+    out = {"K": a.K, "V": a.V, "dtype": a.dtype, "cond": a.cond, "per": "chunk (64 tokens) and head"}
+    for label, fn in (("pallas_tpu", kda_pallas_tpu), ("pallas_gpu", kda_pallas_gpu)):
+        out[label] = kernel_counts(fn, K=a.K, V=a.V, dtype=a.dtype, cond=a.cond)
+    print(json.dumps(out), flush=True)
+    print(f"\nper chunk and head, K={a.K} V={a.V} {a.dtype}, cond={a.cond}")
+    print(
+        f"{'impl':<11} {'kernel':<22} {'matmul MFLOP':>13} {'elementwise M':>14} {'exp etc. M':>11} {'ratio':>6}"
+    )
+    for label in ("pallas_tpu", "pallas_gpu"):
+        for r in out[label]:
+            print(
+                f"{label:<11} {r['kernel']:<22} {r['matmul_mflop']:>13.2f} {r['elementwise_mop']:>14.2f} "
+                f"{r['transcendental_mop']:>11.3f} {r['ratio']:>6.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
