@@ -12,6 +12,7 @@ Mosaic for the Pallas kernels), as it would be on the slice. Nothing runs, nothi
         --compute-dtype bfloat16
 
     python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --dtype bfloat16   # KDA op alone
+    python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --impl pallas_tpu  # one impl only
 
 Prints one JSON line: per-device bytes (arguments, outputs, aliased, temporaries, generated code,
 and their peak sum), the compiler's FLOP / transcendental / byte-access counts per device, the
