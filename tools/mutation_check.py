@@ -614,6 +614,31 @@ MUTATIONS = [
         ),
         "init's routing counts land in the variables and are added to every step's counts",
     ),
+    # issue 17 part 3: expert parallelism
+    Mutation(
+        "moe-ep-capacity-off-by-one",
+        "jaxllm/nn/moe_parallel.py",
+        "    keep = rank < cap\n",
+        "    keep = rank <= cap\n",
+        ("tests/nn/test_moe_parallel.py::test_pack_slots_and_drops",),
+        "one assignment too many per device pair is kept: it overwrites the next device's first slot",
+    ),
+    Mutation(
+        "moe-ep-no-return-trip",
+        "jaxllm/nn/moe_parallel.py",
+        "    back = jax.lax.all_to_all(y_r.astype(x_nD.dtype).reshape(ep, cap, D), EXPERT_AXIS, 0, 0)\n",
+        "    back = y_r.astype(x_nD.dtype).reshape(ep, cap, D)\n",
+        ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
+        "the experts' outputs stay on the expert's device instead of returning to the token's",
+    ),
+    Mutation(
+        "moe-grouped-ffn-counts-empty-rows",
+        "jaxllm/nn/moe.py",
+        "        gs = jnp.bincount(e_or_end, length=E).astype(jnp.int32)",
+        "        gs = jnp.bincount(e_R, length=E).astype(jnp.int32)",
+        ("tests/nn/test_moe_parallel.py::test_grouped_ffn_empty_rows",),
+        "empty receive slots (-1) counted into expert 0's group (jnp.bincount clips -1 to 0)",
+    ),
     # issue 14: the compiled rollout on any byte-string tokenizer
     Mutation(
         "rollout-scan-no-stop-ids",
