@@ -740,6 +740,14 @@ MUTATIONS = [
         ("tests/agent/test_rollout.py::test_rows_split_over_the_data_axis_equal_one_device",),
         "rollouts given a mesh keep every row on one device",
     ),
+    Mutation(
+        "rollout-compact-wrong-rows",
+        "jaxllm/agent/rollout.py",
+        "        take = np.array(live + [live[0]] * (size - len(live)))  # fillers copy a live row's state\n",
+        "        take = np.arange(size)\n",
+        ("tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",),
+        "after finished rows leave the batch, rows are matched to the wrong cache slots",
+    ),
 ]
 
 

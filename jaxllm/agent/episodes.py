@@ -129,6 +129,7 @@ class RolloutResult:
     messages: list  # [B] chat messages (system, question, turns)
     host_callbacks: int | None = None  # scan_rollout: io_callback calls made (None: segmented)
     row_sharding: object = None  # how the rows were laid out on the devices (rollouts with a mesh)
+    device_rows: list | None = None  # segmented: rows in the device batch each turn (finished rows leave it)
 
     @property
     def model_mask(self) -> np.ndarray:
@@ -205,7 +206,9 @@ class Episodes:
             self.messages[r].append({"role": "user", "content": content})
         return ids
 
-    def result(self, tokens, kind, logprobs, length, host_callbacks=None, row_sharding=None):
+    def result(
+        self, tokens, kind, logprobs, length, host_callbacks=None, row_sharding=None, device_rows=None
+    ):
         return RolloutResult(
             tokens=tokens,
             kind=kind,
@@ -219,6 +222,7 @@ class Episodes:
             messages=self.messages,
             host_callbacks=host_callbacks,
             row_sharding=row_sharding,
+            device_rows=device_rows,
         )
 
 

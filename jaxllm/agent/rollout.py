@@ -176,6 +176,12 @@ def _choose(last, keys, forced_R, *, sampling, heads, heads_params, seen=None):
     return tok, logp, keys
 
 
+@jax.jit
+def _take_rows(cache, last, keys, history, take_S):
+    """The device batch's state of the slots ``take_S`` (a smaller batch)."""
+    return jax.tree_util.tree_map(lambda x: x[take_S], (cache, last, keys, history))
+
+
 @functools.lru_cache(maxsize=16)
 def _feed_fn(model_cls, config):
     model = model_cls(config)
@@ -301,54 +307,80 @@ def segmented_rollout(
     width = T if _penalized(sampling) else 1
     history = decode.shard_rows((jnp.zeros((B, width), jnp.int32), jnp.zeros((B,), jnp.int32)), mesh, B)
 
+    # The device batch holds slots; slots[s] is the row in slot s (-1: a filler that never
+    # appends). Between turns the rows still running move into a smaller batch (compact).
+    slots = np.arange(B)
+    per_device = 1 if mesh is None else mesh.shape["data"]
+
+    def compact():
+        """Drop finished rows from the device batch once the running ones fit a batch of half
+        the size or less (sizes are powers of two times the data axis: few shapes to compile)."""
+        nonlocal cache, last, keys, history, slots
+        live = [s for s, r in enumerate(slots) if r >= 0 and ep.status[r] == RUNNING]
+        size = per_device * (1 << max(0, -(-len(live) // per_device) - 1).bit_length())
+        if not live or size > len(slots) // 2:
+            return
+        take = np.array(live + [live[0]] * (size - len(live)))  # fillers copy a live row's state
+        cache, last, keys, history = decode.shard_rows(
+            _take_rows(cache, last, keys, history, jnp.asarray(take)), mesh, size
+        )
+        slots = np.concatenate([slots[live], np.full((size - len(live),), -1)])
+
     def feed_rows(pending):
         """Append each row's pending ids in chunks of at most C (rows with none are left alone)."""
         nonlocal cache, last
-        longest = max(len(p) for p in pending)
+        rows = [pending[r] if r >= 0 else pending_none for r in slots]
+        longest = max(len(p) for p in rows)
         for j in range(0, longest, C):
-            parts = [p[j : j + C] for p in pending]
+            parts = [p[j : j + C] for p in rows]
             width = min(C, decode.prompt_bucket(max(len(x) for x in parts), C))  # few shapes
-            toks = np.full((B, width), pad, np.int32)
-            for r, x in enumerate(parts):
-                toks[r, : len(x)] = x
+            toks = np.full((len(slots), width), pad, np.int32)
+            for s, x in enumerate(parts):
+                toks[s, : len(x)] = x
             n = np.array([len(x) for x in parts], np.int32)
             cache, last = feed(params, cache, last, jnp.asarray(toks), jnp.asarray(n))
 
+    pending_none = np.zeros((0,), np.int32)
     pending = []
     for r, p in enumerate(prompts):
         push(r, p, KIND_PROMPT)
         pending.append(p)
+    device_rows = []
     while (ep.status == RUNNING).any():
+        compact()
+        device_rows.append(len(slots))
         feed_rows(pending)
         running = ep.status == RUNNING
         gen: list[list[int]] = [[] for _ in range(B)]
-        generating = running.copy()
+        generating = np.array([r >= 0 and running[r] for r in slots])  # per slot
         while generating.any():
-            forced = np.full((B,), -1, np.int32)
-            for r in np.flatnonzero(generating):
+            forced = np.full((len(slots),), -1, np.int32)
+            for s in np.flatnonzero(generating):
+                r = slots[s]
                 t = ep.turns[r]
                 script = forced_ids[r][t] if t < len(forced_ids[r]) else ()
                 if len(gen[r]) < len(script):
-                    forced[r] = script[len(gen[r])]
+                    forced[s] = script[len(gen[r])]
             tok, lp, cache, last, keys, history = step(
                 params, cache, last, jnp.asarray(forced), jnp.asarray(generating), keys, heads_params, history
             )
             tok, lp = np.asarray(tok), np.asarray(lp)
-            for r in np.flatnonzero(generating):
-                gen[r].append(int(tok[r]))
-                was_forced = forced[r] >= 0
-                push(r, [tok[r]], KIND_FORCED if was_forced else KIND_MODEL, None if was_forced else [lp[r]])
+            for s in np.flatnonzero(generating):
+                r = slots[s]
+                gen[r].append(int(tok[s]))
+                was_forced = forced[s] >= 0
+                push(r, [tok[s]], KIND_FORCED if was_forced else KIND_MODEL, None if was_forced else [lp[s]])
                 _, stop = cut_turn_ids(tokenizer, gen[r])
                 if stop is not None or len(gen[r]) >= cfg.turn_tokens:
-                    generating[r] = False
-        pending = [np.zeros((0,), np.int32) for _ in range(B)]
+                    generating[s] = False
+        pending = [pending_none for _ in range(B)]
         for r in np.flatnonzero(running):
             ids = ep.judge(r, gen[r], length[r])
             if ids is not None:
                 push(r, ids, KIND_TOOL)
                 pending[r] = ids
     sharding = jax.tree_util.tree_leaves(cache)[0].sharding if mesh is not None else None
-    return ep.result(tokens, kind, logprobs, length, row_sharding=sharding)
+    return ep.result(tokens, kind, logprobs, length, row_sharding=sharding, device_rows=device_rows)
 
 
 # ------------------------------------------------------------------------------------------
