@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from jaxllm import sharding as shd
+from jaxllm.errors import ConfigError
+from jaxllm.models.config import KimiLinearConfig
 from jaxllm.nn.moe import grouped_ffn, moe_experts
 from jaxllm.nn.moe_parallel import _pack, can_shard, capacity, expert_parallel_moe, token_axes
 
@@ -108,3 +110,11 @@ def test_not_shardable_is_refused_clearly():
         expert_parallel_moe(
             x, jnp.ones((8, 1)), jnp.zeros((8, 1), jnp.int32), w, w, w.transpose(0, 2, 1), mesh=mesh, ffn=None
         )
+
+
+def test_capacity_factor_config_is_validated():
+    tiny = pathlib.Path(__file__).parents[2] / "configs" / "tiny.json"
+    assert KimiLinearConfig.from_file(tiny, moe_capacity_factor=1.25).moe_capacity_factor == 1.25
+    assert KimiLinearConfig.from_file(tiny).moe_capacity_factor is None  # dropless by default
+    with pytest.raises(ConfigError, match="moe_capacity_factor: must be > 0"):
+        KimiLinearConfig.from_file(tiny, moe_capacity_factor=0.0)
