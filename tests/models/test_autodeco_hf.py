@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,7 @@ from jaxllm import cli
 from jaxllm.errors import CheckpointError
 from jaxllm.models.autodeco_hf import load_autodeco, save_autodeco
 from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
+from jaxllm.ops.sampling import SamplingConfig
 
 GOLDEN = pathlib.Path(__file__).parents[1] / "golden" / "qwen_family" / "qwen2_tiny"
 HEAD_KEYS = {
@@ -41,8 +43,6 @@ def official_heads(heads_params):
 
 
 def _leaves(params):
-    import flax.linen as nn
-
     p = nn.meta.unbox(params)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p)}
 
@@ -230,7 +230,7 @@ def test_base_given_for_merged_refused(merged_dirs):
 def write_tokenizer(folder, eos="<|im_end|>"):
     """A WordLevel tokenizer.json: "wI" is id I (0..297), then <|endoftext|>, <|im_end|> (300 in all)."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import AddedToken, models, pre_tokenizers  # noqa: PLC0415 (optional dependency: tokenizers)
 
     tok = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(N_WORDS)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -255,7 +255,6 @@ def run_generate(capsys, *args):
 
 def test_generate_autodeco_on_merged(base, merged_dirs, tmp_path, capsys):
     # The printed text is the heads-driven sample of jaxllm.generate with the original heads.
-    from jaxllm.ops.sampling import SamplingConfig
 
     g = np.load(GOLDEN / "golden.npz")
     d = tmp_path / "merged"

@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,6 @@ def _random_model(**overrides):
 
 
 def _leaves(params):
-    import flax.linen as nn
-
     p = nn.meta.unbox(params)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p)}
 

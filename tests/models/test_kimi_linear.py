@@ -2,10 +2,12 @@
 
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxllm.models.base import cache_bytes
 from jaxllm.models.config import KimiLinearConfig
@@ -100,8 +102,6 @@ def test_packed_equals_separate(impl):
 
 
 def test_nnx_bridge_wraps_model():
-    from flax import nnx
-
     config, model, params = _model(two_layers=True, kda_impl="recurrent")
     ids = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
     # NNX shards annotated variables eagerly; without a mesh, switch that off (see docs/model.md).
@@ -117,8 +117,6 @@ def test_nnx_bridge_wraps_model():
 
 
 def test_logical_axis_names_on_every_param():
-    import flax.linen as nn
-
     config, model, params = _model(kda_impl="recurrent")
     boxed = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)

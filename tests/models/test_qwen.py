@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from safetensors.numpy import load_file
 
 import jaxllm
 from jaxllm.errors import ConfigError
 from jaxllm.models import base, registry
 from jaxllm.models.qwen import Qwen, QwenConfig, hf_key_specs
 from jaxllm.nn.moe import MoE
+from jaxllm.sharding import LOGICAL_AXIS_RULES
 
 GOLDEN = pathlib.Path(__file__).parents[1] / "golden" / "qwen_family"
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -86,8 +89,6 @@ def test_own_cached_greedy_loop_matches_transformers():
 def test_hub_keys_and_save_load_round_trip(case, tmp_path):
     """The table names exactly the checkpoint's keys; save -> load is bit for bit, and the saved
     tensors equal transformers' file."""
-    from safetensors.numpy import load_file
-
     model, params = _load(case)
     original = load_file(GOLDEN / case / "model.safetensors")
     assert sorted(s.hf_key for s in hf_key_specs(model.config)) == sorted(original)
@@ -171,9 +172,6 @@ def test_hidden_is_the_final_norm_output_and_remat_agrees():
 
 
 def test_nnx_bridge_and_logical_axes():
-    from flax import nnx
-
-    from jaxllm.sharding import LOGICAL_AXIS_RULES
 
     model = Qwen(QwenConfig.from_file(GOLDEN / "qwen3_moe_tiny", moe_dispatch="onehot"))
     ids = jnp.arange(6, dtype=jnp.int32).reshape(1, 6)

@@ -7,9 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from jaxllm import cli, generation, run_dir
+from jaxllm.data.pipeline import PackedBatches
+from jaxllm.data.sources import load_source
+from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
+from jaxllm.run_dir import load_trained
 from jaxllm.train import autodeco_run as ad
+from jaxllm.train import checkpoint as ckpt_lib
+from jaxllm.train import loop
+from jaxllm.train.autodeco_eval import evaluate, line_passes
+from jaxllm.train.config import load_config
 
 OFFICIAL_KEYS = {
     f"{h}.mlp.{i}.{k}" for h in ("temp_head", "top_p_head") for i in (0, 2) for k in ("weight", "bias")
@@ -66,8 +75,6 @@ def workdir(tmp_path_factory):
 
 
 def test_autodeco_train_saves_official_heads_that_learned(workdir):
-    from safetensors.numpy import load_file
-
     d = workdir / "autodeco"
     sd = load_file(str(d / "heads.safetensors"))
     assert set(sd) == OFFICIAL_KEYS
@@ -82,7 +89,6 @@ def test_autodeco_train_saves_official_heads_that_learned(workdir):
     # Same eval batches, same easy-token draws: the trained heads beat the fresh ones.
     assert info["eval_loss_trained"] < info["eval_loss_init"] - 1e-3, info
     # The saved file is what load_heads returns, and it is not the initialisation.
-    from jaxllm.nn.autodeco import AutoDecoHeads, heads_to_official
 
     module, variables, info2 = run_dir.load_heads(str(workdir), hidden_size=H)
     assert info2 == info
@@ -97,11 +103,6 @@ def test_autodeco_train_saves_official_heads_that_learned(workdir):
 
 def test_mean_values_match_the_heads_on_the_eval_data(workdir):
     """heads.json's mean T/P equals the heads applied to the frozen base on the batches that follow training."""
-    from jaxllm.data.pipeline import PackedBatches
-    from jaxllm.data.sources import load_source
-    from jaxllm.run_dir import load_trained
-    from jaxllm.train.config import load_config
-
     model, params, tok = load_trained(str(workdir))
     module, variables, info = run_dir.load_heads(str(workdir))
     c = load_config(str(workdir / "run_config.json"))
@@ -186,8 +187,6 @@ def test_autodeco_errors_are_one_line(tmp_path, workdir, capsys):
 
 
 def test_pass_at_1_task_checker():
-    from jaxllm.train.autodeco_eval import line_passes
-
     assert line_passes("import ", "os, sys\nx", "import")
     assert line_passes("from ", "os.path import join\n", "import")
     assert not line_passes("import ", "foo_bar_baz\n", "import")  # not a stdlib module
@@ -202,11 +201,6 @@ def test_pass_at_1_task_checker():
 def test_load_trained_restores_the_params_alone(workdir, monkeypatch):
     """Inference reads the params of the checkpoint and nothing else: no optimizer (AdamW's two
     moments would triple the bytes), no train setup. Equal to the params the full restore gives."""
-    from jaxllm import run_dir
-    from jaxllm.train import checkpoint as ckpt_lib
-    from jaxllm.train import loop
-    from jaxllm.train.config import load_config
-
     config = load_config(run_dir.config_file(str(workdir)))
     s = loop.setup(config)
     ck = ckpt_lib.Checkpointer(run_dir.checkpoints(str(workdir)), save_every=1, keep=2, async_save=False)
@@ -234,8 +228,6 @@ def test_load_trained_restores_the_params_alone(workdir, monkeypatch):
 
 def test_autodeco_eval_runs_the_heads_modes(workdir):
     """The pass@1 evaluation decodes through the engine (jaxllm.generation.sample_ids)."""
-    from jaxllm.train.autodeco_eval import evaluate
-
     modes = ["autodeco", "fixed-mean"]  # the two that need the heads (each mode compiles once)
     rows = evaluate(str(workdir), samples=2, max_new_tokens=4, modes=modes, log=lambda *a: None)
     assert [r["mode"] for r in rows] == modes

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 
@@ -75,8 +76,6 @@ def test_kimi_model_args_are_validated():
 
 
 def test_default_config_file_loads():
-    import pathlib
-
     path = pathlib.Path(__file__).parents[2] / "configs" / "train_default.json"
     c = load_config(str(path))
     cfg = config_from_run_args(

@@ -7,6 +7,7 @@ run within 1e-5; a copy of the killed run resumed by one process (8 devices) als
 Every process packs and checkpoints only its own rows; only process 0 logs and writes metrics.jsonl /
 run_config.json. Every wait is bounded; leftover processes are killed."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -17,7 +18,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
+
+from jaxllm.cli import _maybe_distributed
+from jaxllm.data.sources import load_source
 
 HERE = pathlib.Path(__file__).parent
 SCRIPT = str(HERE / "multihost_script.py")
@@ -131,8 +136,6 @@ def finished_steps(workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from jaxllm.data.sources import load_source
-
     tmp = tmp_path_factory.mktemp("multihost")
     data_dir = str(tmp / "tfds")
     load_source("stdlib", "train", data_dir=data_dir)  # prepared once, before processes read it concurrently
@@ -250,11 +253,6 @@ def test_only_process_zero_logs_and_writes_run_files(runs):
 
 def test_distributed_flag_passes_process_count_and_id_from_the_environment(monkeypatch):
     """`--distributed` off a cluster JAX detects: JAX reads JAX_COORDINATOR_ADDRESS, jaxllm the other two."""
-    import argparse
-
-    import jax
-
-    from jaxllm.cli import _maybe_distributed
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))

@@ -1,5 +1,6 @@
 """Optimizer: weight-decay mask and the warmup-cosine schedule."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,8 +47,6 @@ def test_weight_decay_really_skips_masked_params():
 
 
 def jax_zeros(tree):
-    import jax
-
     return jax.tree.map(jnp.zeros_like, tree)
 
 

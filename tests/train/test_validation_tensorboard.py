@@ -26,7 +26,7 @@ quiet = tiny_lm.quiet
 
 def read_scalars(logdir):
     """{tag: [(step, value), ...]} from TensorBoard event files, read as raw TFRecords (no TensorFlow)."""
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415 (optional dependency: tensorboardX)
 
     out = {}
     files = sorted(glob.glob(f"{logdir}/events.out.tfevents.*"))

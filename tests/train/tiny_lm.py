@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from jaxllm.models import registry
 from jaxllm.models.base import ModelOutput
+from jaxllm.train import RunConfig
+from jaxllm.train.config import apply_overrides
 
 
 def _param(mod, name, shape, names, init=None):
@@ -126,9 +128,6 @@ def register():
 def run_config(data_dir, *overrides, **fields):
     """A quick RunConfig for the tiny test LM (1 device, no samples, no progress bar, sync checkpoints);
     ``fields`` replace the defaults, ``overrides`` are ``key=value`` strings as on the command line."""
-    from jaxllm.train import RunConfig
-    from jaxllm.train.config import apply_overrides
-
     base = dict(
         model="tiny_test",
         seq_len=32,
