@@ -134,24 +134,24 @@ def main(argv=None):
     B, T, S = args.append_batch, args.append_T, args.capacity
     for impl in ("expanded", "auto"):
         temp, chunk, weights = append_temp_bytes(mla_layer(config, impl, dtype), B, T, S, dtype)
-        budget = 2 * chunk + weights
-        line = dict(what="append", impl=impl, B=B, T=T, capacity=S, dtype=args.dtype, temp_bytes=temp)
-        line.update(
-            temp_gib=round(temp / GIB, 4),
-            chunk_bytes=chunk,
-            weight_bytes=weights,
-            budget_bytes=budget,
-            temp_over_budget=round(temp / budget, 3),
-            within_budget=temp <= budget,
-        )
-        print(json.dumps(line), flush=True)
+        head = dict(what="append", layer="mla", impl=impl, B=B, T=T, capacity=S, dtype=args.dtype)
+        print_append(head, temp, chunk_bytes=chunk, weight_bytes=weights)
     temp, state, weights = kda_append_temp_bytes(config, B, T, dtype)
-    budget = 2 * state + weights
-    line = dict(what="append", layer="kda", B=B, T=T, dtype=args.dtype, temp_bytes=temp)
-    line.update(
-        temp_gib=round(temp / GIB, 4),
+    print_append(
+        dict(what="append", layer="kda", B=B, T=T, dtype=args.dtype),
+        temp,
         state_bytes=state,
         weight_bytes=weights,
+    )
+
+
+def print_append(head: dict, temp: int, *, weight_bytes: int, **cache_bytes) -> None:
+    """One JSON line: an append's temporaries against 2 x the cache bytes it touches + the weights."""
+    ((name, touched),) = cache_bytes.items()
+    budget = 2 * touched + weight_bytes
+    line = dict(head, temp_bytes=temp, temp_gib=round(temp / GIB, 4), **{name: touched})
+    line.update(
+        weight_bytes=weight_bytes,
         budget_bytes=budget,
         temp_over_budget=round(temp / budget, 3),
         within_budget=temp <= budget,

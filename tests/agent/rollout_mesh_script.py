@@ -9,38 +9,20 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
+from tiny_agent_model import tiny_model  # noqa: E402
 
 from jaxllm.agent import rollout as R  # noqa: E402
 from jaxllm.agent import synth  # noqa: E402
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig  # noqa: E402
 from jaxllm.data.tokenizers import ByteTokenizer  # noqa: E402
-from jaxllm.models import KimiLinear, KimiLinearConfig  # noqa: E402
 from jaxllm.ops.sampling import SamplingConfig  # noqa: E402
 
 
 def main():
     tok = ByteTokenizer()
-    cfg = KimiLinearConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        layer_types=("kda", "mla"),
-        mlp_layer_types=("dense", "dense"),
-        kda_num_heads=2,
-        kda_head_dim=8,
-        num_attention_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        intermediate_size=32,
-        kda_impl="recurrent",
-    )
-    model = KimiLinear(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))
+    model, params = tiny_model(tok.vocab_size)
     wiki = SimulatedWiki(WikiConfig(seed=0))
     qs = ["Where was Ada born?", "Who founded it?", "Capital?", "x"]
     forced = [["<think>\nab"], [], ["<think>\n"], []]

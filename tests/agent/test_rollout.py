@@ -23,8 +23,10 @@ from jaxllm.agent import rollout as R
 from jaxllm.agent import synth, tools, wiki_env
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.tokenizers import ByteTokenizer
-from jaxllm.models import KimiLinear, KimiLinearConfig
 from jaxllm.ops.sampling import SamplingConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from tiny_agent_model import tiny_model  # noqa: E402
 
 TOK = ByteTokenizer()
 SYSTEM = "Answer with tools."
@@ -32,25 +34,7 @@ SYSTEM = "Answer with tools."
 
 @pytest.fixture(scope="module")
 def model_params():
-    cfg = KimiLinearConfig(
-        vocab_size=TOK.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        layer_types=("kda", "mla"),
-        mlp_layer_types=("dense", "dense"),
-        kda_num_heads=2,
-        kda_head_dim=8,
-        num_attention_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        intermediate_size=32,
-        kda_impl="recurrent",
-    )  # compiles faster than the chunked kernel
-    model = KimiLinear(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))
-    return model, params
+    return tiny_model(TOK.vocab_size)
 
 
 @pytest.fixture(scope="module")
