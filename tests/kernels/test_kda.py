@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.kda import kda
+from pallas_kernels.kda import chunk, kda
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 IMPLS = ("recurrent", "chunk")
@@ -389,8 +389,6 @@ def test_chunk_loop_groups_follow_the_backend(monkeypatch, backend, fwd_steps):
     """The chunk path's loop grouping comes from a per-backend table (`chunk.group_rows`): at 16
     heads (1024 rows per chunk) and 16 chunks the forward loop takes 2 chunks per step with the
     CPU (and TPU) sizes and 8 with the GPU's (read off the traced loop)."""
-    from pallas_kernels.kda import chunk
-
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     cpu = (chunk.GROUP_ROWS, chunk.FORWARD_GROUP_ROWS)
     assert chunk.group_rows(backend) == ((4096, 8192) if backend == "gpu" else cpu)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.kda import _pallas_math as pm
-from pallas_kernels.kda import kda
+from pallas_kernels.kda import kda, tpu
 from pallas_kernels.kda.gpu import kda_pallas_gpu, state_block_v
 from pallas_kernels.kda.reference import kda_recurrent
 from pallas_kernels.kda.tpu import VMEM_LIMIT as TPU_VMEM_LIMIT
@@ -362,8 +362,6 @@ def test_tpu_head_blocks(monkeypatch):
     head loop are exercised (two chunks, initial and final state, f32; K = V = 128 is
     test_kda_head128's). Mild gates (per-step log decay >= -0.1): a chunk's decay exp(gl) stays
     ~0.05, so its gradient reaches dg visibly (at the other tests' gates it is below 1e-7)."""
-    from pallas_kernels.kda import tpu
-
     monkeypatch.setattr(tpu, "HEAD_BLOCK", 2)
     assert tpu.head_block(4) == 2
     inputs, do, dht = random_case(11, B=1, T=128, H=4, K=32, V=32, min_log_decay=-0.02)
