@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.models.base import LanguageModel, check_token_ids
+from jaxllm.ops.sampling import sample_next
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per row per append while prefilling
 MIN_BUCKET = 8
@@ -170,8 +171,6 @@ def pick(
     the ones `prev_mask_BN` marks (either may be None: all)."""
     if sampling is None:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    from jaxllm.ops.sampling import sample_next
-
     kw = {}
     heads_module = heads
     if heads_module is not None:

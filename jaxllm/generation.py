@@ -19,7 +19,10 @@ import jax
 import numpy as np
 
 from jaxllm import decode
+from jaxllm.data.hf_tokenizer import load_hf_tokenizer
 from jaxllm.errors import ConfigError
+from jaxllm.models import autodeco_hf, hf, registry
+from jaxllm.ops.sampling import SamplingConfig
 
 
 def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
@@ -98,8 +101,6 @@ def generate_texts(
 
 def sampling_config(mode: str, info: dict | None = None, *, temperature: float = 1.0, top_p: float = 1.0):
     """The SamplingConfig of ``mode`` in ``greedy|sample|autodeco|fixed_mean`` (fixed_mean reads ``info``)."""
-    from jaxllm.ops.sampling import SamplingConfig
-
     try:
         if mode == "fixed_mean":
             if info is None:
@@ -159,9 +160,6 @@ def load_hf_for_generation(checkpoint: str, base: str | None = None, *, autodeco
     A plain model folder, or an AutoDeco one (merged, or head-only with its base in `base` or in a
     local `base_model_name_or_path`). heads is `(module, variables)` when `autodeco`, else None.
     """
-    from jaxllm.data.hf_tokenizer import load_hf_tokenizer
-    from jaxllm.models import autodeco_hf, hf, registry
-
     cfg = registry.read_hf_config(checkpoint)
     is_autodeco = hf.is_autodeco_config(cfg)
     if autodeco and not is_autodeco:
