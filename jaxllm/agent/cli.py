@@ -31,14 +31,12 @@ without a checkpoint) prints one ``error: ...`` line and exits 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
 import sys
 from collections import Counter
 
-from jaxllm.agent import evaluate
 from jaxllm.cli import register_command
 from jaxllm.errors import CheckpointError, ConfigError
 from jaxllm.run_dir import load_trained, require_run
@@ -333,7 +331,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from jaxllm.agent import synth, train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
+    import dataclasses  # noqa: PLC0415 (CLI --help stays light: dataclasses loads inspect)
+
+    from jaxllm.agent import evaluate, synth, train  # noqa: PLC0415 (loads jax: CLI --help stays fast)
 
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
