@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxllm import sharding as shd
 from jaxllm.nn import context_parallel as cp
 from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.conv import causal_conv, causal_conv_context, causal_conv_step, conv_state_after
 from jaxllm.nn.norms import gated_rms_norm
-from pallas_kernels.kda import kda_context
+from pallas_kernels.kda import kda, kda_context, kda_step, resolve_impl
 
 
 class KDACache(NamedTuple):
@@ -61,9 +62,6 @@ def _per_shard_if_pallas(fn, impl, q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_
     over its head axis (the rules of `jaxllm.sharding`) gives the same result. Pure-JAX impls and
     meshes without jaxllm's axis names are left to XLA.
     """
-    from jaxllm import sharding as shd
-    from pallas_kernels.kda import resolve_impl
-
     mesh = jax.sharding.get_abstract_mesh()
     if (
         not resolve_impl(impl).startswith("pallas")
@@ -72,7 +70,6 @@ def _per_shard_if_pallas(fn, impl, q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_
         or not set(shd.MESH_AXES) <= set(mesh.axis_names)
     ):
         return fn(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, h0_BHKV, seg_BT)
-    from jax.sharding import PartitionSpec as P
 
     spec = tuple(shd.logical_to_spec(("batch", None, "heads", None), q_BTHK.shape, mesh))
     b, h = (spec + (None,) * 4)[0], (spec + (None,) * 4)[2]
@@ -191,8 +188,6 @@ class KimiDeltaAttention(nn.Module):
         g_BTHK = kda_gate(graw, A_log, dt_bias)
         beta_BTH = jax.nn.sigmoid(project(x, b_proj, dtype=jnp.float32))
         scale = 1.0 / math.sqrt(K)
-
-        from pallas_kernels.kda import kda, kda_step
 
         new_cache = None
         if cache is not None and lengths is not None:

@@ -8,6 +8,7 @@ model's own config (validated by the model's config class when the model is buil
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -177,8 +178,6 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def _unknown(name: str) -> ConfigError:
-    import difflib
-
     close = difflib.get_close_matches(name, FIELD_NAMES, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(f"unknown config field {name!r}{hint}; allowed fields: {', '.join(FIELD_NAMES)}")

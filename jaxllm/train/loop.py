@@ -24,7 +24,9 @@ from jaxllm.data.pipeline import DataStateError, PackedBatches
 from jaxllm.data.sources import DatasetError, load_source
 from jaxllm.data.tokenizers import make_tokenizer
 from jaxllm.errors import NonFiniteLossError  # noqa: F401 - re-exported: jaxllm.train, the CLI
+from jaxllm.generation import generate_texts
 from jaxllm.models.hf import load_hf_checkpoint
+from jaxllm.ops.sampling import SamplingConfig
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import ConfigError, RunConfig, save_config
@@ -551,9 +553,6 @@ def _train(s: Setup, workdir: str, log) -> TrainResult:
 
 def generate_samples(s: Setup, params, log) -> list[str]:
     """A few continuations of ``sample_prompt`` (``|``-separated prompts), decoded in one batch."""
-    from jaxllm.generation import generate_texts
-    from jaxllm.ops.sampling import SamplingConfig
-
     c = s.config
     prompts = [p for p in c.sample_prompt.split("|") if p] or [""]
     prompts = [prompts[i % len(prompts)] for i in range(c.num_samples)]

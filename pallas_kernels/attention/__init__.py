@@ -35,6 +35,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.attention.blockwise import blockwise_attention
+from pallas_kernels.attention.gpu import attention_gpu
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLS = ("auto", "reference", "blockwise", "pallas_tpu", "gpu")
@@ -85,9 +86,7 @@ def attention(
     if impl == "blockwise":
         return blockwise_attention(q, k, v, **kwargs, **blocks)
     if impl == "pallas_tpu":
-        from pallas_kernels.attention.tpu import attention_pallas_tpu
+        from pallas_kernels.attention.tpu import attention_pallas_tpu  # noqa: PLC0415 (TPU-only Pallas backend, lazy)
 
         return attention_pallas_tpu(q, k, v, **kwargs, **blocks, interpret=interpret)
-    from pallas_kernels.attention.gpu import attention_gpu
-
     return attention_gpu(q, k, v, **kwargs, **blocks)

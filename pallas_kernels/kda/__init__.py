@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.kda.chunk import kda_chunk
 from pallas_kernels.kda.common import l2_normalize
 from pallas_kernels.kda.context import kda_context
 from pallas_kernels.kda.reference import kda_recurrent, kda_step
@@ -74,13 +75,11 @@ def kda(
     if impl == "recurrent":
         return kda_recurrent(q, k, v, g, beta, **kwargs)
     if impl == "chunk":
-        from pallas_kernels.kda.chunk import kda_chunk
-
         return kda_chunk(q, k, v, g, beta, **kwargs)
     if impl == "pallas_tpu":
-        from pallas_kernels.kda.tpu import kda_pallas_tpu
+        from pallas_kernels.kda.tpu import kda_pallas_tpu  # noqa: PLC0415 (TPU-only Pallas backend, lazy)
 
         return kda_pallas_tpu(q, k, v, g, beta, interpret=interpret, **kwargs)
-    from pallas_kernels.kda.gpu import kda_pallas_gpu
+    from pallas_kernels.kda.gpu import kda_pallas_gpu  # noqa: PLC0415 (GPU-only Pallas backend, lazy)
 
     return kda_pallas_gpu(q, k, v, g, beta, interpret=interpret, **kwargs)
