@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax.core import meta
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -135,8 +136,6 @@ def logical_to_spec(
 
 
 def _is_boxed(x) -> bool:
-    from flax.core import meta
-
     return isinstance(x, meta.Partitioned)
 
 
@@ -146,8 +145,6 @@ def logical_names_tree(boxed_tree) -> Any:
 
 
 def unbox(boxed_tree):
-    from flax.core import meta
-
     return meta.unbox(boxed_tree)
 
 

@@ -40,19 +40,33 @@ from unittest import mock
 # chip, so let other processes (tests, another run of this tool) load it too.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import jax  # noqa: E402  (after the libtpu setting above)
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import pallas_kernels.attention as att  # noqa: E402
+from jaxllm import sharding as shd  # noqa: E402
+from jaxllm.models import registry  # noqa: E402
+from jaxllm.train import loop  # noqa: E402
+from jaxllm.train.config import RunConfig  # noqa: E402
+from jaxllm.train.step import DTYPES, make_train_step  # noqa: E402
+from pallas_kernels.kda import kda  # noqa: E402
+
 # Per-chip HBM (GiB) of the TPU generations libtpu names, for the "fits" column.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5 lite": 16, "v5p": 95, "v5": 95, "v6e": 32, "v6 lite": 32}
 
 
 def parse_mesh(text: str) -> dict[str, int]:
     """'fsdp=16,expert=4' -> {'data': 1, 'fsdp': 16, 'tensor': 1, 'expert': 4}; unnamed axes are 1."""
-    from jaxllm.sharding import MESH_AXES
-
-    sizes = dict.fromkeys(MESH_AXES, 1)
+    sizes = dict.fromkeys(shd.MESH_AXES, 1)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"--mesh: bad entry {part!r}; allowed: AXIS=N with AXIS in {MESH_AXES}, N >= 1")
+            raise SystemExit(
+                f"--mesh: bad entry {part!r}; allowed: AXIS=N with AXIS in {shd.MESH_AXES}, N >= 1"
+            )
         sizes[name] = int(value)
     return sizes
 
@@ -60,13 +74,11 @@ def parse_mesh(text: str) -> dict[str, int]:
 def tpu_devices(topology: str):
     """The compile-only devices of a named TPU topology (e.g. 'v5e:2x2', 'v5p:4x4x4')."""
     try:
-        import libtpu  # noqa: F401
+        import libtpu  # noqa: F401, PLC0415 (optional: the tpu-aot extra, Python >= 3.12)
     except ImportError as e:
         raise RuntimeError(
             f"libtpu is not importable ({e}); install the extra: pip install -e '.[tpu-aot]' (Python >= 3.12)"
         ) from None
-    from jax.experimental import topologies
-
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
@@ -76,13 +88,9 @@ def traced_as_on_tpu(attention: str = "auto"):
 
     `attention` other than "auto" makes `pallas_kernels.attention`'s "auto" resolve to that impl
     (e.g. "blockwise", the pure-JAX path, where the Pallas TPU attention cannot be compiled)."""
-    import jax
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(jax, "default_backend", lambda: "tpu"))
         if attention != "auto":
-            import pallas_kernels.attention as att
-
             resolve = att.resolve_impl
             stack.enter_context(
                 mock.patch.object(
@@ -121,17 +129,6 @@ def compile_train_step(
 ):
     """(compiled train step, lower seconds, compile seconds) for `config_path` (a Hugging Face
     config.json of a registered model_type) on a mesh over `topology`'s devices."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from jaxllm import sharding as shd
-    from jaxllm.models import registry
-    from jaxllm.train import loop
-    from jaxllm.train.config import RunConfig
-    from jaxllm.train.step import DTYPES, make_train_step
-
     devices = tpu_devices(topology)
     mesh = shd.make_mesh(shd.MeshConfig(**mesh_sizes), devices=devices)
     run = RunConfig(
@@ -180,12 +177,6 @@ def compile_train_step(
 def compile_kda_op(shape, topology: str, *, impl: str, dtype: str = "bfloat16", backward: bool = False):
     """(compiled, lower s, compile s): `pallas_kernels.kda.kda` alone (in-kernel L2 norm, no state),
     q/k/v `[B,T,H,K]` (K = V) in `dtype`, forward or forward+backward, on one device of `topology`."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
-
-    from pallas_kernels.kda import kda
-
     B, T, H, K = shape
     on = SingleDeviceSharding(tpu_devices(topology)[0])
     f32, dt = jnp.float32, jnp.dtype(dtype)

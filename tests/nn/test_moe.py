@@ -1,9 +1,10 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.nn.moe import MoE, moe_experts, route
+from jaxllm.nn.moe import MoE, experts_blocked, experts_onehot, moe_experts, route
 
 
 def _route_numpy(x, w, bias, k, n_group, topk_group, renorm, scale):
@@ -102,8 +103,6 @@ def test_dispatch_gradients_match_onehot(dispatch):
 
 
 def test_blocked_with_small_blocks_many_groups():
-    from jaxllm.nn.moe import experts_blocked, experts_onehot
-
     rng = np.random.default_rng(2)
     E, D, F, K, N = 16, 8, 6, 4, 50
     x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
@@ -119,8 +118,6 @@ def test_blocked_with_small_blocks_many_groups():
 
 
 def test_moe_module_shared_expert_and_axes():
-    import flax.linen as nn
-
     E, D, F, K, S = 4, 12, 8, 2, 2
     m = MoE(
         hidden_size=D,
