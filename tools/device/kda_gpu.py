@@ -25,15 +25,21 @@ last. Failures of one configuration (OOM, compile error) are reported and the ru
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
+import importlib
 import json
 import os
 import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import zipfile
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WHEELS = REPO / "tools" / "device" / "wheels"
@@ -50,10 +56,10 @@ TOL_BF16 = 1e-2
 def fla_worker(T_list, reps):
     out = {}
     try:
-        import torch
+        import torch  # noqa: PLC0415 (optional: torch, in the fla subprocess only)
 
         try:
-            from fla.ops.kda import chunk_kda
+            from fla.ops.kda import chunk_kda  # noqa: PLC0415 (optional: fla, installed below if absent)
         except ImportError:
             wheels = sorted(glob.glob(str(WHEELS / "fla_core-*.whl")))
             if not wheels:
@@ -64,16 +70,11 @@ def fla_worker(T_list, reps):
                 text=True,
             )
             if r.returncode != 0:  # read-only site-packages: unpack the pure-Python wheel
-                import tempfile
-                import zipfile
-
                 target = tempfile.mkdtemp(prefix="fla_wheel_")
                 zipfile.ZipFile(wheels[-1]).extractall(target)
                 sys.path.insert(0, target)
-            import importlib
-
             importlib.invalidate_caches()
-            from fla.ops.kda import chunk_kda
+            from fla.ops.kda import chunk_kda  # noqa: PLC0415 (optional: fla, just installed)
     except Exception as e:  # noqa: BLE001 - report and go on
         print(json.dumps({"fla_error": f"{type(e).__name__}: {e}"}))
         return
@@ -179,20 +180,17 @@ def main():
     t_start = time.time()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, str(REPO))
-    import functools
+    import jax  # noqa: PLC0415 (after XLA_PYTHON_CLIENT_PREALLOCATE; the fla subprocess never imports jax)
+    import jax.numpy as jnp  # noqa: PLC0415 (as above)
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from pallas_kernels.kda.gpu import kda_pallas_gpu
-    from pallas_kernels.kda.reference import kda_recurrent
+    from pallas_kernels.kda.gpu import kda_pallas_gpu  # noqa: PLC0415 (after sys.path gets the repo root)
+    from pallas_kernels.kda.reference import kda_recurrent  # noqa: PLC0415 (as above)
 
     if args.smoke:
         kda_pallas_gpu = functools.partial(kda_pallas_gpu, interpret=True)
     kda_pallas_gpu_tf32 = functools.partial(kda_pallas_gpu, dot_precision="default")
     try:
-        from pallas_kernels.kda.chunk import kda_chunk
+        from pallas_kernels.kda.chunk import kda_chunk  # noqa: PLC0415 (optional: falls back to the recurrence)
 
         xla_name = "chunk"
     except ImportError:

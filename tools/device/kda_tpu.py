@@ -31,8 +31,14 @@ import sys
 import time
 import traceback
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from pallas_kernels.kda import kda  # noqa: E402 - after sys.path gets the repository root
 
 B, H, K, V = 8, 16, 128, 128
 T_FULL = (2048, 8192, 32768)
@@ -40,8 +46,6 @@ TOL_F32, TOL_BF16 = 1e-4, 1e-2
 
 
 def rel(ref, got):
-    import numpy as np
-
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     if not np.all(np.isfinite(got)):
         return float("inf")
@@ -49,8 +53,6 @@ def rel(ref, got):
 
 
 def inputs(key, b, t, h, k, v, dtype, n_state):
-    import jax
-
     ks = jax.random.split(key, 7)
     q = jax.random.normal(ks[0], (b, t, h, k)).astype(dtype)
     kk = jax.random.normal(ks[1], (b, t, h, k)).astype(dtype)
@@ -64,11 +66,6 @@ def inputs(key, b, t, h, k, v, dtype, n_state):
 
 def check(smoke: bool):
     """rms-rel errors of the Pallas TPU kernel vs the chunk path, per case and output."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.kda import kda
-
     t = 96 if smoke else 1000  # not a multiple of the 64-token chunk
     h, k = (2, 32) if smoke else (4, 128)
     rows = []
@@ -115,11 +112,6 @@ def check(smoke: bool):
 
 
 def timing(T_list, reps, budget_s, smoke: bool):
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.kda import kda
-
     b, h, k = (1, 2, 32) if smoke else (B, H, K)
     t_start = time.perf_counter()
     out = {}
@@ -170,8 +162,6 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=1800.0)
     a = ap.parse_args(argv)
-    import jax
-
     backend = jax.default_backend()
     if backend != "tpu" and not a.smoke:
         print(
