@@ -9,7 +9,9 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding as shd
@@ -89,12 +91,8 @@ def test_make_mesh_single_device_and_batch_spec():
 
 
 def test_match_shardings_by_path_suffix():
-    import optax
-
     mesh = shd.make_mesh()
     params = {"params": {"w": np.zeros((4, 2), np.float32), "b": np.zeros((2,), np.float32)}}
-    from jax.sharding import NamedSharding
-
     sh = {"params": {"w": NamedSharding(mesh, P("fsdp")), "b": NamedSharding(mesh, P())}}
     opt = jax.eval_shape(optax.adam(1e-3).init, params)
     out = shd.match_shardings(opt, shd.path_index(params, sh), mesh)

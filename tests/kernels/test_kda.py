@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.kda import chunk, kda
+from pallas_kernels.kda.chunk import _largest_factor, kda_chunk, unit_lower_inverse
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 IMPLS = ("recurrent", "chunk")
@@ -233,8 +234,6 @@ def test_chunk_group_loop_matches_recurrent(monkeypatch, mode, fwd_rows, T):
     rows, B=1, H=2) and T=300 (5 chunks) the state crosses steps and the last step is half
     padding; with T=500 (8 chunks) the forward steps over 4 chunks at a time, the backward over 2.
     Outputs, state and all gradients."""
-    from pallas_kernels.kda import chunk
-
     monkeypatch.setattr(chunk, "GROUP_ROWS", 2 * 2 * 64)
     monkeypatch.setattr(chunk, "FORWARD_GROUP_ROWS", fwd_rows)
     inputs = random_inputs(7, 1, T, 2, 16, 16, -6.0)
@@ -254,8 +253,6 @@ def test_chunk_group_loop_matches_recurrent(monkeypatch, mode, fwd_rows, T):
 
 def test_forward_and_backward_groups_tile_the_same_chunks():
     """The forward's group is a multiple of the backward's that divides the padded chunk count."""
-    from pallas_kernels.kda.chunk import _largest_factor
-
     assert [_largest_factor(n, 2) for n in (1, 2, 3, 4, 16)] == [1, 2, 1, 2, 2]
     assert _largest_factor(9, 4) == 3 and _largest_factor(7, 0) == 1 and _largest_factor(2, 8) == 2
 
@@ -263,8 +260,6 @@ def test_forward_and_backward_groups_tile_the_same_chunks():
 @pytest.mark.parametrize("chunk_size", [32, 48])
 def test_other_chunk_sizes_match_recurrent(chunk_size):
     """kda_chunk's chunk_size need not be 64, nor 16 times a power of two (48 pads the inverse)."""
-    from pallas_kernels.kda.chunk import kda_chunk
-
     inputs = random_inputs(5, 1, 150, 2, 16, 16, -3.0)
     ref = outputs_and_grads("recurrent", inputs)
     got = outputs_and_grads(kda_chunk, inputs, chunk_size=chunk_size)
@@ -275,8 +270,6 @@ def test_other_chunk_sizes_match_recurrent(chunk_size):
 @pytest.mark.parametrize("C", [16, 48, 64, 128])
 def test_unit_lower_inverse_matches_numpy(C):
     """(I + L)^-1 by doubling and pairwise merging equals a float64 inverse, incl. padded C."""
-    from pallas_kernels.kda.chunk import unit_lower_inverse
-
     L = np.tril(np.random.default_rng(C).normal(size=(3, C, C)) / np.sqrt(C), -1)
     want = np.linalg.inv(np.eye(C) + L)
     got = unit_lower_inverse(jnp.asarray(L, jnp.float32))
@@ -299,8 +292,6 @@ def test_chunk_backward_keeps_linear_memory():
 def test_score_tiers_agree_with_exact_pairwise(step_decay):
     """Whole-chunk, sub-chunk and pairwise evaluations of the intra-chunk scores (and their
     gradients, under jit) equal the naive masked [C,C,K] formula, whichever tier the span picks."""
-    from pallas_kernels.kda import chunk
-
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
     q = jax.random.normal(ks[0], (1, 2, 3, 64, 16))
     k = jax.random.normal(ks[1], (1, 2, 3, 64, 16))

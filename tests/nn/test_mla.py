@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,6 @@ def test_expanded_matches_numpy():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 24))
     v = m.init(jax.random.PRNGKey(1), x)
     y, _ = m.apply(v, x)
-    import flax.linen as nn
-
     ref = _numpy_reference(nn.meta.unbox(v)["params"], x, 8)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
