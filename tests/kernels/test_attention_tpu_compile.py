@@ -12,6 +12,8 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
 
 from pallas_kernels.attention.tpu import attention_pallas_tpu
 
@@ -20,9 +22,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reas
 
 def _v5e_args(*shapes_dtypes):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-    from jax.sharding import SingleDeviceSharding
-
     dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
     return [jax.ShapeDtypeStruct(s, d, sharding=SingleDeviceSharding(dev)) for s, d in shapes_dtypes]
 

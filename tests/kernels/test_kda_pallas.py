@@ -8,6 +8,7 @@ mode). Accuracy as fla reports it: rms(ref - impl) / rms(ref), float32 bound 1e-
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import importlib.util
 import json
@@ -19,6 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
+from jax.experimental import topologies
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AbstractDevice, AbstractMesh, SingleDeviceSharding, use_abstract_mesh
 
 from pallas_kernels.kda import _pallas_math as pm
 from pallas_kernels.kda import kda, tpu
@@ -196,11 +201,6 @@ class TestKDAPallas:
         same target jax 0.10 falls back to), so both versions lower the same kernels for the
         same target. (The capability only changes float8 casts, which these kernels do not use.)
         """
-        import contextlib
-
-        from jax import export
-        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
-
         # Distinct B, H and chunk counts so a transposed or shortened grid shows.
         B, T, H, K, V = (2, 256, 3, 128, 128) if mode == "segment_ids" else (1, 200, 2, 128, 128)
         # cu_seqlens is traced, so the chunk-aligned layout is sized for the worst case: every one
@@ -267,10 +267,10 @@ def _mosaic_kernels(module_text):
     """The Mosaic kernels of a lowered module: name, grid, dimension semantics, VMEM windows and an
     estimate of their VMEM use (windows twice for double buffering, scratch once)."""
     # JAX internals (the Mosaic dialect and its payload format), so imported only here
-    from jax._src.interpreters import mlir
-    from jax._src.lib import tpu
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.passmanager import PassManager
+    from jax._src.interpreters import mlir  # noqa: PLC0415 (JAX internals: only this helper breaks if they move)
+    from jax._src.lib import tpu  # noqa: PLC0415 (JAX internals, as above)
+    from jaxlib.mlir import ir  # noqa: PLC0415 (JAX internals, as above)
+    from jaxlib.mlir.passmanager import PassManager  # noqa: PLC0415 (JAX internals, as above)
 
     out = []
     for m in re.finditer(r'backend_config = "(\{\\22custom_call_config.*?)"', module_text):
@@ -322,9 +322,6 @@ def _triton_kernels(module_text):
 def _compile_for_v5e(fn, args):
     """Compile for a TPU v5e without a chip (libtpu's compile-only devices): runs Mosaic itself, so
     layout errors and VMEM overflows fail here."""
-    from jax.experimental import topologies
-    from jax.sharding import SingleDeviceSharding
-
     dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
     placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(dev)) for a in args]
     text = fn.lower(*placed).compile().as_text()
@@ -334,8 +331,7 @@ def _compile_for_v5e(fn, args):
 def test_tpu_megacore_no_races(golden_dir):
     """TPU only (megacore has no GPU counterpart): two simulated TensorCores share the "parallel"
     batch/head axes; the interpreter's race detector must find nothing, results must not change."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
-    from jax.experimental.pallas import tpu as pltpu
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # noqa: PLC0415 (JAX internals)
 
     params = pltpu.InterpretParams(num_cores_or_threads=2, detect_races=True)
     fn = functools.partial(kda_pallas_tpu, interpret=params)
