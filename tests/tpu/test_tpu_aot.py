@@ -34,6 +34,10 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from jaxllm import sharding as shd  # noqa: E402
+from jaxllm.decode import decode_step  # noqa: E402
+from jaxllm.models import registry  # noqa: E402
+from jaxllm.nn import MLA  # noqa: E402
 from pallas_kernels.kda import kda  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -124,10 +128,6 @@ def test_kda_kernel_forward_compiles_for_v5e(v5e, mode, K, dtype):
 def test_decode_step_compiles_for_v5e(v5e):
     """`jaxllm.decode.decode_step` of the small Kimi Linear config (KDA state update, MLA over the
     latent cache, MoE), traced as on a TPU, compiles for one v5e chip."""
-    from jaxllm import sharding as shd
-    from jaxllm.decode import decode_step
-    from jaxllm.models import registry
-
     config = registry.config_from_file(str(ROOT / "configs" / "small.json"), dtype="bfloat16")
     model = registry.build(tpu_aot.keep_layers(config, 4))  # kda, kda, kda, mla; dense then MoE
     B, S = 2, 256
@@ -203,10 +203,6 @@ def test_mla_pallas_attention_on_mesh(v5e):
     """An MLA layer, forward and backward, with its default attention (the Pallas TPU kernel on a
     TPU) and a batch split over the v5e:2x2 mesh, as in training: XLA cannot partition a Mosaic
     kernel, so the layer runs it per shard (`mla_sharded_expanded`)."""
-    from jaxllm import sharding as shd
-    from jaxllm.models import registry
-    from jaxllm.nn import MLA
-
     c = registry.config_from_file(str(ROOT / "configs" / "small.json"), dtype="bfloat16")
     layer = MLA(
         hidden_size=c.hidden_size,
