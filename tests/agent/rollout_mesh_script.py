@@ -9,9 +9,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
-from tiny_agent_model import tiny_model  # noqa: E402
+from rollout_testing import assert_same, tiny_model  # noqa: E402
 
 from jaxllm.agent import rollout as R  # noqa: E402
 from jaxllm.agent import synth  # noqa: E402
@@ -40,10 +39,7 @@ def main():
     for name, loop in (("segmented", R.segmented_rollout), ("scan", R.scan_rollout)):
         # the loops equal each other on one device (test_rollout.py): compare both to one of them
         split = loop(model, params, tok, synth.wiki_executor(wiki), qs, mesh=mesh, **kw)
-        for f in ("tokens", "kind", "lengths", "status", "turns", "tool_errors", "forced_answer"):
-            np.testing.assert_array_equal(getattr(one, f), getattr(split, f), err_msg=f"{name}: {f}")
-        np.testing.assert_allclose(one.logprobs, split.logprobs, atol=1e-5, err_msg=name)
-        assert one.answers == split.answers and one.messages == split.messages, name
+        assert_same(one, split, name)
         sh = split.row_sharding
         report[name] = {
             "spec": str(sh.spec),

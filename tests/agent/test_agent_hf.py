@@ -32,6 +32,9 @@ QWEN3_MOE = pathlib.Path(__file__).parents[1] / "golden" / "qwen_family" / "qwen
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "data"))
 from qwen_tokenizer_folder import qwen_bpe, write_folder  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from rollout_testing import assert_same as _assert_same  # noqa: E402
+
 CFG = R.RolloutConfig(max_turns=2, turn_tokens=80, token_budget=1600, chunk=32)
 WIKI = SimulatedWiki(WikiConfig(seed=0))
 PERSON = WIKI.world.by_kind("person")[0]
@@ -180,13 +183,6 @@ def test_observation_and_forced_answer_use_the_format():
     )  # no room left
     assert tok_b.decode(ep.judge(0, tok_b.encode(SEARCH), 0)) == fmt.forced_answer() and ep.forced_answer[0]
     assert fmt.forced_answer() != P.CHATML.forced_answer()
-
-
-def _assert_same(a, b):
-    for f in ("tokens", "kind", "lengths", "status", "turns", "tool_errors", "forced_answer"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-    assert a.answers == b.answers and a.messages == b.messages
 
 
 def test_scan_loop_equals_the_segmented_loop(tok, model_params, episode):

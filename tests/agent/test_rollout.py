@@ -26,7 +26,8 @@ from jaxllm.data.tokenizers import ByteTokenizer
 from jaxllm.ops.sampling import SamplingConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_agent_model import tiny_model  # noqa: E402
+from rollout_testing import assert_same as _assert_same  # noqa: E402
+from rollout_testing import tiny_model  # noqa: E402
 
 TOK = ByteTokenizer()
 SYSTEM = "Answer with tools."
@@ -269,13 +270,6 @@ def test_sampling_is_reproducible_per_key_and_logprobs_match(model_params, wiki)
     for r in range(len(qs)):
         t = np.flatnonzero(a.model_mask[r])
         np.testing.assert_allclose(a.logprobs[r, t], logp[r, t - 1, a.tokens[r, t]], atol=1e-4)
-
-
-def _assert_same(a, b):
-    for f in ("tokens", "kind", "lengths", "status", "turns", "tool_errors", "forced_answer"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-    assert a.answers == b.answers and a.messages == b.messages
 
 
 def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki):
