@@ -748,6 +748,39 @@ MUTATIONS = [
         ("tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",),
         "after finished rows leave the batch, rows are matched to the wrong cache slots",
     ),
+    Mutation(
+        "kda-short-append-chunk-op",
+        "jaxllm/nn/kda_attention.py",
+        "    if impl == \"auto\" and T <= SHORT_APPEND and resolve_impl(impl) == \"chunk\":\n",
+        "    if False:\n",
+        ("tests/nn/test_mla_memory.py::test_short_kda_append_within_twice_the_state_plus_weights",),
+        "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
+    ),
+    # issue 16: the chunked LM head + cross-entropy (loss_chunk)
+    Mutation(
+        "chunked-loss-targets-not-strided",
+        "jaxllm/train/step.py",
+        "strided(targets_BT, ())",
+        "jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)",
+        ("tests/train/test_step.py::test_chunked_loss_equals_full_logits_loss_and_gradients",),
+        "the chunked loss pairs strided hidden states with contiguous targets (each token scored on another's label)",
+    ),
+    Mutation(
+        "chunked-loss-mask-ignored",
+        "jaxllm/train/step.py",
+        "strided(mask_BT, ())",
+        "strided(jnp.ones_like(mask_BT), ())",
+        ("tests/train/test_step.py::test_chunked_loss_equals_full_logits_loss_and_gradients",),
+        "the chunked loss counts masked tokens",
+    ),
+    Mutation(
+        "loss-chunk-divisor-unchecked",
+        "jaxllm/train/config.py",
+        "(self.loss_chunk and self.seq_len % self.loss_chunk)",
+        "False",
+        ("tests/train/test_config.py::test_bad_values_name_field_and_allowed_values",),
+        "a loss_chunk that does not divide seq_len is accepted and fails inside the jitted step",
+    ),
 ]
 
 

@@ -126,6 +126,7 @@ def compile_train_step(
     layers: int | None = None,
     model_args: dict | None = None,
     attention: str = "auto",
+    loss_chunk: int = 0,
 ):
     """(compiled train step, lower seconds, compile seconds) for `config_path` (a Hugging Face
     config.json of a registered model_type) on a mesh over `topology`'s devices."""
@@ -144,6 +145,8 @@ def compile_train_step(
         mesh_fsdp=mesh_sizes["fsdp"],
         mesh_tensor=mesh_sizes["tensor"],
         mesh_expert=mesh_sizes["expert"],
+        mesh_context=mesh_sizes["context"],
+        loss_chunk=loss_chunk,
     )
     model_config = registry.config_from_run_args(
         run.model, run.model_args, vocab_size=0, compute_dtype=compute_dtype, param_dtype=param_dtype
@@ -156,7 +159,7 @@ def compile_train_step(
         s = loop.setup(run, model=model, mesh=mesh)
         state = loop.abstract_state(s)
         # as loop.compile_step builds it (train() traces it under jax.set_mesh, as here)
-        step = make_train_step(s.model.apply, s.tx, s.schedule, DTYPES[compute_dtype])
+        step = make_train_step(s.model.apply, s.tx, s.schedule, DTYPES[compute_dtype], loss_chunk=loss_chunk)
         jitted = jax.jit(
             step,
             in_shardings=(s.state_shardings, s.batch_sharding),
@@ -245,6 +248,12 @@ def main(argv=None) -> int:
         help="what the attention's impl='auto' resolves to (default: as on a TPU, the Pallas kernel); "
         "e.g. blockwise (pure JAX)",
     )
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="cross-entropy over chunks of this many positions (RunConfig.loss_chunk; 0 = full logits)",
+    )
     ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (quick compile)")
     ap.add_argument(
         "--model-arg",
@@ -306,6 +315,7 @@ def main(argv=None) -> int:
         layers=a.layers,
         model_args=model_args,
         attention=a.attention,
+        loss_chunk=a.loss_chunk,
     )
     rep = memory_report(compiled)
     hbm = hbm_gib(tpu_devices(a.topology)[0])
@@ -323,6 +333,7 @@ def main(argv=None) -> int:
         "compute_dtype": a.compute_dtype,
         "model_args": model_args,
         "attention": a.attention,
+        "loss_chunk": a.loss_chunk,
         **rep,
         "peak_gib": round(rep["peak_bytes"] / 2**30, 3),
         "hbm_gib": hbm,

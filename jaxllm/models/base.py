@@ -222,3 +222,11 @@ def lm_head_logits(module: nn.Module, config, hidden_BTD, embed_VD):
         init=nn.initializers.normal(0.02),
     )
     return project(hidden_BTD, head_DV, out_dtype=jnp.float32)
+
+
+def lm_head_kernel(params) -> jax.Array:
+    """The [D,V] matrix `lm_head_logits` multiplies the final hidden state by, read from a model's
+    variables (``{"params": ...}``, boxed or not): `lm_head` when the model has one, else the tied
+    `embed_tokens` transposed. For losses that apply the head themselves (in token chunks)."""
+    tree = nn.meta.unbox(params["params"])
+    return tree["lm_head"] if "lm_head" in tree else tree["embed_tokens"].T

@@ -60,6 +60,9 @@ class RunConfig:
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "float32"  # weights are cast to this inside the step
     remat: str = "none"  # rematerialisation policy passed to the model
+    # Cross-entropy over chunks of this many positions (every row), the LM head applied per chunk and
+    # recomputed in the backward, so the [batch, seq_len, vocab] logits are never held; 0 = off.
+    loss_chunk: int = 0
     # Mesh: -1 = all remaining devices. The product must equal the device count.
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -115,6 +118,10 @@ class RunConfig:
             raise ConfigError(
                 f"eval_split={self.eval_split!r} is not allowed; allowed: a held-out split name of the "
                 "dataset other than 'train' (e.g. validation, test)"
+            )
+        if self.loss_chunk < 0 or (self.loss_chunk and self.seq_len % self.loss_chunk):
+            raise ConfigError(
+                f"loss_chunk={self.loss_chunk} must be 0 (off) or a positive divisor of seq_len={self.seq_len}"
             )
         for name in ("warmup_steps", "num_samples", "sample_tokens", "eval_every"):
             if getattr(self, name) < 0:

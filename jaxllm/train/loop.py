@@ -296,7 +296,12 @@ def global_batch(s: Setup, batch: dict[str, np.ndarray], rows=None) -> dict[str,
 def compile_step(s: Setup):
     c = s.config
     step = make_train_step(
-        s.model.apply, s.tx, s.schedule, DTYPES[c.compute_dtype], bias_update_rate=c.moe_bias_update_rate
+        s.model.apply,
+        s.tx,
+        s.schedule,
+        DTYPES[c.compute_dtype],
+        bias_update_rate=c.moe_bias_update_rate,
+        loss_chunk=c.loss_chunk,
     )
     replicated = NamedSharding(s.mesh, P())
     jitted = jax.jit(
@@ -335,7 +340,7 @@ class Validation:
             )
         self.s = s
         self.batches = c.eval_batches
-        step = make_eval_step(s.model.apply, DTYPES[c.compute_dtype])
+        step = make_eval_step(s.model.apply, DTYPES[c.compute_dtype], c.loss_chunk)
         replicated = NamedSharding(s.mesh, P())
         self._fn = jax.jit(
             step,

@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import sharding as shd
 from jaxllm.errors import ConfigError, NonFiniteLossError
+from jaxllm.models.base import lm_head_kernel
+from jaxllm.nn._params import project
 from jaxllm.nn.moe import LOAD_NAME, ROUTER_LOAD, load_stats, update_correction_bias
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -78,26 +81,67 @@ def token_loss_sum(logits_BTV, targets_BT, mask_BT):
     return jnp.sum(ce_BT * mask_BT), jnp.sum(mask_BT)
 
 
+def chunked_token_loss_sum(hidden_BTD, head_DV, targets_BT, mask_BT, chunk: int):
+    """`token_loss_sum` of the logits ``hidden @ head`` (float32, as `lm_head_logits` computes them),
+    never holding more than ``chunk`` positions of every row's logits at once.
+
+    The T positions are taken in T/chunk chunks, strided (chunk i holds positions i, i + T/chunk,
+    ...), so that every chunk keeps the sequence's split over the `context` axis; a scan computes
+    each chunk's logits and reduces them to the loss sum, and the backward recomputes them
+    (`jax.checkpoint`) instead of keeping [B,T,V] floats. The head's gradient is summed over the
+    chunks in float32."""
+    B, T, D = hidden_BTD.shape
+    if chunk < 1 or T % chunk:
+        raise ValueError(f"loss_chunk={chunk} must be a positive divisor of the sequence length T={T}")
+    n = T // chunk
+
+    def strided(x, names):  # [B,T,...] -> [n,B,chunk,...]: chunk i = positions i, i+n, i+2n, ...
+        x = jnp.moveaxis(x.reshape(B, chunk, n, *x.shape[2:]), 2, 0)
+        return shd.constrain(x, (None, "batch", "length", *names))
+
+    head32_DV = head_DV.astype(jnp.float32)  # the cotangent summed over chunks stays float32
+
+    @jax.checkpoint
+    def one(carry, xs):
+        h_BCD, t_BC, m_BC = xs
+        logits = project(h_BCD, head32_DV, dtype=h_BCD.dtype, out_dtype=jnp.float32)
+        logits = shd.constrain(logits, ("batch", "length", "vocab"))
+        ce_sum, count = token_loss_sum(logits, t_BC, m_BC)
+        return (carry[0] + ce_sum, carry[1] + count), None
+
+    xs = (strided(hidden_BTD, ("act_embed",)), strided(targets_BT, ()), strided(mask_BT, ()))
+    (ce_sum, count), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), xs)
+    return ce_sum, count
+
+
 def apply_with_load(apply_fn: Callable, params, *args, **kwargs):
     """(ModelOutput, routing counts): ``apply_fn`` with the MoE ``router_load`` collection mutable."""
     out, sown = apply_fn(params, *args, mutable=[ROUTER_LOAD], **kwargs)
     return out, dict(sown.get(ROUTER_LOAD, {}))
 
 
-def lm_loss(apply_fn: Callable, compute_dtype=jnp.float32):
+def lm_loss(apply_fn: Callable, compute_dtype=jnp.float32, loss_chunk: int = 0):
     """loss_fn for next-token training: objective = summed masked cross-entropy + aux_loss * count.
 
     apply_fn returns a `jaxllm.models.base.ModelOutput`, whose auxiliary losses are per-microbatch
     means (hence weighted by the token count). Reports ``loss`` (cross-entropy alone), ``aux_loss``
     and each named aux loss as ``aux/<name>``, and ``tokens``.
+
+    ``loss_chunk`` > 0: the cross-entropy applies the LM head itself to ``out.hidden`` in chunks of
+    that many positions (`chunked_token_loss_sum`); ``out.logits`` is then unused and XLA drops it
+    from the jitted step, so no [B,T,V] logits are held. 0: from ``out.logits``.
     """
 
     def loss_fn(params, mb, rng=None):
         del rng  # no dropout
-        out, load = apply_with_load(
-            apply_fn, cast_for_compute(params, compute_dtype), mb["inputs"], segment_ids=mb["segment_ids"]
-        )
-        ce_sum, count = token_loss_sum(out.logits, mb["targets"], mb["loss_mask"])
+        params = cast_for_compute(params, compute_dtype)
+        out, load = apply_with_load(apply_fn, params, mb["inputs"], segment_ids=mb["segment_ids"])
+        if loss_chunk:
+            ce_sum, count = chunked_token_loss_sum(
+                out.hidden, lm_head_kernel(params), mb["targets"], mb["loss_mask"], loss_chunk
+            )
+        else:
+            ce_sum, count = token_loss_sum(out.logits, mb["targets"], mb["loss_mask"])
         aux = out.aux_loss()
         means = {"loss": ce_sum, "aux_loss": aux * count}
         means.update({f"aux/{k}": v * count for k, v in out.aux_losses.items()})
@@ -277,19 +321,20 @@ def make_train_step(
     compute_dtype=jnp.float32,
     *,
     bias_update_rate: float = 0.0,
+    loss_chunk: int = 0,
 ):
     """The next-token train step (pretraining, agent SFT): ``make_step(lm_loss(...))``."""
     return make_step(
-        lm_loss(apply_fn, compute_dtype), tx, schedule=schedule, bias_update_rate=bias_update_rate
+        lm_loss(apply_fn, compute_dtype, loss_chunk), tx, schedule=schedule, bias_update_rate=bias_update_rate
     )
 
 
-def make_eval_step(apply_fn: Callable, compute_dtype=jnp.float32):
+def make_eval_step(apply_fn: Callable, compute_dtype=jnp.float32, loss_chunk: int = 0):
     """eval_step(params, batch) -> (summed token cross-entropy, token count) over all microbatches.
 
     Sums, not a mean, so that several batches combine weighted by their token counts.
     """
-    loss_fn = lm_loss(apply_fn, compute_dtype)
+    loss_fn = lm_loss(apply_fn, compute_dtype, loss_chunk)
 
     def eval_step(params, batch):
         def micro(carry, mb):

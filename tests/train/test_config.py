@@ -48,6 +48,11 @@ def test_bad_values_name_field_and_allowed_values():
         RunConfig(batch_size=6, grad_accum=4)
     with pytest.raises(ConfigError, match="mesh_tensor=0"):
         RunConfig(mesh_tensor=0)
+    with pytest.raises(
+        ConfigError, match="loss_chunk=48 must be 0 .off. or a positive divisor of seq_len=128"
+    ):
+        apply_overrides(RunConfig(), ["loss_chunk=48"])
+    assert apply_overrides(RunConfig(), ["loss_chunk=32"]).loss_chunk == 32
     with pytest.raises(ConfigError, match="must look like field=value"):
         apply_overrides(RunConfig(), ["lr"])
     with pytest.raises(ConfigError, match="config file .* does not exist"):

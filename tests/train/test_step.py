@@ -8,10 +8,10 @@ import optax
 import pytest
 
 from jaxllm.errors import NonFiniteLossError
-from jaxllm.models.base import ModelOutput
+from jaxllm.models.base import ModelOutput, lm_head_kernel
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.models.kimi_linear import KimiLinear
-from jaxllm.train.step import all_finite, check_finite, make_train_step, token_loss_sum
+from jaxllm.train.step import all_finite, check_finite, lm_loss, make_train_step, token_loss_sum
 
 
 class Bigram:
@@ -177,3 +177,36 @@ def test_kimi_moe_aux_losses_reach_the_objective():
     assert float(m["aux/moe_balance"]) > 0 and float(m["aux/router_z"]) > 0
     np.testing.assert_allclose(m["aux_loss"], m["aux/moe_balance"] + m["aux/router_z"], rtol=1e-5)
     np.testing.assert_allclose(m["loss"], m0["loss"], rtol=1e-6)  # reported apart from the cross-entropy
+
+
+def test_chunked_loss_equals_full_logits_loss_and_gradients():
+    """`loss_chunk` (the LM head applied per strided chunk of positions, recomputed in the backward)
+    gives the loss and every gradient of the full-logits loss, masked tokens left out; the head is
+    `lm_head`, or with tied embeddings the embedding transposed."""
+    one_layer = {"num_hidden_layers": 1, "layer_types": ("mla",), "mlp_layer_types": ("dense",)}
+    model = KimiLinear(KimiLinearConfig(**{**KIMI_MOE, **one_layer}))
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 64, size=(2, 12)).astype(np.int32)
+    mb = {
+        "inputs": ids,
+        "targets": np.roll(ids, -1, -1),
+        "segment_ids": np.repeat([[1] * 5 + [2] * 7], 2, 0),
+        "loss_mask": (rng.random((2, 12)) > 0.3).astype(np.int32),
+    }
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), ids))
+    np.testing.assert_array_equal(lm_head_kernel(params), params["params"]["lm_head"])
+    embed_VD = params["params"]["embed_tokens"]
+    np.testing.assert_array_equal(lm_head_kernel({"params": {"embed_tokens": embed_VD}}), embed_VD.T)
+
+    def loss_and_grads(chunk):
+        loss_fn = lm_loss(model.apply, loss_chunk=chunk)
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, mb), has_aux=True))(params)
+
+    (full, out0), g0 = loss_and_grads(0)
+    (chunked, out4), g4 = loss_and_grads(4)
+    np.testing.assert_allclose(chunked, full, rtol=1e-6)
+    assert float(out4.weight) == float(out0.weight) == mb["loss_mask"].sum()
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g0)[0], jax.tree.leaves(g4)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="loss_chunk=5 must be a positive divisor"):
+        lm_loss(model.apply, loss_chunk=5)(params, mb)
