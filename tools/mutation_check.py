@@ -748,6 +748,14 @@ MUTATIONS = [
         ("tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",),
         "after finished rows leave the batch, rows are matched to the wrong cache slots",
     ),
+    Mutation(
+        "kda-short-append-chunk-op",
+        "jaxllm/nn/kda_attention.py",
+        '    if impl == "auto" and T <= SHORT_APPEND and resolve_impl(impl) == "chunk":\n',
+        "    if False:\n",
+        ("tests/nn/test_mla_memory.py::test_short_kda_append_within_twice_the_state_plus_weights",),
+        "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
+    ),
     # issue 16: the chunked LM head + cross-entropy (loss_chunk)
     Mutation(
         "chunked-loss-targets-not-strided",

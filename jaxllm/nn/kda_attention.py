@@ -25,6 +25,7 @@ from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.conv import causal_conv, causal_conv_context, causal_conv_step, conv_state_after
 from jaxllm.nn.norms import gated_rms_norm
 from pallas_kernels.kda import kda, kda_context, kda_step, resolve_impl
+from pallas_kernels.kda.chunk import CHUNK
 
 
 class KDACache(NamedTuple):
@@ -220,6 +221,7 @@ class KimiDeltaAttention(nn.Module):
             k, sk = causal_conv(k, ck, state_BSC=states[1], segment_ids_BT=segment_ids)
             v, sv = causal_conv(v, cv, state_BSC=states[2], segment_ids_BT=segment_ids)
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+            impl = self.impl if cache is None else append_impl(self.impl, T)
             o_BTHK, state = _per_shard_if_pallas(
                 lambda q, k, v, g, beta, h0, seg: kda(
                     q,
@@ -231,10 +233,10 @@ class KimiDeltaAttention(nn.Module):
                     initial_state=h0,
                     output_final_state=cache is not None,
                     use_qk_l2norm=True,
-                    impl=self.impl,
+                    impl=impl,
                     segment_ids=seg,
                 ),
-                self.impl,
+                impl,
                 q,
                 k,
                 v,
@@ -252,6 +254,22 @@ class KimiDeltaAttention(nn.Module):
         o_BTHK = gated_rms_norm(o_BTHK.astype(jnp.float32), o_norm, gate, self.norm_eps).astype(self.dtype)
         y_BTD = project(o_BTHK, o_proj, n_in=2)
         return y_BTD, new_cache
+
+
+SHORT_APPEND = CHUNK  # tokens: a cached append this short runs the recurrence on CPU/GPU
+
+
+def append_impl(impl: str, T: int) -> str:
+    """The KDA implementation for a cached T-token append under `impl`.
+
+    With `auto` on CPU/GPU (the pure-JAX chunk op), an append of at most one chunk runs the
+    recurrence instead: the chunk op pads it to a whole chunk and keeps several state-sized and
+    chunk x K x sub-chunk temporaries (1.1 GiB against 0.29 GiB for a 32-token append to 64 rows
+    at the 48B widths, tools/mla_memory.py), and reading the state once per token costs what
+    decoding those tokens would. The Pallas kernels keep the state on chip, so they stay."""
+    if impl == "auto" and T <= SHORT_APPEND and resolve_impl(impl) == "chunk":
+        return "recurrent"
+    return impl
 
 
 def init_kda_cache(batch, num_heads, head_dim, conv_kernel, dtype=jnp.float32) -> KDACache:

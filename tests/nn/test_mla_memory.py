@@ -3,7 +3,9 @@
 - fwd+bwd grows linearly in T: temporaries at 4T within 5x those at T (the dense [B,H,T,T]
   scores made it ~16x);
 - a cached append does not grow with the cache's capacity: temporaries at 4x the capacity within
-  1.5x (expanding per-head K/V over the capacity made them grow 4x).
+  1.5x (expanding per-head K/V over the capacity made them grow 4x);
+- a short cached KDA append needs at most 2x its state + the layer's weights (the chunk op, which
+  pads it to a whole chunk, needed 3.4x here, as at the 48B widths).
 """
 
 from __future__ import annotations
@@ -46,3 +48,9 @@ def test_append_temporaries_flat_in_capacity():
     layer = tool.mla_layer(WIDTHS, "auto", jnp.float32, attention_impl="blockwise", attention_options=BLOCKS)
     small, large = (tool.append_temp_bytes(layer, 4, 8, S, jnp.float32)[0] for S in (1024, 4096))
     assert large <= 1.5 * small, (small, large)
+
+
+def test_short_kda_append_within_twice_the_state_plus_weights():
+    widths = types.SimpleNamespace(hidden_size=128, kda_num_heads=2, kda_head_dim=128, kda_conv_kernel=4)
+    temp, state, weights = _tool().kda_append_temp_bytes(widths, 32, 16, jnp.float32)
+    assert temp <= 2 * state + weights, (temp, state, weights)
