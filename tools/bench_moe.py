@@ -13,15 +13,24 @@ machine's CPU; "gather" only when its [N, k, D, F] weight gather fits (decode si
 against the ideal 2 * tokens * top_k * 3 * hidden * moe_inter, ratio printed:
 - tpu: "ragged" (the table's TPU entry) compiled by libtpu for one chip of `--topology`
   (`[tpu-aot]` extra, Python >= 3.12; skipped with the reason otherwise);
-- gpu: "blocked" (the table's GPU entry). No GPU compiler can run here (jaxlib's CUDA plugin needs a
-  GPU to compile), so its FLOPs are counted from the XLA:CPU compile of the same program: the
-  blocked dispatch is static dots whose shapes do not depend on the backend;
-- cpu: "blocked" and "ragged" as XLA:CPU compiles them (ragged_dot becomes dense there).
+- gpu: "blocked" with the GPU rule's block rows (the table's GPU entry). No GPU compiler can run
+  here (jaxlib's CUDA plugin needs a GPU to compile), so its FLOPs are counted from the XLA:CPU
+  compile of the same program: the blocked dispatch is static dots whose shapes do not depend on
+  the backend;
+- cpu: "blocked" with the CPU rule's block rows, and "ragged", as XLA:CPU compiles them
+  (ragged_dot becomes dense there).
+The GPU and TPU rows come from the same run (the TPU one needs libtpu: run it with .venv-newest).
 
 `layer`: one MoE layer of the 48B-A3B config (router, 256 routed experts, the shared expert),
 forward + backward in bf16, `--rows` x 4096 tokens sharded over the mesh, compiled by libtpu for
 `--topology`: per-chip temporaries and FLOPs of the expert-parallel dispatch (or, with
 `--no-expert-parallel`, of XLA partitioning the single-device dispatch).
+
+`mesh`: compiled FLOPs per device (XLA:CPU cost analysis) of one MoE layer's forward + backward
+(float32, the 48B widths with `--experts` routed experts, `--rows` x 512 tokens) under `--mesh` on
+virtual CPU devices; run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (or the mesh's
+size). With a `tensor` axis, compare against the same mesh without it: the expert work per device
+should shrink by the tensor size, not repeat on every tensor shard.
 
 Each result is one JSON line.
 """
@@ -40,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import sharding as shd
-from jaxllm.nn.moe import AUTO_DISPATCH, MoE, experts_blocked, moe_experts, route
+from jaxllm.nn.moe import AUTO_DISPATCH, MoE, experts_blocked, moe_experts, route, rows_per_block
 
 # libtpu locks a file for the life of the process that loads it; compiling needs no chip
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -141,14 +150,23 @@ def flops_row(backend: str, dispatch: str, compiled, tokens: int, experts: int, 
     }
 
 
+def table_dispatch(backend: str, tokens: int, experts: int) -> str:
+    """The dispatch table's "auto" entry for `backend` at this size, "blocked:BM" with its block rows."""
+    dispatch = AUTO_DISPATCH[backend].dispatch
+    if dispatch == "blocked":
+        return f"blocked:{rows_per_block(tokens * TOP_K, experts, backend)}"
+    return dispatch
+
+
 def bench_flops(tokens: int, experts: int, topology: str) -> list[dict]:
     args = abstract_problem(tokens, experts)
     rows = []
-    for backend, dispatch in (("gpu", AUTO_DISPATCH["gpu"]), ("cpu", "blocked"), ("cpu", "ragged")):
+    cases = [("gpu", table_dispatch("gpu", tokens, experts)), ("cpu", table_dispatch("cpu", tokens, experts))]
+    for backend, dispatch in [*cases, ("cpu", "ragged")]:
         f = jax.jit(experts_fn(dispatch))
         how = "XLA:CPU compile (static dot shapes, as on GPU)" if backend == "gpu" else "XLA:CPU compile"
         rows.append(flops_row(backend, dispatch, f.lower(*args).compile(), tokens, experts, how))
-    rows.append(tpu_flops(tokens, experts, topology, AUTO_DISPATCH["tpu"]))
+    rows.append(tpu_flops(tokens, experts, topology, table_dispatch("tpu", tokens, experts)))
     return rows
 
 
@@ -213,9 +231,38 @@ def compile_layer(topology: str, mesh_text: str, rows: int, expert_parallel: boo
     }
 
 
+def mesh_flops(mesh_text: str, experts: int, rows: int) -> dict:
+    """Per-device FLOPs of one MoE layer's forward + backward under a mesh of CPU devices."""
+    mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in mesh_text.split(","))}
+    mesh = shd.make_mesh(shd.MeshConfig(**mesh_sizes))
+    moe = MoE(HIDDEN, experts, TOP_K, MOE_INTER, num_shared_experts=0)
+    x_sharding = jax.sharding.NamedSharding(mesh, shd.batch_spec())
+    x = jax.ShapeDtypeStruct((rows, 512, HIDDEN), jnp.float32, sharding=x_sharding)
+    boxed = jax.eval_shape(lambda: moe.init(jax.random.key(0), jnp.zeros((1, 8, HIDDEN))))
+    params = jax.tree.map(
+        lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=sh),
+        boxed,
+        shd.tree_shardings(boxed, mesh),
+        is_leaf=shd._is_boxed,
+    )
+    loss = lambda p, x: jnp.sum(jnp.square(moe.apply(p, x)))  # noqa: E731
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    flops = compiled_flops(compiled)
+    ideal = 3 * ideal_flops(rows * 512)  # forward + backward (2x) of the routed experts, all devices
+    return {
+        "bench": "mesh",
+        "mesh": mesh_sizes,
+        "experts": experts,
+        "tokens": rows * 512,
+        "tflop_per_device": round(flops / 1e12, 4),
+        "ideal_tflop_per_device": round(ideal / mesh.size / 1e12, 4),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("cpu", "flops", "layer"))
+    ap.add_argument("what", choices=("cpu", "flops", "layer", "mesh"))
     ap.add_argument("--experts", type=int, default=None, help="default: 32 (cpu), 256 (flops)")
     ap.add_argument("--tokens", type=int, default=None, help="default: 512 (cpu), 4096 (flops)")
     ap.add_argument("--steps", type=int, default=3)
@@ -226,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--capacity-factor", type=float, default=None, help="layer: default dropless")
     ap.add_argument("--no-expert-parallel", action="store_true", help="layer: XLA partitions the dispatch")
     a = ap.parse_args(argv)
+    if a.what == "mesh":
+        print(json.dumps(mesh_flops(a.mesh, a.experts or 16, a.rows)), flush=True)
+        return 0
     if a.what == "layer":
         row = compile_layer(a.topology, a.mesh, a.rows, not a.no_expert_parallel, a.capacity_factor)
         print(json.dumps(row), flush=True)

@@ -33,22 +33,31 @@ dispatches its own tokens (`token_parallel_moe`): left to XLA, the argsort over 
 assignments gathers the whole batch's assignments onto every device. `expert_parallel=False` turns
 both off.
 
-The dispatch table (`AUTO_DISPATCH`; `tools/bench_moe.py` measures it, docs/training.md has the
-numbers):
+The dispatch table (`AUTO_DISPATCH`: backend -> `DispatchRule`; `tools/bench_moe.py` measures it,
+docs/training.md has the numbers). For A = N*k assignments over E experts, "blocked" computes
+A + E*bm rows (each expert's group padded to a block of bm rows), i.e. (1 + E*bm/A) x the ideal
+FLOPs, with bm = the power of two <= A / (E * block_divisor), clipped to [8, 128]: a divisor d
+gives at most 1 + 1/d (plus the power-of-two rounding) once A/E >= 8d. The price of small blocks is
+the weights: every block runs with its own copy of its expert's [D,F] matrices, gathered into
+(A/bm + E) stacks, so halving bm doubles that weight traffic (and memory of the gather).
 
-| backend | "auto" (N*k > E) | why |
-|---|---|---|
-| cpu | blocked | XLA:CPU lowers `ragged_dot` to a dense loop over every expert (~500x slower here) |
-| gpu | blocked | XLA:GPU rewrites `ragged_dot` into a dense dot over all E experts (E x the FLOPs) unless |
-|     |         | the cuDNN ragged-dot fusion is on; blocked costs (A + E*bm)/A of the ideal FLOPs, |
-|     |         | with bm chosen so that E*bm <= A/4 (<= 1.25x + rounding) once A/E >= 32 |
-| tpu | ragged  | XLA:TPU compiles `ragged_dot` to a grouped matmul (megablox-style); FLOPs from the |
-|     |         | libtpu AOT compile in docs/training.md |
+| backend | "auto" (N*k > E) | block_divisor | why |
+|---|---|---|---|
+| cpu | blocked | 1 | XLA:CPU lowers `ragged_dot` to a dense loop over every expert (~500x slower |
+|     |         |   | here); bm = A/E (2x the ideal FLOPs) was the fastest measured: 32-row blocks |
+|     |         |   | cut the FLOPs to 1.25x but ran 1.7x slower (the gathered weights) |
+| gpu | blocked | 4 | XLA:GPU rewrites `ragged_dot` into a dense dot over all E experts (E x the |
+|     |         |   | FLOPs) unless the cuDNN ragged-dot fusion is on; bm = A/(4E) keeps the FLOPs |
+|     |         |   | <= 1.25x (the issue's <= 1.3 target; 32-row blocks at the 48B widths) at 4x |
+|     |         |   | the gathered-weight traffic of bm = A/E; not timed on a GPU |
+| tpu | ragged  | - | XLA:TPU compiles `ragged_dot` to a grouped matmul (megablox-style); FLOPs from |
+|     |         |   | the libtpu AOT compile in docs/training.md |
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -59,15 +68,43 @@ from jaxllm.nn._params import fan_in_init, param
 from jaxllm.nn.mlp import swiglu
 
 DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
-AUTO_DISPATCH = {"cpu": "blocked", "gpu": "blocked", "cuda": "blocked", "rocm": "blocked", "tpu": "ragged"}
+
+
+class DispatchRule(NamedTuple):
+    """One backend's row of the dispatch table (module docstring)."""
+
+    dispatch: str  # what "auto" runs when N*k > num_experts
+    block_divisor: int = 1  # "blocked": rows per block = the power of two <= N*k / (E * this)
+
+
+_GPU_RULE = DispatchRule("blocked", block_divisor=4)
+AUTO_DISPATCH = {
+    "cpu": DispatchRule("blocked", block_divisor=1),
+    "gpu": _GPU_RULE,
+    "cuda": _GPU_RULE,
+    "rocm": _GPU_RULE,
+    "tpu": DispatchRule("ragged"),
+}
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 128
+
+
+def dispatch_rule(backend: str | None = None) -> DispatchRule:
+    """The table's row for `backend` (default: JAX's default backend; unknown ones get the CPU row)."""
+    return AUTO_DISPATCH.get(backend or jax.default_backend(), AUTO_DISPATCH["cpu"])
 
 
 def auto_dispatch(n_assign: int, num_experts: int, backend: str | None = None) -> str:
     """What dispatch="auto" runs for `n_assign` = N*k assignments (the table in the docstring)."""
     if n_assign <= num_experts:
         return "gather"
-    backend = backend or jax.default_backend()
-    return AUTO_DISPATCH.get(backend, "blocked")
+    return dispatch_rule(backend).dispatch
+
+
+def rows_per_block(n_assign: int, num_experts: int, backend: str | None = None) -> int:
+    """Rows per block of the "blocked" dispatch on `backend`: the power of two <= n_assign /
+    (num_experts * block_divisor), clipped to [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]."""
+    per = max(1, n_assign // (num_experts * dispatch_rule(backend).block_divisor))
+    return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (per.bit_length() - 1))))
 
 
 def route(
@@ -233,17 +270,12 @@ def experts_ragged(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD):
     return _unsort_combine(ys, order, weights_NK)
 
 
-def _block_rows(n_assign: int, n_experts: int) -> int:
-    per = max(1, n_assign // n_experts)
-    bm = 1 << (per.bit_length() - 1)
-    return int(min(128, max(8, bm)))
-
-
 def experts_blocked(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, block_rows=None):
+    """`block_rows` None: the default backend's rule (`rows_per_block`, the dispatch table)."""
     N, K = idx_NK.shape
     E, D = w1_EDF.shape[:2]
     A = N * K
-    bm = block_rows or _block_rows(A, E)
+    bm = block_rows or rows_per_block(A, E)
     order, sorted_e, gs = _sort_assignments(idx_NK, E)
     padded = (gs + bm - 1) // bm * bm
     pad_end = jnp.cumsum(padded)
