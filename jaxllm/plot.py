@@ -1,7 +1,9 @@
 """Loss curves from ``metrics.jsonl`` files as a PNG (needs matplotlib: ``pip install matplotlib``).
 
 Runs of MoE models also get a second panel: each MoE layer's max/mean expert load per step
-(``moe/<layer>/max_mean_load``; 1 = perfectly even), with the overflow fraction in the legend.
+(``moe/<layer>/max_mean_load``; 1 = perfectly even), with the overflow fraction in the legend; and,
+when some run dropped assignments (an expert-parallel capacity factor), a third: each layer's
+dropped fraction per step (``moe/<layer>/dropped``).
 """
 
 from __future__ import annotations
@@ -32,16 +34,25 @@ def metric_curve(path: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
 
 
-def load_curves(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{MoE layer: (steps, max/mean expert load)} of one run; empty for a dense model."""
+def layer_curves(path: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{MoE layer: (steps, values of ``moe/<layer>/<metric>``)} of one run; empty when none logged it."""
+    suffix = f"/{metric}"
     layers = set()
     for rec in read_jsonl(_metrics_path(path)):
-        layers.update(k[len("moe/") : -len("/max_mean_load")] for k in rec if _is_load_key(k))
-    return {layer: metric_curve(path, f"moe/{layer}/max_mean_load") for layer in sorted(layers)}
+        layers.update(
+            k[len("moe/") : -len(suffix)] for k in rec if k.startswith("moe/") and k.endswith(suffix)
+        )
+    return {layer: metric_curve(path, f"moe/{layer}{suffix}") for layer in sorted(layers)}
 
 
-def _is_load_key(key: str) -> bool:
-    return key.startswith("moe/") and key.endswith("/max_mean_load")
+def load_curves(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{MoE layer: (steps, max/mean expert load)} of one run; empty for a dense model."""
+    return layer_curves(path, "max_mean_load")
+
+
+def drop_curves(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{MoE layer: (steps, fraction of assignments dropped)} of one run; empty when it logged none."""
+    return layer_curves(path, "dropped")
 
 
 def loss_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +78,11 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
         raise ImportError("`jaxllm plot` needs matplotlib: pip install matplotlib") from e
     paths = [paths] if isinstance(paths, str) else list(paths)
     loads = {path: load_curves(path) for path in paths}
+    drops = {path: drop_curves(path) for path in paths}
     with_load = any(loads.values())
-    fig, axes = plt.subplots(1, 2 if with_load else 1, figsize=(13 if with_load else 7, 4), squeeze=False)
+    with_drops = any(np.any(v > 0) for curves in drops.values() for _, v in curves.values())
+    panels = 1 + with_load + with_drops
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels if panels > 1 else 7, 4), squeeze=False)
     ax = axes[0, 0]
     for path in paths:
         steps, losses = loss_curve(path)
@@ -83,6 +97,8 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
             over_steps, over = metric_curve(path, f"moe/{layer}/overflow")
             last = f", overflow {over[-1]:.2f}" if len(over) else ""
             axes[0, 1].plot(load_steps, moving_average(ratio, smooth), label=f"{label} {layer}{last}")
+        for layer, (drop_steps, dropped) in drops[path].items() if with_drops else ():
+            axes[0, -1].plot(drop_steps, moving_average(dropped, smooth), label=f"{label} {layer}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -94,6 +110,12 @@ def plot_loss(paths, out: str, smooth: int = 1) -> str:
         lax.set_ylabel("max / mean expert load (1 = even)")
         lax.grid(alpha=0.3)
         lax.legend(fontsize=7)
+    if with_drops:
+        dax = axes[0, -1]
+        dax.set_xlabel("step")
+        dax.set_ylabel("fraction of assignments dropped (capacity)")
+        dax.grid(alpha=0.3)
+        dax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -639,6 +639,58 @@ MUTATIONS = [
         ("tests/nn/test_moe_parallel.py::test_grouped_ffn_empty_rows",),
         "empty receive slots (-1) counted into expert 0's group (jnp.bincount clips -1 to 0)",
     ),
+    # issue 17, the rest: drop metrics, GPU block rule, tensor-split experts
+    Mutation(
+        "moe-drop-counts-not-reported",
+        "jaxllm/train/metrics.py",
+        "        return objective, out.replace(totals={**out.totals, **drops})\n",
+        "        return objective, out\n",
+        (
+            "tests/nn/test_moe_parallel.py::test_train_step_records_the_layers_drop_count",
+            "tests/train/test_moe_metrics.py::test_metrics_jsonl_has_per_layer_load_and_named_aux_losses",
+        ),
+        "the layers' dropped assignments never reach metrics.jsonl",
+    ),
+    Mutation(
+        "moe-dropped-count-not-a-fraction",
+        "jaxllm/train/metrics.py",
+        '            out[f"moe/{layer}/dropped"] = float(count) / max(assigned, 1.0)\n',
+        '            out[f"moe/{layer}/dropped"] = float(count)\n',
+        ("tests/nn/test_moe_parallel.py::test_train_step_records_the_layers_drop_count",),
+        "the dropped metric is the raw count, not the fraction of the layer's assignments",
+    ),
+    Mutation(
+        "moe-ep-drops-not-sown",
+        "jaxllm/nn/moe.py",
+        "            y, dropped = moe_parallel.expert_parallel_moe(\n",
+        "            y, _ = moe_parallel.expert_parallel_moe(\n",
+        ("tests/nn/test_moe_parallel.py::test_train_step_records_the_layers_drop_count",),
+        "the expert-parallel layer reports 0 dropped whatever its capacity dropped",
+    ),
+    Mutation(
+        "moe-gpu-blocks-whole-groups",
+        "jaxllm/nn/moe.py",
+        '_GPU_RULE = DispatchRule("blocked", block_divisor=4)\n',
+        '_GPU_RULE = DispatchRule("blocked", block_divisor=1)\n',
+        ("tests/nn/test_moe.py::test_block_rows_per_backend_meet_the_flop_target",),
+        "GPU blocks as large as an expert's even share: 2x the ideal FLOPs at the 48B widths",
+    ),
+    Mutation(
+        "moe-ep-tensor-duplicated",
+        "jaxllm/nn/moe_parallel.py",
+        "    inner = inner_axes(mesh, w1_EDF.shape[-1], rules)\n",
+        "    inner = ()\n",
+        ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
+        "every tensor shard runs the whole expert width on the same tokens (tp x the expert FLOPs)",
+    ),
+    Mutation(
+        "moe-ep-tensor-partials-not-summed",
+        "jaxllm/nn/moe_parallel.py",
+        "    y_r = _sum_over(ffn(recv_x.reshape(ep * cap, D), recv_e, w1_lDF, w3_lDF, w2_lFD), inner)\n",
+        "    y_r = ffn(recv_x.reshape(ep * cap, D), recv_e, w1_lDF, w3_lDF, w2_lFD)\n",
+        ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
+        "each tensor shard returns its partial (1/tp of the width) expert output as the whole",
+    ),
     # issue 14: the compiled rollout on any byte-string tokenizer
     Mutation(
         "rollout-scan-no-stop-ids",

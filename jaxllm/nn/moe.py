@@ -174,7 +174,18 @@ def router_scores(x_ND, w_router_DE, activation: str = "sigmoid"):
 # ------------------------------------------------------------------ load balancing (pure functions)
 ROUTER_LOAD = "router_load"  # the Flax collection the MoE module sows its routing counts into
 LOAD_NAME = "expert_load"  # the sown variable's name, a sibling of the module's params
-DROPPED_NAME = "dropped"  # expert-parallel assignments dropped past the capacity (int32, all devices)
+DROPPED_NAME = "dropped"  # assignments dropped past the expert-parallel capacity (int32, all devices)
+
+
+def sown_by_layer(sown_tree, name: str) -> dict:
+    """{"layers_1/moe": leaf, ...}: the leaves called `name` of a sown `ROUTER_LOAD` tree, keyed by
+    their module path (the path the layer's params have)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sown_tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names and names[-1] == name:
+            out["/".join(names[:-1])] = leaf
+    return out
 
 
 def expert_load(idx_NK, num_experts: int):
@@ -392,6 +403,7 @@ class MoE(nn.Module):
             self.sow(ROUTER_LOAD, LOAD_NAME, expert_load(idx, E), init_fn=lambda: 0.0, reduce_fn=jnp.add)
         cd = self.dtype
         mesh = jax.sharding.get_abstract_mesh()
+        dropped = jnp.zeros((), jnp.int32)  # only a capacity-limited expert-parallel dispatch drops
         if self.expert_parallel and moe_parallel.can_shard(mesh, B * T, E):
             ffn = functools.partial(grouped_ffn, dispatch=self.dispatch)
             y, dropped = moe_parallel.expert_parallel_moe(
@@ -405,8 +417,6 @@ class MoE(nn.Module):
                 ffn=ffn,
                 capacity_factor=self.capacity_factor,
             )
-            if not self.is_initializing():
-                self.sow(ROUTER_LOAD, DROPPED_NAME, dropped, init_fn=lambda: 0, reduce_fn=jnp.add)
         elif self.expert_parallel and moe_parallel.can_shard_tokens(mesh, B * T):
             y = moe_parallel.token_parallel_moe(
                 x_ND,
@@ -422,6 +432,8 @@ class MoE(nn.Module):
             y = moe_experts(
                 x_ND, weights, idx, w1.astype(cd), w3.astype(cd), w2.astype(cd), dispatch=self.dispatch
             )
+        if not self.is_initializing():
+            self.sow(ROUTER_LOAD, DROPPED_NAME, dropped, init_fn=lambda: 0, reduce_fn=jnp.add)
         y = y.astype(cd).reshape(B, T, D)
         if self.num_shared_experts:
             Fs = F * self.num_shared_experts

@@ -21,8 +21,16 @@ filled slots, but XLA:CPU does not implement it (checked on jax 0.10.2), so the 
 `all_to_all` is used on every backend and is what the CPU tests check.
 
 Routing stays outside (the router and its top-k are cheap and token-local); shared experts stay
-dense in the caller. Weights enter replicated over every axis but `expert` (the `fsdp` all-gather
-happens at the `shard_map` boundary, the gradient's reduce-scatter on the way out).
+dense in the caller. Weights enter replicated over every axis but `expert` and the axes of their
+intermediate width (the `fsdp` all-gather happens at the `shard_map` boundary, the gradient's
+reduce-scatter on the way out).
+
+Tensor parallelism: the tokens are not split over `tensor` (the logical "mlp" axis's mesh axes),
+so each tensor shard holds the same tokens; rather than all of them running the same experts on
+them, every shard keeps its 1/tp of the experts' intermediate width (w1, w3 columns, w2 rows:
+SwiGLU is elementwise in that width) and the partial outputs are summed over `tensor` (`psum`)
+before the return trip. Without an expert axis (`token_parallel_moe`) the same split applies.
+A width the tensor axes do not divide stays replicated (every shard runs it whole).
 """
 
 from __future__ import annotations
@@ -43,6 +51,24 @@ def token_axes(mesh, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
     table = dict(rules)
     axes = [a for a in (*table.get("batch", ()), *table.get("length", ())) if a in mesh.shape]
     return tuple(dict.fromkeys(a for a in axes if mesh.shape[a] > 1))
+
+
+def inner_axes(mesh, inner_width: int, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that split the experts' intermediate width: the logical "mlp" axis's,
+    when they do not already split the tokens or the experts and their product divides the width;
+    () otherwise (the width stays whole on every device)."""
+    if mesh is None or getattr(mesh, "empty", False):
+        return ()
+    taken = {*token_axes(mesh, rules), EXPERT_AXIS}
+    axes = tuple(
+        a for a in dict(rules).get("mlp", ()) if a in mesh.shape and mesh.shape[a] > 1 and a not in taken
+    )
+    return axes if axes and inner_width % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def _sum_over(y, axes):
+    """`y` summed over the mesh `axes` (inside shard_map); `y` itself when there are none."""
+    return jax.lax.psum(y, axes) if axes else y
 
 
 def expert_parallel_size(mesh) -> int:
@@ -91,7 +117,13 @@ def token_parallel_moe(
             f"{dict(mesh.shape)}, token axes {token_axes(mesh, rules)}"
         )
     tok = P(token_axes(mesh, rules))
-    body = jax.shard_map(experts, mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()), out_specs=tok)
+    inner = inner_axes(mesh, w1_EDF.shape[-1], rules) or None
+    body = jax.shard_map(
+        lambda *a: _sum_over(experts(*a), inner),
+        mesh=mesh,
+        in_specs=(tok, tok, tok, P(None, None, inner), P(None, None, inner), P(None, inner, None)),
+        out_specs=tok,
+    )
     return body(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)
 
 
@@ -111,8 +143,9 @@ def _pack(idx_nK, experts_per_device: int, ep: int, cap: int):
     return order, slot, keep
 
 
-def _local_moe(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, cap, ffn, axes):
-    """The per-device body (inside shard_map): returns (y_nD float32, dropped count of this device)."""
+def _local_moe(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, cap, ffn, axes, inner):
+    """The per-device body (inside shard_map): returns (y_nD float32, dropped count of this device).
+    `inner`: the mesh axes splitting the experts' width F (the partial outputs summed over them)."""
     n, K = idx_nK.shape
     D = x_nD.shape[-1]
     El = w1_lDF.shape[0]
@@ -124,7 +157,7 @@ def _local_moe(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, cap, ffn, axes):
     send_e = jnp.full((ep * cap,), -1, jnp.int32).at[slot].set(e_sorted, mode="drop")
     recv_x = jax.lax.all_to_all(send_x.reshape(ep, cap, D), EXPERT_AXIS, 0, 0)
     recv_e = jax.lax.all_to_all(send_e.reshape(ep, cap), EXPERT_AXIS, 0, 0).reshape(-1)
-    y_r = ffn(recv_x.reshape(ep * cap, D), recv_e, w1_lDF, w3_lDF, w2_lFD)
+    y_r = _sum_over(ffn(recv_x.reshape(ep * cap, D), recv_e, w1_lDF, w3_lDF, w2_lFD), inner)
     back = jax.lax.all_to_all(y_r.astype(x_nD.dtype).reshape(ep, cap, D), EXPERT_AXIS, 0, 0)
     y_sorted = back.reshape(ep * cap, D).at[slot].get(mode="fill", fill_value=0)
     y_AD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
@@ -160,11 +193,12 @@ def expert_parallel_moe(
     shards = math.prod(mesh.shape[a] for a in axes)
     cap = capacity((N // shards) * K, expert_parallel_size(mesh), capacity_factor)
     tok = P(axes if axes else None)
-    wspec = P(EXPERT_AXIS)
+    inner = inner_axes(mesh, w1_EDF.shape[-1], rules)
+    w_in, w_out = P(EXPERT_AXIS, None, inner or None), P(EXPERT_AXIS, inner or None, None)
     body = jax.shard_map(
-        lambda *a: _local_moe(*a, cap=cap, ffn=ffn, axes=axes),
+        lambda *a: _local_moe(*a, cap=cap, ffn=ffn, axes=axes, inner=inner),
         mesh=mesh,
-        in_specs=(tok, tok, tok, wspec, wspec, wspec),
+        in_specs=(tok, tok, tok, w_in, w_in, w_out),
         out_specs=(tok, P()),
     )
     return body(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)

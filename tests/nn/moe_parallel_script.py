@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import sharding as shd
-from jaxllm.nn.moe import DROPPED_NAME, ROUTER_LOAD, MoE, grouped_ffn, moe_experts, route
+from jaxllm.nn.moe import DROPPED_NAME, ROUTER_LOAD, MoE, grouped_ffn, moe_experts, route, sown_by_layer
 from jaxllm.nn.moe_parallel import capacity, expert_parallel_moe, token_axes
+from jaxllm.train import loop
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train.config import RunConfig
 
 assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
 jax.config.update("jax_enable_x64", False)
@@ -34,6 +37,26 @@ def problem(seed=0, N=64, D=16, F=12, E=16, K=2, skew=True):
         router[:, :3] += 1.5
     wts, idx = route(x, jnp.asarray(router, jnp.float32), None, top_k=K)
     return x, wts, idx, w1, w3, w2
+
+
+def _eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def shard_map_width(closed_jaxpr) -> int:
+    """The experts' intermediate width w1 has inside the (first) shard_map: F / the tensor size when
+    the width is split over `tensor`, F when every shard runs it whole."""
+    for eqn in _eqns(closed_jaxpr.jaxpr):
+        if eqn.primitive.name == "shard_map":
+            return int(eqn.params["jaxpr"].invars[3].aval.shape[-1])
+    return -1
 
 
 def expected_drops(idx, n_shards, ep, E, cap):
@@ -81,6 +104,7 @@ def run(mesh_cfg, capacity_factor, dispatch):
         (_, (y, dropped)), g = jax.jit(jax.value_and_grad(ep_loss, argnums=tuple(range(5)), has_aux=True))(
             *args
         )
+        width = shard_map_width(jax.make_jaxpr(ep_loss)(*args))
     (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref_loss, argnums=tuple(range(5)), has_aux=True))(*args)
     err_y = float(jnp.max(jnp.abs(y - y_ref)))
     err_g = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, g_ref))
@@ -94,6 +118,8 @@ def run(mesh_cfg, capacity_factor, dispatch):
         "dropped": int(dropped),
         "expected_dropped": want_drops,
         "ref_scale": float(jnp.max(jnp.abs(y_ref))),
+        "inner_width": width,
+        "full_width": w1.shape[-1],
     }
 
 
@@ -116,25 +142,92 @@ def run_module(mesh_cfg):
     params_sh = jax.device_put(params, shardings)
     with jax.set_mesh(mesh):
         (_, (y, sown)), g = step(params_sh, x)
-        jaxpr = str(jax.make_jaxpr(lambda p, x: moe.apply(p, x))(params_sh, x))
+        closed = jax.make_jaxpr(lambda p, x: moe.apply(p, x))(params_sh, x)
+        jaxpr = str(closed)
     moe_vars = sown[ROUTER_LOAD]
     return {
         "mesh": mesh_cfg,
         "module": True,
-        "expert_parallel_ran": DROPPED_NAME in moe_vars and DROPPED_NAME not in sown_ref[ROUTER_LOAD],
+        "expert_parallel_ran": "all_to_all" in jaxpr,
         "shard_map_ran": "shard_map" in jaxpr,
         "err_y": float(jnp.max(jnp.abs(y - y_ref))),
         "err_grad": max(
             float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref))
         ),
-        "dropped": int(moe_vars.get(DROPPED_NAME, -1)),
-        "expected_dropped": 0 if mesh.shape["expert"] > 1 else -1,  # -1: nothing sown without an expert axis
+        "dropped": int(moe_vars[DROPPED_NAME]),
+        "expected_dropped": int(sown_ref[ROUTER_LOAD][DROPPED_NAME]),  # 0: both are dropless
         "ref_scale": float(jnp.max(jnp.abs(y_ref))),
+        "inner_width": shard_map_width(closed),
+        "full_width": moe.moe_intermediate_size,
+    }
+
+
+TRAIN_MODEL = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    layer_types=["mla"],
+    mlp_layer_types=["moe"],
+    kda_num_heads=1,
+    kda_head_dim=8,
+    num_attention_heads=1,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=0,
+    v_head_dim=8,
+    intermediate_size=16,
+    moe_intermediate_size=8,
+    num_experts=8,
+    num_experts_per_token=2,
+)
+
+
+def run_train(mesh_cfg, capacity_factor):
+    """The loop's compiled train step (`loop.compile_step`, 2 microbatches) of a one-layer Kimi
+    Linear MoE: the dropped fraction its metrics.jsonl record gets (`aux_and_load_record`) times
+    the step's assignments, against the count the layer itself sows on the same params and batch."""
+    config = RunConfig(
+        model="kimi_linear",
+        model_args=dict(TRAIN_MODEL, moe_capacity_factor=capacity_factor),
+        seq_len=16,
+        batch_size=16,
+        grad_accum=2,
+        progress=False,
+        num_samples=0,
+        **{f"mesh_{k}": v for k, v in mesh_cfg.items()},
+    )
+    s = loop.setup(config)
+    ga, micro, T = loop.batch_shape(s)
+    ids = np.random.default_rng(0).integers(0, s.vocab_size, size=(ga, micro, T + 1), dtype=np.int32)
+    batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:]}
+    batch.update(segment_ids=np.ones_like(batch["inputs"]), loss_mask=np.ones_like(batch["inputs"]))
+    batch = loop.global_batch(s, batch)
+    state = loop.init_state(s)
+    apply = jax.jit(lambda p, x, seg: s.model.apply(p, x, segment_ids=seg, mutable=[ROUTER_LOAD])[1])
+    layer_dropped = {}
+    with jax.set_mesh(s.mesh):
+        for g in range(ga):
+            sown = apply(state["params"], batch["inputs"][g], batch["segment_ids"][g])[ROUTER_LOAD]
+            for layer, count in sown_by_layer(sown, DROPPED_NAME).items():
+                layer_dropped[layer] = layer_dropped.get(layer, 0) + int(count)
+        _, m = loop.compile_step(s)(state, batch)
+    rec = metrics_lib.aux_and_load_record(jax.device_get(m))
+    assignments = ga * micro * T * TRAIN_MODEL["num_experts_per_token"]
+    return {
+        "mesh": mesh_cfg,
+        "capacity_factor": capacity_factor,
+        "train": True,
+        "layer_dropped": layer_dropped,
+        "record_dropped": {k: rec.get(f"moe/{k}/dropped", -1.0) * assignments for k in layer_dropped},
+        "record_mean": rec.get("moe_dropped", -1.0),
+        "assignments": assignments,
     }
 
 
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     for mesh_cfg, cf, dispatch in cases:
-        row = run_module(mesh_cfg) if dispatch == "module" else run(mesh_cfg, cf, dispatch)
+        if dispatch == "train":
+            row = run_train(mesh_cfg, cf)
+        else:
+            row = run_module(mesh_cfg) if dispatch == "module" else run(mesh_cfg, cf, dispatch)
         print(json.dumps(row), flush=True)

@@ -25,9 +25,14 @@ CASES = [
     [{"data": 2, "expert": 4}, None, "ragged"],
     [{"data": 1, "expert": 8}, 1.25, "ragged"],
     [{"data": 2, "expert": 4}, 1.0, "blocked"],
+    [{"data": 1, "tensor": 2, "expert": 4}, 1.0, "ragged"],  # the experts' width split over tensor
     [{"data": 1, "fsdp": 2, "expert": 4}, None, "module"],
+    [{"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}, None, "module"],
     [{"data": 1, "fsdp": 4, "tensor": 2}, None, "module"],  # no expert axis: token_parallel_moe
+    [{"data": 2, "expert": 4}, 1.0, "train"],  # the loop's train step and its metrics record
 ]
+DENSE = [i for i, c in enumerate(CASES) if c[2] != "train"]
+TRAIN = CASES.index([{"data": 2, "expert": 4}, 1.0, "train"])
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +53,36 @@ def rows():
     return got
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]}-cf{c[1]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize("i", DENSE, ids=[f"{CASES[i][0]}-cf{CASES[i][1]}-{CASES[i][2]}" for i in DENSE])
 def test_expert_parallel_matches_dense(rows, i):
     """Outputs and gradients (x, routing weights, w1/w3/w2; for the module every param) within 1e-5
-    of the one-device onehot reference with the dropped assignments' weights zeroed, and the dropped
-    count exactly the count worked out in numpy from the capacity."""
+    of the one-device onehot reference with the dropped assignments' weights zeroed, the dropped
+    count exactly the count worked out in numpy from the capacity, and under a `tensor` axis the
+    experts' intermediate width split over it inside the shard_map."""
     row = rows[i]
     assert row["err_y"] < 1e-5 and row["err_grad"] < 1e-5, row
     assert row["ref_scale"] > 1.0, row  # the outputs are not trivially small
     assert row["dropped"] == row["expected_dropped"], row
     if CASES[i][1] is not None:
         assert row["dropped"] > 0, row  # the skewed router does overflow the capacity
+    # with a tensor axis each shard runs 1/tp of every expert's width, not all of it again
+    assert row["inner_width"] == row["full_width"] // CASES[i][0].get("tensor", 1), row
     if CASES[i][2] == "module":
         assert row["shard_map_ran"], row
         assert row["expert_parallel_ran"] == (CASES[i][0].get("expert", 1) > 1), row
+
+
+def test_train_step_records_the_layers_drop_count(rows):
+    """A train step with a capacity factor under `data=2 x expert=4`: the metrics.jsonl record's
+    `moe/<layer>/dropped` is the layer's own dropped count (both microbatches) over its assignments,
+    and some were dropped (random routing over 4 device pairs overflows an even share)."""
+    row = rows[TRAIN]
+    assert row["layer_dropped"] and all(n > 0 for n in row["layer_dropped"].values()), row
+    for layer, n in row["layer_dropped"].items():
+        assert row["record_dropped"][layer] == pytest.approx(n, abs=1e-3), row
+    assert row["record_mean"] == pytest.approx(
+        sum(row["layer_dropped"].values()) / len(row["layer_dropped"]) / row["assignments"]
+    )
 
 
 def test_capacity():

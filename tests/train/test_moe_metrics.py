@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_validation_tensorboard import read_scalars
 
-from jaxllm.plot import load_curves, plot_loss
+from jaxllm.plot import drop_curves, load_curves, plot_loss
 from jaxllm.train import loop
 from jaxllm.train.config import RunConfig
 
@@ -64,13 +64,17 @@ def test_metrics_jsonl_has_per_layer_load_and_named_aux_losses(run):
         np.testing.assert_allclose(r["moe_overflow"], np.mean(overs), rtol=1e-6)
         assert r["aux/moe_balance"] > 0 and r["aux/router_z"] > 0
         np.testing.assert_allclose(r["aux_loss"], r["aux/moe_balance"] + r["aux/router_z"], rtol=1e-5)
-        assert not any(k.startswith("expert_load") for k in r)  # the raw counts stay out of the log
+        assert not any(k.startswith(("expert_load", "dropped_count")) for k in r)  # raw counts stay out
+        # one device: the dispatch is dropless, and the drop metrics say so (a capacity factor
+        # under expert parallelism: tests/nn/test_moe_parallel.py::test_train_step_records_...)
+        assert [r[f"moe/{layer}/dropped"] for layer in LAYERS] == [0.0, 0.0] and r["moe_dropped"] == 0.0
 
 
 def test_tensorboard_and_plot_carry_the_load(run, tmp_path):
     w, recs = run
     scalars = read_scalars(w / "tensorboard")
-    for key in ("moe/max_mean_load", *(f"moe/{layer}/max_mean_load" for layer in LAYERS), "aux/router_z"):
+    keys = ("moe/max_mean_load", "moe/dropped", *(f"moe/{layer}/max_mean_load" for layer in LAYERS))
+    for key in (*keys, f"moe/{LAYERS[0]}/dropped", "aux/router_z"):
         assert key in scalars, sorted(scalars)
     got = [v for _, v in scalars[f"moe/{LAYERS[1]}/max_mean_load"]]
     np.testing.assert_allclose(got, [r[f"moe/{LAYERS[1]}/max_mean_load"] for r in recs], rtol=1e-6)
@@ -79,3 +83,18 @@ def test_tensorboard_and_plot_carry_the_load(run, tmp_path):
     np.testing.assert_allclose(curves[LAYERS[0]][1], [r[f"moe/{LAYERS[0]}/max_mean_load"] for r in recs])
     out = plot_loss([str(w)], str(tmp_path / "loss.png"))
     assert (tmp_path / "loss.png").stat().st_size > 1000 and out.endswith("loss.png")
+
+
+def test_plot_draws_the_dropped_fraction(tmp_path):
+    """A run that dropped assignments (an expert-parallel capacity factor) gets its per-layer
+    dropped fraction as curves; a dropless run (all 0) gets no such panel."""
+    recs = [
+        {"step": i, "loss": 3.0 - 0.1 * i, "moe/l0/max_mean_load": 1.5, "moe/l0/dropped": 0.1 * i}
+        for i in (1, 2, 3)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    steps, dropped = drop_curves(str(tmp_path))["l0"]
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_allclose(dropped, [0.1, 0.2, 0.3])
+    plot_loss([str(tmp_path)], str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").stat().st_size > 1000
