@@ -2,11 +2,13 @@
 
     python tools/kda_op_counts.py                 # K = V = 128, bf16 q/k/v, L2 norm in-kernel
     python tools/kda_op_counts.py --K 64 --V 64 --cond exact
+    python tools/kda_op_counts.py --precision default  # the kernels' bf16-operand matmuls
 
 Traces forward+backward of `kda_pallas_tpu` and `kda_pallas_gpu` (no compile, nothing runs), finds
 every `pallas_call` and walks its kernel jaxpr:
 
-* matmul FLOPs: 2 * output size * contracted size of each `dot_general`;
+* matmul FLOPs: 2 * output size * contracted size of each `dot_general`; those whose operands
+  are both bfloat16 (one MXU pass / bf16 tensor cores) are also listed on their own;
 * elementwise ops: output elements of every other array op (arithmetic, exp, compare, select,
   iota, casts), input elements of reductions; loads, stores and pure shape changes (broadcast,
   reshape, squeeze, transpose) are not counted;
@@ -72,8 +74,9 @@ def _sub_jaxprs(params):
 
 
 def count(jaxpr, cond: str = "fast") -> dict:
-    """{'matmul_flops', 'elementwise', 'transcendental'} of one run of `jaxpr` (see module doc)."""
-    tot = {"matmul_flops": 0, "elementwise": 0, "transcendental": 0}
+    """{'matmul_flops', 'bf16_matmul_flops', 'elementwise', 'transcendental'} of one run of `jaxpr`
+    (see module doc)."""
+    tot = {"matmul_flops": 0, "bf16_matmul_flops": 0, "elementwise": 0, "transcendental": 0}
 
     def add(c, times=1):
         for key in tot:
@@ -84,7 +87,10 @@ def count(jaxpr, cond: str = "fast") -> dict:
         if name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             shape = eqn.invars[0].aval.shape
-            tot["matmul_flops"] += 2 * _size(eqn.outvars[0].aval) * math.prod(shape[d] for d in lhs_contract)
+            flops = 2 * _size(eqn.outvars[0].aval) * math.prod(shape[d] for d in lhs_contract)
+            tot["matmul_flops"] += flops
+            if all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars):
+                tot["bf16_matmul_flops"] += flops
         elif name == "scan":
             add(count(eqn.params["jaxpr"].jaxpr, cond), eqn.params["length"])
         elif name == "cond":
@@ -115,10 +121,12 @@ def _pallas_calls(jaxpr):
             yield from _pallas_calls(sub)
 
 
-def kernel_counts(fn, *, B=1, T=256, H=2, K=128, V=128, dtype="bfloat16", cond="fast") -> list[dict]:
+def kernel_counts(
+    fn, *, B=1, T=256, H=2, K=128, V=128, dtype="bfloat16", cond="fast", precision="highest"
+) -> list[dict]:
     """Per chunk and head counts of every `pallas_call` in forward+backward of `fn` (a
-    `kda_pallas_*` entry point), in trace order; a kernel launched twice (the GPU intra kernel,
-    recomputed in the backward) is listed twice."""
+    `kda_pallas_*` entry point, called with `precision`), in trace order; a kernel launched twice
+    (the GPU intra kernel, recomputed in the backward) is listed twice."""
     dt = jnp.dtype(dtype)
     sds = jax.ShapeDtypeStruct
     args = (
@@ -130,7 +138,7 @@ def kernel_counts(fn, *, B=1, T=256, H=2, K=128, V=128, dtype="bfloat16", cond="
     )
 
     def loss(q, k, v, g, beta):
-        return jnp.sum(fn(q, k, v, g, beta, use_qk_l2norm=True)[0].astype(jnp.float32))
+        return jnp.sum(fn(q, k, v, g, beta, use_qk_l2norm=True, precision=precision)[0].astype(jnp.float32))
 
     closed = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(5))))(*args)
     chunk_heads = B * H * (-(-T // 64))
@@ -144,6 +152,7 @@ def kernel_counts(fn, *, B=1, T=256, H=2, K=128, V=128, dtype="bfloat16", cond="
             {
                 "kernel": str(name),
                 "matmul_mflop": round(per["matmul_flops"] / 1e6, 3),
+                "bf16_matmul_mflop": round(per["bf16_matmul_flops"] / 1e6, 3),
                 "elementwise_mop": round(per["elementwise"] / 1e6, 3),
                 "transcendental_mop": round(per["transcendental"] / 1e6, 3),
                 "ratio": round(per["elementwise"] / max(per["matmul_flops"], 1), 3),
@@ -158,19 +167,23 @@ def main(argv=None) -> int:
     ap.add_argument("--V", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", help="q/k/v dtype")
     ap.add_argument("--cond", default="fast", choices=("fast", "exact"))
+    ap.add_argument("--precision", default="highest", choices=("highest", "default"))
     a = ap.parse_args(argv)
-    out = {"K": a.K, "V": a.V, "dtype": a.dtype, "cond": a.cond, "per": "chunk (64 tokens) and head"}
+    out = {"K": a.K, "V": a.V, "dtype": a.dtype, "cond": a.cond, "precision": a.precision}
+    out["per"] = "chunk (64 tokens) and head"
     for label, fn in (("pallas_tpu", kda_pallas_tpu), ("pallas_gpu", kda_pallas_gpu)):
-        out[label] = kernel_counts(fn, K=a.K, V=a.V, dtype=a.dtype, cond=a.cond)
+        out[label] = kernel_counts(fn, K=a.K, V=a.V, dtype=a.dtype, cond=a.cond, precision=a.precision)
     print(json.dumps(out), flush=True)
-    print(f"\nper chunk and head, K={a.K} V={a.V} {a.dtype}, cond={a.cond}")
+    print(f"\nper chunk and head, K={a.K} V={a.V} {a.dtype}, cond={a.cond}, precision={a.precision}")
     print(
-        f"{'impl':<11} {'kernel':<22} {'matmul MFLOP':>13} {'elementwise M':>14} {'exp etc. M':>11} {'ratio':>6}"
+        f"{'impl':<11} {'kernel':<22} {'matmul MFLOP':>13} {'of it bf16':>11} {'elementwise M':>14} "
+        f"{'exp etc. M':>11} {'ratio':>6}"
     )
     for label in ("pallas_tpu", "pallas_gpu"):
         for r in out[label]:
             print(
-                f"{label:<11} {r['kernel']:<22} {r['matmul_mflop']:>13.2f} {r['elementwise_mop']:>14.2f} "
+                f"{label:<11} {r['kernel']:<22} {r['matmul_mflop']:>13.2f} {r['bf16_matmul_mflop']:>11.2f} "
+                f"{r['elementwise_mop']:>14.2f} "
                 f"{r['transcendental_mop']:>11.3f} {r['ratio']:>6.2f}"
             )
     return 0

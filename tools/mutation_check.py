@@ -161,7 +161,9 @@ MUTATIONS = [
         'compiler_params=_params(),\n        interpret=interpret,\n        name="kda_chunk_bwd_tpu",',
         "compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=512 * 1024),\n"
         '        interpret=interpret,\n        name="kda_chunk_bwd_tpu",',
-        ("tests/tpu/test_tpu_aot.py::test_kda_kernel_fwd_bwd_compiles_for_v5e[128-bf16-segment_ids]",),
+        (
+            "tests/tpu/test_tpu_aot.py::test_kda_kernel_fwd_bwd_compiles_for_v5e[128-default-bf16-segment_ids]",
+        ),
         "the backward kernel's windows and scratch overrun the VMEM it is given: interpret mode runs it, "
         "Mosaic (tests/tpu, libtpu) refuses it",
         needs="libtpu",
@@ -213,6 +215,53 @@ MUTATIONS = [
         'bwd_rows, fwd_rows = group_rows("cpu")',
         ("tests/kernels/test_kda.py::test_chunk_loop_groups_follow_the_backend",),
         "the chunk path's loop groups ignore the backend (one chunk per step on GPU/TPU at Kimi shapes)",
+    ),
+    # issue 19: the kernels' precision option
+    Mutation(
+        "kda-precision-not-applied",
+        "pallas_kernels/kda/_pallas_math.py",
+        "        a.astype(dt), b.astype(dt), (contract, ((), ())), precision=precision, preferred_element_type=F32",
+        "        a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32",
+        ("tests/kernels/test_kda_pallas.py::test_default_precision_feeds_bf16_operands",),
+        'precision="default" no longer rounds the matmul operands to bf16 (float32 on every backend)',
+    ),
+    Mutation(
+        "kda-tpu-gate-cumsum-follows-precision",
+        "pallas_kernels/kda/tpu.py",
+        "    G = _exact(_tril(C), g, ((1,), (0,)))",
+        "    G = pm._dot(_tril(C), g)",
+        ("tests/kernels/test_kda_pallas.py::test_default_precision_feeds_bf16_operands[pallas_tpu]",),
+        'the in-kernel gate cumsum takes bf16 operands under precision="default" (DESIGN.md: gates f32)',
+    ),
+    Mutation(
+        "kda-row-pick-follows-precision",
+        "pallas_kernels/kda/_pallas_math.py",
+        "        onehot, x, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=F32",
+        "        onehot.astype(_MATMUL_DTYPE.get()), x.astype(_MATMUL_DTYPE.get()), (((1,), (0,)), ((), ())),\n"
+        "        precision=lax.Precision.HIGHEST, preferred_element_type=F32",
+        ("tests/kernels/test_kda_pallas.py::test_default_precision_feeds_bf16_operands[pallas_gpu]",),
+        'picking a sub-chunk\'s reference row G_r rounds it to bf16 under precision="default" '
+        "(the exp(SAFE_SPAN) clamp then cuts factors of spans near 60)",
+    ),
+    Mutation(
+        "kda-default-precision-float16",
+        "pallas_kernels/kda/_pallas_math.py",
+        'return F32 if precision_name(precision) == "highest" else BF16',
+        'return F32 if precision_name(precision) == "highest" else jnp.float16',
+        (
+            "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_bf16_inputs[pallas_tpu-default]",
+            "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_bf16_inputs[pallas_gpu-default]",
+        ),
+        'precision="default" rounds to float16 (TF32-like mantissa, 5-bit exponent): the factorised '
+        "decay factors (up to exp(60)) overflow",
+    ),
+    Mutation(
+        "kda-precision-ignored-off-the-kernels",
+        "pallas_kernels/kda/__init__.py",
+        '    if precision != "highest" and not impl.startswith("pallas"):',
+        "    if False:",
+        ("tests/kernels/test_kda_pallas.py::test_precision_applies_to_the_pallas_kernels_only",),
+        'kda(impl="chunk", precision="default") silently computes at full precision',
     ),
     # 7. K = V = 128: the GPU kernel's V slices
     Mutation(

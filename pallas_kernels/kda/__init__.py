@@ -19,12 +19,17 @@ Implementations (`impl`):
 `kda_context(..., axis_name=)` is the same op on a sequence split over a mesh axis (context
 parallelism; inside `shard_map`, see context.py).
 `interpret=True` runs either Pallas kernel in interpret mode on any backend (CPU tests).
+`precision` ("highest" | "default", or lax.Precision.HIGHEST / DEFAULT) sets the Pallas kernels'
+in-kernel matmuls: "highest" (the default) float32 operands at full precision, "default" bf16
+operands with float32 accumulation, as DEFAULT treats float32 on a TPU (docs/kernels.md has the
+tolerance it is tested to). The other impls compute at full precision and take "highest" only.
 """
 
 from __future__ import annotations
 
 import jax
 
+from pallas_kernels.kda._pallas_math import precision_name
 from pallas_kernels.kda.chunk import kda_chunk
 from pallas_kernels.kda.common import l2_normalize
 from pallas_kernels.kda.context import kda_context
@@ -59,11 +64,19 @@ def kda(
     impl="auto",
     segment_ids=None,
     interpret=False,
+    precision="highest",
 ):
     """KDA over a sequence; returns `(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] f32 or None)`."""
+    requested = impl
     impl = resolve_impl(impl)
     if interpret and not impl.startswith("pallas"):
         raise ValueError(f"kda: interpret=True applies to the Pallas kernels only, not impl={impl!r}")
+    precision = precision_name(precision)
+    if precision != "highest" and not impl.startswith("pallas"):
+        raise ValueError(
+            f"kda: precision={precision!r} applies to the Pallas kernels only; impl={requested!r} "
+            f"runs {impl!r} on {jax.default_backend()}, which computes at full precision"
+        )
     kwargs = dict(
         scale=scale,
         initial_state=initial_state,
@@ -79,7 +92,7 @@ def kda(
     if impl == "pallas_tpu":
         from pallas_kernels.kda.tpu import kda_pallas_tpu  # noqa: PLC0415 (TPU-only Pallas backend, lazy)
 
-        return kda_pallas_tpu(q, k, v, g, beta, interpret=interpret, **kwargs)
+        return kda_pallas_tpu(q, k, v, g, beta, interpret=interpret, precision=precision, **kwargs)
     from pallas_kernels.kda.gpu import kda_pallas_gpu  # noqa: PLC0415 (GPU-only Pallas backend, lazy)
 
-    return kda_pallas_gpu(q, k, v, g, beta, interpret=interpret, **kwargs)
+    return kda_pallas_gpu(q, k, v, g, beta, interpret=interpret, precision=precision, **kwargs)

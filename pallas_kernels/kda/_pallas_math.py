@@ -7,7 +7,8 @@ Two halves:
   `jax.numpy`/`lax` that both Pallas lowerings accept: 2-D arrays only, no slicing or
   concatenation of values (Triton has neither), rows picked with masked reductions, masks built
   from `broadcasted_iota`, matmuls as `lax.dot_general` with plain or transposed operands, loops
-  as `lax.fori_loop`. Everything is float32.
+  as `lax.fori_loop`. Everything is float32, but for the data matmuls' operands under
+  `precision="default"` (bf16, float32 accumulation; `PRECISIONS` below).
 * **The wrapper** (`kda_pallas`): argument checks, the chunk-aligned
   re-layout (`[B,T,H,K]` -> `[B,H,T',K]`, varlen sequences each starting a new chunk), the
   chunk-local cumsum of the gate, and a `jax.custom_vjp` around a backend's forward and backward
@@ -57,22 +58,55 @@ SUB_SHIFT = 4  # log2(SUB): sub-chunk index = row >> 4, row in sub-chunk = row &
 NSUB = CHUNK // SUB
 assert SUB == 1 << SUB_SHIFT
 F32 = jnp.float32
-PRECISION = lax.Precision.HIGHEST  # f32 "ieee" dots: interpret mode == hardware numerics
-_DOT_PRECISION = contextvars.ContextVar("kda_dot_precision", default=PRECISION)
+BF16 = jnp.bfloat16
+# The in-kernel data matmuls (pair matrices, inverse, W/U, state steps, their gradients), named after
+# lax.Precision: "highest" takes float32 operands at full precision (IEEE on GPU, six bf16 passes
+# on a TPU MXU); "default" rounds the operands to bfloat16 and accumulates in float32 (one MXU
+# pass, bf16 tensor cores), which is what DEFAULT gives float32 operands on a TPU. The rounding is
+# an explicit cast, so interpret mode on CPU rounds as the hardware does. Products that only move,
+# pick or sum gate values stay at full precision in both (`_pick`, tpu.py's `_exact`).
+PRECISIONS = ("highest", "default")
+_MATMUL_DTYPE = contextvars.ContextVar("kda_matmul_dtype", default=F32)
+
+
+def precision_name(precision) -> str:
+    """'highest' or 'default' from that name or a lax.Precision; ValueError for anything else."""
+    name = precision.name.lower() if isinstance(precision, lax.Precision) else precision
+    if name not in PRECISIONS:
+        raise ValueError(
+            f"kda: precision must be one of {PRECISIONS} or lax.Precision.HIGHEST / DEFAULT, got {precision!r}"
+        )
+    return name
+
+
+def matmul_dtype(precision):
+    """Operand dtype of the data matmuls under `precision` (accumulation is float32 in both)."""
+    return F32 if precision_name(precision) == "highest" else BF16
 
 
 @contextlib.contextmanager
 def dot_precision(precision):
-    """Precision of the in-kernel matmuls while a kernel body is traced (default HIGHEST).
+    """The data matmuls' precision while a kernel body is traced (default "highest").
 
     Kernel bodies enter this themselves, with the precision bound into the kernel function,
     so the traced kernel depends only on its own arguments.
     """
-    token = _DOT_PRECISION.set(lax.Precision(precision) if isinstance(precision, str) else precision)
+    token = _MATMUL_DTYPE.set(matmul_dtype(precision))
     try:
         yield
     finally:
-        _DOT_PRECISION.reset(token)
+        _MATMUL_DTYPE.reset(token)
+
+
+def with_precision(body):
+    """A kernel taking `precision=` that traces `body` (the same kernel without it) under it."""
+
+    def kernel(*refs, precision, **kw):
+        with dot_precision(precision):
+            body(*refs, **kw)
+
+    kernel.__name__ = body.__name__.removesuffix("_body")
+    return kernel
 
 
 # chunk flags (int32 bit set per chunk)
@@ -85,31 +119,34 @@ FAST = 4  # the chunk's diagonal blocks may be factorised (`factorisable_flags`)
 # small helpers (values only)
 
 
+def _matmul(a, b, contract):
+    """a . b over dims `contract`, operands in the context's matmul dtype, float32 result."""
+    dt = _MATMUL_DTYPE.get()
+    precision = lax.Precision.HIGHEST if dt == F32 else lax.Precision.DEFAULT
+    return lax.dot_general(
+        a.astype(dt), b.astype(dt), (contract, ((), ())), precision=precision, preferred_element_type=F32
+    )
+
+
 def _dot(a, b):
     """a @ b."""
-    return lax.dot_general(
-        a, b, (((1,), (0,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
-    )
+    return _matmul(a, b, ((1,), (0,)))
 
 
 def _dot_tn(a, b):
     """a^T @ b."""
-    return lax.dot_general(
-        a, b, (((0,), (0,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
-    )
+    return _matmul(a, b, ((0,), (0,)))
 
 
 def _dot_nt(a, b):
     """a @ b^T."""
-    return lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), precision=_DOT_PRECISION.get(), preferred_element_type=F32
-    )
+    return _matmul(a, b, ((1,), (1,)))
 
 
 def store(refs, values):
-    """Write each kernel result into its output ref (`ref[...] = value`)."""
+    """Write each kernel result into its output ref, in the ref's dtype."""
     for ref, value in zip(refs, values, strict=True):
-        ref[...] = value
+        ref[...] = value.astype(ref.dtype)
 
 
 def _iota(shape, dim):

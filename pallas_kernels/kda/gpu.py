@@ -38,8 +38,8 @@ sequential):
 
 With `use_qk_l2norm` the intra and grads kernels normalise q/k rows in-kernel (and apply the
 norm's VJP). Triton needs power-of-two tensor sizes: K and V are zero-padded to a power of two >= 16 in the
-wrapper (exact). Matmuls run in float32 with IEEE input precision by default (what CI checks);
-`dot_precision="default"` switches them to TF32 tensor cores. Speed on hardware is measured by
+wrapper (exact). Matmuls run on float32 operands with IEEE input precision by default;
+`precision="default"` gives them bf16 operands with float32 accumulation (tensor cores). Speed on hardware is measured by
 `tools/device/kda_gpu.py`; none has been measured yet (docs/kernels.md).
 """
 
@@ -130,7 +130,7 @@ def _state_fwd_kernel_body(
         flags = flags_ref[c]
         n = b + seq_ref[c]
         h = jnp.where((flags & pm.START) != 0, h0_ref[n, hh, :, cols], state)
-        hs_ref[c, :, :] = h
+        hs_ref[c, :, :] = h.astype(hs_ref.dtype)
         rows = pl.ds(pl.multiple_of(c * C, C), C)
         o, h_next = pm.state_fwd_step(
             W_ref[rows, :],
@@ -179,7 +179,7 @@ def _state_bwd_kernel_body(
         flags = flags_ref[c]
         n = b + seq_ref[c]
         dhn = jnp.where((flags & pm.END) != 0, dht_ref[n, hh, :, cols], dstate)
-        dhs_ref[c, :, :] = dhn
+        dhs_ref[c, :, :] = dhn.astype(dhs_ref.dtype)
         rows = pl.ds(pl.multiple_of(c * C, C), C)
         dh = pm.state_bwd_step(
             W_ref[rows, :],
@@ -205,26 +205,17 @@ def _grads_kernel_body(flags_ref, *refs, scale, segmented, l2norm):
     initial state and the cotangent of the state after it (the intra part is recomputed)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
     hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
-    h, do, dhn = hs_ref[...], do_ref[...], dhs_ref[...]
+    h, do, dhn = hs_ref[...].astype(_F32), do_ref[...], dhs_ref[...].astype(_F32)
     fast = _is_fast(flags_ref)
     # the state cotangent (last) is the state pass's job
     grads = pm.chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg, l2norm, fast=fast)[:-1]
     pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref), grads)
 
 
-def _with_precision(body):
-    def kernel(*refs, precision, **kw):
-        with pm.dot_precision(precision):
-            body(*refs, **kw)
-
-    kernel.__name__ = body.__name__.removesuffix("_body")
-    return kernel
-
-
-_intra_kernel = _with_precision(_intra_kernel_body)
-_state_fwd_kernel = _with_precision(_state_fwd_kernel_body)
-_state_bwd_kernel = _with_precision(_state_bwd_kernel_body)
-_grads_kernel = _with_precision(_grads_kernel_body)
+_intra_kernel = pm.with_precision(_intra_kernel_body)
+_state_fwd_kernel = pm.with_precision(_state_fwd_kernel_body)
+_state_bwd_kernel = pm.with_precision(_state_bwd_kernel_body)
+_grads_kernel = pm.with_precision(_grads_kernel_body)
 
 
 # BlockSpecs --------------------------------------------------------------------------------------
@@ -289,6 +280,7 @@ def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
     NC = Tp // C
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+    mm = lambda *s: jax.ShapeDtypeStruct(s, pm.matmul_dtype(precision))
     return pl.pallas_call(
         functools.partial(
             _intra_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
@@ -303,14 +295,9 @@ def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
             _chunk_spec(K),
             _per_chunk_spec(K, 1),
         ],
-        out_shape=[
-            f32(B, H, Tp, K),
-            f32(B, H, Tp, V),
-            f32(B, H, Tp, C),
-            f32(B, H, Tp, K),
-            f32(B, H, Tp, K),
-            f32(B, H, NC, K, 1),
-        ],
+        # W, U, A, qg, kd only enter the state passes as matmul operands: stored in that dtype
+        out_shape=[mm(B, H, Tp, K), mm(B, H, Tp, V), mm(B, H, Tp, C), mm(B, H, Tp, K), mm(B, H, Tp, K)]
+        + [f32(B, H, NC, K, 1)],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_intra_gpu",
@@ -342,7 +329,7 @@ def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
         out_specs=[_seq_vspec(Tp, V, BV=BV), _seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, Tp, V), ch.v.dtype),
-            jax.ShapeDtypeStruct((B, H, NC, K, V), _F32),
+            jax.ShapeDtypeStruct((B, H, NC, K, V), pm.matmul_dtype(precision)),
             jax.ShapeDtypeStruct((N, H, K, V), _F32),
         ],
         compiler_params=_params(),
@@ -377,7 +364,7 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
             _whole((N, H, K, V)),
         ],
         out_specs=[_seq_vspec(NC, K, V, BV=BV), _whole((N, H, K, V))],
-        out_shape=[f32(B, H, NC, K, V), f32(N, H, K, V)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NC, K, V), pm.matmul_dtype(precision)), f32(N, H, K, V)],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_state_bwd_gpu",
@@ -427,15 +414,16 @@ def kda_pallas_gpu(
     segment_ids=None,
     use_qk_l2norm=False,
     interpret=False,
-    dot_precision="highest",
+    precision="highest",
 ):
     """KDA on Pallas GPU (Triton backend) kernels; same contract as `kda_recurrent`.
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas
-    interpret mode on any backend. `dot_precision`: the in-kernel float32 matmuls, "highest"
-    (IEEE fp32, the default and what the tests check) or "default"/"high" (TF32 tensor cores on
-    Ampere+, faster, ~1e-3 relative error).
+    interpret mode on any backend. `precision` (`_pallas_math.PRECISIONS`): "highest" (default)
+    runs the in-kernel data matmuls on float32 operands (IEEE, CUDA cores); "default" on bf16
+    operands with float32 accumulation (tensor cores) and stores the per-chunk states `hs` and
+    their cotangents in bf16 (they only enter the backward as matmul operands).
     """
     return pm.kda_pallas(
         q,
@@ -443,8 +431,8 @@ def kda_pallas_gpu(
         v,
         g,
         beta,
-        fwd=functools.partial(_fwd, interpret=interpret, precision=dot_precision),
-        bwd=functools.partial(_bwd, interpret=interpret, precision=dot_precision),
+        fwd=functools.partial(_fwd, interpret=interpret, precision=pm.precision_name(precision)),
+        bwd=functools.partial(_bwd, interpret=interpret, precision=pm.precision_name(precision)),
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,

@@ -131,7 +131,7 @@ def _widen(refs, scratch):
     return out
 
 
-def _fwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, save_states, n_wide, narrow_out):
+def _fwd_kernel_body(seq_ref, flags_ref, *refs, scale, segmented, l2norm, save_states, n_wide, narrow_out):
     q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, *refs = refs
     if segmented:
         rc_ref, rr_ref, *refs = refs
@@ -154,7 +154,7 @@ def _fwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, save_states
         G, glc, beta = _gates(g_ref[:, h, :], beta_ref[pl.ds(h, 1), :])
         state = state_ref[h]
         if save_states:
-            hs_ref[h] = state
+            hs_ref[h] = state.astype(hs_ref.dtype)
         o, h_next = pm.chunk_fwd(
             q_f[:, h, :], k_f[:, h, :], v_f[:, h, :], G, beta, glc, state, scale, seg, l2norm, fast=fast
         )
@@ -171,7 +171,7 @@ def _fwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, save_states
         ht_ref[...] = state_ref[...]
 
 
-def _bwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, n_wide, n_narrow_out):
+def _bwd_kernel_body(seq_ref, flags_ref, *refs, scale, segmented, l2norm, n_wide, n_narrow_out):
     q_ref, k_ref, v_ref, g_ref, beta_ref, hs_ref, do_ref, dht_ref, *refs = refs
     if segmented:
         rc_ref, rr_ref, *refs = refs
@@ -200,7 +200,7 @@ def _bwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, n_wide, n_n
             G,
             beta,
             glc,
-            hs_ref[h],
+            hs_ref[h].astype(_F32),
             do_f[:, h, :],
             dstate_ref[h],
             scale,
@@ -227,6 +227,10 @@ def _bwd_kernel(seq_ref, flags_ref, *refs, scale, segmented, l2norm, n_wide, n_n
         dh0_ref[...] = dstate_ref[...]
 
 
+_fwd_kernel = pm.with_precision(_fwd_kernel_body)
+_bwd_kernel = pm.with_precision(_bwd_kernel_body)
+
+
 class _Layout:
     """Block specs of the kernels' arrays for grid (B, H/HB, NC); index maps take the grid indices
     then the scalar-prefetch refs; `reverse` walks the chunks backwards."""
@@ -249,7 +253,7 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=VMEM_LIMIT)
 
 
-def _fwd(xs, h0, seq, flags, seg, *, scale, l2norm, save_states, interpret):
+def _fwd(xs, h0, seq, flags, seg, *, scale, l2norm, save_states, interpret, precision):
     q, k, v, g, beta = xs
     B, Tp, H, K = q.shape
     V = v.shape[-1]
@@ -260,7 +264,7 @@ def _fwd(xs, h0, seq, flags, seg, *, scale, l2norm, save_states, interpret):
     out_specs = [lay.tok(V)] + ([lay.chunk_state] if save_states else []) + [lay.seq_state]
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype)]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((B, NC, H, K, V), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((B, NC, H, K, V), pm.matmul_dtype(precision)))
     out_shape.append(jax.ShapeDtypeStruct((N, H, K, V), _F32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -280,6 +284,7 @@ def _fwd(xs, h0, seq, flags, seg, *, scale, l2norm, save_states, interpret):
         save_states=save_states,
         n_wide=len(wide),
         narrow_out=narrow_out,
+        precision=precision,
     )
     outs = pl.pallas_call(
         kernel,
@@ -292,7 +297,7 @@ def _fwd(xs, h0, seq, flags, seg, *, scale, l2norm, save_states, interpret):
     return (outs[0], outs[1], outs[2]) if save_states else (outs[0], None, outs[1])
 
 
-def _bwd(xs, h0, seq, flags, seg, hs, do, dht, *, scale, l2norm, interpret):
+def _bwd(xs, h0, seq, flags, seg, hs, do, dht, *, scale, l2norm, interpret, precision):
     q, k, v, g, beta = xs
     B, Tp, H, K = q.shape
     V = v.shape[-1]
@@ -317,6 +322,7 @@ def _bwd(xs, h0, seq, flags, seg, hs, do, dht, *, scale, l2norm, interpret):
         l2norm=l2norm,
         n_wide=len(wide),
         n_narrow_out=len(narrow),
+        precision=precision,
     )
     return pl.pallas_call(
         kernel,
@@ -335,8 +341,8 @@ def _bwd(xs, h0, seq, flags, seg, hs, do, dht, *, scale, l2norm, interpret):
     )(seq, flags, q, k, v, g, beta, hs, do, dht, *seg)
 
 
-def _make_core(scale, l2norm, interpret):
-    kw = dict(scale=scale, l2norm=l2norm, interpret=interpret)
+def _make_core(scale, l2norm, interpret, precision):
+    kw = dict(scale=scale, l2norm=l2norm, interpret=interpret, precision=precision)
 
     @jax.custom_vjp
     def core(xs, h0, seq, flags, seg, has):
@@ -373,14 +379,19 @@ def kda_pallas_tpu(
     segment_ids=None,
     use_qk_l2norm=False,
     interpret=False,
+    precision="highest",
 ):
     """KDA on Pallas TPU kernels; same contract as `kda_recurrent`.
 
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas TPU
     interpret mode (`pltpu.InterpretParams()`) on any backend; an `InterpretParams` instance is
-    passed through as is.
+    passed through as is. `precision` (`_pallas_math.PRECISIONS`): "highest" (default) feeds the
+    MXU float32 operands at full precision; "default" bf16 operands with float32 accumulation
+    (one pass), and stores the per-chunk states `hs` in bf16 (they only enter the backward as
+    matmul operands, so this rounds nothing the matmuls would not).
     """
+    precision = pm.precision_name(precision)
     n_seq = validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens, segment_ids)
     scale = default_scale(q, scale)
     B, T, H, K = q.shape
@@ -416,7 +427,7 @@ def kda_pallas_tpu(
     q, k, v, g, beta = xs
     flags = flags | pm.factorisable_flags(g, NC, time_axis=1)
     beta = beta.reshape(B, NC, C, H).transpose(0, 1, 3, 2)  # [B,NC,H,C]: a row per chunk and head
-    core = _make_core(scale, bool(use_qk_l2norm), _interpret_arg(interpret))
+    core = _make_core(scale, bool(use_qk_l2norm), _interpret_arg(interpret), precision)
     o, ht = core((q, k, v, g, beta), h0, seq, flags.astype(jnp.int32), seg, has)
     o = from_chunks(o)
     if not output_final_state:

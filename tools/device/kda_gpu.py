@@ -10,9 +10,10 @@ Run from the repository root on the GPU machine (no network needed):
 1. Correctness: `kda_pallas_gpu` (Pallas, Triton backend, compiled for the GPU, not interpreted)
    against the pure-JAX/XLA path (`impl="chunk"` if present, else the lax.scan recurrence) for
    outputs, final state and all six gradients, float32 and bfloat16, plain and varlen, plus the
-   TF32-matmul variant (`dot_precision="default"`, bound 1e-2). Accuracy as rms(ref - impl) / rms(ref).
+   bf16-operand matmuls (`precision="default"`, bound 1e-2). Accuracy as rms(ref - impl) / rms(ref).
 2. Timing, B=8, H=16, K=V=128, bf16 q/k/v (f32 g, beta, state), T in 2048, 8192, 32768:
-   forward and forward+backward for our Pallas kernel (IEEE fp32 matmuls, and TF32), our pure-JAX chunk path, and
+   forward and forward+backward for our Pallas kernel (IEEE fp32 matmuls, and bf16 operands with
+   f32 accumulation: `precision="default"`), our pure-JAX chunk path, and
    flash-linear-attention's Triton `chunk_kda` (torch). fla is installed offline from the wheel
    committed under tools/device/wheels/ (`pip install --no-deps`); if it cannot be imported the
    fla column says why. fla runs in a subprocess so torch and JAX do not share a CUDA context
@@ -188,7 +189,7 @@ def main():
 
     if args.smoke:
         kda_pallas_gpu = functools.partial(kda_pallas_gpu, interpret=True)
-    kda_pallas_gpu_tf32 = functools.partial(kda_pallas_gpu, dot_precision="default")
+    kda_pallas_gpu_default = functools.partial(kda_pallas_gpu, precision="default")
     try:
         from pallas_kernels.kda.chunk import kda_chunk  # noqa: PLC0415 (optional: falls back to the recurrence)
 
@@ -242,9 +243,9 @@ def main():
     ]
     if args.smoke:
         cases = [("f32", jnp.float32, 1, 70, None)]
-    cases.append(("bf16_tf32dots", jnp.bfloat16, 2, 300, None))
+    cases.append(("bf16_precision_default", jnp.bfloat16, 2, 300, None))
     for name, dtype, Bn, T, cu in cases:
-        ours = kda_pallas_gpu_tf32 if name.endswith("tf32dots") else kda_pallas_gpu
+        ours = kda_pallas_gpu_default if name.endswith("precision_default") else kda_pallas_gpu
         try:
             n_seq = None if cu is None else cu.shape[0] - 1
             x, do, dht = inputs(jax.random.PRNGKey(1), Bn, T, dtype, n_seq)
@@ -304,7 +305,7 @@ def main():
     timings = {}
     impls = {
         "pallas_gpu": kda_pallas_gpu,
-        "pallas_gpu_tf32": kda_pallas_gpu_tf32,
+        "pallas_gpu_default": kda_pallas_gpu_default,
         f"jax_{xla_name}": kda_chunk,
     }
     for T in T_list:
@@ -337,7 +338,7 @@ def main():
 
     ratios = {}
     for T, row in timings.items():
-        for mine in ("pallas_gpu", "pallas_gpu_tf32"):
+        for mine in ("pallas_gpu", "pallas_gpu_default"):
             ours = row.get(mine, {})
             for other in (f"jax_{xla_name}", "fla_chunk_kda"):
                 theirs = row.get(other, {})
@@ -353,7 +354,7 @@ def main():
         f"\nKDA B={B} H={H} K={K} V={V} bf16 on {report['device']}, jax {jax.__version__}; "
         f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})"
     )
-    cols = ["pallas_gpu", "pallas_gpu_tf32", f"jax_{xla_name}", "fla_chunk_kda"]
+    cols = ["pallas_gpu", "pallas_gpu_default", f"jax_{xla_name}", "fla_chunk_kda"]
     print(f"{'T':>6} {'':<8}" + "".join(f"{c:>18}" for c in cols))
     for T in map(str, T_list):
         for m in ("fwd", "fwd_bwd"):

@@ -10,10 +10,12 @@ Run from the repository root on a TPU VM (one host; jax[tpu] installed):
 
 1. Correctness: `kda(..., impl="pallas_tpu")` (compiled by Mosaic, not interpreted) against the
    pure-JAX chunk path (`impl="chunk"`, XLA) for outputs, final state and all six gradients;
-   float32 (bound 1e-4) and bfloat16 q/k/v (bound 1e-2); plain (initial state), varlen
+   float32 (bound 1e-4) and bfloat16 q/k/v (bound 1e-2), and bf16 q/k/v with the kernel's bf16
+   matmul operands (`precision="default"`, bound 1e-2); plain (initial state), varlen
    (`cu_seqlens`) and segment ids. Accuracy as rms(ref - impl) / rms(ref).
 2. Timing, B=8, H=16, K=V=128, bf16 q/k/v (f32 g, beta, state), T in 2048, 8192, 32768: forward
-   and forward+backward, Pallas kernel vs chunk path, median of `--reps` runs after warm-up
+   and forward+backward, Pallas kernel (`precision="highest"` and `"default"`) vs chunk path,
+   median of `--reps` runs after warm-up
    (`block_until_ready`), and the compiled temporaries of each (`memory_analysis()`).
    fla's `chunk_kda` is Triton (GPU only), so the TPU baseline is our XLA path.
 
@@ -43,6 +45,8 @@ from pallas_kernels.kda import kda  # noqa: E402 - after sys.path gets the repos
 B, H, K, V = 8, 16, 128, 128
 T_FULL = (2048, 8192, 32768)
 TOL_F32, TOL_BF16 = 1e-4, 1e-2
+# timed: the Pallas kernel with float32 and with bf16 matmul operands (precision="default"), the chunk path
+VARIANTS = ("pallas_tpu", "pallas_tpu_default", "chunk")
 
 
 def rel(ref, got):
@@ -69,7 +73,8 @@ def check(smoke: bool):
     t = 96 if smoke else 1000  # not a multiple of the 64-token chunk
     h, k = (2, 32) if smoke else (4, 128)
     rows = []
-    for dtype, tol in ((jnp.float32, TOL_F32), (jnp.bfloat16, TOL_BF16)):
+    variants = ((jnp.float32, TOL_F32, "highest"), (jnp.bfloat16, TOL_BF16, "highest"))
+    for dtype, tol, precision in variants + ((jnp.bfloat16, TOL_BF16, "default"),):
         for mode in ("plain", "cu_seqlens", "segment_ids"):
             b = 1 if mode == "cu_seqlens" else 2
             extra = {}
@@ -84,9 +89,10 @@ def check(smoke: bool):
             args, do = inputs(jax.random.PRNGKey(0), b, t, h, k, k, dtype, n)
 
             def loss(impl, *a):
+                prec = precision if impl == "pallas_tpu" else "highest"
                 o, ht = kda(
                     *a[:5], initial_state=a[5], output_final_state=True, use_qk_l2norm=True, impl=impl,
-                    interpret=smoke and impl == "pallas_tpu", **extra,
+                    interpret=smoke and impl == "pallas_tpu", precision=prec, **extra,
                 )  # fmt: skip
                 return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(ht), (o, ht)
 
@@ -101,6 +107,7 @@ def check(smoke: bool):
             rows.append(
                 {
                     "dtype": jnp.dtype(dtype).name,
+                    "precision": precision,
                     "mode": mode,
                     "tol": tol,
                     "worst": worst,
@@ -121,8 +128,10 @@ def timing(T_list, reps, budget_s, smoke: bool):
             continue
         args, do = inputs(jax.random.PRNGKey(1), b, T, h, k, k, jnp.bfloat16, b)
         row = {}
-        for impl in ("pallas_tpu", "chunk"):
+        for label in VARIANTS:
+            impl = "chunk" if label == "chunk" else "pallas_tpu"
             kw = dict(use_qk_l2norm=True, impl=impl, interpret=smoke and impl == "pallas_tpu")
+            kw.update(precision="default" if label == "pallas_tpu_default" else "highest")
             fwd = jax.jit(lambda *a, kw=kw: kda(*a[:5], initial_state=a[5], output_final_state=True, **kw))
             grad = jax.jit(
                 jax.grad(
@@ -143,14 +152,15 @@ def timing(T_list, reps, budget_s, smoke: bool):
                         t0 = time.perf_counter()
                         jax.block_until_ready(compiled(*args))
                         times.append((time.perf_counter() - t0) * 1e3)
-                    row[f"{impl}_{name}_ms"] = statistics.median(times)
-                    row[f"{impl}_{name}_temp_mib"] = temp / 2**20
+                    row[f"{label}_{name}_ms"] = statistics.median(times)
+                    row[f"{label}_{name}_temp_mib"] = temp / 2**20
                 except Exception as e:  # noqa: BLE001 - report and go on
-                    row[f"{impl}_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    row[f"{label}_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for name in ("fwd", "fwd_bwd"):
-            a, c = row.get(f"pallas_tpu_{name}_ms"), row.get(f"chunk_{name}_ms")
-            if a and c:
-                row[f"speedup_{name}"] = c / a  # > 1: the Pallas kernel is faster
+            for label, suffix in (("pallas_tpu", ""), ("pallas_tpu_default", "_default")):
+                a, c = row.get(f"{label}_{name}_ms"), row.get(f"chunk_{name}_ms")
+                if a and c:
+                    row[f"speedup{suffix}_{name}"] = c / a  # > 1: the Pallas kernel is faster
         out[str(T)] = row
     return out
 
@@ -183,18 +193,23 @@ def main(argv=None):
     print(f"\nKDA on {result['devices']} (jax {jax.__version__})")
     for r in result.get("check", []):
         print(
-            f"check {r['dtype']:8s} {r['mode']:12s} worst rms-rel {r['worst']:.2e}  {'ok' if r['ok'] else 'FAIL'}"
+            f"check {r['dtype']:8s} {r['precision']:8s} {r['mode']:12s} worst rms-rel {r['worst']:.2e}  "
+            f"{'ok' if r['ok'] else 'FAIL'}"
         )
+    print("ms and compiled temporaries (MiB); speedup = chunk ms / Pallas ms; bf16dots = precision='default'")
     print(
-        f"{'T':>6s} {'pass':8s} {'pallas ms':>10s} {'chunk ms':>10s} {'speedup':>8s} {'pallas MiB':>11s} {'chunk MiB':>10s}"
+        f"{'T':>6s} {'pass':8s} {'pallas ms':>10s} {'bf16dots ms':>12s} {'chunk ms':>10s} {'speedup':>8s} "
+        f"{'bf16dots':>9s} {'pallas MiB':>11s} {'bf16dots MiB':>13s} {'chunk MiB':>10s}"
     )
     for T, row in result["timing"].items():
         for name in ("fwd", "fwd_bwd"):
             cell = lambda key, fmt: format(row[key], fmt) if key in row else "-"  # noqa: E731
             print(
-                f"{T:>6s} {name:8s} {cell(f'pallas_tpu_{name}_ms', '10.2f'):>10s} {cell(f'chunk_{name}_ms', '10.2f'):>10s} "
-                f"{cell(f'speedup_{name}', '8.2f'):>8s} {cell(f'pallas_tpu_{name}_temp_mib', '11.1f'):>11s} "
-                f"{cell(f'chunk_{name}_temp_mib', '10.1f'):>10s}"
+                f"{T:>6s} {name:8s} {cell(f'pallas_tpu_{name}_ms', '10.2f'):>10s} "
+                f"{cell(f'pallas_tpu_default_{name}_ms', '12.2f'):>12s} {cell(f'chunk_{name}_ms', '10.2f'):>10s} "
+                f"{cell(f'speedup_{name}', '8.2f'):>8s} {cell(f'speedup_default_{name}', '9.2f'):>9s} "
+                f"{cell(f'pallas_tpu_{name}_temp_mib', '11.1f'):>11s} "
+                f"{cell(f'pallas_tpu_default_{name}_temp_mib', '13.1f'):>13s} {cell(f'chunk_{name}_temp_mib', '10.1f'):>10s}"
             )
     ok = "check_error" not in result and all(r["ok"] for r in result.get("check", []))
     return 0 if ok else 1
