@@ -3,7 +3,7 @@
     python tools/bench_moe.py cpu [--experts 32 --tokens 512 --steps 3]
     python tools/bench_moe.py flops [--experts 256 --tokens 4096 --topology v5e:2x2]
     python tools/bench_moe.py layer --topology v5p:2x2x2 --mesh fsdp=2,expert=4 --rows 8 \
-        [--capacity-factor 1.25 | --no-expert-parallel]
+        [--capacity-factor 1.25 | --no-expert-parallel | --exchange ragged]
 
 `cpu`: forward tokens/s of `moe.moe_experts` for each dispatch at the 48B-A3B layer widths (hidden
 2304, expert width 1024, top-8) with the experts scaled down (default 32 of 256), jitted on this
@@ -182,7 +182,9 @@ def tpu_flops(tokens: int, experts: int, topology: str, dispatch: str) -> dict:
     return flops_row("tpu", dispatch, compiled, tokens, experts, f"libtpu AOT, {topology} one chip")
 
 
-def compile_layer(topology: str, mesh_text: str, rows: int, expert_parallel: bool, capacity_factor) -> dict:
+def compile_layer(
+    topology: str, mesh_text: str, rows: int, expert_parallel: bool, capacity_factor, exchange: str = "dense"
+) -> dict:
     """Per-chip memory and FLOPs of one MoE layer's forward + backward (see the module docstring)."""
     from tpu_aot import memory_report, parse_mesh, tpu_devices, traced_as_on_tpu  # noqa: PLC0415 (libtpu)
 
@@ -197,6 +199,7 @@ def compile_layer(topology: str, mesh_text: str, rows: int, expert_parallel: boo
         routed_scaling_factor=2.446,
         expert_parallel=expert_parallel,
         capacity_factor=capacity_factor,
+        expert_exchange=exchange,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
     )
@@ -224,6 +227,7 @@ def compile_layer(topology: str, mesh_text: str, rows: int, expert_parallel: boo
         "tokens": rows * 4096,
         "expert_parallel": expert_parallel,
         "capacity_factor": capacity_factor,
+        "exchange": exchange,
         "temp_gb": round(rep["temp_bytes"] / 1e9, 3),
         "peak_gb": round(rep["peak_bytes"] / 1e9, 3),
         "tflop_per_chip": round(rep["flops"] / 1e12, 3),
@@ -272,12 +276,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8, help="layer: rows of 4096 tokens")
     ap.add_argument("--capacity-factor", type=float, default=None, help="layer: default dropless")
     ap.add_argument("--no-expert-parallel", action="store_true", help="layer: XLA partitions the dispatch")
+    ap.add_argument(
+        "--exchange", choices=("dense", "ragged"), default="dense", help="layer: ragged = ragged_all_to_all"
+    )
     a = ap.parse_args(argv)
     if a.what == "mesh":
         print(json.dumps(mesh_flops(a.mesh, a.experts or 16, a.rows)), flush=True)
         return 0
     if a.what == "layer":
-        row = compile_layer(a.topology, a.mesh, a.rows, not a.no_expert_parallel, a.capacity_factor)
+        row = compile_layer(
+            a.topology, a.mesh, a.rows, not a.no_expert_parallel, a.capacity_factor, a.exchange
+        )
         print(json.dumps(row), flush=True)
         return 0
     if a.what == "cpu":

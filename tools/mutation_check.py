@@ -740,6 +740,14 @@ MUTATIONS = [
         ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
         "each tensor shard returns its partial (1/tp of the width) expert output as the whole",
     ),
+    Mutation(
+        "moe-ragged-exchange-return-offsets",
+        "jaxllm/nn/moe_parallel.py",
+        "    back_off = tiled_a2a(in_off)  # where each source's rows for me started in its sorted order\n",
+        "    back_off = in_off\n",
+        ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
+        "the ragged return trip writes each source's outputs at the expert device's own offsets",
+    ),
     # issue 14: the compiled rollout on any byte-string tokenizer
     Mutation(
         "rollout-scan-no-stop-ids",

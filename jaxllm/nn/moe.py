@@ -28,10 +28,12 @@ Dispatch implementations (all give the same result):
 Expert parallelism (`jaxllm.nn.moe_parallel`): when the MoE runs under a mesh whose `expert` axis
 is > 1 (`jax.set_mesh`, as the train step does), tokens travel to their experts' devices and back
 by all-to-all inside `shard_map`, and the dispatch above runs on each device's received tokens
-(`grouped_ffn`); `capacity_factor` None = dropless. Under a mesh without an expert axis each device
-dispatches its own tokens (`token_parallel_moe`): left to XLA, the argsort over token-sharded
-assignments gathers the whole batch's assignments onto every device. `expert_parallel=False` turns
-both off.
+(`grouped_ffn`); `capacity_factor` None = dropless; `expert_exchange="ragged"` sends only the
+filled rows (`ragged_all_to_all`, dropless; not on XLA:CPU). With a `tensor` axis the experts'
+intermediate width is split over it (partial outputs summed), not run whole on every shard.
+Under a mesh without an expert axis each device dispatches its own tokens (`token_parallel_moe`):
+left to XLA, the argsort over token-sharded assignments gathers the whole batch's assignments onto
+every device. `expert_parallel=False` turns both off.
 
 The dispatch table (`AUTO_DISPATCH`: backend -> `DispatchRule`; `tools/bench_moe.py` measures it,
 docs/training.md has the numbers). For A = N*k assignments over E experts, "blocked" computes
@@ -371,6 +373,7 @@ class MoE(nn.Module):
     # dispatches its own tokens (moe_parallel.token_parallel_moe); False: XLA partitions the dispatch
     expert_parallel: bool = True
     capacity_factor: float | None = None  # expert-parallel slots per device pair; None = dropless
+    expert_exchange: str = "dense"  # "ragged": dropless ragged_all_to_all (moe_parallel; not XLA:CPU)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -416,6 +419,7 @@ class MoE(nn.Module):
                 mesh=mesh,
                 ffn=ffn,
                 capacity_factor=self.capacity_factor,
+                exchange=self.expert_exchange,
             )
         elif self.expert_parallel and moe_parallel.can_shard_tokens(mesh, B * T):
             y = moe_parallel.token_parallel_moe(

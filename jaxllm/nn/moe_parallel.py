@@ -16,9 +16,16 @@ the tokens along the mesh axes that shard the batch (`sharding.LOGICAL_AXIS_RULE
 
 Capacity: `capacity_factor=None` is dropless (C = n*K, the worst case of every local assignment
 bound for one device: exact, at ep times the buffer of an even load); a factor c gives
-C = ceil(c * n*K / ep) (c = 1: an even share). `jax.lax.ragged_all_to_all` would send only the
-filled slots, but XLA:CPU does not implement it (checked on jax 0.10.2), so the capacity-based
-`all_to_all` is used on every backend and is what the CPU tests check.
+C = ceil(c * n*K / ep) (c = 1: an even share).
+
+Exchange: "dense" (default) is the capacity-based `all_to_all` above, on every backend.
+"ragged" (dropless only) sends each device's sorted assignments as one `jax.lax.ragged_all_to_all`
+slice per destination, only the filled rows travel: the sizes go first (an `all_to_all` of the
+[ep] counts), each receiver's offsets back to the senders, and the outputs return the same way
+mirrored. Its receive buffer is still the static worst case (ep * n*K rows). XLA:CPU does not
+implement `ragged_all_to_all` (UNIMPLEMENTED, jax 0.10.2 and 0.12), so the CPU tests run the
+offset bookkeeping with `emulated_ragged_all_to_all` (all_gather + scatter, the primitive's
+documented semantics) and the real primitive is checked by a TPU compile (libtpu AOT).
 
 Routing stays outside (the router and its top-k are cheap and token-local); shared experts stay
 dense in the caller. Weights enter replicated over every axis but `expert` and the axes of their
@@ -35,6 +42,7 @@ A width the tensor axes do not divide stays replicated (every shard runs it whol
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.sharding import LOGICAL_AXIS_RULES
 
 EXPERT_AXIS = "expert"
+EXCHANGES = ("dense", "ragged")
 
 
 def token_axes(mesh, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
@@ -143,6 +152,54 @@ def _pack(idx_nK, experts_per_device: int, ep: int, cap: int):
     return order, slot, keep
 
 
+def emulated_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+    """`jax.lax.ragged_all_to_all` (one slice per device of `axis_name`) from `all_gather` and a
+    scatter, for backends without the primitive (XLA:CPU): every device gathers every operand and
+    writes the rows bound for it at the offsets their senders chose. O(ep) x the traffic: tests only."""
+    del recv_sizes  # implied by the senders' sizes
+    me = jax.lax.axis_index(axis_name)
+    all_x = jax.lax.all_gather(operand, axis_name)  # [ep, M, ...]
+    start_s = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # each sender's slice for me
+    size_s = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    at_s = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    row = jnp.arange(operand.shape[0])[None, :]
+    inside = (row >= start_s[:, None]) & (row < (start_s + size_s)[:, None])
+    dest = jnp.where(inside, at_s[:, None] + row - start_s[:, None], output.shape[0])  # out of range: dropped
+    return output.at[dest.reshape(-1)].set(all_x.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _ragged_a2a(a2a, operand, output, in_off, send, out_off, recv):
+    return a2a(operand, output, in_off, send, out_off, recv, axis_name=EXPERT_AXIS)
+
+
+def _local_moe_ragged(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, ffn, inner, a2a):
+    """`_local_moe` with a dropless ragged exchange: only the filled rows travel (module docstring)."""
+    n, K = idx_nK.shape
+    D = x_nD.shape[-1]
+    El = w1_lDF.shape[0]
+    ep = jax.lax.axis_size(EXPERT_AXIS)
+    tiled_a2a = lambda v: jax.lax.all_to_all(v, EXPERT_AXIS, 0, 0, tiled=True)  # noqa: E731
+    flat_e = idx_nK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    e_sorted = flat_e[order]
+    send = jnp.bincount(e_sorted // El, length=ep).astype(jnp.int32)  # rows for each device, in order
+    in_off = jnp.cumsum(send) - send
+    recv = tiled_a2a(send)  # recv[s]: rows device s sends here
+    recv_off = jnp.cumsum(recv) - recv  # where they land here, by source
+    out_off = tiled_a2a(recv_off)  # where my rows land on each destination
+    R = ep * n * K  # worst case: every device sends all its rows here
+    recv_x = _ragged_a2a(a2a, x_nD[order // K], jnp.zeros((R, D), x_nD.dtype), in_off, send, out_off, recv)
+    recv_e = _ragged_a2a(a2a, e_sorted % El, jnp.full((R,), -1, jnp.int32), in_off, send, out_off, recv)
+    y_r = _sum_over(ffn(recv_x, recv_e, w1_lDF, w3_lDF, w2_lFD), inner).astype(x_nD.dtype)
+    back_off = tiled_a2a(in_off)  # where each source's rows for me started in its sorted order
+    y_sorted = _ragged_a2a(a2a, y_r, jnp.zeros((n * K, D), x_nD.dtype), recv_off, recv, back_off, send)
+    y_AD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    y_nD = jnp.einsum("nkd,nk->nd", y_AD.reshape(n, K, D).astype(jnp.float32), w_nK)
+    return y_nD, jnp.zeros((), jnp.int32)
+
+
 def _local_moe(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD, *, cap, ffn, axes, inner):
     """The per-device body (inside shard_map): returns (y_nD float32, dropped count of this device).
     `inner`: the mesh axes splitting the experts' width F (the partial outputs summed over them)."""
@@ -177,11 +234,21 @@ def expert_parallel_moe(
     mesh,
     ffn,
     capacity_factor: float | None = None,
+    exchange: str = "dense",
     rules=LOGICAL_AXIS_RULES,
+    ragged_all_to_all=jax.lax.ragged_all_to_all,
 ):
     """Expert-parallel `moe.moe_experts`: (y_ND float32, dropped assignments over all devices,
     int32). `ffn(x_RD, e_R, w1, w3, w2)` is the local grouped matmul over this device's experts
-    (`moe.grouped_ffn`: rows with e_R < 0 are empty and give 0)."""
+    (`moe.grouped_ffn`: rows with e_R < 0 are empty and give 0). `exchange`: "dense" (capacity
+    all_to_all) or "ragged" (dropless `ragged_all_to_all`, the function passed in: the emulation
+    on backends without it)."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"moe expert exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange == "ragged" and capacity_factor is not None:
+        raise ValueError(
+            f"moe exchange='ragged' is dropless: capacity_factor must be None, got {capacity_factor!r}"
+        )
     E = w1_EDF.shape[0]
     N, K = idx_NK.shape
     if not can_shard(mesh, N, E, rules):
@@ -195,8 +262,12 @@ def expert_parallel_moe(
     tok = P(axes if axes else None)
     inner = inner_axes(mesh, w1_EDF.shape[-1], rules)
     w_in, w_out = P(EXPERT_AXIS, None, inner or None), P(EXPERT_AXIS, inner or None, None)
+    if exchange == "ragged":
+        local = functools.partial(_local_moe_ragged, ffn=ffn, inner=inner, a2a=ragged_all_to_all)
+    else:
+        local = functools.partial(_local_moe, cap=cap, ffn=ffn, axes=axes, inner=inner)
     body = jax.shard_map(
-        lambda *a: _local_moe(*a, cap=cap, ffn=ffn, axes=axes, inner=inner),
+        local,
         mesh=mesh,
         in_specs=(tok, tok, tok, w_in, w_in, w_out),
         out_specs=(tok, P()),

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxllm import sharding as shd
 from jaxllm.nn.moe import DROPPED_NAME, ROUTER_LOAD, MoE, grouped_ffn, moe_experts, route, sown_by_layer
-from jaxllm.nn.moe_parallel import capacity, expert_parallel_moe, token_axes
+from jaxllm.nn.moe_parallel import capacity, emulated_ragged_all_to_all, expert_parallel_moe, token_axes
 from jaxllm.train import loop
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train.config import RunConfig
@@ -79,7 +79,7 @@ def expected_drops(idx, n_shards, ep, E, cap):
     return drops, keep
 
 
-def run(mesh_cfg, capacity_factor, dispatch):
+def run(mesh_cfg, capacity_factor, dispatch, exchange="dense"):
     mesh = shd.make_mesh(shd.MeshConfig(**mesh_cfg))
     x, wts, idx, w1, w3, w2 = problem()
     E, K = w1.shape[0], idx.shape[1]
@@ -87,7 +87,17 @@ def run(mesh_cfg, capacity_factor, dispatch):
 
     def ep_loss(x, wts, w1, w3, w2):
         y, dropped = expert_parallel_moe(
-            x, wts, idx, w1, w3, w2, mesh=mesh, ffn=ffn, capacity_factor=capacity_factor
+            x,
+            wts,
+            idx,
+            w1,
+            w3,
+            w2,
+            mesh=mesh,
+            ffn=ffn,
+            capacity_factor=capacity_factor,
+            exchange=exchange,
+            ragged_all_to_all=emulated_ragged_all_to_all,  # XLA:CPU lacks the primitive
         )
         return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), (y, dropped)
 
@@ -112,6 +122,7 @@ def run(mesh_cfg, capacity_factor, dispatch):
         "mesh": mesh_cfg,
         "capacity_factor": capacity_factor,
         "dispatch": dispatch,
+        "exchange": exchange,
         "capacity": cap,
         "err_y": err_y,
         "err_grad": err_g,
@@ -225,9 +236,9 @@ def run_train(mesh_cfg, capacity_factor):
 
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
-    for mesh_cfg, cf, dispatch in cases:
+    for mesh_cfg, cf, dispatch, *exchange in cases:
         if dispatch == "train":
             row = run_train(mesh_cfg, cf)
         else:
-            row = run_module(mesh_cfg) if dispatch == "module" else run(mesh_cfg, cf, dispatch)
+            row = run_module(mesh_cfg) if dispatch == "module" else run(mesh_cfg, cf, dispatch, *exchange)
         print(json.dumps(row), flush=True)

@@ -19,13 +19,14 @@ from jaxllm.nn.moe_parallel import _pack, can_shard, capacity, expert_parallel_m
 
 SCRIPT = pathlib.Path(__file__).with_name("moe_parallel_script.py")
 
-# (mesh, capacity factor, local dispatch or "module"): dropless and capacity-limited, both meshes
+# (mesh, capacity factor, local dispatch or "module"[, exchange]): dropless and capacity-limited
 CASES = [
     [{"data": 1, "expert": 8}, None, "blocked"],
     [{"data": 2, "expert": 4}, None, "ragged"],
     [{"data": 1, "expert": 8}, 1.25, "ragged"],
     [{"data": 2, "expert": 4}, 1.0, "blocked"],
     [{"data": 1, "tensor": 2, "expert": 4}, 1.0, "ragged"],  # the experts' width split over tensor
+    [{"data": 1, "tensor": 2, "expert": 4}, None, "blocked", "ragged"],  # ragged exchange (emulated)
     [{"data": 1, "fsdp": 2, "expert": 4}, None, "module"],
     [{"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}, None, "module"],
     [{"data": 1, "fsdp": 4, "tensor": 2}, None, "module"],  # no expert axis: token_parallel_moe
@@ -53,7 +54,7 @@ def rows():
     return got
 
 
-@pytest.mark.parametrize("i", DENSE, ids=[f"{CASES[i][0]}-cf{CASES[i][1]}-{CASES[i][2]}" for i in DENSE])
+@pytest.mark.parametrize("i", DENSE, ids=["-".join(map(str, CASES[i])) for i in DENSE])
 def test_expert_parallel_matches_dense(rows, i):
     """Outputs and gradients (x, routing weights, w1/w3/w2; for the module every param) within 1e-5
     of the one-device onehot reference with the dropped assignments' weights zeroed, the dropped
@@ -131,6 +132,16 @@ def test_not_shardable_is_refused_clearly():
         expert_parallel_moe(
             x, jnp.ones((8, 1)), jnp.zeros((8, 1), jnp.int32), w, w, w.transpose(0, 2, 1), mesh=mesh, ffn=None
         )
+
+
+def test_exchange_is_validated():
+    mesh = shd.make_mesh(shd.MeshConfig(data=1), devices=jax.devices()[:1])
+    x, w = jnp.zeros((8, 4)), jnp.zeros((4, 4, 2))
+    args = (x, jnp.ones((8, 1)), jnp.zeros((8, 1), jnp.int32), w, w, w.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        expert_parallel_moe(*args, mesh=mesh, ffn=None, exchange="sparse")
+    with pytest.raises(ValueError, match="'ragged' is dropless: capacity_factor must be None"):
+        expert_parallel_moe(*args, mesh=mesh, ffn=None, exchange="ragged", capacity_factor=1.0)
 
 
 def test_capacity_factor_config_is_validated():
