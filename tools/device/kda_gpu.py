@@ -355,14 +355,14 @@ def main():
         f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})"
     )
     cols = ["pallas_gpu", "pallas_gpu_default", f"jax_{xla_name}", "fla_chunk_kda"]
-    print(f"{'T':>6} {'':<8}" + "".join(f"{c:>18}" for c in cols))
+    print(f"{'T':>6} {'':<8}" + "".join(f"{c:>20}" for c in cols))
     for T in map(str, T_list):
         for m in ("fwd", "fwd_bwd"):
             cells = []
             for c in cols:
                 r = timings.get(T, {}).get(c, {})
                 cells.append(f"{r[m]:.2f}" if m in r else ("err" if "error" in r else "-"))
-            print(f"{T:>6} {m:<8}" + "".join(f"{x:>18}" for x in cells))
+            print(f"{T:>6} {m:<8}" + "".join(f"{x:>20}" for x in cells))
     if "fla_error" in report["fla"]:
         print(f"fla not measured: {report['fla']['fla_error']}")
 
