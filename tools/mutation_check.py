@@ -865,6 +865,14 @@ MUTATIONS = [
         ("tests/nn/test_mla_memory.py::test_short_kda_append_within_twice_the_state_plus_weights",),
         "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
     ),
+    Mutation(
+        "rl-state-not-on-mesh",
+        "jaxllm/agent/train.py",
+        "    return jax.device_put(state, s.state_shardings)\n",
+        "    return state\n",
+        ("tests/agent/test_rollout.py::test_rows_split_over_the_data_axis_equal_one_device",),
+        "the RL trainer's state stays on one device instead of the run's mesh",
+    ),
     # issue 16: the chunked LM head + cross-entropy (loss_chunk)
     Mutation(
         "chunked-loss-targets-not-strided",

@@ -47,9 +47,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxllm
 from jaxllm import run_dir
+from jaxllm import sharding as shd
 from jaxllm.agent import evaluate, protocol, rollout, synth
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig
 from jaxllm.data.chat_template import tongyi_system_prompt
@@ -59,8 +62,7 @@ from jaxllm.run_dir import load_trained
 from jaxllm.train import checkpoint as ckpt_lib
 from jaxllm.train import loop
 from jaxllm.train import metrics as metrics_lib
-from jaxllm.train.config import save_config
-from jaxllm.train.optim import make_optimizer
+from jaxllm.train.config import ConfigError, save_config
 from jaxllm.train.step import (
     LossOutput,
     apply_with_load,
@@ -368,6 +370,42 @@ def make_rl_step(
         return objective, LossOutput(stats["tokens"], means, {"tokens": stats["tokens"]}, load)
 
     return make_step(loss_fn, tx, schedule=schedule, microbatched=False, bias_update_rate=bias_update_rate)
+
+
+def rl_setup(config, model, rows: int, *, mesh=None) -> loop.Setup:
+    """Mesh, optimizer and state shardings of an RL run whose updates take ``rows`` rollouts: the
+    config's ``mesh_*`` axes (or ``mesh``), the update's rows over data x fsdp x expert, the
+    rollouts' rows over data (``rollout.*_rollout(mesh=)``), params by the logical-axis rules."""
+    mesh = mesh or loop.make_run_mesh(config)
+    shards = shd.batch_shard_count(mesh)
+    if rows % shards:
+        raise ConfigError(
+            f"questions_per_step x group = {rows} rollouts per update must split evenly over the "
+            f"{shards} batch shards of mesh {dict(mesh.shape)} (data x fsdp x expert)"
+        )
+    if shd.context_size(mesh) > 1:
+        raise ConfigError("agent rl keeps whole sequences on a device: mesh_context must be 1")
+    return loop.setup(dataclasses.replace(config, batch_size=rows, grad_accum=1), model=model, mesh=mesh)
+
+
+def init_rl_state(s: loop.Setup, params, seed: int) -> dict:
+    """The RL train state from ``params`` (fresh optimizer state), placed on ``s``'s shardings."""
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": s.tx.init(params),
+        "rng": jax.random.PRNGKey(seed),
+    }
+    return jax.device_put(state, s.state_shardings)
+
+
+def rows_on_mesh(mesh, batch: dict) -> dict:
+    """Host arrays whose first dim is the update's rows, split over the mesh's batch axes."""
+    rows = shd.batch_spec()[0]
+    return {
+        k: jax.device_put(v, NamedSharding(mesh, P(rows, *[None] * (np.ndim(v) - 1))))
+        for k, v in batch.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -725,24 +763,21 @@ def train_rl(
     require_correction_biases(config.moe_bias_update_rate, params, config.model)
     wiki = SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)
-    tx, schedule = make_optimizer(config)
+    s = rl_setup(config, model, questions_per_step * group)
+    rollout_mesh = s.mesh if s.mesh.size > 1 else None  # one device: the plain single-device loops
     _make_run_config(config, workdir)
     settings.save(workdir)
     rl_step = make_rl_step(
         model.apply,
-        tx,
-        schedule,
+        s.tx,
+        s.schedule,
         eps_low=eps_low,
         eps_high=eps_high,
         bias_update_rate=config.moe_bias_update_rate,
     )
     step_fn = jax.jit(rl_step, donate_argnums=(0,))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": jax.random.PRNGKey(config.seed),
-    }
+    with jax.set_mesh(s.mesh):
+        state = init_rl_state(s, params, config.seed)
     key = jax.random.PRNGKey(config.seed + 1)
     sampling = SamplingConfig(mode="sample", temperature=1.0)
     fn = _rollout_fn(impl)
@@ -776,11 +811,14 @@ def train_rl(
             system_prompt=settings.system_prompt,
             sampling=sampling,
             rng=sub,
+            mesh=rollout_mesh,
         )
         t_roll = time.perf_counter() - ts
         b = rl_batch(res, golds, group, drop_statuses=drop_statuses, length_multiple=length_multiple)
         ts = time.perf_counter()
-        state, m = step_fn(state, {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "old_logp", "adv")})
+        with jax.set_mesh(s.mesh):
+            batch = rows_on_mesh(s.mesh, {k: b[k] for k in ("tokens", "mask", "old_logp", "adv")})
+            state, m = step_fn(state, batch)
         m = jax.device_get(m)
         t_upd = time.perf_counter() - ts
         check_finite(m, step)  # the one NaN policy (RL saves only at the end)

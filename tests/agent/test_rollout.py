@@ -661,7 +661,8 @@ def test_penalties_see_each_rows_assistant_tokens(model_params, wiki):
 def test_rows_split_over_the_data_axis_equal_one_device():
     """Both loops with `mesh=` (4 virtual CPU devices, data=4): each device holds and decodes its
     own rows (the row arrays come back split over `data`), and every result equals the same
-    sampled rollout on one device; rows that do not divide over the axis are refused."""
+    sampled rollout on one device; rows that do not divide over the axis are refused. One RL update
+    of those rows on data=2 x fsdp=2 (the agent RL trainer's mesh) equals it on one device."""
     script = pathlib.Path(__file__).with_name("rollout_mesh_script.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -671,3 +672,4 @@ def test_rows_split_over_the_data_axis_equal_one_device():
         assert got[loop]["devices"] == 4 and got[loop]["row_block"] == [1, 8], got
         assert got[loop]["model_tokens"] > 20
     assert "3 rows do not split evenly over the mesh's 'data' axis of 4" in got["error"]
+    assert got["rl"]["sharded_params"] > 0 and abs(got["rl"]["loss"]) > 1e-4, got
