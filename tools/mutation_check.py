@@ -873,6 +873,14 @@ MUTATIONS = [
         ("tests/agent/test_rollout.py::test_rows_split_over_the_data_axis_equal_one_device",),
         "the RL trainer's state stays on one device instead of the run's mesh",
     ),
+    Mutation(
+        "moe-exchange-config-not-threaded",
+        "jaxllm/models/kimi_linear.py",
+        "                expert_exchange=c.moe_expert_exchange,\n",
+        "",
+        ("tests/nn/test_moe_parallel.py::test_expert_exchange_config_reaches_every_moe_layer",),
+        "the Kimi config's moe_expert_exchange never reaches the MoE blocks",
+    ),
     # issue 16: the chunked LM head + cross-entropy (loss_chunk)
     Mutation(
         "chunked-loss-targets-not-strided",

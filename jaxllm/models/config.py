@@ -25,6 +25,7 @@ MLP_TYPES = ("dense", "moe")
 KDA_IMPLS = ("auto", "recurrent", "chunk")
 MLA_IMPLS = ("auto", "expanded", "absorbed")
 MOE_DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
+MOE_EXCHANGES = ("dense", "ragged")  # jaxllm.nn.moe_parallel.EXCHANGES
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -78,6 +79,7 @@ class KimiLinearConfig:
     moe_dispatch: str = "auto"
     moe_expert_parallel: bool = True  # under a mesh: expert-parallel all-to-all / per-device dispatch
     moe_capacity_factor: float | None = None  # expert-parallel capacity per device pair; None = dropless
+    moe_expert_exchange: str = "dense"  # or "ragged": dropless ragged_all_to_all (not on CPU)
     # training-only MoE losses (0 = off), returned in ModelOutput.aux_losses without a cache
     seq_balance_loss_alpha: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss weight
@@ -162,12 +164,15 @@ class KimiLinearConfig:
             bad("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             bad("moe_capacity_factor", f"must be > 0 or null (dropless), got {self.moe_capacity_factor}")
+        if self.moe_expert_exchange == "ragged" and self.moe_capacity_factor is not None:
+            bad("moe_expert_exchange", "'ragged' is dropless: set moe_capacity_factor to null")
         for f, allowed in (
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
             ("kda_impl", KDA_IMPLS),
             ("mla_impl", MLA_IMPLS),
             ("moe_dispatch", MOE_DISPATCHES),
+            ("moe_expert_exchange", MOE_EXCHANGES),
             ("moe_router_activation_func", ROUTER_ACTIVATIONS),
         ):
             if getattr(self, f) not in allowed:

@@ -111,6 +111,7 @@ class DecoderLayer(nn.Module):
                 dispatch=c.moe_dispatch,
                 expert_parallel=c.moe_expert_parallel,
                 capacity_factor=c.moe_capacity_factor,
+                expert_exchange=c.moe_expert_exchange,
                 return_aux_losses=True,
                 balance_loss_alpha=c.seq_balance_loss_alpha if cache is None else 0.0,
                 router_z_loss_coef=c.router_z_loss_coef if cache is None else 0.0,

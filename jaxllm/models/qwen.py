@@ -37,6 +37,7 @@ from pallas_kernels.kda.common import document_index
 
 MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama")
 MOE_DISPATCHES = ("auto", "onehot", "gather", "ragged", "blocked")
+MOE_EXCHANGES = ("dense", "ragged")  # jaxllm.nn.moe_parallel.EXCHANGES
 DTYPES = ("float32", "bfloat16", "float16")
 _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
@@ -86,6 +87,7 @@ class QwenConfig:
     moe_dispatch: str = "auto"
     moe_expert_parallel: bool = True  # under a mesh: expert-parallel all-to-all / per-device dispatch
     moe_capacity_factor: float | None = None  # expert-parallel capacity per device pair; None = dropless
+    moe_expert_exchange: str = "dense"  # or "ragged": dropless ragged_all_to_all (not on CPU)
 
     def __post_init__(self):
         norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -164,7 +166,14 @@ class QwenConfig:
                 bad("mlp_only_layers", f"entry {i!r} outside 0..{self.num_hidden_layers - 1}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             bad("moe_capacity_factor", f"must be > 0 or null (dropless), got {self.moe_capacity_factor}")
-        for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCHES)):
+        if self.moe_expert_exchange == "ragged" and self.moe_capacity_factor is not None:
+            bad("moe_expert_exchange", "'ragged' is dropless: set moe_capacity_factor to null")
+        for f, allowed in (
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+            ("moe_dispatch", MOE_DISPATCHES),
+            ("moe_expert_exchange", MOE_EXCHANGES),
+        ):
             if getattr(self, f) not in allowed:
                 bad(f, f"got {getattr(self, f)!r}; allowed: {allowed}")
 
@@ -389,6 +398,7 @@ class DecoderLayer(nn.Module):
                 dispatch=c.moe_dispatch,
                 expert_parallel=c.moe_expert_parallel,
                 capacity_factor=c.moe_capacity_factor,
+                expert_exchange=c.moe_expert_exchange,
                 correction_bias=False,
                 return_router_stats=True,
                 dtype=cd,

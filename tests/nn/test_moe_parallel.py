@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 
 from jaxllm import sharding as shd
 from jaxllm.errors import ConfigError
+from jaxllm.models import KimiLinear
 from jaxllm.models.config import KimiLinearConfig
-from jaxllm.nn.moe import grouped_ffn, moe_experts
+from jaxllm.models.qwen import Qwen, QwenConfig
+from jaxllm.nn.moe import MoE, grouped_ffn, moe_experts
 from jaxllm.nn.moe_parallel import _pack, can_shard, capacity, expert_parallel_moe, token_axes
 
 SCRIPT = pathlib.Path(__file__).with_name("moe_parallel_script.py")
@@ -150,3 +153,28 @@ def test_capacity_factor_config_is_validated():
     assert KimiLinearConfig.from_file(tiny).moe_capacity_factor is None  # dropless by default
     with pytest.raises(ConfigError, match="moe_capacity_factor: must be > 0"):
         KimiLinearConfig.from_file(tiny, moe_capacity_factor=0.0)
+
+
+def test_expert_exchange_config_reaches_every_moe_layer():
+    """`moe_expert_exchange` is validated and handed to each MoE block (Kimi and Qwen configs)."""
+    tiny = KimiLinearConfig.from_file(pathlib.Path(__file__).parents[2] / "configs" / "tiny.json")
+    qwen_json = (
+        pathlib.Path(__file__).parents[1] / "golden" / "qwen_family" / "qwen3_moe_tiny" / "config.json"
+    )
+    qwen = QwenConfig.from_hf_config(json.loads(qwen_json.read_text()))
+    for cfg, model_cls in ((tiny, KimiLinear), (qwen, Qwen)):
+        with pytest.raises(ConfigError, match="moe_expert_exchange"):
+            cfg.replace(moe_expert_exchange="sparse")
+        with pytest.raises(ConfigError, match="'ragged' is dropless"):
+            cfg.replace(moe_expert_exchange="ragged", moe_capacity_factor=1.0)
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, MoE):
+                seen.append(context.module.expert_exchange)
+            return next_fun(*args, **kwargs)
+
+        model = model_cls(cfg.replace(moe_expert_exchange="ragged"))
+        with nn.intercept_methods(record):
+            jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+        assert seen and set(seen) == {"ragged"}, (model_cls, seen)
