@@ -691,9 +691,9 @@ MUTATIONS = [
     # issue 17, the rest: drop metrics, GPU block rule, tensor-split experts
     Mutation(
         "moe-drop-counts-not-reported",
-        "jaxllm/train/metrics.py",
-        "        return objective, out.replace(totals={**out.totals, **drops})\n",
-        "        return objective, out\n",
+        "jaxllm/train/step.py",
+        "        DROPPED_COUNT + k: v.astype(jnp.float32) for k, v in sown_by_layer(load_tree, DROPPED_NAME).items()\n",
+        "        DROPPED_COUNT + k: v.astype(jnp.float32) for k, v in {}.items()\n",
         (
             "tests/nn/test_moe_parallel.py::test_train_step_records_the_layers_drop_count",
             "tests/train/test_moe_metrics.py::test_metrics_jsonl_has_per_layer_load_and_named_aux_losses",

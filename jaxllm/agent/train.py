@@ -369,7 +369,6 @@ def make_rl_step(
         objective = (loss + out.aux_loss()) * n
         return objective, LossOutput(stats["tokens"], means, {"tokens": stats["tokens"]}, load)
 
-    loss_fn = metrics_lib.with_moe_drop_counts(loss_fn)  # dropped assignments into the metrics
     return make_step(loss_fn, tx, schedule=schedule, microbatched=False, bias_update_rate=bias_update_rate)
 
 

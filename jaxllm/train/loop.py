@@ -35,9 +35,8 @@ from jaxllm.train.optim import make_optimizer
 from jaxllm.train.step import (
     DTYPES,
     check_finite,
-    lm_loss,
     make_eval_step,
-    make_step,
+    make_train_step,
     require_correction_biases,
 )
 
@@ -296,9 +295,14 @@ def global_batch(s: Setup, batch: dict[str, np.ndarray], rows=None) -> dict[str,
 
 def compile_step(s: Setup):
     c = s.config
-    # the next-token step (`make_train_step`), its loss also reporting the MoE layers' dropped assignments
-    loss_fn = metrics_lib.with_moe_drop_counts(lm_loss(s.model.apply, DTYPES[c.compute_dtype], c.loss_chunk))
-    step = make_step(loss_fn, s.tx, schedule=s.schedule, bias_update_rate=c.moe_bias_update_rate)
+    step = make_train_step(
+        s.model.apply,
+        s.tx,
+        s.schedule,
+        DTYPES[c.compute_dtype],
+        bias_update_rate=c.moe_bias_update_rate,
+        loss_chunk=c.loss_chunk,
+    )
     replicated = NamedSharding(s.mesh, P())
     jitted = jax.jit(
         step,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import ConfigError
-from jaxllm.nn.moe import DROPPED_NAME, sown_by_layer
+from jaxllm.train.step import DROPPED_COUNT
 
 # Dense peak FLOP/s per chip (bf16), by substring of ``device.device_kind``. Rough public numbers.
 PEAK_TFLOPS = (
@@ -68,25 +68,6 @@ TENSORBOARD_TAGS = {
 }
 
 
-DROPPED_COUNT = "dropped_count/"  # step metrics: a MoE layer's dropped assignments (not logged as is)
-
-
-def with_moe_drop_counts(loss_fn):
-    """``loss_fn`` (``params, batch, rng -> (objective, LossOutput)``) whose ``LossOutput.totals``
-    also hold each MoE layer's dropped assignments (sown by the layer as ``dropped``: past the
-    capacity of an expert-parallel dispatch, 0 for a dropless one) as ``dropped_count/<layer>``,
-    summed over microbatches like every total; ``aux_and_load_record`` turns them into fractions."""
-
-    def counted(params, batch, rng=None):
-        objective, out = loss_fn(params, batch, rng)
-        drops = {
-            DROPPED_COUNT + k: v.astype(jnp.float32) for k, v in sown_by_layer(out.load, DROPPED_NAME).items()
-        }
-        return objective, out.replace(totals={**out.totals, **drops})
-
-    return counted
-
-
 def dropped_fractions(m: dict) -> dict[str, float]:
     """``moe/<layer>/dropped`` (the layer's dropped assignments over its ``expert_load`` total) and
     ``moe_dropped`` (their mean over layers) from a step's host metrics; {} without drop counts."""
@@ -103,8 +84,8 @@ def dropped_fractions(m: dict) -> dict[str, float]:
 
 def aux_and_load_record(m: dict) -> dict[str, float]:
     """The metrics.jsonl entries of a step's auxiliary losses (when any is non-zero) and MoE load
-    (``moe_max_mean_load``, ``moe_overflow``, ``moe/<layer>/...``, when the model routes; with
-    ``with_moe_drop_counts``, ``moe_dropped`` and ``moe/<layer>/dropped``)."""
+    (``moe_max_mean_load``, ``moe_overflow``, ``moe_dropped``, ``moe/<layer>/...``, when the model
+    routes)."""
     rec = {}
     if float(m.get("aux_loss", 0.0)):
         rec.update({k: float(v) for k, v in m.items() if k == "aux_loss" or k.startswith("aux/")})

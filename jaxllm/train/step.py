@@ -42,7 +42,14 @@ from jaxllm import sharding as shd
 from jaxllm.errors import ConfigError, NonFiniteLossError
 from jaxllm.models.base import lm_head_kernel
 from jaxllm.nn._params import project
-from jaxllm.nn.moe import LOAD_NAME, ROUTER_LOAD, load_stats, update_correction_bias
+from jaxllm.nn.moe import (
+    DROPPED_NAME,
+    LOAD_NAME,
+    ROUTER_LOAD,
+    load_stats,
+    sown_by_layer,
+    update_correction_bias,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BIAS_NAME = "e_score_correction_bias"  # the MoE param the balancing moves (next to its sown load)
@@ -206,14 +213,23 @@ def require_correction_biases(rate: float, params, model: str) -> None:
         )
 
 
+DROPPED_COUNT = "dropped_count/"  # step metrics: a MoE layer's dropped assignments (not logged as is)
+
+
 def load_metrics(load_tree) -> dict[str, jax.Array]:
     """Per MoE layer ``moe/<layer>/max_mean_load`` and ``moe/<layer>/overflow`` (``load_stats``),
     plus ``moe_max_mean_load`` (the worst layer) and ``moe_overflow`` (the mean over layers);
-    the step's counts themselves as ``expert_load/<layer>`` ([E], not logged)."""
+    the step's counts themselves as ``expert_load/<layer>`` ([E]) and the assignments each layer
+    dropped (sown as ``dropped``: past an expert-parallel capacity, 0 when dropless) as
+    ``dropped_count/<layer>``, summed over microbatches (not logged as is: ``metrics`` turns them
+    into fractions)."""
     loads = layer_loads(load_tree)
     if not loads:
         return {}
-    out, ratios, overs = {}, [], []
+    out = {
+        DROPPED_COUNT + k: v.astype(jnp.float32) for k, v in sown_by_layer(load_tree, DROPPED_NAME).items()
+    }
+    ratios, overs = [], []
     for layer, load in loads.items():
         ratio, over = load_stats(load)
         out[f"moe/{layer}/max_mean_load"], out[f"moe/{layer}/overflow"] = ratio, over
