@@ -867,7 +867,7 @@ MUTATIONS = [
     ),
     Mutation(
         "rl-state-not-on-mesh",
-        "jaxllm/agent/train.py",
+        "jaxllm/train/loop.py",
         "    return jax.device_put(state, s.state_shardings)\n",
         "    return state\n",
         ("tests/agent/test_rollout.py::test_rows_split_over_the_data_axis_equal_one_device",),

@@ -69,7 +69,6 @@ from jaxllm.train.step import (
     cast_for_compute,
     check_finite,
     make_step,
-    require_correction_biases,
 )
 
 __all__ = [
@@ -388,17 +387,6 @@ def rl_setup(config, model, rows: int, *, mesh=None) -> loop.Setup:
     return loop.setup(dataclasses.replace(config, batch_size=rows, grad_accum=1), model=model, mesh=mesh)
 
 
-def init_rl_state(s: loop.Setup, params, seed: int) -> dict:
-    """The RL train state from ``params`` (fresh optimizer state), placed on ``s``'s shardings."""
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": s.tx.init(params),
-        "rng": jax.random.PRNGKey(seed),
-    }
-    return jax.device_put(state, s.state_shardings)
-
-
 def rows_on_mesh(mesh, batch: dict) -> dict:
     """Host arrays whose first dim is the update's rows, split over the mesh's batch axes."""
     rows = shd.batch_spec()[0]
@@ -546,12 +534,10 @@ def train_sft(
     rng = np.random.default_rng(config.seed)
     with jax.set_mesh(s.mesh):
         step_fn = loop.compile_step(s)
-        state = loop.init_state(s)
-        if init_workdir is not None:
-            _, params, _ = load_trained(init_workdir)
-            state = jax.device_put(
-                {**state, "params": params, "opt_state": s.tx.init(params)}, s.state_shardings
-            )
+        if init_workdir is None:
+            state = loop.init_state(s)
+        else:  # no random init to throw away
+            state = loop.state_from_params(s, load_trained(init_workdir)[1], config.seed)
             log(f"sft: starting from the params of {init_workdir}")
         ck = ckpt_lib.Checkpointer(
             run_dir.checkpoints(workdir), save_every=1, keep=config.keep_checkpoints, async_save=False
@@ -760,7 +746,6 @@ def train_rl(
     settings = load_settings(init_workdir)
     check_world(records, settings, "RL questions")
     model, params, tok = load_trained(init_workdir, init_step)
-    require_correction_biases(config.moe_bias_update_rate, params, config.model)
     wiki = SimulatedWiki(settings.wiki_config())
     executor = synth.wiki_executor(wiki)
     s = rl_setup(config, model, questions_per_step * group)
@@ -777,7 +762,7 @@ def train_rl(
     )
     step_fn = jax.jit(rl_step, donate_argnums=(0,))
     with jax.set_mesh(s.mesh):
-        state = init_rl_state(s, params, config.seed)
+        state = loop.state_from_params(s, params, config.seed)
     key = jax.random.PRNGKey(config.seed + 1)
     sampling = SamplingConfig(mode="sample", temperature=1.0)
     fn = _rollout_fn(impl)

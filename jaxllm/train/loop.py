@@ -197,6 +197,18 @@ def _model_args(config: RunConfig) -> dict:
     return {"config_file": config.init_from, **config.model_args}
 
 
+def state_from_params(s: Setup, params, seed: int) -> dict:
+    """A train state holding ``params`` (step 0, fresh optimizer state), placed on ``s``'s shardings:
+    training that starts from another run's params (agent SFT ``--init``, agent RL)."""
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": s.tx.init(params),
+        "rng": jax.random.PRNGKey(seed),
+    }
+    return jax.device_put(state, s.state_shardings)
+
+
 def init_state(s: Setup):
     """A fresh train state: initialised params, or the ``init_from`` checkpoint's, placed on their shardings."""
     if not s.config.init_from:

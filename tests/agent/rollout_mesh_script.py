@@ -22,6 +22,7 @@ from jaxllm.agent import train as T  # noqa: E402
 from jaxllm.agent.wiki import SimulatedWiki, WikiConfig  # noqa: E402
 from jaxllm.data.tokenizers import ByteTokenizer  # noqa: E402
 from jaxllm.ops.sampling import SamplingConfig  # noqa: E402
+from jaxllm.train import loop as train_loop  # noqa: E402
 from jaxllm.train.config import RunConfig  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def rl_update_on_mesh_equals_one_device(model, params, result):
         s = T.rl_setup(config, model, 4, mesh=mesh)
         step = jax.jit(T.make_rl_step(model.apply, s.tx, s.schedule))
         with jax.set_mesh(s.mesh):
-            state, m = step(T.init_rl_state(s, params, 0), T.rows_on_mesh(s.mesh, batch))
+            state, m = step(train_loop.state_from_params(s, params, 0), T.rows_on_mesh(s.mesh, batch))
         placed = [x.sharding for x in jax.tree.leaves(state["params"])]
         out[name] = (jax.device_get(m), jax.device_get(state["params"]), placed)
     (m4, p4, sh4), (m1, p1, _) = out["mesh"], out["one"]
