@@ -906,6 +906,40 @@ MUTATIONS = [
         ("tests/train/test_config.py::test_bad_values_name_field_and_allowed_values",),
         "a loss_chunk that does not divide seq_len is accepted and fails inside the jitted step",
     ),
+    Mutation(
+        "kda-tpu-recompute-wrong-offset",
+        "pallas_kernels/kda/tpu.py",
+        "state = jnp.where(i == 0, state, hbuf_ref[jnp.maximum(i - 1, 0), h])",
+        "state = jnp.where(i == 0, state, hbuf_ref[jnp.maximum(i - 2, 0), h])",
+        ("tests/kernels/test_kda_pallas.py::test_tpu_state_stride_varlen",),
+        "the backward takes the recomputed state of the chunk before (one slot off in the group)",
+    ),
+    Mutation(
+        "kda-tpu-recompute-ignores-restart",
+        "pallas_kernels/kda/tpu.py",
+        "state = jnp.where(restart, h0_buf[...], state)",
+        "state = state",
+        ("tests/kernels/test_kda_pallas.py::test_tpu_state_stride_varlen",),
+        "a sequence starting inside a group is recomputed from the previous sequence's state, not its h0",
+    ),
+    Mutation(
+        "kda-tpu-checkpoint-wrong-chunk",
+        "pallas_kernels/kda/tpu.py",
+        "@pl.when(lax.rem(c, stride) == 0)",
+        "@pl.when(lax.rem(c, stride) == stride - 1)",
+        ("tests/kernels/test_kda_pallas.py::test_tpu_state_stride_segment_ids",),
+        "the forward saves the state entering a group's last chunk instead of its first",
+    ),
+    Mutation(
+        "kda-tpu-saves-every-state",
+        "pallas_kernels/kda/tpu.py",
+        "(B, NC // stride, H, K, V), pm.matmul_dtype(precision)",
+        "(B, NC, H, K, V), pm.matmul_dtype(precision)",
+        ("tests/tpu/test_tpu_aot.py::test_kda_kernel_saved_states_at_kimi_shape",),
+        "the saved states keep a slot per chunk again (4x the HBM); numerics cannot see it, the compiled "
+        "temporaries can",
+        needs="libtpu",
+    ),
 ]
 
 

@@ -13,6 +13,8 @@ Mosaic for the Pallas kernels), as it would be on the slice. Nothing runs, nothi
 
     python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --dtype bfloat16   # KDA op alone
     python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --impl pallas_tpu  # one impl only
+    python tools/tpu_aot.py --kda 1,4096,32,128 --topology v5e:2x2 --impl pallas_tpu \\
+        --precision default --state-stride 1   # the Pallas kernels' matmul precision; saved states
 
 Prints one JSON line: per-device bytes (arguments, outputs, aliased, temporaries, generated code,
 and their peak sum), the compiler's FLOP / transcendental / byte-access counts per device, the
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -53,6 +57,7 @@ from jaxllm.train import loop  # noqa: E402
 from jaxllm.train.config import RunConfig  # noqa: E402
 from jaxllm.train.step import DTYPES, make_train_step  # noqa: E402
 from pallas_kernels.kda import kda  # noqa: E402
+from pallas_kernels.kda.tpu import kda_pallas_tpu  # noqa: E402
 
 # Per-chip HBM (GiB) of the TPU generations libtpu names, for the "fits" column.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5 lite": 16, "v5p": 95, "v5": 95, "v6e": 32, "v6 lite": 32}
@@ -177,15 +182,32 @@ def compile_train_step(
     return compiled, t1 - t0, t2 - t1
 
 
-def compile_kda_op(shape, topology: str, *, impl: str, dtype: str = "bfloat16", backward: bool = False):
+def compile_kda_op(
+    shape,
+    topology: str,
+    *,
+    impl: str,
+    dtype: str = "bfloat16",
+    backward: bool = False,
+    precision: str = "highest",
+    state_stride: int | None = None,
+):
     """(compiled, lower s, compile s): `pallas_kernels.kda.kda` alone (in-kernel L2 norm, no state),
-    q/k/v `[B,T,H,K]` (K = V) in `dtype`, forward or forward+backward, on one device of `topology`."""
+    q/k/v `[B,T,H,K]` (K = V) in `dtype`, forward or forward+backward, on one device of `topology`.
+    `precision` is the Pallas kernels' matmul precision; `state_stride` (pallas_tpu only; None: the
+    kernel's default) saves every state_stride-th chunk state for the backward."""
     B, T, H, K = shape
     on = SingleDeviceSharding(tpu_devices(topology)[0])
     f32, dt = jnp.float32, jnp.dtype(dtype)
     args = [jax.ShapeDtypeStruct((B, T, H, K), d, sharding=on) for d in (dt, dt, dt, f32)]
     args.append(jax.ShapeDtypeStruct((B, T, H), f32, sharding=on))
-    fwd = lambda q, k, v, g, beta: kda(q, k, v, g, beta, use_qk_l2norm=True, impl=impl)[0]
+    if state_stride is None:
+        op = functools.partial(kda, impl=impl, precision=precision)
+    elif impl == "pallas_tpu":
+        op = functools.partial(kda_pallas_tpu, precision=precision, state_stride=state_stride)
+    else:
+        raise ValueError(f"state_stride applies to impl='pallas_tpu' only, not {impl!r}")
+    fwd = lambda q, k, v, g, beta: op(q, k, v, g, beta, use_qk_l2norm=True)[0]
     loss = lambda *a: jnp.sum(fwd(*a).astype(f32))
     fn = jax.jit(jax.grad(loss, argnums=tuple(range(5))) if backward else fwd)
     with traced_as_on_tpu():
@@ -194,6 +216,11 @@ def compile_kda_op(shape, topology: str, *, impl: str, dtype: str = "bfloat16", 
         t1 = time.perf_counter()
         compiled = lowered.compile()
     return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def tpu_kernel_state_stride() -> int:
+    """The Pallas TPU kernel's default state stride (what `kda(impl="pallas_tpu")` uses)."""
+    return inspect.signature(kda_pallas_tpu).parameters["state_stride"].default
 
 
 def memory_report(compiled) -> dict:
@@ -274,15 +301,38 @@ def main(argv=None) -> int:
         choices=("pallas_tpu", "chunk"),
         help="--kda: only these impls (repeatable)",
     )
+    ap.add_argument(
+        "--precision",
+        default="highest",
+        choices=("highest", "default"),
+        help="--kda: the Pallas kernels' matmul precision (the chunk impl takes highest only)",
+    )
+    ap.add_argument(
+        "--state-stride",
+        type=int,
+        default=None,
+        help="--kda, pallas_tpu: save every Nth chunk state for the backward, recompute the rest "
+        "(default: the kernel's own default)",
+    )
+    ap.add_argument("--backward-only", action="store_true", help="--kda: forward+backward only")
     a = ap.parse_args(argv)
     if a.kda:
         shape = tuple(int(x) for x in a.kda.split(","))
         for impl in a.impl or ("pallas_tpu", "chunk"):
-            for backward in (False, True):
+            for backward in (True,) if a.backward_only else (False, True):
                 compiled, t_lower, t_compile = compile_kda_op(
-                    shape, a.topology, impl=impl, dtype=a.dtype, backward=backward
+                    shape,
+                    a.topology,
+                    impl=impl,
+                    dtype=a.dtype,
+                    backward=backward,
+                    precision=a.precision,
+                    state_stride=a.state_stride if impl == "pallas_tpu" else None,
                 )
                 row = {"kda": shape, "dtype": a.dtype, "impl": impl, "pass": "fwd+bwd" if backward else "fwd"}
+                row.update(precision=a.precision)
+                if impl == "pallas_tpu":
+                    row.update(state_stride=a.state_stride or tpu_kernel_state_stride())
                 row.update(topology=a.topology, **memory_report(compiled))
                 row.update(lower_s=round(t_lower, 1), compile_s=round(t_compile, 1))
                 print(json.dumps(row), flush=True)

@@ -225,6 +225,8 @@ class TestKDAPallas:
         # bf16 matmul operands (and bf16 saved states) in one mode, float32 ones in the other
         precision = "default" if mode == "segment_ids" else "highest"
         NC = T // 64 if mode == "segment_ids" else (T + N * 63) // 64
+        if kernel_name == "pallas_tpu":  # whole groups of the chunks that share a saved state
+            NC = -(-NC // tpu.STATE_STRIDE) * tpu.STATE_STRIDE
         platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[kernel_name]
         fn = {"pallas_tpu": kda_pallas_tpu, "pallas_gpu": kda_pallas_gpu}[kernel_name]
         disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -275,6 +277,8 @@ class TestKDAPallas:
                 assert kern["semantics"] == ["parallel", "parallel", "arbitrary"], kern["name"]
                 # q/k/v windows: one chunk of HB heads, read from the token-major [B,T,H,K] layout
                 assert [64, HB, K] in [w[-3:] for w in kern["windows"]], kern["name"]
+                if kern["name"] == "kda_chunk_bwd_tpu":  # and the group's q/k/v/g for the recompute
+                    assert [64 * tpu.STATE_STRIDE, HB, K] in [w[-3:] for w in kern["windows"]]
                 # double-buffered windows + scratch within the scoped VMEM the kernels ask for
                 assert kern["vmem_bytes"] < TPU_VMEM_LIMIT, (kern["name"], kern["vmem_bytes"])
             if importlib.util.find_spec("libtpu") is not None:
@@ -394,6 +398,51 @@ def test_tpu_head_blocks(monkeypatch):
     TestKDAPallas()._check_against_recurrent(kernel, inputs, do, dht, use_qk_l2norm=True)
 
 
+def test_tpu_state_stride_varlen(monkeypatch):
+    """TPU only: the forward saves the state entering every `state_stride`-th chunk, the backward
+    recomputes the others from it with the forward's chunk step (issue 19 part 3). Stride 3, two
+    head blocks (HEAD_BLOCK = 2, H = 4), packed sequences laid out as chunks [0 | 1 2 | 3 | 4 5 6]
+    (one empty): sequences start inside a group (chunks 1 and 4, whose states come from h0 by
+    DMA) and cross a group boundary (chunk 6 restarts from a saved state of a running
+    sequence). Mild gates, so a wrong recomputed state shows in every gradient. A stride below 1,
+    or one whose backward windows fit VMEM at no head block (32 at Kimi's shape), is refused."""
+    cu = jnp.asarray([0, 40, 40, 150, 170, 300], jnp.int32)
+    inputs, do, dht = random_case(12, B=1, T=300, H=4, K=16, V=16, n_seq=5, min_log_decay=-0.02)
+    with pytest.raises(ValueError, match="state_stride"):
+        kda_pallas_tpu(*inputs[:5], state_stride=0)
+    assert tpu.head_block(32, 16) == 8  # fewer heads per step for a wide group
+    with pytest.raises(ValueError, match="state_stride=32 needs"):
+        tpu.head_block(32, 32)
+    monkeypatch.setattr(tpu, "HEAD_BLOCK", 2)
+    kernel = functools.partial(kda_pallas_tpu, interpret=True, state_stride=3)
+    TestKDAPallas()._check_against_recurrent(kernel, inputs, do, dht, cu, use_qk_l2norm=True)
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_tpu_state_stride_segment_ids(precision):
+    """TPU only: stride 2 with in-row resets (mid-chunk, at a chunk boundary, in a recomputed
+    chunk), ragged T (5 chunks padded to a whole group), initial state per row (dh0); under
+    "default" the saved states are bf16 and the recomputed ones start from them."""
+    seg = np.zeros((2, 300), np.int32)
+    seg[0, 10:] += 1
+    seg[0, 128:] += 1
+    seg[1, 200:] += 1
+    inputs, do, dht = random_case(13, B=2, T=300, H=2, K=16, V=16, min_log_decay=-0.02)
+    kernel = functools.partial(kda_pallas_tpu, interpret=True, state_stride=2)
+    tol = TOL if precision == "highest" else TOL_DEFAULT_PRECISION
+    TestKDAPallas()._check_against_recurrent(
+        kernel,
+        inputs,
+        do,
+        dht,
+        seg=jnp.asarray(seg),
+        tol_out=tol,
+        tol_f32=tol,
+        precision=precision,
+        use_qk_l2norm=True,
+    )
+
+
 def test_gpu_state_passes_fill_the_card():
     """The GPU state passes split V so that B * H * V / slice reaches ~one program per SM of an
     H100 (132): 128 programs at Kimi's B = 1, H = 32, V = 128 (64-wide slices gave 64)."""
@@ -453,9 +502,31 @@ def test_precision_applies_to_the_pallas_kernels_only():
 def test_tpu_kernel_work_is_matmul_shaped():
     """Issue 19: per chunk and head at K = V = 128, the TPU kernels' elementwise ops (counted from
     the traced kernel bodies by tools/kda_op_counts.py, factorised diagonal blocks) are at most
-    twice their matmul FLOPs; the per-column diagonal loops were ~18M / 42M ops, 0.7-0.8x."""
-    rows = {r["kernel"]: r for r in _op_counts_tool().kernel_counts(kda_pallas_tpu, K=128, V=128)}
+    twice their matmul FLOPs; the per-column diagonal loops were ~18M / 42M ops, 0.7-0.8x.
+
+    Counted at state_stride=1: the tool counts a `pl.when` body at every grid step, so the
+    backward's recompute of a group's states (once per `state_stride` chunks) would be counted
+    `state_stride` times. Its true share is checked from the difference instead: per chunk it is
+    (S-1)/S of a state-only forward step (the unused chunk output is dead code), under a fifth of
+    the stride-1 forward+backward matmul FLOPs (docs/kernels.md: +15.6% at S = 4)."""
+    counts = lambda S: {
+        r["kernel"]: r
+        for r in _op_counts_tool().kernel_counts(
+            functools.partial(kda_pallas_tpu, state_stride=S), K=128, V=128
+        )
+    }
+    rows = counts(1)
     assert sorted(rows) == ["kda_chunk_bwd_tpu", "kda_chunk_fwd_tpu"]
     for r in rows.values():
         assert r["elementwise_mop"] <= 2 * r["matmul_mflop"], r
         assert r["elementwise_mop"] < 5.0, r  # the column loops alone were > 10M
+    S = tpu.STATE_STRIDE
+    bwd_S = counts(S)["kda_chunk_bwd_tpu"]
+    per_step = {
+        key: (bwd_S[key] - rows["kda_chunk_bwd_tpu"][key]) / (S - 1)
+        for key in ("matmul_mflop", "elementwise_mop")
+    }
+    fwd = rows["kda_chunk_fwd_tpu"]
+    assert 0.5 * fwd["matmul_mflop"] < per_step["matmul_mflop"] < fwd["matmul_mflop"], per_step  # state only
+    total = fwd["matmul_mflop"] + rows["kda_chunk_bwd_tpu"]["matmul_mflop"]
+    assert (S - 1) / S * per_step["matmul_mflop"] < 0.2 * total, (per_step, total)

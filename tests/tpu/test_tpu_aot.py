@@ -38,7 +38,7 @@ from jaxllm import sharding as shd  # noqa: E402
 from jaxllm.decode import decode_step  # noqa: E402
 from jaxllm.models import registry  # noqa: E402
 from jaxllm.nn import MLA  # noqa: E402
-from pallas_kernels.kda import kda  # noqa: E402
+from pallas_kernels.kda import kda, tpu  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("tpu_aot", ROOT / "tools" / "tpu_aot.py")
@@ -126,6 +126,24 @@ def test_kda_kernel_forward_compiles_for_v5e(v5e, mode, K, dtype, precision):
     fwd = jax.jit(lambda *a: _kda_tpu(*a, mode=mode, precision=precision))
     compiled = fwd.lower(*_kda_args(v5e[0], K, dtype, mode)).compile()
     assert _kernels(compiled) == {"kda_chunk_fwd_tpu"}
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_kda_kernel_saved_states_at_kimi_shape(precision):
+    """Kimi's shape (B = 1, T = 4096, H = 32, K = V = 128, bf16), forward+backward on a v5e at the
+    kernel's default `state_stride`: the backward's windows over a group of chunks fit the scoped
+    VMEM at 16 heads per step, and the temporaries are the saved states (every stride-th chunk's,
+    f32 under "highest", bf16 under "default") plus the ~34 MiB the rest takes (docs/kernels.md:
+    162.1 / 98.1 MiB at stride 1, 66.1 / 50.1 MiB at stride 4)."""
+    B, T, H, K = 1, 4096, 32, 128
+    S = tpu.STATE_STRIDE
+    assert tpu.head_block(H, S, K, K, 2) == 16
+    compiled, _, _ = tpu_aot.compile_kda_op(
+        (B, T, H, K), TOPOLOGY, impl="pallas_tpu", backward=True, precision=precision
+    )
+    assert _kernels(compiled) == {"kda_chunk_fwd_tpu", "kda_chunk_bwd_tpu"}
+    saved = B * (T // 64 // S) * H * K * K * (4 if precision == "highest" else 2)
+    assert compiled.memory_analysis().temp_size_in_bytes <= saved + 36 * 2**20
 
 
 def test_decode_step_compiles_for_v5e(v5e):
