@@ -18,7 +18,8 @@ How it works:
   compiles nothing new until it crosses a bucket.
 - Decoding runs in a `lax.while_loop` that ends when every row has stopped (a stop id, a stop
   sequence, or `max_new_tokens`). A finished row appends nothing: its length is 0, so its state
-  and cache stay as they were.
+  and cache stay as they were. Once the live rows fit a smaller batch (`row_buckets`) they go on
+  in one (`on_live_rows`): finished rows stop costing work.
 - `pick` is the only token chooser: greedy, every `SamplingConfig` mode, AutoDeco heads, penalties;
   per-row PRNG keys, so a row samples the same tokens whatever else is in its batch.
 - `append` and `decode` are also public (jitted, the cache donated): the agent's rollouts feed
@@ -41,6 +42,10 @@ from jaxllm.ops.sampling import sample_next
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per row per append while prefilling
 MIN_BUCKET = 8
+# `complete` never shrinks its batch below this many rows per device: every smaller size compiles
+# the decode step once more, for little gain (a decode step of a few rows is bound by reading the
+# weights, not by its rows). The rollouts, compiled once for many tokens per turn, go down to 1.
+DECODE_MIN_ROWS = 8
 
 
 @flax.struct.dataclass
@@ -51,6 +56,9 @@ class Completion:
     lengths: jax.Array  # [B] int32 new tokens per row, the stop token included
     stopped: jax.Array  # [B] bool: the row ended on a stop id or stop sequence
     logprobs: jax.Array  # [B, N] float32 log-probability of each token under the model (raw logits)
+    # [B] int32 decode steps the row was computed in: finished rows leave the device batch once
+    # the live ones fit a smaller one (`decode_loop`), so a row that stopped early counts fewer
+    batch_steps: jax.Array
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -222,6 +230,69 @@ def append_tokens(model, params, cache, ids_BT, lengths_B, last_logits_BV, last_
     return out.cache, logits, hidden
 
 
+# ------------------------------------------------------------ finished rows leave the batch
+def row_buckets(batch: int, per_device: int = 1, smallest: int = 1) -> tuple[int, ...]:
+    """The batch sizes a batch of ``batch`` rows shrinks to as its rows finish, largest first:
+    ``batch`` itself, then ``per_device`` times the powers of two from ``smallest`` up to half of
+    it (few sizes: few shapes to compile, and every size splits evenly over the devices)."""
+    smaller, size = [], per_device * smallest
+    while size <= batch // 2:
+        smaller.append(size)
+        size *= 2
+    return (batch, *reversed(smaller))
+
+
+def row_bucket(rows_per_device: int, batch: int, per_device: int = 1, smallest: int = 1) -> int:
+    """The smallest of ``row_buckets(batch, per_device, smallest)`` that holds
+    ``rows_per_device`` rows on each device."""
+    sizes = row_buckets(batch, per_device, smallest)
+    return min(s for s in sizes if s // per_device >= rows_per_device)
+
+
+def on_live_rows(fn, rows, live_R, per_device: int = 1, smallest: int = 1):
+    """``fn(rows, live)`` run on the live rows only, inside a compiled program: the rows marked in
+    ``live_R`` are gathered into the smallest ``row_buckets`` batch that holds each device's live
+    rows (a ``lax.switch`` over the sizes; no gather when none is smaller), ``fn`` runs there and
+    its rows are scattered back; the other rows come back unchanged. ``rows``: a tree of
+    batch-first leaves [R, ...] (caches, tokens, keys); ``fn`` returns a tree of the same shapes.
+    Rows are split into ``per_device`` contiguous blocks (the mesh's data axis) and each block
+    compacts within itself, so no row changes device. Each size compiles ``fn`` once more.
+    Returns (rows, the batch size used)."""
+    R = live_R.shape[0]
+    sizes = row_buckets(R, per_device, smallest)
+    if len(sizes) == 1:
+        return fn(rows, live_R), jnp.int32(R)
+    D, per_block = per_device, R // per_device
+    live_DB = live_R.reshape(D, per_block)
+
+    def blocks(x):
+        return x.reshape(D, per_block, *x.shape[1:])
+
+    def run_at(size):
+        if size == R:
+            return lambda rows: fn(rows, live_R)
+        n = size // D
+
+        def run(rows):
+            # slot -> row within its block; fillers (past the live rows) point out of range
+            idx_DN = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=per_block)[0])(live_DB)
+            take = lambda x: jax.vmap(lambda xb, i: xb[i])(blocks(x), jnp.minimum(idx_DN, per_block - 1))  # noqa: E731
+            sub = jax.tree_util.tree_map(lambda x: take(x).reshape(size, *x.shape[1:]), rows)
+            out = fn(sub, (idx_DN < per_block).reshape(size))
+            put = (
+                lambda x, y: jax.vmap(lambda xb, i, yb: xb.at[i].set(yb, mode="drop"))(  # noqa: E731
+                    blocks(x), idx_DN, y.reshape(D, n, *y.shape[1:])
+                )
+            )
+            return jax.tree_util.tree_map(lambda x, y: put(x, y).reshape(x.shape), rows, out)
+
+        return run
+
+    need = live_DB.sum(axis=1).max()
+    which = jnp.sum(jnp.asarray([s // D for s in sizes]) >= need) - 1  # sizes are largest first
+    return jax.lax.switch(which, [run_at(s) for s in sizes], rows), jnp.asarray(sizes, jnp.int32)[which]
+
+
 def auto_axes(mesh):
     """``mesh`` with every axis in automatic mode: the models are written for the compiler's
     sharding propagation, not for explicitly sharded types (``jax.make_mesh``'s default)."""
@@ -302,6 +373,7 @@ class DecodeState:
     lengths: jax.Array  # [B] int32 new tokens per row
     done: jax.Array  # [B] bool
     stopped: jax.Array  # [B] bool: ended on a stop id or sequence
+    batch_steps: jax.Array  # [B] int32 steps the row was in the device batch (computed)
 
 
 def start_state(
@@ -319,6 +391,7 @@ def start_state(
         lengths=jnp.zeros((B,), jnp.int32),
         done=~active_B,
         stopped=jnp.zeros((B,), bool),
+        batch_steps=jnp.zeros((B,), jnp.int32),
     )
 
 
@@ -362,7 +435,17 @@ def decode_step_rows(
 
     cache, logits, hidden = jax.lax.cond(jnp.any(~done), feed, lambda a: a, (st.cache, st.logits, st.hidden))
     return DecodeState(
-        st.step + 1, cache, logits, hidden, keys, tokens, logprobs, lengths, done, st.stopped | hit
+        st.step + 1,
+        cache,
+        logits,
+        hidden,
+        keys,
+        tokens,
+        logprobs,
+        lengths,
+        done,
+        st.stopped | hit,
+        st.batch_steps + 1,
     )
 
 
@@ -377,25 +460,50 @@ def decode_loop(
     sampling=None,
     heads=None,
     heads_params=None,
+    per_device: int = 1,
 ) -> DecodeState:
-    """`decode_step_rows` in a `lax.while_loop` until every row is done."""
+    """`decode_step_rows` in a `lax.while_loop` until every row is done. Finished rows leave the
+    batch: whenever the live rows fit a smaller `row_buckets` size (of at least `DECODE_MIN_ROWS`
+    per device), decoding goes on in a batch of that size (`on_live_rows`; ``per_device``: rows
+    blocks of the mesh's data axis)."""
     N = st.tokens.shape[1]
+    sizes = row_buckets(st.tokens.shape[0], per_device, DECODE_MIN_ROWS)
     step = functools.partial(
         decode_step_rows,
         model,
         params,
-        stop_BS=stop_BS,
-        seq_BSL=seq_BSL,
         pad_id=pad_id,
         sampling=sampling,
         heads=heads,
         heads_params=heads_params,
     )
-    return jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), step, st)
+
+    def decode_rows(rows, live):
+        """Decode the live rows of a batch until they fit the next smaller size (or all are done)."""
+        sub, stop, seq = rows
+        size = live.shape[0]
+        smaller = max((s for s in sizes if s < size), default=0) // per_device
+        sub = sub.replace(step=sub.step[0], done=sub.done | ~live)  # fillers are done
+        first = sub.step
+
+        def go_on(s):
+            live_per_device = (~s.done).reshape(per_device, -1).sum(axis=1).max()
+            # at least one step per batch: the outer loop always moves on
+            return (s.step < N) & ((live_per_device > smaller) | (s.step == first))
+
+        sub = jax.lax.while_loop(go_on, lambda s: step(s, stop_BS=stop, seq_BSL=seq), sub)
+        return sub.replace(step=jnp.full((size,), sub.step)), stop, seq
+
+    def shrink_and_decode(st):
+        rows = (st.replace(step=jnp.full(st.done.shape, st.step)), stop_BS, seq_BSL)
+        (st, _, _), _ = on_live_rows(decode_rows, rows, ~st.done, per_device, DECODE_MIN_ROWS)
+        return st.replace(step=st.step.max())
+
+    return jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), shrink_and_decode, st)
 
 
 def _completion(st: DecodeState) -> Completion:
-    return Completion(st.tokens, st.lengths, st.stopped, st.logprobs)
+    return Completion(st.tokens, st.lengths, st.stopped, st.logprobs, st.batch_steps)
 
 
 @functools.lru_cache(maxsize=32)

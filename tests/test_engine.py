@@ -71,6 +71,25 @@ def test_ragged_batch_equals_each_prompt_alone(golden):
     assert len(set(lengths.tolist())) > 1  # the rows really stopped at different steps
 
 
+def test_finished_rows_leave_the_batch(kimi):
+    """16 rows, 12 of which stop within their first 3 tokens: once the live ones fit a batch of 8
+    they decode there (`decode.on_live_rows`), with the tokens of the full batch."""
+    model, params, _ = kimi
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in rng.integers(2, 12, 16)]
+    free = np.asarray(jaxllm.complete(model, params, prompts, N_NEW, prefill_chunk=16).tokens)
+    stops = [[int(free[b, b % 3])] for b in range(12)] + [[]] * 4
+    out = jaxllm.complete(model, params, prompts, N_NEW, stop_ids=stops, prefill_chunk=16)
+    tokens, lengths, steps = (np.asarray(x) for x in (out.tokens, out.lengths, out.batch_steps))
+    for b in range(16):
+        np.testing.assert_array_equal(tokens[b, : lengths[b]], free[b, : lengths[b]], err_msg=f"row {b}")
+    assert (lengths[:12] <= 3).all() and (lengths[12:] == N_NEW).all()
+    # after step 2 eight rows are done (those stopping within 2 tokens) and the 8 live ones move
+    # into a batch of 8: the done rows are computed no more, the live ones to the end
+    early = [b for b in range(12) if b % 3 != 2]
+    assert (steps[early] == 2).all() and (steps[12:] == N_NEW).all(), steps
+
+
 def test_sampled_rows_depend_only_on_their_keys(kimi):
     model, params, prompts = kimi
     sampling = SamplingConfig(temperature=1.5, top_p=0.95)

@@ -858,6 +858,25 @@ MUTATIONS = [
         "after finished rows leave the batch, rows are matched to the wrong cache slots",
     ),
     Mutation(
+        "scan-compact-first-slots",
+        "jaxllm/decode.py",
+        "            idx_DN = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=per_block)[0])(live_DB)\n",
+        "            idx_DN = jnp.broadcast_to(jnp.arange(n), (D, n))\n",
+        ("tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",),
+        "the scan loop's smaller batch holds the first rows instead of the running ones",
+    ),
+    Mutation(
+        "finished-rows-stay",
+        "jaxllm/decode.py",
+        "    which = jnp.sum(jnp.asarray([s // D for s in sizes]) >= need) - 1  # sizes are largest first\n",
+        "    which = jnp.int32(0)\n",
+        (
+            "tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",
+            "tests/test_engine.py::test_finished_rows_leave_the_batch",
+        ),
+        "finished rows stay in the batch of the scan rollout and of `complete` (every step costs them)",
+    ),
+    Mutation(
         "kda-short-append-chunk-op",
         "jaxllm/nn/kda_attention.py",
         '    if impl == "auto" and T <= SHORT_APPEND and resolve_impl(impl) == "chunk":\n',

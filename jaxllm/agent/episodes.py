@@ -129,7 +129,7 @@ class RolloutResult:
     messages: list  # [B] chat messages (system, question, turns)
     host_callbacks: int | None = None  # scan_rollout: io_callback calls made (None: segmented)
     row_sharding: object = None  # how the rows were laid out on the devices (rollouts with a mesh)
-    device_rows: list | None = None  # segmented: rows in the device batch each turn (finished rows leave it)
+    device_rows: list | None = None  # rows in the device batch each turn (finished rows leave it)
 
     @property
     def model_mask(self) -> np.ndarray:

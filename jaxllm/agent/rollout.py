@@ -313,12 +313,14 @@ def segmented_rollout(
     per_device = 1 if mesh is None else mesh.shape["data"]
 
     def compact():
-        """Drop finished rows from the device batch once the running ones fit a batch of half
-        the size or less (sizes are powers of two times the data axis: few shapes to compile)."""
+        """Drop finished rows from the device batch once the running ones fit a smaller size of
+        ``decode.row_buckets`` (the scan loop shrinks its batch by the same rule)."""
         nonlocal cache, last, keys, history, slots
         live = [s for s, r in enumerate(slots) if r >= 0 and ep.status[r] == RUNNING]
-        size = per_device * (1 << max(0, -(-len(live) // per_device) - 1).bit_length())
-        if not live or size > len(slots) // 2:
+        if not live:
+            return
+        size = decode.row_bucket(-(-len(live) // per_device), len(slots), per_device)
+        if size == len(slots):
             return
         take = np.array(live + [live[0]] * (size - len(live)))  # fillers copy a live row's state
         cache, last, keys, history = decode.shard_rows(
@@ -409,12 +411,14 @@ def _scan_fn(
     env_static: wiki_env.EnvStatic | None = None,
     pad: int = 0,
     heads=None,
+    per_device: int = 1,
 ):
     """The jitted scan rollout. Per turn, rows the jnp wiki judge does not take (all rows without
     ``env_static``) go through one io_callback to the host judge of the call named by ``call_id``,
-    under a ``lax.cond`` (no callback when there are none)."""
+    under a ``lax.cond`` (no callback when there are none). Each turn runs on the running rows
+    only (``decode.on_live_rows``: a smaller batch once they fit one; ``per_device`` rows blocks
+    of the mesh's data axis)."""
     model = model_cls(config)
-    row_idx = jnp.arange(B)
 
     def write(buf, length, vals_BN, n_B):
         """buf[r, length[r] + i] = vals[r, i] for i < n[r]."""
@@ -461,29 +465,12 @@ def _scan_fn(
         K = turn_text.stops_SK.shape[1]
         zBN = jnp.zeros((B, max_turns), jnp.int32)
 
-        def turn(carry, n):
-            (
-                cache,
-                last,
-                tokens,
-                kind,
-                logprobs,
-                length,
-                pending,
-                n_pending,
-                status,
-                turns,
-                n_err,
-                consec,
-                forced_ans,
-                rec,
-                ans_span,
-                keys,
-            ) = carry
-            running = status == RUNNING
-            cache, last = feed_pending(params, cache, last, pending, n_pending, running)
-            forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
-            start = length
+        def live_turn(params, heads_params, rows, live):
+            """One turn of the rows in ``rows`` (the live ones: the batch may be a compacted one):
+            append their pending ids, then decode until each stops."""
+            (cache, last, tokens, kind, logprobs, length, pending, n_pending, forced_BL, keys, _, _) = rows
+            cache, last = feed_pending(params, cache, last, pending, n_pending, live)
+            row_idx = jnp.arange(live.shape[0])
 
             def dec_body(c):
                 (
@@ -535,6 +522,7 @@ def _scan_fn(
                     keys,
                 )
 
+            R = live.shape[0]
             init = (
                 cache,
                 last,
@@ -542,16 +530,60 @@ def _scan_fn(
                 kind,
                 logprobs,
                 length,
-                jnp.zeros((B, L), jnp.int32),
-                zB,
-                jnp.full((B, K), -1, jnp.int32),
-                running,
+                jnp.zeros((R, L), jnp.int32),
+                jnp.zeros((R,), jnp.int32),
+                jnp.full((R, K), -1, jnp.int32),
+                live,
                 keys,
             )
             (cache, last, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, keys) = (
                 jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
             )
+            return (
+                cache,
+                last,
+                tokens,
+                kind,
+                logprobs,
+                length,
+                pending,
+                n_pending,
+                forced_BL,
+                keys,
+                turn_ids,
+                turn_len,
+            )
 
+        def turn(carry, n):
+            (
+                cache,
+                last,
+                tokens,
+                kind,
+                logprobs,
+                length,
+                pending,
+                n_pending,
+                status,
+                turns,
+                n_err,
+                consec,
+                forced_ans,
+                rec,
+                ans_span,
+                keys,
+            ) = carry
+            running = status == RUNNING
+            forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
+            start = length
+            rows = (cache, last, tokens, kind, logprobs, length, pending, n_pending, forced_BL, keys)
+            rows, size = decode.on_live_rows(
+                lambda rows, live: live_turn(params, heads_params, rows, live),
+                (*rows, jnp.zeros((B, L), jnp.int32), zB),
+                running,
+                per_device,
+            )
+            (cache, last, tokens, kind, logprobs, length, _, _, _, keys, turn_ids, turn_len) = rows
             state = (status, turns, n_err, consec, forced_ans)
             if env_static is not None:
                 (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo, a_hi) = (
@@ -612,11 +644,12 @@ def _scan_fn(
                 ans_span = jnp.where(hit[:, None], jnp.stack([start + a_lo, start + a_hi], 1), ans_span)
             else:
                 n_pending = jnp.where(need_host, n_pending, 0)
-            rec_start, rec_len, rec_obs = rec
+            rec_start, rec_len, rec_obs, rec_rows = rec
             rec = (
                 rec_start.at[:, n].set(jnp.where(running, start, 0)),
                 rec_len.at[:, n].set(jnp.where(running, turn_len, 0)),
                 rec_obs.at[:, n].set(n_pending),
+                rec_rows.at[n].set(jnp.where(running.any(), size, 0)),
             )
             tokens = write(tokens, length, pending, n_pending)
             kind = write(kind, length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending)
@@ -654,7 +687,7 @@ def _scan_fn(
             zB,
             zB,
             jnp.zeros((B,), bool),
-            (zBN, zBN, zBN),
+            (zBN, zBN, zBN, jnp.zeros((max_turns,), jnp.int32)),
             jnp.full((B, 2), -1, jnp.int32),
             keys,
         )
@@ -823,8 +856,20 @@ def scan_rollout(
         )
 
     heads, heads_params = (None, None) if autodeco is None else autodeco
+    per_device = 1 if mesh is None else mesh.shape["data"]
     fn = _scan_fn(
-        type(model), model.config, T, cfg.chunk, L, cfg.max_turns, B, sampling, env_static, pad, heads
+        type(model),
+        model.config,
+        T,
+        cfg.chunk,
+        L,
+        cfg.max_turns,
+        B,
+        sampling,
+        env_static,
+        pad,
+        heads,
+        per_device,
     )
     call_id = next(_CALL_IDS)
     _HOSTS[call_id] = host
@@ -862,11 +907,19 @@ def scan_rollout(
     ep.status, ep.turns, ep.n_err = (np.array(a, np.int32) for a in (status, turns, n_err))
     ep.forced_answer = np.array(forced_ans, bool)
     ep.messages = [
-        _rebuild_messages(tokenizer, fmt, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec))
+        _rebuild_messages(tokenizer, fmt, initial[r], toks[r], ep.turns[r], *(x[r] for x in rec[:3]))
         for r in range(B)
     ]
     for r in range(B):
         if ep.status[r] == ANSWERED and ep.answers[r] is None:  # answered in the jnp judge
             lo, hi = ans_span[r]
             ep.answers[r] = tokenizer.decode(toks[r, lo:hi]).strip()
-    return ep.result(toks, knd, lps, length, host_callbacks=calls[0], row_sharding=sharding)
+    return ep.result(
+        toks,
+        knd,
+        lps,
+        length,
+        host_callbacks=calls[0],
+        row_sharding=sharding,
+        device_rows=[int(size) for size in rec[3] if size > 0],
+    )

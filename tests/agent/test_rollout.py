@@ -290,7 +290,7 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     # the jnp wiki step judged every canonical turn; only row 2's two bad calls went to the host
     assert scan.host_callbacks == 2
     # finished rows left the segmented loop's device batch (the scan keeps all five): same rows
-    assert seg.device_rows == [5, 5, 1] and scan.device_rows is None
+    assert seg.device_rows == scan.device_rows == [5, 5, 1]
     # free greedy turns too (same compiled program: same config and batch size)
     qs2 = ["Where was Ada born?", "Who founded it?", "x", "y?", "Capital?"]
     forced2 = [["<think>\n"], [], ['<think>\nok</think>\n<tool_call>\n{"name": "search", '], [], []]
@@ -333,6 +333,7 @@ def test_scan_rollout_equals_the_segmented_rollout(scripted, model_params, wiki)
     )
     _assert_same(seg3, scan3)
     assert seg3.device_rows[:2] == [5, 1] and seg3.turns[4] >= 2
+    assert scan3.device_rows == seg3.device_rows
     second_turn = seg3.model_mask[4] & (np.arange(CFG.token_budget) > np.flatnonzero(seg3.tool_mask[4])[0])
     assert second_turn.sum() > 10  # sampled after the batch shrank
     with pytest.raises(ValueError, match="neither a ByteTokenizer nor a Hugging Face tokenizer"):
