@@ -868,8 +868,8 @@ MUTATIONS = [
     Mutation(
         "finished-rows-stay",
         "jaxllm/decode.py",
-        "    which = jnp.sum(jnp.asarray([s // D for s in sizes]) >= need) - 1  # sizes are largest first\n",
-        "    which = jnp.int32(0)\n",
+        "    return (batch, *reversed(smaller))\n",
+        "    return (batch,)\n",
         (
             "tests/agent/test_rollout.py::test_scan_rollout_equals_the_segmented_rollout",
             "tests/test_engine.py::test_finished_rows_leave_the_batch",
