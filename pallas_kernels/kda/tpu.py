@@ -20,8 +20,8 @@ scratch once per step (Mosaic cannot index one head of a packed bf16 window dyna
   transform `T = (I + diag(beta) P)^-1`, `W`, `U`, then the state step and the output
   (`_pallas_math.chunk_fwd`). Under autodiff it stores the state entering every
   `state_stride`-th chunk (`hs`, `[B, NC/S, H, K, V]`, float32; bf16 under precision="default")
-  for the backward pass; the plain forward (inference) stores nothing. NC is padded to whole
-  groups of S chunks.
+  for the backward pass; the plain forward (inference) stores nothing. The differentiated pass
+  runs on whole groups of S chunks (zero chunks appended where needed, `_to_groups`).
 * Backward, the chunk axis reversed through the index maps: the cotangent of the running state
   lives in VMEM scratch. The q/k/v/g/beta windows span the S chunks of a group; on entering a
   group (at its last chunk) a step recomputes the states entering its other chunks from the saved
@@ -471,6 +471,25 @@ def _bwd(xs, h0, seq, flags, seg, hs, do, dht, *, scale, l2norm, stride, restart
     )(seq, flags, q, k, v, g, beta, hs, do, dht, *((h0,) if restarts else ()), *seg)
 
 
+def _to_groups(stride, xs, seq, flags, seg):
+    """The differentiated pass runs on whole groups of `stride` chunks: zero chunks with no flags
+    appended (they leave the state as it is; their gradients are dropped). A no-op where the
+    chunk count is a multiple of the stride (T = 4096 and stride 4); the plain forward never pads."""
+    NC = xs[0].shape[1] // pm.CHUNK
+    extra = -NC % stride
+    if not extra:
+        return xs, seq, flags, seg
+    pad = lambda x, axis, **kw: jnp.pad(
+        x, [(0, extra * (pm.CHUNK if axis == "t" else 1)) if i == 1 else (0, 0) for i in range(x.ndim)], **kw
+    )
+    *tok, beta = xs
+    xs = tuple(pad(x, "t") for x in tok) + (pad(beta, "c"),)
+    seq = jnp.pad(seq, (0, extra), mode="edge")
+    flags = jnp.pad(flags, (0, extra))
+    seg = tuple(pad(x, "c") for x in seg)
+    return xs, seq, flags, seg
+
+
 def _make_core(scale, l2norm, interpret, precision, stride, restarts):
     kw = dict(scale=scale, l2norm=l2norm, interpret=interpret, precision=precision, stride=stride)
 
@@ -480,13 +499,18 @@ def _make_core(scale, l2norm, interpret, precision, stride, restarts):
         return o, ht
 
     def core_fwd(xs, h0, seq, flags, seg, has):
+        NC = xs[0].shape[1] // pm.CHUNK
+        xs, seq, flags, seg = _to_groups(stride, xs, seq, flags, seg)
         o, hs, ht = _fwd(xs, h0, seq, flags, seg, save_states=True, **kw)
-        return (o, ht), (xs, h0, seq, flags, seg, has, hs)
+        return (o[:, : NC * pm.CHUNK], ht), (xs, h0, seq, flags, seg, has, hs)
 
     def core_bwd(res, cts):
         xs, h0, seq, flags, seg, has, hs = res
         do, dht = cts
+        T = do.shape[1]
+        do = jnp.pad(do, ((0, 0), (0, xs[0].shape[1] - T), (0, 0), (0, 0)))
         *dxs, dh0 = _bwd(xs, h0, seq, flags, seg, hs, do, dht.astype(_F32), restarts=restarts, **kw)
+        dxs = [x[:, :T] for x in dxs[:4]] + [dxs[4][:, : T // pm.CHUNK]]
         dh0 = jnp.where(has[:, None, None, None], dh0, 0.0)  # sequences with no chunk: never written
         none = lambda tree: jax.tree.map(lambda _: None, tree)
         return tuple(dxs), dh0, None, None, none(seg), None
@@ -541,7 +565,7 @@ def kda_pallas_tpu(
     xs = (q, k, v, g.astype(_F32), beta.astype(_F32))
     seg = ()
     if cu_seqlens is None:
-        NC = -(-max(1, -(-T // C)) // S) * S  # whole groups of S chunks (zero chunks keep the state)
+        NC = max(1, -(-T // C))
         Tp = NC * C
         xs = tuple(jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)) if Tp > T else x for x in xs)
         c = jnp.arange(NC, dtype=jnp.int32)
@@ -557,19 +581,17 @@ def kda_pallas_tpu(
         from_chunks = lambda x: x[:, :T]
     else:
         lay = varlen_layout(cu_seqlens, T, C)
-        NC = -(-lay.num_chunks // S) * S
+        NC = lay.num_chunks
         Tp = NC * C
         xs = tuple(jnp.zeros((1, Tp) + x.shape[2:], x.dtype).at[:, lay.dest].set(x) for x in xs)
-        pad = lambda x: jnp.pad(
-            x, (0, NC - lay.num_chunks), mode="edge" if x.dtype == jnp.int32 else "constant"
-        )
-        seq = pad(lay.chunk_seq)  # chunks past the last sequence's end are unused, as in varlen_layout
-        flags = jnp.where(pad(lay.chunk_start), pm.START, 0) | jnp.where(pad(lay.chunk_end), pm.END, 0)
-        has = jnp.zeros((n_seq,), bool).at[lay.chunk_seq].max(lay.chunk_start)
+        seq = lay.chunk_seq
+        flags = jnp.where(lay.chunk_start, pm.START, 0) | jnp.where(lay.chunk_end, pm.END, 0)
+        has = jnp.zeros((n_seq,), bool).at[seq].max(lay.chunk_start)
         from_chunks = lambda x: x[:, lay.dest]
     q, k, v, g, beta = xs
     flags = flags | pm.factorisable_flags(g, NC, time_axis=1)
     beta = beta.reshape(B, NC, C, H).transpose(0, 1, 3, 2)  # [B,NC,H,C]: a row per chunk and head
+    S = min(S, NC)  # a short sequence is one group: nothing to pad
     core = _make_core(
         scale, bool(use_qk_l2norm), _interpret_arg(interpret), precision, S, S > 1 and cu_seqlens is not None
     )

@@ -225,8 +225,9 @@ class TestKDAPallas:
         # bf16 matmul operands (and bf16 saved states) in one mode, float32 ones in the other
         precision = "default" if mode == "segment_ids" else "highest"
         NC = T // 64 if mode == "segment_ids" else (T + N * 63) // 64
-        if kernel_name == "pallas_tpu":  # whole groups of the chunks that share a saved state
-            NC = -(-NC // tpu.STATE_STRIDE) * tpu.STATE_STRIDE
+        S = min(tpu.STATE_STRIDE, NC)  # the TPU kernels: whole groups of chunks that share a saved state
+        if kernel_name == "pallas_tpu":
+            NC = -(-NC // S) * S
         platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[kernel_name]
         fn = {"pallas_tpu": kda_pallas_tpu, "pallas_gpu": kda_pallas_gpu}[kernel_name]
         disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -278,7 +279,7 @@ class TestKDAPallas:
                 # q/k/v windows: one chunk of HB heads, read from the token-major [B,T,H,K] layout
                 assert [64, HB, K] in [w[-3:] for w in kern["windows"]], kern["name"]
                 if kern["name"] == "kda_chunk_bwd_tpu":  # and the group's q/k/v/g for the recompute
-                    assert [64 * tpu.STATE_STRIDE, HB, K] in [w[-3:] for w in kern["windows"]]
+                    assert [64 * S, HB, K] in [w[-3:] for w in kern["windows"]]
                 # double-buffered windows + scratch within the scoped VMEM the kernels ask for
                 assert kern["vmem_bytes"] < TPU_VMEM_LIMIT, (kern["name"], kern["vmem_bytes"])
             if importlib.util.find_spec("libtpu") is not None:
