@@ -479,8 +479,8 @@ def _to_groups(stride, xs, seq, flags, seg):
     extra = -NC % stride
     if not extra:
         return xs, seq, flags, seg
-    pad = lambda x, axis, **kw: jnp.pad(
-        x, [(0, extra * (pm.CHUNK if axis == "t" else 1)) if i == 1 else (0, 0) for i in range(x.ndim)], **kw
+    pad = lambda x, axis: jnp.pad(
+        x, [(0, extra * (pm.CHUNK if axis == "t" else 1)) if i == 1 else (0, 0) for i in range(x.ndim)]
     )
     *tok, beta = xs
     xs = tuple(pad(x, "t") for x in tok) + (pad(beta, "c"),)
