@@ -836,8 +836,8 @@ MUTATIONS = [
     Mutation(
         "rollout-penalties-skip-forced",
         "jaxllm/agent/rollout.py",
-        "(tokens, (kind == KIND_MODEL) | (kind == KIND_FORCED)) if _penalized(sampling) else None",
-        "(tokens, kind == KIND_MODEL) if _penalized(sampling) else None",
+        "(r.tokens, (r.kind == KIND_MODEL) | (r.kind == KIND_FORCED))",
+        "(r.tokens, r.kind == KIND_MODEL)",
         ("tests/agent/test_rollout.py::test_penalties_see_each_rows_assistant_tokens",),
         "the scan loop's penalties skip the forced tokens of assistant turns",
     ),

@@ -80,6 +80,7 @@ import functools
 import itertools
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -398,6 +399,47 @@ def _host_trampoline(call_id, *args):
     return _HOSTS[int(call_id)](*args)
 
 
+@flax.struct.dataclass
+class _TurnRows:
+    """What one turn of the scan loop reads and writes of each row; every leaf is batch-first, so
+    ``decode.on_live_rows`` can move the running rows into a smaller batch."""
+
+    cache: object
+    last: tuple  # (logits [B, V], hidden [B, D]) at each row's last token
+    tokens: jax.Array  # [B, T]
+    kind: jax.Array  # [B, T]
+    logprobs: jax.Array  # [B, T]
+    length: jax.Array  # [B]
+    pending: jax.Array  # [B, T] ids to append before decoding (prompt, observation)
+    n_pending: jax.Array  # [B]
+    forced: jax.Array  # [B, L] this turn's forced ids (-1: sample)
+    keys: jax.Array  # [B] PRNG keys
+    turn_ids: jax.Array  # [B, L] the ids this turn wrote
+    turn_len: jax.Array  # [B]
+
+
+@flax.struct.dataclass
+class _ScanState:
+    """The scan loop's carry from turn to turn (B rows)."""
+
+    cache: object
+    last: tuple
+    tokens: jax.Array
+    kind: jax.Array
+    logprobs: jax.Array
+    length: jax.Array
+    pending: jax.Array
+    n_pending: jax.Array
+    status: jax.Array
+    turns: jax.Array
+    n_err: jax.Array
+    consec: jax.Array  # tool errors in a row
+    forced_ans: jax.Array
+    rec: tuple  # per turn: (start [B, N], length [B, N], observation length [B, N], batch size [N])
+    ans_span: jax.Array  # [B, 2] the answer's token span when the jnp judge took it
+    keys: jax.Array
+
+
 @functools.lru_cache(maxsize=8)
 def _scan_fn(
     model_cls,
@@ -465,138 +507,87 @@ def _scan_fn(
         K = turn_text.stops_SK.shape[1]
         zBN = jnp.zeros((B, max_turns), jnp.int32)
 
-        def live_turn(params, heads_params, rows, live):
-            """One turn of the rows in ``rows`` (the live ones: the batch may be a compacted one):
+        def decode_turn(r: _TurnRows, live) -> _TurnRows:
+            """One turn of the rows of ``r`` (the live ones; the batch may be a compacted one):
             append their pending ids, then decode until each stops."""
-            (cache, last, tokens, kind, logprobs, length, pending, n_pending, forced_BL, keys, _, _) = rows
-            cache, last = feed_pending(params, cache, last, pending, n_pending, live)
+            cache, last = feed_pending(params, r.cache, r.last, r.pending, r.n_pending, live)
+            r = r.replace(cache=cache, last=last)
             row_idx = jnp.arange(live.shape[0])
 
             def dec_body(c):
-                (
-                    cache,
-                    last,
-                    tokens,
-                    kind,
-                    logprobs,
-                    length,
-                    turn_ids,
-                    turn_len,
-                    text,
-                    gen,
-                    keys,
-                ) = c
-                forced = jnp.where(turn_len < L, forced_BL[row_idx, jnp.clip(turn_len, 0, L - 1)], -1)
+                r, text, gen = c
+                at = jnp.clip(r.turn_len, 0, L - 1)
+                forced = jnp.where(r.turn_len < L, r.forced[row_idx, at], -1)
                 seen = (
-                    (tokens, (kind == KIND_MODEL) | (kind == KIND_FORCED)) if _penalized(sampling) else None
+                    (r.tokens, (r.kind == KIND_MODEL) | (r.kind == KIND_FORCED))
+                    if _penalized(sampling)
+                    else None
                 )
                 tok, lp, keys = _choose(
-                    last, keys, forced, sampling=sampling, heads=heads, heads_params=heads_params, seen=seen
+                    r.last,
+                    r.keys,
+                    forced,
+                    sampling=sampling,
+                    heads=heads,
+                    heads_params=heads_params,
+                    seen=seen,
                 )
-                cache, logits, hidden = decode.append_tokens(
-                    model, params, cache, tok[:, None], gen.astype(jnp.int32), *last
-                )
-                last = (logits, hidden)
                 one = gen.astype(jnp.int32)
-                tokens = write(tokens, length, tok[:, None], one)
-                kind = write(kind, length, jnp.where(forced >= 0, KIND_FORCED, KIND_MODEL)[:, None], one)
-                logprobs = write(logprobs, length, jnp.where(forced >= 0, 0.0, lp)[:, None], one)
-                length = length + one
-                turn_ids = turn_ids.at[row_idx, jnp.clip(turn_len, 0, L - 1)].set(
-                    jnp.where(gen, tok, turn_ids[row_idx, jnp.clip(turn_len, 0, L - 1)])
+                cache, logits, hidden = decode.append_tokens(
+                    model, params, r.cache, tok[:, None], one, *r.last
                 )
-                turn_len = turn_len + one
+                r = r.replace(
+                    cache=cache,
+                    last=(logits, hidden),
+                    keys=keys,
+                    tokens=write(r.tokens, r.length, tok[:, None], one),
+                    kind=write(
+                        r.kind, r.length, jnp.where(forced >= 0, KIND_FORCED, KIND_MODEL)[:, None], one
+                    ),
+                    logprobs=write(r.logprobs, r.length, jnp.where(forced >= 0, 0.0, lp)[:, None], one),
+                    length=r.length + one,
+                    turn_ids=r.turn_ids.at[row_idx, at].set(jnp.where(gen, tok, r.turn_ids[row_idx, at])),
+                    turn_len=r.turn_len + one,
+                )
                 text, hit = react_jnp.stop_hit(turn_text, text, tok, gen)
-                gen = gen & ~hit & (turn_len < L)
-                return (
-                    cache,
-                    last,
-                    tokens,
-                    kind,
-                    logprobs,
-                    length,
-                    turn_ids,
-                    turn_len,
-                    text,
-                    gen,
-                    keys,
-                )
+                return r, text, gen & ~hit & (r.turn_len < L)
 
-            R = live.shape[0]
-            init = (
-                cache,
-                last,
-                tokens,
-                kind,
-                logprobs,
-                length,
-                jnp.zeros((R, L), jnp.int32),
-                jnp.zeros((R,), jnp.int32),
-                jnp.full((R, K), -1, jnp.int32),
-                live,
-                keys,
-            )
-            (cache, last, tokens, kind, logprobs, length, turn_ids, turn_len, _, _, keys) = (
-                jax.lax.while_loop(lambda c: c[-2].any(), dec_body, init)
-            )
-            return (
-                cache,
-                last,
-                tokens,
-                kind,
-                logprobs,
-                length,
-                pending,
-                n_pending,
-                forced_BL,
-                keys,
-                turn_ids,
-                turn_len,
-            )
+            text = jnp.full((live.shape[0], K), -1, jnp.int32)
+            r, _, _ = jax.lax.while_loop(lambda c: c[-1].any(), dec_body, (r, text, live))
+            return r
 
-        def turn(carry, n):
-            (
-                cache,
-                last,
-                tokens,
-                kind,
-                logprobs,
-                length,
-                pending,
-                n_pending,
-                status,
-                turns,
-                n_err,
-                consec,
-                forced_ans,
-                rec,
-                ans_span,
-                keys,
-            ) = carry
-            running = status == RUNNING
-            forced_BL = jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False)
-            start = length
-            rows = (cache, last, tokens, kind, logprobs, length, pending, n_pending, forced_BL, keys)
-            rows, size = decode.on_live_rows(
-                lambda rows, live: live_turn(params, heads_params, rows, live),
-                (*rows, jnp.zeros((B, L), jnp.int32), zB),
-                running,
-                per_device,
+        def turn(s: _ScanState, n):
+            running = s.status == RUNNING
+            start = s.length
+            rows = _TurnRows(
+                s.cache,
+                s.last,
+                s.tokens,
+                s.kind,
+                s.logprobs,
+                s.length,
+                s.pending,
+                s.n_pending,
+                jax.lax.dynamic_index_in_dim(forced_BNL, n, axis=1, keepdims=False),
+                s.keys,
+                jnp.zeros((B, L), jnp.int32),
+                zB,
             )
-            (cache, last, tokens, kind, logprobs, length, _, _, _, keys, turn_ids, turn_len) = rows
-            state = (status, turns, n_err, consec, forced_ans)
+            r, size = decode.on_live_rows(decode_turn, rows, running, per_device)
+            state = (s.status, s.turns, s.n_err, s.consec, s.forced_ans)
             if env_static is not None:
                 (ok, j_status, j_turns, j_consec, j_forced, j_pending, j_n, j_ans, a_lo, a_hi) = (
                     wiki_env.jnp_judge(
                         env,
                         env_static,
-                        turn_ids,
-                        turn_len,
-                        length,
+                        r.turn_ids,
+                        r.turn_len,
+                        r.length,
                         running,
-                        *state[:2],
-                        consec,
-                        forced_ans,
+                        s.status,
+                        s.turns,
+                        s.consec,
+                        s.forced_ans,
                         limit,
                         T=T,
                         L=L,
@@ -620,19 +611,20 @@ def _scan_fn(
                     _host_trampoline,
                     shapes,
                     call_id,
-                    turn_ids,
-                    turn_len,
-                    length,
+                    r.turn_ids,
+                    r.turn_len,
+                    r.length,
                     need_host,
                     *state,
                     ordered=True,
                 ),
                 lambda: (*state, jnp.full((B, T), pad, jnp.int32), zB),
             )
-            h_status, h_turns, h_err, h_consec, h_forced, pending, n_pending = h
+            pending, n_pending = h[5:]
             status, turns, n_err, consec, forced_ans = (
                 jnp.where(need_host, hv, old) for hv, old in zip(h[:5], state)
             )
+            ans_span = s.ans_span
             if env_static is not None:
                 status = jnp.where(use_j, j_status, status)
                 turns = jnp.where(use_j, j_turns, turns)
@@ -644,74 +636,65 @@ def _scan_fn(
                 ans_span = jnp.where(hit[:, None], jnp.stack([start + a_lo, start + a_hi], 1), ans_span)
             else:
                 n_pending = jnp.where(need_host, n_pending, 0)
-            rec_start, rec_len, rec_obs, rec_rows = rec
+            rec_start, rec_len, rec_obs, rec_rows = s.rec
             rec = (
                 rec_start.at[:, n].set(jnp.where(running, start, 0)),
-                rec_len.at[:, n].set(jnp.where(running, turn_len, 0)),
+                rec_len.at[:, n].set(jnp.where(running, r.turn_len, 0)),
                 rec_obs.at[:, n].set(n_pending),
                 rec_rows.at[n].set(jnp.where(running.any(), size, 0)),
             )
-            tokens = write(tokens, length, pending, n_pending)
-            kind = write(kind, length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending)
-            length = length + n_pending
-            return (
-                cache,
-                last,
-                tokens,
-                kind,
-                logprobs,
-                length,
-                pending,
-                n_pending,
-                status,
-                turns,
-                n_err,
-                consec,
-                forced_ans,
-                rec,
-                ans_span,
-                keys,
+            return _ScanState(
+                cache=r.cache,
+                last=r.last,
+                tokens=write(r.tokens, r.length, pending, n_pending),
+                kind=write(r.kind, r.length, jnp.full((B, 1), KIND_TOOL, jnp.int8), n_pending),
+                logprobs=r.logprobs,
+                length=r.length + n_pending,
+                pending=pending,
+                n_pending=n_pending,
+                status=status,
+                turns=turns,
+                n_err=n_err,
+                consec=consec,
+                forced_ans=forced_ans,
+                rec=rec,
+                ans_span=ans_span,
+                keys=r.keys,
             ), None
 
-        carry = (
-            cache,
-            decode.empty_last(model, B),
-            tokens,
-            kind,
-            logprobs,
-            length,
-            pending,
-            n_pending,
-            zB,
-            zB,
-            zB,
-            zB,
-            jnp.zeros((B,), bool),
-            (zBN, zBN, zBN, jnp.zeros((max_turns,), jnp.int32)),
-            jnp.full((B, 2), -1, jnp.int32),
-            keys,
+        s = _ScanState(
+            cache=cache,
+            last=decode.empty_last(model, B),
+            tokens=tokens,
+            kind=kind,
+            logprobs=logprobs,
+            length=length,
+            pending=pending,
+            n_pending=n_pending,
+            status=zB,
+            turns=zB,
+            n_err=zB,
+            consec=zB,
+            forced_ans=jnp.zeros((B,), bool),
+            rec=(zBN, zBN, zBN, jnp.zeros((max_turns,), jnp.int32)),
+            ans_span=jnp.full((B, 2), -1, jnp.int32),
+            keys=keys,
         )
-        carry, _ = jax.lax.scan(turn, carry, jnp.arange(max_turns))
-        (
-            cache,
-            _,
-            tokens,
-            kind,
-            logprobs,
-            length,
-            _,
-            _,
-            status,
-            turns,
-            n_err,
-            _,
-            forced_ans,
-            rec,
-            ans_span,
-            _,
-        ) = carry
+        s, _ = jax.lax.scan(turn, s, jnp.arange(max_turns))
+        out = (
+            s.tokens,
+            s.kind,
+            s.logprobs,
+            s.length,
+            s.status,
+            s.turns,
+            s.n_err,
+            s.forced_ans,
+            s.rec,
+            s.ans_span,
+        )
         # the cache is returned (and dropped by the caller) so that its donated buffer is updated in place
-        return cache, (tokens, kind, logprobs, length, status, turns, n_err, forced_ans, rec, ans_span)
+        return s.cache, out
 
     return jax.jit(run, donate_argnums=(1,))
 
