@@ -287,7 +287,9 @@ def make_step(
         else:
             objective, out, grads = one(params, batch, step_rng)
         denom = jnp.maximum(out.weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        # in each gradient's own dtype: a float32 quotient of bfloat16 gradients would double their
+        # bytes and turn the optimizer's moments float32, changing the state's types after step 1
+        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(nn.meta.unbox(grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

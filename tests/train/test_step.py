@@ -210,3 +210,20 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="loss_chunk=5 must be a positive divisor"):
         lm_loss(model.apply, loss_chunk=5)(params, mb)
+
+
+def test_step_keeps_the_state_types_under_bfloat16_params():
+    """The state a step returns has the types it was given (the loop's step is compiled once, for
+    them): bfloat16 gradients divided by the float32 token count stay bfloat16, so the AdamW moments do too."""
+    params = {"params": {"w": jnp.asarray(np.random.default_rng(1).normal(size=(7, 7)), jnp.bfloat16)}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+    step = jax.jit(make_train_step(Bigram(False).apply, tx, lambda s: 1e-2))
+    state = {
+        "step": jnp.int32(0),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.PRNGKey(0),
+    }
+    new_state, _ = step(state, batch(np.random.default_rng(0)))
+    types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert types(new_state) == types(state)
