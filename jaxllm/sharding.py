@@ -33,11 +33,14 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 # The batch is split over every axis that does not shard model weights along the
 # batch-independent dims: data-parallel replicas, FSDP shards, and the expert axis
 # (expert parallelism doubles as data parallelism outside the MoE blocks).
+# Weights (and so their gradients and optimizer moments) are split FSDP-style over every axis
+# whose devices see different tokens except ``data`` (kept for replicas, e.g. across slices):
+# ``context`` and ``expert`` too, else each context or expert group stores a whole copy.
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", ("context",)),
     ("act_embed", ()),
-    ("embed", ("fsdp",)),
+    ("embed", ("fsdp", "context", "expert")),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
@@ -112,8 +115,8 @@ def logical_to_spec(
     """PartitionSpec for one array from its logical dim names.
 
     A mesh axis is used at most once per array (first dim wins), mesh axes of
-    size 1 are dropped, and a dim that the mesh axes do not divide evenly is
-    replicated along those axes (``unsharded_dims`` reports such dims).
+    size 1 are dropped, and a dim is split over the longest prefix of its mesh axes that
+    divides it evenly (none: replicated; ``unsharded_dims`` reports such dims).
     """
     if logical_names is None:
         return P()
@@ -124,8 +127,9 @@ def logical_to_spec(
     spec = []
     for name, dim in zip(logical_names, shape):
         axes = [a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1] if name else []
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()
+        if not axes:
             spec.append(None)
             continue
         used.update(axes)

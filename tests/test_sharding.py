@@ -26,8 +26,9 @@ class FakeMesh:
 
 def test_rules_map_logical_names_to_mesh_axes():
     mesh = FakeMesh(fsdp=4, tensor=2, expert=2)
-    assert shd.logical_to_spec(("embed", "heads", "kv"), (32, 4, 8), mesh) == P("fsdp", "tensor")
-    assert shd.logical_to_spec(("vocab", "embed"), (320, 32), mesh) == P("tensor", "fsdp")
+    # weights' embed: FSDP over fsdp and the expert axis; an expert weight's expert dim takes `expert` first
+    assert shd.logical_to_spec(("embed", "heads", "kv"), (32, 4, 8), mesh) == P(("fsdp", "expert"), "tensor")
+    assert shd.logical_to_spec(("vocab", "embed"), (320, 32), mesh) == P("tensor", ("fsdp", "expert"))
     assert shd.logical_to_spec(("expert", "embed", "mlp"), (4, 32, 64), mesh) == P("expert", "fsdp", "tensor")
     assert shd.logical_to_spec(("kv_lora",), (64,), mesh) == P()
     assert shd.logical_to_spec(None, (3,), mesh) == P()
@@ -36,6 +37,14 @@ def test_rules_map_logical_names_to_mesh_axes():
 def test_indivisible_dim_is_replicated_and_reported():
     mesh = FakeMesh(tensor=2)
     assert shd.logical_to_spec(("vocab", "embed"), (259, 32), mesh) == P()
+
+
+def test_dim_splits_over_the_longest_dividing_prefix_of_its_axes():
+    mesh = FakeMesh(fsdp=2, context=4, expert=2)
+    assert shd.logical_to_spec(("embed", "mlp"), (16, 8), mesh) == P(("fsdp", "context", "expert"))
+    assert shd.logical_to_spec(("embed", "mlp"), (8, 8), mesh) == P(("fsdp", "context"))
+    assert shd.logical_to_spec(("embed", "mlp"), (6, 8), mesh) == P("fsdp")
+    assert shd.logical_to_spec(("embed", "mlp"), (3, 8), mesh) == P()
 
 
 def test_mesh_axis_used_once_per_array():
@@ -51,8 +60,8 @@ def test_activation_rules_split_the_sequence_over_context():
     assert shd.logical_to_spec(("batch", "length", "heads", None), (4, 64, 2, 8), mesh) == P(
         "fsdp", "context", "tensor"
     )
-    # weights keep embed -> fsdp
-    assert shd.logical_to_spec(("embed", "heads", "kv"), (32, 4, 8), mesh) == P("fsdp", "tensor")
+    # weights are split over context too (each context shard would otherwise store a whole copy)
+    assert shd.logical_to_spec(("embed", "heads", "kv"), (32, 4, 8), mesh) == P(("fsdp", "context"), "tensor")
 
 
 def test_constrain_is_identity_without_a_mesh():
@@ -141,24 +150,26 @@ def test_param_shardings_place_each_param():
     assert len(got) > 80
     for k, (_, _, n_dev, as_asked, same) in got.items():
         assert n_dev == 8 and as_asked and same, (k, got[k])
-    # What the rules say, worked out by hand: embed -> fsdp, vocab/heads/mlp -> tensor, expert -> expert,
-    # kv/kv_lora/conv replicated; a dim the axis does not divide (MLA's 3 heads) is replicated.
+    # What the rules say, worked out by hand: embed -> fsdp x expert (the expert dim of an expert weight
+    # takes `expert` first, leaving fsdp), vocab/heads/mlp -> tensor, expert -> expert, kv/kv_lora/conv
+    # replicated; a dim the axis does not divide (MLA's 3 heads) is replicated.
+    fe = "('fsdp', 'expert')"
     want = {
-        "['params']['embed_tokens']": ["P('tensor', 'fsdp')", [150, 24]],  # vocab, embed
-        "['params']['lm_head']": ["P('fsdp', 'tensor')", [24, 150]],  # embed, vocab
-        "['params']['norm']['weight']": ["P('fsdp',)", [24]],
-        "['params']['layers_0']['mlp']['down_proj']": ["P('tensor', 'fsdp')", [48, 24]],  # mlp, embed
+        "['params']['embed_tokens']": [f"P('tensor', {fe})", [150, 12]],  # vocab, embed
+        "['params']['lm_head']": [f"P({fe}, 'tensor')", [12, 150]],  # embed, vocab
+        "['params']['norm']['weight']": [f"P({fe},)", [12]],
+        "['params']['layers_0']['mlp']['down_proj']": [f"P('tensor', {fe})", [48, 12]],  # mlp, embed
         "['params']['layers_0']['self_attn']['q_proj']": [
-            "P('fsdp', 'tensor')",
-            [24, 3, 8],
+            f"P({fe}, 'tensor')",
+            [12, 3, 8],
         ],  # embed, heads, kv
-        "['params']['layers_0']['self_attn']['o_proj']": ["P('tensor', None, 'fsdp')", [3, 8, 24]],
+        "['params']['layers_0']['self_attn']['o_proj']": [f"P('tensor', None, {fe})", [3, 8, 12]],
         "['params']['layers_0']['self_attn']['q_conv']": ["P(None, 'tensor')", [4, 3, 8]],  # conv, heads, kv
         "['params']['layers_1']['moe']['w1']": ["P('expert', 'fsdp', 'tensor')", [3, 24, 12]],
         "['params']['layers_1']['moe']['w2']": ["P('expert', 'tensor', 'fsdp')", [3, 12, 24]],
-        "['params']['layers_1']['moe']['router']": ["P('fsdp',)", [24, 6]],
+        "['params']['layers_1']['moe']['router']": [f"P({fe},)", [12, 6]],
         "['params']['layers_1']['moe']['e_score_correction_bias']": ["P()", [6]],
         "['params']['layers_3']['self_attn']['kv_b_proj']": ["P()", [12, 3, 20]],  # kv_lora, 3 heads, kv
-        "['params']['layers_3']['self_attn']['o_proj']": ["P(None, None, 'fsdp')", [3, 8, 24]],
+        "['params']['layers_3']['self_attn']['o_proj']": [f"P(None, None, {fe})", [3, 8, 12]],
     }
     assert {k: got[k][:2] for k in want} == want

@@ -53,7 +53,8 @@ def test_params_sharded_as_rules_say(result):
     assert f["['params']['block_0']['wq']"][1:] == ["P('fsdp', 'tensor')", [[8, 1, 8]]]
     e = result["data2_expert4_specs"]
     assert e["['params']['block_0']['w1']"][1:] == ["P('expert',)", [[1, 32, 32]]]
-    assert e["['params']['embed']"][2] == [[320, 32]]  # replicated: no fsdp/tensor on this mesh
+    # no fsdp/tensor on this mesh: the width is split FSDP-style over the expert axis alone
+    assert e["['params']['embed']"][1:] == ["P(None, 'expert')", [[320, 8]]]
 
 
 def test_checkpoint_restores_onto_a_different_mesh(result):
