@@ -885,6 +885,14 @@ MUTATIONS = [
         "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
     ),
     Mutation(
+        "run-mesh-ignores-context",
+        "jaxllm/train/loop.py",
+        "config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert, config.mesh_context",
+        "config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_expert, 1",
+        ("tests/train/test_context_parallel.py::test_cli_trains_a_32k_sequence_split_over_8_context_shards",),
+        "jaxllm train drops mesh_context: no context parallelism from the command line",
+    ),
+    Mutation(
         "weights-replicated-over-context",
         "jaxllm/sharding.py",
         '    ("embed", ("fsdp", "context", "expert")),',

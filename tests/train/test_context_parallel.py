@@ -40,3 +40,53 @@ def test_train_step_with_context_parallelism_matches_one_device():
         assert r["grad_err_global"] <= 1e-5, r  # all gradients together, rms-relative
         # per parameter: float32 sums in another order (sharded) reach ~1e-5 on the smallest ones
         assert r["grad_err"] <= 2e-5, r
+
+
+def test_cli_trains_a_32k_sequence_split_over_8_context_shards(tmp_path):
+    """`jaxllm train seq_len=32768 mesh_context=8` on 8 virtual CPU devices: two steps of a small-width
+    Kimi Linear (3 KDA + 1 MLA layer, MoE), 4,096 tokens per device; the loss is finite and falls."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    widths = dict(
+        hidden_size=32,
+        kda_num_heads=1,
+        kda_head_dim=16,
+        num_attention_heads=1,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        kv_lora_rank=16,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+    )
+    args = [
+        "--config",
+        str(HERE.parents[1] / "configs" / "train_default.json"),
+        "--workdir",
+        str(tmp_path),
+        "seq_len=32768",
+        "mesh_context=8",
+        "mesh_data=1",
+        "batch_size=1",
+        "steps=2",
+        "warmup_steps=1",
+        "num_samples=0",
+        "save_every=1000",
+        "progress=false",
+        *(f"model_args.{k}={v}" for k, v in widths.items()),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm.cli", "train", *args],
+        cwd=HERE.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "'context': 8} over 8 devices" in proc.stdout, proc.stdout[-3000:]
+    assert "batch 1 x 32768 tokens" in proc.stdout, proc.stdout[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["tokens"] > 32000 for m in steps)  # the whole packed sequence, not one span of it
+    assert steps[1]["loss"] < steps[0]["loss"] < 10
