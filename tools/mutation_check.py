@@ -820,9 +820,11 @@ MUTATIONS = [
     Mutation(
         "mla-context-no-query-offset",
         "jaxllm/nn/mla.py",
-        "            offset = cp.span_offset(q.shape[1])\n",
-        "            offset = 0 * cp.span_offset(q.shape[1])\n",
-        ("tests/train/test_context_parallel.py",),
+        "        offset = cp.span_offset(q.shape[1])\n",
+        "        offset = 0 * cp.span_offset(q.shape[1])\n",
+        (
+            "tests/train/test_context_parallel.py::test_train_step_with_context_parallelism_matches_one_device",
+        ),
         "MLA spans attend as if they were the sequence's start: later keys leak in",
     ),
     Mutation(
@@ -883,6 +885,30 @@ MUTATIONS = [
         "    if False:\n",
         ("tests/nn/test_mla_memory.py::test_short_kda_append_within_twice_the_state_plus_weights",),
         "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
+    ),
+    Mutation(
+        "attention-lse-cotangent-dropped",
+        "pallas_kernels/attention/blockwise.py",
+        "axis=-1) - dlse  # [B,Tp,G,R]",
+        "axis=-1)  # [B,Tp,G,R]",
+        ("tests/kernels/test_attention_context.py::test_spans_of_keys_combine_by_their_lse",),
+        "the blockwise backward ignores the lse cotangent: spans of keys combined by lse get wrong q/k gradients",
+    ),
+    Mutation(
+        "unseen-query-lse-zero",
+        "pallas_kernels/attention/common.py",
+        "m + jnp.log(jnp.where(seen, l, 1.0)), NEG)",
+        "m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)",
+        ("tests/kernels/test_attention_context.py::test_spans_of_keys_combine_by_their_lse",),
+        "a query that sees no key of a span gets lse 0, so that span's zero output takes a share of its softmax",
+    ),
+    Mutation(
+        "mla-span-keys-at-wrong-offset",
+        "jaxllm/nn/mla.py",
+        "            q_offset=q_offset - j * n,\n",
+        "            q_offset=q_offset,\n",
+        ("tests/nn/test_mla_blockwise.py::test_spanwise_expansion_equals_the_whole_sequence",),
+        "context-parallel MLA places every span of keys at the sequence start (wrong causal mask)",
     ),
     Mutation(
         "run-mesh-ignores-context",

@@ -41,7 +41,8 @@ from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.attention import cache_mask, causal_mask, write_rows
 from jaxllm.nn.norms import rms_norm
 from pallas_kernels.attention import IMPLS as ATTENTION_IMPLS
-from pallas_kernels.attention import attention, resolve_impl
+from pallas_kernels.attention import attention, blockwise_attention_lse, resolve_impl
+from pallas_kernels.kda.common import document_index
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -129,19 +130,61 @@ def mla_absorbed(q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, mask_BTS, *, nope: i
     return jnp.einsum("bhtr,rhv->bthv", ctx_BHTR, w_uv)
 
 
+def _expand_kv(latent_BSR, k_rope_BSP, w_kvb_RHX, *, nope, dtype):
+    """Per-head keys [B,S,H,nope+rope] (the shared rope key broadcast over heads) and values [B,S,H,v]."""
+    H = w_kvb_RHX.shape[1]
+    kv_BSHX = project(latent_BSR.astype(dtype), w_kvb_RHX)
+    k_rope_BSHP = jnp.broadcast_to(
+        k_rope_BSP[:, :, None].astype(dtype), k_rope_BSP.shape[:2] + (H, k_rope_BSP.shape[-1])
+    )
+    return jnp.concatenate([kv_BSHX[..., :nope], k_rope_BSHP], axis=-1), kv_BSHX[..., nope:]
+
+
 def mla_blockwise_expanded(
     q_BTHD, latent_BTR, k_rope_BTP, w_kvb_RHX, segment_ids, *, nope, scale, **attention_kw
 ):
     """Causal self-attention with per-head K/V (training, prefill) in O(T) memory. o_BTHV in q's dtype."""
-    H = q_BTHD.shape[2]
-    kv_BTHX = project(latent_BTR.astype(q_BTHD.dtype), w_kvb_RHX)
-    k_rope_BTHP = jnp.broadcast_to(
-        k_rope_BTP[:, :, None].astype(q_BTHD.dtype), k_rope_BTP.shape[:2] + (H, k_rope_BTP.shape[-1])
-    )
-    k_BTHD = jnp.concatenate([kv_BTHX[..., :nope], k_rope_BTHP], axis=-1)
-    return attention(
-        q_BTHD, k_BTHD, kv_BTHX[..., nope:], scale=scale, segment_ids=segment_ids, **attention_kw
-    )
+    k_BTHD, v_BTHV = _expand_kv(latent_BTR, k_rope_BTP, w_kvb_RHX, nope=nope, dtype=q_BTHD.dtype)
+    return attention(q_BTHD, k_BTHD, v_BTHV, scale=scale, segment_ids=segment_ids, **attention_kw)
+
+
+def mla_spanwise_expanded(
+    q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, doc_BS, q_offset, *, spans, nope, scale, **block_kw
+):
+    """T queries at positions q_offset.. over all S keys (causal), one of `spans` equal spans of
+    keys expanded to per-head K/V at a time: `blockwise_attention_lse` per span (checkpointed, so the
+    backward re-expands its span), combined by each query's lse. Context parallelism: per-head K/V
+    of S/spans tokens are live at once, not of the whole sequence (that is 2.7 GB of bf16 K/V per
+    device at the 48B widths and S=131072). doc_BS: the keys' document indices (`document_index`
+    of the sequence's segment ids) or None. o_BTHV in q's dtype."""
+    T, S = q_BTHD.shape[1], latent_BSR.shape[1]
+    if S % spans:
+        raise ValueError(f"MLA: {S} keys do not split into {spans} equal spans")
+    n = S // spans
+    q_doc = None if doc_BS is None else jax.lax.dynamic_slice_in_dim(doc_BS, q_offset, T, axis=1)
+
+    @jax.checkpoint
+    def one_span(j):
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * n, n, axis=1)  # noqa: E731
+        k_BSHD, v_BSHV = _expand_kv(
+            take(latent_BSR), take(k_rope_BSP), w_kvb_RHX, nope=nope, dtype=q_BTHD.dtype
+        )
+        k_doc = None if doc_BS is None else take(doc_BS)
+        return blockwise_attention_lse(
+            q_BTHD,
+            k_BSHD,
+            v_BSHV,
+            q_doc=q_doc,
+            k_doc=k_doc,
+            scale=scale,
+            q_offset=q_offset - j * n,
+            **block_kw,
+        )
+
+    o_JBTHV, lse_JBTH = jax.lax.map(one_span, jnp.arange(spans))
+    share_JBTH = jax.nn.softmax(lse_JBTH, axis=0)  # each span's part of the query's softmax mass
+    o_BTHV = jnp.einsum("jbth,jbthv->bthv", share_JBTH, o_JBTHV.astype(jnp.float32))
+    return o_BTHV.astype(q_BTHD.dtype)
 
 
 def mla_sharded_expanded(
@@ -151,21 +194,31 @@ def mla_sharded_expanded(
     axes, heads over `tensor`, and, when the mesh's `context` axis is > 1, the sequence over it.
 
     Context parallelism: each device all-gathers the compressed latent and rope key (kv_lora_rank
-    + rope floats per token, cheap next to per-head K/V) and the segment ids, expands K/V for the
-    whole sequence and attends its span's queries at their offset (causal and per document across
-    spans). Without `context`, a Pallas kernel (which XLA cannot partition) gets one call per shard."""
+    + rope floats per token, cheap next to per-head K/V) and the segment ids and attends its span's
+    queries at their offset (causal and per document across spans). With the blockwise attention
+    (any backend but TPU's kernel) it expands one span of K/V at a time (`mla_spanwise_expanded`);
+    the Pallas TPU kernel gets the whole sequence's K/V. Without `context`, a Pallas kernel (which
+    XLA cannot partition) gets one call per shard."""
     B, T, H = q_BTHD.shape[:3]
     tok, rows, h = cp.token_specs(mesh, B, H, T)
-    split = mesh.shape[cp.CONTEXT_AXIS] > 1
+    n_spans = mesh.shape[cp.CONTEXT_AXIS]
     seg_in = () if segment_ids is None else (segment_ids,)
+    # the GPU path is cuDNN only without offsets: a span of queries runs the blockwise path there too
+    spanwise = n_spans > 1 and resolve_impl(attention_kw.get("impl", "auto")) in ("blockwise", "gpu")
 
     def body(q, latent, k_rope, w, *seg):
         seg = seg[0] if seg else None
-        offset = None
-        if split:
-            offset = cp.span_offset(q.shape[1])
-            latent, k_rope = cp.gather_sequence(latent), cp.gather_sequence(k_rope)
-            seg = None if seg is None else cp.gather_sequence(seg)
+        if n_spans == 1:
+            return mla_blockwise_expanded(q, latent, k_rope, w, seg, nope=nope, scale=scale, **attention_kw)
+        offset = cp.span_offset(q.shape[1])
+        latent, k_rope = cp.gather_sequence(latent), cp.gather_sequence(k_rope)
+        seg = None if seg is None else cp.gather_sequence(seg)
+        if spanwise:
+            block_kw = {k: v for k, v in attention_kw.items() if k in ("block_q", "block_k")}
+            doc = None if seg is None else document_index(seg)
+            return mla_spanwise_expanded(
+                q, latent, k_rope, w, doc, offset, spans=n_spans, nope=nope, scale=scale, **block_kw
+            )
         return mla_blockwise_expanded(
             q, latent, k_rope, w, seg, nope=nope, scale=scale, q_offset=offset, **attention_kw
         )

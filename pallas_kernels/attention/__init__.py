@@ -34,13 +34,20 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.attention.blockwise import blockwise_attention
+from pallas_kernels.attention.blockwise import blockwise_attention, blockwise_attention_lse
 from pallas_kernels.attention.gpu import attention_gpu
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLS = ("auto", "reference", "blockwise", "pallas_tpu", "gpu")
 
-__all__ = ["attention", "attention_reference", "blockwise_attention", "IMPLS", "resolve_impl"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "blockwise_attention",
+    "blockwise_attention_lse",
+    "IMPLS",
+    "resolve_impl",
+]
 
 
 def resolve_impl(impl: str) -> str:

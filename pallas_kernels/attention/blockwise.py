@@ -13,6 +13,10 @@ largest temporary is one `[G, block_q, R, block_k]` score block.
 Key blocks are read in place: a ragged last block starts at S - block_k (never past the buffer)
 and masks the keys an earlier block already covered, so a large key buffer (a decode cache) is
 never padded or copied. Queries are padded to a multiple of block_q (they are the small side).
+
+`blockwise_attention_lse` also returns each query's log-sum-exp, differentiable (d lse / d s = p,
+so its cotangent folds into the backward's rowsum term): attention over several spans of keys then
+combines exactly, each span's output weighted by softmax over the spans' lse.
 """
 
 from __future__ import annotations
@@ -79,8 +83,47 @@ def blockwise_attention(
         q_doc = jnp.pad(pb.q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
         k_doc = pb.k_doc_BS
     cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
-    o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)
+    o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)[0]
     return o5[:, :T].reshape(B, T, H, -1)
+
+
+def blockwise_attention_lse(
+    q,
+    k,
+    v,
+    *,
+    q_doc=None,
+    k_doc=None,
+    scale=None,
+    causal=True,
+    q_offset=None,
+    block_q=DEFAULT_BLOCK_Q,
+    block_k=DEFAULT_BLOCK_K,
+):
+    """(o [B,T,H,V] in v's dtype, lse [B,T,H] float32): `blockwise_attention` of q over one span of
+    keys, and the log-sum-exp of each query's visible scores (`common.NEG` where it sees none),
+    both differentiable. Documents are given as indices, not ids: `q_doc` [B,T] and `k_doc` [B,S]
+    (equal index = same document, e.g. slices of `document_index` of the whole sequence's ids),
+    since a span of keys does not hold the queries' own ids. Spans j of one sequence combine as
+    `sum_j softmax_j(lse_j) * o_j` (context parallelism: one span's K/V at a time)."""
+    pb = c.problem(q, k, v, scale=scale, causal=causal, segment_ids=None, q_offset=q_offset, kv_length=None)
+    B, T, H, K = q.shape
+    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("attention: q_doc and k_doc go together (both None: one document)")
+    if q_doc is not None and (q_doc.shape != (B, T) or k_doc.shape != (B, S)):
+        raise ValueError(
+            f"attention: q_doc must be [B,T] = {(B, T)} and k_doc [B,S] = {(B, S)}, got {q_doc.shape}, {k_doc.shape}"
+        )
+    bq, bk = max(1, min(int(block_q), T)), max(1, min(int(block_k), S))
+    Tp = _cdiv(T, bq) * bq
+    q5 = jnp.pad(q.reshape(B, T, G, H // G, K), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    if q_doc is not None:
+        q_doc = jnp.pad(q_doc.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
+        k_doc = k_doc.astype(jnp.int32)
+    cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
+    o5, lse = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)
+    return o5[:, :T].reshape(B, T, H, -1), lse[:, :T].reshape(B, T, H)
 
 
 def _key_block(k_parts, v, b, j, bk):
@@ -154,12 +197,13 @@ def _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
-    return _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc)[0]
+    """(o5, lse), both differentiable."""
+    return _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc)
 
 
 def _flash_fwd(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc):
     o5, lse = _forward(cfg, q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc)
-    return o5, (q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc, o5, lse)
+    return (o5, lse), (q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc, o5, lse)
 
 
 def _add_at(buf, upd, b, start):
@@ -169,12 +213,14 @@ def _add_at(buf, upd, b, start):
     return jax.lax.dynamic_update_slice(buf, cur + upd[None], idx)
 
 
-def _flash_bwd(cfg, res, do5):
+def _flash_bwd(cfg, res, cts):
     q5, k_parts, v, off, kv_len, kv_rows, q_doc, k_doc, o5, lse = res
+    do5, dlse = cts
     B, Tp, G, R, K = q5.shape
     Bk, S, V = v.shape[0], v.shape[1], v.shape[-1]
     nq, nk = Tp // cfg.bq, _cdiv(S, cfg.bk)
-    delta = jnp.sum(do5.astype(c.F32) * o5.astype(c.F32), axis=-1)  # [B,Tp,G,R] = rowsum(dO * O)
+    # ds = p * (dp - rowsum(dO * O)) from o, plus p * dlse from lse (d lse / d s = p): one term
+    delta = jnp.sum(do5.astype(c.F32) * o5.astype(c.F32), axis=-1) - dlse  # [B,Tp,G,R]
 
     def key_block(n, carry):
         dq, dk, dv = carry

@@ -141,8 +141,9 @@ def online_step(s, mask, m, l, acc, pv):
 
 
 def finish(m, l, acc):
-    """Output and log-sum-exp of the accumulated blocks; rows that saw no key give 0 (lse 0)."""
+    """Output and log-sum-exp of the accumulated blocks; rows that saw no key give 0 (lse NEG: no
+    weight when spans of keys are combined by their lse)."""
     seen = l > 0
     o = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
     return o, lse

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import attention
+from pallas_kernels.attention import attention, blockwise_attention_lse
+from pallas_kernels.kda.common import document_index
 
 B, S, H, K, V = 2, 64, 2, 16, 8
 
@@ -73,3 +74,57 @@ def test_segment_ids_must_cover_the_keys():
         attention(q[:, :16], k, v, segment_ids=seg[:, :16], q_offset=0, impl="blockwise")
     with pytest.raises(ValueError, match="need q_offset"):
         attention(q[:, :16], k, v, segment_ids=seg, impl="blockwise")
+
+
+def test_spans_of_keys_combine_by_their_lse():
+    """Queries of one span over the keys in 4 spans, one `blockwise_attention_lse` call per key span
+    (offsets below 0 for the spans after the queries, document indices of the whole sequence), combined
+    by softmax over the spans' lse == full self-attention, values and gradients (the gradients reach
+    q and k through lse too)."""
+    q, k, v, seg = _inputs()
+    doc = document_index(seg)
+    n, span = 4, S // 4
+    q_start = 32  # a document crosses into this span; later key spans are all in its future
+
+    def by_spans(q, k, v):
+        qs = q[:, q_start : q_start + span]
+        outs, lses = [], []
+        for j in range(n):
+            sl = slice(j * span, (j + 1) * span)
+            o, lse = blockwise_attention_lse(
+                qs,
+                k[:, sl],
+                v[:, sl],
+                q_doc=doc[:, q_start : q_start + span],
+                k_doc=doc[:, sl],
+                q_offset=q_start - j * span,
+                block_q=8,
+                block_k=8,
+            )
+            outs.append(o)
+            lses.append(lse)
+        w = jax.nn.softmax(jnp.stack(lses), axis=0)
+        return jnp.einsum("jbth,jbthv->bthv", w, jnp.stack(outs))
+
+    def full(q, k, v):
+        return attention(q, k, v, segment_ids=seg, impl="reference")[:, q_start : q_start + span]
+
+    assert _rms_rel(full(q, k, v), by_spans(q, k, v)) <= 1e-5
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    want = jax.grad(loss(full), (0, 1, 2))(q, k, v)
+    got = jax.grad(loss(by_spans), (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", want, got):
+        assert _rms_rel(a, b) <= 1e-5, name
+
+
+def test_lse_is_the_log_sum_exp_of_the_visible_scores():
+    q, k, v, seg = _inputs()
+    doc = document_index(seg)
+    _, lse = blockwise_attention_lse(q, k, v, q_doc=doc, k_doc=doc, block_q=8, block_k=16)
+    s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
+    t = jnp.arange(S)
+    mask = (t[None, :] <= t[:, None])[None, None] & (doc[:, None, :, None] == doc[:, None, None, :])
+    want = jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1)  # [B,H,T]
+    assert _rms_rel(jnp.swapaxes(want, 1, 2), lse) <= 1e-6
+    with pytest.raises(ValueError, match="q_doc and k_doc go together"):
+        blockwise_attention_lse(q, k, v, q_doc=doc)

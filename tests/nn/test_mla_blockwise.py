@@ -102,3 +102,36 @@ def test_cached_append_equals_dense(attention, monkeypatch):
     assert rel_rms(y_ref, y) <= TOL
     np.testing.assert_array_equal(c.latent_BSR, c_ref.latent_BSR)
     np.testing.assert_array_equal(c.k_rope_BSP, c_ref.k_rope_BSP)
+
+
+@pytest.mark.parametrize("q_span", [0, 2, 3])
+def test_spanwise_expansion_equals_the_whole_sequence(q_span):
+    """Context parallelism's MLA: one span of queries over 4 spans of keys, one span's K/V expanded
+    at a time and the spans combined by lse == that span of the whole-sequence expanded attention,
+    output and gradients (queries, latent, rope key, kv_b weights), with documents crossing spans."""
+    B, S, H, R, N, P, Vd, n = 2, 64, 3, 10, 8, 4, 6, 4
+    ks = jax.random.split(jax.random.PRNGKey(5), 4)
+    q = jax.random.normal(ks[0], (B, S, H, N + P))
+    latent = jax.random.normal(ks[1], (B, S, R))
+    k_rope = jax.random.normal(ks[2], (B, S, P))
+    w = jax.random.normal(ks[3], (R, H, N + Vd)) / np.sqrt(R)
+    seg = jnp.asarray([[0] * 10 + [1] * 30 + [0] * 24, [2] * 32 + [5] * 32], jnp.int32)  # a reused id
+    span = S // n
+    q0 = q_span * span
+    kw = dict(nope=N, scale=(N + P) ** -0.5)
+
+    def whole(q, latent, k_rope, w):
+        o = mla.mla_blockwise_expanded(q, latent, k_rope, w, seg, impl="reference", **kw)
+        return o[:, q0 : q0 + span]
+
+    def spanwise(q, latent, k_rope, w):
+        doc = mla.document_index(seg)
+        qs = q[:, q0 : q0 + span]
+        return mla.mla_spanwise_expanded(qs, latent, k_rope, w, doc, q0, spans=n, block_q=8, block_k=8, **kw)
+
+    args = (q, latent, k_rope, w)
+    assert rel_rms(whole(*args), spanwise(*args)) <= TOL
+    dy = jax.random.normal(jax.random.PRNGKey(9), (B, span, H, Vd))
+    grads = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a) * dy), argnums=(0, 1, 2, 3))(*args)  # noqa: E731
+    for name, a, b in zip(("q", "latent", "k_rope", "w"), grads(whole), grads(spanwise)):
+        assert rel_rms(a, b) <= TOL, name
