@@ -71,20 +71,7 @@ def blockwise_attention(
         kv_length=kv_length,
         kv_rows=kv_rows,
     )
-    B, T, H, K = q.shape
-    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
-    if T == 0 or S == 0:
-        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype)
-    bq, bk = max(1, min(int(block_q), T)), max(1, min(int(block_k), S))
-    Tp = _cdiv(T, bq) * bq
-    q5 = jnp.pad(q.reshape(B, T, G, H // G, K), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
-    q_doc = k_doc = None
-    if pb.q_doc_BT is not None:
-        q_doc = jnp.pad(pb.q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
-        k_doc = pb.k_doc_BS
-    cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
-    o5 = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)[0]
-    return o5[:, :T].reshape(B, T, H, -1)
+    return _attend(pb, pb.q_doc_BT, pb.k_doc_BS, block_q, block_k)[0]
 
 
 def blockwise_attention_lse(
@@ -107,20 +94,32 @@ def blockwise_attention_lse(
     since a span of keys does not hold the queries' own ids. Spans j of one sequence combine as
     `sum_j softmax_j(lse_j) * o_j` (context parallelism: one span's K/V at a time)."""
     pb = c.problem(q, k, v, scale=scale, causal=causal, segment_ids=None, q_offset=q_offset, kv_length=None)
-    B, T, H, K = q.shape
-    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
+    B, T, S = q.shape[0], q.shape[1], v.shape[1]
     if (q_doc is None) != (k_doc is None):
         raise ValueError("attention: q_doc and k_doc go together (both None: one document)")
-    if q_doc is not None and (q_doc.shape != (B, T) or k_doc.shape != (B, S)):
-        raise ValueError(
-            f"attention: q_doc must be [B,T] = {(B, T)} and k_doc [B,S] = {(B, S)}, got {q_doc.shape}, {k_doc.shape}"
-        )
+    if q_doc is not None:
+        if q_doc.shape != (B, T) or k_doc.shape != (B, S):
+            raise ValueError(
+                f"attention: q_doc must be [B,T] = {(B, T)} and k_doc [B,S] = {(B, S)}, "
+                f"got {q_doc.shape} and {k_doc.shape}"
+            )
+        q_doc, k_doc = q_doc.astype(jnp.int32), k_doc.astype(jnp.int32)
+    return _attend(pb, q_doc, k_doc, block_q, block_k)
+
+
+def _attend(pb: c.Problem, q_doc, k_doc, block_q, block_k):
+    """(o [B,T,H,V] in v's dtype, lse [B,T,H] float32) of a checked problem: queries padded to whole
+    blocks (document -1: they see nothing), then `_flash`."""
+    q, v = pb.q, pb.v
+    B, T, H, K = q.shape
+    S, G = v.shape[1], (v.shape[2] if v.ndim == 4 else 1)
+    if T == 0 or S == 0:
+        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.full((B, T, H), c.NEG, c.F32)
     bq, bk = max(1, min(int(block_q), T)), max(1, min(int(block_k), S))
     Tp = _cdiv(T, bq) * bq
     q5 = jnp.pad(q.reshape(B, T, G, H // G, K), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
     if q_doc is not None:
-        q_doc = jnp.pad(q_doc.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
-        k_doc = k_doc.astype(jnp.int32)
+        q_doc = jnp.pad(q_doc, ((0, 0), (0, Tp - T)), constant_values=-1)
     cfg = _Cfg(pb.scale, pb.causal, bq, bk, T)
     o5, lse = _flash(cfg, q5, pb.k_parts, v, pb.q_offset_B, pb.kv_length_B, pb.kv_rows_B, q_doc, k_doc)
     return o5[:, :T].reshape(B, T, H, -1), lse[:, :T].reshape(B, T, H)
