@@ -887,6 +887,14 @@ MUTATIONS = [
         "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
     ),
     Mutation(
+        "kda-drops-state-stride",
+        "pallas_kernels/kda/__init__.py",
+        '            kwargs["state_stride"] = state_stride\n',
+        "            pass\n",
+        ("tests/kernels/test_kda_pallas.py::test_kda_passes_state_stride_to_the_tpu_kernel_only",),
+        "kda(..., impl='pallas_tpu', state_stride=) silently runs the kernel's default stride",
+    ),
+    Mutation(
         "attention-lse-cotangent-dropped",
         "pallas_kernels/attention/blockwise.py",
         "axis=-1) - dlse  # [B,Tp,G,R]",

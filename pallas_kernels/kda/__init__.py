@@ -23,6 +23,8 @@ parallelism; inside `shard_map`, see context.py).
 in-kernel matmuls: "highest" (the default) float32 operands at full precision, "default" bf16
 operands with float32 accumulation, as DEFAULT treats float32 on a TPU (docs/kernels.md has the
 tolerance it is tested to). The other impls compute at full precision and take "highest" only.
+`state_stride` (pallas_tpu only; None: its default, 4) saves every state_stride-th chunk state for
+the backward and recomputes the rest (less HBM for more matmul work; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def kda(
     segment_ids=None,
     interpret=False,
     precision="highest",
+    state_stride=None,
 ):
     """KDA over a sequence; returns `(o [B,T,H,V] in v's dtype, final_state [N,H,K,V] f32 or None)`."""
     requested = impl
@@ -76,6 +79,11 @@ def kda(
         raise ValueError(
             f"kda: precision={precision!r} applies to the Pallas kernels only; impl={requested!r} "
             f"runs {impl!r} on {jax.default_backend()}, which computes at full precision"
+        )
+    if state_stride is not None and impl != "pallas_tpu":
+        raise ValueError(
+            f"kda: state_stride applies to the Pallas TPU kernel only; impl={requested!r} runs {impl!r} "
+            f"on {jax.default_backend()}, which saves no per-chunk states to thin out"
         )
     kwargs = dict(
         scale=scale,
@@ -92,6 +100,8 @@ def kda(
     if impl == "pallas_tpu":
         from pallas_kernels.kda.tpu import kda_pallas_tpu  # noqa: PLC0415 (TPU-only Pallas backend, lazy)
 
+        if state_stride is not None:
+            kwargs["state_stride"] = state_stride
         return kda_pallas_tpu(q, k, v, g, beta, interpret=interpret, precision=precision, **kwargs)
     from pallas_kernels.kda.gpu import kda_pallas_gpu  # noqa: PLC0415 (GPU-only Pallas backend, lazy)
 

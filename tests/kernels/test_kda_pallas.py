@@ -531,3 +531,14 @@ def test_tpu_kernel_work_is_matmul_shaped():
     assert 0.5 * fwd["matmul_mflop"] < per_step["matmul_mflop"] < fwd["matmul_mflop"], per_step  # state only
     total = fwd["matmul_mflop"] + rows["kda_chunk_bwd_tpu"]["matmul_mflop"]
     assert (S - 1) / S * per_step["matmul_mflop"] < 0.2 * total, (per_step, total)
+
+
+def test_kda_passes_state_stride_to_the_tpu_kernel_only():
+    """`kda(..., state_stride=)` reaches the Pallas TPU kernel (its own check refuses 0) and is refused
+    by name for the implementations that save no per-chunk states."""
+    inputs, _, _ = random_case(14, B=1, T=64, H=1, K=16, V=16)
+    with pytest.raises(ValueError, match="state_stride must be a positive int"):
+        kda(*inputs[:5], impl="pallas_tpu", interpret=True, state_stride=0)
+    for impl in ("chunk", "recurrent", "pallas_gpu"):
+        with pytest.raises(ValueError, match="state_stride applies to the Pallas TPU kernel only"):
+            kda(*inputs[:5], impl=impl, state_stride=2)
