@@ -887,6 +887,14 @@ MUTATIONS = [
         "a short cached KDA append goes through the chunk op (padded to a whole chunk: 3.4x the memory)",
     ),
     Mutation(
+        "moe-width-gathered-in-wrong-order",
+        "jaxllm/nn/moe_parallel.py",
+        "jax.lax.all_gather(w, axes, axis=dim, tiled=True)",
+        "jax.lax.all_gather(w, axes[::-1], axis=dim, tiled=True)",
+        ("tests/nn/test_moe_parallel.py::test_expert_parallel_matches_dense",),
+        "expert weights split over fsdp x context are reassembled in the wrong order inside the expert-parallel body",
+    ),
+    Mutation(
         "kda-drops-state-stride",
         "pallas_kernels/kda/__init__.py",
         '            kwargs["state_stride"] = state_stride\n',

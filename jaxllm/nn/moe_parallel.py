@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.sharding import LOGICAL_AXIS_RULES
+from jaxllm.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 
 EXPERT_AXIS = "expert"
 EXCHANGES = ("dense", "ragged")
@@ -73,6 +73,24 @@ def inner_axes(mesh, inner_width: int, rules=LOGICAL_AXIS_RULES) -> tuple[str, .
         a for a in dict(rules).get("mlp", ()) if a in mesh.shape and mesh.shape[a] > 1 and a not in taken
     )
     return axes if axes and inner_width % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def width_axes(mesh, num_experts: int, width: int, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """Mesh axes the experts' model width (logical "embed", beside the "expert" dim) is stored split
+    over: FSDP's. The expert-parallel body gathers it itself, inside the layer, so that under remat
+    the gathered weights are gathered again for the backward instead of kept from the forward."""
+    entry = (tuple(logical_to_spec(("expert", "embed"), (num_experts, width), mesh, rules)) + (None, None))[1]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _gathering_width(local, axes):
+    """`local` (the per-device body) given expert weights whose width is split over `axes`."""
+
+    def body(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD):
+        whole = lambda w, dim: jax.lax.all_gather(w, axes, axis=dim, tiled=True)  # noqa: E731
+        return local(x_nD, w_nK, idx_nK, whole(w1_lDF, 1), whole(w3_lDF, 1), whole(w2_lFD, 2))
+
+    return body
 
 
 def _sum_over(y, axes):
@@ -261,11 +279,14 @@ def expert_parallel_moe(
     cap = capacity((N // shards) * K, expert_parallel_size(mesh), capacity_factor)
     tok = P(axes if axes else None)
     inner = inner_axes(mesh, w1_EDF.shape[-1], rules)
-    w_in, w_out = P(EXPERT_AXIS, None, inner or None), P(EXPERT_AXIS, inner or None, None)
+    wide = width_axes(mesh, E, w1_EDF.shape[1], rules)
+    w_in, w_out = P(EXPERT_AXIS, wide or None, inner or None), P(EXPERT_AXIS, inner or None, wide or None)
     if exchange == "ragged":
         local = functools.partial(_local_moe_ragged, ffn=ffn, inner=inner, a2a=ragged_all_to_all)
     else:
         local = functools.partial(_local_moe, cap=cap, ffn=ffn, axes=axes, inner=inner)
+    if wide:
+        local = _gathering_width(local, wide)
     body = jax.shard_map(
         local,
         mesh=mesh,

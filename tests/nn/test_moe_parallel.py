@@ -32,6 +32,7 @@ CASES = [
     [{"data": 1, "tensor": 2, "expert": 4}, None, "blocked", "ragged"],  # ragged exchange (emulated)
     [{"data": 1, "fsdp": 2, "expert": 4}, None, "module"],
     [{"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}, None, "module"],
+    [{"data": 1, "fsdp": 2, "expert": 2, "context": 2}, None, "module"],  # width gathered over fsdp x context
     [{"data": 1, "fsdp": 4, "tensor": 2}, None, "module"],  # no expert axis: token_parallel_moe
     [{"data": 2, "expert": 4}, 1.0, "train"],  # the loop's train step and its metrics record
 ]
