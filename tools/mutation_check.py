@@ -895,6 +895,14 @@ MUTATIONS = [
         "expert weights split over fsdp x context are reassembled in the wrong order inside the expert-parallel body",
     ),
     Mutation(
+        "gpu-ptxas-ignores-bv",
+        "tools/gpu_ptxas.py",
+        "    gpu.state_block_v = lambda *_: bv\n",
+        "",
+        ("tests/kernels/test_gpu_ptxas.py::test_ttir_of_every_kernel_is_captured",),
+        "tools/gpu_ptxas.py reports the kernel's own V slice whatever --bv asks",
+    ),
+    Mutation(
         "kda-drops-state-stride",
         "pallas_kernels/kda/__init__.py",
         '            kwargs["state_stride"] = state_stride\n',
