@@ -77,14 +77,18 @@ def inner_axes(mesh, inner_width: int, rules=LOGICAL_AXIS_RULES) -> tuple[str, .
 
 def width_axes(mesh, num_experts: int, width: int, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
     """Mesh axes the experts' model width (logical "embed", beside the "expert" dim) is stored split
-    over: FSDP's. The expert-parallel body gathers it itself, inside the layer, so that under remat
+    over: FSDP's. Both shard_map bodies gather it themselves, inside the layer, so that under remat
     the gathered weights are gathered again for the backward instead of kept from the forward."""
-    entry = (tuple(logical_to_spec(("expert", "embed"), (num_experts, width), mesh, rules)) + (None, None))[1]
+    spec = logical_to_spec(("expert", "embed"), (num_experts, width), mesh, rules)
+    entry = spec[1] if len(spec) > 1 else None
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _gathering_width(local, axes):
-    """`local` (the per-device body) given expert weights whose width is split over `axes`."""
+    """`local` (a per-device body taking x, weights, idx, w1, w3, w2) given expert weights whose
+    width is split over `axes` (itself when there are none)."""
+    if not axes:
+        return local
 
     def body(x_nD, w_nK, idx_nK, w1_lDF, w3_lDF, w2_lFD):
         whole = lambda w, dim: jax.lax.all_gather(w, axes, axis=dim, tiled=True)  # noqa: E731
@@ -134,8 +138,8 @@ def token_parallel_moe(
     x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD, *, mesh, experts, rules=LOGICAL_AXIS_RULES
 ):
     """`experts(x, weights, idx, w1, w3, w2)` (e.g. `moe.moe_experts`) on each device's own tokens,
-    for meshes without an expert axis: the weights are all-gathered at the `shard_map` boundary
-    (as FSDP does for any layer). Without it, the dispatch's argsort over the token-sharded
+    for meshes without an expert axis: the weights' FSDP-split width is all-gathered inside the
+    body (`width_axes`), their `tensor`-split width stays split. Without it, the dispatch's argsort over the token-sharded
     assignments makes XLA gather every device's assignments and run the whole batch's dispatch on
     each device (seen in the TPU compile: [262144, 2304] buffers for 8 x 4096 tokens x top-8)."""
     if not can_shard_tokens(mesh, idx_NK.shape[0], rules):
@@ -145,10 +149,12 @@ def token_parallel_moe(
         )
     tok = P(token_axes(mesh, rules))
     inner = inner_axes(mesh, w1_EDF.shape[-1], rules) or None
+    wide = width_axes(mesh, w1_EDF.shape[0], w1_EDF.shape[1], rules)
+    w_in, w_out = P(None, wide or None, inner), P(None, inner, wide or None)
     body = jax.shard_map(
-        lambda *a: _sum_over(experts(*a), inner),
+        _gathering_width(lambda *a: _sum_over(experts(*a), inner), wide),
         mesh=mesh,
-        in_specs=(tok, tok, tok, P(None, None, inner), P(None, None, inner), P(None, inner, None)),
+        in_specs=(tok, tok, tok, w_in, w_in, w_out),
         out_specs=tok,
     )
     return body(x_ND, weights_NK, idx_NK, w1_EDF, w3_EDF, w2_EFD)
@@ -285,10 +291,8 @@ def expert_parallel_moe(
         local = functools.partial(_local_moe_ragged, ffn=ffn, inner=inner, a2a=ragged_all_to_all)
     else:
         local = functools.partial(_local_moe, cap=cap, ffn=ffn, axes=axes, inner=inner)
-    if wide:
-        local = _gathering_width(local, wide)
     body = jax.shard_map(
-        local,
+        _gathering_width(local, wide),
         mesh=mesh,
         in_specs=(tok, tok, tok, w_in, w_in, w_out),
         out_specs=(tok, P()),
