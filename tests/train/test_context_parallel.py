@@ -16,18 +16,17 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_train_step_with_context_parallelism_matches_one_device():
-    env = dict(os.environ)
+def _run_on_8_cpu_devices(*args):
+    """`python *args` from the repository root with 8 virtual CPU devices (XLA_FLAGS must precede JAX)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "context_parallel_script.py"), "recurrent", "128"],
-        cwd=HERE.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=900
     )
+
+
+def test_train_step_with_context_parallelism_matches_one_device():
+    proc = _run_on_8_cpu_devices(str(HERE / "context_parallel_script.py"), "recurrent", "128")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads(lines[-1][len("RESULT ") :])
@@ -45,9 +44,6 @@ def test_train_step_with_context_parallelism_matches_one_device():
 def test_cli_trains_a_32k_sequence_split_over_8_context_shards(tmp_path):
     """`jaxllm train seq_len=32768 mesh_context=8` on 8 virtual CPU devices: two steps of a small-width
     Kimi Linear (3 KDA + 1 MLA layer, MoE), 4,096 tokens per device; the loss is finite and falls."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
     widths = dict(
         hidden_size=32,
         kda_num_heads=1,
@@ -75,14 +71,7 @@ def test_cli_trains_a_32k_sequence_split_over_8_context_shards(tmp_path):
         "progress=false",
         *(f"model_args.{k}={v}" for k, v in widths.items()),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxllm.cli", "train", *args],
-        cwd=HERE.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = _run_on_8_cpu_devices("-m", "jaxllm.cli", "train", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "'context': 8} over 8 devices" in proc.stdout, proc.stdout[-3000:]
     assert "batch 1 x 32768 tokens" in proc.stdout, proc.stdout[-3000:]
