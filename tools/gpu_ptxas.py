@@ -53,7 +53,13 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KERNELS = ("kda_chunk_intra_gpu", "kda_state_fwd_gpu", "kda_state_bwd_gpu", "kda_chunk_grads_gpu")
+KERNELS = (
+    "kda_chunk_intra_gpu",
+    "kda_state_fwd_gpu",
+    "kda_state_bwd_gpu",
+    "kda_state_grads_gpu",
+    "kda_chunk_grads_gpu",
+)
 STATE_KERNELS = ("kda_state_fwd_gpu", "kda_state_bwd_gpu")
 
 

@@ -138,8 +138,8 @@ MUTATIONS = [
     Mutation(
         "kda-gpu-state-grid",
         "pallas_kernels/kda/gpu.py",
-        "_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),\n        grid=(B, H, V // BV),\n",
-        "_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),\n        grid=(B, H, 1),\n",
+        "f32_dot=_tf32x3(interpret)\n        ),\n        grid=(B, H, V // BV),\n        in_specs=[\n            _whole((NC,)),\n            _whole((NC,)),\n            _seq_spec(Tp, K),\n            _seq_vspec(Tp, V, BV=BV),",
+        "f32_dot=_tf32x3(interpret)\n        ),\n        grid=(B, H, 1),\n        in_specs=[\n            _whole((NC,)),\n            _whole((NC,)),\n            _seq_spec(Tp, K),\n            _seq_vspec(Tp, V, BV=BV),",
         (
             "tests/kernels/test_kda_pallas.py::TestKDAPallas::test_lowers_for_hardware[pallas_gpu-segment_ids]",
         ),
@@ -901,6 +901,22 @@ MUTATIONS = [
         "",
         ("tests/kernels/test_gpu_ptxas.py::test_ttir_of_every_kernel_is_captured",),
         "tools/gpu_ptxas.py reports the kernel's own V slice whatever --bv asks",
+    ),
+    Mutation(
+        "gpu-grads-ieee-dots",
+        "pallas_kernels/kda/gpu.py",
+        "    return None if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3\n",
+        "    return None\n",
+        ("tests/kernels/test_gpu_ptxas.py::test_ttir_of_every_kernel_is_captured",),
+        "the GPU grads kernels go back to IEEE float32 dots under 'highest' (over an H200's shared memory at K = V = 128)",
+    ),
+    Mutation(
+        "gpu-state-grads-swapped",
+        "pallas_kernels/kda/gpu.py",
+        ")(ch.flags, *_chunk_inputs(ch), dD, dA, dW, dqh, dkd)",
+        ")(ch.flags, *_chunk_inputs(ch), dD, dA, dqh, dW, dkd)",
+        ("tests/kernels/test_kda_pallas.py::TestKDAPallas::test_golden",),
+        "the GPU grads kernel reads the state side's dW and do h^T in each other's place",
     ),
     Mutation(
         "kda-drops-state-stride",

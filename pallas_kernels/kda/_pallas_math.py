@@ -60,13 +60,16 @@ assert SUB == 1 << SUB_SHIFT
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 # The in-kernel data matmuls (pair matrices, inverse, W/U, state steps, their gradients), named after
-# lax.Precision: "highest" takes float32 operands at full precision (IEEE on GPU, six bf16 passes
-# on a TPU MXU); "default" rounds the operands to bfloat16 and accumulates in float32 (one MXU
+# lax.Precision: "highest" takes float32 operands at about full precision (six bf16 passes on a
+# TPU MXU; on GPU TF32x3, or IEEE in the intra kernel); "default" rounds the operands to bfloat16 and accumulates in float32 (one MXU
 # pass, bf16 tensor cores), which is what DEFAULT gives float32 operands on a TPU. The rounding is
 # an explicit cast, so interpret mode on CPU rounds as the hardware does. Products that only move,
 # pick or sum gate values stay at full precision in both (`_pick`, tpu.py's `_exact`).
 PRECISIONS = ("highest", "default")
 _MATMUL_DTYPE = contextvars.ContextVar("kda_matmul_dtype", default=F32)
+# How a kernel runs its float32-operand matmuls under "highest": lax.Precision.HIGHEST (IEEE on
+# GPU), or a dot algorithm the kernel binds, such as the GPU kernels' TF32x3 (`gpu.py`).
+_F32_DOT = contextvars.ContextVar("kda_f32_dot", default=lax.Precision.HIGHEST)
 
 
 def precision_name(precision) -> str:
@@ -85,24 +88,28 @@ def matmul_dtype(precision):
 
 
 @contextlib.contextmanager
-def dot_precision(precision):
-    """The data matmuls' precision while a kernel body is traced (default "highest").
+def dot_precision(precision, f32_dot=None):
+    """The data matmuls' precision while a kernel body is traced (default "highest"); `f32_dot`
+    (a lax.Precision or DotAlgorithmPreset) replaces HIGHEST for the float32-operand ones.
 
     Kernel bodies enter this themselves, with the precision bound into the kernel function,
     so the traced kernel depends only on its own arguments.
     """
     token = _MATMUL_DTYPE.set(matmul_dtype(precision))
+    f32_token = _F32_DOT.set(lax.Precision.HIGHEST if f32_dot is None else f32_dot)
     try:
         yield
     finally:
+        _F32_DOT.reset(f32_token)
         _MATMUL_DTYPE.reset(token)
 
 
 def with_precision(body):
-    """A kernel taking `precision=` that traces `body` (the same kernel without it) under it."""
+    """A kernel taking `precision=` (and optionally `f32_dot=`) that traces `body` (the same
+    kernel without them) under `dot_precision`."""
 
-    def kernel(*refs, precision, **kw):
-        with dot_precision(precision):
+    def kernel(*refs, precision, f32_dot=None, **kw):
+        with dot_precision(precision, f32_dot):
             body(*refs, **kw)
 
     kernel.__name__ = body.__name__.removesuffix("_body")
@@ -122,7 +129,7 @@ FAST = 4  # the chunk's diagonal blocks may be factorised (`factorisable_flags`)
 def _matmul(a, b, contract):
     """a . b over dims `contract`, operands in the context's matmul dtype, float32 result."""
     dt = _MATMUL_DTYPE.get()
-    precision = lax.Precision.HIGHEST if dt == F32 else lax.Precision.DEFAULT
+    precision = _F32_DOT.get() if dt == F32 else lax.Precision.DEFAULT
     return lax.dot_general(
         a.astype(dt), b.astype(dt), (contract, ((), ())), precision=precision, preferred_element_type=F32
     )
@@ -446,27 +453,42 @@ def chunk_fwd(q, k, v, G, beta, glc, h, scale, seg=None, l2norm=False, *, fast):
     return state_fwd_step(*chunk_intra(q, k, v, G, beta, glc, scale, seg, l2norm, fast=fast), h)
 
 
-def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, *, fast):
-    """One chunk backward, recomputing the intra-chunk part.
+class StateGrads(NamedTuple):
+    """The state side of one chunk's backward (`chunk_bwd_state`): every product over V, which
+    is all the intra side (`chunk_bwd_intra`) needs of h, dhn and do."""
 
-    dhn [K,V] is the cotangent of the state after the chunk. Returns
-    (dq, dk, dv, dG, dbeta [C,1], dglc [K,1], dh [K,V] cotangent of the chunk-initial state).
-    dG holds the cotangent of the in-chunk cumsum G (incl. its last row's use as gl inside);
-    dglc is the cotangent of the glc input.
-    """
+    dD: jax.Array  # [C,V] cotangent of D = U - W h
+    dA: jax.Array  # [C,C] cotangent of A (segment mask not applied)
+    dW: jax.Array  # [C,K] cotangent of W
+    dqh: jax.Array  # [C,K] do h^T: cotangent of s (q Gamma)
+    dkd: jax.Array  # [C,K] D dhn^T: cotangent of kd
+    dglc: jax.Array  # [K,1] cotangent of the glc input
+
+
+def chunk_bwd_state(W, U, A, kd, decay, h, do, dhn):
+    """The V side of one chunk's backward, from the intra part's W, U, A, kd, decay (as
+    `chunk_intra` returns them), the chunk-initial state h [K,V], do [C,V] and dhn [K,V] (the
+    cotangent of the state after the chunk). Matmuls only: no pair matrices, no inverse."""
+    D = U - _dot(W, h)
+    dD = _dot_tn(A, do) + _dot(kd, dhn)
+    return StateGrads(
+        dD=dD,
+        dA=_dot_nt(do, D),
+        dW=-_dot_nt(dD, h),
+        dqh=_dot_nt(do, h),
+        dkd=_dot_nt(D, dhn),
+        dglc=decay * jnp.sum(h * dhn, axis=1, keepdims=True),
+    )
+
+
+def _bwd_intra(it: _Intra, q, k, v, G, beta, sg: StateGrads, scale):
+    """(dq, dk, dv, dG, dbeta) from the recomputed intra part `it` (of the L2-normalised q, k
+    when the kernel normalises) and the chunk's `StateGrads`."""
     C = q.shape[0]
-    if l2norm:
-        (q, rq), (k, rk) = _l2norm(q), _l2norm(k)
-    it = _intra(q, k, v, G, beta, glc, scale, seg, fast)
-    D = it.U - _dot(it.W, h)
-    dD = _dot_tn(it.A, do) + _dot(it.kd, dhn)
-    dh = _dot_tn(scale * q * it.gamma, do) - _dot_tn(it.W, dD) + it.decay * dhn
-
     # o = s (q Gamma) h + A D
-    dqi = _dot_nt(do, h)
-    dq = scale * it.gamma * dqi
+    dq = scale * it.gamma * sg.dqh
     dG = q * dq
-    dA = _dot_nt(do, D) * scale
+    dA = sg.dA * scale
     if it.same is not None:
         dA = jnp.where(it.same, dA, 0.0)
     dq_a, dk_a = _pair_grads(dA, q, k, G, strict=False, fast=it.fast)
@@ -475,10 +497,9 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, 
     dG = dG + q * dq_a - k * dk_a
 
     # D = U - W h;  W = T kb;  U = T vb
-    dW = -_dot_nt(dD, h)
-    dT = _dot_nt(dW, it.kb) + _dot_nt(dD, it.vb)
-    dkb = _dot_tn(it.T, dW)
-    dvb = _dot_tn(it.T, dD)
+    dT = _dot_nt(sg.dW, it.kb) + _dot_nt(sg.dD, it.vb)
+    dkb = _dot_tn(it.T, sg.dW)
+    dvb = _dot_tn(it.T, sg.dD)
     dk = dk + beta * it.gamma * dkb
     dG = dG + beta * it.gamma * k * dkb
     dbeta = jnp.sum(it.gamma * k * dkb, axis=1, keepdims=True) + jnp.sum(v * dvb, axis=1, keepdims=True)
@@ -495,15 +516,42 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, 
     dG = dG + k * (dk_r - dk_c)
 
     # h' = exp(gl) h + kd^T D,  kd = k exp(gl - G)
-    dkd = _dot_nt(D, dhn)
-    dk = dk + it.egl * dkd
-    t = it.kd * dkd
+    dk = dk + it.egl * sg.dkd
+    t = it.kd * sg.dkd
     dG = dG - t
     dG = jnp.where(_iota(dG.shape, 0) == C - 1, dG + jnp.sum(t, axis=0, keepdims=True), dG)
-    dglc = it.decay * jnp.sum(h * dhn, axis=1, keepdims=True)
+    return dq, dk, dv, dG, dbeta
+
+
+def chunk_bwd_intra(q, k, v, G, beta, glc, sg: StateGrads, scale, seg=None, l2norm=False, *, fast):
+    """The intra side of one chunk's backward, recomputing the intra part: (dq, dk, dv, dG,
+    dbeta [C,1]) from the chunk's inputs and its `StateGrads`. dG holds the cotangent of the
+    in-chunk cumsum G (incl. its last row's use as gl inside); dq/dk are w.r.t. the raw q/k
+    when `l2norm`."""
+    (qn, rq), (kn, rk) = (_l2norm(q), _l2norm(k)) if l2norm else ((q, None), (k, None))
+    it = _intra(qn, kn, v, G, beta, glc, scale, seg, fast)
+    dq, dk, dv, dG, dbeta = _bwd_intra(it, qn, kn, v, G, beta, sg, scale)
     if l2norm:
-        dq, dk = _l2norm_bwd(q, rq, dq), _l2norm_bwd(k, rk, dk)
-    return dq, dk, dv, dG, dbeta, dglc, dh
+        dq, dk = _l2norm_bwd(qn, rq, dq), _l2norm_bwd(kn, rk, dk)
+    return dq, dk, dv, dG, dbeta
+
+
+def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, *, fast):
+    """One chunk backward, recomputing the intra-chunk part once: `chunk_bwd_state`, then the
+    intra side (`chunk_bwd_intra`) on the same recompute. The TPU kernel's grid step; the GPU
+    runs the two sides as two kernels.
+
+    dhn [K,V] is the cotangent of the state after the chunk. Returns
+    (dq, dk, dv, dG, dbeta [C,1], dglc [K,1], dh [K,V] cotangent of the chunk-initial state).
+    """
+    (qn, rq), (kn, rk) = (_l2norm(q), _l2norm(k)) if l2norm else ((q, None), (k, None))
+    it = _intra(qn, kn, v, G, beta, glc, scale, seg, fast)
+    sg = chunk_bwd_state(it.W, it.U, it.A, it.kd, it.decay, h, do, dhn)
+    dh = _dot_tn(scale * qn * it.gamma, do) - _dot_tn(it.W, sg.dD) + it.decay * dhn
+    dq, dk, dv, dG, dbeta = _bwd_intra(it, qn, kn, v, G, beta, sg, scale)
+    if l2norm:
+        dq, dk = _l2norm_bwd(qn, rq, dq), _l2norm_bwd(kn, rk, dk)
+    return dq, dk, dv, dG, dbeta, sg.dglc, dh
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,25 +22,29 @@ and it runs in interpret mode on CPU, so CI checks it. Its successors:
   `jax_triton_available()` only reports whether the extra is installed.
   `docs/kernels.md` has the removal plan.
 
-**Kernel shape** (four `pallas_call`s, the split fla uses, so that only the cheap part is
+**Kernel shape** (five `pallas_call`s, the split fla uses, so that only the cheap part is
 sequential):
 
 1. `kda_chunk_intra_gpu`, grid (B, H, NC), all parallel: per 64-token chunk the 16-token
    sub-chunked pair matrices, the UT transform `T = (I + diag(beta) P)^-1` and
    W, U, A (= scaled q-k scores), qg, kd and the chunk decay (`_pallas_math.chunk_intra`).
-2. `kda_state_fwd_gpu`, grid (B, H, V/64): one program walks the chunks with a `fori_loop`, its
-   [K, 64] slice of the float32 state carried in registers: D = U - W h, o = qg h + A D,
+2. `kda_state_fwd_gpu`, grid (B, H, V/BV): one program walks the chunks with a `fori_loop`, its
+   [K, BV] slice of the float32 state carried in registers: D = U - W h, o = qg h + A D,
    h' = decay h + kd^T D (column-separable in V). Stores each chunk's initial state `hs`.
-3. Backward: the intra kernel again (recompute), then `kda_state_bwd_gpu` (grid (B, H, V/64),
-   chunks in reverse) carries the state cotangent and stores it per chunk, then
-   `kda_chunk_grads_gpu` (grid (B, H, NC), parallel) gives every input gradient of a chunk from
-   its inputs, `hs` and that cotangent (`_pallas_math.chunk_bwd`).
+3. Backward: the intra kernel again (recompute), then `kda_state_bwd_gpu` (grid (B, H, V/BV),
+   chunks in reverse) carries the state cotangent and stores it per chunk, then two parallel
+   kernels over (B, H, NC): `kda_state_grads_gpu` (`_pallas_math.chunk_bwd_state`: the products
+   over V, matmuls only) and `kda_chunk_grads_gpu` (`_pallas_math.chunk_bwd_intra`: every input
+   gradient of the chunk from its inputs and those products). One kernel for both asked 320 KiB
+   of shared memory on an H200 at K = V = 128 (a block may have 227 KiB).
 
 With `use_qk_l2norm` the intra and grads kernels normalise q/k rows in-kernel (and apply the
 norm's VJP). Triton needs power-of-two tensor sizes: K and V are zero-padded to a power of two >= 16 in the
-wrapper (exact). Matmuls run on float32 operands with IEEE input precision by default;
-`precision="default"` gives them bf16 operands with float32 accumulation (tensor cores). Speed on hardware is measured by
-`tools/device/kda_gpu.py`; none has been measured yet (docs/kernels.md).
+wrapper (exact). `precision="highest"` (default) keeps the matmul operands float32: Triton's
+TF32x3 (three TF32 tensor-core passes) in every kernel but the intra one, IEEE there;
+`precision="default"` gives them bf16 operands with float32 accumulation (tensor cores). Both
+were checked against the XLA path on an H200 (docs/kernels.md); speed is measured by
+`tools/device/kda_gpu.py`, and no run has timed it yet.
 """
 
 from __future__ import annotations
@@ -201,21 +205,29 @@ def _state_bwd_kernel_body(
     lax.fori_loop(0, num_chunks, body, jnp.zeros((K, BV), _F32))
 
 
+def _state_grads_kernel_body(*refs):
+    """Grid (B, H, NC), all parallel: the V side of one chunk's backward (`pm.chunk_bwd_state`:
+    matmuls only) from the intra part's W, U, A, kd, decay, the chunk's initial state, do and
+    the cotangent of the state after the chunk."""
+    ins, outs = refs[:8], refs[8:]
+    pm.store(outs, pm.chunk_bwd_state(*(r[...].astype(_F32) for r in ins)))
+
+
 def _grads_kernel_body(flags_ref, *refs, scale, segmented, l2norm):
-    """Grid (B, H, NC), all parallel: every input gradient of one chunk, given the chunk's
-    initial state and the cotangent of the state after it (the intra part is recomputed)."""
+    """Grid (B, H, NC), all parallel: every input gradient of one chunk from its inputs and its
+    `pm.StateGrads` (the intra part is recomputed). Apart from the state side, so that neither
+    kernel holds the [K, V] states and the pair-matrix gradients at once: whole, the backward
+    asked 320 KiB of shared memory at K = V = 128 under "highest" (an H200 block has 227 KiB)."""
     (q, k, v, G, beta, glc, seg), rest = _chunk_refs(refs, segmented)
-    hs_ref, dhs_ref, do_ref, dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref = rest
-    h, do, dhn = hs_ref[...].astype(_F32), do_ref[...], dhs_ref[...].astype(_F32)
-    fast = _is_fast(flags_ref)
-    # the state cotangent (last) is the state pass's job
-    grads = pm.chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg, l2norm, fast=fast)[:-1]
-    pm.store((dq_ref, dk_ref, dv_ref, dG_ref, dbeta_ref, dglc_ref), grads)
+    sg = pm.StateGrads(*(r[...] for r in rest[:5]), dglc=None)
+    grads = pm.chunk_bwd_intra(q, k, v, G, beta, glc, sg, scale, seg, l2norm, fast=_is_fast(flags_ref))
+    pm.store(rest[5:], grads)
 
 
 _intra_kernel = pm.with_precision(_intra_kernel_body)
 _state_fwd_kernel = pm.with_precision(_state_fwd_kernel_body)
 _state_bwd_kernel = pm.with_precision(_state_bwd_kernel_body)
+_state_grads_kernel = pm.with_precision(_state_grads_kernel_body)
 _grads_kernel = pm.with_precision(_grads_kernel_body)
 
 
@@ -274,6 +286,16 @@ def _params():
     return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
+def _tf32x3(interpret):
+    """The float32-operand ("highest") dots of every kernel but the intra one: Triton's TF32x3,
+    three TF32 tensor-core passes, about float32 accuracy. As IEEE FMA dots the grads kernels ask
+    for more shared memory than an H100/H200 block has (240 KiB each at K = V = 128, offline;
+    320 KiB on an H200 before the grads kernel was split), and FMA dots run on CUDA cores. The
+    intra kernel keeps IEEE: as TF32x3 it would ask 320 KiB (96 KiB as IEEE). Interpret mode
+    keeps IEEE too: XLA:CPU has no TF32x3."""
+    return None if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
 def _intra(ch: pm.Chunked, scale, l2norm, interpret, precision):
     B, H, Tp, K = ch.q.shape
     V = ch.v.shape[-1]
@@ -314,7 +336,9 @@ def _fwd(ch: pm.Chunked, scale, l2norm, *, interpret, precision):
     BV = state_block_v(B, H, V)
     W, U, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)
     return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
+        functools.partial(
+            _state_fwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision, f32_dot=_tf32x3(interpret)
+        ),
         grid=(B, H, V // BV),
         in_specs=[
             _whole((NC,)),
@@ -348,10 +372,11 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
     BV = state_block_v(B, H, V)
     segmented = ch.rc is not None
     f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-    # recompute the intra part (U is unused here)
-    W, _, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)
+    W, U, A, qg, kd, decay = _intra(ch, scale, l2norm, interpret, precision)  # recomputed
     dhs, dh0 = pl.pallas_call(
-        functools.partial(_state_bwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision),
+        functools.partial(
+            _state_bwd_kernel, num_chunks=NC, K=K, BV=BV, precision=precision, f32_dot=_tf32x3(interpret)
+        ),
         grid=(B, H, V // BV),
         in_specs=[
             _whole((NC,)),
@@ -370,21 +395,58 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
         interpret=interpret,
         name="kda_state_bwd_gpu",
     )(ch.seq, ch.flags, W, A, qg, kd, decay, do, dht)
-    grads = pl.pallas_call(
+    dD, dA, dW, dqh, dkd, dglc = pl.pallas_call(
+        functools.partial(_state_grads_kernel, precision=precision, f32_dot=_tf32x3(interpret)),
+        grid=(B, H, NC),
+        in_specs=[
+            _chunk_spec(K),
+            _chunk_spec(V),
+            _chunk_spec(C),
+            _chunk_spec(K),
+            _per_chunk_spec(K, 1),
+            _per_chunk_spec(K, V),
+            _chunk_spec(V),
+            _per_chunk_spec(K, V),
+        ],
+        out_specs=[
+            _chunk_spec(V),
+            _chunk_spec(C),
+            _chunk_spec(K),
+            _chunk_spec(K),
+            _chunk_spec(K),
+            _per_chunk_spec(K, 1),
+        ],
+        out_shape=[
+            f32(B, H, Tp, V),
+            f32(B, H, Tp, C),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, K),
+            f32(B, H, Tp, K),
+            f32(B, H, NC, K, 1),
+        ],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="kda_state_grads_gpu",
+    )(W, U, A, kd, decay, hs, do, dhs)
+    dq, dk, dv, dG, dbeta = pl.pallas_call(
         functools.partial(
-            _grads_kernel, scale=scale, segmented=segmented, l2norm=l2norm, precision=precision
+            _grads_kernel,
+            scale=scale,
+            segmented=segmented,
+            l2norm=l2norm,
+            precision=precision,
+            f32_dot=_tf32x3(interpret),
         ),
         grid=(B, H, NC),
         in_specs=[_whole((NC,))]
         + _chunk_input_specs(K, V, segmented)
-        + [_per_chunk_spec(K, V), _per_chunk_spec(K, V), _chunk_spec(V)],
+        + [_chunk_spec(V), _chunk_spec(C), _chunk_spec(K), _chunk_spec(K), _chunk_spec(K)],
         out_specs=[
             _chunk_spec(K),
             _chunk_spec(K),
             _chunk_spec(V),
             _chunk_spec(K),
             _chunk_spec(1),
-            _per_chunk_spec(K, 1),
         ],
         out_shape=[
             f32(B, H, Tp, K),
@@ -392,13 +454,12 @@ def _bwd(ch: pm.Chunked, hs, do, dht, scale, l2norm, *, interpret, precision):
             f32(B, H, Tp, V),
             f32(B, H, Tp, K),
             f32(B, H, Tp, 1),
-            f32(B, H, NC, K, 1),
         ],
         compiler_params=_params(),
         interpret=interpret,
         name="kda_chunk_grads_gpu",
-    )(ch.flags, *_chunk_inputs(ch), hs, dhs, do)
-    return (*grads, dh0)
+    )(ch.flags, *_chunk_inputs(ch), dD, dA, dW, dqh, dkd)
+    return dq, dk, dv, dG, dbeta, dglc, dh0
 
 
 def kda_pallas_gpu(
@@ -422,7 +483,8 @@ def kda_pallas_gpu(
     Returns `(o [B,T,H,V] in v.dtype, final_state [N,H,K,V] f32 or None)`; differentiable
     (custom VJP: forward and backward kernels). `interpret=True` runs the kernels in Pallas
     interpret mode on any backend. `precision` (`_pallas_math.PRECISIONS`): "highest" (default)
-    runs the in-kernel data matmuls on float32 operands (IEEE, CUDA cores); "default" on bf16
+    runs the in-kernel data matmuls on float32 operands (TF32x3 on tensor cores, IEEE in the
+    intra kernel and in interpret mode); "default" on bf16
     operands with float32 accumulation (tensor cores) and stores the per-chunk states `hs` and
     their cotangents in bf16 (they only enter the backward as matmul operands).
     """

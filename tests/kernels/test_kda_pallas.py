@@ -292,6 +292,7 @@ class TestKDAPallas:
                 ("kda_state_fwd_gpu", [B, H, V // BV]),
                 ("kda_chunk_intra_gpu", [B, H, NC]),
                 ("kda_state_bwd_gpu", [B, H, V // BV]),
+                ("kda_state_grads_gpu", [B, H, NC]),
                 ("kda_chunk_grads_gpu", [B, H, NC]),
             ]
             assert sorted(launches) == sorted(want)

@@ -4,7 +4,7 @@
 Run from the repository root on the GPU machine (no network needed):
 
     python tools/device/kda_gpu.py                 # check + full timing table
-    python tools/device/kda_gpu.py --quick         # check + T=2048 only
+    python tools/device/kda_gpu.py --quick         # checks f32 + bf16 "default", T=2048 only
     python tools/device/kda_gpu.py --budget-s 300  # stop starting new timings after 300 s
 
 1. Correctness: `kda_pallas_gpu` (Pallas, Triton backend, compiled for the GPU, not interpreted)
@@ -12,8 +12,9 @@ Run from the repository root on the GPU machine (no network needed):
    outputs, final state and all six gradients, float32 and bfloat16, plain and varlen, plus the
    bf16-operand matmuls (`precision="default"`, bound 1e-2). Accuracy as rms(ref - impl) / rms(ref).
 2. Timing, B=8, H=16, K=V=128, bf16 q/k/v (f32 g, beta, state), T in 2048, 8192, 32768:
-   forward and forward+backward for our Pallas kernel (IEEE fp32 matmuls, and bf16 operands with
-   f32 accumulation: `precision="default"`), our pure-JAX chunk path, and
+   forward and forward+backward for our Pallas kernel (bf16 operands with f32 accumulation,
+   `precision="default"`, at num_stages 1 and 2; and float32 operands, "highest": TF32x3 dots,
+   IEEE in the intra kernel), our pure-JAX chunk path, and
    flash-linear-attention's Triton `chunk_kda` (torch). fla is installed offline from the wheel
    committed under tools/device/wheels/ (`pip install --no-deps`); if it cannot be imported the
    fla column says why. fla runs in a subprocess so torch and JAX do not share a CUDA context
@@ -21,11 +22,17 @@ Run from the repository root on the GPU machine (no network needed):
 
 Prints one JSON line with every figure and the ratios measured in this run, then a short table
 last. Failures of one configuration (OOM, compile error) are reported and the run goes on.
+
+Budget for compiles, not for runs: on an H200 (2026-12-04, jax 0.11.2) the checks alone took
+315 s (the "highest" ones 80-110 s each, "default" 28 s), and fla's first `chunk_kda` call
+(Triton autotuning) did not finish in 60-77 s. Two runs of 330 s and 385 s timed nothing;
+give a whole run 10 minutes, or `--quick`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import glob
 import importlib
@@ -152,15 +159,46 @@ def run_fla(T_list, reps, timeout_s, smoke=False):
 # JAX side
 
 
+@contextlib.contextmanager
+def kernel_settings(stages=None):
+    """Trace the GPU kernels with other launch settings, for the variants below: `stages`
+    replaces gpu.NUM_STAGES."""
+    from pallas_kernels.kda import gpu  # noqa: PLC0415 (jax is imported in main, after the env is set)
+
+    saved = gpu.NUM_STAGES
+    if stages is not None:
+        gpu.NUM_STAGES = stages
+    try:
+        yield
+    finally:
+        gpu.NUM_STAGES = saved
+
+
+def settled(jitted, settings):
+    """`jitted` traced (first call) under `kernel_settings(**settings)`; every call enters it."""
+
+    def call(*a):
+        with kernel_settings(**settings):
+            return jitted(*a)
+
+    return call
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="time T=2048 only")
+    ap.add_argument(
+        "--quick", action="store_true", help="checks f32 and bf16_precision_default, time T=2048 only"
+    )
     ap.add_argument("--T", type=int, nargs="*", default=None)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument(
         "--budget-s", type=float, default=420.0, help="start no new timing after this many seconds"
     )
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--fla-T", type=int, nargs="*", default=None, help="fla's T values (default: --T)")
+    ap.add_argument("--cases", nargs="*", default=None, help="correctness cases to run (default: all)")
+    ap.add_argument("--fla-s", type=float, default=120.0, help="seconds fla may run past the budget")
+    ap.add_argument("--out", default=None, help="also write the JSON report to this file")
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -244,6 +282,8 @@ def main():
     if args.smoke:
         cases = [("f32", jnp.float32, 1, 70, None)]
     cases.append(("bf16_precision_default", jnp.bfloat16, 2, 300, None))
+    wanted = args.cases or (("f32", "bf16_precision_default") if args.quick else None)
+    cases = [c for c in cases if wanted is None or c[0] in wanted]
     for name, dtype, Bn, T, cu in cases:
         ours = kda_pallas_gpu_default if name.endswith("precision_default") else kda_pallas_gpu
         try:
@@ -267,6 +307,7 @@ def main():
                 ok &= all(np.isfinite(e) and e <= tol for e in errs.values())
                 checks[name][f"vs_{ref_name}"] = {k_: round(e, 8) for k_, e in errs.items()}
             checks[name]["ok"] = ok
+            checks[name]["at_s"] = round(time.time() - t_start, 1)
             all_ok &= ok
         except Exception as e:  # noqa: BLE001
             all_ok = False
@@ -303,23 +344,28 @@ def main():
         return jax.jit(jax.grad(loss, argnums=tuple(range(5))))
 
     timings = {}
+    # name -> (kda function, kernel_settings): ours as shipped, then the variants under trial
+    # Quickest to compile first: on an H200 (jax 0.11.2) one "highest" check took 80-110 s, mostly
+    # ptxas on the large IEEE intra and TF32x3 grads kernels; the "default" check 28 s.
     impls = {
-        "pallas_gpu": kda_pallas_gpu,
-        "pallas_gpu_default": kda_pallas_gpu_default,
-        f"jax_{xla_name}": kda_chunk,
+        "pallas_gpu_default": (kda_pallas_gpu_default, {}),
+        f"jax_{xla_name}": (kda_chunk, {}),
+        "pallas_gpu": (kda_pallas_gpu, {}),
     }
+    if not args.smoke:
+        impls["pallas_gpu_default_stages2"] = (kda_pallas_gpu_default, {"stages": 2})
     for T in T_list:
         x, do, _ = inputs(jax.random.PRNGKey(2), B, T, jnp.bfloat16)
         g = -jax.random.uniform(jax.random.PRNGKey(3), x[3].shape) * 0.5  # as the fla run
         x = (x[0], x[1], x[2], g, x[4], jnp.zeros_like(x[5]))
-        for name, fn in impls.items():
+        for name, (fn, settings) in impls.items():
             if time.time() - t_start > args.budget_s:
                 timings.setdefault(str(T), {})[name] = {"skipped": "time budget"}
                 continue
             res = {}
             try:
-                res["fwd"] = bench(fwd_fn(fn), *x)
-                res["fwd_bwd"] = bench(fwd_bwd_fn(fn), *x, do)
+                res["fwd"] = bench(settled(fwd_fn(fn), settings), *x)
+                res["fwd_bwd"] = bench(settled(fwd_bwd_fn(fn), settings), *x, do)
             except Exception as e:  # noqa: BLE001
                 res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             timings.setdefault(str(T), {})[name] = res
@@ -330,15 +376,15 @@ def main():
     if args.skip_fla:
         report["fla"] = {"fla_error": "skipped (--skip-fla)"}
     else:
-        left = max(60.0, args.budget_s + 120 - (time.time() - t_start))
-        report["fla"] = run_fla(T_list, args.reps, timeout_s=left, smoke=args.smoke)
+        left = max(60.0, args.budget_s + args.fla_s - (time.time() - t_start))
+        report["fla"] = run_fla(args.fla_T or T_list, args.reps, timeout_s=left, smoke=args.smoke)
         for T, res in report["fla"].get("fla", {}).items():
             timings.setdefault(T, {})["fla_chunk_kda"] = res
         print(f"fla: {report['fla'].get('fla_error', 'ok')}", flush=True)
 
     ratios = {}
     for T, row in timings.items():
-        for mine in ("pallas_gpu", "pallas_gpu_default"):
+        for mine in [n for n in impls if n.startswith("pallas")]:
             ours = row.get(mine, {})
             for other in (f"jax_{xla_name}", "fla_chunk_kda"):
                 theirs = row.get(other, {})
@@ -348,21 +394,23 @@ def main():
     report["ratios"] = ratios
     report["wall_s"] = round(time.time() - t_start, 1)
     print(json.dumps(report))
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
 
     # short table, last
     print(
         f"\nKDA B={B} H={H} K={K} V={V} bf16 on {report['device']}, jax {jax.__version__}; "
         f"checks {'PASS' if all_ok else 'FAIL'}; ms (median of {args.reps})"
     )
-    cols = ["pallas_gpu", "pallas_gpu_default", f"jax_{xla_name}", "fla_chunk_kda"]
-    print(f"{'T':>6} {'':<8}" + "".join(f"{c:>20}" for c in cols))
+    cols = [*impls, "fla_chunk_kda"]
+    print(f"{'T':>6} {'':<8}" + "".join(f"{c:>28}" for c in cols))
     for T in map(str, T_list):
         for m in ("fwd", "fwd_bwd"):
             cells = []
             for c in cols:
                 r = timings.get(T, {}).get(c, {})
                 cells.append(f"{r[m]:.2f}" if m in r else ("err" if "error" in r else "-"))
-            print(f"{T:>6} {m:<8}" + "".join(f"{x:>20}" for x in cells))
+            print(f"{T:>6} {m:<8}" + "".join(f"{x:>28}" for x in cells))
     if "fla_error" in report["fla"]:
         print(f"fla not measured: {report['fla']['fla_error']}")
 
