@@ -919,6 +919,14 @@ MUTATIONS = [
         "the GPU grads kernel reads the state side's dW and do h^T in each other's place",
     ),
     Mutation(
+        "op-counts-recompute-every-step",
+        "tools/kda_op_counts.py",
+        "round(r1[key] + (rs[key] - r1[key]) / state_stride, 3)",
+        "round(rs[key], 3)",
+        ("tests/kernels/test_kda_pallas.py::test_tpu_kernel_work_is_matmul_shaped",),
+        "tools/kda_op_counts.py counts the TPU backward's group recompute at every chunk (107.6 MFLOP at stride 4, not 69.6)",
+    ),
+    Mutation(
         "kda-drops-state-stride",
         "pallas_kernels/kda/__init__.py",
         '            kwargs["state_stride"] = state_stride\n',

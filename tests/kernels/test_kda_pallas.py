@@ -532,6 +532,12 @@ def test_tpu_kernel_work_is_matmul_shaped():
     assert 0.5 * fwd["matmul_mflop"] < per_step["matmul_mflop"] < fwd["matmul_mflop"], per_step  # state only
     total = fwd["matmul_mflop"] + rows["kda_chunk_bwd_tpu"]["matmul_mflop"]
     assert (S - 1) / S * per_step["matmul_mflop"] < 0.2 * total, (per_step, total)
+    # the tool's own figure at stride S counts that recompute once per S chunks, as it runs
+    amortised = {r["kernel"]: r for r in _op_counts_tool().tpu_kernel_counts(S, K=128, V=128)}
+    extra = amortised["kda_chunk_bwd_tpu"]["matmul_mflop"] - rows["kda_chunk_bwd_tpu"]["matmul_mflop"]
+    share = (S - 1) / S
+    assert share * 0.5 * fwd["matmul_mflop"] < extra < share * fwd["matmul_mflop"], (extra, fwd)
+    assert amortised["kda_chunk_fwd_tpu"] == fwd
 
 
 def test_kda_passes_state_stride_to_the_tpu_kernel_only():
