@@ -12,10 +12,15 @@ Prints one JSON line per measurement:
   the cache + the layer's weights (issue 15's goal), `within_budget` says whether temporaries fit.
   `layer="kda"`: the same append through one KDA layer (chunk op from the cached state, conv state
   taken at each row's length); its cache is a fixed-size state, so its budget is 2 x the state.
+- `context` (with `--context-topology`, needs libtpu): MLA's expanded attention alone under
+  context parallelism (`mla_sharded_expanded`, one span of keys expanded at a time, the Pallas
+  TPU kernels), forward + backward of q, latent, rope key and kv_b weights, bf16, compiled for a
+  TPU topology (libtpu AOT) with the sequence over all of its chips; temporaries per device.
 
     python tools/mla_memory.py [--config configs/kimi_linear_48b_a3b.json] [--T 2048 4096 ...]
         [--dense-max-T 4096] [--batch 1] [--append-batch 64 --append-T 32 --capacity 32768]
         [--dtype float32]
+    python tools/mla_memory.py --context-topology v5e:2x2 --context-T 32768 131072  # only that
 """
 
 from __future__ import annotations
@@ -99,6 +104,44 @@ def kda_append_temp_bytes(config, B, T, dtype) -> tuple[int, int, int]:
     return compiled.memory_analysis().temp_size_in_bytes, nbytes(cache), nbytes(params)
 
 
+def context_temp_bytes(config, topology: str, B: int, T: int) -> tuple[int, int]:
+    """(per-device temporaries, devices) of MLA's expanded attention, forward + backward, with the
+    sequence split over every chip of a TPU `topology` (libtpu compile-only devices)."""
+    import os  # noqa: PLC0415 (this measurement only)
+
+    from jax.experimental import topologies  # noqa: PLC0415 (needs libtpu: this measurement only)
+    from jax.sharding import NamedSharding  # noqa: PLC0415 (as above)
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415 (as above)
+
+    from jaxllm import sharding as shd  # noqa: PLC0415 (as above)
+    from jaxllm.nn import mla  # noqa: PLC0415 (as above)
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, context=len(devices)), devices)
+    H, N, R = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    L, V, bf = config.kv_lora_rank, config.v_head_dim, jnp.bfloat16
+    tokens, whole = NamedSharding(mesh, P(None, "context")), NamedSharding(mesh, P())
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((B, T, H, N + R), bf, sharding=tokens),
+        sds((B, T, L), bf, sharding=tokens),
+        sds((B, T, R), bf, sharding=tokens),
+        sds((L, H, N + V), bf, sharding=whole),
+        sds((B, T), jnp.int32, sharding=tokens),
+    )
+
+    def loss(q, latent, k_rope, w, seg):
+        o = mla.mla_sharded_expanded(
+            mesh, q, latent, k_rope, w, seg, nope=N, scale=(N + R) ** -0.5, impl="pallas_tpu"
+        )
+        return jnp.sum(o.astype(jnp.float32))
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, len(devices)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "kimi_linear_48b_a3b.json"))
@@ -110,9 +153,17 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=32768)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-append", action="store_true")
+    p.add_argument("--context-topology", help="measure context parallelism on this TPU topology only")
+    p.add_argument("--context-T", type=int, nargs="+", default=[32768, 131072])
     args = p.parse_args(argv)
     config = KimiLinearConfig.from_file(args.config)
     dtype = jnp.dtype(args.dtype)
+    if args.context_topology:
+        for T in args.context_T:
+            temp, n = context_temp_bytes(config, args.context_topology, args.batch, T)
+            line = dict(what="context", topology=args.context_topology, context=n, B=args.batch, T=T)
+            print(json.dumps(dict(line, temp_bytes=temp, temp_gb=round(temp / 1e9, 3))), flush=True)
+        return
     widths = dict(
         hidden=config.hidden_size,
         heads=config.num_attention_heads,

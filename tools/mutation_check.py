@@ -943,6 +943,22 @@ MUTATIONS = [
         "the blockwise backward ignores the lse cotangent: spans of keys combined by lse get wrong q/k gradients",
     ),
     Mutation(
+        "tpu-attention-lse-cotangent-dropped",
+        "pallas_kernels/attention/tpu.py",
+        "keepdims=True) - dlse\n",
+        "keepdims=True)\n",
+        ("tests/kernels/test_attention_context.py::test_spans_of_keys_combine_by_their_lse",),
+        "the Pallas TPU attention's backward ignores the lse cotangent: spans combined by lse get wrong q/k gradients",
+    ),
+    Mutation(
+        "tpu-attention-lse-heads-transposed",
+        "pallas_kernels/attention/tpu.py",
+        "    lse = jnp.swapaxes(lse.reshape(B, G, Tp, R), 1, 2).reshape(B, Tp, H)\n",
+        "    lse = lse.reshape(B, Tp, H)\n",
+        ("tests/kernels/test_attention_context.py::test_lse_is_the_log_sum_exp_of_the_visible_scores",),
+        "the Pallas TPU attention returns lse in its kernel layout (heads and tokens mixed up)",
+    ),
+    Mutation(
         "unseen-query-lse-zero",
         "pallas_kernels/attention/common.py",
         "m + jnp.log(jnp.where(seen, l, 1.0)), NEG)",

@@ -41,7 +41,7 @@ from jaxllm.nn._params import fan_in_init, param, project
 from jaxllm.nn.attention import cache_mask, causal_mask, write_rows
 from jaxllm.nn.norms import rms_norm
 from pallas_kernels.attention import IMPLS as ATTENTION_IMPLS
-from pallas_kernels.attention import attention, blockwise_attention_lse, resolve_impl
+from pallas_kernels.attention import attention, attention_lse, resolve_impl
 from pallas_kernels.kda.common import document_index
 
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm use this, not rms_norm_eps
@@ -149,11 +149,12 @@ def mla_blockwise_expanded(
 
 
 def mla_spanwise_expanded(
-    q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, doc_BS, q_offset, *, spans, nope, scale, **block_kw
+    q_BTHD, latent_BSR, k_rope_BSP, w_kvb_RHX, doc_BS, q_offset, *, spans, nope, scale, **attention_kw
 ):
     """T queries at positions q_offset.. over all S keys (causal), one of `spans` equal spans of
-    keys expanded to per-head K/V at a time: `blockwise_attention_lse` per span (checkpointed, so the
-    backward re-expands its span), combined by each query's lse. Context parallelism: per-head K/V
+    keys expanded to per-head K/V at a time: `attention_lse` per span (checkpointed, so the
+    backward re-expands its span; `attention_kw`: impl, blocks, interpret), combined by each
+    query's lse. Context parallelism: per-head K/V
     of S/spans tokens are live at once, not of the whole sequence (that is 2.7 GB of bf16 K/V per
     device at the 48B widths and S=131072). doc_BS: the keys' document indices (`document_index`
     of the sequence's segment ids) or None. o_BTHV in q's dtype."""
@@ -170,7 +171,7 @@ def mla_spanwise_expanded(
             take(latent_BSR), take(k_rope_BSP), w_kvb_RHX, nope=nope, dtype=q_BTHD.dtype
         )
         k_doc = None if doc_BS is None else take(doc_BS)
-        return blockwise_attention_lse(
+        return attention_lse(
             q_BTHD,
             k_BSHD,
             v_BSHV,
@@ -178,7 +179,7 @@ def mla_spanwise_expanded(
             k_doc=k_doc,
             scale=scale,
             q_offset=q_offset - j * n,
-            **block_kw,
+            **attention_kw,
         )
 
     o_JBTHV, lse_JBTH = jax.lax.map(one_span, jnp.arange(spans))
@@ -195,16 +196,14 @@ def mla_sharded_expanded(
 
     Context parallelism: each device all-gathers the compressed latent and rope key (kv_lora_rank
     + rope floats per token, cheap next to per-head K/V) and the segment ids and attends its span's
-    queries at their offset (causal and per document across spans). With the blockwise attention
-    (any backend but TPU's kernel) it expands one span of K/V at a time (`mla_spanwise_expanded`);
-    the Pallas TPU kernel gets the whole sequence's K/V. Without `context`, a Pallas kernel (which
+    queries at their offset (causal and per document across spans), expanding one span of K/V at
+    a time (`mla_spanwise_expanded`; the Pallas TPU kernels or the blockwise path, which also
+    stands in for cuDNN, whose calls take no offsets). Without `context`, a Pallas kernel (which
     XLA cannot partition) gets one call per shard."""
     B, T, H = q_BTHD.shape[:3]
     tok, rows, h = cp.token_specs(mesh, B, H, T)
     n_spans = mesh.shape[cp.CONTEXT_AXIS]
     seg_in = () if segment_ids is None else (segment_ids,)
-    # the GPU path is cuDNN only without offsets: a span of queries runs the blockwise path there too
-    spanwise = n_spans > 1 and resolve_impl(attention_kw.get("impl", "auto")) in ("blockwise", "gpu")
 
     def body(q, latent, k_rope, w, *seg):
         seg = seg[0] if seg else None
@@ -213,14 +212,9 @@ def mla_sharded_expanded(
         offset = cp.span_offset(q.shape[1])
         latent, k_rope = cp.gather_sequence(latent), cp.gather_sequence(k_rope)
         seg = None if seg is None else cp.gather_sequence(seg)
-        if spanwise:
-            block_kw = {k: v for k, v in attention_kw.items() if k in ("block_q", "block_k")}
-            doc = None if seg is None else document_index(seg)
-            return mla_spanwise_expanded(
-                q, latent, k_rope, w, doc, offset, spans=n_spans, nope=nope, scale=scale, **block_kw
-            )
-        return mla_blockwise_expanded(
-            q, latent, k_rope, w, seg, nope=nope, scale=scale, q_offset=offset, **attention_kw
+        doc = None if seg is None else document_index(seg)
+        return mla_spanwise_expanded(
+            q, latent, k_rope, w, doc, offset, spans=n_spans, nope=nope, scale=scale, **attention_kw
         )
 
     # check_vma=False: the blockwise attention's loops start from unvarying zeros

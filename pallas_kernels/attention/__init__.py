@@ -28,6 +28,11 @@ Implementations (`impl`):
                `gpu.cudnn_fits`), the blockwise path otherwise
   "auto"       pallas_tpu on TPU, gpu on GPU, blockwise elsewhere
 `interpret=True` runs the Pallas TPU kernels in interpret mode on any backend (CPU tests).
+
+`attention_lse` also returns each query's log-sum-exp (differentiable), for q over one span of
+keys with documents as indices: spans combine as `sum_j softmax_j(lse_j) o_j` (context
+parallelism, one span's K/V at a time). "pallas_tpu" runs the TPU kernels; every other impl the
+blockwise path (cuDNN returns no lse through JAX).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ IMPLS = ("auto", "reference", "blockwise", "pallas_tpu", "gpu")
 
 __all__ = [
     "attention",
+    "attention_lse",
     "attention_reference",
     "blockwise_attention",
     "blockwise_attention_lse",
@@ -97,3 +103,32 @@ def attention(
 
         return attention_pallas_tpu(q, k, v, **kwargs, **blocks, interpret=interpret)
     return attention_gpu(q, k, v, **kwargs, **blocks)
+
+
+def attention_lse(
+    q,
+    k,
+    v,
+    *,
+    q_doc=None,
+    k_doc=None,
+    scale=None,
+    causal=True,
+    q_offset=None,
+    impl="auto",
+    block_q=None,
+    block_k=None,
+    interpret=False,
+):
+    """(o [B,T,H,V] in v's dtype, lse [B,T,H] float32) of q over one span of keys; documents as
+    indices `q_doc` [B,T] / `k_doc` [B,S] (see `blockwise_attention_lse`)."""
+    impl = resolve_impl(impl)
+    if interpret and impl != "pallas_tpu":
+        raise ValueError(f"attention: interpret=True applies to the Pallas kernels only, not impl={impl!r}")
+    kwargs = dict(q_doc=q_doc, k_doc=k_doc, scale=scale, causal=causal, q_offset=q_offset)
+    blocks = {k_: b for k_, b in (("block_q", block_q), ("block_k", block_k)) if b is not None}
+    if impl == "pallas_tpu":
+        from pallas_kernels.attention.tpu import attention_pallas_tpu_lse  # noqa: PLC0415 (TPU-only Pallas backend, lazy)
+
+        return attention_pallas_tpu_lse(q, k, v, **kwargs, **blocks, interpret=interpret)
+    return blockwise_attention_lse(q, k, v, **kwargs, **blocks)

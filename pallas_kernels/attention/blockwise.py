@@ -94,16 +94,7 @@ def blockwise_attention_lse(
     since a span of keys does not hold the queries' own ids. Spans j of one sequence combine as
     `sum_j softmax_j(lse_j) * o_j` (context parallelism: one span's K/V at a time)."""
     pb = c.problem(q, k, v, scale=scale, causal=causal, segment_ids=None, q_offset=q_offset, kv_length=None)
-    B, T, S = q.shape[0], q.shape[1], v.shape[1]
-    if (q_doc is None) != (k_doc is None):
-        raise ValueError("attention: q_doc and k_doc go together (both None: one document)")
-    if q_doc is not None:
-        if q_doc.shape != (B, T) or k_doc.shape != (B, S):
-            raise ValueError(
-                f"attention: q_doc must be [B,T] = {(B, T)} and k_doc [B,S] = {(B, S)}, "
-                f"got {q_doc.shape} and {k_doc.shape}"
-            )
-        q_doc, k_doc = q_doc.astype(jnp.int32), k_doc.astype(jnp.int32)
+    q_doc, k_doc = c.document_indices(q_doc, k_doc, q.shape[0], q.shape[1], v.shape[1])
     return _attend(pb, q_doc, k_doc, block_q, block_k)
 
 

@@ -147,3 +147,18 @@ def finish(m, l, acc):
     o = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
     return o, lse
+
+
+def document_indices(q_doc, k_doc, B, T, S):
+    """Check the (q_doc [B,T], k_doc [B,S]) document indices of a span of keys (both or neither;
+    equal index = same document) and return them as int32."""
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("attention: q_doc and k_doc go together (both None: one document)")
+    if q_doc is None:
+        return None, None
+    if q_doc.shape != (B, T) or k_doc.shape != (B, S):
+        raise ValueError(
+            f"attention: q_doc must be [B,T] = {(B, T)} and k_doc [B,S] = {(B, S)}, "
+            f"got {q_doc.shape} and {k_doc.shape}"
+        )
+    return q_doc.astype(jnp.int32), k_doc.astype(jnp.int32)

@@ -15,7 +15,8 @@ Forward grid `(B, G, query blocks, key blocks)`, the key axis "arbitrary": runni
 by scalar prefetch (SMEM) and decide, per (row, query block), the last key block anyone can see:
 later steps skip their compute (`pl.when`) and their index maps repeat the last needed block, so
 no DMA is issued for keys past every query's reach. The kernel stores o and the row
-log-sum-exp. Backward: a dk/dv kernel (grid over key blocks, query blocks "arbitrary", starting
+log-sum-exp, which `attention_pallas_tpu_lse` returns too (differentiable: its cotangent joins
+the backward's rowsum term). Backward: a dk/dv kernel (grid over key blocks, query blocks "arbitrary", starting
 at the first query block that can see the key block) and a dq kernel (same grid as the forward),
 both recomputing `p = exp(s - lse)` per block.
 
@@ -36,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.attention import common as c
 
-__all__ = ["attention_pallas_tpu"]
+__all__ = ["attention_pallas_tpu", "attention_pallas_tpu_lse"]
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
@@ -306,17 +307,20 @@ def _bwd_call(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, do, lse, del
 # ---------------------------------------------------------------------------- custom VJP
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 8))
 def _flash(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret):
-    return _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret)[0]
+    """(o, lse) in the kernels' layout, both differentiable."""
+    return _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret)
 
 
 def _flash_fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret):
     o, lse = _fwd(cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, interpret)
-    return o, (q_parts, k_parts, v, off, kv_len, kv_rows, docs, o, lse)
+    return (o, lse), (q_parts, k_parts, v, off, kv_len, kv_rows, docs, o, lse)
 
 
-def _flash_bwd(cfg, interpret, res, do):
+def _flash_bwd(cfg, interpret, res, cts):
     q_parts, k_parts, v, off, kv_len, kv_rows, docs, o, lse = res
-    delta = jnp.sum(do.astype(c.F32) * o.astype(c.F32), axis=-1, keepdims=True)
+    do, dlse = cts
+    # d lse_i / d s_ij = p_ij: lse's cotangent joins the rowsum term, ds = p (dp - (delta - dlse))
+    delta = jnp.sum(do.astype(c.F32) * o.astype(c.F32), axis=-1, keepdims=True) - dlse
     args = (cfg, q_parts, k_parts, v, off, kv_len, kv_rows, docs, do, lse, delta, interpret)
     per_row = _bwd_call(*args, key_major=True)  # [B,G,S,*] per query row -> sum into kv rows
     *dk, dv = (jnp.zeros((v.shape[0],) + d.shape[1:], c.F32).at[kv_rows].add(d) for d in per_row)
@@ -362,11 +366,39 @@ def attention_pallas_tpu(
         kv_length=kv_length,
         kv_rows=kv_rows,
     )
+    return _attend(pb, pb.q_doc_BT, pb.k_doc_BS, block_q, block_k, interpret)[0]
+
+
+def attention_pallas_tpu_lse(
+    q,
+    k,
+    v,
+    *,
+    q_doc=None,
+    k_doc=None,
+    scale=None,
+    causal=True,
+    q_offset=None,
+    block_q=DEFAULT_BLOCK_Q,
+    block_k=DEFAULT_BLOCK_K,
+    interpret=False,
+):
+    """(o [B,T,H,V] in v's dtype, lse [B,T,H] float32) through the Pallas TPU kernels: q over one
+    span of keys, documents as indices; the contract of `blockwise_attention_lse`."""
+    pb = c.problem(q, k, v, scale=scale, causal=causal, segment_ids=None, q_offset=q_offset, kv_length=None)
+    q_doc, k_doc = c.document_indices(q_doc, k_doc, q.shape[0], q.shape[1], v.shape[1])
+    return _attend(pb, q_doc, k_doc, block_q, block_k, interpret)
+
+
+def _attend(pb: c.Problem, q_doc_BT, k_doc_BS, block_q, block_k, interpret):
+    """(o [B,T,H,V] in v's dtype, lse [B,T,H] float32) of a checked problem, documents given as
+    labels per query and key (None: one document): the kernels' layout in, `_flash`, back out."""
+    q, v = pb.q, pb.v
     B, T, H, K = q.shape
     S, G, V = v.shape[1], (v.shape[2] if v.ndim == 4 else 1), v.shape[-1]
     R = H // G
     if T == 0 or S == 0:
-        return jnp.zeros((B, T, H, V), v.dtype)
+        return jnp.zeros((B, T, H, V), v.dtype), jnp.full((B, T, H), c.NEG, c.F32)
     bq = max(1, min(int(block_q), T, MAX_BLOCK_ROWS // R))
     bk = max(1, min(int(block_k), S))
     Tp, Sp = _cdiv(T, bq) * bq, _cdiv(S, bk) * bk
@@ -384,12 +416,13 @@ def attention_pallas_tpu(
 
     k_parts = tuple(pad_s(kp) for kp in pb.k_parts)
     docs = ()
-    if pb.q_doc_BT is not None:
-        q_doc = jnp.repeat(jnp.pad(pb.q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1), R, axis=1)
-        k_doc = jnp.pad(pb.k_doc_BS, ((0, 0), (0, Sp - S)), constant_values=-2)
+    if q_doc_BT is not None:
+        q_doc = jnp.repeat(jnp.pad(q_doc_BT, ((0, 0), (0, Tp - T)), constant_values=-1), R, axis=1)
+        k_doc = jnp.pad(k_doc_BS, ((0, 0), (0, Sp - S)), constant_values=-2)
         docs = (q_doc[..., None], k_doc[:, None, :])
-    cfg = _Cfg(pb.scale, pb.causal, bq * R, bk, R, T, pb.q_doc_BT is not None, Sp // bk, Tp // bq)
+    cfg = _Cfg(pb.scale, pb.causal, bq * R, bk, R, T, q_doc_BT is not None, Sp // bk, Tp // bq)
     kv_len = jnp.minimum(pb.kv_length_B, S)  # padded keys are never visible
-    o = _flash(cfg, q_parts, k_parts, pad_s(v), pb.q_offset_B, kv_len, pb.kv_rows_B, docs, interpret)
+    o, lse = _flash(cfg, q_parts, k_parts, pad_s(v), pb.q_offset_B, kv_len, pb.kv_rows_B, docs, interpret)
     o = jnp.swapaxes(o.reshape(B, G, Tp, R, V), 1, 2).reshape(B, Tp, H, V)
-    return o[:, :T]
+    lse = jnp.swapaxes(lse.reshape(B, G, Tp, R), 1, 2).reshape(B, Tp, H)
+    return o[:, :T], lse[:, :T]

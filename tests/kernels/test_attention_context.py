@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import attention, blockwise_attention_lse
+from pallas_kernels.attention import attention, attention_lse
 from pallas_kernels.kda.common import document_index
 
 B, S, H, K, V = 2, 64, 2, 16, 8
@@ -76,8 +76,15 @@ def test_segment_ids_must_cover_the_keys():
         attention(q[:, :16], k, v, segment_ids=seg, impl="blockwise")
 
 
-def test_spans_of_keys_combine_by_their_lse():
-    """Queries of one span over the keys in 4 spans, one `blockwise_attention_lse` call per key span
+LSE_IMPLS = [
+    ("blockwise", dict(block_q=8, block_k=8)),
+    ("pallas_tpu", dict(block_q=8, block_k=8, interpret=True)),
+]
+
+
+@pytest.mark.parametrize("impl, kw", LSE_IMPLS, ids=[i for i, _ in LSE_IMPLS])
+def test_spans_of_keys_combine_by_their_lse(impl, kw):
+    """Queries of one span over the keys in 4 spans, one `attention_lse` call per key span
     (offsets below 0 for the spans after the queries, document indices of the whole sequence), combined
     by softmax over the spans' lse == full self-attention, values and gradients (the gradients reach
     q and k through lse too)."""
@@ -91,15 +98,15 @@ def test_spans_of_keys_combine_by_their_lse():
         outs, lses = [], []
         for j in range(n):
             sl = slice(j * span, (j + 1) * span)
-            o, lse = blockwise_attention_lse(
+            o, lse = attention_lse(
                 qs,
                 k[:, sl],
                 v[:, sl],
                 q_doc=doc[:, q_start : q_start + span],
                 k_doc=doc[:, sl],
                 q_offset=q_start - j * span,
-                block_q=8,
-                block_k=8,
+                impl=impl,
+                **kw,
             )
             outs.append(o)
             lses.append(lse)
@@ -117,14 +124,15 @@ def test_spans_of_keys_combine_by_their_lse():
         assert _rms_rel(a, b) <= 1e-5, name
 
 
-def test_lse_is_the_log_sum_exp_of_the_visible_scores():
+@pytest.mark.parametrize("impl, kw", LSE_IMPLS, ids=[i for i, _ in LSE_IMPLS])
+def test_lse_is_the_log_sum_exp_of_the_visible_scores(impl, kw):
     q, k, v, seg = _inputs()
     doc = document_index(seg)
-    _, lse = blockwise_attention_lse(q, k, v, q_doc=doc, k_doc=doc, block_q=8, block_k=16)
+    _, lse = attention_lse(q, k, v, q_doc=doc, k_doc=doc, impl=impl, **kw)
     s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
     t = jnp.arange(S)
     mask = (t[None, :] <= t[:, None])[None, None] & (doc[:, None, :, None] == doc[:, None, None, :])
     want = jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1)  # [B,H,T]
     assert _rms_rel(jnp.swapaxes(want, 1, 2), lse) <= 1e-6
     with pytest.raises(ValueError, match="q_doc and k_doc go together"):
-        blockwise_attention_lse(q, k, v, q_doc=doc)
+        attention_lse(q, k, v, q_doc=doc, impl=impl, **kw)

@@ -15,7 +15,7 @@ import pytest
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
-from pallas_kernels.attention.tpu import attention_pallas_tpu
+from pallas_kernels.attention.tpu import attention_pallas_tpu, attention_pallas_tpu_lse
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 
@@ -49,3 +49,21 @@ def test_absorbed_append_compiles():
 
     args = _v5e_args(((B, T, H, 576), bf), ((B, S, 512), bf), ((B, S, 64), bf), ((B,), jnp.int32))
     assert "attention_fwd_tpu" in jax.jit(append).lower(*args).compile().as_text()
+
+
+def test_span_of_keys_with_lse_compiles():
+    # context parallelism's MLA: 2048 queries at an offset over one 2048-key span (16 heads,
+    # documents as indices), o and lse both differentiated, as the spans combine by lse
+    B, T, H, bf = 1, 2048, 16, jnp.bfloat16
+
+    def loss(q, k, v, q_doc, k_doc):
+        o, lse = attention_pallas_tpu_lse(q, k, v, q_doc=q_doc, k_doc=k_doc, q_offset=jnp.full((B,), 4096))
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(lse > -1e20, lse, 0.0))
+
+    i32 = jnp.int32
+    args = _v5e_args(
+        ((B, T, H, 192), bf), ((B, T, H, 192), bf), ((B, T, H, 128), bf), ((B, T), i32), ((B, T), i32)
+    )
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    for name in ("attention_fwd_tpu", "attention_dkdv_tpu", "attention_dq_tpu"):
+        assert name in text

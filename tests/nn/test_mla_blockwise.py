@@ -15,6 +15,7 @@ import pytest
 
 from jaxllm.nn import mla
 from jaxllm.nn.mla import MLA, MLACache
+from pallas_kernels.attention import tpu as attention_tpu
 
 TOL = 1e-5
 BLOCKS = (("block_q", 20), ("block_k", 32))
@@ -104,11 +105,14 @@ def test_cached_append_equals_dense(attention, monkeypatch):
     np.testing.assert_array_equal(c.k_rope_BSP, c_ref.k_rope_BSP)
 
 
-@pytest.mark.parametrize("q_span", [0, 2, 3])
-def test_spanwise_expansion_equals_the_whole_sequence(q_span):
+@pytest.mark.parametrize(
+    "q_span, impl", [(0, "blockwise"), (2, "blockwise"), (3, "blockwise"), (2, "pallas_tpu")]
+)
+def test_spanwise_expansion_equals_the_whole_sequence(q_span, impl, monkeypatch):
     """Context parallelism's MLA: one span of queries over 4 spans of keys, one span's K/V expanded
     at a time and the spans combined by lse == that span of the whole-sequence expanded attention,
-    output and gradients (queries, latent, rope key, kv_b weights), with documents crossing spans."""
+    output and gradients (queries, latent, rope key, kv_b weights), with documents crossing spans;
+    through the blockwise path and the Pallas TPU kernels (interpret mode)."""
     B, S, H, R, N, P, Vd, n = 2, 64, 3, 10, 8, 4, 6, 4
     ks = jax.random.split(jax.random.PRNGKey(5), 4)
     q = jax.random.normal(ks[0], (B, S, H, N + P))
@@ -119,6 +123,9 @@ def test_spanwise_expansion_equals_the_whole_sequence(q_span):
     span = S // n
     q0 = q_span * span
     kw = dict(nope=N, scale=(N + P) ** -0.5)
+    if impl == "pallas_tpu":  # TPU interpret mode's callbacks cannot sit under jax.checkpoint: the
+        # generic interpret mode runs the same kernels (a real TPU has no such effects)
+        monkeypatch.setattr(attention_tpu, "_interpret_arg", lambda interpret: interpret)
 
     def whole(q, latent, k_rope, w):
         o = mla.mla_blockwise_expanded(q, latent, k_rope, w, seg, impl="reference", **kw)
@@ -127,7 +134,10 @@ def test_spanwise_expansion_equals_the_whole_sequence(q_span):
     def spanwise(q, latent, k_rope, w):
         doc = mla.document_index(seg)
         qs = q[:, q0 : q0 + span]
-        return mla.mla_spanwise_expanded(qs, latent, k_rope, w, doc, q0, spans=n, block_q=8, block_k=8, **kw)
+        interpret = {"interpret": True} if impl == "pallas_tpu" else {}
+        return mla.mla_spanwise_expanded(
+            qs, latent, k_rope, w, doc, q0, spans=n, impl=impl, block_q=8, block_k=8, **interpret, **kw
+        )
 
     args = (q, latent, k_rope, w)
     assert rel_rms(whole(*args), spanwise(*args)) <= TOL
