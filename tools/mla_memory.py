@@ -28,14 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxllm import sharding as shd
 from jaxllm.models.config import KimiLinearConfig
 from jaxllm.nn.kda_attention import KimiDeltaAttention
-from jaxllm.nn.mla import MLA
+from jaxllm.nn.mla import MLA, mla_sharded_expanded
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -107,15 +112,6 @@ def kda_append_temp_bytes(config, B, T, dtype) -> tuple[int, int, int]:
 def context_temp_bytes(config, topology: str, B: int, T: int) -> tuple[int, int]:
     """(per-device temporaries, devices) of MLA's expanded attention, forward + backward, with the
     sequence split over every chip of a TPU `topology` (libtpu compile-only devices)."""
-    import os  # noqa: PLC0415 (this measurement only)
-
-    from jax.experimental import topologies  # noqa: PLC0415 (needs libtpu: this measurement only)
-    from jax.sharding import NamedSharding  # noqa: PLC0415 (as above)
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415 (as above)
-
-    from jaxllm import sharding as shd  # noqa: PLC0415 (as above)
-    from jaxllm.nn import mla  # noqa: PLC0415 (as above)
-
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     mesh = shd.make_mesh(shd.MeshConfig(data=1, context=len(devices)), devices)
@@ -132,7 +128,7 @@ def context_temp_bytes(config, topology: str, B: int, T: int) -> tuple[int, int]
     )
 
     def loss(q, latent, k_rope, w, seg):
-        o = mla.mla_sharded_expanded(
+        o = mla_sharded_expanded(
             mesh, q, latent, k_rope, w, seg, nope=N, scale=(N + R) ** -0.5, impl="pallas_tpu"
         )
         return jnp.sum(o.astype(jnp.float32))

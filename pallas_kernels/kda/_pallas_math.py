@@ -481,9 +481,16 @@ def chunk_bwd_state(W, U, A, kd, decay, h, do, dhn):
     )
 
 
-def _bwd_intra(it: _Intra, q, k, v, G, beta, sg: StateGrads, scale):
-    """(dq, dk, dv, dG, dbeta) from the recomputed intra part `it` (of the L2-normalised q, k
-    when the kernel normalises) and the chunk's `StateGrads`."""
+def _recompute(q, k, v, G, beta, glc, scale, seg, l2norm, fast):
+    """The backward's recompute of a chunk: (q, k as the kernel uses them (L2-normalised with
+    `l2norm`), their norm factors or None, the intra part)."""
+    (qn, rq), (kn, rk) = (_l2norm(q), _l2norm(k)) if l2norm else ((q, None), (k, None))
+    return qn, kn, (rq, rk), _intra(qn, kn, v, G, beta, glc, scale, seg, fast)
+
+
+def _bwd_intra(it: _Intra, q, k, norms, v, G, beta, sg: StateGrads, scale):
+    """(dq, dk, dv, dG, dbeta) from the recomputed intra part `it` of the kernel's q, k (`_recompute`)
+    and the chunk's `StateGrads`; dq/dk w.r.t. the raw q/k where `norms` holds their L2 factors."""
     C = q.shape[0]
     # o = s (q Gamma) h + A D
     dq = scale * it.gamma * sg.dqh
@@ -520,6 +527,9 @@ def _bwd_intra(it: _Intra, q, k, v, G, beta, sg: StateGrads, scale):
     t = it.kd * sg.dkd
     dG = dG - t
     dG = jnp.where(_iota(dG.shape, 0) == C - 1, dG + jnp.sum(t, axis=0, keepdims=True), dG)
+    rq, rk = norms
+    if rq is not None:
+        dq, dk = _l2norm_bwd(q, rq, dq), _l2norm_bwd(k, rk, dk)
     return dq, dk, dv, dG, dbeta
 
 
@@ -528,12 +538,8 @@ def chunk_bwd_intra(q, k, v, G, beta, glc, sg: StateGrads, scale, seg=None, l2no
     dbeta [C,1]) from the chunk's inputs and its `StateGrads`. dG holds the cotangent of the
     in-chunk cumsum G (incl. its last row's use as gl inside); dq/dk are w.r.t. the raw q/k
     when `l2norm`."""
-    (qn, rq), (kn, rk) = (_l2norm(q), _l2norm(k)) if l2norm else ((q, None), (k, None))
-    it = _intra(qn, kn, v, G, beta, glc, scale, seg, fast)
-    dq, dk, dv, dG, dbeta = _bwd_intra(it, qn, kn, v, G, beta, sg, scale)
-    if l2norm:
-        dq, dk = _l2norm_bwd(qn, rq, dq), _l2norm_bwd(kn, rk, dk)
-    return dq, dk, dv, dG, dbeta
+    qn, kn, norms, it = _recompute(q, k, v, G, beta, glc, scale, seg, l2norm, fast)
+    return _bwd_intra(it, qn, kn, norms, v, G, beta, sg, scale)
 
 
 def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, *, fast):
@@ -544,14 +550,10 @@ def chunk_bwd(q, k, v, G, beta, glc, h, do, dhn, scale, seg=None, l2norm=False, 
     dhn [K,V] is the cotangent of the state after the chunk. Returns
     (dq, dk, dv, dG, dbeta [C,1], dglc [K,1], dh [K,V] cotangent of the chunk-initial state).
     """
-    (qn, rq), (kn, rk) = (_l2norm(q), _l2norm(k)) if l2norm else ((q, None), (k, None))
-    it = _intra(qn, kn, v, G, beta, glc, scale, seg, fast)
+    qn, kn, norms, it = _recompute(q, k, v, G, beta, glc, scale, seg, l2norm, fast)
     sg = chunk_bwd_state(it.W, it.U, it.A, it.kd, it.decay, h, do, dhn)
     dh = _dot_tn(scale * qn * it.gamma, do) - _dot_tn(it.W, sg.dD) + it.decay * dhn
-    dq, dk, dv, dG, dbeta = _bwd_intra(it, qn, kn, v, G, beta, sg, scale)
-    if l2norm:
-        dq, dk = _l2norm_bwd(qn, rq, dq), _l2norm_bwd(kn, rk, dk)
-    return dq, dk, dv, dG, dbeta, sg.dglc, dh
+    return (*_bwd_intra(it, qn, kn, norms, v, G, beta, sg, scale), sg.dglc, dh)
 
 
 # ----------------------------------------------------------------------------------------------
